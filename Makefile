@@ -1,0 +1,47 @@
+# Two commands matter: `make run` (demo server) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU wheel by default; GPU users: `make install TORCH_SPEC=` keeps the CUDA torch already in the venv.
+TORCH_SPEC ?= torch==2.13.0
+LORAX_VENV ?= .venv-lorax
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: install test run lint bench lorax-client demo-assets
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# LoRAX's own client pins old huggingface-hub/certifi, so it lives in its own venv (used by the API tests).
+$(LORAX_VENV)/.installed:
+	test -x $(LORAX_VENV)/bin/python || $(PYTHON) -m venv $(LORAX_VENV)
+	$(LORAX_VENV)/bin/pip install -q lorax-client==0.6.3
+	touch $@
+
+lorax-client: $(LORAX_VENV)/.installed
+
+test: install lorax-client
+	LORAX_CLIENT_PYTHON=$(LORAX_VENV)/bin/python $(PY) -m pytest -q -x --durations=15
+
+lint: install
+	$(VENV)/bin/ruff check loraserve tests bench scripts
+	$(VENV)/bin/ruff format --check loraserve tests bench scripts
+
+run: install
+	$(VENV)/bin/loraserve serve --model demo/model --host $(HOST) --port $(PORT) \
+		--adapter-source local --preloaded-adapter-ids demo/adapters/reverse demo/adapters/upper demo/adapters/add
+
+bench: install
+	$(PY) -m bench.run_all
+
+# Regenerates the committed demo model and adapters (minutes on CPU); never run by CI.
+demo-assets: install
+	$(PY) scripts/make_demo.py --out demo

@@ -1,0 +1,134 @@
+"""Parse a PEFT LoRA checkpoint directory into a `LoraAdapter`.
+
+Only the files are trusted, never code: `.bin` checkpoints are read with
+`torch.load(weights_only=True)`, which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from loraserve.adapters.errors import AdapterError
+from loraserve.adapters.lora_weights import LORA_MODULES, LoraAdapter, LoraModuleWeights
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
+
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (adapter name optional)
+_KEY_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+def is_lora_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (
+        (path / SAFETENSORS_FILE).is_file() or (path / BIN_FILE).is_file()
+    )
+
+
+def read_adapter_config(path: Path) -> dict:
+    try:
+        return json.loads((path / CONFIG_FILE).read_text())
+    except FileNotFoundError as e:
+        raise AdapterError(f"adapter has no {CONFIG_FILE}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors wins over .bin when both exist (PEFT's own preference)."""
+    st, bn = path / SAFETENSORS_FILE, path / BIN_FILE
+    if st.is_file():
+        try:
+            return load_file(str(st), device="cpu")
+        except Exception as e:  # safetensors raises several types for corrupt files
+            raise AdapterError(f"{SAFETENSORS_FILE} is corrupt or truncated: {e}") from e
+    if bn.is_file():
+        try:
+            sd = torch.load(str(bn), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdapterError(
+                f"{BIN_FILE} could not be loaded safely (only plain tensors are accepted, "
+                f"pickled code is refused): {type(e).__name__}"
+            ) from e
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise AdapterError(f"{BIN_FILE} does not hold a dict of tensors")
+        return sd
+    raise AdapterError(f"adapter has neither {SAFETENSORS_FILE} nor {BIN_FILE}")
+
+
+def _pattern_value(patterns: dict, module_path: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern: a key matches the end of the module path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", module_path):
+            return value
+    return default
+
+
+def check_config(cfg: dict) -> None:
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"unsupported adapter type {peft_type!r}: only LoRA adapters are served")
+    if cfg.get("use_dora"):
+        raise AdapterError("DoRA adapters (use_dora=true) are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError("LoRA adapters with trained biases (bias != 'none') are not supported")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"adapters with modules_to_save={cfg['modules_to_save']} are not supported")
+    r = cfg.get("r")
+    if not isinstance(r, int) or not 0 < r <= 4096:
+        raise AdapterError(f"adapter_config.json has an invalid rank r={r!r}")
+
+
+def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA directory; shape checks against the base model happen in validation."""
+    path = Path(path)
+    cfg = read_adapter_config(path)
+    check_config(cfg)
+    sd = load_state_dict(path)
+    r = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", r))
+    rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in sd.items():
+        m = _KEY_RE.search(name)
+        if m is None:
+            raise AdapterError(f"unexpected tensor {name!r} in adapter (not a LoRA A/B weight of a decoder layer)")
+        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
+        if module not in LORA_MODULES:
+            raise AdapterError(f"adapter targets unsupported module {module!r}; supported: {', '.join(LORA_MODULES)}")
+        pairs.setdefault((layer, module), {})[side] = tensor
+    modules: dict[tuple[int, str], LoraModuleWeights] = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"layer {layer} {module} has lora_{next(iter(ab))} without its partner")
+        a, b = ab["A"].float(), ab["B"].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit")
+        mpath = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
+        mr = int(_pattern_value(rank_pattern, mpath, r))
+        if a.shape[0] != mr:
+            raise AdapterError(f"layer {layer} {module}: rank {a.shape[0]} does not match config rank {mr}")
+        ma = float(_pattern_value(alpha_pattern, mpath, alpha))
+        scale = ma / math.sqrt(mr) if rslora else ma / mr
+        modules[(layer, module)] = LoraModuleWeights(a=a.contiguous(), b=b.contiguous(), scale=scale)
+    if not modules:
+        raise AdapterError("adapter holds no LoRA weights")
+    targets = tuple(sorted({m for _, m in modules}, key=LORA_MODULES.index))
+    return LoraAdapter(
+        key=key or str(path.resolve()),
+        rank=r,
+        alpha=alpha,
+        use_rslora=rslora,
+        target_modules=targets,
+        modules=modules,
+        base_model_name=cfg.get("base_model_name_or_path"),
+        config=cfg,
+    )

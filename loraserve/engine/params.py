@@ -1,0 +1,86 @@
+"""Per-request generation parameters and the results the engine hands back.
+
+These are plain dataclasses so the server layer can build them from any wire
+format (LoRAX REST, OpenAI) and the engine never sees HTTP concepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["length", "eos_token", "stop_sequence", "aborted", "error"]
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens.
+
+    `do_sample=False` means greedy regardless of temperature/top_k/top_p, which
+    is LoRAX's rule; the server turns `temperature>0` etc. into `do_sample=True`
+    the same way LoRAX does before building this object.
+    """
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0  # 1.0 = disabled
+    typical_p: float = 1.0  # 1.0 = disabled
+    repetition_penalty: float = 1.0  # 1.0 = disabled
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos_token: bool = False
+    logprobs: bool = True  # logprob of each chosen token
+    top_n_alternatives: int = 0  # return_k_alternatives
+    prefill_logprobs: bool = False  # decoder_input_details
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field; the server maps it to 422."""
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError("typical_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError("seed must be >= 0")
+        if self.top_n_alternatives < 0:
+            raise ValueError("return_k_alternatives must be >= 0")
+
+
+@dataclass
+class TokenInfo:
+    """One token as reported to clients (LoRAX `Token`)."""
+
+    id: int
+    text: str
+    logprob: float | None
+    special: bool = False
+    alternatives: list[tuple[int, str, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """An incremental update for one request, produced by one engine step.
+
+    `tokens` holds the tokens accepted in this step (several when speculative
+    decoding accepts a draft), `finished` is set on the last update.
+    """
+
+    request_id: str
+    tokens: list[TokenInfo]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    generated_text: str | None = None  # full text, on the last update only
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seed: int | None = None
+    prefill: list[TokenInfo] | None = None  # on the first update, when asked
+    error: str | None = None
