@@ -1,0 +1,74 @@
+"""Which adapters occupy the device slot table, with reference counts and LRU reuse.
+
+An adapter is copied into a slot when the first request that needs it is
+admitted; it stays there (refcount 0, in LRU order) after its last request
+finishes so a returning adapter costs nothing, and is overwritten only when a
+new adapter needs the room. The step loop never copies adapter weights for a
+slot that is already loaded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.layers.lora import LoraTable
+
+
+class AdapterSlots:
+    def __init__(self, table: LoraTable) -> None:
+        self.table = table
+        self.key_to_slot: dict[str, int] = {}
+        self.slot_key: list[str | None] = [None] * table.num_slots
+        self.refs: list[int] = [0] * table.num_slots
+        self.ranks: dict[int, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unreferenced, oldest first
+        self.loads = 0
+        self.evictions = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.table.num_slots
+
+    def active_keys(self) -> list[str]:
+        return [k for k in self.slot_key if k is not None]
+
+    def can_acquire(self, adapter: LoraAdapter) -> bool:
+        return (adapter.key in self.key_to_slot or None in self.slot_key or bool(self._idle))
+
+    def acquire(self, adapter: LoraAdapter) -> int:
+        slot = self.key_to_slot.get(adapter.key)
+        if slot is None:
+            slot = self._claim_slot()
+            self._load(slot, adapter)
+        self._idle.pop(slot, None)
+        self.refs[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.refs[slot] -= 1
+        if self.refs[slot] == 0:
+            self._idle[slot] = None
+
+    def in_use(self) -> int:
+        return sum(1 for r in self.refs if r > 0)
+
+    def _claim_slot(self) -> int:
+        """Lowest free slot first keeps the batch's slot range compact (cheaper grouped matmul)."""
+        if None in self.slot_key:
+            return self.slot_key.index(None)
+        slot, _ = self._idle.popitem(last=False)
+        old = self.slot_key[slot]
+        if old is not None:
+            del self.key_to_slot[old]
+        self.evictions += 1
+        return slot
+
+    def _load(self, slot: int, adapter: LoraAdapter) -> None:
+        self.table.clear_slot(slot)
+        for (layer, module), w in adapter.modules.items():
+            self.table.write(slot, layer, module, w.a, w.b, w.scale)
+        self.key_to_slot[adapter.key] = slot
+        self.slot_key[slot] = adapter.key
+        self.ranks[slot] = adapter.max_rank
+        self.loads += 1

@@ -1,0 +1,170 @@
+"""Drive the engine's step loop from a dedicated thread for asyncio servers.
+
+The step loop owns the engine exclusively (no locks inside the engine); the
+event loop talks to it through a command queue, and results come back to
+per-request asyncio queues via `call_soon_threadsafe`. PyTorch releases the
+GIL inside its kernels, so HTTP handling stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.engine.engine import Engine
+from loraserve.engine.params import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoraAdapter | None
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Stats:
+    tokens_per_s: float = 0.0
+    window: list[tuple[float, int]] = field(default_factory=list)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._stats = _Stats()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loraserve-step-loop", daemon=True)
+        self._thread.start()
+
+    # ---- event-loop side ------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield one `RequestOutput` per step until finished; closing the iterator aborts the request."""
+        rid = request_id or uuid.uuid4().hex
+        sink: asyncio.Queue = asyncio.Queue()
+        self._submit(_Add(rid, list(prompt_ids), params, adapter, sink, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._submit(_Abort(rid))
+
+    def abort(self, request_id: str) -> None:
+        self._submit(_Abort(request_id))
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {
+            "waiting": e.num_waiting,
+            "running": e.num_running,
+            "free_blocks": e.blocks.num_free,
+            "total_blocks": e.blocks.num_blocks,
+            "active_adapters": len(e.slots.active_keys()),
+            "adapter_slots": e.slots.num_slots,
+            "adapter_slots_in_use": e.slots.in_use(),
+            "adapter_loads": e.slots.loads,
+            "adapter_evictions": e.slots.evictions,
+            "tokens_generated": e.tokens_generated,
+            "tokens_per_s": self._stats.tokens_per_s,
+            "batch_size": e.last_batch_size,
+            "steps": e.steps,
+            "preemptions": e.scheduler.num_preemptions,
+        }
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _submit(self, cmd: _Add | _Abort) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    # ---- step-loop side -------------------------------------------------------------------------
+    def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
+        entry = self._sinks.get(rid)
+        if entry is None:
+            return
+        sink, loop = entry
+        if isinstance(item, BaseException) or item.finished:
+            self._sinks.pop(rid, None)
+        try:
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+        except RuntimeError:  # the caller's loop is gone; nobody is listening
+            self.engine.abort(rid)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
+                try:
+                    self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.adapter, cmd.request_id)
+                except Exception as e:  # validation errors go back to that caller only
+                    self._deliver(cmd.request_id, e)
+            else:
+                self.engine.abort(cmd.request_id)
+                self._sinks.pop(cmd.request_id, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a broken step must not kill the server silently
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            now = time.monotonic()
+            self._record(now, sum(len(o.tokens) for o in outputs))
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _fail_all(self, err: Exception) -> None:
+        for rid in list(self._sinks):
+            self.engine.abort(rid)
+            self._deliver(rid, RuntimeError(f"generation failed: {err}"))
+
+    def _record(self, now: float, n: int) -> None:
+        w = self._stats.window
+        w.append((now, n))
+        while w and now - w[0][0] > 5.0:
+            w.pop(0)
+        span = now - w[0][0] if len(w) > 1 else 0.0
+        self._stats.tokens_per_s = sum(c for _, c in w[1:]) / span if span > 0 else 0.0

@@ -1,0 +1,353 @@
+"""The in-process engine: requests in, tokens out, one forward pass per step.
+
+`Engine.step()` runs one iteration of continuous batching: schedule (decode
+everyone running, admit new requests), one forward over all of their new
+tokens — rows of many different adapters together — then sample and finish
+requests on EOS, length or stop sequences, freeing their blocks at once.
+`AsyncEngine` (async_engine.py) drives this loop from a thread for servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.engine.adapter_slots import AdapterSlots
+from loraserve.engine.batch_builder import build_forward_batch
+from loraserve.engine.block_manager import BlockManager
+from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
+from loraserve.engine.sampling import SamplingRow, make_generator, sample
+from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.sequence import Sequence, SeqStatus
+from loraserve.engine.stop import StopChecker
+from loraserve.engine.tokenizer import Tokenizer
+from loraserve.layers.lora import LoraTable
+from loraserve.models import load_model
+from loraserve.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # default: sized from the device's memory
+    max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens (caps the memory budget)
+    max_batch_prefill_tokens: int = 4096
+    max_input_length: int | None = None  # default: min(1024, model context - 1)
+    max_total_tokens: int | None = None  # default: min(2048, model context)
+    max_num_seqs: int = 256
+    max_active_adapters: int = 32
+    max_lora_rank: int = 64
+    adapter_memory_bytes: int | None = None  # default: 10% of device memory
+    num_threads: int | None = None  # CPU intra-op threads (default: torch's)
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
+        cfg = config or EngineConfig()
+        self.config = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[cfg.dtype]
+        self.device = torch.device(cfg.device)
+        self.model_dir = Path(model_dir)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        mc = self.model_config
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
+        self._resolve_lengths()
+        self.model = load_model(self.model_dir, mc, self.dtype, self.device)
+        self._allocate_kv_cache()
+        self._allocate_lora_table()
+        self.scheduler = Scheduler(self.blocks, self.slots, cfg.max_num_seqs, cfg.max_batch_prefill_tokens)
+        self._seqs: dict[str, Sequence] = {}
+        self.tokens_generated = 0
+        self.steps = 0
+        self.last_batch_size = 0
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, config: EngineConfig | None = None) -> Engine:
+        return cls(model_dir, config)
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _resolve_lengths(self) -> None:
+        cfg, ctx = self.config, self.model_config.max_position_embeddings
+        cfg.max_total_tokens = min(cfg.max_total_tokens or min(2048, ctx), ctx)
+        cfg.max_input_length = min(cfg.max_input_length or min(1024, cfg.max_total_tokens - 1),
+                                   cfg.max_total_tokens - 1)
+        cfg.max_batch_prefill_tokens = max(cfg.max_batch_prefill_tokens, cfg.max_input_length)
+
+    def _allocate_kv_cache(self) -> None:
+        cfg, mc = self.config, self.model_config
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elt
+        budget = cfg.kv_cache_memory_bytes
+        if budget is None:
+            avail = _device_memory(self.device)
+            budget = int(avail * (0.8 if self.device.type == "cuda" else 0.25))
+            budget = min(budget, 8 << 30) if self.device.type == "cpu" else budget
+        tokens = budget // per_token
+        if cfg.max_batch_total_tokens:
+            tokens = min(tokens, cfg.max_batch_total_tokens)
+        num_blocks = max(tokens // cfg.block_size, -(-cfg.max_total_tokens // cfg.block_size))
+        cfg.max_batch_total_tokens = num_blocks * cfg.block_size
+        shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.model.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(mc.num_hidden_layers)
+        ]
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, cfg.block_size,
+                 num_blocks * cfg.block_size * per_token / 2**20)
+
+    def _allocate_lora_table(self) -> None:
+        cfg, mc = self.config, self.model_config
+        shapes = mc.linear_shapes()
+        per_slot = LoraTable.bytes_per_slot(shapes, mc.num_hidden_layers, cfg.max_lora_rank, self.dtype)
+        budget = cfg.adapter_memory_bytes or int(_device_memory(self.device) * 0.1)
+        num_slots = max(1, min(cfg.max_active_adapters, budget // per_slot))
+        if num_slots < cfg.max_active_adapters:
+            log.warning("adapter memory budget fits %d of %d requested active adapters", num_slots,
+                        cfg.max_active_adapters)
+        cfg.max_active_adapters = num_slots
+        table = LoraTable(shapes, mc.num_hidden_layers, num_slots, cfg.max_lora_rank, self.dtype, self.device)
+        self.model.lora = table
+        self.slots = AdapterSlots(table)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def check_adapter(self, adapter: LoraAdapter) -> None:
+        """Refuse adapters the slot table cannot hold before they reach the step loop."""
+        mc = self.model_config
+        if adapter.max_rank > self.config.max_lora_rank:
+            raise ValueError(f"adapter rank {adapter.max_rank} exceeds the server's max LoRA rank "
+                             f"{self.config.max_lora_rank} (--max-lora-rank)")
+        shapes = mc.linear_shapes()
+        for (layer, module), w in adapter.modules.items():
+            fin, fout = shapes[module]
+            if layer >= mc.num_hidden_layers or w.a.shape[1] != fin or w.b.shape[0] != fout:
+                raise ValueError(f"adapter weights for layer {layer} {module} do not fit the base model")
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    adapter: LoraAdapter | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("inputs must not be empty")
+        cfg = self.config
+        if len(ids) > cfg.max_input_length:
+            raise ValueError(f"inputs has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}")
+        if len(ids) + params.max_new_tokens > cfg.max_total_tokens:
+            raise ValueError(f"inputs tokens + max_new_tokens must be <= max_total_tokens={cfg.max_total_tokens}"
+                             f" (got {len(ids)} + {params.max_new_tokens})")
+        if -(-(len(ids) + params.max_new_tokens) // cfg.block_size) > self.blocks.num_blocks:
+            raise ValueError("request cannot fit in the KV cache even alone")
+        if adapter is not None:
+            self.check_adapter(adapter)
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._seqs:
+            raise ValueError(f"duplicate request id {rid!r}")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(
+            request_id=rid,
+            prompt_ids=ids,
+            params=params,
+            adapter=adapter,
+            seed=seed,
+            generator=make_generator(seed, self.device) if params.do_sample else None,
+            detok=IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
+            stop=StopChecker(params.stop) if params.stop else None,
+        )
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ---- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        mc = self.model_config
+        fb, layout = build_forward_batch(
+            sched.decodes, sched.prefills, self.config.block_size, self.model.rotary,
+            mc.num_attention_heads // mc.num_key_value_heads, self.slots.ranks, self.device)
+        hidden = self.model.forward(fb)
+        rows = [r for rs in layout.logit_rows for r in rs]
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        last_rows = []
+        offset = 0
+        for rs in layout.logit_rows:
+            offset += len(rs)
+            last_rows.append(offset - 1)
+        last_logits = logits[torch.tensor(last_rows, device=self.device)]
+        sampling_rows = [SamplingRow(params=s.params, generator=s.generator, history=self._history(s))
+                         for s in layout.seqs]
+        result = sample(last_logits, sampling_rows)
+        self.steps += 1
+        self.last_batch_size = len(layout.seqs)
+        outputs: list[RequestOutput] = []
+        offset = 0
+        for i, seq in enumerate(layout.seqs):
+            n = len(layout.logit_rows[i])
+            prefill = None
+            if n > 1 or (seq.params.prefill_logprobs and not seq.prefill_reported):
+                prefill = self._prefill_infos(seq, logits[offset:offset + n])
+            offset += n
+            seq.num_cached = seq.num_tokens
+            alts = result.alternatives[i] if result.alternatives is not None else None
+            outputs.append(self._append_token(seq, int(result.token_ids[i]), float(result.logprobs[i]),
+                                              alts, prefill))
+        return outputs
+
+    def _history(self, seq: Sequence) -> torch.Tensor | None:
+        if seq.params.repetition_penalty == 1.0:
+            return None
+        return torch.tensor(seq.all_ids, dtype=torch.long, device=self.device)
+
+    def _prefill_infos(self, seq: Sequence, logits: torch.Tensor) -> list[TokenInfo]:
+        seq.prefill_reported = True
+        ids = seq.prompt_ids
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        n = min(len(ids) - 1, lp.shape[0] - 1)
+        nxt = torch.tensor(ids[1:n + 1], device=lp.device)
+        chosen = lp[torch.arange(n, device=lp.device), nxt].tolist() if n > 0 else []
+        infos = [TokenInfo(id=ids[0], text=self.tokenizer.id_to_text(ids[0]), logprob=None,
+                           special=self.tokenizer.is_special(ids[0]))]
+        for tid, l in zip(ids[1:n + 1], chosen):
+            infos.append(TokenInfo(id=tid, text=self.tokenizer.id_to_text(tid), logprob=l,
+                                   special=self.tokenizer.is_special(tid)))
+        return infos
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float,
+                      alts: list[tuple[int, float]] | None, prefill: list[TokenInfo] | None) -> RequestOutput:
+        seq.output_ids.append(token)
+        self.tokens_generated += 1
+        special = self.tokenizer.is_special(token)
+        delta = seq.detok.add(token)
+        info = TokenInfo(id=token, text=delta, logprob=logprob, special=special,
+                         alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None)
+        seq.output_tokens.append(info)
+        seq.text += delta
+        reason = None
+        if token in self.eos_ids and not seq.params.ignore_eos_token:
+            reason = "eos_token"
+        elif seq.stop is not None:
+            cut = seq.stop.check(seq.text, len(delta))
+            if cut is not None:
+                seq.text = seq.text[:cut]
+                reason = "stop_sequence"
+        if reason is None and (len(seq.output_ids) >= seq.params.max_new_tokens
+                               or seq.num_tokens >= self.config.max_total_tokens):
+            reason = "length"
+        out = RequestOutput(request_id=seq.request_id, tokens=[info], prompt_tokens=len(seq.prompt_ids),
+                            generated_tokens=len(seq.output_ids), seed=seq.seed if seq.params.do_sample else None,
+                            prefill=prefill)
+        if reason is not None:
+            self._finish(seq)
+            out.finished, out.finish_reason, out.generated_text = True, reason, seq.text
+        return out
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+
+    # ---- offline batch API ----------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[LoraAdapter | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion in one continuous batch; results in input order.
+
+        Each result carries all generated tokens in `tokens`.
+        """
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        alist = adapters or [None] * len(prompts)
+        ids = [self.add_request(p, sp, a) for p, sp, a in zip(prompts, plist, alist)]
+        results: dict[str, RequestOutput] = {}
+        tokens: dict[str, list[TokenInfo]] = {rid: [] for rid in ids}
+        prefills: dict[str, list[TokenInfo] | None] = {}
+        while len(results) < len(ids):
+            for out in self.step():
+                tokens[out.request_id].extend(out.tokens)
+                if out.prefill is not None:
+                    prefills[out.request_id] = out.prefill
+                if out.finished:
+                    results[out.request_id] = out
+        final = []
+        for rid in ids:
+            r = results[rid]
+            r.tokens, r.prefill = tokens[rid], prefills.get(rid)
+            final.append(r)
+        return final
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt_ids: list[int], adapter: LoraAdapter | None = None) -> torch.Tensor:
+        """Logits at every prompt position ([L, vocab]) for scoring and tests.
+
+        Runs outside the step loop with its own blocks and slot reference, so it
+        must not be called while another thread is stepping this engine.
+        """
+        if adapter is not None:
+            self.check_adapter(adapter)
+        seq = Sequence(request_id="__score__", prompt_ids=list(prompt_ids), params=SamplingParams(),
+                       adapter=adapter, seed=0, generator=None, detok=None, stop=None)  # type: ignore[arg-type]
+        if not self.blocks.can_hold(seq.block_table, seq.num_tokens):
+            raise RuntimeError("not enough free KV blocks to score this prompt now")
+        self.blocks.grow(seq.block_table, seq.num_tokens)
+        try:
+            if adapter is not None:
+                seq.slot = self.slots.acquire(adapter)
+            mc = self.model_config
+            fb, _ = build_forward_batch([], [seq], self.config.block_size, self.model.rotary,
+                                        mc.num_attention_heads // mc.num_key_value_heads, self.slots.ranks,
+                                        self.device)
+            return self.model.logits(self.model.forward(fb))
+        finally:
+            self.blocks.free(seq.block_table)
+            if seq.slot is not None:
+                self.slots.release(seq.slot)
+
+    def seq_status(self, request_id: str) -> SeqStatus | None:
+        seq = self._seqs.get(request_id)
+        return seq.status if seq else None

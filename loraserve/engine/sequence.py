@@ -1,0 +1,55 @@
+"""Per-request state that lives in the engine between steps."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.engine.params import SamplingParams, TokenInfo
+from loraserve.engine.stop import StopChecker
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoraAdapter | None
+    seed: int
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    stop: StopChecker | None
+    output_ids: list[int] = field(default_factory=list)
+    output_tokens: list[TokenInfo] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    slot: int | None = None  # adapter slot while running
+    status: SeqStatus = SeqStatus.WAITING
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    prefill_reported: bool = False
+    history: torch.Tensor | None = None  # prompt+output ids on device, for repetition penalty
+    text: str = ""
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def adapter_key(self) -> str | None:
+        return self.adapter.key if self.adapter is not None else None

@@ -1,0 +1,24 @@
+"""The one object that describes a step's batch to the model.
+
+Built once per step by the engine and passed down; no layer looks anything
+up globally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.layers.attention import AttentionMeta
+from loraserve.layers.lora import LoraBatch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] all new tokens of all sequences, flattened
+    positions: torch.Tensor  # [T]
+    cos: torch.Tensor  # [T, D/2]
+    sin: torch.Tensor  # [T, D/2]
+    attn: AttentionMeta
+    lora: LoraBatch | None  # None when no row uses an adapter

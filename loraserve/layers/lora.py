@@ -1,0 +1,138 @@
+"""Batched multi-LoRA linear: many adapters, one batch, one grouped op per projection.
+
+Adapter weights live in a *slot table* on the device: for each projection,
+``a[layer, slot, :r, :in]`` holds ``lora_A`` and ``b[layer, slot, :r, :out]``
+holds ``scale * lora_B.T`` (the scale is folded in once, at load). A row's
+delta is then ``(x @ a[slot, :r].T) @ b[slot, :r]``.
+
+Per step, tokens are grouped by slot (SGMV-style):
+- short segments (decode rows, short prompts) are padded into a
+  ``[slots, max_seg, in]`` buffer and handled by two `bmm`s over the
+  contiguous slot range the batch uses — one call per projection however
+  many adapters are in the batch; when every slot has the same number of
+  contiguous tokens (the common decode case) the buffer is a zero-copy view;
+- long segments (prefills) get their own two matmuls, where the Python
+  overhead is negligible next to the work.
+Ranks below the table's maximum only read the first ``r_eff`` rows of each
+slot, so small-rank adapters don't pay for the table's largest rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# A segment longer than this gets its own matmuls instead of padding the bmm.
+LONG_SEGMENT = 16
+
+
+@dataclass
+class LoraBatch:
+    """How this step's tokens map onto adapter slots (built once per step)."""
+
+    slot_lo: int = 0
+    slot_hi: int = 0  # bmm over slots [lo, hi); empty when hi == lo
+    max_seg: int = 0
+    rank: int = 0  # r_eff for the bmm part
+    dense: bool = False  # tokens [tok_start, tok_start + n*max_seg) are exactly the padded layout
+    tok_start: int = 0
+    tok_rows: torch.Tensor | None = None  # [N] token indices in the bmm part (not dense)
+    pad_rows: torch.Tensor | None = None  # [N] their rows in the padded buffer
+    segments: list[tuple[int, int, int, int]] = field(default_factory=list)  # (start, end, slot, rank)
+
+    @property
+    def empty(self) -> bool:
+        return self.slot_hi == self.slot_lo and not self.segments
+
+
+def build_lora_batch(token_slots: list[tuple[int, int, int]], slot_ranks: dict[int, int],
+                     device: torch.device) -> LoraBatch | None:
+    """token_slots: (tok_start, tok_end, slot) per sequence that uses an adapter, in token order."""
+    if not token_slots:
+        return None
+    lb = LoraBatch()
+    short: list[tuple[int, int, int]] = []
+    for s, e, slot in token_slots:
+        if e - s > LONG_SEGMENT:
+            lb.segments.append((s, e, slot, slot_ranks[slot]))
+        else:
+            short.append((s, e, slot))
+    if not short:
+        return lb
+    lo = min(sl for _, _, sl in short)
+    hi = max(sl for _, _, sl in short) + 1
+    per_slot: dict[int, list[int]] = {}
+    for s, e, slot in short:
+        per_slot.setdefault(slot, []).extend(range(s, e))
+    max_seg = max(len(v) for v in per_slot.values())
+    lb.slot_lo, lb.slot_hi, lb.max_seg = lo, hi, max_seg
+    lb.rank = max(slot_ranks[sl] for sl in per_slot)
+    first = short[0][0]
+    n = hi - lo
+    if len(per_slot) == n and all(per_slot.get(lo + i) == list(range(first + i * max_seg, first + (i + 1) * max_seg))
+                                  for i in range(n)):
+        lb.dense, lb.tok_start = True, first
+        return lb
+    tok_rows, pad_rows = [], []
+    for slot, toks in per_slot.items():
+        base = (slot - lo) * max_seg
+        tok_rows.extend(toks)
+        pad_rows.extend(range(base, base + len(toks)))
+    lb.tok_rows = torch.tensor(tok_rows, dtype=torch.long, device=device)
+    lb.pad_rows = torch.tensor(pad_rows, dtype=torch.long, device=device)
+    return lb
+
+
+def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lb: LoraBatch) -> None:
+    """y[T, out] += LoRA delta of x[T, in]; a: [slots, R, in], b: [slots, R, out] of one layer."""
+    if lb.slot_hi > lb.slot_lo:
+        n, m, r = lb.slot_hi - lb.slot_lo, lb.max_seg, lb.rank
+        if lb.dense:
+            xp = x[lb.tok_start:lb.tok_start + n * m].view(n, m, x.shape[1])
+        else:
+            xp = x.new_zeros(n * m, x.shape[1])
+            xp.index_copy_(0, lb.pad_rows, x.index_select(0, lb.tok_rows))
+            xp = xp.view(n, m, x.shape[1])
+        h = torch.bmm(xp, a[lb.slot_lo:lb.slot_hi, :r].transpose(1, 2))
+        d = torch.bmm(h, b[lb.slot_lo:lb.slot_hi, :r])
+        if lb.dense:
+            y[lb.tok_start:lb.tok_start + n * m] += d.view(n * m, -1)
+        else:
+            y.index_add_(0, lb.tok_rows, d.view(n * m, -1).index_select(0, lb.pad_rows))
+    for s, e, slot, r in lb.segments:
+        y[s:e].addmm_(x[s:e] @ a[slot, :r].t(), b[slot, :r])
+
+
+class LoraTable:
+    """Device-resident slot table for every projection of every layer.
+
+    Shapes are fixed at start-up (slots x max rank), so activating an adapter
+    is a copy into preallocated memory and a step never allocates or moves
+    adapter weights.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], num_layers: int, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_slots, self.max_rank, self.num_layers = num_slots, max_rank, num_layers
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        for name, (fin, fout) in shapes.items():
+            self.a[name] = torch.zeros(num_layers, num_slots, max_rank, fin, dtype=dtype, device=device)
+            self.b[name] = torch.zeros(num_layers, num_slots, max_rank, fout, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_slot(shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int, dtype: torch.dtype) -> int:
+        per = sum(fin + fout for fin, fout in shapes.values()) * max_rank * num_layers
+        return per * torch.empty((), dtype=dtype).element_size()
+
+    def clear_slot(self, slot: int) -> None:
+        for t in (*self.a.values(), *self.b.values()):
+            t[:, slot].zero_()
+
+    def write(self, slot: int, layer: int, module: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """a: [r, in] (PEFT lora_A), b: [out, r] (PEFT lora_B)."""
+        r = a.shape[0]
+        ta, tb = self.a[module], self.b[module]
+        ta[layer, slot, :r].copy_(a)
+        tb[layer, slot, :r].copy_(b.t() * scale)

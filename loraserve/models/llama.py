@@ -1,0 +1,114 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) in plain PyTorch.
+
+One file for the family: grouped-query attention, RoPE (with scaling),
+RMSNorm, SwiGLU, optional tied embeddings and Qwen2's q/k/v bias. q/k/v and
+gate/up are fused into single matmuls at load time; LoRA deltas are added
+into slices of the fused outputs, so adapters never change the base weights.
+Weight names follow HF checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from loraserve.layers.attention import paged_attention
+from loraserve.layers.forward_batch import ForwardBatch
+from loraserve.layers.lora import LoraTable, apply_lora
+from loraserve.layers.norm import rms_norm
+from loraserve.layers.rotary import RotaryTable, apply_rotary
+from loraserve.models.config import ModelConfig
+from loraserve.models.weights import iter_weights
+
+
+class DecoderLayer:
+    def __init__(self, w: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+        self.qkv_w = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
+                                w["self_attn.v_proj.weight"]])
+        self.qkv_b = (torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"],
+                                 w["self_attn.v_proj.bias"]]) if "self_attn.q_proj.bias" in w else None)
+        self.o_w = w["self_attn.o_proj.weight"]
+        self.o_b = w.get("self_attn.o_proj.bias")
+        self.gate_up_w = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
+        self.down_w = w["mlp.down_proj.weight"]
+        self.in_norm = w["input_layernorm.weight"]
+        self.post_norm = w["post_attention_layernorm.weight"]
+
+
+class LlamaModel:
+    """Holds weights, the KV cache views and the LoRA slot table; `forward` is pure math."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.q_size = cfg.num_attention_heads * cfg.head_dim
+        self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.rotary = RotaryTable(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                  cfg.rope_scaling, dtype, device)
+        self.layers: list[DecoderLayer] = []
+        self.embed: torch.Tensor | None = None
+        self.norm: torch.Tensor | None = None
+        self.lm_head: torch.Tensor | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.lora: LoraTable | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
+                        device: torch.device) -> LlamaModel:
+        model = cls(cfg, dtype, device)
+        per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.num_hidden_layers)]
+        top: dict[str, torch.Tensor] = {}
+        for name, t in iter_weights(Path(path)):
+            t = t.to(device=device, dtype=dtype)
+            if name.startswith("model.layers."):
+                idx, rest = name[len("model.layers."):].split(".", 1)
+                per_layer[int(idx)][rest] = t
+            else:
+                top[name] = t
+        model.embed = top["model.embed_tokens.weight"]
+        model.norm = top["model.norm.weight"]
+        model.lm_head = top.get("lm_head.weight", model.embed if cfg.tie_word_embeddings else None)
+        if model.lm_head is None:
+            raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
+        model.layers = [DecoderLayer(w, cfg) for w in per_layer]
+        return model
+
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """Returns final hidden states [T, hidden] for every new token."""
+        cfg, lb, lora = self.cfg, fb.lora, self.lora
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        inter = cfg.intermediate_size
+        x = F.embedding(fb.input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.in_norm, cfg.rms_norm_eps)
+            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+            if lb is not None:
+                apply_lora(qkv[:, :q_end], h, lora.a["q_proj"][i], lora.b["q_proj"][i], lb)
+                apply_lora(qkv[:, q_end:k_end], h, lora.a["k_proj"][i], lora.b["k_proj"][i], lb)
+                apply_lora(qkv[:, k_end:], h, lora.a["v_proj"][i], lora.b["v_proj"][i], lb)
+            t = qkv.shape[0]
+            q = apply_rotary(qkv[:, :q_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin)
+            k = apply_rotary(qkv[:, q_end:k_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin)
+            v = qkv[:, k_end:].view(t, -1, cfg.head_dim)
+            k_cache, v_cache = self.kv_caches[i]
+            attn = paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale).view(t, -1)
+            o = F.linear(attn, layer.o_w, layer.o_b)
+            if lb is not None:
+                apply_lora(o, attn, lora.a["o_proj"][i], lora.b["o_proj"][i], lb)
+            x = x + o
+            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
+            gu = F.linear(h, layer.gate_up_w)
+            if lb is not None:
+                apply_lora(gu[:, :inter], h, lora.a["gate_proj"][i], lora.b["gate_proj"][i], lb)
+                apply_lora(gu[:, inter:], h, lora.a["up_proj"][i], lora.b["up_proj"][i], lb)
+            a = F.silu(gu[:, :inter]) * gu[:, inter:]
+            d = F.linear(a, layer.down_w)
+            if lb is not None:
+                apply_lora(d, a, lora.a["down_proj"][i], lora.b["down_proj"][i], lb)
+            x = x + d
+        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
