@@ -1,0 +1,149 @@
+"""`s3` adapters: `s3://bucket/prefix` in S3 or any S3-compatible store.
+
+Credentials and endpoint come from the standard AWS environment that boto3
+reads itself (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3`), so the server needs no flags
+of its own. Only the adapter files directly under the prefix are fetched,
+into `<cache_dir>/s3/<digest of URI>-<ETag digest>/`; a directory already
+complete there is reused, so a restart does not re-download.
+
+`fetch_uri` is also the second half of the `pbase` source, whose gateway
+answers with an S3 location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from loraserve.adapters.errors import AdapterError, AdapterForbiddenError, AdapterNotFoundError
+from loraserve.adapters.sources.base import (
+    ADAPTER_FILES,
+    AdapterSource,
+    AdapterUnavailableError,
+    ResolvedAdapter,
+    pick_adapter_files,
+)
+
+log = logging.getLogger(__name__)
+
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "403"}
+_MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "404"}
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix/` -> (bucket, 'some/prefix'); the prefix may be empty."""
+    if not uri.startswith("s3://"):
+        raise AdapterError(f"s3 adapter id must look like s3://bucket/prefix, got {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise AdapterError(f"s3 adapter id {uri!r} names no bucket")
+    return bucket, prefix.strip("/")
+
+
+def _s3_client():  # boto3 is imported lazily: it is slow to import and only this source needs it
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+
+
+def _map_s3_error(e: Exception, uri: str) -> AdapterError:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    if isinstance(e, AdapterError):
+        return e
+    if isinstance(e, NoCredentialsError):
+        return AdapterForbiddenError(f"the server has no S3 credentials to read {uri}")
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in _AUTH_CODES:
+            return AdapterForbiddenError(f"access to {uri} was denied by the S3 store ({code})")
+        if code in _MISSING_CODES:
+            return AdapterNotFoundError(f"s3 adapter {uri} not found ({code})")
+        return AdapterUnavailableError(f"S3 error while reading {uri}: {code}")
+    if isinstance(e, BotoCoreError):
+        return AdapterUnavailableError(f"could not reach the S3 store for {uri}: {type(e).__name__}")
+    return AdapterUnavailableError(f"reading {uri} failed: {type(e).__name__}")
+
+
+class S3Source(AdapterSource):
+    name = "s3"
+    checks_auth = False
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.cache_dir = Path(cache_dir) / "s3"
+
+    def _list(self, client, uri: str) -> tuple[str, str, dict[str, str]]:
+        """ETags of the adapter files right under the prefix (name -> etag)."""
+        bucket, prefix = parse_s3_uri(uri)
+        base = f"{prefix}/" if prefix else ""
+        found: dict[str, str] = {}
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=base):
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(base) :]
+                if name in ADAPTER_FILES:
+                    found[name] = obj.get("ETag", "").strip('"')
+        if not found:
+            raise AdapterNotFoundError(f"s3 adapter {uri} not found (no adapter files under that prefix)")
+        return bucket, base, found
+
+    def resolve(self, adapter_id: str, token: str | None, revision: str | None) -> ResolvedAdapter:
+        if revision:
+            raise AdapterError("s3 adapters have no revisions; drop the revision parameter")
+        uri = adapter_id.rstrip("/")
+        try:
+            _, _, etags = self._list(_s3_client(), uri)
+            files = pick_adapter_files(etags, f"s3 adapter {uri}")
+        except Exception as e:
+            raise _map_s3_error(e, uri) from e
+        digest = hashlib.sha256(";".join(f"{f}:{etags[f]}" for f in files).encode()).hexdigest()[:16]
+        return ResolvedAdapter(self.name, uri, digest, location=uri, private=None, files=tuple(files))
+
+    def fetch(self, resolved: ResolvedAdapter, token: str | None) -> Path:
+        assert resolved.location is not None
+        target = self._target(resolved.location, resolved.revision)
+        if resolved.files and all((target / f).is_file() for f in resolved.files):
+            return target  # resolve() just listed these ETags: no second listing needed
+        return self.fetch_uri(resolved.location)
+
+    def _target(self, uri: str, digest: str) -> Path:
+        return self.cache_dir / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{digest}"
+
+    def fetch_uri(self, uri: str) -> Path:
+        """Download the adapter files under `uri` (or reuse a complete cached copy)."""
+        uri = uri.rstrip("/")
+        try:
+            client = _s3_client()
+            bucket, base, etags = self._list(client, uri)
+            files = pick_adapter_files(etags, f"s3 adapter {uri}")
+            digest = hashlib.sha256(";".join(f"{f}:{etags[f]}" for f in files).encode()).hexdigest()[:16]
+            target = self._target(uri, digest)
+            if all((target / f).is_file() for f in files):
+                log.info("s3 adapter %s: using disk cache %s", uri, target)
+                return target
+            tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+            tmp.mkdir(parents=True)
+            t0, total = time.monotonic(), 0
+            try:
+                for i, f in enumerate(files, 1):
+                    client.download_file(bucket, base + f, str(tmp / f))
+                    size = (tmp / f).stat().st_size
+                    total += size
+                    log.info("s3 adapter %s: downloaded %s (%d bytes), %d/%d files", uri, f, size, i, len(files))
+                if target.exists():  # another worker finished first; keep its copy
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.rename(target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            log.info("s3 adapter %s: %d bytes in %.2fs", uri, total, time.monotonic() - t0)
+            return target
+        except Exception as e:
+            raise _map_s3_error(e, uri) from e

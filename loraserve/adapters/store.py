@@ -1,0 +1,250 @@
+"""`AdapterStore`: the one entry point the server uses to turn a request's adapter into tensors.
+
+    store = AdapterStore(model_config, cache_dir="/var/cache/loraserve",
+                         host_cache_bytes=2 << 30, default_source="hub")
+    adapter = await store.get(adapter_id, source, token, revision)   # -> LoraAdapter
+    store.stats()        # counters for /metrics
+    store.close()
+
+`get` raises `AdapterError` subclasses whose `status_code` the HTTP layer
+returns as is (400 bad files / shapes, 401/403 auth, 404 not found, 503
+source unreachable). Messages never contain tokens.
+
+What happens per call, and why:
+
+1. **Authorise / pin** (`source.resolve`) in the small `auth` thread pool.
+   For `hub` and `pbase` this runs for every request, even when the adapter
+   is cached, so a private adapter asked for with a missing, wrong or revoked
+   token is refused. Successful results are remembered for `auth_ttl_s`
+   (a few seconds) under a SHA-256 fingerprint of the token, never the token;
+   failures are never remembered. `local` and `s3` carry no caller
+   credentials, so their resolution is reused while the adapter stays cached.
+2. **Host-memory LRU** (bounded by bytes) keyed by the pinned revision.
+3. **Load** on a miss in the `load` pool: download or disk-cache hit, parse,
+   validate against the base model. Concurrent requests for the same
+   uncached adapter share one load (single-flight); a failed load fails just
+   those requests and is retried by the next one.
+
+Nothing here blocks the event loop, and auth checks have their own pool so a
+slow download never delays them. With `LORAX_USE_GLOBAL_HF_TOKEN=1` the
+server's `HUGGING_FACE_HUB_TOKEN`/`HF_TOKEN` is used for `hub` requests that
+bring no token; otherwise the server's token is never used for a caller.
+`get_blocking` is the same path for threads without an event loop (preloading).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from loraserve.adapters.errors import AdapterAuthError, AdapterError
+from loraserve.adapters.host_cache import HostAdapterCache
+from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.adapters.peft_format import parse_peft_adapter
+from loraserve.adapters.single_flight import SingleFlight, await_shared
+from loraserve.adapters.sources import SOURCE_NAMES, AdapterSource, ResolvedAdapter, build_sources
+from loraserve.adapters.sources.base import token_fingerprint
+from loraserve.adapters.validation import validate_adapter
+from loraserve.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_MAX_RESOLUTIONS = 8192
+
+
+class AdapterLoadError(AdapterError):
+    """An unexpected failure while loading (a bug or an odd file), reported as a server error."""
+
+    status_code = 500
+
+
+def _env_flag(name: str) -> bool:
+    return (os.environ.get(name) or "").strip().upper() in ("1", "TRUE", "YES", "ON")
+
+
+class AdapterStore:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_dir: str | Path,
+        *,
+        host_cache_bytes: int = 2 << 30,
+        default_source: str = "hub",
+        sources: dict[str, AdapterSource] | None = None,
+        allowed_local_roots: Iterable[str | Path] | None = None,
+        auth_ttl_s: float = 5.0,
+        max_rank: int | None = None,
+        load_workers: int = 4,
+        auth_workers: int = 4,
+        use_global_hf_token: bool | None = None,
+        global_hf_token: str | None = None,
+    ) -> None:
+        self.model_config = model_config
+        self.cache_dir = Path(cache_dir)
+        self.sources = sources if sources is not None else build_sources(self.cache_dir, allowed_local_roots)
+        self.default_source = default_source
+        self.auth_ttl_s = auth_ttl_s
+        self.max_rank = max_rank
+        if use_global_hf_token is None:
+            use_global_hf_token = _env_flag("LORAX_USE_GLOBAL_HF_TOKEN")
+        if global_hf_token is None:
+            global_hf_token = os.environ.get("HUGGING_FACE_HUB_TOKEN") or os.environ.get("HF_TOKEN")
+        self._global_hf_token = global_hf_token if use_global_hf_token else None
+        self._host = HostAdapterCache(host_cache_bytes)
+        self._load_pool = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        self._auth_pool = ThreadPoolExecutor(auth_workers, thread_name_prefix="adapter-auth")
+        self._loads = SingleFlight(self._load_pool)
+        self._resolves = SingleFlight(self._auth_pool)
+        self._resolved: OrderedDict[tuple, tuple[float, ResolvedAdapter]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counters = dict.fromkeys(
+            ("hits", "misses", "loads", "load_failures", "loaded_bytes", "auth_checks", "auth_failures", "shared_loads"),
+            0,
+        )
+
+    @property
+    def default_source(self) -> str:
+        return self._default_source
+
+    @default_source.setter
+    def default_source(self, name: str) -> None:
+        if name not in self.sources:
+            raise ValueError(f"unknown adapter source {name!r}; expected one of {', '.join(SOURCE_NAMES)}")
+        self._default_source = name
+
+    # ---- public API -------------------------------------------------------------------------
+
+    async def get(
+        self, adapter_id: str, source: str | None = None, token: str | None = None, revision: str | None = None
+    ) -> LoraAdapter:
+        src, token = self._prepare(adapter_id, source, token)
+        resolved = await await_shared(self._resolve_future(src, adapter_id, token, revision))
+        adapter = self._cached(resolved)
+        if adapter is not None:
+            return adapter
+        return await await_shared(self._load_future(src, resolved, token))
+
+    def get_blocking(
+        self, adapter_id: str, source: str | None = None, token: str | None = None, revision: str | None = None
+    ) -> LoraAdapter:
+        """`get` for threads without an event loop; never call it on the event loop thread."""
+        src, token = self._prepare(adapter_id, source, token)
+        resolved = self._resolve_future(src, adapter_id, token, revision).result()
+        adapter = self._cached(resolved)
+        if adapter is not None:
+            return adapter
+        return self._load_future(src, resolved, token).result()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self._counters)
+        out.update(
+            host_bytes=self._host.nbytes,
+            host_entries=len(self._host),
+            host_evictions=self._host.evictions,
+            loads_in_flight=len(self._loads),
+        )
+        return out
+
+    def close(self) -> None:
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+        self._auth_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counters[name] += n
+
+    def _prepare(self, adapter_id: str, source: str | None, token: str | None) -> tuple[AdapterSource, str | None]:
+        name = (source or self.default_source).strip().lower()
+        src = self.sources.get(name)
+        if src is None:
+            raise AdapterError(f"unknown adapter_source {source!r}; expected one of {', '.join(SOURCE_NAMES)}")
+        if not adapter_id or not adapter_id.strip():
+            raise AdapterError("adapter_id is empty")
+        if name == "hub" and not token and self._global_hf_token:
+            token = self._global_hf_token
+        return src, token or None
+
+    def _cached(self, resolved: ResolvedAdapter) -> LoraAdapter | None:
+        adapter = self._host.get(resolved.cache_key)
+        self._count("hits" if adapter is not None else "misses")
+        return adapter
+
+    def _resolve_future(
+        self, src: AdapterSource, adapter_id: str, token: str | None, revision: str | None
+    ) -> Future:
+        key = (src.name, adapter_id, revision, token_fingerprint(token) if src.checks_auth else None)
+        now = time.monotonic()
+        with self._lock:
+            entry = self._resolved.get(key)
+        if entry is not None and entry[0] > now and (src.checks_auth or entry[1].cache_key in self._host):
+            done: Future = Future()
+            done.set_result(entry[1])
+            return done
+        fut, _ = self._resolves.submit(key, self._resolve, src, key, adapter_id, token, revision)
+        return fut
+
+    def _resolve(
+        self, src: AdapterSource, key: tuple, adapter_id: str, token: str | None, revision: str | None
+    ) -> ResolvedAdapter:
+        if src.checks_auth:
+            self._count("auth_checks")
+        try:
+            resolved = src.resolve(adapter_id, token, revision)
+        except AdapterAuthError:
+            self._count("auth_failures")
+            raise
+        except AdapterError:
+            raise
+        except Exception as e:  # a source bug must fail the request, not the server
+            log.exception("resolving %s adapter %s failed", src.name, adapter_id)
+            raise AdapterLoadError(f"resolving {src.name} adapter {adapter_id!r} failed: {type(e).__name__}") from e
+        ttl = self.auth_ttl_s if src.checks_auth else math.inf
+        with self._lock:
+            self._resolved[key] = (time.monotonic() + ttl, resolved)
+            self._resolved.move_to_end(key)
+            while len(self._resolved) > _MAX_RESOLUTIONS:
+                self._resolved.popitem(last=False)
+        return resolved
+
+    def _load_future(self, src: AdapterSource, resolved: ResolvedAdapter, token: str | None) -> Future:
+        fut, started = self._loads.submit(resolved.cache_key, self._load, src, resolved, token)
+        if not started:
+            self._count("shared_loads")
+        return fut
+
+    def _load(self, src: AdapterSource, resolved: ResolvedAdapter, token: str | None) -> LoraAdapter:
+        cached = self._host.get(resolved.cache_key)  # a load that just finished may have raced us here
+        if cached is not None:
+            return cached
+        t0 = time.monotonic()
+        try:
+            path = src.fetch(resolved, token)
+            adapter = parse_peft_adapter(path, key=resolved.cache_key)
+            for warning in validate_adapter(adapter, self.model_config, self.max_rank):
+                log.warning("adapter %s: %s", resolved.cache_key, warning)
+        except AdapterError as e:
+            self._count("load_failures")
+            log.warning("loading adapter %s failed: %s", resolved.cache_key, e)
+            raise
+        except Exception as e:
+            self._count("load_failures")
+            log.exception("loading adapter %s failed", resolved.cache_key)
+            raise AdapterLoadError(f"loading {src.name} adapter {resolved.adapter_id!r} failed: {type(e).__name__}") from e
+        self._count("loads")
+        self._count("loaded_bytes", adapter.nbytes)
+        self._host.put(adapter)
+        log.info(
+            "adapter %s loaded: rank %d, %d modules, %d bytes in %.2fs",
+            resolved.cache_key, adapter.rank, len(adapter.modules), adapter.nbytes, time.monotonic() - t0,
+        )
+        return adapter
