@@ -51,10 +51,18 @@ class StopChecker:
                     best = StopMatch(s, end)
         return best
 
-    def check(self, text: str, new_chars: int) -> str | None:
-        """`text` cut right after the first stop sequence, or None when none completed."""
+    def check(self, text: str, new_chars: int) -> int | None:
+        """Where to cut `text` (just past the first completed stop sequence), or None.
+
+        The engine keeps `text[:cut]` as the generated text.
+        """
         match = self.find(text, new_chars)
-        return None if match is None else text[: match.end]
+        return None if match is None else match.end
+
+    def truncate(self, text: str, new_chars: int) -> str | None:
+        """`text` cut right after the first completed stop sequence, or None when none completed."""
+        cut = self.check(text, new_chars)
+        return None if cut is None else text[:cut]
 
     def feed(self, delta: str) -> int | None:
         """Stateful variant for streaming: how much of `delta` to keep, or None if no stop completed.

@@ -21,7 +21,10 @@ def run_incremental(deltas: list[str], stops: list[str]) -> tuple[str | None, st
     for delta in deltas:
         text += delta
         if via_check is None:
-            via_check = checker.check(text, len(delta))
+            via_check = checker.truncate(text, len(delta))
+            cut = checker.check(text, len(delta))
+            assert (cut is None) == (via_check is None)
+            assert via_check is None or text[:cut] == via_check
         if via_feed is None:
             kept = feeder.feed(delta)
             if kept is not None:
