@@ -1,0 +1,167 @@
+"""`loraserve serve` (the HTTP server) and `loraserve generate` (one generation, no server)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from loraserve import __version__
+from loraserve.server.flags import SOURCES, add_serve_flags
+
+log = logging.getLogger("loraserve")
+
+
+def _unsupported(args: argparse.Namespace) -> str | None:
+    """Flags whose feature does not exist yet stop the launch instead of being ignored."""
+    if args.quantize:
+        return "--quantize is not supported yet"
+    if args.compile:
+        return "--compile is not supported yet"
+    if args.merge_adapter_weights:
+        return "--merge-adapter-weights is not supported yet"
+    if args.sharded or args.num_shard != 1:
+        return "sharding is not supported: loraserve serves from one device"
+    if args.speculative_tokens:
+        return "--speculative-tokens > 0 is not supported yet"
+    if args.otlp_endpoint:
+        return "--otlp-endpoint is not supported yet"
+    if args.source not in ("hub", "local"):
+        return f"base model source {args.source!r} is not supported yet; pass a local directory"
+    return None
+
+
+def _adapter_memory_bytes(fraction: float, device: str) -> int:
+    import os
+
+    import torch
+
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * fraction)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * fraction)
+
+
+def _engine_config(args: argparse.Namespace) -> Any:
+    from loraserve.engine.engine import EngineConfig
+
+    return EngineConfig(
+        dtype=args.dtype, device=args.device, max_batch_total_tokens=args.max_batch_total_tokens,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_input_length=args.max_input_length,
+        max_total_tokens=args.max_total_tokens, max_active_adapters=args.max_active_adapters,
+        max_lora_rank=args.max_lora_rank, num_threads=args.num_threads,
+        adapter_memory_bytes=_adapter_memory_bytes(args.adapter_memory_fraction, args.device),
+    )
+
+
+def _setup_logging(level: str, json_output: bool = False) -> None:
+    fmt = ('{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
+           if json_output else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+def serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, args.json_output)
+    if not args.model_id:
+        print("error: --model-id/--model (or MODEL_ID) is required", file=sys.stderr)
+        return 2
+    problem = _unsupported(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from loraserve.engine.async_engine import AsyncEngine
+    from loraserve.engine.engine import Engine
+    from loraserve.server.app import build_state, create_app
+    from loraserve.server.config import ServerConfig
+
+    engine = Engine.from_pretrained(args.model_id, _engine_config(args))
+    config = ServerConfig(
+        model_id=args.model_id, max_concurrent_requests=args.max_concurrent_requests,
+        max_best_of=args.max_best_of, max_stop_sequences=args.max_stop_sequences,
+        max_waiting_tokens=args.max_waiting_tokens, waiting_served_ratio=args.waiting_served_ratio,
+        default_adapter_source=args.default_adapter_source or args.adapter_source,
+        adapter_id=args.adapter_id, adapter_source=args.adapter_source,
+        preloaded_adapter_ids=list(args.preloaded_adapter_ids or []),
+        preloaded_adapter_source=args.preloaded_adapter_source or args.adapter_source,
+        dtype=args.dtype, device=args.device, speculative_tokens=args.speculative_tokens,
+        cors_allow_origin=list(args.cors_allow_origin or []),
+    )
+    app = create_app(build_state(config, AsyncEngine(engine)))
+    host = args.hostname
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    log.info("loraserve %s serving %s on http://%s:%d (docs: http://%s:%d/docs)", __version__, args.model_id,
+             shown, args.port, shown, args.port)
+    uvicorn.run(app, host=host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    """A one-off generation straight on the engine; handy to check a model or adapter without a server."""
+    _setup_logging("warning")
+    from loraserve.adapters.errors import AdapterError
+    from loraserve.engine.engine import Engine, EngineConfig
+    from loraserve.engine.params import SamplingParams
+    from loraserve.server.adapter_registry import LocalDirAdapterProvider
+
+    engine = Engine.from_pretrained(args.model_id, EngineConfig(dtype=args.dtype, device=args.device,
+                                                               max_lora_rank=args.max_lora_rank))
+    adapter = None
+    if args.adapter_id:
+        try:
+            adapter = asyncio.run(LocalDirAdapterProvider(engine.model_config).get(
+                args.adapter_id, args.adapter_source, None))
+        except AdapterError as e:
+            print(f"error: adapter {args.adapter_id!r}: {e}", file=sys.stderr)
+            return 1
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None or args.top_p is not None,
+        temperature=args.temperature or 1.0, top_p=args.top_p or 1.0, seed=args.seed,
+        stop=list(args.stop or []), ignore_eos_token=args.ignore_eos_token,
+    )
+    try:
+        out = engine.generate([args.prompt], params, [adapter])[0]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out.generated_text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraserve", description="Serve one base model and many LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="Start the HTTP server (LoRAX and OpenAI APIs).")
+    add_serve_flags(p_serve)
+    p_serve.set_defaults(func=serve)
+
+    p_gen = sub.add_parser("generate", help="Generate once from a prompt, without a server.")
+    p_gen.add_argument("prompt", help="The prompt text.")
+    p_gen.add_argument("--model-id", "--model", dest="model_id", required=True, help="Base model directory.")
+    p_gen.add_argument("--adapter-id", help="A LoRA adapter (PEFT directory) to apply.")
+    p_gen.add_argument("--adapter-source", default="local", choices=SOURCES,
+                       help="Source of --adapter-id (only `local` without a server's adapter store).")
+    p_gen.add_argument("--max-new-tokens", type=int, default=32, help="Tokens to generate (default: 32).")
+    p_gen.add_argument("--temperature", type=float, help="Sample at this temperature (default: greedy).")
+    p_gen.add_argument("--top-p", type=float, help="Nucleus sampling mass.")
+    p_gen.add_argument("--seed", type=int, help="Sampling seed.")
+    p_gen.add_argument("--stop", nargs="*", help="Stop sequences.")
+    p_gen.add_argument("--ignore-eos-token", action="store_true", help="Keep going past the EOS token.")
+    p_gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p_gen.add_argument("--device", default="cpu")
+    p_gen.add_argument("--max-lora-rank", type=int, default=64)
+    p_gen.set_defaults(func=generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

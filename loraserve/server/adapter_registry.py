@@ -1,0 +1,106 @@
+"""Where the server gets `LoraAdapter`s from.
+
+`AdapterProvider` is the interface of `loraserve.adapters.store.AdapterStore`;
+`LocalDirAdapterProvider` is a minimal stand-in (local PEFT directories only)
+used when that store is unavailable. `AdapterRegistry` adds what only the
+server knows: the static `--adapter-id`, preloaded adapters reachable by their
+bare id, and the list `/v1/models` reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any, Protocol
+
+from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
+from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.adapters.peft_format import is_lora_dir, parse_peft_adapter
+from loraserve.adapters.validation import validate_adapter
+from loraserve.models.config import ModelConfig
+
+
+class AdapterProvider(Protocol):
+    async def get(
+        self, adapter_id: str, source: str, token: str | None, revision: str | None = None
+    ) -> LoraAdapter: ...
+
+
+class LocalDirAdapterProvider:
+    """Reads PEFT directories from disk and keeps them in host memory."""
+
+    def __init__(self, model_config: ModelConfig | None = None) -> None:
+        self._model_config = model_config
+        self._cache: dict[str, LoraAdapter] = {}
+        self._lock = asyncio.Lock()
+        self.counts: Counter[str] = Counter()
+
+    async def get(
+        self, adapter_id: str, source: str, token: str | None, revision: str | None = None
+    ) -> LoraAdapter:
+        if source != "local":
+            raise AdapterError(f"adapter source {source!r} is not available in this server build; use `local`")
+        path = Path(adapter_id).expanduser()
+        key = f"local:{path.resolve()}"
+        async with self._lock:
+            if key in self._cache:
+                self.counts["hits"] += 1
+                return self._cache[key]
+            self.counts["misses"] += 1
+            if not is_lora_dir(path):
+                raise AdapterNotFoundError(f"no PEFT LoRA adapter found at local path {adapter_id!r}")
+            adapter = await asyncio.to_thread(parse_peft_adapter, path, key)
+            if self._model_config is not None:
+                validate_adapter(adapter, self._model_config)
+            self._cache[key] = adapter
+            self.counts["loads"] += 1
+            return adapter
+
+    def stats(self) -> dict[str, Any]:
+        return {"hits": self.counts["hits"], "misses": self.counts["misses"], "loads": self.counts["loads"],
+                "cached": len(self._cache)}
+
+
+class AdapterRegistry:
+    """Resolves a request's adapter and remembers which adapters this server has served."""
+
+    def __init__(
+        self,
+        provider: AdapterProvider,
+        default_source: str,
+        static_adapter_id: str | None = None,
+        static_adapter_source: str | None = None,
+    ) -> None:
+        self.provider = provider
+        self.default_source = default_source
+        self.static_adapter_id = static_adapter_id
+        self.static_adapter_source = static_adapter_source or default_source
+        self._preloaded: dict[str, LoraAdapter] = {}
+        self.loaded_ids: dict[str, None] = {}  # ordered set of ids served so far
+
+    async def preload(self, adapter_ids: list[str], source: str) -> None:
+        ids = list(adapter_ids)
+        if self.static_adapter_id:
+            ids.insert(0, self.static_adapter_id)
+        for adapter_id in ids:
+            src = self.static_adapter_source if adapter_id == self.static_adapter_id else source
+            adapter = await self.provider.get(adapter_id, src, None)
+            self._preloaded[adapter_id] = adapter
+            self.loaded_ids[adapter_id] = None
+
+    async def resolve(self, adapter_id: str | None, source: str | None, token: str | None) -> LoraAdapter | None:
+        """`None` means the base model (or the static adapter when the server has one)."""
+        if not adapter_id:
+            if not self.static_adapter_id:
+                return None
+            return self._preloaded.get(self.static_adapter_id)
+        if source is None and adapter_id in self._preloaded:
+            return self._preloaded[adapter_id]
+        adapter = await self.provider.get(adapter_id, source or self.default_source, token)
+        self.loaded_ids[adapter_id] = None
+        return adapter
+
+    def stats(self) -> dict[str, Any]:
+        stats = getattr(self.provider, "stats", None)
+        return dict(stats()) if callable(stats) else {}

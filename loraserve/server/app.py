@@ -1,0 +1,79 @@
+"""Assemble the FastAPI application around a running `AsyncEngine`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from loraserve import __version__
+from loraserve.server import routes_info, routes_lorax, routes_openai
+from loraserve.server.adapter_registry import AdapterProvider, AdapterRegistry, LocalDirAdapterProvider
+from loraserve.server.config import ServerConfig
+from loraserve.server.errors import install_error_handlers
+from loraserve.server.generation import GenerationService
+from loraserve.server.metrics import ServerMetrics
+from loraserve.server.state import ServerState
+
+log = logging.getLogger("loraserve.server")
+
+
+def sync_limits(config: ServerConfig, engine: Any) -> None:
+    """The engine resolves lengths and capacities from the model; the router validates against those."""
+    ec = engine.config
+    config.max_input_length = ec.max_input_length
+    config.max_total_tokens = ec.max_total_tokens
+    config.max_batch_total_tokens = ec.max_batch_total_tokens
+    config.max_batch_prefill_tokens = ec.max_batch_prefill_tokens
+    config.max_active_adapters = ec.max_active_adapters
+
+
+def build_state(config: ServerConfig, aengine: Any, provider: AdapterProvider | None = None) -> ServerState:
+    engine = aengine.engine
+    sync_limits(config, engine)
+    provider = provider or LocalDirAdapterProvider(engine.model_config)
+    registry = AdapterRegistry(provider, config.default_adapter_source, config.adapter_id, config.adapter_source)
+    metrics = ServerMetrics()
+    service = GenerationService(aengine, registry, metrics, config.max_concurrent_requests)
+    metrics.engine_stats = aengine.stats
+    metrics.adapter_stats = registry.stats
+    metrics.in_flight = lambda: service.limiter.in_flight
+    return ServerState(config=config, aengine=aengine, tokenizer=engine.tokenizer, registry=registry,
+                       metrics=metrics, service=service, max_lora_rank=engine.config.max_lora_rank)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        c = state.config
+        if c.adapter_id or c.preloaded_adapter_ids:
+            await state.registry.preload(c.preloaded_adapter_ids, c.preloaded_adapter_source or c.adapter_source)
+            log.info("preloaded adapters: %s", ", ".join(state.registry.loaded_ids))
+        yield
+        state.aengine.shutdown()
+
+    app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan,
+                  description="One base model, many LoRA adapters. LoRAX-compatible REST API and "
+                              "OpenAI-compatible API.")
+    app.state.loraserve = state
+    install_error_handlers(app)
+    if state.config.cors_allow_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_allow_origin,
+                           allow_methods=["*"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        state.metrics.requests.labels(route=path, status=str(response.status_code)).inc()
+        return response
+
+    app.include_router(routes_lorax.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_info.router)
+    return app

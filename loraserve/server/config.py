@@ -1,0 +1,35 @@
+"""Server-side limits and defaults, decoupled from argparse so tests and the CLI build them alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerConfig:
+    """Everything the HTTP layer needs besides the engine itself.
+
+    Token limits (`max_input_length`, `max_total_tokens`) are filled in from the
+    engine's resolved config at start-up, so validation matches what the engine admits.
+    """
+
+    model_id: str = ""
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_input_length: int = 1024
+    max_total_tokens: int = 2048
+    max_batch_total_tokens: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_waiting_tokens: int = 20
+    waiting_served_ratio: float = 1.2
+    max_active_adapters: int = 1024
+    default_adapter_source: str = "hub"
+    adapter_id: str | None = None  # static adapter applied when a request names none
+    adapter_source: str = "hub"
+    preloaded_adapter_ids: list[str] = field(default_factory=list)
+    preloaded_adapter_source: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    speculative_tokens: int = 0
+    cors_allow_origin: list[str] = field(default_factory=list)

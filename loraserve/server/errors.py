@@ -1,0 +1,85 @@
+"""LoRAX's error contract: `{"error", "error_type"}` with the status codes `lorax-client` maps to exceptions."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraserve.adapters.errors import AdapterError
+
+
+class ApiError(Exception):
+    """An error the caller should see verbatim; raised anywhere below the routes."""
+
+    def __init__(self, message: str, status_code: int = 422, error_type: str = "validation") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+
+    def to_dict(self) -> dict[str, str]:
+        return {"error": self.message, "error_type": self.error_type}
+
+
+def validation_error(message: str) -> ApiError:
+    return ApiError(message, 422, "validation")
+
+
+def not_supported(what: str) -> ApiError:
+    """Parameters a later release implements are refused loudly instead of being ignored."""
+    return ApiError(f"{what} is not supported yet by this server", 422, "validation")
+
+
+def generation_error(message: str) -> ApiError:
+    return ApiError(message, 424, "generation")
+
+
+def overloaded_error() -> ApiError:
+    return ApiError("Model is overloaded", 429, "overloaded")
+
+
+def adapter_api_error(exc: AdapterError) -> ApiError:
+    """Adapter problems keep their own status (404 unknown, 401/403 auth, 400 bad files).
+
+    `error_type` stays `validation` so `lorax-client` raises its ValidationError,
+    as it does for every other request problem.
+    """
+    return ApiError(f"adapter error: {exc}", int(getattr(exc, "status_code", 400)), "validation")
+
+
+def _field_path(loc: tuple) -> str:
+    # FastAPI prefixes body fields with "body"; the caller only cares about the field itself.
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def request_validation_message(exc: RequestValidationError) -> str:
+    msgs = []
+    for err in exc.errors():
+        msgs.append(f"`{_field_path(tuple(err.get('loc', ())))}`: {err.get('msg', 'invalid value')}")
+    return "; ".join(msgs) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
+        err = adapter_api_error(exc)
+        return JSONResponse(err.to_dict(), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Like LoRAX's axum router: unparsable JSON is a 400, a well-formed body with bad fields a 422.
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            return JSONResponse({"error": request_validation_message(exc), "error_type": "bad_request"}, status_code=400)
+        return JSONResponse({"error": request_validation_message(exc), "error_type": "validation"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = "validation" if exc.status_code in (400, 422) else "http"
+        return JSONResponse({"error": str(exc.detail), "error_type": error_type}, status_code=exc.status_code)

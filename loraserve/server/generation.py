@@ -1,0 +1,233 @@
+"""Runs validated requests on the async engine and shapes the results as LoRAX responses.
+
+Both the LoRAX routes and the OpenAI routes go through `GenerationService`, so
+limits, adapters, metrics and error mapping behave the same on every API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraserve.adapters.errors import AdapterError
+from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
+from loraserve.server.adapter_registry import AdapterRegistry
+from loraserve.server.errors import (
+    ApiError,
+    adapter_api_error,
+    generation_error,
+    overloaded_error,
+    validation_error,
+)
+from loraserve.server.metrics import ServerMetrics
+from loraserve.server.schemas import (
+    AlternativeToken,
+    BestOfSequence,
+    Details,
+    GenerateResponse,
+    PrefillToken,
+    StreamDetails,
+    StreamResponse,
+    Token,
+)
+from loraserve.server.validation import ValidatedRequest
+
+_LORAX_FINISH = {"length", "eos_token", "stop_sequence"}
+
+
+@dataclass
+class Completion:
+    """Everything one finished sequence produced, accumulated over engine steps."""
+
+    tokens: list[TokenInfo] = field(default_factory=list)
+    prefill: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str = "length"
+    generated_text: str = ""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seed: int | None = None
+
+    @property
+    def logprob_sum(self) -> float:
+        return sum(t.logprob or 0.0 for t in self.tokens)
+
+
+class ConcurrencyLimiter:
+    """LoRAX's `--max-concurrent-requests`: beyond it a request is refused at once with 429."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def acquire(self) -> None:
+        if self.in_flight >= self.limit:
+            raise overloaded_error()
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+
+
+def finish_reason(reason: str | None) -> str:
+    return reason if reason in _LORAX_FINISH else "length"
+
+
+def to_token(t: TokenInfo) -> Token:
+    alts = None
+    if t.alternatives is not None:
+        alts = [AlternativeToken(id=i, text=text, logprob=lp) for i, text, lp in t.alternatives]
+    return Token(id=t.id, text=t.text, logprob=t.logprob if t.logprob is not None else 0.0,
+                 special=t.special, alternative_tokens=alts)
+
+
+def to_prefill(tokens: list[TokenInfo]) -> list[PrefillToken]:
+    return [PrefillToken(id=t.id, text=t.text, logprob=t.logprob) for t in tokens]
+
+
+class GenerationService:
+    def __init__(self, aengine: Any, registry: AdapterRegistry, metrics: ServerMetrics, max_concurrent: int) -> None:
+        self.aengine = aengine
+        self.registry = registry
+        self.metrics = metrics
+        self.limiter = ConcurrencyLimiter(max_concurrent)
+
+    async def resolve_adapter(self, v: ValidatedRequest) -> LoraAdapter | None:
+        try:
+            adapter = await self.registry.resolve(v.adapter_id, v.adapter_source, v.api_token)
+        except AdapterError as e:
+            raise adapter_api_error(e) from e
+        self.metrics.adapter_request(v.adapter_id or self.registry.static_adapter_id or "")
+        return adapter
+
+    async def steps(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None
+    ) -> AsyncIterator[RequestOutput]:
+        """Engine outputs with errors raised and metrics recorded; closing it aborts the request."""
+        start = time.perf_counter()
+        first = True
+        gen = self.aengine.generate(prompt_ids, params, adapter, request_id=uuid.uuid4().hex)
+        async with contextlib.aclosing(gen):
+            while True:
+                try:
+                    out = await gen.__anext__()
+                except StopAsyncIteration:
+                    return
+                except ValueError as e:  # the engine refused the request (limits, adapter fit)
+                    raise validation_error(str(e)) from e
+                except Exception as e:
+                    raise generation_error(str(e)) from e
+                if out.error:
+                    raise generation_error(out.error)
+                if out.tokens:
+                    if first:
+                        self.metrics.ttft.observe(time.perf_counter() - start)
+                        first = False
+                    self.metrics.tokens_generated(len(out.tokens))
+                yield out
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None) -> Completion:
+        c = Completion()
+        async for out in self.steps(prompt_ids, params, adapter):
+            c.tokens.extend(out.tokens)
+            if out.prefill:
+                c.prefill = list(out.prefill)
+            if out.finished:
+                c.finish_reason = finish_reason(out.finish_reason)
+                c.generated_text = out.generated_text or ""
+                c.prompt_tokens = out.prompt_tokens or len(prompt_ids)
+                c.generated_tokens = out.generated_tokens or len(c.tokens)
+                c.seed = out.seed
+        return c
+
+    async def complete_many(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None, n: int
+    ) -> list[Completion]:
+        """n sequences for one prompt, run concurrently so the engine batches them."""
+        if n == 1:
+            return [await self.complete(prompt_ids, params, adapter)]
+        runs = [self.complete(prompt_ids, _copy_params(params), adapter) for _ in range(n)]
+        return list(await asyncio.gather(*runs))
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.limiter.acquire()
+        try:
+            yield
+        finally:
+            self.limiter.release()
+
+    # -- LoRAX responses -----------------------------------------------------------------
+    async def generate(self, v: ValidatedRequest) -> GenerateResponse:
+        async with self.slot():
+            adapter = await self.resolve_adapter(v)
+            results = await self.complete_many(v.prompt_ids, v.params, adapter, v.best_of)
+        best = max(results, key=lambda c: c.logprob_sum)
+        text = (v.inputs + best.generated_text) if v.return_full_text else best.generated_text
+        if not v.details:
+            return GenerateResponse(generated_text=text)
+        others = None
+        if v.best_of > 1:
+            others = [
+                BestOfSequence(
+                    generated_text=(v.inputs + c.generated_text) if v.return_full_text else c.generated_text,
+                    finish_reason=c.finish_reason, generated_tokens=c.generated_tokens,
+                    seed=c.seed if v.params.do_sample else None,
+                    prefill=to_prefill(c.prefill) if v.decoder_input_details else [],
+                    tokens=[to_token(t) for t in c.tokens],
+                )
+                for c in results if c is not best
+            ]
+        details = Details(
+            finish_reason=best.finish_reason, prompt_tokens=best.prompt_tokens,
+            generated_tokens=best.generated_tokens, seed=best.seed if v.params.do_sample else None,
+            prefill=to_prefill(best.prefill) if v.decoder_input_details else [],
+            tokens=[to_token(t) for t in best.tokens], best_of_sequences=others,
+        )
+        return GenerateResponse(generated_text=text, details=details)
+
+    async def stream(self, v: ValidatedRequest, adapter: LoraAdapter | None) -> AsyncIterator[StreamResponse]:
+        """One event per token; the last carries the full text and, when asked, the details.
+
+        The caller holds the concurrency slot for the whole stream.
+        """
+        last: TokenInfo | None = None
+        async for out in self.steps(v.prompt_ids, v.params, adapter):
+            tokens = list(out.tokens)
+            if out.finished and not tokens:
+                # The final step accepted no new token: close with an empty special token.
+                tokens = [TokenInfo(id=last.id if last else 0, text="", logprob=0.0, special=True)]
+            for i, t in enumerate(tokens):
+                last = t
+                final = out.finished and i == len(tokens) - 1
+                if not final:
+                    yield StreamResponse(token=to_token(t))
+                    continue
+                text = out.generated_text or ""
+                details = None
+                if v.details:
+                    details = StreamDetails(
+                        finish_reason=finish_reason(out.finish_reason),
+                        prompt_tokens=out.prompt_tokens or len(v.prompt_ids),
+                        generated_tokens=out.generated_tokens,
+                        seed=out.seed if v.params.do_sample else None,
+                    )
+                yield StreamResponse(
+                    token=to_token(t),
+                    generated_text=(v.inputs + text) if v.return_full_text else text,
+                    details=details,
+                )
+
+
+def _copy_params(p: SamplingParams) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(p, stop=list(p.stop))
+
+
+__all__ = ["ApiError", "Completion", "GenerationService"]

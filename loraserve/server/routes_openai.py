@@ -1,0 +1,312 @@
+"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+
+They reuse LoRAX's validation and limits (a request is a LoRAX request with an
+OpenAI coat) and add what OpenAI clients expect: choices, usage, stop
+sequences cut off, `[DONE]`-terminated streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loraserve.engine.params import TokenInfo
+from loraserve.server.errors import ApiError, not_supported, validation_error
+from loraserve.server.generation import Completion
+from loraserve.server.openai_schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    _OpenAIBase,
+    openai_finish_reason,
+    usage,
+)
+from loraserve.server.openai_text import StopAwareText, cut_at_stop
+from loraserve.server.schemas import GenerateParameters, GenerateRequest
+from loraserve.server.sse import OPENAI_DONE, openai_event
+from loraserve.server.state import ServerState, get_state
+from loraserve.server.validation import ValidatedRequest, bearer_token, validate_generate
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"])
+
+
+def adapter_for_model(st: ServerState, model: str) -> str | None:
+    """`model` names the adapter; the base model's id (or nothing) means no adapter."""
+    return None if not model or model == st.config.model_id else model
+
+
+def _refuse_unsupported(req: _OpenAIBase) -> None:
+    if req.presence_penalty:
+        raise not_supported("`presence_penalty`")
+    if req.frequency_penalty:
+        raise not_supported("`frequency_penalty`")
+    if req.logit_bias:
+        raise not_supported("`logit_bias`")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        raise not_supported("`response_format` (JSON-schema constrained output)")
+    if req.n < 1:
+        raise validation_error("`n` must be strictly positive")
+    if req.stream and req.n > 1:
+        raise not_supported("`n` > 1 with `stream`")
+
+
+def _parameters(st: ServerState, req: _OpenAIBase, max_tokens: int | None, top_n: int) -> GenerateParameters:
+    """OpenAI knobs onto LoRAX's: temperature 0 is greedy; no knob at all is greedy too, as in LoRAX."""
+    greedy = req.temperature == 0
+    top_p = None if greedy or req.top_p is None or req.top_p >= 1 else req.top_p
+    top_k = None if greedy else req.top_k
+    temperature = None if greedy else req.temperature
+    sample = not greedy and (temperature is not None or top_p is not None or top_k is not None or req.n > 1)
+    return GenerateParameters(
+        adapter_id=adapter_for_model(st, req.model), adapter_source=req.adapter_source, api_token=req.api_token,
+        temperature=temperature, top_p=top_p, top_k=top_k, do_sample=sample,
+        repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens,
+        ignore_eos_token=bool(req.ignore_eos_token), stop=req.stop_list(), seed=req.seed,
+        details=True, return_k_alternatives=top_n or None,
+    )
+
+
+def _validate(st: ServerState, req: _OpenAIBase, text: str, ids: list[int], max_tokens: int | None,
+              top_n: int, authorization: str | None) -> ValidatedRequest:
+    params = _parameters(st, req, max_tokens, top_n)
+    return validate_generate(GenerateRequest(inputs=text or " ", parameters=params), st.config, st.tokenizer,
+                             stream=req.stream, header_token=bearer_token(authorization), prompt_ids=ids)
+
+
+def _visible_text(c: Completion, stops: list[str]) -> str:
+    return cut_at_stop(c.generated_text, stops)
+
+
+def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]:
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{text: lp for _, text, lp in (t.alternatives or [])} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
+    def entry(text: str, lp: float | None) -> dict[str, Any]:
+        return {"token": text, "logprob": lp if lp is not None else 0.0, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [
+        {**entry(t.text, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in (t.alternatives or [])]}
+        for t in tokens if not t.special
+    ]}
+
+
+async def _run_choices(st: ServerState, v: ValidatedRequest, n: int) -> list[Completion]:
+    """n choices for one prompt; a fixed seed gives choice j the seed + j so choices differ."""
+    adapter = await st.service.resolve_adapter(v)
+    runs = []
+    for j in range(n):
+        params = replace(v.params, stop=list(v.params.stop))
+        if params.seed is not None:
+            params.seed += j
+        runs.append(st.service.complete(v.prompt_ids, params, adapter))
+    return list(await asyncio.gather(*runs))
+
+
+def _prompts(st: ServerState, prompt: Any) -> list[tuple[str, list[int]]]:
+    """A completion prompt may be text, token ids, or a list of either."""
+    tok = st.tokenizer
+    if isinstance(prompt, str):
+        return [(prompt, tok.encode(prompt, add_special_tokens=True))]
+    if prompt and all(isinstance(x, int) for x in prompt):
+        return [(tok.decode(prompt), list(prompt))]
+    out = []
+    for p in prompt:
+        out.extend(_prompts(st, p))
+    if not out:
+        raise validation_error("`prompt` cannot be empty")
+    return out
+
+
+@router.post("/completions", summary="OpenAI text completions")
+async def completions(req: CompletionRequest, request: Request,
+                      authorization: str | None = Header(default=None)) -> Any:
+    st = get_state(request)
+    _refuse_unsupported(req)
+    if req.suffix:
+        raise not_supported("`suffix`")
+    if req.best_of is not None and req.best_of != req.n:
+        raise not_supported("`best_of` different from `n` on /v1/completions")
+    prompts = _prompts(st, req.prompt)
+    if req.stream and len(prompts) > 1:
+        raise not_supported("several prompts with `stream`")
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's documented default
+    top_n = req.logprobs or 0
+    validated = [_validate(st, req, text, ids, max_tokens, top_n, authorization) for text, ids in prompts]
+    cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
+    if req.stream:
+        return await _stream_completion(st, req, validated[0], cid, created, model)
+    async with st.service.slot():
+        results = await asyncio.gather(*[_run_choices(st, v, req.n) for v in validated])
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for (text, _), v, comps in zip(prompts, validated, results, strict=True):
+        prompt_tokens += len(v.prompt_ids)
+        for c in comps:
+            body = _visible_text(c, v.params.stop)
+            prefix = text if req.echo else ""
+            choices.append({
+                "index": len(choices), "text": prefix + body,
+                "logprobs": _completion_logprobs(c.tokens, len(prefix)) if req.logprobs is not None else None,
+                "finish_reason": openai_finish_reason(c.finish_reason),
+            })
+            completion_tokens += c.generated_tokens
+    return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                         "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
+
+
+def _chat_text(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise not_supported(f"chat content part of type {part.get('type')!r}")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        out.append({**m.model_dump(exclude_none=True), "content": content or ""})
+    return out
+
+
+@router.post("/chat/completions", summary="OpenAI chat completions (prompt built with the model's chat template)")
+async def chat_completions(req: ChatCompletionRequest, request: Request,
+                           authorization: str | None = Header(default=None)) -> Any:
+    st = get_state(request)
+    _refuse_unsupported(req)
+    if req.tools:
+        raise not_supported("`tools`")
+    if not req.messages:
+        raise validation_error("`messages` cannot be empty")
+    try:
+        prompt = st.tokenizer.apply_chat_template(_chat_text(req.messages), add_generation_prompt=True)
+    except ValueError as e:
+        raise validation_error(f"cannot build a chat prompt: {e}") from e
+    except Exception as e:  # jinja errors from the template itself, e.g. raise_exception(...)
+        raise validation_error(f"the model's chat template failed: {e}") from e
+    ids = st.tokenizer.encode(prompt, add_special_tokens=False)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    top_n = (req.top_logprobs or 0) if req.logprobs else 0
+    v = _validate(st, req, prompt, ids, max_tokens, top_n, authorization)
+    cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
+    if req.stream:
+        return await _stream_chat(st, req, v, cid, created, model)
+    async with st.service.slot():
+        comps = await _run_choices(st, v, req.n)
+    choices = [{
+        "index": j,
+        "message": {"role": "assistant", "content": _visible_text(c, v.params.stop)},
+        "logprobs": _chat_logprobs(c.tokens) if req.logprobs else None,
+        "finish_reason": openai_finish_reason(c.finish_reason),
+    } for j, c in enumerate(comps)]
+    return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                         "choices": choices,
+                         "usage": usage(len(v.prompt_ids), sum(c.generated_tokens for c in comps))})
+
+
+async def _open_stream(st: ServerState, v: ValidatedRequest) -> Any:
+    """Take the concurrency slot and resolve the adapter before the 200 goes out."""
+    st.service.limiter.acquire()
+    try:
+        return await st.service.resolve_adapter(v)
+    except BaseException:
+        st.service.limiter.release()
+        raise
+
+
+def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _token_deltas(st: ServerState, v: ValidatedRequest, adapter: Any) -> AsyncIterator[tuple[str, list, Any]]:
+    """(visible text delta, tokens, final output or None) per engine step."""
+    text = StopAwareText(v.params.stop)
+    async for out in st.service.steps(v.prompt_ids, v.params, adapter):
+        visible = [t for t in out.tokens if not t.special]
+        delta = text.push("".join(t.text for t in visible))
+        if out.finished:
+            delta += text.finish(out.finish_reason == "stop_sequence")
+        yield delta, visible, out if out.finished else None
+
+
+async def _stream_completion(st: ServerState, req: CompletionRequest, v: ValidatedRequest, cid: str, created: int,
+                       model: str) -> StreamingResponse:
+    async def events(adapter: Any) -> AsyncIterator[str]:
+        head = {"id": cid, "object": "text_completion", "created": created, "model": model}
+        try:
+            if req.echo:
+                yield openai_event({**head, "choices": [{"index": 0, "text": v.inputs, "logprobs": None,
+                                                         "finish_reason": None}]})
+            async for delta, tokens, final in _token_deltas(st, v, adapter):
+                if not delta and final is None:
+                    continue
+                choice = {"index": 0, "text": delta,
+                          "logprobs": _completion_logprobs(tokens, 0) if req.logprobs is not None else None,
+                          "finish_reason": openai_finish_reason(final.finish_reason) if final else None}
+                yield openai_event({**head, "choices": [choice]})
+                if final is not None and req.stream_options and req.stream_options.include_usage:
+                    yield openai_event({**head, "choices": [],
+                                        "usage": usage(len(v.prompt_ids), final.generated_tokens)})
+            yield OPENAI_DONE
+        except ApiError as e:
+            yield openai_event({"error": {"message": e.message, "type": e.error_type}})
+        finally:
+            st.service.limiter.release()
+
+    return _sse(events(await _open_stream(st, v)))
+
+
+async def _stream_chat(st: ServerState, req: ChatCompletionRequest, v: ValidatedRequest, cid: str, created: int,
+                 model: str) -> StreamingResponse:
+    async def events(adapter: Any) -> AsyncIterator[str]:
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+        try:
+            yield openai_event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None}]})
+            async for delta, tokens, final in _token_deltas(st, v, adapter):
+                if delta or (req.logprobs and tokens):
+                    yield openai_event({**head, "choices": [{
+                        "index": 0, "delta": {"content": delta},
+                        "logprobs": _chat_logprobs(tokens) if req.logprobs else None, "finish_reason": None}]})
+                if final is not None:
+                    yield openai_event({**head, "choices": [{
+                        "index": 0, "delta": {}, "logprobs": None,
+                        "finish_reason": openai_finish_reason(final.finish_reason)}]})
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield openai_event({**head, "choices": [],
+                                            "usage": usage(len(v.prompt_ids), final.generated_tokens)})
+            yield OPENAI_DONE
+        except ApiError as e:
+            yield openai_event({"error": {"message": e.message, "type": e.error_type}})
+        finally:
+            st.service.limiter.release()
+
+    return _sse(events(await _open_stream(st, v)))
+
+
+@router.get("/models", summary="The base model and the adapters this server has loaded")
+async def models(request: Request) -> dict[str, Any]:
+    st = get_state(request)
+    created = int(st.metrics.started_at)
+    data = [{"id": st.config.model_id, "object": "model", "created": created, "owned_by": "loraserve",
+             "root": st.config.model_id, "parent": None}]
+    for adapter_id in st.registry.loaded_ids:
+        data.append({"id": adapter_id, "object": "model", "created": created, "owned_by": "loraserve",
+                     "root": adapter_id, "parent": st.config.model_id})
+    return {"object": "list", "data": data}

@@ -1,0 +1,161 @@
+"""LoRAX wire format (request and response bodies), field for field.
+
+Fields mirror LoRAX's `GenerateParameters`; unknown fields are ignored like
+serde does, so newer clients keep working. Range checks that LoRAX performs
+itself live in `validation.py` to reproduce its messages exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MergedAdapters(BaseModel):
+    ids: list[str]
+    weights: list[float] = Field(default_factory=list)
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] | None = None
+    density: float = 0.0
+    majority_sign_method: Literal["total", "frequency"] | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: Literal["json_object"]
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class GenerateParameters(BaseModel):
+    adapter_id: str | None = None
+    adapter_source: Literal["hub", "local", "s3", "pbase"] | None = None
+    merged_adapters: MergedAdapters | None = None
+    api_token: str | None = None
+    best_of: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = None
+    ignore_eos_token: bool = False
+    return_full_text: bool | None = None
+    stop: list[str] = Field(default_factory=list)
+    truncate: int | None = None
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    return_k_alternatives: int | None = None
+    apply_chat_template: bool = False
+    seed: int | None = None
+    response_format: ResponseFormat | None = None
+
+
+class GenerateRequest(BaseModel):
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """Body of `POST /`, the route `lorax-client` calls; `stream` picks the answer's shape."""
+
+    stream: bool = False
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+class AlternativeToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+    alternative_tokens: list[AlternativeToken] | None = None
+
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class BestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+
+
+class Details(BaseModel):
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    best_of_sequences: list[BestOfSequence] | None = None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None = None
+
+
+class StreamResponse(BaseModel):
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str
+
+
+class Info(BaseModel):
+    """LoRAX's `/info` fields, plus the adapter limits loraserve adds."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    model_sha: str | None = None
+    model_dtype: str
+    model_device_type: str
+    model_pipeline_tag: str | None = "lorax"
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_length: int
+    max_total_tokens: int
+    waiting_served_ratio: float
+    max_batch_total_tokens: int | None
+    max_batch_prefill_tokens: int | None
+    max_waiting_tokens: int
+    validation_workers: int = 1
+    max_active_adapters: int
+    max_lora_rank: int | None = None
+    default_adapter_source: str
+    adapter_id: str | None = None
+    preloaded_adapter_ids: list[str]
+    speculative_tokens: int
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None
+    request_logger_url: str | None = None

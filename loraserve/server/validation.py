@@ -1,0 +1,183 @@
+"""LoRAX's request validation (router/src/validation.rs), rule for rule and message for message.
+
+Kept free of HTTP and engine state so it can be unit-tested with just a tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from loraserve.engine.params import SamplingParams
+from loraserve.server.config import ServerConfig
+from loraserve.server.errors import not_supported, validation_error
+from loraserve.server.schemas import GenerateParameters, GenerateRequest
+
+
+class TextEncoder(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+@dataclass
+class ValidatedRequest:
+    """A request the engine can run: token ids, sampling params and what to report back."""
+
+    inputs: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    best_of: int
+    details: bool
+    decoder_input_details: bool
+    return_full_text: bool
+    adapter_id: str | None
+    adapter_source: str | None  # None = not given: the server default applies
+    api_token: str | None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token from `Authorization: Bearer <token>`; anything else carries no adapter token."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def implies_sampling(p: GenerateParameters) -> bool:
+    """LoRAX's router rule: any sampling knob that is set turns `best_of` sampling on."""
+    return bool(
+        p.do_sample
+        or p.temperature is not None
+        or p.top_k is not None
+        or p.top_p is not None
+        or p.typical_p is not None
+    )
+
+
+def _check_unsupported(p: GenerateParameters) -> None:
+    if p.adapter_id and p.merged_adapters is not None:
+        raise validation_error("at most one of `adapter_id` or `adapters` may be provided")
+    if p.merged_adapters is not None:
+        ids, weights = p.merged_adapters.ids, p.merged_adapters.weights
+        if len(ids) < 1:
+            raise validation_error("at least one adapter ID must be provided when setting `adapters`")
+        if len(ids) != len(weights):
+            raise validation_error("number of adapter IDs must match number of adapter weights")
+        raise not_supported("`merged_adapters` (adapter merging)")
+    if p.response_format is not None:
+        raise not_supported("`response_format` (JSON-schema constrained output)")
+    if p.watermark:
+        raise not_supported("`watermark`")
+    if p.apply_chat_template:
+        raise not_supported("`apply_chat_template` on /generate (use /v1/chat/completions)")
+
+
+def check_best_of(best_of: int, cfg: ServerConfig, stream: bool) -> None:
+    if cfg.max_best_of == 1 and best_of != 1:
+        raise validation_error("`best_of` != 1 is not allowed for this endpoint")
+    if best_of < 1 or best_of > cfg.max_best_of:
+        raise validation_error(f"`best_of` must be > 0 and <= {cfg.max_best_of}. Given: {best_of}")
+    if stream and best_of > 1:
+        raise validation_error("`best_of` != 1 is not supported when streaming tokens")
+
+
+def _sampling_params(p: GenerateParameters) -> SamplingParams:
+    """Defaults and range checks exactly as LoRAX applies them."""
+    temperature = 1.0 if p.temperature is None else p.temperature
+    if temperature <= 0:
+        raise validation_error("`temperature` must be strictly positive")
+    repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
+    if repetition_penalty <= 0:
+        raise validation_error("`repetition_penalty` must be strictly positive")
+    if p.top_p is not None and not 0 < p.top_p < 1:
+        raise validation_error("`top_p` must be > 0.0 and < 1.0")
+    if p.typical_p is not None and not 0 < p.typical_p < 1:
+        raise validation_error("`typical_p` must be > 0.0 and < 1.0")
+    if p.top_k is not None and p.top_k <= 0:
+        raise validation_error("`top_k` must be strictly positive")
+    if p.return_k_alternatives is not None and p.return_k_alternatives <= 0:
+        raise validation_error("`return_k_alternatives` must be strictly positive")
+    if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+        raise validation_error("`max_new_tokens` must be strictly positive")
+    if p.seed is not None and p.seed < 0:
+        raise validation_error("`seed` must be a non-negative integer")
+    top_p = 1.0 if p.top_p is None else p.top_p
+    typical_p = 1.0 if p.typical_p is None else p.typical_p
+    top_k = 0 if p.top_k is None else p.top_k
+    # LoRAX's model server samples as soon as a warper differs from its neutral value.
+    do_sample = p.do_sample or temperature != 1.0 or top_k != 0 or top_p < 1.0 or typical_p < 1.0
+    return SamplingParams(
+        max_new_tokens=p.max_new_tokens or 1,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+        seed=p.seed,
+        stop=[s for s in p.stop if s],
+        ignore_eos_token=p.ignore_eos_token,
+        logprobs=True,
+        top_n_alternatives=p.return_k_alternatives or 0,
+        prefill_logprobs=p.decoder_input_details,
+    )
+
+
+def validate_generate(
+    req: GenerateRequest,
+    cfg: ServerConfig,
+    tokenizer: TextEncoder,
+    *,
+    stream: bool = False,
+    header_token: str | None = None,
+    prompt_ids: list[int] | None = None,
+) -> ValidatedRequest:
+    """Turn a LoRAX request into engine inputs, or raise a 422 `ApiError` naming the field."""
+    p = req.parameters
+    _check_unsupported(p)
+    best_of = 1 if p.best_of is None else p.best_of
+    if best_of > 1 and not implies_sampling(p):
+        raise validation_error("you must use sampling when `best_of` is > 1")
+    params = _sampling_params(p)
+    if len(p.stop) > cfg.max_stop_sequences:
+        raise validation_error(f"`stop` supports up to {cfg.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
+    if p.seed is not None and best_of > 1:
+        raise validation_error("`seed` must not be set when `best_of` > 1")
+    if not req.inputs:
+        raise validation_error("`inputs` cannot be empty")
+    if p.truncate is not None and (p.truncate <= 0 or p.truncate > cfg.max_input_length):
+        raise validation_error(
+            f"`truncate` must be strictly positive and less than {cfg.max_input_length}. Given: {p.truncate}"
+        )
+    check_best_of(best_of, cfg, stream)
+    if stream and p.decoder_input_details:
+        raise validation_error("`decoder_input_details` == true is not supported when streaming tokens")
+
+    # OpenAI chat prompts and token-id prompts arrive already tokenized.
+    ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(req.inputs, add_special_tokens=True)
+    if p.truncate is not None and p.truncate < len(ids):
+        ids = ids[-p.truncate :]  # keep the end of the prompt, as LoRAX's left truncation does
+    n = len(ids)
+    if p.max_new_tokens is not None and n + p.max_new_tokens > cfg.max_total_tokens:
+        raise validation_error(
+            f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
+            f"Given: {n} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`"
+        )
+    if n > cfg.max_input_length:
+        raise validation_error(f"`inputs` must have less than {cfg.max_input_length} tokens. Given: {n}")
+    params.max_new_tokens = p.max_new_tokens if p.max_new_tokens is not None else max(1, cfg.max_total_tokens - n)
+
+    adapter_id = p.adapter_id or None
+    return ValidatedRequest(
+        inputs=req.inputs,
+        prompt_ids=ids,
+        params=params,
+        best_of=best_of,
+        details=p.details,
+        decoder_input_details=p.decoder_input_details,
+        return_full_text=bool(p.return_full_text),
+        adapter_id=adapter_id,
+        adapter_source=p.adapter_source,
+        api_token=p.api_token or header_token,
+    )
