@@ -1,0 +1,148 @@
+"""Pick the next token for every sequence of a batch in one pass.
+
+Order and arithmetic follow Hugging Face `generate`: repetition penalty, then for
+sampling rows temperature, top-k, top-p and typical-p, then a draw; greedy rows
+take the argmax of the penalized logits.
+
+Reproducibility: each sampling row draws exactly ONE uniform number from its own
+generator and inverts the CDF of its own (warped) distribution. The token thus
+depends only on the row's logits, parameters and generator state, never on which
+other requests share the batch or on how many rows there are, so a seeded request
+gives the same text alone or under load.
+
+Reported logprob: log_softmax of the logits after repetition penalty and
+temperature but *before* top-k/top-p/typical truncation. Truncation renormalizes
+over the kept tokens, which would make the number depend on the truncation knobs
+(top_k=1 would always report 0.0) and give -inf to every alternative outside the
+kept set; the pre-truncation value is the model's (temperature-scaled) belief,
+comparable across requests and meaningful for alternatives. Greedy rows ignore
+temperature, as HF greedy decoding does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.engine.logits_processors import (
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    apply_typical_p,
+)
+from loraserve.engine.params import SamplingParams
+
+_SEED_MASK = (1 << 64) - 1
+
+
+@dataclass
+class SamplingRow:
+    """One sequence that needs a token this step."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # on the logits device; None = torch's default generator
+    history: torch.Tensor | None  # prompt+generated ids on the logits device, for repetition_penalty
+
+
+@dataclass
+class SampleOutput:
+    token_ids: torch.Tensor  # [B] int64, cpu
+    logprobs: torch.Tensor  # [B] float32, cpu
+    alternatives: list[list[tuple[int, float]]] | None  # per row, best first; None when no row asked
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A per-request generator; seeds beyond 64 bits wrap (LoRAX seeds are u64)."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed) & _SEED_MASK)
+    return g
+
+
+def is_sampling(params: SamplingParams) -> bool:
+    """Temperature 0 means greedy even with do_sample (HF would reject it; clients send it)."""
+    return params.do_sample and params.temperature > 0
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
+    """Choose one token per row of `logits` [B, V]; computed in float32 whatever the input dtype."""
+    b, _ = logits.shape
+    if b != len(rows):
+        raise ValueError(f"{b} logit rows but {len(rows)} sampling rows")
+    device = logits.device
+    scores = logits.float()
+
+    pen = [i for i, r in enumerate(rows)
+           if r.params.repetition_penalty != 1.0 and r.history is not None and r.history.numel() > 0]
+    if pen:
+        idx = torch.tensor(pen, device=device) if len(pen) < b else None
+        sub = scores if idx is None else scores[idx]
+        sub = apply_repetition_penalty(sub, [rows[i].params.repetition_penalty for i in pen],
+                                       [rows[i].history for i in pen])  # type: ignore[misc]
+        if idx is None:
+            scores = sub
+        else:
+            scores = scores.clone()
+            scores[idx] = sub
+
+    samplers = [i for i, r in enumerate(rows) if is_sampling(r.params)]
+    scaled = scores
+    if samplers:
+        scaled = apply_temperature(scores, [r.params.temperature if is_sampling(r.params) else 1.0 for r in rows])
+    tokens = scaled.argmax(dim=-1)
+    if samplers:
+        tokens = _sample_rows(scaled, rows, samplers, tokens)
+
+    lse = torch.logsumexp(scaled, dim=-1)
+    chosen = scaled.gather(1, tokens[:, None]).squeeze(1) - lse
+    n_alt = [max(r.params.top_n_alternatives, 0) for r in rows]
+    n_max = min(max(n_alt), scaled.shape[-1])
+    parts = [tokens.double(), chosen.double()]
+    if n_max > 0:
+        top = torch.topk(scaled, n_max, dim=-1)
+        parts += [top.indices.double().reshape(-1), (top.values - lse[:, None]).double().reshape(-1)]
+    # One device->host copy (one sync) for everything the engine reads.
+    host = torch.cat(parts).cpu()
+    token_ids = host[:b].long()
+    logprobs = host[b:2 * b].float()
+    alternatives = None
+    if n_max > 0:
+        alt_ids = host[2 * b:2 * b + b * n_max].long().view(b, n_max).tolist()
+        alt_lps = host[2 * b + b * n_max:].float().view(b, n_max).tolist()
+        alternatives = [list(zip(alt_ids[i][:n], alt_lps[i][:n], strict=True)) for i, n in enumerate(n_alt)]
+    return SampleOutput(token_ids=token_ids, logprobs=logprobs, alternatives=alternatives)
+
+
+def _sample_rows(scaled: torch.Tensor, rows: list[SamplingRow], samplers: list[int],
+                 tokens: torch.Tensor) -> torch.Tensor:
+    b = scaled.shape[0]
+    idx = torch.tensor(samplers, device=scaled.device) if len(samplers) < b else None
+    sub = scaled if idx is None else scaled[idx]
+    params = [rows[i].params for i in samplers]
+    sub = apply_top_k(sub, [p.top_k for p in params])
+    sub = apply_top_p(sub, [p.top_p for p in params])
+    sub = apply_typical_p(sub, [p.typical_p for p in params])
+    drawn = draw(sub, [rows[i].generator for i in samplers])
+    if idx is None:
+        return drawn
+    tokens = tokens.clone()
+    tokens[idx] = drawn
+    return tokens
+
+
+def draw(scores: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Inverse-CDF sampling with one uniform per row from that row's generator.
+
+    Masked (-inf) tokens have zero mass, so the CDF is flat across them and the
+    search can never land on one.
+    """
+    device = scores.device
+    probs = torch.softmax(scores, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.stack([torch.rand((), generator=g, device=device) for g in generators])
+    total = cdf[:, -1]
+    # u < 1, but u * total may round up to total; stay strictly below it.
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    picked = torch.searchsorted(cdf, x[:, None], right=True).squeeze(1)
+    return picked.clamp_(max=scores.shape[-1] - 1)
