@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from loraserve import __version__
@@ -73,6 +74,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
+    from loraserve.adapters.store import AdapterStore
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.engine import Engine
     from loraserve.server.app import build_state, create_app
@@ -90,7 +92,14 @@ def serve(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device, speculative_tokens=args.speculative_tokens,
         cors_allow_origin=list(args.cors_allow_origin or []),
     )
-    app = create_app(build_state(config, AsyncEngine(engine)))
+    store = AdapterStore(
+        engine.model_config, Path(args.adapter_cache_dir).expanduser(),
+        host_cache_bytes=args.adapter_host_cache_bytes, default_source=config.default_adapter_source,
+        allowed_local_roots=args.local_adapter_roots or None, max_rank=engine.config.max_lora_rank,
+    )
+    state = build_state(config, AsyncEngine(engine), store)
+    state.registry.preload_token = args.predibase_api_token
+    app = create_app(state)
     host = args.hostname
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     log.info("loraserve %s serving %s on http://%s:%d (docs: http://%s:%d/docs)", __version__, args.model_id,

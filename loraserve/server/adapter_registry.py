@@ -77,6 +77,7 @@ class AdapterRegistry:
         self.static_adapter_id = static_adapter_id
         self.static_adapter_source = static_adapter_source or default_source
         self._preloaded: dict[str, LoraAdapter] = {}
+        self.preload_token: str | None = None  # --predibase-api-token, for adapters loaded at start
         self.loaded_ids: dict[str, None] = {}  # ordered set of ids served so far
 
     async def preload(self, adapter_ids: list[str], source: str) -> None:
@@ -85,7 +86,7 @@ class AdapterRegistry:
             ids.insert(0, self.static_adapter_id)
         for adapter_id in ids:
             src = self.static_adapter_source if adapter_id == self.static_adapter_id else source
-            adapter = await self.provider.get(adapter_id, src, None)
+            adapter = await self.provider.get(adapter_id, src, self.preload_token if src == "pbase" else None)
             self._preloaded[adapter_id] = adapter
             self.loaded_ids[adapter_id] = None
 
@@ -100,6 +101,11 @@ class AdapterRegistry:
         adapter = await self.provider.get(adapter_id, source or self.default_source, token)
         self.loaded_ids[adapter_id] = None
         return adapter
+
+    def close(self) -> None:
+        close = getattr(self.provider, "close", None)
+        if callable(close):
+            close()
 
     def stats(self) -> dict[str, Any]:
         stats = getattr(self.provider, "stats", None)

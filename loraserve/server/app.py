@@ -55,6 +55,7 @@ def create_app(state: ServerState) -> FastAPI:
             log.info("preloaded adapters: %s", ", ".join(state.registry.loaded_ids))
         yield
         state.aengine.shutdown()
+        state.registry.close()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan,
                   description="One base model, many LoRA adapters. LoRAX-compatible REST API and "
