@@ -50,6 +50,7 @@ class ResolvedAdapter:
     location: str | None = None  # source-specific: S3 URI for s3/pbase, a directory for local
     private: bool | None = None  # None when the source cannot tell
     files: tuple[str, ...] = field(default=())  # adapter files the source listed, when it lists them
+    requested_revision: str | None = None  # what the caller named (branch, tag), when it differs
 
     @property
     def cache_key(self) -> str:

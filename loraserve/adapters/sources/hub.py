@@ -145,7 +145,9 @@ class HubSource(AdapterSource):
             raise AdapterUnavailableError(f"the hub gave no commit sha for {what}")
         names = [s.rfilename for s in (info.siblings or [])]
         files = pick_adapter_files(names, f"hub adapter {what}")
-        resolved = ResolvedAdapter(self.name, repo, info.sha, private=bool(info.private), files=tuple(files))
+        resolved = ResolvedAdapter(
+            self.name, repo, info.sha, private=bool(info.private), files=tuple(files), requested_revision=rev
+        )
         if not info.private:
             self._known_public[(repo, rev)] = resolved
         else:
@@ -191,4 +193,23 @@ class HubSource(AdapterSource):
             log.info("hub adapter %s: %s (%d bytes) ready, %d/%d files", what, f, size, i, len(resolved.files))
         log.info("hub adapter %s: %d bytes in %.2fs", what, total, time.monotonic() - t0)
         assert folder is not None
+        self._write_ref(resolved)
         return folder
+
+    def _write_ref(self, resolved: ResolvedAdapter) -> None:
+        """Record branch -> sha like `snapshot_download` does, so offline mode can find the snapshot."""
+        rev = resolved.requested_revision
+        if not rev or rev == resolved.revision or rev.startswith("/") or ".." in rev.split("/"):
+            return
+        from huggingface_hub.file_download import repo_folder_name
+
+        ref = Path(self.cache_dir) / repo_folder_name(repo_id=resolved.adapter_id, repo_type="model") / "refs" / rev
+        try:
+            if ref.is_file() and ref.read_text() == resolved.revision:
+                return
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ref.with_name(f"{ref.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+            tmp.write_text(resolved.revision)
+            os.replace(tmp, ref)
+        except OSError as e:  # only offline mode needs it; never fail a load over it
+            log.warning("could not record hub ref %s for %s: %s", rev, resolved.adapter_id, e)
