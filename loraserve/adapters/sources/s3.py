@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -45,11 +46,24 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+_sessions: dict[tuple, object] = {}
+_sessions_lock = threading.Lock()
+
+
 def _s3_client():  # boto3 is imported lazily: it is slow to import and only this source needs it
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+    # boto3's default session pins the credentials it saw first; keying sessions by the AWS
+    # environment lets rotated keys take effect without a restart, while reusing a session
+    # (building one re-reads botocore's service models) whenever nothing changed.
+    env_key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _sessions_lock:
+        session = _sessions.get(env_key)
+        if session is None:
+            _sessions.clear()
+            session = _sessions[env_key] = boto3.session.Session()
+        return session.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
 
 
 def _map_s3_error(e: Exception, uri: str) -> AdapterError:
