@@ -49,17 +49,25 @@ def _engine_config(args: argparse.Namespace) -> Any:
     from loraserve.engine.engine import EngineConfig
 
     return EngineConfig(
-        dtype=args.dtype, device=args.device, max_batch_total_tokens=args.max_batch_total_tokens,
-        max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_input_length=args.max_input_length,
-        max_total_tokens=args.max_total_tokens, max_active_adapters=args.max_active_adapters,
-        max_lora_rank=args.max_lora_rank, num_threads=args.num_threads,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_total_tokens=args.max_batch_total_tokens,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        max_input_length=args.max_input_length,
+        max_total_tokens=args.max_total_tokens,
+        max_active_adapters=args.max_active_adapters,
+        max_lora_rank=args.max_lora_rank,
+        num_threads=args.num_threads,
         adapter_memory_bytes=_adapter_memory_bytes(args.adapter_memory_fraction, args.device),
     )
 
 
 def _setup_logging(level: str, json_output: bool = False) -> None:
-    fmt = ('{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
-           if json_output else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = (
+        '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
+        if json_output
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
@@ -82,28 +90,44 @@ def serve(args: argparse.Namespace) -> int:
 
     engine = Engine.from_pretrained(args.model_id, _engine_config(args))
     config = ServerConfig(
-        model_id=args.model_id, max_concurrent_requests=args.max_concurrent_requests,
-        max_best_of=args.max_best_of, max_stop_sequences=args.max_stop_sequences,
-        max_waiting_tokens=args.max_waiting_tokens, waiting_served_ratio=args.waiting_served_ratio,
+        model_id=args.model_id,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_best_of=args.max_best_of,
+        max_stop_sequences=args.max_stop_sequences,
+        max_waiting_tokens=args.max_waiting_tokens,
+        waiting_served_ratio=args.waiting_served_ratio,
         default_adapter_source=args.default_adapter_source or args.adapter_source,
-        adapter_id=args.adapter_id, adapter_source=args.adapter_source,
+        adapter_id=args.adapter_id,
+        adapter_source=args.adapter_source,
         preloaded_adapter_ids=list(args.preloaded_adapter_ids or []),
         preloaded_adapter_source=args.preloaded_adapter_source or args.adapter_source,
-        dtype=args.dtype, device=args.device, speculative_tokens=args.speculative_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        speculative_tokens=args.speculative_tokens,
         cors_allow_origin=list(args.cors_allow_origin or []),
     )
     store = AdapterStore(
-        engine.model_config, Path(args.adapter_cache_dir).expanduser(),
-        host_cache_bytes=args.adapter_host_cache_bytes, default_source=config.default_adapter_source,
-        allowed_local_roots=args.local_adapter_roots or None, max_rank=engine.config.max_lora_rank,
+        engine.model_config,
+        Path(args.adapter_cache_dir).expanduser(),
+        host_cache_bytes=args.adapter_host_cache_bytes,
+        default_source=config.default_adapter_source,
+        allowed_local_roots=args.local_adapter_roots or None,
+        max_rank=engine.config.max_lora_rank,
     )
     state = build_state(config, AsyncEngine(engine), store)
     state.registry.preload_token = args.predibase_api_token
     app = create_app(state)
     host = args.hostname
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    log.info("loraserve %s serving %s on http://%s:%d (docs: http://%s:%d/docs)", __version__, args.model_id,
-             shown, args.port, shown, args.port)
+    log.info(
+        "loraserve %s serving %s on http://%s:%d (docs: http://%s:%d/docs)",
+        __version__,
+        args.model_id,
+        shown,
+        args.port,
+        shown,
+        args.port,
+    )
     uvicorn.run(app, host=host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 
@@ -116,20 +140,33 @@ def generate(args: argparse.Namespace) -> int:
     from loraserve.engine.params import SamplingParams
     from loraserve.server.adapter_registry import LocalDirAdapterProvider
 
-    engine = Engine.from_pretrained(args.model_id, EngineConfig(dtype=args.dtype, device=args.device,
-                                                               max_lora_rank=args.max_lora_rank))
+    # One request: a KV cache for one sequence and one adapter slot, not the serving-sized defaults.
+    config = EngineConfig(
+        dtype=args.dtype,
+        device=args.device,
+        max_lora_rank=args.max_lora_rank,
+        max_batch_total_tokens=1,
+        max_active_adapters=1,
+        max_num_seqs=1,
+    )
+    engine = Engine.from_pretrained(args.model_id, config)
     adapter = None
     if args.adapter_id:
         try:
-            adapter = asyncio.run(LocalDirAdapterProvider(engine.model_config).get(
-                args.adapter_id, args.adapter_source, None))
+            adapter = asyncio.run(
+                LocalDirAdapterProvider(engine.model_config).get(args.adapter_id, args.adapter_source, None)
+            )
         except AdapterError as e:
             print(f"error: adapter {args.adapter_id!r}: {e}", file=sys.stderr)
             return 1
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None or args.top_p is not None,
-        temperature=args.temperature or 1.0, top_p=args.top_p or 1.0, seed=args.seed,
-        stop=list(args.stop or []), ignore_eos_token=args.ignore_eos_token,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature is not None or args.top_p is not None,
+        temperature=args.temperature or 1.0,
+        top_p=args.top_p or 1.0,
+        seed=args.seed,
+        stop=list(args.stop or []),
+        ignore_eos_token=args.ignore_eos_token,
     )
     try:
         out = engine.generate([args.prompt], params, [adapter])[0]
@@ -141,7 +178,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraserve", description="Serve one base model and many LoRA adapters.")
+    parser = argparse.ArgumentParser(
+        prog="loraserve", description="Serve one base model and many LoRA adapters."
+    )
     parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="Start the HTTP server (LoRAX and OpenAI APIs).")
@@ -152,8 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("prompt", help="The prompt text.")
     p_gen.add_argument("--model-id", "--model", dest="model_id", required=True, help="Base model directory.")
     p_gen.add_argument("--adapter-id", help="A LoRA adapter (PEFT directory) to apply.")
-    p_gen.add_argument("--adapter-source", default="local", choices=SOURCES,
-                       help="Source of --adapter-id (only `local` without a server's adapter store).")
+    p_gen.add_argument(
+        "--adapter-source",
+        default="local",
+        choices=SOURCES,
+        help="Source of --adapter-id (only `local` without a server's adapter store).",
+    )
     p_gen.add_argument("--max-new-tokens", type=int, default=32, help="Tokens to generate (default: 32).")
     p_gen.add_argument("--temperature", type=float, help="Sample at this temperature (default: greedy).")
     p_gen.add_argument("--top-p", type=float, help="Nucleus sampling mass.")

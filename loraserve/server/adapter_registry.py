@@ -40,7 +40,9 @@ class LocalDirAdapterProvider:
         self, adapter_id: str, source: str, token: str | None, revision: str | None = None
     ) -> LoraAdapter:
         if source != "local":
-            raise AdapterError(f"adapter source {source!r} is not available in this server build; use `local`")
+            raise AdapterError(
+                f"adapter source {source!r} is not available in this server build; use `local`"
+            )
         path = Path(adapter_id).expanduser()
         key = f"local:{path.resolve()}"
         async with self._lock:
@@ -58,8 +60,12 @@ class LocalDirAdapterProvider:
             return adapter
 
     def stats(self) -> dict[str, Any]:
-        return {"hits": self.counts["hits"], "misses": self.counts["misses"], "loads": self.counts["loads"],
-                "cached": len(self._cache)}
+        return {
+            "hits": self.counts["hits"],
+            "misses": self.counts["misses"],
+            "loads": self.counts["loads"],
+            "cached": len(self._cache),
+        }
 
 
 class AdapterRegistry:
@@ -90,7 +96,9 @@ class AdapterRegistry:
             self._preloaded[adapter_id] = adapter
             self.loaded_ids[adapter_id] = None
 
-    async def resolve(self, adapter_id: str | None, source: str | None, token: str | None) -> LoraAdapter | None:
+    async def resolve(
+        self, adapter_id: str | None, source: str | None, token: str | None
+    ) -> LoraAdapter | None:
         """`None` means the base model (or the static adapter when the server has one)."""
         if not adapter_id:
             if not self.static_adapter_id:

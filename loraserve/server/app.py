@@ -36,14 +36,23 @@ def build_state(config: ServerConfig, aengine: Any, provider: AdapterProvider | 
     engine = aengine.engine
     sync_limits(config, engine)
     provider = provider or LocalDirAdapterProvider(engine.model_config)
-    registry = AdapterRegistry(provider, config.default_adapter_source, config.adapter_id, config.adapter_source)
+    registry = AdapterRegistry(
+        provider, config.default_adapter_source, config.adapter_id, config.adapter_source
+    )
     metrics = ServerMetrics()
     service = GenerationService(aengine, registry, metrics, config.max_concurrent_requests)
     metrics.engine_stats = aengine.stats
     metrics.adapter_stats = registry.stats
     metrics.in_flight = lambda: service.limiter.in_flight
-    return ServerState(config=config, aengine=aengine, tokenizer=engine.tokenizer, registry=registry,
-                       metrics=metrics, service=service, max_lora_rank=engine.config.max_lora_rank)
+    return ServerState(
+        config=config,
+        aengine=aengine,
+        tokenizer=engine.tokenizer,
+        registry=registry,
+        metrics=metrics,
+        service=service,
+        max_lora_rank=engine.config.max_lora_rank,
+    )
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -51,20 +60,30 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         c = state.config
         if c.adapter_id or c.preloaded_adapter_ids:
-            await state.registry.preload(c.preloaded_adapter_ids, c.preloaded_adapter_source or c.adapter_source)
+            await state.registry.preload(
+                c.preloaded_adapter_ids, c.preloaded_adapter_source or c.adapter_source
+            )
             log.info("preloaded adapters: %s", ", ".join(state.registry.loaded_ids))
         yield
         state.aengine.shutdown()
         state.registry.close()
 
-    app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan,
-                  description="One base model, many LoRA adapters. LoRAX-compatible REST API and "
-                              "OpenAI-compatible API.")
+    app = FastAPI(
+        title="loraserve",
+        version=__version__,
+        lifespan=lifespan,
+        description="One base model, many LoRA adapters. LoRAX-compatible REST API and "
+        "OpenAI-compatible API.",
+    )
     app.state.loraserve = state
     install_error_handlers(app)
     if state.config.cors_allow_origin:
-        app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_allow_origin,
-                           allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=state.config.cors_allow_origin,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:

@@ -62,24 +62,43 @@ def request_validation_message(exc: RequestValidationError) -> str:
     return "; ".join(msgs) or "invalid request"
 
 
+def error_response(request: Request, message: str, error_type: str, status_code: int) -> JSONResponse:
+    """LoRAX's flat shape, except on `/v1`, where OpenAI clients read `error.message`.
+
+    The `/v1` body keeps a top-level `error_type` so both kinds of callers find what they look for.
+    """
+    if request.url.path.startswith("/v1/"):
+        body = {
+            "error": {"message": message, "type": error_type, "param": None, "code": status_code},
+            "error_type": error_type,
+        }
+        return JSONResponse(body, status_code=status_code)
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status_code)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc.message, exc.error_type, exc.status_code)
 
     @app.exception_handler(AdapterError)
-    async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
+    async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
         err = adapter_api_error(exc)
-        return JSONResponse(err.to_dict(), status_code=err.status_code)
+        return error_response(request, err.message, err.error_type, err.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Like LoRAX's axum router: unparsable JSON is a 400, a well-formed body with bad fields a 422.
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
-            return JSONResponse({"error": request_validation_message(exc), "error_type": "bad_request"}, status_code=400)
-        return JSONResponse({"error": request_validation_message(exc), "error_type": "validation"}, status_code=422)
+            return error_response(
+                request,
+                f"request body is not valid JSON ({request_validation_message(exc)})",
+                "bad_request",
+                400,
+            )
+        return error_response(request, request_validation_message(exc), "validation", 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = "validation" if exc.status_code in (400, 422) else "http"
-        return JSONResponse({"error": str(exc.detail), "error_type": error_type}, status_code=exc.status_code)
+        return error_response(request, str(exc.detail), error_type, exc.status_code)

@@ -82,8 +82,13 @@ def to_token(t: TokenInfo) -> Token:
     alts = None
     if t.alternatives is not None:
         alts = [AlternativeToken(id=i, text=text, logprob=lp) for i, text, lp in t.alternatives]
-    return Token(id=t.id, text=t.text, logprob=t.logprob if t.logprob is not None else 0.0,
-                 special=t.special, alternative_tokens=alts)
+    return Token(
+        id=t.id,
+        text=t.text,
+        logprob=t.logprob if t.logprob is not None else 0.0,
+        special=t.special,
+        alternative_tokens=alts,
+    )
 
 
 def to_prefill(tokens: list[TokenInfo]) -> list[PrefillToken]:
@@ -91,7 +96,9 @@ def to_prefill(tokens: list[TokenInfo]) -> list[PrefillToken]:
 
 
 class GenerationService:
-    def __init__(self, aengine: Any, registry: AdapterRegistry, metrics: ServerMetrics, max_concurrent: int) -> None:
+    def __init__(
+        self, aengine: Any, registry: AdapterRegistry, metrics: ServerMetrics, max_concurrent: int
+    ) -> None:
         self.aengine = aengine
         self.registry = registry
         self.metrics = metrics
@@ -131,7 +138,9 @@ class GenerationService:
                     self.metrics.tokens_generated(len(out.tokens))
                 yield out
 
-    async def complete(self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None) -> Completion:
+    async def complete(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None
+    ) -> Completion:
         c = Completion()
         async for out in self.steps(prompt_ids, params, adapter):
             c.tokens.extend(out.tokens)
@@ -176,18 +185,23 @@ class GenerationService:
             others = [
                 BestOfSequence(
                     generated_text=(v.inputs + c.generated_text) if v.return_full_text else c.generated_text,
-                    finish_reason=c.finish_reason, generated_tokens=c.generated_tokens,
+                    finish_reason=c.finish_reason,
+                    generated_tokens=c.generated_tokens,
                     seed=c.seed if v.params.do_sample else None,
                     prefill=to_prefill(c.prefill) if v.decoder_input_details else [],
                     tokens=[to_token(t) for t in c.tokens],
                 )
-                for c in results if c is not best
+                for c in results
+                if c is not best
             ]
         details = Details(
-            finish_reason=best.finish_reason, prompt_tokens=best.prompt_tokens,
-            generated_tokens=best.generated_tokens, seed=best.seed if v.params.do_sample else None,
+            finish_reason=best.finish_reason,
+            prompt_tokens=best.prompt_tokens,
+            generated_tokens=best.generated_tokens,
+            seed=best.seed if v.params.do_sample else None,
             prefill=to_prefill(best.prefill) if v.decoder_input_details else [],
-            tokens=[to_token(t) for t in best.tokens], best_of_sequences=others,
+            tokens=[to_token(t) for t in best.tokens],
+            best_of_sequences=others,
         )
         return GenerateResponse(generated_text=text, details=details)
 

@@ -25,39 +25,71 @@ class _LiveStats(Collector):
     def collect(self) -> Iterable[Metric]:
         o = self._owner
         engine = o.engine_stats() if o.engine_stats else {}
-        yield GaugeMetricFamily("loraserve_queue_size", "Requests waiting to be scheduled",
-                                value=float(engine.get("waiting", 0)))
-        yield GaugeMetricFamily("loraserve_batch_current_size", "Sequences in the running batch",
-                                value=float(engine.get("running", 0)))
-        yield GaugeMetricFamily("loraserve_generated_tokens_per_second",
-                                f"Generated tokens per second over the last {_RATE_WINDOW_S:.0f}s",
-                                value=o.token_rate())
-        yield GaugeMetricFamily("loraserve_requests_in_flight", "Requests holding a concurrency slot",
-                                value=float(o.in_flight() if o.in_flight else 0))
+        yield GaugeMetricFamily(
+            "loraserve_queue_size", "Requests waiting to be scheduled", value=float(engine.get("waiting", 0))
+        )
+        yield GaugeMetricFamily(
+            "loraserve_batch_current_size",
+            "Sequences in the running batch",
+            value=float(engine.get("running", 0)),
+        )
+        yield GaugeMetricFamily(
+            "loraserve_generated_tokens_per_second",
+            f"Generated tokens per second over the last {_RATE_WINDOW_S:.0f}s",
+            value=o.token_rate(),
+        )
+        yield GaugeMetricFamily(
+            "loraserve_requests_in_flight",
+            "Requests holding a concurrency slot",
+            value=float(o.in_flight() if o.in_flight else 0),
+        )
         for key, value in sorted(engine.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                yield GaugeMetricFamily(f"loraserve_engine_{key}", f"Engine statistic `{key}`", value=float(value))
+                yield GaugeMetricFamily(
+                    f"loraserve_engine_{key}", f"Engine statistic `{key}`", value=float(value)
+                )
         cache = o.adapter_stats() if o.adapter_stats else {}
         for key in ("hits", "misses", "loads"):
-            yield CounterMetricFamily(f"loraserve_adapter_cache_{key}", f"Adapter cache {key}",
-                                      value=float(cache.get(key, 0)))
+            yield CounterMetricFamily(
+                f"loraserve_adapter_cache_{key}", f"Adapter cache {key}", value=float(cache.get(key, 0))
+            )
         for key, value in sorted(cache.items()):
             if key not in ("hits", "misses", "loads") and isinstance(value, (int, float)):
-                yield GaugeMetricFamily(f"loraserve_adapter_cache_{key}", f"Adapter cache `{key}`", value=float(value))
+                yield GaugeMetricFamily(
+                    f"loraserve_adapter_cache_{key}", f"Adapter cache `{key}`", value=float(value)
+                )
 
 
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("loraserve_request", "HTTP requests by route and status code",
-                                ["route", "status"], registry=self.registry)
-        self.adapter_requests = Counter("loraserve_adapter_request", "Generation requests per adapter",
-                                        ["adapter_id"], registry=self.registry)
-        self.generated_tokens = Counter("loraserve_generated_tokens", "Tokens generated", registry=self.registry)
-        self.ttft = Histogram("loraserve_time_to_first_token_seconds", "Time from admission to the first token",
-                              buckets=TTFT_BUCKETS, registry=self.registry)
-        self.request_duration = Histogram("loraserve_request_duration_seconds", "Generation request latency",
-                                          ["route"], registry=self.registry)
+        self.requests = Counter(
+            "loraserve_request",
+            "HTTP requests by route and status code",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.adapter_requests = Counter(
+            "loraserve_adapter_request",
+            "Generation requests per adapter",
+            ["adapter_id"],
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "loraserve_generated_tokens", "Tokens generated", registry=self.registry
+        )
+        self.ttft = Histogram(
+            "loraserve_time_to_first_token_seconds",
+            "Time from admission to the first token",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "loraserve_request_duration_seconds",
+            "Generation request latency",
+            ["route"],
+            registry=self.registry,
+        )
         self.engine_stats: Callable[[], dict[str, Any]] | None = None
         self.adapter_stats: Callable[[], dict[str, Any]] | None = None
         self.in_flight: Callable[[], int] | None = None

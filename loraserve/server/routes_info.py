@@ -17,8 +17,9 @@ async def health(request: Request) -> Response:
     st = get_state(request)
     thread = getattr(st.aengine, "_thread", None)
     if thread is not None and not thread.is_alive():
-        return JSONResponse({"error": "engine step loop is not running", "error_type": "unhealthy"},
-                            status_code=503)
+        return JSONResponse(
+            {"error": "engine step loop is not running", "error_type": "unhealthy"}, status_code=503
+        )
     return Response(status_code=200)
 
 
@@ -27,15 +28,25 @@ async def info(request: Request) -> Info:
     st = get_state(request)
     c = st.config
     return Info(
-        model_id=c.model_id, model_dtype=f"torch.{c.dtype}", model_device_type=c.device.split(":")[0],
-        max_concurrent_requests=c.max_concurrent_requests, max_best_of=c.max_best_of,
-        max_stop_sequences=c.max_stop_sequences, max_input_length=c.max_input_length,
-        max_total_tokens=c.max_total_tokens, waiting_served_ratio=c.waiting_served_ratio,
-        max_batch_total_tokens=c.max_batch_total_tokens, max_batch_prefill_tokens=c.max_batch_prefill_tokens,
-        max_waiting_tokens=c.max_waiting_tokens, max_active_adapters=c.max_active_adapters,
-        max_lora_rank=st.max_lora_rank, default_adapter_source=c.default_adapter_source,
-        adapter_id=c.adapter_id, preloaded_adapter_ids=list(c.preloaded_adapter_ids),
-        speculative_tokens=c.speculative_tokens, version=__version__,
+        model_id=c.model_id,
+        model_dtype=f"torch.{c.dtype}",
+        model_device_type=c.device.split(":")[0],
+        max_concurrent_requests=c.max_concurrent_requests,
+        max_best_of=c.max_best_of,
+        max_stop_sequences=c.max_stop_sequences,
+        max_input_length=c.max_input_length,
+        max_total_tokens=c.max_total_tokens,
+        waiting_served_ratio=c.waiting_served_ratio,
+        max_batch_total_tokens=c.max_batch_total_tokens,
+        max_batch_prefill_tokens=c.max_batch_prefill_tokens,
+        max_waiting_tokens=c.max_waiting_tokens,
+        max_active_adapters=c.max_active_adapters,
+        max_lora_rank=st.max_lora_rank,
+        default_adapter_source=c.default_adapter_source,
+        adapter_id=c.adapter_id,
+        preloaded_adapter_ids=list(c.preloaded_adapter_ids),
+        speculative_tokens=c.speculative_tokens,
+        version=__version__,
     )
 
 

@@ -24,8 +24,13 @@ router = APIRouter(tags=["LoRAX"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc}
-    for code, desc in ((400, "Bad request"), (404, "Adapter not found"), (422, "Input validation error"),
-                       (424, "Generation error"), (429, "Model is overloaded"))
+    for code, desc in (
+        (400, "Bad request"),
+        (404, "Adapter not found"),
+        (422, "Input validation error"),
+        (424, "Generation error"),
+        (429, "Model is overloaded"),
+    )
 }
 _OPTIONAL_NULL_KEYS = ("details", "best_of_sequences", "alternative_tokens")
 
@@ -47,13 +52,17 @@ def wire_dict(model: GenerateResponse | StreamResponse) -> dict[str, Any]:
 
 
 async def _generate(st: ServerState, body: GenerateRequest, authorization: str | None) -> dict[str, Any]:
-    v = validate_generate(body, st.config, st.tokenizer, stream=False, header_token=bearer_token(authorization))
+    v = validate_generate(
+        body, st.config, st.tokenizer, stream=False, header_token=bearer_token(authorization)
+    )
     with st.metrics.request_duration.labels(route="generate").time():
         return wire_dict(await st.service.generate(v))
 
 
 async def _stream(st: ServerState, body: GenerateRequest, authorization: str | None) -> StreamingResponse:
-    v = validate_generate(body, st.config, st.tokenizer, stream=True, header_token=bearer_token(authorization))
+    v = validate_generate(
+        body, st.config, st.tokenizer, stream=True, header_token=bearer_token(authorization)
+    )
     st.service.limiter.acquire()  # 429 before any byte of the stream is sent
     try:
         adapter = await st.service.resolve_adapter(v)
@@ -73,24 +82,36 @@ async def _stream(st: ServerState, body: GenerateRequest, authorization: str | N
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=_ERRORS,
-             summary="Generate tokens (LoRAX)")
-async def generate(body: GenerateRequest, request: Request,
-                   authorization: str | None = Header(default=None)) -> JSONResponse:
+@router.post(
+    "/generate", response_model=GenerateResponse, responses=_ERRORS, summary="Generate tokens (LoRAX)"
+)
+async def generate(
+    body: GenerateRequest, request: Request, authorization: str | None = Header(default=None)
+) -> JSONResponse:
     return JSONResponse(await _generate(get_state(request), body, authorization))
 
 
-@router.post("/generate_stream", response_model=StreamResponse, responses=_ERRORS,
-             summary="Generate a stream of tokens as Server-Sent Events (LoRAX)")
-async def generate_stream(body: GenerateRequest, request: Request,
-                          authorization: str | None = Header(default=None)) -> StreamingResponse:
+@router.post(
+    "/generate_stream",
+    response_model=StreamResponse,
+    responses=_ERRORS,
+    summary="Generate a stream of tokens as Server-Sent Events (LoRAX)",
+)
+async def generate_stream(
+    body: GenerateRequest, request: Request, authorization: str | None = Header(default=None)
+) -> StreamingResponse:
     return await _stream(get_state(request), body, authorization)
 
 
-@router.post("/", response_model=list[GenerateResponse], responses=_ERRORS,
-             summary="LoRAX client route: `stream` picks SSE or a one-element JSON array")
-async def compat_generate(body: CompatGenerateRequest, request: Request,
-                          authorization: str | None = Header(default=None)) -> Any:
+@router.post(
+    "/",
+    response_model=list[GenerateResponse],
+    responses=_ERRORS,
+    summary="LoRAX client route: `stream` picks SSE or a one-element JSON array",
+)
+async def compat_generate(
+    body: CompatGenerateRequest, request: Request, authorization: str | None = Header(default=None)
+) -> Any:
     st = get_state(request)
     if body.stream:
         return await _stream(st, body, authorization)

@@ -65,19 +65,41 @@ def _parameters(st: ServerState, req: _OpenAIBase, max_tokens: int | None, top_n
     temperature = None if greedy else req.temperature
     sample = not greedy and (temperature is not None or top_p is not None or top_k is not None or req.n > 1)
     return GenerateParameters(
-        adapter_id=adapter_for_model(st, req.model), adapter_source=req.adapter_source, api_token=req.api_token,
-        temperature=temperature, top_p=top_p, top_k=top_k, do_sample=sample,
-        repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens,
-        ignore_eos_token=bool(req.ignore_eos_token), stop=req.stop_list(), seed=req.seed,
-        details=True, return_k_alternatives=top_n or None,
+        adapter_id=adapter_for_model(st, req.model),
+        adapter_source=req.adapter_source,
+        api_token=req.api_token,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        do_sample=sample,
+        repetition_penalty=req.repetition_penalty,
+        max_new_tokens=max_tokens,
+        ignore_eos_token=bool(req.ignore_eos_token),
+        stop=req.stop_list(),
+        seed=req.seed,
+        details=True,
+        return_k_alternatives=top_n or None,
     )
 
 
-def _validate(st: ServerState, req: _OpenAIBase, text: str, ids: list[int], max_tokens: int | None,
-              top_n: int, authorization: str | None) -> ValidatedRequest:
+def _validate(
+    st: ServerState,
+    req: _OpenAIBase,
+    text: str,
+    ids: list[int],
+    max_tokens: int | None,
+    top_n: int,
+    authorization: str | None,
+) -> ValidatedRequest:
     params = _parameters(st, req, max_tokens, top_n)
-    return validate_generate(GenerateRequest(inputs=text or " ", parameters=params), st.config, st.tokenizer,
-                             stream=req.stream, header_token=bearer_token(authorization), prompt_ids=ids)
+    return validate_generate(
+        GenerateRequest(inputs=text or " ", parameters=params),
+        st.config,
+        st.tokenizer,
+        stream=req.stream,
+        header_token=bearer_token(authorization),
+        prompt_ids=ids,
+    )
 
 
 def _visible_text(c: Completion, stops: list[str]) -> str:
@@ -101,10 +123,16 @@ def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
     def entry(text: str, lp: float | None) -> dict[str, Any]:
         return {"token": text, "logprob": lp if lp is not None else 0.0, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [
-        {**entry(t.text, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in (t.alternatives or [])]}
-        for t in tokens if not t.special
-    ]}
+    return {
+        "content": [
+            {
+                **entry(t.text, t.logprob),
+                "top_logprobs": [entry(text, lp) for _, text, lp in (t.alternatives or [])],
+            }
+            for t in tokens
+            if not t.special
+        ]
+    }
 
 
 async def _run_choices(st: ServerState, v: ValidatedRequest, n: int) -> list[Completion]:
@@ -135,8 +163,9 @@ def _prompts(st: ServerState, prompt: Any) -> list[tuple[str, list[int]]]:
 
 
 @router.post("/completions", summary="OpenAI text completions")
-async def completions(req: CompletionRequest, request: Request,
-                      authorization: str | None = Header(default=None)) -> Any:
+async def completions(
+    req: CompletionRequest, request: Request, authorization: str | None = Header(default=None)
+) -> Any:
     st = get_state(request)
     _refuse_unsupported(req)
     if req.suffix:
@@ -160,14 +189,27 @@ async def completions(req: CompletionRequest, request: Request,
         for c in comps:
             body = _visible_text(c, v.params.stop)
             prefix = text if req.echo else ""
-            choices.append({
-                "index": len(choices), "text": prefix + body,
-                "logprobs": _completion_logprobs(c.tokens, len(prefix)) if req.logprobs is not None else None,
-                "finish_reason": openai_finish_reason(c.finish_reason),
-            })
+            choices.append(
+                {
+                    "index": len(choices),
+                    "text": prefix + body,
+                    "logprobs": _completion_logprobs(c.tokens, len(prefix))
+                    if req.logprobs is not None
+                    else None,
+                    "finish_reason": openai_finish_reason(c.finish_reason),
+                }
+            )
             completion_tokens += c.generated_tokens
-    return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                         "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
+    return JSONResponse(
+        {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+    )
 
 
 def _chat_text(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -185,9 +227,12 @@ def _chat_text(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-@router.post("/chat/completions", summary="OpenAI chat completions (prompt built with the model's chat template)")
-async def chat_completions(req: ChatCompletionRequest, request: Request,
-                           authorization: str | None = Header(default=None)) -> Any:
+@router.post(
+    "/chat/completions", summary="OpenAI chat completions (prompt built with the model's chat template)"
+)
+async def chat_completions(
+    req: ChatCompletionRequest, request: Request, authorization: str | None = Header(default=None)
+) -> Any:
     st = get_state(request)
     _refuse_unsupported(req)
     if req.tools:
@@ -209,15 +254,25 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
         return await _stream_chat(st, req, v, cid, created, model)
     async with st.service.slot():
         comps = await _run_choices(st, v, req.n)
-    choices = [{
-        "index": j,
-        "message": {"role": "assistant", "content": _visible_text(c, v.params.stop)},
-        "logprobs": _chat_logprobs(c.tokens) if req.logprobs else None,
-        "finish_reason": openai_finish_reason(c.finish_reason),
-    } for j, c in enumerate(comps)]
-    return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                         "choices": choices,
-                         "usage": usage(len(v.prompt_ids), sum(c.generated_tokens for c in comps))})
+    choices = [
+        {
+            "index": j,
+            "message": {"role": "assistant", "content": _visible_text(c, v.params.stop)},
+            "logprobs": _chat_logprobs(c.tokens) if req.logprobs else None,
+            "finish_reason": openai_finish_reason(c.finish_reason),
+        }
+        for j, c in enumerate(comps)
+    ]
+    return JSONResponse(
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(len(v.prompt_ids), sum(c.generated_tokens for c in comps)),
+        }
+    )
 
 
 async def _open_stream(st: ServerState, v: ValidatedRequest) -> Any:
@@ -234,7 +289,9 @@ def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _token_deltas(st: ServerState, v: ValidatedRequest, adapter: Any) -> AsyncIterator[tuple[str, list, Any]]:
+async def _token_deltas(
+    st: ServerState, v: ValidatedRequest, adapter: Any
+) -> AsyncIterator[tuple[str, list, Any]]:
     """(visible text delta, tokens, final output or None) per engine step."""
     text = StopAwareText(v.params.stop)
     async for out in st.service.steps(v.prompt_ids, v.params, adapter):
@@ -245,24 +302,33 @@ async def _token_deltas(st: ServerState, v: ValidatedRequest, adapter: Any) -> A
         yield delta, visible, out if out.finished else None
 
 
-async def _stream_completion(st: ServerState, req: CompletionRequest, v: ValidatedRequest, cid: str, created: int,
-                       model: str) -> StreamingResponse:
+async def _stream_completion(
+    st: ServerState, req: CompletionRequest, v: ValidatedRequest, cid: str, created: int, model: str
+) -> StreamingResponse:
     async def events(adapter: Any) -> AsyncIterator[str]:
         head = {"id": cid, "object": "text_completion", "created": created, "model": model}
         try:
             if req.echo:
-                yield openai_event({**head, "choices": [{"index": 0, "text": v.inputs, "logprobs": None,
-                                                         "finish_reason": None}]})
+                yield openai_event(
+                    {
+                        **head,
+                        "choices": [{"index": 0, "text": v.inputs, "logprobs": None, "finish_reason": None}],
+                    }
+                )
             async for delta, tokens, final in _token_deltas(st, v, adapter):
                 if not delta and final is None:
                     continue
-                choice = {"index": 0, "text": delta,
-                          "logprobs": _completion_logprobs(tokens, 0) if req.logprobs is not None else None,
-                          "finish_reason": openai_finish_reason(final.finish_reason) if final else None}
+                choice = {
+                    "index": 0,
+                    "text": delta,
+                    "logprobs": _completion_logprobs(tokens, 0) if req.logprobs is not None else None,
+                    "finish_reason": openai_finish_reason(final.finish_reason) if final else None,
+                }
                 yield openai_event({**head, "choices": [choice]})
                 if final is not None and req.stream_options and req.stream_options.include_usage:
-                    yield openai_event({**head, "choices": [],
-                                        "usage": usage(len(v.prompt_ids), final.generated_tokens)})
+                    yield openai_event(
+                        {**head, "choices": [], "usage": usage(len(v.prompt_ids), final.generated_tokens)}
+                    )
             yield OPENAI_DONE
         except ApiError as e:
             yield openai_event({"error": {"message": e.message, "type": e.error_type}})
@@ -272,25 +338,58 @@ async def _stream_completion(st: ServerState, req: CompletionRequest, v: Validat
     return _sse(events(await _open_stream(st, v)))
 
 
-async def _stream_chat(st: ServerState, req: ChatCompletionRequest, v: ValidatedRequest, cid: str, created: int,
-                 model: str) -> StreamingResponse:
+async def _stream_chat(
+    st: ServerState, req: ChatCompletionRequest, v: ValidatedRequest, cid: str, created: int, model: str
+) -> StreamingResponse:
     async def events(adapter: Any) -> AsyncIterator[str]:
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
         try:
-            yield openai_event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None}]})
+            yield openai_event(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
             async for delta, tokens, final in _token_deltas(st, v, adapter):
                 if delta or (req.logprobs and tokens):
-                    yield openai_event({**head, "choices": [{
-                        "index": 0, "delta": {"content": delta},
-                        "logprobs": _chat_logprobs(tokens) if req.logprobs else None, "finish_reason": None}]})
+                    yield openai_event(
+                        {
+                            **head,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {"content": delta},
+                                    "logprobs": _chat_logprobs(tokens) if req.logprobs else None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
                 if final is not None:
-                    yield openai_event({**head, "choices": [{
-                        "index": 0, "delta": {}, "logprobs": None,
-                        "finish_reason": openai_finish_reason(final.finish_reason)}]})
+                    yield openai_event(
+                        {
+                            **head,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {},
+                                    "logprobs": None,
+                                    "finish_reason": openai_finish_reason(final.finish_reason),
+                                }
+                            ],
+                        }
+                    )
                     if req.stream_options and req.stream_options.include_usage:
-                        yield openai_event({**head, "choices": [],
-                                            "usage": usage(len(v.prompt_ids), final.generated_tokens)})
+                        yield openai_event(
+                            {**head, "choices": [], "usage": usage(len(v.prompt_ids), final.generated_tokens)}
+                        )
             yield OPENAI_DONE
         except ApiError as e:
             yield openai_event({"error": {"message": e.message, "type": e.error_type}})
@@ -304,9 +403,25 @@ async def _stream_chat(st: ServerState, req: ChatCompletionRequest, v: Validated
 async def models(request: Request) -> dict[str, Any]:
     st = get_state(request)
     created = int(st.metrics.started_at)
-    data = [{"id": st.config.model_id, "object": "model", "created": created, "owned_by": "loraserve",
-             "root": st.config.model_id, "parent": None}]
+    data = [
+        {
+            "id": st.config.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "loraserve",
+            "root": st.config.model_id,
+            "parent": None,
+        }
+    ]
     for adapter_id in st.registry.loaded_ids:
-        data.append({"id": adapter_id, "object": "model", "created": created, "owned_by": "loraserve",
-                     "root": adapter_id, "parent": st.config.model_id})
+        data.append(
+            {
+                "id": adapter_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "loraserve",
+                "root": adapter_id,
+                "parent": st.config.model_id,
+            }
+        )
     return {"object": "list", "data": data}

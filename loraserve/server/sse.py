@@ -12,7 +12,11 @@ def lorax_event(payload: dict[str, Any]) -> str:
 
 
 def openai_event(payload: dict[str, Any] | str) -> str:
-    body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    body = (
+        payload
+        if isinstance(payload, str)
+        else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    )
     return f"data: {body}\n\n"
 
 

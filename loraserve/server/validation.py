@@ -141,7 +141,9 @@ def validate_generate(
         raise validation_error("you must use sampling when `best_of` is > 1")
     params = _sampling_params(p)
     if len(p.stop) > cfg.max_stop_sequences:
-        raise validation_error(f"`stop` supports up to {cfg.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
+        raise validation_error(
+            f"`stop` supports up to {cfg.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+        )
     if p.seed is not None and best_of > 1:
         raise validation_error("`seed` must not be set when `best_of` > 1")
     if not req.inputs:
@@ -155,7 +157,9 @@ def validate_generate(
         raise validation_error("`decoder_input_details` == true is not supported when streaming tokens")
 
     # OpenAI chat prompts and token-id prompts arrive already tokenized.
-    ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(req.inputs, add_special_tokens=True)
+    ids = (
+        list(prompt_ids) if prompt_ids is not None else tokenizer.encode(req.inputs, add_special_tokens=True)
+    )
     if p.truncate is not None and p.truncate < len(ids):
         ids = ids[-p.truncate :]  # keep the end of the prompt, as LoRAX's left truncation does
     n = len(ids)
@@ -166,7 +170,9 @@ def validate_generate(
         )
     if n > cfg.max_input_length:
         raise validation_error(f"`inputs` must have less than {cfg.max_input_length} tokens. Given: {n}")
-    params.max_new_tokens = p.max_new_tokens if p.max_new_tokens is not None else max(1, cfg.max_total_tokens - n)
+    params.max_new_tokens = (
+        p.max_new_tokens if p.max_new_tokens is not None else max(1, cfg.max_total_tokens - n)
+    )
 
     adapter_id = p.adapter_id or None
     return ValidatedRequest(

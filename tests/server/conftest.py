@@ -16,11 +16,22 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
 
 
 @pytest.fixture(scope="package")
-def server(tiny_assets: tuple[Path, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    tiny_assets: tuple[Path, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     model, adapters = tiny_assets
-    srv = start_server(model, tmp_path_factory.mktemp("logs"), "--adapter-source", "local",
-                       "--preloaded-adapter-ids", str(adapters["alpha"]), "--max-concurrent-requests", "16",
-                       "--max-best-of", "3")
+    srv = start_server(
+        model,
+        tmp_path_factory.mktemp("logs"),
+        "--adapter-source",
+        "local",
+        "--preloaded-adapter-ids",
+        str(adapters["alpha"]),
+        "--max-concurrent-requests",
+        "16",
+        "--max-best-of",
+        "3",
+    )
     srv.adapters = dict(adapters)
     yield srv
     srv.stop()

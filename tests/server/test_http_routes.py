@@ -14,8 +14,9 @@ PROMPT = "hello world"
 
 def post(server: ServerProcess, path: str, body: dict | str, **kw) -> httpx.Response:
     if isinstance(body, str):
-        return httpx.post(server.url + path, content=body, headers={"content-type": "application/json"},
-                          timeout=60, **kw)
+        return httpx.post(
+            server.url + path, content=body, headers={"content-type": "application/json"}, timeout=60, **kw
+        )
     return httpx.post(server.url + path, json=body, timeout=60, **kw)
 
 
@@ -26,7 +27,7 @@ def gen(server: ServerProcess, **params) -> dict:
 
 
 def sse_events(text: str) -> list[dict]:
-    return [json.loads(line[len("data:"):]) for line in text.splitlines() if line.startswith("data:")]
+    return [json.loads(line[len("data:") :]) for line in text.splitlines() if line.startswith("data:")]
 
 
 def test_generate_details_prefill_and_alternatives(server: ServerProcess) -> None:
@@ -61,15 +62,21 @@ def test_root_route_answers_an_array_or_a_stream(server: ServerProcess) -> None:
 
 def test_stream_one_event_per_token_last_carries_text_and_details(server: ServerProcess) -> None:
     full = gen(server, max_new_tokens=6, details=True)
-    r = post(server, "/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "details": True}})
+    r = post(
+        server, "/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "details": True}}
+    )
     assert r.status_code == 200
     assert "data:{" in r.text  # LoRAX framing: no space after the colon
     events = sse_events(r.text)
     assert [e["token"]["id"] for e in events] == [t["id"] for t in full["details"]["tokens"]]
     assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
     assert events[-1]["generated_text"] == full["generated_text"]
-    assert events[-1]["details"] == {"finish_reason": "length", "prompt_tokens": full["details"]["prompt_tokens"],
-                                     "generated_tokens": 6, "seed": None}
+    assert events[-1]["details"] == {
+        "finish_reason": "length",
+        "prompt_tokens": full["details"]["prompt_tokens"],
+        "generated_tokens": 6,
+        "seed": None,
+    }
 
 
 def test_return_full_text_and_truncate(server: ServerProcess) -> None:
@@ -77,7 +84,9 @@ def test_return_full_text_and_truncate(server: ServerProcess) -> None:
     assert gen(server, max_new_tokens=4, return_full_text=True)["generated_text"] == PROMPT + plain
     long_prompt = "the quick brown fox jumps over the lazy dog"
     full = gen(server, inputs=long_prompt, max_new_tokens=2, details=True, decoder_input_details=True)
-    cut = gen(server, inputs=long_prompt, max_new_tokens=2, details=True, decoder_input_details=True, truncate=4)
+    cut = gen(
+        server, inputs=long_prompt, max_new_tokens=2, details=True, decoder_input_details=True, truncate=4
+    )
     assert cut["details"]["prompt_tokens"] == 4
     assert [p["id"] for p in cut["details"]["prefill"]] == [p["id"] for p in full["details"]["prefill"]][-4:]
 
@@ -85,8 +94,17 @@ def test_return_full_text_and_truncate(server: ServerProcess) -> None:
 def test_stop_sequence_ends_generation(server: ServerProcess) -> None:
     base = gen(server, max_new_tokens=12, details=True)
     text = base["generated_text"]
-    stop = next((text[: i + 1] for i in range(2, len(text)) if text[i].isprintable() and text[i] != "\ufffd"
-                 and text[: i + 1].count(text[i]) == 1 and len(text[: i + 1].encode()) > 2), None)
+    stop = next(
+        (
+            text[: i + 1]
+            for i in range(2, len(text))
+            if text[i].isprintable()
+            and text[i] != "\ufffd"
+            and text[: i + 1].count(text[i]) == 1
+            and len(text[: i + 1].encode()) > 2
+        ),
+        None,
+    )
     if stop is None:
         pytest.skip(f"greedy text {text!r} has no usable stop sequence")
     stop = stop[-2:]
@@ -119,8 +137,13 @@ def test_ignore_eos_token_runs_to_max_new_tokens(server: ServerProcess) -> None:
 def test_adapter_changes_output(server: ServerProcess) -> None:
     base = gen(server, max_new_tokens=8, details=True)
     alpha = gen(server, max_new_tokens=8, details=True, adapter_id=str(server.adapters["alpha"]))
-    beta = gen(server, max_new_tokens=8, details=True, adapter_id=str(server.adapters["beta"]),
-               adapter_source="local")
+    beta = gen(
+        server,
+        max_new_tokens=8,
+        details=True,
+        adapter_id=str(server.adapters["beta"]),
+        adapter_source="local",
+    )
     ids = [[t["id"] for t in o["details"]["tokens"]] for o in (base, alpha, beta)]
     assert ids[0] != ids[1] and ids[0] != ids[2] and ids[1] != ids[2]
 
@@ -128,24 +151,46 @@ def test_adapter_changes_output(server: ServerProcess) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
-        ({"inputs": PROMPT, "parameters": {"temperature": 0}}, 422, "`temperature` must be strictly positive"),
+        (
+            {"inputs": PROMPT, "parameters": {"temperature": 0}},
+            422,
+            "`temperature` must be strictly positive",
+        ),
         ({"inputs": PROMPT, "parameters": {"max_new_tokens": "many"}}, 422, "parameters.max_new_tokens"),
         ({"inputs": PROMPT, "parameters": {"max_new_tokens": 100000}}, 422, "`max_new_tokens` must be <="),
-        ({"inputs": PROMPT, "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, 422, "`stop` supports up to 4"),
+        (
+            {"inputs": PROMPT, "parameters": {"stop": ["a", "b", "c", "d", "e"]}},
+            422,
+            "`stop` supports up to 4",
+        ),
         ({"inputs": PROMPT, "parameters": {"best_of": 2}}, 422, "you must use sampling"),
         ({"inputs": PROMPT, "parameters": {"watermark": True}}, 422, "not supported yet"),
-        ({"inputs": PROMPT, "parameters": {"merged_adapters": {"ids": ["a"], "weights": [1.0]}}}, 422,
-         "not supported yet"),
-        ({"inputs": PROMPT, "parameters": {"response_format": {"type": "json_object", "schema": {}}}}, 422,
-         "not supported yet"),
+        (
+            {"inputs": PROMPT, "parameters": {"merged_adapters": {"ids": ["a"], "weights": [1.0]}}},
+            422,
+            "not supported yet",
+        ),
+        (
+            {"inputs": PROMPT, "parameters": {"response_format": {"type": "json_object", "schema": {}}}},
+            422,
+            "not supported yet",
+        ),
         ({"inputs": PROMPT, "parameters": {"adapter_source": "ftp"}}, 422, "parameters.adapter_source"),
         ({"parameters": {}}, 422, "`inputs`"),
         ({"inputs": "", "parameters": {}}, 422, "`inputs` cannot be empty"),
-        ({"inputs": PROMPT, "parameters": {"adapter_id": "/nonexistent/adapter", "adapter_source": "local"}},
-         404, "adapter"),
+        (
+            {
+                "inputs": PROMPT,
+                "parameters": {"adapter_id": "/nonexistent/adapter", "adapter_source": "local"},
+            },
+            404,
+            "adapter",
+        ),
     ],
 )
-def test_errors_have_lorax_shape_and_status(server: ServerProcess, body: dict, status: int, needle: str) -> None:
+def test_errors_have_lorax_shape_and_status(
+    server: ServerProcess, body: dict, status: int, needle: str
+) -> None:
     r = post(server, "/generate", body)
     assert r.status_code == status, r.text
     err = r.json()
@@ -165,9 +210,12 @@ def test_stream_validation_errors_come_before_the_stream(server: ServerProcess) 
 
 def test_bearer_token_never_echoed(server: ServerProcess) -> None:
     secret = "hf_supersecret_token_123"
-    r = post(server, "/generate", {"inputs": PROMPT, "parameters": {"adapter_id": "/nonexistent/x",
-                                                                     "adapter_source": "local"}},
-             headers={"Authorization": f"Bearer {secret}"})
+    r = post(
+        server,
+        "/generate",
+        {"inputs": PROMPT, "parameters": {"adapter_id": "/nonexistent/x", "adapter_source": "local"}},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
     assert r.status_code == 404 and secret not in r.text
     assert secret not in server.log()
 
@@ -178,24 +226,42 @@ def test_health_info_docs(server: ServerProcess) -> None:
     assert info["model_id"] == str(server.model_dir)
     assert info["model_dtype"] == "torch.float32" and info["model_device_type"] == "cpu"
     assert info["max_input_length"] < info["max_total_tokens"] <= 512
-    assert info["max_best_of"] == 3 and info["max_concurrent_requests"] == 16 and info["max_stop_sequences"] == 4
+    assert (
+        info["max_best_of"] == 3 and info["max_concurrent_requests"] == 16 and info["max_stop_sequences"] == 4
+    )
     assert info["max_active_adapters"] >= 1 and info["max_lora_rank"] == 64 and info["version"]
     assert info["default_adapter_source"] == "local"
     assert httpx.get(server.url + "/docs").status_code == 200
     spec = httpx.get(server.url + "/openapi.json").json()
-    for path in ("/", "/generate", "/generate_stream", "/health", "/info", "/metrics", "/v1/completions",
-                 "/v1/chat/completions", "/v1/models"):
+    for path in (
+        "/",
+        "/generate",
+        "/generate_stream",
+        "/health",
+        "/info",
+        "/metrics",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+    ):
         assert path in spec["paths"], path
 
 
 def test_metrics_exposes_the_serving_signals(server: ServerProcess) -> None:
     gen(server, max_new_tokens=3, adapter_id=str(server.adapters["alpha"]))
     text = httpx.get(server.url + "/metrics").text
-    for name in ("loraserve_request_total{", "loraserve_queue_size", "loraserve_batch_current_size",
-                 "loraserve_generated_tokens_total", "loraserve_generated_tokens_per_second",
-                 "loraserve_time_to_first_token_seconds_bucket", "loraserve_adapter_request_total{",
-                 "loraserve_adapter_cache_hits_total", "loraserve_adapter_cache_misses_total",
-                 "loraserve_adapter_cache_loads_total"):
+    for name in (
+        "loraserve_request_total{",
+        "loraserve_queue_size",
+        "loraserve_batch_current_size",
+        "loraserve_generated_tokens_total",
+        "loraserve_generated_tokens_per_second",
+        "loraserve_time_to_first_token_seconds_bucket",
+        "loraserve_adapter_request_total{",
+        "loraserve_adapter_cache_hits_total",
+        "loraserve_adapter_cache_misses_total",
+        "loraserve_adapter_cache_loads_total",
+    ):
         assert name in text, name
     assert f'adapter_id="{server.adapters["alpha"]}"' in text
     assert 'route="/generate",status="200"' in text

@@ -41,8 +41,9 @@ def expect_error(name, fn):
 def run_client(server: ServerProcess, body: str) -> dict:
     script = PRELUDE + textwrap.dedent(body) + "\nprint(json.dumps(out))\n"
     adapters = json.dumps({k: str(v) for k, v in server.adapters.items()})
-    proc = subprocess.run([LORAX_PYTHON, "-c", script, server.url, adapters], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [LORAX_PYTHON, "-c", script, server.url, adapters], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -54,7 +55,9 @@ def http_generate(server: ServerProcess, **params) -> dict:
 
 
 def test_generate_and_stream_match_the_rest_api(server: ServerProcess) -> None:
-    out = run_client(server, """
+    out = run_client(
+        server,
+        """
         r = client.generate("hello world", max_new_tokens=6)
         out["text"] = r.generated_text
         out["details"] = r.details.model_dump(mode="json")
@@ -72,30 +75,43 @@ def test_generate_and_stream_match_the_rest_api(server: ServerProcess) -> None:
         out["best_of"] = len(r.details.best_of_sequences)
         r = client.generate("hello world", max_new_tokens=4, return_full_text=True)
         out["full"] = r.generated_text
-    """)
+    """,
+    )
     base = http_generate(server, max_new_tokens=6, details=True)
     assert out["text"] == base["generated_text"]
     assert out["details"]["tokens"] == [{**t, "alternative_tokens": None} for t in base["details"]["tokens"]]
     alpha = http_generate(server, max_new_tokens=6, adapter_id=str(server.adapters["alpha"]))
-    assert out["alpha"] == alpha["generated_text"] and out["alpha_prefill"] > 0 and out["alpha_alts"] == [2] * 6
-    beta = http_generate(server, max_new_tokens=6, details=True, adapter_id=str(server.adapters["beta"]),
-                         adapter_source="local")
+    assert (
+        out["alpha"] == alpha["generated_text"] and out["alpha_prefill"] > 0 and out["alpha_alts"] == [2] * 6
+    )
+    beta = http_generate(
+        server,
+        max_new_tokens=6,
+        details=True,
+        adapter_id=str(server.adapters["beta"]),
+        adapter_source="local",
+    )
     assert out["stream_ids"] == [t["id"] for t in beta["details"]["tokens"]]
     assert out["stream_text"] == beta["generated_text"]
-    assert out["stream_details"]["generated_tokens"] == 6 and out["stream_details"]["finish_reason"] == "length"
+    assert (
+        out["stream_details"]["generated_tokens"] == 6 and out["stream_details"]["finish_reason"] == "length"
+    )
     assert out["best_of"] == 1
     assert out["full"].startswith("hello world")
 
 
 def test_error_types_map_to_lorax_exceptions(server: ServerProcess) -> None:
-    out = run_client(server, """
+    out = run_client(
+        server,
+        """
         expect_error("validation", lambda: client.generate("hi", temperature=0.0))
         expect_error("too_long", lambda: client.generate("hi", max_new_tokens=100000))
         expect_error("not_supported", lambda: client.generate("hi", watermark=True))
         expect_error("stream_validation", lambda: list(client.generate_stream("hi", temperature=0.0)))
         expect_error("missing_adapter", lambda: client.generate("hi", adapter_id="/nope/nothing",
                                                                 adapter_source="local"))
-    """)
+    """,
+    )
     assert out["validation"][0] == "ValidationError" and "temperature" in out["validation"][1]
     assert out["too_long"][0] == "ValidationError"
     assert out["not_supported"][0] == "ValidationError" and "not supported" in out["not_supported"][1]
@@ -105,10 +121,13 @@ def test_error_types_map_to_lorax_exceptions(server: ServerProcess) -> None:
 
 def test_headers_are_sent_and_tokens_stay_secret(server: ServerProcess) -> None:
     secret = "hf_lorax_client_secret_987"
-    out = run_client(server, f"""
+    out = run_client(
+        server,
+        f"""
         c = Client(url, headers={{"Authorization": "Bearer {secret}"}})
         out["ok"] = c.generate("hello world", max_new_tokens=3).generated_text
         expect_error("missing", lambda: c.generate("hi", adapter_id="/nope/x", adapter_source="local"))
-    """)
+    """,
+    )
     assert out["ok"] == http_generate(server, max_new_tokens=3)["generated_text"]
     assert secret not in out["missing"][1] and secret not in server.log()

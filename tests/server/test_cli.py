@@ -1,0 +1,96 @@
+"""The `loraserve` command line: LoRAX flag names, env vars, and one-off generation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loraserve.adapters.peft_format import parse_peft_adapter
+from loraserve.cli import build_parser, main
+from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.engine.params import SamplingParams
+
+LORAX_FLAGS = (
+    "--model-id",
+    "--adapter-id",
+    "--adapter-source",
+    "--default-adapter-source",
+    "--preloaded-adapter-ids",
+    "--preloaded-adapter-source",
+    "--max-concurrent-requests",
+    "--max-best-of",
+    "--max-stop-sequences",
+    "--max-input-length",
+    "--max-total-tokens",
+    "--max-batch-prefill-tokens",
+    "--max-batch-total-tokens",
+    "--max-active-adapters",
+    "--dtype",
+    "--device",
+    "--hostname",
+    "--host",
+    "--port",
+    "--speculative-tokens",
+    "--adapter-memory-fraction",
+    "--max-waiting-tokens",
+    "--cors-allow-origin",
+)
+
+
+def test_serve_help_lists_lorax_flags_with_env_vars(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in LORAX_FLAGS:
+        assert flag in text, flag
+    for env in ("MAX_INPUT_LENGTH", "PRELOADED_ADAPTER_IDS", "MAX_CONCURRENT_REQUESTS", "PORT"):
+        assert f"env: {env}" in text
+
+
+def test_env_vars_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_INPUT_LENGTH", "77")
+    monkeypatch.setenv("PRELOADED_ADAPTER_IDS", "a/b,c/d")
+    monkeypatch.setenv("EAGER_PREFILL", "true")
+    args = build_parser().parse_args(["serve", "--model", "m", "--host", "127.0.0.1"])
+    assert args.model_id == "m" and args.hostname == "127.0.0.1" and args.port == 8080
+    assert args.max_input_length == 77 and args.preloaded_adapter_ids == ["a/b", "c/d"] and args.eager_prefill
+    args = build_parser().parse_args(
+        ["serve", "--model-id", "m", "--max-input-length", "5", "--preloaded-adapter-ids", "x", "y"]
+    )
+    assert args.max_input_length == 5 and args.preloaded_adapter_ids == ["x", "y"]
+
+
+@pytest.mark.parametrize("extra", [["--quantize", "bitsandbytes"], ["--num-shard", "2"], ["--compile"]])
+def test_unimplemented_features_refuse_to_start(extra: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--model-id", "m", *extra]) == 2
+    assert "not supported" in capsys.readouterr().err
+
+
+def test_generate_command_matches_the_engine(tiny_assets) -> None:
+    model, adapters = tiny_assets
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loraserve.cli",
+            "generate",
+            "--model",
+            str(model),
+            "--adapter-id",
+            str(adapters["alpha"]),
+            "--max-new-tokens",
+            "6",
+            "hello world",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    engine = Engine.from_pretrained(model, EngineConfig(max_batch_total_tokens=1024))
+    out = engine.generate(
+        ["hello world"], SamplingParams(max_new_tokens=6), [parse_peft_adapter(adapters["alpha"])]
+    )
+    assert proc.stdout.rstrip("\n") == out[0].generated_text
