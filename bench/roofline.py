@@ -1,0 +1,82 @@
+"""The memory-bandwidth roofline for batch-1 decode.
+
+A batch-1 decode step must stream every weight the token touches once, so
+tokens/s can never exceed bandwidth ÷ bytes read per token. We measure the
+bandwidth the way a decode step sees it (a reduction over a tensor much larger
+than the caches) and count the bytes from the checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import time
+from pathlib import Path
+
+import torch
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+def measure_bandwidth_gbs(mib: int = 256, repeats: int = 7, device: str = "cpu") -> float:
+    """Best-of-N read bandwidth in GB/s (10^9 bytes) of `sum` over a `mib`-MiB fp32 tensor."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    x.sum()  # fault pages in, warm the kernel
+    best = float("inf")
+    for _ in range(repeats):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def _safetensors_params(model_dir: Path) -> dict[str, int]:
+    """Parameter count per tensor, read from safetensors headers only (no weights loaded)."""
+    counts: dict[str, int] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            c = 1
+            for d in meta["shape"]:
+                c *= d
+            counts[name] = c
+    return counts
+
+
+def weight_bytes_per_token(model_dir: str | Path, dtype: str = "float32") -> int:
+    """Bytes of weights one decode step reads at `dtype`.
+
+    The input embedding is a row lookup, not a full read, unless it is tied to the LM
+    head (then the head reads the whole matrix once; it appears once in the file).
+    """
+    counts = _safetensors_params(Path(model_dir))
+    params = sum(counts.values())
+    if any(k.endswith("lm_head.weight") for k in counts):
+        params -= sum(v for k, v in counts.items() if k.endswith("embed_tokens.weight"))
+    return params * DTYPE_BYTES[dtype]
+
+
+def roofline(model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> dict:
+    bw = measure_bandwidth_gbs(device=device)
+    nbytes = weight_bytes_per_token(model_dir, dtype)
+    return {"bandwidth_gbs": bw, "weight_bytes_per_token": nbytes, "roofline_tok_s": bw * 1e9 / nbytes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="batch-1 decode roofline of a checkpoint on this machine")
+    ap.add_argument("model_dir")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    print(json.dumps(roofline(args.model_dir, args.dtype, args.device), indent=1))
+
+
+if __name__ == "__main__":
+    main()

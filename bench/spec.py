@@ -1,0 +1,68 @@
+"""The request sets handed to each system runner, as JSON, so every system gets identical inputs.
+
+Stdlib only: the vLLM runner imports this from its own virtual environment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Request:
+    """One benchmark request: token ids in, a fixed number of tokens out (EOS ignored)."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    adapter: str | None = None  # PEFT directory; None = base model
+    arrival_s: float = 0.0  # offset from the start of the run (arrival workloads only)
+
+
+@dataclass
+class RunSpec:
+    """A named request set; `kind` tells arrival-driven runs from all-at-once batches."""
+
+    name: str
+    requests: list[Request]
+    kind: str = "batch"  # "batch" | "arrivals" | "cold_loads"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchSpec:
+    model_dir: str
+    runs: list[RunSpec]
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_active_adapters: int = 32
+    max_lora_rank: int = 16
+    batch1_decode: dict | None = None  # {"prompt_len": int, "new_tokens": int}
+    vocab_size: int = 0
+
+    def adapters(self) -> list[str]:
+        """Every distinct adapter in first-use order."""
+        seen: dict[str, None] = {}
+        for run in self.runs:
+            for r in run.requests:
+                if r.adapter is not None:
+                    seen.setdefault(r.adapter, None)
+        return list(seen)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> BenchSpec:
+        d = json.loads(Path(path).read_text())
+        runs = [
+            RunSpec(
+                name=r["name"],
+                requests=[Request(**q) for q in r["requests"]],
+                kind=r["kind"],
+                options=r["options"],
+            )
+            for r in d.pop("runs")
+        ]
+        return cls(runs=runs, **d)

@@ -1,0 +1,108 @@
+"""The benchmark harness on a tiny model, so it cannot rot between benchmark runs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from bench.baseline_hf import run_hf
+from bench.engine_runs import run_ours
+from bench.metrics import percentile
+from bench.report import compute_ratios, ratios_table, results_table
+from bench.roofline import measure_bandwidth_gbs, weight_bytes_per_token
+from bench.shapes import build_adapters, make_padded_tokenizer, random_prompt
+from bench.spec import BenchSpec
+from bench.workloads import Model, cold_load_runs, concurrency_runs, zipf_indices, zipf_runs
+from tests.fixtures.tiny_models import load_hf_model, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    root = tmp_path_factory.mktemp("bench")
+    path = make_tiny_model(root / "model", "llama")
+    make_padded_tokenizer(path, 384, trained_vocab=300)  # every id decodes
+    return Model(path, 384, root / "cache")
+
+
+def test_padded_tokenizer_covers_vocab(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    make_padded_tokenizer(tmp_path, 1000, trained_vocab=300)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.get_vocab_size() == 1000
+    assert tok.decode([999]) == "<extra_999>"
+
+
+def test_adapters_are_cached_and_distinct(tiny: Model) -> None:
+    from safetensors.torch import load_file
+
+    a, b = build_adapters(tiny.path, 4, [0, 1], tiny.cache)
+    again = build_adapters(tiny.path, 4, [0], tiny.cache)
+    assert again == [a]
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert len(wa) == 2 * 7 * 3  # A and B on all seven projections of three layers
+    key = next(iter(wa))
+    assert not (wa[key] == wb[key]).all()
+
+
+def test_workloads_are_deterministic(tiny: Model) -> None:
+    r1 = zipf_runs(tiny, 6, 10.0, (8, 12), (2, 4), num_adapters=50)
+    r2 = zipf_runs(tiny, 6, 10.0, (8, 12), (2, 4), num_adapters=50)
+    assert [q.prompt_ids for q in r1[2].requests] == [q.prompt_ids for q in r2[2].requests]
+    assert [q.adapter for q in r1[0].requests] == [None] * 6
+    assert len({q.adapter for q in r1[1].requests}) == 1
+    counts = zipf_indices(random.Random(0), 2000, 1000, 1.0)
+    assert counts.count(0) > counts.count(999)
+    assert all(3 <= t < 384 for t in random_prompt(random.Random(0), 50, 384))
+
+
+def test_metrics_and_roofline(tiny: Model) -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([], 99) is None
+    # untied embeddings: the LM head is read in full, the embedding lookup (one row) is not counted
+    model = load_hf_model(tiny.path)
+    params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    assert weight_bytes_per_token(tiny.path) == 4 * params
+    assert measure_bandwidth_gbs(mib=8, repeats=2) > 0
+
+
+def test_harness_end_to_end_on_tiny_model(tiny: Model) -> None:
+    runs = concurrency_runs(tiny, [1, 2], prompt_len=8, new_tokens=3, rank=4)
+    spec = BenchSpec(
+        str(tiny.path),
+        runs,
+        max_lora_rank=8,
+        vocab_size=384,
+        batch1_decode={"prompt_len": 8, "new_tokens": 4},
+    )
+    hf = run_hf(spec)
+    ours = run_ours(spec)
+    assert {r.run for r in hf} == {r.run for r in ours} == {"batch1_decode", *(r.name for r in runs)}
+    for r in hf + ours:
+        assert r.output_tokens == r.requests * (4 if r.run == "batch1_decode" else 3)
+        assert r.tok_s > 0
+    assert all(r.ttft_p50_ms is not None and r.itl_p99_ms is not None for r in ours)
+
+    more = zipf_runs(tiny, 3, 50.0, (8, 10), (2, 3), num_adapters=20, rank=4)
+    more += cold_load_runs(
+        tiny,
+        background=2,
+        late=2,
+        interval_s=0.05,
+        prompt_len=8,
+        background_tokens=12,
+        late_tokens=2,
+        start_s=0.05,
+        rank=4,
+    )
+    ours2 = run_ours(BenchSpec(str(tiny.path), more, max_lora_rank=8, vocab_size=384))
+    by = {r.run: r for r in ours2}
+    assert by["c/cold"].extra["cold_loads"] == 2 and by["c/warm"].extra["cold_loads"] == 0
+    assert by["b/zipf"].output_tokens == sum(q.max_new_tokens for q in more[2].requests)
+
+    ratios = compute_ratios(hf + ours + ours2, [1, 2], roofline_tok_s=100.0)
+    names = {r.name for r in ratios}
+    assert "N=2 ours distinct / hf+peft distinct" in names and "zipf ours / base ours (tok/s)" in names
+    assert "| ours |" in results_table(ours) and "| ratio |" in ratios_table(ratios)
