@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -265,3 +266,24 @@ def test_metrics_exposes_the_serving_signals(server: ServerProcess) -> None:
         assert name in text, name
     assert f'adapter_id="{server.adapters["alpha"]}"' in text
     assert 'route="/generate",status="200"' in text
+
+
+def _gauge(server: ServerProcess, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def test_client_disconnect_aborts_the_stream(server: ServerProcess) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}
+    before = _gauge(server, "loraserve_generated_tokens_total")
+    with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as r:
+        next(r.iter_lines())
+    deadline = time.monotonic() + 10
+    while _gauge(server, "loraserve_engine_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gauge(server, "loraserve_engine_running") == 0
+    time.sleep(0.3)
+    assert _gauge(server, "loraserve_generated_tokens_total") - before < 480
+    assert _gauge(server, "loraserve_requests_in_flight") == 0
