@@ -21,20 +21,24 @@ def apply_repetition_penalty(
 ) -> torch.Tensor:
     """HF `RepetitionPenaltyLogitsProcessor`, one penalty and token history per row.
 
-    Builds one [B, V] mask of seen tokens with a single scatter instead of a
-    gather/scatter per row; ids >= V (embedding rows past the lm_head) are ignored, as HF does.
+    Works on the flattened (row, id) positions of all histories at once, so the cost
+    is one copy of the logits plus O(total history), with no per-row loop. A repeated
+    id writes the same value several times, which is harmless. Ids >= V (embedding
+    rows past the lm_head) are ignored, as HF does.
     """
     b, v = scores.shape
     device = scores.device
     lengths = torch.tensor([h.numel() for h in histories], device=device)
     row_ids = torch.repeat_interleave(torch.arange(b, device=device), lengths)
     cols = torch.cat([h.reshape(-1).to(device=device, dtype=torch.long) for h in histories])
-    keep = cols < v
-    seen = torch.zeros((b, v), dtype=torch.bool, device=device)
-    seen[row_ids[keep], cols[keep]] = True
-    p = torch.tensor(penalties, dtype=scores.dtype, device=device)[:, None]
-    penalized = torch.where(scores < 0, scores * p, scores / p)
-    return torch.where(seen, penalized, scores)
+    # Out-of-range ids land in one spare column that is dropped afterwards (no boolean
+    # masking, which would need a data-dependent nonzero()).
+    flat = row_ids * (v + 1) + cols.clamp(max=v)
+    p = torch.repeat_interleave(torch.tensor(penalties, dtype=scores.dtype, device=device), lengths)
+    out = torch.nn.functional.pad(scores, (0, 1))
+    vals = out.view(-1)[flat]
+    out.view(-1)[flat] = torch.where(vals < 0, vals * p, vals / p)
+    return out[:, :v]
 
 
 def apply_temperature(scores: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:

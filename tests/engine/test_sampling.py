@@ -235,3 +235,20 @@ def test_draws_follow_the_warped_distribution(params: SamplingParams) -> None:
         out = sample(logits.expand(batch, -1), rows)
         counts += torch.bincount(out.token_ids, minlength=8).float()
     assert _chi_square(counts, probs) < CHI2_CRIT[kept - 2]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_runs_on_device_and_returns_cpu_tensors(device: str) -> None:
+    x = rand_logits(4, 1000, 13).to(device=device, dtype=torch.float16)
+    hist = torch.tensor([1, 2, 3], device=device)
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3, top_n_alternatives=2),
+              SamplingParams(do_sample=True, top_p=0.9, seed=3), SamplingParams(do_sample=True, typical_p=0.5)]
+    rows = [SamplingRow(p, make_generator(i, device) if p.do_sample else None, hist) for i, p in enumerate(params)]
+    out = sample(x, rows)
+    assert out.token_ids.device.type == "cpu" and out.logprobs.device.type == "cpu"
+    assert int(out.token_ids[0]) == int(x[0].float().argmax())
+    assert out.alternatives is not None and len(out.alternatives[1]) == 2
+    again = sample(x, [SamplingRow(p, make_generator(i, device) if p.do_sample else None, hist)
+                       for i, p in enumerate(params)])
+    assert torch.equal(out.token_ids, again.token_ids)
