@@ -139,3 +139,19 @@ def test_hub_down_keeps_public_adapters_but_not_private(make_store, fake_hub, pe
     with pytest.raises(AdapterUnavailableError) as e:
         asyncio.run(store.get("org/private-lora", "hub", TOKEN))
     assert e.value.status_code == 503
+
+
+def test_standard_hf_environment_is_honoured(fake_hub, peft_adapters, monkeypatch, tmp_path):
+    from loraserve.adapters.sources import HubSource
+
+    sha = fake_hub.add_repo("org/env-lora", peft_adapters["qv"])
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    path, revision = HubSource().download("org/env-lora")
+    assert revision == sha and path.is_relative_to(tmp_path / "hf-home" / "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_hub.stop()
+    assert HubSource().download("org/env-lora") == (path, sha)
