@@ -55,7 +55,7 @@ def concurrency_runs(
         runs.append(
             RunSpec(
                 f"a/N={n}/distinct",
-                [Request(p, new_tokens, a) for p, a in zip(prompts, distinct, strict=True)],
+                [Request(p, new_tokens, a) for p, a in zip(prompts, distinct[:n], strict=True)],
             )
         )
     if mixed_ranks:
