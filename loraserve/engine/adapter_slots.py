@@ -9,6 +9,7 @@ slot that is already loaded.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from loraserve.adapters.lora_weights import LoraAdapter
@@ -22,6 +23,7 @@ class AdapterSlots:
         self.slot_key: list[str | None] = [None] * table.num_slots
         self.refs: list[int] = [0] * table.num_slots
         self.ranks: dict[int, int] = {}
+        self.loaded_at: list[float] = [0.0] * table.num_slots
         self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unreferenced, oldest first
         self.loads = 0
         self.evictions = 0
@@ -71,4 +73,5 @@ class AdapterSlots:
         self.key_to_slot[adapter.key] = slot
         self.slot_key[slot] = adapter.key
         self.ranks[slot] = adapter.max_rank
+        self.loaded_at[slot] = time.monotonic()
         self.loads += 1

@@ -87,7 +87,7 @@ class AsyncEngine:
             "waiting": e.num_waiting,
             "running": e.num_running,
             "free_blocks": e.blocks.num_free,
-            "total_blocks": e.blocks.num_blocks,
+            "total_blocks": e.blocks.capacity,
             "active_adapters": len(e.slots.active_keys()),
             "adapter_slots": e.slots.num_slots,
             "adapter_slots_in_use": e.slots.in_use(),

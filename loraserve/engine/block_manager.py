@@ -3,6 +3,10 @@
 A sequence's cache lives in whatever blocks it was handed; growing or
 shrinking the batch never moves anyone's cache. Freed blocks go back to the
 free list immediately so the next step can admit more work.
+
+Block 0 is never handed out: padded block-table entries point at it, and
+it stays all zeros, so masked-out attention positions never read stale
+values (0 x NaN would still be NaN).
 """
 
 from __future__ import annotations
@@ -11,7 +15,13 @@ from __future__ import annotations
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # stack: pop() hands out low ids first
+        # stack: pop() hands out low ids first; block 0 is the reserved null block
+        self._free: list[int] = list(range(num_blocks - 1, 0, -1))
+
+    @property
+    def capacity(self) -> int:
+        """Blocks that sequences can ever hold (all but the null block)."""
+        return self.num_blocks - 1
 
     @property
     def num_free(self) -> int:

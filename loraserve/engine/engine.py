@@ -26,7 +26,7 @@ from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
 from loraserve.engine.sampling import SamplingRow, make_generator, sample
 from loraserve.engine.scheduler import Scheduler
-from loraserve.engine.sequence import Sequence, SeqStatus
+from loraserve.engine.sequence import SeqStatus, Sequence
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
 from loraserve.layers.lora import LoraTable
@@ -52,6 +52,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_active_adapters: int = 32
     max_lora_rank: int = 64
+    adapter_cycle_time_s: float = 2.0  # how long requests may wait for a slot before busy adapters rotate out
     adapter_memory_bytes: int | None = None  # default: 10% of device memory
     num_threads: int | None = None  # CPU intra-op threads (default: torch's)
 
@@ -82,7 +83,8 @@ class Engine:
         self.model = load_model(self.model_dir, mc, self.dtype, self.device)
         self._allocate_kv_cache()
         self._allocate_lora_table()
-        self.scheduler = Scheduler(self.blocks, self.slots, cfg.max_num_seqs, cfg.max_batch_prefill_tokens)
+        self.scheduler = Scheduler(self.blocks, self.slots, cfg.max_num_seqs, cfg.max_batch_prefill_tokens,
+                                   cfg.adapter_cycle_time_s)
         self._seqs: dict[str, Sequence] = {}
         self.tokens_generated = 0
         self.steps = 0
@@ -109,11 +111,12 @@ class Engine:
             avail = _device_memory(self.device)
             budget = int(avail * (0.8 if self.device.type == "cuda" else 0.25))
             budget = min(budget, 8 << 30) if self.device.type == "cpu" else budget
-        tokens = budget // per_token
+        # never more than the batch could ever use, so small models start fast
+        tokens = min(budget // per_token, cfg.max_num_seqs * cfg.max_total_tokens)
         if cfg.max_batch_total_tokens:
             tokens = min(tokens, cfg.max_batch_total_tokens)
-        num_blocks = max(tokens // cfg.block_size, -(-cfg.max_total_tokens // cfg.block_size))
-        cfg.max_batch_total_tokens = num_blocks * cfg.block_size
+        num_blocks = max(tokens // cfg.block_size, -(-cfg.max_total_tokens // cfg.block_size)) + 1  # + null block
+        cfg.max_batch_total_tokens = (num_blocks - 1) * cfg.block_size
         shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
         self.model.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -164,7 +167,7 @@ class Engine:
         if len(ids) + params.max_new_tokens > cfg.max_total_tokens:
             raise ValueError(f"inputs tokens + max_new_tokens must be <= max_total_tokens={cfg.max_total_tokens}"
                              f" (got {len(ids)} + {params.max_new_tokens})")
-        if -(-(len(ids) + params.max_new_tokens) // cfg.block_size) > self.blocks.num_blocks:
+        if -(-(len(ids) + params.max_new_tokens) // cfg.block_size) > self.blocks.capacity:
             raise ValueError("request cannot fit in the KV cache even alone")
         if adapter is not None:
             self.check_adapter(adapter)
@@ -225,6 +228,9 @@ class Engine:
         last_logits = logits[torch.tensor(last_rows, device=self.device)]
         sampling_rows = [SamplingRow(params=s.params, generator=s.generator, history=self._history(s))
                          for s in layout.seqs]
+        bad = ~torch.isfinite(last_logits).all(dim=-1)
+        if bool(bad.any()):
+            last_logits = torch.where(bad.unsqueeze(1), torch.zeros_like(last_logits), last_logits)
         result = sample(last_logits, sampling_rows)
         self.steps += 1
         self.last_batch_size = len(layout.seqs)
@@ -237,6 +243,10 @@ class Engine:
                 prefill = self._prefill_infos(seq, logits[offset:offset + n])
             offset += n
             seq.num_cached = seq.num_tokens
+            if bad[i]:
+                outputs.append(self._fail(seq, "generation failed: the model produced non-finite logits "
+                                               "for this request (check the adapter's weights)"))
+                continue
             alts = result.alternatives[i] if result.alternatives is not None else None
             outputs.append(self._append_token(seq, int(result.token_ids[i]), float(result.logprobs[i]),
                                               alts, prefill))
@@ -256,8 +266,8 @@ class Engine:
         chosen = lp[torch.arange(n, device=lp.device), nxt].tolist() if n > 0 else []
         infos = [TokenInfo(id=ids[0], text=self.tokenizer.id_to_text(ids[0]), logprob=None,
                            special=self.tokenizer.is_special(ids[0]))]
-        for tid, l in zip(ids[1:n + 1], chosen):
-            infos.append(TokenInfo(id=tid, text=self.tokenizer.id_to_text(tid), logprob=l,
+        for tid, lp_ in zip(ids[1:n + 1], chosen):
+            infos.append(TokenInfo(id=tid, text=self.tokenizer.id_to_text(tid), logprob=lp_,
                                    special=self.tokenizer.is_special(tid)))
         return infos
 
@@ -267,21 +277,25 @@ class Engine:
         self.tokens_generated += 1
         special = self.tokenizer.is_special(token)
         delta = seq.detok.add(token)
-        info = TokenInfo(id=token, text=delta, logprob=logprob, special=special,
-                         alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None)
-        seq.output_tokens.append(info)
-        seq.text += delta
         reason = None
         if token in self.eos_ids and not seq.params.ignore_eos_token:
             reason = "eos_token"
-        elif seq.stop is not None:
+        elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.config.max_total_tokens:
+            reason = "length"
+        if reason is not None:
+            delta += seq.detok.flush()  # bytes held back for an unfinished character
+        seq.text += delta
+        if seq.stop is not None and delta:
             cut = seq.stop.check(seq.text, len(delta))
             if cut is not None:
+                delta = delta[:max(0, len(delta) - (len(seq.text) - cut))]
                 seq.text = seq.text[:cut]
                 reason = "stop_sequence"
-        if reason is None and (len(seq.output_ids) >= seq.params.max_new_tokens
-                               or seq.num_tokens >= self.config.max_total_tokens):
-            reason = "length"
+        # special tokens (EOS) are streamed with their own text, as LoRAX does, but kept out of generated_text
+        text = self.tokenizer.id_to_text(token) if special else delta
+        info = TokenInfo(id=token, text=text, logprob=logprob, special=special,
+                         alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None)
+        seq.output_tokens.append(info)
         out = RequestOutput(request_id=seq.request_id, tokens=[info], prompt_tokens=len(seq.prompt_ids),
                             generated_tokens=len(seq.output_ids), seed=seq.seed if seq.params.do_sample else None,
                             prefill=prefill)
@@ -289,6 +303,22 @@ class Engine:
             self._finish(seq)
             out.finished, out.finish_reason, out.generated_text = True, reason, seq.text
         return out
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """End one request with an error; the rest of the batch carries on.
+
+        Its blocks may hold NaN/inf keys and values; they are zeroed before reuse
+        because a masked-out position still multiplies its value by 0.
+        """
+        if seq.block_table:
+            idx = torch.tensor(seq.block_table, device=self.device)
+            for k, v in self.model.kv_caches:
+                k[idx] = 0
+                v[idx] = 0
+        self._finish(seq)
+        return RequestOutput(request_id=seq.request_id, tokens=[], finished=True, finish_reason="error",
+                             generated_text=seq.text, prompt_tokens=len(seq.prompt_ids),
+                             generated_tokens=len(seq.output_ids), error=message)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)

@@ -1,7 +1,14 @@
 """Continuous batching: every step, decode everyone running and admit whoever fits.
 
 Admission is bounded by the prefill-token budget, the number of sequences,
-free KV blocks and free adapter slots. When the cache runs out during
+free KV blocks and free adapter slots.
+
+Adapter exchange: when requests wait for an adapter that has no slot for
+longer than `adapter_cycle_s`, the longest-resident busy adapters are put in
+*draining*: their running requests finish, but new ones for them wait, so a
+slot frees up and the starving adapter (older in the FIFO queue) claims it.
+Popular adapters thus cannot lock a rare one out, and every adapter gets its
+turn within about one cycle per slot. When the cache runs out during
 decode, the most recently admitted sequence is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later
 (recompute is cheaper than swapping on every device we target, and needs no
@@ -10,12 +17,13 @@ host copy of the cache).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from loraserve.engine.adapter_slots import AdapterSlots
 from loraserve.engine.block_manager import BlockManager
-from loraserve.engine.sequence import Sequence, SeqStatus
+from loraserve.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass
@@ -31,8 +39,11 @@ class Schedule:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, slots: AdapterSlots | None, max_num_seqs: int,
-                 max_prefill_tokens: int) -> None:
+                 max_prefill_tokens: int, adapter_cycle_s: float = 2.0) -> None:
         self.blocks, self.slots = blocks, slots
+        self.adapter_cycle_s = adapter_cycle_s
+        self.draining: set[int] = set()
+        self._blocked_since: dict[str, float] = {}  # adapter key -> when its requests first lacked a slot
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -70,6 +81,8 @@ class Scheduler:
     def _admit(self, out: Schedule) -> None:
         budget = self.max_prefill_tokens
         skipped: list[Sequence] = []
+        now = time.monotonic()
+        blocked: dict[str, float] = {}
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_tokens
@@ -83,7 +96,12 @@ class Scheduler:
                 if not self.blocks.can_hold(seq.block_table, n):
                     break  # cannot fit even alone; the engine rejects such requests up front
             if seq.adapter is not None and self.slots is not None:
-                if not self.slots.can_acquire(seq.adapter):
+                key = seq.adapter.key
+                resident = self.slots.key_to_slot.get(key)
+                if (resident is not None and resident in self.draining) or (
+                        resident is None and not self.slots.can_acquire(seq.adapter)):
+                    if resident is None:
+                        blocked[key] = self._blocked_since.get(key, now)
                     skipped.append(self.waiting.popleft())  # others may proceed; retried next step
                     continue
                 seq.slot = self.slots.acquire(seq.adapter)
@@ -94,6 +112,21 @@ class Scheduler:
             out.prefills.append(seq)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+        self._blocked_since = blocked
+        self._rotate_adapters(now)
+
+    def _rotate_adapters(self, now: float) -> None:
+        if self.slots is None:
+            return
+        slots = self.slots
+        self.draining = {s for s in self.draining if slots.refs[s] > 0}
+        starving = sum(1 for t in self._blocked_since.values() if now - t >= self.adapter_cycle_s)
+        need = starving - len(self.draining)
+        if need <= 0:
+            return
+        busy = [s for s in range(slots.num_slots) if slots.refs[s] > 0 and s not in self.draining]
+        busy.sort(key=lambda s: slots.loaded_at[s])
+        self.draining.update(busy[:need])
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)

@@ -47,7 +47,7 @@ def test_logits_and_greedy_match_transformers(tiny_model_dirs: dict[str, Path], 
     for ids, res in zip(PROMPTS, results):
         assert [t.id for t in res.tokens] == hf_greedy(hf, ids, 32)
         assert res.finish_reason == "length"
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.blocks.num_free == engine.blocks.capacity
 
 
 def test_mixed_adapter_batch_matches_peft_per_row(llama_dir: Path, llama_adapters: list[Path]) -> None:
@@ -70,7 +70,7 @@ def test_mixed_adapter_batch_matches_peft_per_row(llama_dir: Path, llama_adapter
         with torch.no_grad():
             ref = ref_model(torch.tensor([ids])).logits[0]
         torch.testing.assert_close(engine.prompt_logits(ids, adapter), ref, atol=1e-4, rtol=1e-4)
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.blocks.num_free == engine.blocks.capacity
     assert engine.slots.in_use() == 0
 
 
