@@ -4,7 +4,9 @@
 `LocalDirAdapterProvider` is a minimal stand-in (local PEFT directories only)
 used when that store is unavailable. `AdapterRegistry` adds what only the
 server knows: the static `--adapter-id`, preloaded adapters reachable by their
-bare id, and the list `/v1/models` reports.
+bare id, the list `/v1/models` reports, and per-request merges
+(`merged_adapters`), whose inputs are fetched exactly like a request's own
+`adapter_id`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Protocol
 
 from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
 from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.adapters.merge import BASE_MODEL_ADAPTER_ID, MergeSpec
+from loraserve.adapters.merged_store import MergedAdapterStore
 from loraserve.adapters.peft_format import is_lora_dir, parse_peft_adapter
 from loraserve.adapters.validation import validate_adapter
 from loraserve.models.config import ModelConfig
@@ -85,6 +89,7 @@ class AdapterRegistry:
         self._preloaded: dict[str, LoraAdapter] = {}
         self.preload_token: str | None = None  # --predibase-api-token, for adapters loaded at start
         self.loaded_ids: dict[str, None] = {}  # ordered set of ids served so far
+        self.merged = MergedAdapterStore(_MergeInputs(self))
 
     async def preload(self, adapter_ids: list[str], source: str) -> None:
         ids = list(adapter_ids)
@@ -110,11 +115,43 @@ class AdapterRegistry:
         self.loaded_ids[adapter_id] = None
         return adapter
 
+    async def resolve_merged(
+        self, spec: MergeSpec, source: str | None, token: str | None
+    ) -> LoraAdapter | None:
+        """The merged adapter (named by its merge cache key, so equal specs share an engine slot).
+
+        Raises `AdapterError` (a `MergeError`, 422, for different ranks).
+        """
+        if spec.is_single and spec.ids[0] == BASE_MODEL_ADAPTER_ID:
+            return None  # LoRAX's pseudo adapter for "no adapter"
+        return await self.merged.get_merged(spec, source, token)
+
     def close(self) -> None:
+        self.merged.close()
         close = getattr(self.provider, "close", None)
         if callable(close):
             close()
 
     def stats(self) -> dict[str, Any]:
         stats = getattr(self.provider, "stats", None)
-        return dict(stats()) if callable(stats) else {}
+        out = dict(stats()) if callable(stats) else {}
+        out["merges_run"] = self.merged.merges_run
+        out["merged_cached"] = len(self.merged.cache)
+        return out
+
+
+class _MergeInputs:
+    """Fetches each id of a merge the way `AdapterRegistry.resolve` fetches a request's adapter.
+
+    So preloaded bare ids, the default source and the caller's token behave the
+    same inside `merged_adapters` as in `adapter_id`.
+    """
+
+    def __init__(self, registry: AdapterRegistry) -> None:
+        self._registry = registry
+
+    async def get(self, adapter_id: str, source: str | None, token: str | None) -> LoraAdapter:
+        adapter = await self._registry.resolve(adapter_id, source, token)
+        if adapter is None:  # only an empty id resolves to nothing; the spec forbids those
+            raise AdapterNotFoundError(f"no adapter for id {adapter_id!r}")
+        return adapter

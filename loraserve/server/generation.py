@@ -105,11 +105,19 @@ class GenerationService:
         self.limiter = ConcurrencyLimiter(max_concurrent)
 
     async def resolve_adapter(self, v: ValidatedRequest) -> LoraAdapter | None:
+        """The request's adapter; a merge is built off the event loop and then runs like any adapter."""
         try:
-            adapter = await self.registry.resolve(v.adapter_id, v.adapter_source, v.api_token)
+            if v.merge is not None:
+                adapter = await self.registry.resolve_merged(v.merge, v.adapter_source, v.api_token)
+            else:
+                adapter = await self.registry.resolve(v.adapter_id, v.adapter_source, v.api_token)
         except AdapterError as e:
             raise adapter_api_error(e) from e
-        self.metrics.adapter_request(v.adapter_id or self.registry.static_adapter_id or "")
+        if v.merge is not None:
+            for adapter_id in dict.fromkeys(v.merge.ids):
+                self.metrics.adapter_request(adapter_id)
+        else:
+            self.metrics.adapter_request(v.adapter_id or self.registry.static_adapter_id or "")
         return adapter
 
     async def steps(

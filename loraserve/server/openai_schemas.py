@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraserve.server.schemas import MergedAdapters
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -36,6 +38,8 @@ class _OpenAIBase(BaseModel):
     ignore_eos_token: bool | None = None
     adapter_source: Literal["hub", "local", "s3", "pbase"] | None = None
     api_token: str | None = None
+    # LoRAX's per-request merge (`extra_body`); `model` then names the base model.
+    merged_adapters: MergedAdapters | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -67,6 +67,7 @@ def _parameters(st: ServerState, req: _OpenAIBase, max_tokens: int | None, top_n
     return GenerateParameters(
         adapter_id=adapter_for_model(st, req.model),
         adapter_source=req.adapter_source,
+        merged_adapters=req.merged_adapters,
         api_token=req.api_token,
         temperature=temperature,
         top_p=top_p,

@@ -13,10 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class MergedAdapters(BaseModel):
+    """LoRAX's `merged_adapters`; `null` strategy/sign method mean linear/total."""
+
     ids: list[str]
     weights: list[float] = Field(default_factory=list)
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] | None = None
-    density: float = 0.0
+    # `lorax-client` always sends it; a hand-written request that leaves it out means no pruning.
+    density: float | None = None
     majority_sign_method: Literal["total", "frequency"] | None = None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from loraserve.adapters.merge import MergeError, MergeSpec
 from loraserve.engine.params import SamplingParams
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import not_supported, validation_error
@@ -32,6 +33,7 @@ class ValidatedRequest:
     adapter_id: str | None
     adapter_source: str | None  # None = not given: the server default applies
     api_token: str | None
+    merge: MergeSpec | None = None  # `merged_adapters`; `adapter_source` and the token apply to every id
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -55,16 +57,27 @@ def implies_sampling(p: GenerateParameters) -> bool:
     )
 
 
-def _check_unsupported(p: GenerateParameters) -> None:
-    if p.adapter_id and p.merged_adapters is not None:
+def merge_spec(p: GenerateParameters) -> MergeSpec | None:
+    """The request's merge, checked as LoRAX's router then its merge code check it (422 naming the field).
+
+    Ranks can only be compared once the adapters are fetched; that check comes later.
+    """
+    if p.merged_adapters is None:
+        return None
+    if p.adapter_id:
         raise validation_error("at most one of `adapter_id` or `adapters` may be provided")
-    if p.merged_adapters is not None:
-        ids, weights = p.merged_adapters.ids, p.merged_adapters.weights
-        if len(ids) < 1:
-            raise validation_error("at least one adapter ID must be provided when setting `adapters`")
-        if len(ids) != len(weights):
-            raise validation_error("number of adapter IDs must match number of adapter weights")
-        raise not_supported("`merged_adapters` (adapter merging)")
+    ids, weights = p.merged_adapters.ids, p.merged_adapters.weights
+    if len(ids) < 1:
+        raise validation_error("at least one adapter ID must be provided when setting `adapters`")
+    if len(ids) != len(weights):
+        raise validation_error("number of adapter IDs must match number of adapter weights")
+    try:
+        return MergeSpec.from_request(p.merged_adapters.model_dump())
+    except MergeError as e:
+        raise validation_error(f"`merged_adapters`: {e}") from e
+
+
+def _check_unsupported(p: GenerateParameters) -> None:
     if p.response_format is not None:
         raise not_supported("`response_format` (JSON-schema constrained output)")
     if p.watermark:
@@ -135,6 +148,7 @@ def validate_generate(
 ) -> ValidatedRequest:
     """Turn a LoRAX request into engine inputs, or raise a 422 `ApiError` naming the field."""
     p = req.parameters
+    merge = merge_spec(p)
     _check_unsupported(p)
     best_of = 1 if p.best_of is None else p.best_of
     if best_of > 1 and not implies_sampling(p):
@@ -186,4 +200,5 @@ def validate_generate(
         adapter_id=adapter_id,
         adapter_source=p.adapter_source,
         api_token=p.api_token or header_token,
+        merge=merge,
     )

@@ -167,9 +167,9 @@ def test_adapter_changes_output(server: ServerProcess) -> None:
         ({"inputs": PROMPT, "parameters": {"best_of": 2}}, 422, "you must use sampling"),
         ({"inputs": PROMPT, "parameters": {"watermark": True}}, 422, "not supported yet"),
         (
-            {"inputs": PROMPT, "parameters": {"merged_adapters": {"ids": ["a"], "weights": [1.0]}}},
+            {"inputs": PROMPT, "parameters": {"merged_adapters": {"ids": [], "weights": []}}},
             422,
-            "not supported yet",
+            "at least one adapter ID",
         ),
         (
             {"inputs": PROMPT, "parameters": {"response_format": {"type": "json_object", "schema": {}}}},

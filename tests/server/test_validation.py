@@ -75,7 +75,18 @@ def test_authorization_header_token_and_parameter_precedence() -> None:
         ({"max_new_tokens": 17}, False, "`inputs` tokens + `max_new_tokens` must be <= 20"),
         ({"watermark": True}, False, "`watermark` is not supported yet"),
         ({"response_format": {"type": "json_object", "schema": {}}}, False, "`response_format`"),
-        ({"merged_adapters": {"ids": ["a", "b"], "weights": [0.5, 0.5]}}, False, "`merged_adapters`"),
+        (
+            {
+                "merged_adapters": {
+                    "ids": ["a", "b"],
+                    "weights": [1, 1],
+                    "merge_strategy": "ties",
+                    "density": 1.5,
+                }
+            },
+            False,
+            "`merged_adapters`: `density` must be >= 0.0 and <= 1.0",
+        ),
         ({"merged_adapters": {"ids": ["a"], "weights": []}}, False, "must match number of adapter weights"),
         ({"merged_adapters": {"ids": ["a"], "weights": [1]}, "adapter_id": "x"}, False, "at most one of"),
     ],
