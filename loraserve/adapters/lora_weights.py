@@ -9,8 +9,14 @@ literally: A is ``[r, in_features]``, B is ``[out_features, r]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+from loraserve.adapters.errors import AdapterError
+
+if TYPE_CHECKING:  # medusa_format imports this module
+    from loraserve.adapters.medusa_format import MedusaHeads
 
 LORA_MODULES: tuple[str, ...] = (
     "q_proj",
@@ -42,6 +48,8 @@ class LoraAdapter:
 
     `key` identifies the exact weights (source, id, resolved revision), so two
     requests naming the same adapter share one cache entry and one slot.
+    `medusa` holds speculative heads shipped with the adapter; a Medusa-only
+    adapter has no LoRA `modules` (rank 0) and must not take a LoRA slot.
     """
 
     key: str
@@ -52,6 +60,11 @@ class LoraAdapter:
     modules: dict[tuple[int, str], LoraModuleWeights]  # (layer index, module name)
     base_model_name: str | None = None
     config: dict = field(default_factory=dict)  # the raw adapter_config.json
+    medusa: MedusaHeads | None = None
+
+    def __post_init__(self) -> None:
+        if not self.modules and self.medusa is None:
+            raise AdapterError("adapter holds neither LoRA weights nor Medusa heads")
 
     @property
     def max_rank(self) -> int:
@@ -59,4 +72,5 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        lora = sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        return lora + (self.medusa.nbytes if self.medusa is not None else 0)

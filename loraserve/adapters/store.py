@@ -3,6 +3,7 @@
     store = AdapterStore(model_config, cache_dir="/var/cache/loraserve",
                          host_cache_bytes=2 << 30, default_source="hub")
     adapter = await store.get(adapter_id, source, token, revision)   # -> LoraAdapter
+    adapter.medusa       # MedusaHeads when the adapter ships Medusa heads (then modules may be empty)
     store.stats()        # counters for /metrics
     store.close()
 
@@ -47,7 +48,7 @@ from pathlib import Path
 from loraserve.adapters.errors import AdapterAuthError, AdapterError
 from loraserve.adapters.host_cache import HostAdapterCache
 from loraserve.adapters.lora_weights import LoraAdapter
-from loraserve.adapters.peft_format import parse_peft_adapter
+from loraserve.adapters.medusa_format import parse_adapter_dir, validate_medusa
 from loraserve.adapters.single_flight import SingleFlight, await_shared
 from loraserve.adapters.sources import SOURCE_NAMES, AdapterSource, ResolvedAdapter, build_sources
 from loraserve.adapters.sources.base import token_fingerprint
@@ -229,7 +230,9 @@ class AdapterStore:
         t0 = time.monotonic()
         try:
             path = src.fetch(resolved, token)
-            adapter = parse_peft_adapter(path, key=resolved.cache_key)
+            adapter = parse_adapter_dir(path, key=resolved.cache_key)
+            if adapter.medusa is not None:
+                validate_medusa(adapter.medusa, self.model_config)
             for warning in validate_adapter(adapter, self.model_config, self.max_rank):
                 log.warning("adapter %s: %s", resolved.cache_key, warning)
         except AdapterError as e:
@@ -244,7 +247,9 @@ class AdapterStore:
         self._count("loaded_bytes", adapter.nbytes)
         self._host.put(adapter)
         log.info(
-            "adapter %s loaded: rank %d, %d modules, %d bytes in %.2fs",
-            resolved.cache_key, adapter.rank, len(adapter.modules), adapter.nbytes, time.monotonic() - t0,
+            "adapter %s loaded: rank %d, %d modules, %s, %d bytes in %.2fs",
+            resolved.cache_key, adapter.rank, len(adapter.modules),
+            f"{adapter.medusa.num_heads} Medusa heads" if adapter.medusa is not None else "no Medusa heads",
+            adapter.nbytes, time.monotonic() - t0,
         )
         return adapter

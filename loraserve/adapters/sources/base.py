@@ -24,7 +24,10 @@ from pathlib import Path
 
 from loraserve.adapters.errors import AdapterError
 
-ADAPTER_FILES: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+LORA_FILES: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# Medusa heads (alone, or beside a LoRA fine-tune that ships its own heads).
+MEDUSA_FILES: tuple[str, ...] = ("config.json", "medusa_lm_head.safetensors", "medusa_lm_head.pt")
+ADAPTER_FILES: tuple[str, ...] = LORA_FILES + MEDUSA_FILES
 
 
 class AdapterUnavailableError(AdapterError):
@@ -70,7 +73,7 @@ class AdapterSource(ABC):
 
     @abstractmethod
     def fetch(self, resolved: ResolvedAdapter, token: str | None) -> Path:
-        """Return a local directory holding the PEFT files of `resolved`."""
+        """Return a local directory holding the PEFT and/or Medusa files of `resolved`."""
 
     def download(self, adapter_id: str, token: str | None = None, revision: str | None = None) -> tuple[Path, str]:
         """Both steps at once, for callers that want files and do not cache (CLI, tests)."""
@@ -79,11 +82,21 @@ class AdapterSource(ABC):
 
 
 def pick_adapter_files(names: set[str] | list[str] | tuple[str, ...], where: str) -> list[str]:
-    """The files to download: config plus one weights file, safetensors preferred like PEFT does."""
+    """The files to download: LoRA config plus one weights file, safetensors preferred like PEFT does,
+    and Medusa's `config.json` plus heads when present (a Medusa adapter may have no LoRA part)."""
     names = set(names)
+    medusa_weights = next((w for w in MEDUSA_FILES[1:] if w in names), None)
+    medusa = ["config.json", medusa_weights] if medusa_weights and "config.json" in names else []
     if "adapter_config.json" not in names:
-        raise AdapterError(f"{where} has no adapter_config.json: it is not a PEFT LoRA adapter")
+        if medusa:
+            return medusa
+        if medusa_weights:
+            raise AdapterError(f"{where} has {medusa_weights} but no config.json naming its Medusa heads")
+        raise AdapterError(
+            f"{where} has no adapter_config.json: it is not a PEFT LoRA adapter "
+            "(nor Medusa heads: config.json + medusa_lm_head.safetensors)"
+        )
     for weights in ("adapter_model.safetensors", "adapter_model.bin"):
         if weights in names:
-            return ["adapter_config.json", weights]
+            return ["adapter_config.json", weights, *medusa]
     raise AdapterError(f"{where} has neither adapter_model.safetensors nor adapter_model.bin")
