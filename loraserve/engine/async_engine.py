@@ -98,6 +98,8 @@ class AsyncEngine:
             "batch_size": e.last_batch_size,
             "steps": e.steps,
             "preemptions": e.scheduler.num_preemptions,
+            "spec_steps": e.spec_steps,
+            "spec_tokens": e.spec_tokens,
         }
 
     def shutdown(self, timeout: float = 5.0) -> None:

@@ -30,7 +30,7 @@ def _paged_group(seqs: list[Sequence], spans: list[tuple[int, int]], block_size:
     b = len(seqs)
     q_lens = [e - s for s, e in spans]
     max_q = max(q_lens)
-    ctx = [seq.num_tokens for seq in seqs]
+    ctx = [seq.num_tokens + len(seq.drafts) for seq in seqs]
     max_ctx = max(ctx)
     nblk = -(-max_ctx // block_size)
     tables = torch.zeros(b, nblk, dtype=torch.long)
@@ -66,15 +66,15 @@ def build_forward_batch(decodes: list[Sequence], prefills: list[Sequence], block
     logit_rows: list[list[int]] = []
     for seq in seqs:
         start = len(ids)
-        all_ids = seq.all_ids
-        for p in range(seq.num_cached, seq.num_tokens):
-            ids.append(all_ids[p])
+        fed = seq.all_ids[seq.num_cached:] + seq.drafts  # drafts are verified in the same pass
+        for p, tok in enumerate(fed, start=seq.num_cached):
+            ids.append(tok)
             positions.append(p)
             slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
         end = len(ids)
         spans.append((start, end))
-        wants_prefill = seq.params.prefill_logprobs and not seq.prefill_reported
-        logit_rows.append(list(range(start, end)) if wants_prefill else [end - 1])
+        wants_all = seq.drafts or (seq.params.prefill_logprobs and not seq.prefill_reported)
+        logit_rows.append(list(range(start, end)) if wants_all else [end - 1])
     attn = AttentionMeta(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
     paged_seqs, paged_spans = [], []
     for seq, span in zip(seqs, spans):

@@ -13,12 +13,14 @@ import logging
 import os
 import random
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.adapters.medusa_format import MedusaHeads
 from loraserve.engine.adapter_slots import AdapterSlots
 from loraserve.engine.batch_builder import build_forward_batch
 from loraserve.engine.block_manager import BlockManager
@@ -27,9 +29,11 @@ from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
 from loraserve.engine.sampling import SamplingRow, make_generator, sample
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import SeqStatus, Sequence
+from loraserve.engine.speculative import verify_drafts
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
 from loraserve.layers.lora import LoraTable
+from loraserve.layers.medusa import medusa_logits
 from loraserve.models import load_model
 from loraserve.models.config import ModelConfig
 
@@ -52,6 +56,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_active_adapters: int = 32
     max_lora_rank: int = 64
+    speculative_tokens: int | None = None  # Medusa drafts per step; None = as many as the heads have
     adapter_cycle_time_s: float = 2.0  # how long requests may wait for a slot before busy adapters rotate out
     adapter_memory_bytes: int | None = None  # default: 10% of device memory
     num_threads: int | None = None  # CPU intra-op threads (default: torch's)
@@ -87,6 +92,10 @@ class Engine:
                                    cfg.adapter_cycle_time_s)
         self._seqs: dict[str, Sequence] = {}
         self.tokens_generated = 0
+        self.default_speculator: MedusaHeads | None = None
+        self._speculators: OrderedDict[str, MedusaHeads] = OrderedDict()  # device copies of per-request heads
+        self.spec_steps = 0
+        self.spec_tokens = 0
         self.steps = 0
         self.last_batch_size = 0
 
@@ -171,6 +180,7 @@ class Engine:
             raise ValueError("request cannot fit in the KV cache even alone")
         if adapter is not None:
             self.check_adapter(adapter)
+        speculator = self._speculator_for(adapter, params)
         rid = request_id or uuid.uuid4().hex
         if rid in self._seqs:
             raise ValueError(f"duplicate request id {rid!r}")
@@ -184,10 +194,57 @@ class Engine:
             generator=make_generator(seed, self.device) if params.do_sample else None,
             detok=IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
             stop=StopChecker(params.stop) if params.stop else None,
+            speculator=speculator,
         )
         self._seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
+
+    # ---- speculative decoding ---------------------------------------------------------------------
+    def set_default_speculator(self, heads: MedusaHeads | None) -> None:
+        """Medusa heads that draft for every request without heads of its own."""
+        if heads is not None:
+            self._check_heads(heads)
+            heads = heads.to(self.device, self.dtype)
+        self.default_speculator = heads
+
+    @property
+    def speculative_tokens(self) -> int:
+        cap = self.config.speculative_tokens
+        if self.default_speculator is None:
+            return cap or 0
+        return self.default_speculator.num_heads if cap is None else cap
+
+    def _check_heads(self, heads: MedusaHeads) -> None:
+        mc = self.model_config
+        if heads.hidden_size != mc.hidden_size:
+            raise ValueError(f"Medusa heads have hidden size {heads.hidden_size}, the model {mc.hidden_size}")
+        if heads.proj is not None and heads.proj.shape[1] != self.model.lm_head.shape[0]:
+            raise ValueError("Medusa heads' vocabulary does not match the model's")
+
+    def _speculator_for(self, adapter: LoraAdapter | None, params: SamplingParams) -> MedusaHeads | None:
+        """LoRAX's rule: per-request heads only when the server runs a default speculator.
+
+        Unlike LoRAX, per-request heads may be v1 or v2 and have any number of
+        heads; drafts are capped by `speculative_tokens` either way.
+        """
+        own = adapter.medusa if adapter is not None else None
+        if own is not None and self.default_speculator is None:
+            raise ValueError("this adapter carries Medusa heads, but speculative decoding needs the server to be "
+                             "started with a default Medusa adapter (--adapter-id)")
+        if self.speculative_tokens <= 0 or params.repetition_penalty != 1.0:
+            return None  # the penalty depends on the history, which drafts would change mid-verification
+        if own is None:
+            return self.default_speculator
+        heads = self._speculators.get(own.key)
+        if heads is None:
+            self._check_heads(own)
+            heads = own.to(self.device, self.dtype)
+            self._speculators[own.key] = heads
+            while len(self._speculators) > 64:
+                self._speculators.popitem(last=False)
+        self._speculators.move_to_end(own.key)
+        return heads
 
     def abort(self, request_id: str) -> bool:
         seq = self._seqs.pop(request_id, None)
@@ -220,37 +277,93 @@ class Engine:
         hidden = self.model.forward(fb)
         rows = [r for rs in layout.logit_rows for r in rs]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
-        last_rows = []
-        offset = 0
+        starts, offset = [], 0
         for rs in layout.logit_rows:
+            starts.append(offset)
             offset += len(rs)
-            last_rows.append(offset - 1)
-        last_logits = logits[torch.tensor(last_rows, device=self.device)]
-        sampling_rows = [SamplingRow(params=s.params, generator=s.generator, history=self._history(s))
-                         for s in layout.seqs]
-        bad = ~torch.isfinite(last_logits).all(dim=-1)
-        if bool(bad.any()):
-            last_logits = torch.where(bad.unsqueeze(1), torch.zeros_like(last_logits), last_logits)
-        result = sample(last_logits, sampling_rows)
+        # one finiteness check for the whole step; a poisoned row fails alone
+        bad = (~torch.isfinite(logits).all(dim=-1)).tolist()
+        bad_seq = [any(bad[starts[i]:starts[i] + len(rs)]) for i, rs in enumerate(layout.logit_rows)]
+        plain = [i for i, seq in enumerate(layout.seqs) if not seq.drafts and not bad_seq[i]]
+        result = None
+        if plain:
+            last = torch.tensor([starts[i] + len(layout.logit_rows[i]) - 1 for i in plain], device=self.device)
+            result = sample(logits[last], [SamplingRow(params=layout.seqs[i].params,
+                                                       generator=layout.seqs[i].generator,
+                                                       history=self._history(layout.seqs[i])) for i in plain])
+        plain_pos = {i: j for j, i in enumerate(plain)}
         self.steps += 1
         self.last_batch_size = len(layout.seqs)
         outputs: list[RequestOutput] = []
-        offset = 0
+        draft_rows: list[tuple[Sequence, int]] = []  # hidden row of the last accepted position
         for i, seq in enumerate(layout.seqs):
             n = len(layout.logit_rows[i])
+            seq_logits = logits[starts[i]:starts[i] + n]
             prefill = None
-            if n > 1 or (seq.params.prefill_logprobs and not seq.prefill_reported):
-                prefill = self._prefill_infos(seq, logits[offset:offset + n])
-            offset += n
-            seq.num_cached = seq.num_tokens
-            if bad[i]:
+            if seq.params.prefill_logprobs and not seq.prefill_reported and not seq.drafts:
+                prefill = self._prefill_infos(seq, seq_logits)
+            if bad_seq[i]:
                 outputs.append(self._fail(seq, "generation failed: the model produced non-finite logits "
                                                "for this request (check the adapter's weights)"))
                 continue
-            alts = result.alternatives[i] if result.alternatives is not None else None
-            outputs.append(self._append_token(seq, int(result.token_ids[i]), float(result.logprobs[i]),
-                                              alts, prefill))
+            span_start, span_end = layout.spans[i]
+            if seq.drafts:
+                v = verify_drafts(seq_logits, seq.drafts, seq.params, seq.generator)
+                seq.num_cached += 1 + v.accepted_drafts
+                seq.spec_steps += 1
+                seq.spec_tokens += len(v.tokens)
+                self.spec_steps += 1
+                self.spec_tokens += len(v.tokens)
+                emitted = [(t, lp, None) for t, lp in zip(v.tokens, v.logprobs)]
+                last_row = span_start + v.accepted_drafts
+                seq.drafts = []
+            else:
+                j = plain_pos[i]
+                alts = result.alternatives[j] if result.alternatives is not None else None
+                emitted = [(int(result.token_ids[j]), float(result.logprobs[j]), alts)]
+                seq.num_cached = seq.num_tokens
+                last_row = span_end - 1
+            out = self._emit(seq, emitted, prefill)
+            outputs.append(out)
+            if not out.finished:
+                self.blocks.shrink(seq.block_table, seq.num_tokens)  # drop blocks of rejected drafts
+                if seq.speculator is not None:
+                    draft_rows.append((seq, last_row))
+        if draft_rows:
+            self._propose_drafts(hidden, draft_rows)
         return outputs
+
+    def _propose_drafts(self, hidden: torch.Tensor, draft_rows: list[tuple[Sequence, int]]) -> None:
+        """Run each speculator once over the rows it drafts for (heads are batched inside)."""
+        groups: dict[int, list[tuple[Sequence, int]]] = {}
+        for seq, row in draft_rows:
+            groups.setdefault(id(seq.speculator), []).append((seq, row))
+        for members in groups.values():
+            heads = members[0][0].speculator
+            idx = torch.tensor([row for _, row in members], device=self.device)
+            drafts = medusa_logits(hidden[idx], heads, self.model.lm_head).argmax(dim=-1).t().tolist()
+            for (seq, _), d in zip(members, drafts):
+                room = min(seq.params.max_new_tokens - len(seq.output_ids),
+                           self.config.max_total_tokens - seq.num_tokens) - 1
+                seq.drafts = d[:max(0, min(room, self.speculative_tokens))]
+
+    def _emit(self, seq: Sequence, emitted: list[tuple[int, float, list[tuple[int, float]] | None]],
+              prefill: list[TokenInfo] | None) -> RequestOutput:
+        """Append this step's tokens one by one, stopping at the first finish condition."""
+        infos: list[TokenInfo] = []
+        reason = None
+        for token, logprob, alts in emitted:
+            info, reason = self._append_token(seq, token, logprob, alts)
+            infos.append(info)
+            if reason is not None:
+                break
+        out = RequestOutput(request_id=seq.request_id, tokens=infos, prompt_tokens=len(seq.prompt_ids),
+                            generated_tokens=len(seq.output_ids), seed=seq.seed if seq.params.do_sample else None,
+                            prefill=prefill, spec_steps=seq.spec_steps, spec_tokens=seq.spec_tokens)
+        if reason is not None:
+            self._finish(seq)
+            out.finished, out.finish_reason, out.generated_text = True, reason, seq.text
+        return out
 
     def _history(self, seq: Sequence) -> torch.Tensor | None:
         if seq.params.repetition_penalty == 1.0:
@@ -272,7 +385,7 @@ class Engine:
         return infos
 
     def _append_token(self, seq: Sequence, token: int, logprob: float,
-                      alts: list[tuple[int, float]] | None, prefill: list[TokenInfo] | None) -> RequestOutput:
+                      alts: list[tuple[int, float]] | None) -> tuple[TokenInfo, str | None]:
         seq.output_ids.append(token)
         self.tokens_generated += 1
         special = self.tokenizer.is_special(token)
@@ -296,13 +409,7 @@ class Engine:
         info = TokenInfo(id=token, text=text, logprob=logprob, special=special,
                          alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None)
         seq.output_tokens.append(info)
-        out = RequestOutput(request_id=seq.request_id, tokens=[info], prompt_tokens=len(seq.prompt_ids),
-                            generated_tokens=len(seq.output_ids), seed=seq.seed if seq.params.do_sample else None,
-                            prefill=prefill)
-        if reason is not None:
-            self._finish(seq)
-            out.finished, out.finish_reason, out.generated_text = True, reason, seq.text
-        return out
+        return info, reason
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """End one request with an error; the rest of the batch carries on.
@@ -366,7 +473,7 @@ class Engine:
             raise RuntimeError("not enough free KV blocks to score this prompt now")
         self.blocks.grow(seq.block_table, seq.num_tokens)
         try:
-            if adapter is not None:
+            if seq.uses_slot:
                 seq.slot = self.slots.acquire(adapter)
             mc = self.model_config
             fb, _ = build_forward_batch([], [seq], self.config.block_size, self.model.rotary,

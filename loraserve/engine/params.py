@@ -84,3 +84,5 @@ class RequestOutput:
     seed: int | None = None
     prefill: list[TokenInfo] | None = None  # on the first update, when asked
     error: str | None = None
+    spec_steps: int = 0  # steps that verified Medusa drafts for this request so far
+    spec_tokens: int = 0  # tokens those steps emitted (spec_tokens / spec_steps = accepted per step)

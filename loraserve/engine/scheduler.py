@@ -68,14 +68,16 @@ class Scheduler:
         queue = list(self.running)
         while queue:
             seq = queue.pop(0)
-            while not self.blocks.can_hold(seq.block_table, seq.num_tokens):
+            if seq.drafts and not self.blocks.can_hold(seq.block_table, seq.num_tokens + len(seq.drafts)):
+                seq.drafts = []  # speculation is optional: never preempt anyone for it
+            while not self.blocks.can_hold(seq.block_table, seq.num_tokens + len(seq.drafts)):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                self.blocks.grow(seq.block_table, seq.num_tokens)
+                self.blocks.grow(seq.block_table, seq.num_tokens + len(seq.drafts))
                 out.decodes.append(seq)
 
     def _admit(self, out: Schedule) -> None:
@@ -95,7 +97,7 @@ class Scheduler:
                     break
                 if not self.blocks.can_hold(seq.block_table, n):
                     break  # cannot fit even alone; the engine rejects such requests up front
-            if seq.adapter is not None and self.slots is not None:
+            if seq.uses_slot and self.slots is not None:
                 key = seq.adapter.key
                 resident = self.slots.key_to_slot.get(key)
                 if (resident is not None and resident in self.draining) or (
@@ -138,6 +140,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.num_cached = 0
+        seq.drafts = []
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

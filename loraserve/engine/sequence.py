@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.adapters.medusa_format import MedusaHeads
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.params import SamplingParams, TokenInfo
 from loraserve.engine.stop import StopChecker
@@ -41,6 +42,15 @@ class Sequence:
     prefill_reported: bool = False
     history: torch.Tensor | None = None  # prompt+output ids on device, for repetition penalty
     text: str = ""
+    speculator: MedusaHeads | None = None  # device copy of the heads that draft for this request
+    drafts: list[int] = field(default_factory=list)  # proposed tokens to verify in the next step
+    spec_steps: int = 0  # steps that verified drafts
+    spec_tokens: int = 0  # tokens emitted by those steps
+
+    @property
+    def uses_slot(self) -> bool:
+        """Medusa-only adapters carry no LoRA weights and need no slot."""
+        return self.adapter is not None and bool(self.adapter.modules)
 
     @property
     def all_ids(self) -> list[int]:

@@ -1,0 +1,74 @@
+"""Verify Medusa drafts against the target model: lossless speculative decoding.
+
+A sequence with drafts d_1..d_K feeds [last, d_1, ..., d_K] through the model
+in one pass; row i's logits give the target distribution p_i for the token
+after position i. Medusa drafts are deterministic (argmax of the heads), i.e.
+a one-hot draft distribution q, so standard speculative sampling reduces to:
+accept d_i with probability p_i(d_i); on rejection draw from p_i with d_i
+removed (the normalised residual max(p - q, 0)); if every draft is accepted,
+draw a bonus token from p_{K+1}. The emitted tokens are then distributed
+exactly as if drawn one by one from the target model. For greedy rows this is
+"accept while d_i == argmax p_i", so the output is identical to plain greedy
+decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.engine.logits_processors import apply_temperature, apply_top_k, apply_top_p, apply_typical_p
+from loraserve.engine.params import SamplingParams
+from loraserve.engine.sampling import draw, is_sampling
+
+
+@dataclass
+class Verified:
+    tokens: list[int]  # accepted drafts followed by one corrected/bonus token
+    logprobs: list[float]
+    accepted_drafts: int
+
+
+def _warp(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores after temperature, scores after all truncations) for every row of one request."""
+    n = logits.shape[0]
+    scaled = apply_temperature(logits, [params.temperature] * n)
+    warped = apply_top_k(scaled, [params.top_k] * n)
+    warped = apply_top_p(warped, [params.top_p] * n)
+    warped = apply_typical_p(warped, [params.typical_p] * n)
+    return scaled, warped
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
+                  generator: torch.Generator | None) -> Verified:
+    """logits: [K+1, V] (float32) for [last, d_1..d_K]; returns the tokens to emit this step."""
+    k = len(drafts)
+    if not is_sampling(params):
+        target = logits.argmax(dim=-1).tolist()
+        m = 0
+        while m < k and drafts[m] == target[m]:
+            m += 1
+        lp = torch.log_softmax(logits[: m + 1], dim=-1)
+        toks = target[: m + 1]
+        return Verified(toks, lp[torch.arange(m + 1), torch.tensor(toks)].tolist(), m)
+    scaled, warped = _warp(logits, params)
+    probs = torch.softmax(warped, dim=-1)
+    d = torch.tensor(drafts, device=logits.device)
+    p_draft = probs[torch.arange(k, device=logits.device), d] if k else probs.new_zeros(0)
+    u = torch.rand(k, generator=generator, device=logits.device) if k else p_draft
+    accept = (u < p_draft).tolist()
+    m = 0
+    while m < k and accept[m]:
+        m += 1
+    if m < k:  # residual distribution: the target with the rejected draft removed
+        residual = warped[m].clone()
+        residual[drafts[m]] = float("-inf")
+        if torch.isinf(residual).all():  # p put all its mass on the draft: acceptance was certain
+            residual = warped[m]
+        last = int(draw(residual.unsqueeze(0), [generator])[0])
+    else:
+        last = int(draw(warped[k].unsqueeze(0), [generator])[0])
+    toks = drafts[:m] + [last]
+    lp = torch.log_softmax(scaled[: m + 1], dim=-1)
+    return Verified(toks, lp[torch.arange(m + 1), torch.tensor(toks)].tolist(), m)
