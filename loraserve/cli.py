@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from loraserve import __version__
 from loraserve.server.flags import SOURCES, add_serve_flags
+from loraserve.server.log_redaction import install_redaction
 
 log = logging.getLogger("loraserve")
 
@@ -35,8 +39,6 @@ def _unsupported(args: argparse.Namespace) -> str | None:
 
 
 def _adapter_memory_bytes(fraction: float, device: str) -> int:
-    import os
-
     import torch
 
     if device.startswith("cuda"):
@@ -80,8 +82,13 @@ def serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    # huggingface_hub reads its download timeout when imported: set it before anything imports it.
+    timeout = str(max(1, math.ceil(args.adapter_source_timeout_s)))  # it wants whole seconds
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", timeout)
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", timeout)
     import uvicorn
 
+    from loraserve.adapters.sources import build_sources
     from loraserve.adapters.store import AdapterStore
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.engine import Engine
@@ -92,6 +99,8 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         model_id=args.model_id,
         max_concurrent_requests=args.max_concurrent_requests,
+        max_request_bytes=args.max_request_bytes,
+        adapter_timeout_s=args.adapter_source_timeout_s,
         max_best_of=args.max_best_of,
         max_stop_sequences=args.max_stop_sequences,
         max_waiting_tokens=args.max_waiting_tokens,
@@ -106,12 +115,16 @@ def serve(args: argparse.Namespace) -> int:
         speculative_tokens=args.speculative_tokens,
         cors_allow_origin=list(args.cors_allow_origin or []),
     )
+    cache_dir = Path(args.adapter_cache_dir).expanduser()
     store = AdapterStore(
         engine.model_config,
-        Path(args.adapter_cache_dir).expanduser(),
+        cache_dir,
         host_cache_bytes=args.adapter_host_cache_bytes,
         default_source=config.default_adapter_source,
-        allowed_local_roots=args.local_adapter_roots or None,
+        sources=build_sources(
+            cache_dir, args.local_adapter_roots or None, timeout_s=args.adapter_source_timeout_s
+        ),
+        auth_ttl_s=args.adapter_auth_ttl_s,
         max_rank=engine.config.max_lora_rank,
     )
     state = build_state(config, AsyncEngine(engine), store)
@@ -128,7 +141,21 @@ def serve(args: argparse.Namespace) -> int:
         shown,
         args.port,
     )
-    uvicorn.run(app, host=host, port=args.port, log_level=args.log_level, access_log=False)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=args.shutdown_grace_s,
+        )
+    )
+    install_redaction([args.predibase_api_token])  # after uvicorn has set up its own handlers
+    # uvicorn re-raises the SIGTERM it handled once shut down; with a Python handler in place that
+    # re-raise is a no-op, so a graceful shutdown exits 0 as process managers expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
     return 0
 
 

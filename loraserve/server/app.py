@@ -17,6 +17,7 @@ from loraserve.server.config import ServerConfig
 from loraserve.server.errors import install_error_handlers
 from loraserve.server.generation import GenerationService
 from loraserve.server.metrics import ServerMetrics
+from loraserve.server.request_guard import RequestGuard
 from loraserve.server.state import ServerState
 
 log = logging.getLogger("loraserve.server")
@@ -92,6 +93,9 @@ def create_app(state: ServerState) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         state.metrics.requests.labels(route=path, status=str(response.status_code)).inc()
         return response
+
+    # Added last, so it runs first: oversized or non-UTF-8 bodies never reach FastAPI.
+    app.add_middleware(RequestGuard, max_body_bytes=state.config.max_request_bytes)
 
     app.include_router(routes_lorax.router)
     app.include_router(routes_openai.router)

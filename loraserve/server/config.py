@@ -15,6 +15,8 @@ class ServerConfig:
 
     model_id: str = ""
     max_concurrent_requests: int = 128
+    max_request_bytes: int = 1 << 20
+    adapter_timeout_s: float = 30.0
     max_best_of: int = 2
     max_stop_sequences: int = 4
     max_input_length: int = 1024

@@ -89,6 +89,31 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         type=int,
         default=128,
     ),
+    Flag(
+        "--max-request-bytes",
+        "Largest request body in bytes; bigger bodies get 413 before they are parsed.",
+        type=int,
+        default=1 << 20,
+    ),
+    Flag(
+        "--shutdown-grace-s",
+        "On SIGTERM, how long in-flight requests may finish before they are cancelled.",
+        type=float,
+        default=30.0,
+    ),
+    Flag(
+        "--adapter-auth-ttl-s",
+        "How long a successful private-adapter token check is reused (0: check every request).",
+        type=float,
+        default=5.0,
+    ),
+    Flag(
+        "--adapter-source-timeout-s",
+        "Network timeout for one adapter-source call (S3, hub, Predibase); a stalled source fails "
+        "the request with 503 instead of hanging it.",
+        type=float,
+        default=30.0,
+    ),
     Flag("--max-best-of", "Largest `best_of` a request may ask for.", type=int, default=2),
     Flag("--max-stop-sequences", "Most `stop` sequences per request.", type=int, default=4),
     Flag("--max-input-length", "Longest prompt in tokens (default: min(1024, context - 1)).", type=int),

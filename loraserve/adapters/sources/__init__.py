@@ -38,14 +38,17 @@ def build_sources(
     hub_offline: bool | None = None,
     pbase_gateway: str | None = None,
     pbase_bucket: str | None = None,
+    timeout_s: float | None = None,
 ) -> dict[str, AdapterSource]:
     """All four sources; unset arguments fall back to the standard environment variables."""
-    s3 = S3Source(cache_dir)
+    s3 = S3Source(cache_dir, timeout_s=timeout_s)
     return {
-        "hub": HubSource(endpoint=hub_endpoint, cache_dir=hub_cache_dir, offline=hub_offline),
+        "hub": HubSource(endpoint=hub_endpoint, cache_dir=hub_cache_dir, offline=hub_offline, timeout_s=timeout_s),
         "local": LocalSource(allowed_local_roots),
         "s3": s3,
-        "pbase": PbaseSource(s3, gateway=pbase_gateway, model_bucket=pbase_bucket),
+        "pbase": PbaseSource(
+            s3, gateway=pbase_gateway, model_bucket=pbase_bucket, **({} if timeout_s is None else {"timeout_s": timeout_s})
+        ),
     }
 
 

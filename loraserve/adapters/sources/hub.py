@@ -118,7 +118,11 @@ class HubSource(AdapterSource):
         endpoint: str | None = None,
         cache_dir: str | Path | None = None,
         offline: bool | None = None,
+        timeout_s: float | None = None,
     ) -> None:
+        # Per network call; downloads read huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT, which the
+        # server sets from the same flag before the client is imported.
+        self.timeout_s = timeout_s
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         self.cache_dir = str(cache_dir) if cache_dir is not None else _env_cache_dir()
         if offline is None:
@@ -134,7 +138,9 @@ class HubSource(AdapterSource):
         from huggingface_hub import HfApi
 
         try:
-            info = HfApi(endpoint=self.endpoint).model_info(repo, revision=rev, token=token or False)
+            info = HfApi(endpoint=self.endpoint).model_info(
+                repo, revision=rev, token=token or False, timeout=self.timeout_s
+            )
         except Exception as e:
             known = self._known_public.get((repo, rev))
             if known is not None and _is_transport_error(e):

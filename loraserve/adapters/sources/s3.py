@@ -50,7 +50,7 @@ _sessions: dict[tuple, object] = {}
 _sessions_lock = threading.Lock()
 
 
-def _s3_client():  # boto3 is imported lazily: it is slow to import and only this source needs it
+def _s3_client(timeout_s: float | None = None):  # boto3 is imported lazily: slow to import
     import boto3
     from botocore.config import Config
 
@@ -63,7 +63,8 @@ def _s3_client():  # boto3 is imported lazily: it is slow to import and only thi
         if session is None:
             _sessions.clear()
             session = _sessions[env_key] = boto3.session.Session()
-        return session.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+        timeouts = {} if timeout_s is None else {"connect_timeout": timeout_s, "read_timeout": timeout_s}
+        return session.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}, **timeouts))
 
 
 def _map_s3_error(e: Exception, uri: str) -> AdapterError:
@@ -89,8 +90,9 @@ class S3Source(AdapterSource):
     name = "s3"
     checks_auth = False
 
-    def __init__(self, cache_dir: str | Path) -> None:
+    def __init__(self, cache_dir: str | Path, timeout_s: float | None = None) -> None:
         self.cache_dir = Path(cache_dir) / "s3"
+        self.timeout_s = timeout_s  # per network call; None keeps botocore's 60 s
 
     def _list(self, client, uri: str) -> tuple[str, str, dict[str, str]]:
         """ETags of the adapter files right under the prefix (name -> etag)."""
@@ -112,7 +114,7 @@ class S3Source(AdapterSource):
             raise AdapterError("s3 adapters have no revisions; drop the revision parameter")
         uri = adapter_id.rstrip("/")
         try:
-            _, _, etags = self._list(_s3_client(), uri)
+            _, _, etags = self._list(_s3_client(self.timeout_s), uri)
             files = pick_adapter_files(etags, f"s3 adapter {uri}")
         except Exception as e:
             raise _map_s3_error(e, uri) from e
@@ -133,7 +135,7 @@ class S3Source(AdapterSource):
         """Download the adapter files under `uri` (or reuse a complete cached copy)."""
         uri = uri.rstrip("/")
         try:
-            client = _s3_client()
+            client = _s3_client(self.timeout_s)
             bucket, base, etags = self._list(client, uri)
             files = pick_adapter_files(etags, f"s3 adapter {uri}")
             digest = hashlib.sha256(";".join(f"{f}:{etags[f]}" for f in files).encode()).hexdigest()[:16]
