@@ -16,7 +16,7 @@ from loraserve.server.schemas import (
     GenerateResponse,
     StreamResponse,
 )
-from loraserve.server.sse import lorax_event
+from loraserve.server.sse import SlotStreamingResponse, lorax_event
 from loraserve.server.state import ServerState, get_state
 from loraserve.server.validation import bearer_token, validate_generate
 
@@ -76,10 +76,8 @@ async def _stream(st: ServerState, body: GenerateRequest, authorization: str | N
                 yield lorax_event(wire_dict(event))
         except ApiError as e:  # headers are gone: the error travels as an event, as in LoRAX
             yield lorax_event(e.to_dict())
-        finally:
-            st.service.limiter.release()
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return SlotStreamingResponse(events(), st.service.limiter.release)
 
 
 @router.post(

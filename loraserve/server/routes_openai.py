@@ -30,7 +30,7 @@ from loraserve.server.openai_schemas import (
 )
 from loraserve.server.openai_text import StopAwareText, cut_at_stop
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
-from loraserve.server.sse import OPENAI_DONE, openai_event
+from loraserve.server.sse import OPENAI_DONE, SlotStreamingResponse, openai_event
 from loraserve.server.state import ServerState, get_state
 from loraserve.server.validation import ValidatedRequest, bearer_token, validate_generate
 
@@ -290,8 +290,9 @@ async def _open_stream(st: ServerState, v: ValidatedRequest) -> Any:
         raise
 
 
-def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _sse(st: ServerState, gen: AsyncIterator[str]) -> StreamingResponse:
+    """The response owns the slot `_open_stream` took, so it is released however the stream ends."""
+    return SlotStreamingResponse(gen, st.service.limiter.release)
 
 
 async def _token_deltas(
@@ -337,10 +338,8 @@ async def _stream_completion(
             yield OPENAI_DONE
         except ApiError as e:
             yield openai_event({"error": {"message": e.message, "type": e.error_type}})
-        finally:
-            st.service.limiter.release()
 
-    return _sse(events(await _open_stream(st, v)))
+    return _sse(st, events(await _open_stream(st, v)))
 
 
 async def _stream_chat(
@@ -398,10 +397,8 @@ async def _stream_chat(
             yield OPENAI_DONE
         except ApiError as e:
             yield openai_event({"error": {"message": e.message, "type": e.error_type}})
-        finally:
-            st.service.limiter.release()
 
-    return _sse(events(await _open_stream(st, v)))
+    return _sse(st, events(await _open_stream(st, v)))
 
 
 @router.get("/models", summary="The base model and the adapters this server has loaded")

@@ -9,6 +9,8 @@ adapter, which every good response is compared with.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +21,7 @@ from loraserve.engine.params import SamplingParams
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.s3_server import S3TestServer
-from tests.fixtures.server import start_server
+from tests.fixtures.server import ServerProcess, start_server
 from tests.reliability.assets import Assets, build_assets
 from tests.reliability.stack import (
     ALICE,
@@ -100,3 +102,26 @@ def oracle(assets: Assets) -> dict[tuple[str, str | None], str]:
             answers[(prompt, name)] = out.generated_text
     assert len({answers[(PROMPTS[0], n)] for n in (None, *loaded)}) == 1 + len(loaded)  # adapters matter
     return answers
+
+
+@pytest.fixture(scope="package")
+def small_server(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Four concurrent requests at most and long generations allowed: overload and cancellation."""
+    logs = tmp_path_factory.mktemp("small-server")
+    # The same weights with a longer context, so a held request lasts seconds, not milliseconds.
+    model = logs / "long-context-model"
+    shutil.copytree(assets.model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 4096
+    (model / "config.json").write_text(json.dumps(config))
+    srv = start_server(
+        model,
+        logs,
+        "--adapter-source", "local",
+        "--local-adapter-roots", str(assets.root / "adapters"),
+        "--max-concurrent-requests", "4",
+        "--max-total-tokens", "4096",
+    )
+    srv.adapters = dict(assets.good)
+    yield srv
+    srv.stop()
