@@ -129,7 +129,9 @@ def read_medusa_config(path: Path) -> dict:
 def _int_field(cfg: dict, name: str, low: int, high: int) -> int:
     value = cfg.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise AdapterError(f"{MEDUSA_CONFIG_FILE}: {name} must be an integer in [{low}, {high}], got {value!r}")
+        raise AdapterError(
+            f"{MEDUSA_CONFIG_FILE}: {name} must be an integer in [{low}, {high}], got {value!r}"
+        )
     return value
 
 
@@ -138,11 +140,18 @@ def check_medusa_config(cfg: dict) -> tuple[int, int, int]:
     if "medusa_num_heads" not in cfg:
         raise AdapterError(f"{MEDUSA_CONFIG_FILE} has no medusa_num_heads: it is not a Medusa adapter config")
     heads = _int_field(cfg, "medusa_num_heads", 1, MAX_HEADS)
-    layers = _int_field({"medusa_num_layers": cfg.get("medusa_num_layers", 1)}, "medusa_num_layers", 0, MAX_LAYERS)
+    layers = _int_field(
+        {"medusa_num_layers": cfg.get("medusa_num_layers", 1)}, "medusa_num_layers", 0, MAX_LAYERS
+    )
     version = cfg.get("version", 1)
     # LoRAX reads it as float(...); accept 2 and 2.0 alike but nothing fractional or textual.
-    if isinstance(version, bool) or not isinstance(version, int | float) or not math.isfinite(version) \
-            or version != int(version) or version < 1:
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int | float)
+        or not math.isfinite(version)
+        or version != int(version)
+        or version < 1
+    ):
         raise AdapterError(f"{MEDUSA_CONFIG_FILE}: version must be a whole number >= 1, got {version!r}")
     return heads, layers, int(version)
 
@@ -163,7 +172,9 @@ def load_medusa_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{MEDUSA_PT_FILE} could not be loaded safely (only plain tensors are accepted, "
                 f"pickled code is refused): {type(e).__name__}"
             ) from e
-        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        if not isinstance(sd, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+        ):
             raise AdapterError(f"{MEDUSA_PT_FILE} does not hold a dict of named tensors")
         return sd
     raise AdapterError(f"Medusa adapter has neither {MEDUSA_SAFETENSORS_FILE} nor {MEDUSA_PT_FILE}")
@@ -182,7 +193,9 @@ def _collect(
     for name, tensor in sd.items():
         m = _KEY_RE.match(name)
         if m is None:
-            raise AdapterError(f"unexpected tensor {name!r} in Medusa weights (expected '<head>.<layer>.linear.weight')")
+            raise AdapterError(
+                f"unexpected tensor {name!r} in Medusa weights (expected '<head>.<layer>.linear.weight')"
+            )
         head, layer, linear, kind = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
         if head >= num_heads:
             extra_heads.add(head)
@@ -217,7 +230,9 @@ def _stack_blocks(
                     f"{num_layers} blocks, the file holds fewer"
                 )
             if w.dim() != 2 or w.shape[0] != w.shape[1]:
-                raise AdapterError(f"{where}: linear.weight must be square [hidden, hidden], got {tuple(w.shape)}")
+                raise AdapterError(
+                    f"{where}: linear.weight must be square [hidden, hidden], got {tuple(w.shape)}"
+                )
             hidden = hidden or int(w.shape[0])
             if w.shape[0] != hidden or tuple(b.shape) != (hidden,):
                 raise AdapterError(
@@ -231,7 +246,9 @@ def _stack_blocks(
     return weight, bias
 
 
-def _stack_projections(projs: dict[int, torch.Tensor], num_heads: int, hidden: int | None) -> torch.Tensor | None:
+def _stack_projections(
+    projs: dict[int, torch.Tensor], num_heads: int, hidden: int | None
+) -> torch.Tensor | None:
     if not projs:
         return None
     if len(projs) != num_heads:
@@ -243,23 +260,28 @@ def _stack_projections(projs: dict[int, torch.Tensor], num_heads: int, hidden: i
     shapes = {tuple(t.shape) for t in projs.values()}
     shape = next(iter(shapes))
     if len(shapes) != 1 or len(shape) != 2 or (hidden is not None and shape[1] != hidden):
-        raise AdapterError(f"Medusa vocabulary projections must all be [vocab, {hidden or 'hidden'}], got {sorted(shapes)}")
+        raise AdapterError(
+            f"Medusa vocabulary projections must all be [vocab, {hidden or 'hidden'}], got {sorted(shapes)}"
+        )
     return torch.stack([projs[h].float() for h in range(num_heads)]).contiguous()
 
 
-def medusa_heads_from_state_dict(
-    sd: dict[str, torch.Tensor], cfg: dict, key: str
-) -> MedusaHeads:
+def medusa_heads_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, key: str) -> MedusaHeads:
     num_heads, num_layers, version = check_medusa_config(cfg)
     blocks, projs, extra = _collect(sd, num_heads, num_layers)
     if extra:
         log.warning(
             "Medusa adapter %s: weights hold %d heads beyond the %d that config.json names; using the first %d",
-            key, len(extra), num_heads, num_heads,
+            key,
+            len(extra),
+            num_heads,
+            num_heads,
         )
     if num_layers == 0:
         if not projs:
-            raise AdapterError("medusa_num_layers=0 without per-head projections: the heads would repeat the base logits")
+            raise AdapterError(
+                "medusa_num_layers=0 without per-head projections: the heads would repeat the base logits"
+            )
         proj = _stack_projections(projs, num_heads, None)
         assert proj is not None
         hidden = int(proj.shape[-1])

@@ -88,7 +88,9 @@ def test_safetensors_preferred_over_pt(tmp_path: Path) -> None:
     d = make_medusa_adapter(tmp_path / "m", H, V, seed=1)
     torch.save(medusa_state_dict(H, V, 3, seed=2), str(d / "medusa_lm_head.pt"))
     heads = parse_medusa_heads(d)
-    assert torch.equal(heads.weight[0, 0], load_file(str(d / "medusa_lm_head.safetensors"))["0.0.linear.weight"])
+    assert torch.equal(
+        heads.weight[0, 0], load_file(str(d / "medusa_lm_head.safetensors"))["0.0.linear.weight"]
+    )
 
 
 def test_extra_heads_in_file_are_dropped(tmp_path: Path) -> None:
@@ -190,15 +192,32 @@ def _without(sd: dict, name: str) -> dict:
     [
         (lambda sd: _without(sd, "2.0.linear.bias"), _cfg(), r"lack '2.0.linear.bias'.*3 heads"),
         (lambda sd: _without(sd, "1.0.linear.weight"), _cfg(), r"lack '1.0.linear.weight'"),
-        (lambda sd: {**sd, "lm_head.weight": torch.zeros(V, H)}, _cfg(), "unexpected tensor 'lm_head.weight'"),
+        (
+            lambda sd: {**sd, "lm_head.weight": torch.zeros(V, H)},
+            _cfg(),
+            "unexpected tensor 'lm_head.weight'",
+        ),
         (lambda sd: {**sd, "0.1.bias": torch.zeros(V)}, _cfg(), "unexpected tensor '0.1.bias'"),
-        (lambda sd: {**sd, "0.2.linear.weight": torch.zeros(H, H)}, _cfg(), "unexpected tensor '0.2.linear.weight'"),
+        (
+            lambda sd: {**sd, "0.2.linear.weight": torch.zeros(H, H)},
+            _cfg(),
+            "unexpected tensor '0.2.linear.weight'",
+        ),
         (lambda sd: {**sd, "0.1.weight": torch.zeros(V, H)}, _cfg(), r"only some Medusa heads \(0\)"),
         (lambda sd: {**sd, "0.0.linear.weight": torch.zeros(H, H + 1)}, _cfg(), "must be square"),
-        (lambda sd: {**sd, "1.0.linear.weight": torch.zeros(H + 2, H + 2)}, _cfg(), "do not match hidden size"),
+        (
+            lambda sd: {**sd, "1.0.linear.weight": torch.zeros(H + 2, H + 2)},
+            _cfg(),
+            "do not match hidden size",
+        ),
         (lambda sd: {**sd, "1.0.linear.bias": torch.zeros(H + 1)}, _cfg(), "do not match hidden size"),
-        (lambda sd: {k: v for k, v in sd.items() if ".linear." not in k} | {"0.0.weight": torch.zeros(V, H)},
-         _cfg(medusa_num_heads=1, medusa_num_layers=0), None),  # v1 with no blocks is valid
+        (
+            lambda sd: (
+                {k: v for k, v in sd.items() if ".linear." not in k} | {"0.0.weight": torch.zeros(V, H)}
+            ),
+            _cfg(medusa_num_heads=1, medusa_num_layers=0),
+            None,
+        ),  # v1 with no blocks is valid
         (lambda sd: {}, _cfg(medusa_num_layers=0), "repeat the base logits"),
     ],
 )
@@ -247,7 +266,9 @@ def test_lora_plus_medusa_directory_returns_both(tmp_path: Path, peft_adapters: 
     assert parse_adapter_dir(peft_adapters["qv"]).medusa is None  # a plain LoRA stays plain
 
 
-def test_lora_dir_with_unrelated_config_json_is_plain_lora(tmp_path: Path, peft_adapters: dict[str, Path]) -> None:
+def test_lora_dir_with_unrelated_config_json_is_plain_lora(
+    tmp_path: Path, peft_adapters: dict[str, Path]
+) -> None:
     d = shutil.copytree(peft_adapters["qv"], tmp_path / "qv")
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no medusa weights beside it
     assert parse_adapter_dir(d).medusa is None
@@ -263,10 +284,15 @@ def test_empty_directory_and_empty_adapter_are_refused(tmp_path: Path) -> None:
 
 def test_pick_adapter_files() -> None:
     lora = ["adapter_config.json", "adapter_model.safetensors"]
-    assert pick_adapter_files(lora + ["config.json", "README.md"], "x") == lora  # config.json alone: no Medusa
+    assert (
+        pick_adapter_files(lora + ["config.json", "README.md"], "x") == lora
+    )  # config.json alone: no Medusa
     medusa = ["config.json", "medusa_lm_head.safetensors"]
     assert pick_adapter_files(medusa + ["medusa_lm_head.pt"], "x") == medusa
-    assert pick_adapter_files(["config.json", "medusa_lm_head.pt"], "x") == ["config.json", "medusa_lm_head.pt"]
+    assert pick_adapter_files(["config.json", "medusa_lm_head.pt"], "x") == [
+        "config.json",
+        "medusa_lm_head.pt",
+    ]
     assert pick_adapter_files(lora + medusa, "x") == lora + medusa
     with pytest.raises(AdapterError, match="medusa_lm_head.pt but no config.json"):
         pick_adapter_files(["medusa_lm_head.pt"], "x")
@@ -279,7 +305,9 @@ def test_pick_adapter_files() -> None:
 
 def _medusa_and_combined(tmp_path: Path, peft_adapters: dict[str, Path]) -> tuple[Path, Path]:
     medusa = make_medusa_adapter(tmp_path / "medusa", H, V, num_heads=3, seed=7)
-    combined = add_medusa_heads(shutil.copytree(peft_adapters["all"], tmp_path / "all-medusa"), H, V, 2, seed=8)
+    combined = add_medusa_heads(
+        shutil.copytree(peft_adapters["all"], tmp_path / "all-medusa"), H, V, 2, seed=8
+    )
     return medusa, combined
 
 

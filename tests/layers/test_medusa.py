@@ -30,16 +30,22 @@ class ResBlock(nn.Module):
         return x + self.act(self.linear(x))
 
 
-def reference_heads(sd: dict[str, torch.Tensor], num_heads: int, num_layers: int, own_proj: bool) -> nn.ModuleList:
+def reference_heads(
+    sd: dict[str, torch.Tensor], num_heads: int, num_layers: int, own_proj: bool
+) -> nn.ModuleList:
     heads = nn.ModuleList(
-        nn.Sequential(*[ResBlock(H) for _ in range(num_layers)], *([nn.Linear(H, V, bias=False)] if own_proj else []))
+        nn.Sequential(
+            *[ResBlock(H) for _ in range(num_layers)], *([nn.Linear(H, V, bias=False)] if own_proj else [])
+        )
         for _ in range(num_heads)
     )
     heads.load_state_dict(sd, strict=True)
     return heads
 
 
-def reference_logits(heads: nn.ModuleList, hidden: torch.Tensor, lm_head: torch.Tensor, own_proj: bool) -> torch.Tensor:
+def reference_logits(
+    heads: nn.ModuleList, hidden: torch.Tensor, lm_head: torch.Tensor, own_proj: bool
+) -> torch.Tensor:
     with torch.no_grad():
         outs = [h(hidden) if own_proj else h(hidden) @ lm_head.T for h in heads]
     return torch.stack(outs)
@@ -52,7 +58,9 @@ def _case(num_heads: int, num_layers: int, own_proj: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 100)
     hidden = torch.randn(N, H, generator=g)
     lm_head = torch.randn(V, H, generator=g) * 0.2
-    expected = reference_logits(reference_heads(sd, num_heads, num_layers, own_proj), hidden, lm_head, own_proj)
+    expected = reference_logits(
+        reference_heads(sd, num_heads, num_layers, own_proj), hidden, lm_head, own_proj
+    )
     return heads, hidden, lm_head, expected
 
 
@@ -61,7 +69,9 @@ def _case(num_heads: int, num_layers: int, own_proj: bool, seed: int = 0):
     [(3, 1, False), (1, 1, False), (5, 1, False), (4, 2, False), (2, 1, True), (3, 3, True), (2, 0, True)],
 )
 def test_matches_reference(num_heads: int, num_layers: int, own_proj: bool) -> None:
-    heads, hidden, lm_head, expected = _case(num_heads, num_layers, own_proj, seed=num_heads * 10 + num_layers)
+    heads, hidden, lm_head, expected = _case(
+        num_heads, num_layers, own_proj, seed=num_heads * 10 + num_layers
+    )
     got = medusa_logits(hidden, heads, lm_head)
     assert got.shape == (num_heads, N, V) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
