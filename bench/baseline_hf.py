@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from bench.metrics import RequestTiming, RunResult, peak_rss_mb, summarize, write_results
-from bench.spec import BenchSpec, Request, RunSpec
+from bench.metrics import RequestTiming, RunResult, summarize, write_results
+from bench.spec import BenchSpec, Request, RunSpec, batch1_request
 
 SYSTEM = "hf"
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
@@ -40,14 +40,31 @@ def _batch(requests: list[Request], device: str) -> tuple[torch.Tensor, torch.Te
     return ids.to(device), mask.to(device)
 
 
+class _StepClock:
+    """A logits processor that only marks the time: generate calls it once per new token."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.marks.append(time.perf_counter())
+        return scores
+
+
 @torch.inference_mode()
 def generate_batch(
     model, requests: list[Request], device: str = "cpu", adapter_names: list[str] | None = None
-) -> float:
-    """One static batch; returns wall seconds. All rows run to the longest max_new_tokens."""
+) -> tuple[list[RequestTiming], float]:
+    """One static batch (all rows run to the longest max_new_tokens); per-row token marks and wall seconds.
+
+    Rows of a static batch get each token at the same step, so they share the step marks.
+    """
+    from transformers import LogitsProcessorList
+
     ids, mask = _batch(requests, device)
     n = max(r.max_new_tokens for r in requests)
     kwargs = dict(adapter_names=adapter_names) if adapter_names is not None else {}
+    clock = _StepClock()
     t0 = time.perf_counter()
     model.generate(
         input_ids=ids,
@@ -57,9 +74,12 @@ def generate_batch(
         do_sample=False,
         pad_token_id=PAD_ID,
         eos_token_id=None,
+        logits_processor=LogitsProcessorList([clock]),
         **kwargs,
     )
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    marks = [m - t0 for m in clock.marks]
+    return [RequestTiming(0.0, marks[: r.max_new_tokens]) for r in requests], wall
 
 
 class HfPeer:
@@ -99,31 +119,30 @@ class HfPeer:
     def _timed(self, run: RunSpec, names: list[str] | None) -> RunResult:
         warm = [Request(r.prompt_ids[:8], 2, r.adapter) for r in run.requests]
         generate_batch(self.model, warm, self.spec.device, names)
-        wall = generate_batch(self.model, run.requests, self.spec.device, names)
-        tokens = sum(r.max_new_tokens for r in run.requests)
-        return RunResult(
-            SYSTEM, run.name, len(run.requests), tokens, wall, tokens / wall, peak_rss_mb=peak_rss_mb()
-        )
+        best: RunResult | None = None
+        for _ in range(self.spec.repeats):  # best of k: the box is shared, slow outliers are others' load
+            timings, wall = generate_batch(self.model, run.requests, self.spec.device, names)
+            res = summarize(SYSTEM, run.name, timings, wall)
+            best = res if best is None or res.tok_s > best.tok_s else best
+        assert best is not None
+        return best
 
     def batch1_decode(self) -> RunResult:
-        """Decode-only rate on the base model: (n-1) tokens over (t_n - t_1)."""
-        import random
-
+        """Decode-only rate on the bare base model: tokens after the first over the time they took."""
         cfg = self.spec.batch1_decode or {}
-        rng = random.Random(7)
-        req = Request([rng.randrange(3, self.spec.vocab_size) for _ in range(cfg["prompt_len"])], 1)
-        n = cfg["new_tokens"]
-        model = self.model
-        ctx = model.disable_adapter() if self.names else contextlib.nullcontext()
+        req = batch1_request(self.spec)
+        ctx = self.model.disable_adapter() if self.names else contextlib.nullcontext()
         with ctx:
-            generate_batch(model, [Request(req.prompt_ids, 2)], self.spec.device)
-            t1 = generate_batch(model, [req], self.spec.device)
-            tn = generate_batch(model, [Request(req.prompt_ids, n)], self.spec.device)
-        decode_s = max(tn - t1, 1e-9)
-        timing = RequestTiming(0.0, [t1 + decode_s * i / (n - 1) for i in range(n)])
-        res = summarize(SYSTEM, "batch1_decode", [timing], tn)
-        res.tok_s = (n - 1) / decode_s
-        return res
+            generate_batch(self.model, [Request(req.prompt_ids, 2)], self.spec.device)
+            best: RunResult | None = None
+            for _ in range(self.spec.repeats):
+                timings, wall = generate_batch(self.model, [req], self.spec.device)
+                res = summarize(SYSTEM, "batch1_decode", timings, wall)
+                t = timings[0].token_times_s
+                res.tok_s = (cfg["new_tokens"] - 1) / max(t[-1] - t[0], 1e-9)
+                best = res if best is None or res.tok_s > best.tok_s else best
+        assert best is not None
+        return best
 
 
 def run_hf(spec: BenchSpec) -> list[RunResult]:

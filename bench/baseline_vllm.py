@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.metrics import RequestTiming, RunResult, TreeRssSampler, summarize, write_results
-from bench.spec import BenchSpec, Request
+from bench.spec import BenchSpec, Request, batch1_request
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VLLM_VENV = REPO_ROOT / ".venv-vllm"
@@ -39,7 +39,7 @@ def run_vllm(spec: BenchSpec, timeout_s: float = 3600, venv: Path = VLLM_VENV) -
         spec.save(spec_path)
         env = dict(
             os.environ,
-            VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+            VLLM_CPU_KVCACHE_SPACE=str(spec.kv_cache_gib),
             PYTHONPATH=str(REPO_ROOT),
         )
         proc = subprocess.run(
@@ -68,7 +68,13 @@ def _lora_requests(requests: list[Request], ids: dict[str, int]):
     ]
 
 
-def _generate(llm, requests: list[Request], ids: dict[str, int]) -> tuple[int, float]:
+def _generate(llm, requests: list[Request], ids: dict[str, int]) -> tuple[list[RequestTiming], float]:
+    """One `llm.generate` over all requests; token marks rebuilt from vLLM's per-request stats.
+
+    vLLM's offline API reports, per request, the first-token latency and the first and
+    last token times; tokens in between are spaced evenly, so ITL percentiles here are
+    over per-request mean gaps (no per-token jitter). Without stats, only throughput counts.
+    """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -83,7 +89,30 @@ def _generate(llm, requests: list[Request], ids: dict[str, int]) -> tuple[int, f
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, lora_request=loras if any(loras) else None, use_tqdm=False)
     wall = time.perf_counter() - t0
-    return sum(len(o.outputs[0].token_ids) for o in outs), wall
+    timings = []
+    for o in outs:
+        n = len(o.outputs[0].token_ids)
+        m = o.metrics
+        if m is not None and m.first_token_latency > 0 and n > 0:
+            gap = (m.last_token_ts - m.first_token_ts) / (n - 1) if n > 1 else 0.0
+            marks = [m.first_token_latency + i * gap for i in range(n)]
+        else:
+            marks = [wall] * n
+        timings.append(RequestTiming(0.0, marks))
+    return timings, wall
+
+
+def _best_of(llm, spec: BenchSpec, name: str, requests: list[Request], ids: dict[str, int]) -> RunResult:
+    best: RunResult | None = None
+    for _ in range(spec.repeats):  # best of k: the box is shared, slow outliers are others' load
+        timings, wall = _generate(llm, requests, ids)
+        res = summarize(SYSTEM, name, timings, wall)
+        if name == "batch1_decode":
+            t = timings[0].token_times_s
+            res.tok_s = (len(t) - 1) / max(t[-1] - t[0], 1e-9)
+        best = res if best is None or res.tok_s > best.tok_s else best
+    assert best is not None
+    return best
 
 
 def _main(spec_path: str, out_path: str) -> None:
@@ -94,7 +123,12 @@ def _main(spec_path: str, out_path: str) -> None:
     ids = {a: i + 1 for i, a in enumerate(adapters)}
     max_len = max(len(r.prompt_ids) + r.max_new_tokens for run in spec.runs for r in run.requests)
     kwargs = dict(
-        model=spec.model_dir, dtype=spec.dtype, enforce_eager=True, max_model_len=max(max_len, 1024), seed=0
+        model=spec.model_dir,
+        dtype=spec.dtype,
+        enforce_eager=True,
+        max_model_len=max(max_len, 1024),
+        seed=0,
+        disable_log_stats=False,  # per-request first/last token times
     )
     if adapters:  # the same instance serves the base-model runs, as a LoRA deployment would
         kwargs.update(
@@ -108,45 +142,18 @@ def _main(spec_path: str, out_path: str) -> None:
         t0 = time.perf_counter()
         llm = LLM(**kwargs)
         startup_s = time.perf_counter() - t0
+        if spec.batch1_decode:
+            req = batch1_request(spec)
+            _generate(llm, [Request(req.prompt_ids, 2)], ids)
+            results.append(_best_of(llm, spec, "batch1_decode", [req], ids))
         for run in spec.runs:
             # Warm-up on the same adapters with tiny requests: LoRA loads from disk stay out of the timing.
-            warm = [Request(r.prompt_ids[:8], 2, r.adapter) for r in run.requests]
-            _generate(llm, warm, ids)
-            tokens, wall = _generate(llm, run.requests, ids)
-            results.append(
-                RunResult(
-                    SYSTEM,
-                    run.name,
-                    len(run.requests),
-                    tokens,
-                    wall,
-                    tokens / wall,
-                    peak_rss_mb=rss.peak_mb,
-                    extra={"startup_s": startup_s},
-                )
-            )
-        if spec.batch1_decode:
-            results.append(_batch1_decode(llm, spec, ids))
-            results[-1].peak_rss_mb = rss.peak_mb
+            _generate(llm, [Request(r.prompt_ids[:8], 2, r.adapter) for r in run.requests], ids)
+            results.append(_best_of(llm, spec, run.name, run.requests, ids))
+        for r in results:
+            r.peak_rss_mb = rss.peak_mb
+            r.extra["startup_s"] = startup_s
     write_results(out_path, results)
-
-
-def _batch1_decode(llm, spec: BenchSpec, ids: dict[str, int]) -> RunResult:
-    """Decode-only rate: (n-1) tokens over the time a long run takes beyond a 1-token run."""
-    import random
-
-    cfg = spec.batch1_decode or {}
-    rng = random.Random(7)
-    prompt = [rng.randrange(3, spec.vocab_size) for _ in range(cfg["prompt_len"])]
-    n = cfg["new_tokens"]
-    _generate(llm, [Request(prompt, 2)], ids)
-    _, t1 = _generate(llm, [Request(prompt, 1)], ids)
-    _, tn = _generate(llm, [Request(prompt, n)], ids)
-    decode_s = max(tn - t1, 1e-9)
-    timing = RequestTiming(0.0, [t1 + decode_s * i / (n - 1) for i in range(n)])
-    res = summarize(SYSTEM, "batch1_decode", [timing], tn)
-    res.tok_s = (n - 1) / decode_s
-    return res
 
 
 if __name__ == "__main__":

@@ -179,3 +179,37 @@ def ratios_table(ratios: list[Ratio]) -> str:
         met = "" if r.passed is None else ("yes" if r.passed else "NO")
         lines.append(f"| {r.name} | {_fmt(r.value, 2)} | {r.target} | {met} |")
     return "\n".join(lines)
+
+
+def format_report(report: dict) -> str:
+    """The tables of a run_all JSON report, as Markdown (what the README quotes)."""
+    meta, roof = report["meta"], report["roofline"]
+    results = [RunResult(**r) for r in report["results"]]
+    load = meta.get("loadavg_start", [0.0])[0]
+    parts = [
+        f"### {meta['shape']} ({'quick' if meta.get('quick') else 'full'}), {meta.get('started', '')}, "
+        f"{meta.get('cpus')} CPUs, load average {load:.1f} at start",
+        f"Roofline: {roof['bandwidth_gbs']:.1f} GB/s ÷ {roof['weight_bytes_per_token'] / 1e6:.0f} MB of weights "
+        f"per token = {roof['roofline_tok_s']:.1f} tok/s batch-1 decode ceiling",
+        results_table(results),
+    ]
+    extras = extras_table([r for r in results if r.system == "ours"])
+    if extras:
+        parts.append(extras)
+    parts.append(ratios_table([Ratio(**r) for r in report["ratios"]]))
+    parts += [f"NOTE: {n}" for n in report.get("notes", [])]
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description="print the tables of a bench/run_all JSON report")
+    ap.add_argument("report", type=Path)
+    print(format_report(json.loads(ap.parse_args().report.read_text())))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,12 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.baseline_vllm import run_vllm, vllm_python
 from bench.metrics import RunResult
-from bench.report import compute_ratios, extras_table, ratios_table, results_table
+from bench.report import compute_ratios, format_report
 from bench.roofline import roofline
 from bench.shapes import DEFAULT_CACHE, REPO_ROOT, build_model
 from bench.spec import BenchSpec, RunSpec
@@ -56,7 +57,7 @@ FULL = Plan(
     ns=[1, 8, 32, 64],
     prompt_len=128,
     new_tokens=64,
-    zipf_requests=96,
+    zipf_requests=64,
     zipf_prompt=(64, 512),
     zipf_new=(32, 256),
     cold_background=16,
@@ -104,11 +105,13 @@ def run_in_subprocess(system: str, spec: BenchSpec, timeout_s: float = 3600) -> 
 
 
 class Bench:
-    def __init__(self, model: Model, systems: list[str]) -> None:
+    def __init__(self, model: Model, systems: list[str], repeats: int = 1) -> None:
         self.model = model
+        self.repeats = repeats
         self.systems = systems
         self.results: list[RunResult] = []
         self.notes: list[str] = []
+        self.on_progress: Callable[[], object] = lambda: None
 
     def spec(self, runs: list[RunSpec], rank: int = 16, batch1: dict | None = None) -> BenchSpec:
         return BenchSpec(
@@ -117,6 +120,7 @@ class Bench:
             max_lora_rank=rank,
             batch1_decode=batch1,
             vocab_size=self.model.vocab_size,
+            repeats=self.repeats,
         )
 
     def run(self, label: str, spec: BenchSpec, systems: list[str]) -> list[RunResult]:
@@ -141,7 +145,8 @@ class Bench:
                 flush=True,
             )
             got += res
-        self.results += got
+            self.results += res
+            self.on_progress()
         return got
 
 
@@ -167,35 +172,67 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--rate", type=float, default=None, help="workload (b) arrivals/s (default: auto)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--repeats", type=int, default=1, help="timed repetitions per batch run; best kept")
+    ap.add_argument("--no-mixed-ranks", action="store_true", help="skip the rank 8/16/64 mixed run")
     args = ap.parse_args(argv)
     plan = dataclasses.replace(QUICK if args.quick else FULL)
     if args.ns:
         plan.ns = [int(x) for x in args.ns.split(",")]
     plan.prompt_len = args.prompt_len or plan.prompt_len
     plan.new_tokens = args.new_tokens or plan.new_tokens
+    plan.mixed_ranks = plan.mixed_ranks and not args.no_mixed_ranks
     systems = (args.systems or ("ours,hf" if args.quick else ",".join(SYSTEMS))).split(",")
     workloads = args.workloads.split(",")
 
     model_dir = build_model(args.shape, args.cache)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    bench = Bench(Model(model_dir, vocab, args.cache), systems)
+    bench = Bench(Model(model_dir, vocab, args.cache), systems, args.repeats)
     t_start = time.time()
-    load_start = os.getloadavg()
+    out = (
+        args.out
+        or REPO_ROOT
+        / "bench"
+        / "results"
+        / f"{args.shape}{'-quick' if args.quick else ''}-{int(t_start)}.json"
+    )
+    meta = {
+        "shape": args.shape,
+        "model_dir": str(model_dir),
+        "quick": args.quick,
+        "systems": systems,
+        "plan": plan.__dict__,
+        "repeats": args.repeats,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_start": os.getloadavg(),
+    }
     roof = roofline(model_dir)
 
+    def save() -> dict:
+        """Written after every system, so a long run that dies keeps what it measured."""
+        meta.update(duration_s=time.time() - t_start, loadavg_end=os.getloadavg())
+        ratios = compute_ratios(bench.results, plan.ns, roof["roofline_tok_s"])
+        report = {
+            "meta": meta,
+            "roofline": roof,
+            "results": [r.to_json() for r in bench.results],
+            "ratios": [r.to_json() for r in ratios],
+            "notes": bench.notes,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        return report
+
+    bench.on_progress = save
     if "a" in workloads:
         runs = concurrency_runs(bench.model, plan.ns, plan.prompt_len, plan.new_tokens)
         bench.run("(a) concurrency", bench.spec(runs, batch1=plan.batch1), ["ours", "hf", "vllm"])
         if plan.mixed_ranks:
-            mixed = [
-                r
-                for r in concurrency_runs(
-                    bench.model, [max(plan.ns)], plan.prompt_len, plan.new_tokens, mixed_ranks=True
-                )
-                if r.name.endswith("mixed-ranks")
-            ]
-            bench.run("(a) mixed ranks", bench.spec(mixed, rank=64), ["ours", "hf"])
-    rate = args.rate or _auto_rate(bench.results, plan)
+            n = max(plan.ns)
+            mixed = concurrency_runs(bench.model, [n], plan.prompt_len, plan.new_tokens, mixed_ranks=True)
+            bench.run("(a) mixed ranks", bench.spec([mixed[-1]], rank=64), ["ours", "hf"])
+    meta["zipf_rate"] = rate = args.rate or _auto_rate(bench.results, plan)
     if "b" in workloads:
         runs = zipf_runs(bench.model, plan.zipf_requests, rate, plan.zipf_prompt, plan.zipf_new)
         bench.run("(b) zipf", bench.spec(runs), ["ours"])
@@ -210,49 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
             plan.cold_late_tokens,
         )
         bench.run("(c) cold loads", bench.spec(runs), ["ours"])
-
-    ratios = compute_ratios(bench.results, plan.ns, roof["roofline_tok_s"])
-    report = {
-        "meta": {
-            "shape": args.shape,
-            "model_dir": str(model_dir),
-            "quick": args.quick,
-            "systems": systems,
-            "plan": plan.__dict__,
-            "zipf_rate": rate,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "duration_s": time.time() - t_start,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-        },
-        "roofline": roof,
-        "results": [r.to_json() for r in bench.results],
-        "ratios": [r.to_json() for r in ratios],
-        "notes": bench.notes,
-    }
-    out = (
-        args.out
-        or REPO_ROOT
-        / "bench"
-        / "results"
-        / f"{args.shape}{'-quick' if args.quick else ''}-{int(t_start)}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"\n## {args.shape} ({'quick' if args.quick else 'full'}), load avg {load_start[0]:.1f}\n")
-    print(
-        f"Roofline: {roof['bandwidth_gbs']:.1f} GB/s ÷ {roof['weight_bytes_per_token'] / 1e6:.0f} MB/token "
-        f"= {roof['roofline_tok_s']:.1f} tok/s batch-1 decode ceiling\n"
-    )
-    print(results_table(bench.results))
-    extras = extras_table([r for r in bench.results if r.system == "ours"])
-    if extras:
-        print("\n" + extras)
-    print("\n" + ratios_table(ratios))
-    for note in bench.notes:
-        print(f"\nNOTE: {note}")
+    report = save()
+    print(format_report(report))
     print(f"\nwritten to {out}")
     return report
 

@@ -40,6 +40,8 @@ class BenchSpec:
     max_lora_rank: int = 16
     batch1_decode: dict | None = None  # {"prompt_len": int, "new_tokens": int}
     vocab_size: int = 0
+    repeats: int = 1  # timed repetitions per run; the fastest is kept (shared, noisy machine)
+    kv_cache_gib: int = 2  # same KV-cache budget for our engine and vLLM (whose knob is whole GiB)
 
     def adapters(self) -> list[str]:
         """Every distinct adapter in first-use order."""
@@ -66,3 +68,12 @@ class BenchSpec:
             for r in d.pop("runs")
         ]
         return cls(runs=runs, **d)
+
+
+def batch1_request(spec: BenchSpec) -> Request:
+    """The single request of the batch-1 decode measurement, identical for every system."""
+    import random
+
+    cfg = spec.batch1_decode or {}
+    rng = random.Random(7)
+    return Request([rng.randrange(3, spec.vocab_size) for _ in range(cfg["prompt_len"])], cfg["new_tokens"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_harness_end_to_end_on_tiny_model(tiny: Model) -> None:
     for r in hf + ours:
         assert r.output_tokens == r.requests * (4 if r.run == "batch1_decode" else 3)
         assert r.tok_s > 0
-    assert all(r.ttft_p50_ms is not None and r.itl_p99_ms is not None for r in ours)
+    assert all(r.ttft_p50_ms is not None and r.itl_p99_ms is not None for r in hf + ours)
 
     more = zipf_runs(tiny, 3, 50.0, (8, 10), (2, 3), num_adapters=20, rank=4)
     more += cold_load_runs(
@@ -106,3 +107,14 @@ def test_harness_end_to_end_on_tiny_model(tiny: Model) -> None:
     names = {r.name for r in ratios}
     assert "N=2 ours distinct / hf+peft distinct" in names and "zipf ours / base ours (tok/s)" in names
     assert "| ours |" in results_table(ours) and "| ratio |" in ratios_table(ratios)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("BENCH_VLLM") != "1", reason="opt-in: BENCH_VLLM=1 with .venv-vllm built")
+def test_vllm_runner_on_tiny_model(tiny: Model) -> None:
+    from bench.baseline_vllm import run_vllm
+
+    runs = concurrency_runs(tiny, [2], prompt_len=8, new_tokens=3, rank=8)
+    res = run_vllm(BenchSpec(str(tiny.path), runs, max_lora_rank=8, vocab_size=384, kv_cache_gib=1))
+    assert [r.run for r in res] == [r.name for r in runs]
+    assert all(r.output_tokens == 6 and r.tok_s > 0 for r in res)
