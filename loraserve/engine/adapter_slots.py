@@ -22,7 +22,6 @@ class AdapterSlots:
         self.key_to_slot: dict[str, int] = {}
         self.slot_key: list[str | None] = [None] * table.num_slots
         self.refs: list[int] = [0] * table.num_slots
-        self.ranks: dict[int, int] = {}
         self.loaded_at: list[float] = [0.0] * table.num_slots
         self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unreferenced, oldest first
         self.loads = 0
@@ -67,11 +66,11 @@ class AdapterSlots:
         return slot
 
     def _load(self, slot: int, adapter: LoraAdapter) -> None:
+        self.table.ensure_rank(adapter.max_rank)
         self.table.clear_slot(slot)
         for (layer, module), w in adapter.modules.items():
             self.table.write(slot, layer, module, w.a, w.b, w.scale)
         self.key_to_slot[adapter.key] = slot
         self.slot_key[slot] = adapter.key
-        self.ranks[slot] = adapter.max_rank
         self.loaded_at[slot] = time.monotonic()
         self.loads += 1

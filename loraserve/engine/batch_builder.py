@@ -55,8 +55,7 @@ def _paged_group(seqs: list[Sequence], spans: list[tuple[int, int]], block_size:
 
 
 def build_forward_batch(decodes: list[Sequence], prefills: list[Sequence], block_size: int,
-                        rotary: RotaryTable, group_size: int, slot_ranks: dict[int, int],
-                        device: torch.device) -> tuple[ForwardBatch, StepLayout]:
+                        rotary: RotaryTable, group_size: int, device: torch.device) -> tuple[ForwardBatch, StepLayout]:
     """Decode rows first (one token each, sorted by slot), then prefill rows."""
     ids: list[int] = []
     positions: list[int] = []
@@ -100,6 +99,6 @@ def build_forward_batch(decodes: list[Sequence], prefills: list[Sequence], block
         cos=cos,
         sin=sin,
         attn=attn,
-        lora=build_lora_batch(token_slots, slot_ranks, device),
+        lora=build_lora_batch(token_slots, device),
     )
     return fb, StepLayout(seqs=seqs, spans=spans, logit_rows=logit_rows)

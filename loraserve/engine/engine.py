@@ -273,7 +273,7 @@ class Engine:
         mc = self.model_config
         fb, layout = build_forward_batch(
             sched.decodes, sched.prefills, self.config.block_size, self.model.rotary,
-            mc.num_attention_heads // mc.num_key_value_heads, self.slots.ranks, self.device)
+            mc.num_attention_heads // mc.num_key_value_heads, self.device)
         hidden = self.model.forward(fb)
         rows = [r for rs in layout.logit_rows for r in rs]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
@@ -477,8 +477,7 @@ class Engine:
                 seq.slot = self.slots.acquire(adapter)
             mc = self.model_config
             fb, _ = build_forward_batch([], [seq], self.config.block_size, self.model.rotary,
-                                        mc.num_attention_heads // mc.num_key_value_heads, self.slots.ranks,
-                                        self.device)
+                                        mc.num_attention_heads // mc.num_key_value_heads, self.device)
             return self.model.logits(self.model.forward(fb))
         finally:
             self.blocks.free(seq.block_table)

@@ -97,8 +97,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             qg = qg.view(b, lq, *q.shape[1:])
         nb = grp.block_tables.shape[1]
         bs = k_cache.shape[1]
-        kg = k_cache[grp.block_tables].view(b, nb * bs, hkv, -1)[:, :grp.max_ctx].transpose(1, 2)
-        vg = v_cache[grp.block_tables].view(b, nb * bs, hkv, -1)[:, :grp.max_ctx].transpose(1, 2)
+        # index_select copies whole contiguous blocks (much faster than advanced indexing on CPU)
+        flat = grp.block_tables.view(-1)
+        kg = k_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, :grp.max_ctx].transpose(1, 2)
+        vg = v_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, :grp.max_ctx].transpose(1, 2)
         o = F.scaled_dot_product_attention(_fold_gqa(qg, hkv), kg, vg, attn_mask=grp.mask, scale=scale)
         o = _unfold_gqa(o, lq).reshape(b * lq, *q.shape[1:])
         if grp.dense:

@@ -1,9 +1,13 @@
 """Batched multi-LoRA linear: many adapters, one batch, one grouped op per projection.
 
 Adapter weights live in a *slot table* on the device: for each projection,
-``a[layer, slot, :r, :in]`` holds ``lora_A`` and ``b[layer, slot, :r, :out]``
+``a[layer, slot, :in, :R]`` holds ``lora_A.T`` and ``b[layer, slot, :R, :out]``
 holds ``scale * lora_B.T`` (the scale is folded in once, at load). A row's
-delta is then ``(x @ a[slot, :r].T) @ b[slot, :r]``.
+delta is then ``(x @ a[slot]) @ b[slot]``. Adapters of lower rank than the
+table's R are zero-padded; R grows to the largest rank actually loaded (up
+to the configured maximum), so a deployment of rank-16 adapters computes
+with exactly rank 16. Full-width, contiguous operands matter on CPU: a
+rank-sliced or transposed operand makes `bmm` several times slower.
 
 Per step, tokens are grouped by slot (SGMV-style):
 - short segments (decode rows, short prompts) are padded into a
@@ -13,8 +17,6 @@ Per step, tokens are grouped by slot (SGMV-style):
   contiguous tokens (the common decode case) the buffer is a zero-copy view;
 - long segments (prefills) get their own two matmuls, where the Python
   overhead is negligible next to the work.
-Ranks below the table's maximum only read the first ``r_eff`` rows of each
-slot, so small-rank adapters don't pay for the table's largest rank.
 """
 
 from __future__ import annotations
@@ -34,20 +36,18 @@ class LoraBatch:
     slot_lo: int = 0
     slot_hi: int = 0  # bmm over slots [lo, hi); empty when hi == lo
     max_seg: int = 0
-    rank: int = 0  # r_eff for the bmm part
     dense: bool = False  # tokens [tok_start, tok_start + n*max_seg) are exactly the padded layout
     tok_start: int = 0
     tok_rows: torch.Tensor | None = None  # [N] token indices in the bmm part (not dense)
     pad_rows: torch.Tensor | None = None  # [N] their rows in the padded buffer
-    segments: list[tuple[int, int, int, int]] = field(default_factory=list)  # (start, end, slot, rank)
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot)
 
     @property
     def empty(self) -> bool:
         return self.slot_hi == self.slot_lo and not self.segments
 
 
-def build_lora_batch(token_slots: list[tuple[int, int, int]], slot_ranks: dict[int, int],
-                     device: torch.device) -> LoraBatch | None:
+def build_lora_batch(token_slots: list[tuple[int, int, int]], device: torch.device) -> LoraBatch | None:
     """token_slots: (tok_start, tok_end, slot) per sequence that uses an adapter, in token order."""
     if not token_slots:
         return None
@@ -55,7 +55,7 @@ def build_lora_batch(token_slots: list[tuple[int, int, int]], slot_ranks: dict[i
     short: list[tuple[int, int, int]] = []
     for s, e, slot in token_slots:
         if e - s > LONG_SEGMENT:
-            lb.segments.append((s, e, slot, slot_ranks[slot]))
+            lb.segments.append((s, e, slot))
         else:
             short.append((s, e, slot))
     if not short:
@@ -67,7 +67,6 @@ def build_lora_batch(token_slots: list[tuple[int, int, int]], slot_ranks: dict[i
         per_slot.setdefault(slot, []).extend(range(s, e))
     max_seg = max(len(v) for v in per_slot.values())
     lb.slot_lo, lb.slot_hi, lb.max_seg = lo, hi, max_seg
-    lb.rank = max(slot_ranks[sl] for sl in per_slot)
     first = short[0][0]
     n = hi - lo
     if len(per_slot) == n and all(per_slot.get(lo + i) == list(range(first + i * max_seg, first + (i + 1) * max_seg))
@@ -85,46 +84,63 @@ def build_lora_batch(token_slots: list[tuple[int, int, int]], slot_ranks: dict[i
 
 
 def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lb: LoraBatch) -> None:
-    """y[T, out] += LoRA delta of x[T, in]; a: [slots, R, in], b: [slots, R, out] of one layer."""
+    """y[T, out] += LoRA delta of x[T, in]; a: [slots, in, R], b: [slots, R, out] of one layer."""
     if lb.slot_hi > lb.slot_lo:
-        n, m, r = lb.slot_hi - lb.slot_lo, lb.max_seg, lb.rank
+        n, m = lb.slot_hi - lb.slot_lo, lb.max_seg
         if lb.dense:
             xp = x[lb.tok_start:lb.tok_start + n * m].view(n, m, x.shape[1])
         else:
             xp = x.new_zeros(n * m, x.shape[1])
             xp.index_copy_(0, lb.pad_rows, x.index_select(0, lb.tok_rows))
             xp = xp.view(n, m, x.shape[1])
-        h = torch.bmm(xp, a[lb.slot_lo:lb.slot_hi, :r].transpose(1, 2))
-        d = torch.bmm(h, b[lb.slot_lo:lb.slot_hi, :r])
+        h = torch.bmm(xp, a[lb.slot_lo:lb.slot_hi])
+        d = torch.bmm(h, b[lb.slot_lo:lb.slot_hi])
         if lb.dense:
             y[lb.tok_start:lb.tok_start + n * m] += d.view(n * m, -1)
         else:
             y.index_add_(0, lb.tok_rows, d.view(n * m, -1).index_select(0, lb.pad_rows))
-    for s, e, slot, r in lb.segments:
-        y[s:e].addmm_(x[s:e] @ a[slot, :r].t(), b[slot, :r])
+    for s, e, slot in lb.segments:
+        y[s:e].addmm_(x[s:e] @ a[slot], b[slot])
 
 
 class LoraTable:
     """Device-resident slot table for every projection of every layer.
 
-    Shapes are fixed at start-up (slots x max rank), so activating an adapter
-    is a copy into preallocated memory and a step never allocates or moves
-    adapter weights.
+    The slot count is fixed at start-up, so activating an adapter is a copy
+    into preallocated memory and a step never allocates or moves adapter
+    weights. The rank dimension grows (a rare, one-off reallocation) when an
+    adapter of higher rank than any before it arrives.
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int]], num_layers: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.num_slots, self.max_rank, self.num_layers = num_slots, max_rank, num_layers
+                 dtype: torch.dtype, device: torch.device, rank: int = 8) -> None:
+        self.shapes, self.num_layers, self.num_slots = shapes, num_layers, num_slots
+        self.max_rank, self.dtype, self.device = max_rank, dtype, device
+        self.rank = 0
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
-        for name, (fin, fout) in shapes.items():
-            self.a[name] = torch.zeros(num_layers, num_slots, max_rank, fin, dtype=dtype, device=device)
-            self.b[name] = torch.zeros(num_layers, num_slots, max_rank, fout, dtype=dtype, device=device)
+        self.ensure_rank(min(rank, max_rank))
 
     @staticmethod
     def bytes_per_slot(shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int, dtype: torch.dtype) -> int:
         per = sum(fin + fout for fin, fout in shapes.values()) * max_rank * num_layers
         return per * torch.empty((), dtype=dtype).element_size()
+
+    def ensure_rank(self, rank: int) -> None:
+        """Widen the table to `rank`, keeping every loaded adapter (zero-padded)."""
+        if rank <= self.rank:
+            return
+        if rank > self.max_rank:
+            raise ValueError(f"rank {rank} exceeds the table's maximum {self.max_rank}")
+        L, S, old = self.num_layers, self.num_slots, self.rank
+        for name, (fin, fout) in self.shapes.items():
+            a = torch.zeros(L, S, fin, rank, dtype=self.dtype, device=self.device)
+            b = torch.zeros(L, S, rank, fout, dtype=self.dtype, device=self.device)
+            if old:
+                a[..., :old] = self.a[name]
+                b[:, :, :old] = self.b[name]
+            self.a[name], self.b[name] = a, b
+        self.rank = rank
 
     def clear_slot(self, slot: int) -> None:
         for t in (*self.a.values(), *self.b.values()):
@@ -133,6 +149,5 @@ class LoraTable:
     def write(self, slot: int, layer: int, module: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """a: [r, in] (PEFT lora_A), b: [out, r] (PEFT lora_B)."""
         r = a.shape[0]
-        ta, tb = self.a[module], self.b[module]
-        ta[layer, slot, :r].copy_(a)
-        tb[layer, slot, :r].copy_(b.t() * scale)
+        self.a[module][layer, slot, :, :r].copy_(a.t())
+        self.b[module][layer, slot, :r].copy_(b.t() * scale)
