@@ -55,7 +55,7 @@ def peers(assets: Assets) -> Iterator[Peers]:
         s3.upload_dir(assets.good["gamma"], BUCKET, prefix)
     s3.upload_dir(assets.bad["corrupt"], BUCKET, "corrupt")
     hub.add_repo(HUB_REPO, assets.good["delta"])
-    for name in ("fault-error", "fault-cut", "fault-down"):
+    for name in ("fault-error", "fault-hang", "fault-cut", "fault-down"):
         hub.add_repo(f"acme/{name}", assets.good["delta"])
     hub.add_repo(PRIVATE_REPO, assets.good["delta"], private=True, tokens=(ALICE,))
     hub.add_token(BOB)  # a valid hub user who has no access to the private repo
