@@ -11,7 +11,7 @@ from typing import Protocol
 from loraserve.adapters.merge import MergeError, MergeSpec
 from loraserve.engine.params import SamplingParams
 from loraserve.server.config import ServerConfig
-from loraserve.server.errors import not_supported, validation_error
+from loraserve.server.errors import ApiError, not_supported, validation_error
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
 
 
@@ -189,6 +189,10 @@ def validate_generate(
     )
 
     adapter_id = p.adapter_id or None
+    token = p.api_token or header_token
+    if token is not None and (not token.isprintable() or any(c.isspace() for c in token)):
+        # No source accepts such a token and HTTP clients refuse to send it; never echo it back.
+        raise ApiError("`api_token` is malformed: it contains whitespace or control characters", 401)
     return ValidatedRequest(
         inputs=req.inputs,
         prompt_ids=ids,
@@ -199,6 +203,6 @@ def validate_generate(
         return_full_text=bool(p.return_full_text),
         adapter_id=adapter_id,
         adapter_source=p.adapter_source,
-        api_token=p.api_token or header_token,
+        api_token=token,
         merge=merge,
     )
