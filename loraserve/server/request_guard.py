@@ -21,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("loraserve.server")
 
 
 class _TooLarge(Exception):
@@ -150,11 +153,14 @@ class RequestGuard:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            if not task.done():  # we ourselves were cancelled (server shutdown): stop the app too
+            if not task.done():
+                # Only uvicorn cancels us: the shutdown grace period ran out. Stop the request (its
+                # engine work is aborted) and end quietly; the process is on its way out anyway.
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-                raise
+                log.warning("request to %s cancelled: shutdown grace period exceeded", scope.get("path"))
+                return
             if not gone.is_set():
                 raise
             # The client is gone: its request was cancelled on purpose and nobody waits for an answer.
