@@ -30,34 +30,39 @@ class ResponseFormat(BaseModel):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
 
 
+def _range(**bounds: float) -> dict[str, Any]:
+    """Document a range in the OpenAPI schema only: `validation.py` enforces it with LoRAX's own messages."""
+    return dict(bounds)
+
+
 class GenerateParameters(BaseModel):
     adapter_id: str | None = None
     adapter_source: Literal["hub", "local", "s3", "pbase"] | None = None
     merged_adapters: MergedAdapters | None = None
     api_token: str | None = None
-    best_of: int | None = None
-    temperature: float | None = None
-    repetition_penalty: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    typical_p: float | None = None
+    best_of: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
+    temperature: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0))
+    repetition_penalty: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0))
+    top_k: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
+    top_p: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0, exclusiveMaximum=1))
+    typical_p: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0, exclusiveMaximum=1))
     do_sample: bool = False
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
     ignore_eos_token: bool = False
     return_full_text: bool | None = None
     stop: list[str] = Field(default_factory=list)
-    truncate: int | None = None
+    truncate: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False
-    return_k_alternatives: int | None = None
+    return_k_alternatives: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
     apply_chat_template: bool = False
-    seed: int | None = None
+    seed: int | None = Field(default=None, json_schema_extra=_range(minimum=0))
     response_format: ResponseFormat | None = None
 
 
 class GenerateRequest(BaseModel):
-    inputs: str
+    inputs: str = Field(json_schema_extra={"minLength": 1})
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
 

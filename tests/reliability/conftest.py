@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -105,17 +106,24 @@ def oracle(assets: Assets) -> dict[tuple[str, str | None], str]:
 
 
 @pytest.fixture(scope="package")
-def small_server(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Four concurrent requests at most and long generations allowed: overload and cancellation."""
-    logs = tmp_path_factory.mktemp("small-server")
-    # The same weights with a longer context, so a held request lasts seconds, not milliseconds.
-    model = logs / "long-context-model"
+def long_model(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights with a 4096-token context, so a held request lasts seconds, not milliseconds."""
+    model = tmp_path_factory.mktemp("long") / "long-context-model"
     shutil.copytree(assets.model, model)
     config = json.loads((model / "config.json").read_text())
     config["max_position_embeddings"] = 4096
     (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.fixture(scope="package")
+def small_server(
+    assets: Assets, long_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Four concurrent requests at most and long generations allowed: overload and cancellation."""
+    logs = tmp_path_factory.mktemp("small-server")
     srv = start_server(
-        model,
+        long_model,
         logs,
         "--adapter-source", "local",
         "--local-adapter-roots", str(assets.root / "adapters"),
