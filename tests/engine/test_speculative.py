@@ -100,7 +100,7 @@ def test_verification_keeps_the_target_distribution() -> None:
     p = torch.softmax(logits[0], -1)
     params = SamplingParams(do_sample=True, temperature=1.0)
     g = torch.Generator().manual_seed(1)
-    n = 20000
+    n = 3000
     for draft in (int(p.argmax()), int(p.argmin())):
         counts = torch.zeros(6)
         accepted = 0
@@ -108,8 +108,8 @@ def test_verification_keeps_the_target_distribution() -> None:
             v = verify_drafts(logits, [draft], params, g)
             counts[v.tokens[0]] += 1
             accepted += v.accepted_drafts
-        assert torch.allclose(counts / n, p, atol=0.015)
-        assert abs(accepted / n - float(p[draft])) < 0.015  # acceptance probability is p(draft)
+        assert torch.allclose(counts / n, p, atol=0.035)
+        assert abs(accepted / n - float(p[draft])) < 0.035  # acceptance probability is p(draft)
 
 
 def test_greedy_verification_accepts_matching_prefix() -> None:
