@@ -170,6 +170,9 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("inputs must not be empty")
+        vocab = self.model.embed.shape[0]
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"inputs holds token ids outside the vocabulary [0, {vocab})")
         cfg = self.config
         if len(ids) > cfg.max_input_length:
             raise ValueError(f"inputs has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}")

@@ -156,3 +156,13 @@ def test_non_finite_logits_fail_only_that_request(llama_dir: Path) -> None:
     assert results[1].finish_reason == "error" and "non-finite" in (results[1].error or "")
     assert results[2].finish_reason == "length"
     assert e.blocks.num_free == e.blocks.capacity and e.slots.in_use() == 0
+
+
+def test_out_of_vocabulary_prompt_ids_are_refused_up_front(llama_dir: Path) -> None:
+    import pytest
+
+    e = engine(llama_dir)
+    for bad in ([1, 2, 10_000], [-1, 5]):
+        with pytest.raises(ValueError, match="vocabulary"):
+            e.add_request(bad, GREEDY)
+    assert not e.has_unfinished()
