@@ -59,6 +59,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         max_total_tokens=args.max_total_tokens,
         max_active_adapters=args.max_active_adapters,
         max_lora_rank=args.max_lora_rank,
+        adapter_cycle_time_s=args.adapter_cycle_time_s,
         num_threads=args.num_threads,
         adapter_memory_bytes=_adapter_memory_bytes(args.adapter_memory_fraction, args.device),
     )

@@ -137,7 +137,13 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         type=int,
         default=128,
     ),
-    Flag("--adapter-cycle-time-s", _SCHED_HINT, type=float, default=2.0),
+    Flag(
+        "--adapter-cycle-time-s",
+        "Seconds a request may wait for a free adapter slot before the longest-resident busy adapters "
+        "stop taking new requests and hand their slots over (adapter exchange).",
+        type=float,
+        default=2.0,
+    ),
     Flag(
         "--adapter-memory-fraction",
         "Share of device memory reserved for adapter weights.",
