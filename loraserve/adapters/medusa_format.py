@@ -32,11 +32,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from loraserve.adapters.errors import AdapterError
 from loraserve.adapters.lora_weights import LoraAdapter
-from loraserve.adapters.peft_format import is_lora_dir, parse_peft_adapter
+from loraserve.adapters.peft_format import is_lora_dir, load_tensor_file, parse_peft_adapter
 from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -157,25 +156,9 @@ def check_medusa_config(cfg: dict) -> tuple[int, int, int]:
 
 
 def load_medusa_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors wins over .pt when both exist: it cannot carry code and loads faster."""
-    st, pt = path / MEDUSA_SAFETENSORS_FILE, path / MEDUSA_PT_FILE
-    if st.is_file():
-        try:
-            return load_file(str(st), device="cpu")
-        except Exception as e:  # safetensors raises several types for corrupt files
-            raise AdapterError(f"{MEDUSA_SAFETENSORS_FILE} is corrupt or truncated: {e}") from e
-    if pt.is_file():
-        try:
-            sd = torch.load(str(pt), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AdapterError(
-                f"{MEDUSA_PT_FILE} could not be loaded safely (only plain tensors are accepted, "
-                f"pickled code is refused): {type(e).__name__}"
-            ) from e
-        if not isinstance(sd, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
-        ):
-            raise AdapterError(f"{MEDUSA_PT_FILE} does not hold a dict of named tensors")
+    """medusa_lm_head.safetensors, else the older medusa_lm_head.pt (read without running code)."""
+    sd = load_tensor_file(path, MEDUSA_SAFETENSORS_FILE, MEDUSA_PT_FILE)
+    if sd is not None:
         return sd
     raise AdapterError(f"Medusa adapter has neither {MEDUSA_SAFETENSORS_FILE} nor {MEDUSA_PT_FILE}")
 

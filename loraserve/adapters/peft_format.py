@@ -40,24 +40,36 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors wins over .bin when both exist (PEFT's own preference)."""
-    st, bn = path / SAFETENSORS_FILE, path / BIN_FILE
+def load_tensor_file(path: Path, safetensors_name: str, pickle_name: str) -> dict[str, torch.Tensor] | None:
+    """Read `safetensors_name`, else `pickle_name`, in `path`; None when neither exists.
+
+    safetensors wins when both exist: it cannot carry code. The pickle is read
+    with `weights_only=True`, so a file that would run code is refused.
+    """
+    st, pk = path / safetensors_name, path / pickle_name
     if st.is_file():
         try:
             return load_file(str(st), device="cpu")
         except Exception as e:  # safetensors raises several types for corrupt files
-            raise AdapterError(f"{SAFETENSORS_FILE} is corrupt or truncated: {e}") from e
-    if bn.is_file():
-        try:
-            sd = torch.load(str(bn), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AdapterError(
-                f"{BIN_FILE} could not be loaded safely (only plain tensors are accepted, "
-                f"pickled code is refused): {type(e).__name__}"
-            ) from e
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise AdapterError(f"{BIN_FILE} does not hold a dict of tensors")
+            raise AdapterError(f"{safetensors_name} is corrupt or truncated: {e}") from e
+    if not pk.is_file():
+        return None
+    try:
+        sd = torch.load(str(pk), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterError(
+            f"{pickle_name} could not be loaded safely (only plain tensors are accepted, "
+            f"pickled code is refused): {type(e).__name__}"
+        ) from e
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise AdapterError(f"{pickle_name} does not hold a dict of named tensors")
+    return sd
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """PEFT's own preference: adapter_model.safetensors, else adapter_model.bin."""
+    sd = load_tensor_file(path, SAFETENSORS_FILE, BIN_FILE)
+    if sd is not None:
         return sd
     raise AdapterError(f"adapter has neither {SAFETENSORS_FILE} nor {BIN_FILE}")
 
