@@ -10,13 +10,14 @@ with exactly rank 16. Full-width, contiguous operands matter on CPU: a
 rank-sliced or transposed operand makes `bmm` several times slower.
 
 Per step, tokens are grouped by slot (SGMV-style):
-- short segments (decode rows, short prompts) are padded into a
-  ``[slots, max_seg, in]`` buffer and handled by two `bmm`s over the
-  contiguous slot range the batch uses — one call per projection however
-  many adapters are in the batch; when every slot has the same number of
-  contiguous tokens (the common decode case) the buffer is a zero-copy view;
-- long segments (prefills) get their own two matmuls, where the Python
-  overhead is negligible next to the work.
+- segments are padded into a ``[slots, max_seg, in]`` buffer and handled by
+  two `bmm`s over the contiguous slot range the batch uses — one call per
+  projection however many adapters are in the batch; when every slot has the
+  same number of contiguous tokens (decode rows, or equal-length prefills) the
+  buffer is a zero-copy view;
+- a long segment whose padding would more than double the bmm's work (one
+  prefill among decode rows) gets its own two matmuls instead, where the
+  Python overhead is negligible next to the work.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# A segment longer than this gets its own matmuls instead of padding the bmm.
+# Segments up to this length always share the padded bmm; longer ones may get their own matmuls.
 LONG_SEGMENT = 16
 
 
@@ -47,19 +48,35 @@ class LoraBatch:
         return self.slot_hi == self.slot_lo and not self.segments
 
 
+def _padded_rows(segs: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """(rows of the padded [slot range x longest per-slot run] buffer, real rows) for `segs`."""
+    per_slot: dict[int, int] = {}
+    for s, e, slot in segs:
+        per_slot[slot] = per_slot.get(slot, 0) + e - s
+    span = max(per_slot) - min(per_slot) + 1
+    return span * max(per_slot.values()), sum(per_slot.values())
+
+
 def build_lora_batch(token_slots: list[tuple[int, int, int]], device: torch.device) -> LoraBatch | None:
-    """token_slots: (tok_start, tok_end, slot) per sequence that uses an adapter, in token order."""
+    """token_slots: (tok_start, tok_end, slot) per sequence that uses an adapter, in token order.
+
+    Everything goes through the padded bmm unless padding would more than double
+    the work; then the longest segments (prefills) move to their own matmuls
+    until it doesn't. 32 equal-length prefills on 32 adapters are one dense bmm;
+    one long prefill among decode rows runs alone.
+    """
     if not token_slots:
         return None
     lb = LoraBatch()
-    short: list[tuple[int, int, int]] = []
-    for s, e, slot in token_slots:
-        if e - s > LONG_SEGMENT:
-            lb.segments.append((s, e, slot))
-        else:
-            short.append((s, e, slot))
+    short = sorted(token_slots, key=lambda t: t[1] - t[0])
+    while short and short[-1][1] - short[-1][0] > LONG_SEGMENT:
+        padded, real = _padded_rows(short)
+        if padded <= 2 * real + 2 * LONG_SEGMENT:
+            break
+        lb.segments.append(short.pop())
     if not short:
         return lb
+    short.sort()
     lo = min(sl for _, _, sl in short)
     hi = max(sl for _, _, sl in short) + 1
     per_slot: dict[int, list[int]] = {}

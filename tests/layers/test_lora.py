@@ -28,7 +28,7 @@ def reference(x: torch.Tensor, rows: list[int | None], adapters) -> torch.Tensor
     return out
 
 
-@pytest.mark.parametrize("layout", ["dense", "shared-slot", "gaps", "long", "mixed"])
+@pytest.mark.parametrize("layout", ["dense", "shared-slot", "gaps", "long", "mixed", "prefills", "one-prefill"])
 def test_grouped_lora_matches_per_row_math(layout: str) -> None:
     g = torch.Generator().manual_seed(0)
     adapters = {s: (torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g), 0.5 * (s + 1))
@@ -39,6 +39,8 @@ def test_grouped_lora_matches_per_row_math(layout: str) -> None:
         "gaps": [(1, None), (2, 0), (1, None), (1, 4)],
         "long": [(LONG_SEGMENT + 5, 1), (1, None), (LONG_SEGMENT + 1, 3)],
         "mixed": [(1, 4), (1, 0), (LONG_SEGMENT + 3, 2), (4, 4), (1, None)],
+        "prefills": [(40, 0), (40, 1), (40, 2)],
+        "one-prefill": [(1, 0), (1, 1), (1, 2), (1, 3), (100, 4)],
     }[layout]
     rows: list[int | None] = []
     token_slots = []
@@ -50,8 +52,10 @@ def test_grouped_lora_matches_per_row_math(layout: str) -> None:
     t = table_with(adapters)
     assert t.rank == 16
     lb = build_lora_batch(token_slots, torch.device("cpu"))
-    if layout == "dense":
-        assert lb.dense
+    if layout in ("dense", "prefills"):
+        assert lb.dense and not lb.segments  # one zero-copy bmm, even for long equal prefills
+    if layout == "one-prefill":
+        assert lb.dense and lb.segments == [(4, 104, 4)]  # the odd long prefill runs on its own
     y = torch.zeros(len(rows), 40)
     apply_lora(y, x, t.a["q_proj"][0], t.b["q_proj"][0], lb)
     torch.testing.assert_close(y, reference(x, rows, adapters), atol=1e-4, rtol=1e-4)
