@@ -21,10 +21,13 @@ What happens per call, and why:
    failures are never remembered. `local` and `s3` carry no caller
    credentials, so their resolution is reused while the adapter stays cached.
 2. **Host-memory LRU** (bounded by bytes) keyed by the pinned revision.
-3. **Load** on a miss in the `load` pool: download or disk-cache hit, parse,
-   validate against the base model. Concurrent requests for the same
-   uncached adapter share one load (single-flight); a failed load fails just
-   those requests and is retried by the next one.
+3. **Load** on a miss in the source's own `load` pool: download or
+   disk-cache hit, parse, validate against the base model. Concurrent
+   requests for the same uncached adapter share one load (single-flight); a
+   failed load fails just those requests and is retried by the next one.
+   Each source has its own pool so that downloads stalled on a slow hub or
+   bucket can never occupy the workers a local (or other remote) adapter
+   needs.
 
 Nothing here blocks the event loop, and auth checks have their own pool so a
 slow download never delays them. With `LORAX_USE_GLOBAL_HF_TOKEN=1` the
@@ -99,9 +102,12 @@ class AdapterStore:
             global_hf_token = os.environ.get("HUGGING_FACE_HUB_TOKEN") or os.environ.get("HF_TOKEN")
         self._global_hf_token = global_hf_token if use_global_hf_token else None
         self._host = HostAdapterCache(host_cache_bytes)
-        self._load_pool = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        names = sorted({src.name for src in self.sources.values()})
+        self._load_pools = {
+            name: ThreadPoolExecutor(load_workers, thread_name_prefix=f"adapter-load-{name}") for name in names
+        }
         self._auth_pool = ThreadPoolExecutor(auth_workers, thread_name_prefix="adapter-auth")
-        self._loads = SingleFlight(self._load_pool)
+        self._loads = {name: SingleFlight(pool) for name, pool in self._load_pools.items()}
         self._resolves = SingleFlight(self._auth_pool)
         self._resolved: OrderedDict[tuple, tuple[float, ResolvedAdapter]] = OrderedDict()
         self._lock = threading.Lock()
@@ -150,12 +156,13 @@ class AdapterStore:
             host_bytes=self._host.nbytes,
             host_entries=len(self._host),
             host_evictions=self._host.evictions,
-            loads_in_flight=len(self._loads),
+            loads_in_flight=sum(len(flights) for flights in self._loads.values()),
         )
         return out
 
     def close(self) -> None:
-        self._load_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._load_pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
         self._auth_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- internals --------------------------------------------------------------------------
@@ -218,7 +225,7 @@ class AdapterStore:
         return resolved
 
     def _load_future(self, src: AdapterSource, resolved: ResolvedAdapter, token: str | None) -> Future:
-        fut, started = self._loads.submit(resolved.cache_key, self._load, src, resolved, token)
+        fut, started = self._loads[src.name].submit(resolved.cache_key, self._load, src, resolved, token)
         if not started:
             self._count("shared_loads")
         return fut

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import textwrap
 import threading
@@ -247,3 +248,38 @@ def test_slow_download_neither_blocks_decoding_nor_loads_twice(
     for r in results.values():
         assert token_ids(r) == oracle["hub_slow"]
     assert hub.count("GET", f"/{SLOW_REPO}/resolve/") == 2  # config + weights: one download for four requests
+
+
+def test_stalled_hub_downloads_do_not_hold_up_other_sources(
+    server: ServerProcess, peers: SourcePeers, assets: SourceAssets, oracle: dict, tmp_path: Path
+) -> None:
+    """More stalled hub downloads than the store has download workers: a local adapter nobody has
+    loaded yet is still loaded and served at once."""
+    proxy, repos = peers.hub_proxy, [f"acme/stalled-{i}" for i in range(6)]
+    for repo in repos:
+        peers.hub.add_repo(repo, assets.dirs["hub_slow"])
+    fresh_local = shutil.copytree(assets.dirs["local_bin"], tmp_path / "fresh-local")
+    results: dict[str, httpx.Response] = {}
+
+    def ask(repo: str) -> None:
+        results[repo] = generate(server.url, adapter_id=repo)
+
+    proxy.hold("/resolve/")
+    try:
+        stalled = [threading.Thread(target=ask, args=(repo,)) for repo in repos]
+        for t in stalled:
+            t.start()
+        deadline = time.monotonic() + 20
+        while proxy.held < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proxy.held >= 4, proxy.held
+        t0 = time.monotonic()
+        local = generate(server.url, adapter_id=str(fresh_local), adapter_source="local", timeout=20)
+        assert token_ids(local) == oracle["local_bin"] and time.monotonic() - t0 < 10
+        assert not results
+    finally:
+        proxy.release()
+    for t in stalled:
+        t.join(60)
+    assert sorted(results) == repos
+    assert all(token_ids(r) == oracle["hub_slow"] for r in results.values())
