@@ -29,8 +29,6 @@ def _unsupported(args: argparse.Namespace) -> str | None:
         return "--merge-adapter-weights is not supported yet"
     if args.sharded or args.num_shard != 1:
         return "sharding is not supported: loraserve serves from one device"
-    if args.speculative_tokens:
-        return "--speculative-tokens > 0 is not supported yet"
     if args.otlp_endpoint:
         return "--otlp-endpoint is not supported yet"
     if args.source not in ("hub", "local"):
@@ -63,6 +61,28 @@ def _engine_config(args: argparse.Namespace) -> Any:
         num_threads=args.num_threads,
         adapter_memory_bytes=_adapter_memory_bytes(args.adapter_memory_fraction, args.device),
     )
+
+
+def _setup_speculation(engine: Any, store: Any, args: argparse.Namespace) -> str | None:
+    """Load `--adapter-id` now (the preload then hits the host cache) so Medusa heads can draft from
+    the first request, and a bad flag combination stops the launch before the port opens."""
+    from loraserve.adapters.errors import AdapterError
+    from loraserve.server.speculation import SpeculationConfigError, configure_speculation
+
+    static = None
+    if args.adapter_id:
+        token = args.predibase_api_token if args.adapter_source == "pbase" else None
+        try:
+            static = store.get_blocking(args.adapter_id, args.adapter_source, token)
+        except AdapterError as e:
+            return f"--adapter-id {args.adapter_id!r}: {e}"
+    try:
+        n = configure_speculation(engine, static, args.speculative_tokens)
+    except (SpeculationConfigError, ValueError) as e:
+        return str(e)
+    if n:
+        log.info("Medusa speculative decoding: %s drafts up to %d tokens per step", args.adapter_id, n)
+    return None
 
 
 def _setup_logging(level: str, json_output: bool = False) -> None:
@@ -128,6 +148,12 @@ def serve(args: argparse.Namespace) -> int:
         auth_ttl_s=args.adapter_auth_ttl_s,
         max_rank=engine.config.max_lora_rank,
     )
+    problem = _setup_speculation(engine, store, args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        store.close()
+        return 2
+    config.speculative_tokens = engine.speculative_tokens if engine.default_speculator is not None else 0
     state = build_state(config, AsyncEngine(engine), store)
     state.registry.preload_token = args.predibase_api_token
     app = create_app(state)
@@ -187,6 +213,9 @@ def generate(args: argparse.Namespace) -> int:
         except AdapterError as e:
             print(f"error: adapter {args.adapter_id!r}: {e}", file=sys.stderr)
             return 1
+        if adapter.medusa is not None:  # the adapter's heads draft; its LoRA part (if any) applies
+            engine.set_default_speculator(adapter.medusa)
+            adapter = adapter if adapter.modules else None
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature is not None or args.top_p is not None,
@@ -218,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen = sub.add_parser("generate", help="Generate once from a prompt, without a server.")
     p_gen.add_argument("prompt", help="The prompt text.")
     p_gen.add_argument("--model-id", "--model", dest="model_id", required=True, help="Base model directory.")
-    p_gen.add_argument("--adapter-id", help="A LoRA adapter (PEFT directory) to apply.")
+    p_gen.add_argument(
+        "--adapter-id", help="A LoRA adapter (PEFT directory) to apply; Medusa heads in it speculate."
+    )
     p_gen.add_argument(
         "--adapter-source",
         default="local",

@@ -1,7 +1,8 @@
 """Where the server gets `LoraAdapter`s from.
 
 `AdapterProvider` is the interface of `loraserve.adapters.store.AdapterStore`;
-`LocalDirAdapterProvider` is a minimal stand-in (local PEFT directories only)
+`LocalDirAdapterProvider` is a minimal stand-in (local directories only: PEFT LoRA,
+Medusa heads, or both)
 used when that store is unavailable. `AdapterRegistry` adds what only the
 server knows: the static `--adapter-id`, preloaded adapters reachable by their
 bare id, the list `/v1/models` reports, and per-request merges
@@ -18,9 +19,9 @@ from typing import Any, Protocol
 
 from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
 from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.adapters.medusa_format import is_adapter_dir, parse_adapter_dir, validate_medusa
 from loraserve.adapters.merge import BASE_MODEL_ADAPTER_ID, MergeSpec
 from loraserve.adapters.merged_store import MergedAdapterStore
-from loraserve.adapters.peft_format import is_lora_dir, parse_peft_adapter
 from loraserve.adapters.validation import validate_adapter
 from loraserve.models.config import ModelConfig
 
@@ -32,7 +33,7 @@ class AdapterProvider(Protocol):
 
 
 class LocalDirAdapterProvider:
-    """Reads PEFT directories from disk and keeps them in host memory."""
+    """Reads adapter directories (LoRA, Medusa or both) from disk and keeps them in host memory."""
 
     def __init__(self, model_config: ModelConfig | None = None) -> None:
         self._model_config = model_config
@@ -54,10 +55,14 @@ class LocalDirAdapterProvider:
                 self.counts["hits"] += 1
                 return self._cache[key]
             self.counts["misses"] += 1
-            if not is_lora_dir(path):
-                raise AdapterNotFoundError(f"no PEFT LoRA adapter found at local path {adapter_id!r}")
-            adapter = await asyncio.to_thread(parse_peft_adapter, path, key)
+            if not is_adapter_dir(path):
+                raise AdapterNotFoundError(
+                    f"no PEFT LoRA adapter or Medusa heads found at local path {adapter_id!r}"
+                )
+            adapter = await asyncio.to_thread(parse_adapter_dir, path, key)
             if self._model_config is not None:
+                if adapter.medusa is not None:
+                    validate_medusa(adapter.medusa, self._model_config)
                 validate_adapter(adapter, self._model_config)
             self._cache[key] = adapter
             self.counts["loads"] += 1
@@ -104,11 +109,18 @@ class AdapterRegistry:
     async def resolve(
         self, adapter_id: str | None, source: str | None, token: str | None
     ) -> LoraAdapter | None:
-        """`None` means the base model (or the static adapter when the server has one)."""
+        """`None` means the base model (or the static adapter when the server has one).
+
+        A Medusa-only static adapter is the engine's default speculator already, so
+        requests without an adapter run on the base model (`None`) and it drafts for them.
+        """
         if not adapter_id:
             if not self.static_adapter_id:
                 return None
-            return self._preloaded.get(self.static_adapter_id)
+            static = self._preloaded.get(self.static_adapter_id)
+            if static is not None and static.medusa is not None and not static.modules:
+                return None
+            return static
         if source is None and adapter_id in self._preloaded:
             return self._preloaded[adapter_id]
         adapter = await self.provider.get(adapter_id, source or self.default_source, token)

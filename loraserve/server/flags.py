@@ -41,7 +41,11 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         choices=("hub", "local", "s3"),
     ),
     Flag("--revision", "Base model revision (hub sources)."),
-    Flag("--adapter-id", "A static adapter loaded at start; requests that name no adapter use it."),
+    Flag(
+        "--adapter-id",
+        "A static adapter loaded at start; requests that name no adapter use it. Medusa heads in it "
+        "become the default speculator for every request.",
+    ),
     Flag(
         "--adapter-source",
         "Source of --adapter-id (and default of the other adapter sources).",
@@ -72,7 +76,13 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         "Directories `local` adapters must live under (default: any path).",
         kind="list",
     ),
-    Flag("--speculative-tokens", "Speculative tokens per step (0 = off).", type=int, default=0),
+    Flag(
+        "--speculative-tokens",
+        "Most tokens Medusa heads draft per step; 0 = as many as the --adapter-id's heads have "
+        "(without Medusa heads speculation is off and only 0 is accepted).",
+        type=int,
+        default=0,
+    ),
     Flag(
         "--dtype",
         "Weights and activations dtype.",

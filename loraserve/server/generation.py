@@ -36,6 +36,7 @@ from loraserve.server.schemas import (
     StreamResponse,
     Token,
 )
+from loraserve.server.speculation import check_request_heads, tokens_per_step
 from loraserve.server.validation import ValidatedRequest
 
 _LORAX_FINISH = {"length", "eos_token", "stop_sequence"}
@@ -52,6 +53,8 @@ class Completion:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seed: int | None = None
+    spec_steps: int = 0  # Medusa verification steps, and the tokens they produced
+    spec_tokens: int = 0
 
     @property
     def logprob_sum(self) -> float:
@@ -113,6 +116,9 @@ class GenerationService:
                 adapter = await self.registry.resolve(v.adapter_id, v.adapter_source, v.api_token)
         except AdapterError as e:
             raise adapter_api_error(e) from e
+        refusal = check_request_heads(self.aengine.engine, adapter)
+        if refusal is not None:
+            raise validation_error(refusal)
         if v.merge is not None:
             for adapter_id in dict.fromkeys(v.merge.ids):
                 self.metrics.adapter_request(adapter_id)
@@ -160,6 +166,7 @@ class GenerationService:
                 c.prompt_tokens = out.prompt_tokens or len(prompt_ids)
                 c.generated_tokens = out.generated_tokens or len(c.tokens)
                 c.seed = out.seed
+                c.spec_steps, c.spec_tokens = out.spec_steps, out.spec_tokens
         return c
 
     async def complete_many(
@@ -210,6 +217,7 @@ class GenerationService:
             prefill=to_prefill(best.prefill) if v.decoder_input_details else [],
             tokens=[to_token(t) for t in best.tokens],
             best_of_sequences=others,
+            speculative_tokens_per_step=tokens_per_step(best.spec_steps, best.spec_tokens),
         )
         return GenerateResponse(generated_text=text, details=details)
 
@@ -238,6 +246,7 @@ class GenerationService:
                         prompt_tokens=out.prompt_tokens or len(v.prompt_ids),
                         generated_tokens=out.generated_tokens,
                         seed=out.seed if v.params.do_sample else None,
+                        speculative_tokens_per_step=tokens_per_step(out.spec_steps, out.spec_tokens),
                     )
                 yield StreamResponse(
                     token=to_token(t),

@@ -48,6 +48,7 @@ class _LiveStats(Collector):
                 yield GaugeMetricFamily(
                     f"loraserve_engine_{key}", f"Engine statistic `{key}`", value=float(value)
                 )
+        yield from _speculation(engine)
         cache = o.adapter_stats() if o.adapter_stats else {}
         for key in ("hits", "misses", "loads"):
             yield CounterMetricFamily(
@@ -58,6 +59,24 @@ class _LiveStats(Collector):
                 yield GaugeMetricFamily(
                     f"loraserve_adapter_cache_{key}", f"Adapter cache `{key}`", value=float(value)
                 )
+
+
+def _speculation(engine: dict[str, Any]) -> Iterable[Metric]:
+    """Medusa acceptance as a counter pair (rate() them for a window) plus the mean since start."""
+    steps, tokens = int(engine.get("spec_steps", 0)), int(engine.get("spec_tokens", 0))
+    yield CounterMetricFamily(
+        "loraserve_speculative_steps", "Verification steps of speculated sequences", value=float(steps)
+    )
+    yield CounterMetricFamily(
+        "loraserve_speculative_tokens",
+        "Tokens produced by verification steps (accepted drafts + one corrected or bonus token each)",
+        value=float(tokens),
+    )
+    yield GaugeMetricFamily(
+        "loraserve_speculative_tokens_per_step",
+        "Mean tokens per verification step since start (1.0 = no draft accepted; 0 before any)",
+        value=tokens / steps if steps else 0.0,
+    )
 
 
 class ServerMetrics:

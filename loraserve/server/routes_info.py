@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from loraserve import __version__
 from loraserve.server.schemas import Info
+from loraserve.server.speculation import has_default_speculator
 from loraserve.server.state import get_state
 
 router = APIRouter(tags=["Server"])
@@ -45,7 +46,10 @@ async def info(request: Request) -> Info:
         default_adapter_source=c.default_adapter_source,
         adapter_id=c.adapter_id,
         preloaded_adapter_ids=list(c.preloaded_adapter_ids),
-        speculative_tokens=c.speculative_tokens,
+        # drafts per step as the engine runs them (LoRAX reports its resolved value too)
+        speculative_tokens=st.aengine.engine.speculative_tokens
+        if has_default_speculator(st.aengine.engine)
+        else 0,
         version=__version__,
     )
 

@@ -32,11 +32,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (429, "Model is overloaded"),
     )
 }
-_OPTIONAL_NULL_KEYS = ("details", "best_of_sequences", "alternative_tokens")
+_OPTIONAL_NULL_KEYS = ("details", "best_of_sequences", "alternative_tokens", "speculative_tokens_per_step")
 
 
 def wire_dict(model: GenerateResponse | StreamResponse) -> dict[str, Any]:
-    """LoRAX omits `details`, `best_of_sequences` and `alternative_tokens` when absent but keeps other nulls."""
+    """LoRAX omits `details`, `best_of_sequences` and `alternative_tokens` when absent but keeps other nulls.
+
+    `speculative_tokens_per_step` (ours) is left out unless the request was speculated.
+    """
 
     def strip(obj: Any) -> Any:
         if isinstance(obj, dict):

@@ -112,6 +112,8 @@ class Details(BaseModel):
     prefill: list[PrefillToken]
     tokens: list[Token]
     best_of_sequences: list[BestOfSequence] | None = None
+    # loraserve's addition (omitted when the request was not speculated); LoRAX clients ignore it
+    speculative_tokens_per_step: float | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -124,6 +126,7 @@ class StreamDetails(BaseModel):
     prompt_tokens: int
     generated_tokens: int
     seed: int | None = None
+    speculative_tokens_per_step: float | None = None
 
 
 class StreamResponse(BaseModel):
