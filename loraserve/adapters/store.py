@@ -13,7 +13,7 @@ source unreachable). Messages never contain tokens.
 
 What happens per call, and why:
 
-1. **Authorise / pin** (`source.resolve`) in the small `auth` thread pool.
+1. **Authorise / pin** (`source.resolve`) in the source's small `auth` thread pool.
    For `hub` and `pbase` this runs for every request, even when the adapter
    is cached, so a private adapter asked for with a missing, wrong or revoked
    token is refused. Successful results are remembered for `auth_ttl_s`
@@ -29,8 +29,9 @@ What happens per call, and why:
    bucket can never occupy the workers a local (or other remote) adapter
    needs.
 
-Nothing here blocks the event loop, and auth checks have their own pool so a
-slow download never delays them. With `LORAX_USE_GLOBAL_HF_TOKEN=1` the
+Nothing here blocks the event loop, and auth checks have their own pools so a
+slow download never delays them. Pools are per source for both steps, so a
+hub or bucket that stops answering ties up only its own workers. With `LORAX_USE_GLOBAL_HF_TOKEN=1` the
 server's `HUGGING_FACE_HUB_TOKEN`/`HF_TOKEN` is used for `hub` requests that
 bring no token; otherwise the server's token is never used for a caller.
 `get_blocking` is the same path for threads without an event loop (preloading).
@@ -106,9 +107,11 @@ class AdapterStore:
         self._load_pools = {
             name: ThreadPoolExecutor(load_workers, thread_name_prefix=f"adapter-load-{name}") for name in names
         }
-        self._auth_pool = ThreadPoolExecutor(auth_workers, thread_name_prefix="adapter-auth")
+        self._auth_pools = {
+            name: ThreadPoolExecutor(auth_workers, thread_name_prefix=f"adapter-auth-{name}") for name in names
+        }
         self._loads = {name: SingleFlight(pool) for name, pool in self._load_pools.items()}
-        self._resolves = SingleFlight(self._auth_pool)
+        self._resolves = {name: SingleFlight(pool) for name, pool in self._auth_pools.items()}
         self._resolved: OrderedDict[tuple, tuple[float, ResolvedAdapter]] = OrderedDict()
         self._lock = threading.Lock()
         self._counters = dict.fromkeys(
@@ -161,9 +164,8 @@ class AdapterStore:
         return out
 
     def close(self) -> None:
-        for pool in self._load_pools.values():
+        for pool in (*self._load_pools.values(), *self._auth_pools.values()):
             pool.shutdown(wait=False, cancel_futures=True)
-        self._auth_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -198,7 +200,7 @@ class AdapterStore:
             done: Future = Future()
             done.set_result(entry[1])
             return done
-        fut, _ = self._resolves.submit(key, self._resolve, src, key, adapter_id, token, revision)
+        fut, _ = self._resolves[src.name].submit(key, self._resolve, src, key, adapter_id, token, revision)
         return fut
 
     def _resolve(

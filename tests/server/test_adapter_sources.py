@@ -250,12 +250,13 @@ def test_slow_download_neither_blocks_decoding_nor_loads_twice(
     assert hub.count("GET", f"/{SLOW_REPO}/resolve/") == 2  # config + weights: one download for four requests
 
 
-def test_stalled_hub_downloads_do_not_hold_up_other_sources(
-    server: ServerProcess, peers: SourcePeers, assets: SourceAssets, oracle: dict, tmp_path: Path
+@pytest.mark.parametrize("held", ["/resolve/", "/api/models/"], ids=["downloads", "metadata-and-auth"])
+def test_a_stalled_hub_does_not_hold_up_other_sources(
+    server: ServerProcess, peers: SourcePeers, assets: SourceAssets, oracle: dict, tmp_path: Path, held: str
 ) -> None:
-    """More stalled hub downloads than the store has download workers: a local adapter nobody has
-    loaded yet is still loaded and served at once."""
-    proxy, repos = peers.hub_proxy, [f"acme/stalled-{i}" for i in range(6)]
+    """More stalled hub calls (file downloads, or the model-info call that pins and authorises)
+    than the store has workers: a local adapter nobody has loaded yet is still served at once."""
+    proxy, repos = peers.hub_proxy, [f"acme/stalled{held.count('api')}-{i}" for i in range(6)]
     for repo in repos:
         peers.hub.add_repo(repo, assets.dirs["hub_slow"])
     fresh_local = shutil.copytree(assets.dirs["local_bin"], tmp_path / "fresh-local")
@@ -264,7 +265,7 @@ def test_stalled_hub_downloads_do_not_hold_up_other_sources(
     def ask(repo: str) -> None:
         results[repo] = generate(server.url, adapter_id=repo)
 
-    proxy.hold("/resolve/")
+    proxy.hold(held)
     try:
         stalled = [threading.Thread(target=ask, args=(repo,)) for repo in repos]
         for t in stalled:
