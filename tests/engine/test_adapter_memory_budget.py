@@ -1,0 +1,47 @@
+"""Device adapter slots are bounded by `max_active_adapters` *and* by the adapter memory budget.
+
+The budget is what `--adapter-memory-fraction` becomes; when it holds fewer
+full-rank slots than asked for, the engine must shrink the slot table (and
+report the smaller number) rather than allocate past it, and still serve more
+adapters than it has slots, correctly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.engine.params import SamplingParams
+from loraserve.layers.lora import LoraTable
+from loraserve.models.config import ModelConfig
+from tests.engine.test_continuous_batching import alone, prompts, random_adapter
+
+RANK = 16
+
+
+def per_slot_bytes(llama_dir: Path) -> int:
+    mc = ModelConfig.from_dir(llama_dir)
+    return LoraTable.bytes_per_slot(mc.linear_shapes(), mc.num_hidden_layers, RANK, torch.float32)
+
+
+def test_memory_budget_caps_the_slot_count(llama_dir: Path) -> None:
+    budget = 3 * per_slot_bytes(llama_dir) + 1
+    e = Engine.from_pretrained(llama_dir, EngineConfig(max_active_adapters=8, adapter_memory_bytes=budget,
+                                                       max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20))
+    assert e.config.max_active_adapters == 3 and e.slots.num_slots == 3
+    ref = Engine.from_pretrained(llama_dir, EngineConfig(max_active_adapters=1, max_lora_rank=RANK,
+                                                         kv_cache_memory_bytes=16 << 20))
+    ads = [random_adapter(e.model_config, f"budget-{i}", seed=i) for i in range(7)]
+    ps = prompts(7, seed=9)
+    params = SamplingParams(max_new_tokens=4, ignore_eos_token=True)
+    results = e.generate(ps, params, ads)
+    assert [[t.id for t in r.tokens] for r in results] == [alone(ref, p, params, a) for p, a in zip(ps, ads)]
+    assert e.slots.loads >= 7 and e.slots.in_use() == 0
+
+
+def test_budget_larger_than_needed_keeps_the_requested_count(llama_dir: Path) -> None:
+    e = Engine.from_pretrained(llama_dir, EngineConfig(max_active_adapters=5, adapter_memory_bytes=64 << 20,
+                                                       max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20))
+    assert e.config.max_active_adapters == 5 and e.slots.num_slots == 5
