@@ -9,7 +9,7 @@ LORAX_VENV ?= .venv-lorax
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install test run lint bench lorax-client demo-assets
+.PHONY: install test run lint bench bench-medusa lorax-client demo-assets
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,13 +35,22 @@ lint: install
 	$(VENV)/bin/ruff check loraserve tests bench scripts
 	$(VENV)/bin/ruff format --check loraserve tests bench scripts
 
+# demo/medusa's heads draft for every request (Medusa speculative decoding; greedy output unchanged).
 run: install
 	$(VENV)/bin/loraserve serve --model demo/model --host $(HOST) --port $(PORT) \
-		--adapter-source local --preloaded-adapter-ids demo/adapters/reverse demo/adapters/upper demo/adapters/add
+		--adapter-source local --adapter-id demo/medusa \
+		--preloaded-adapter-ids demo/adapters/reverse demo/adapters/upper demo/adapters/add
 
 bench: install
 	$(PY) -m bench.run_all
 
+# Medusa on the demo model: tokens per step and speedup vs the same server without speculation.
+bench-medusa: install
+	$(PY) -m bench.medusa
+
 # Regenerates the committed demo model and adapters (minutes on CPU); never run by CI.
 demo-assets: install
 	$(PY) scripts/make_demo.py --out demo
+	$(PY) scripts/train_medusa.py --model demo/model --out demo/medusa
+	$(PY) scripts/train_medusa.py --model demo/model --adapter demo/adapters/upper --tasks upper \
+		--chat-prompts 2048 --text-prompts 0 --out demo/adapters/upper_medusa

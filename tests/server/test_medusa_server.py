@@ -40,7 +40,9 @@ pytestmark = pytest.mark.skipif(not (MEDUSA / "config.json").is_file(), reason="
 
 def _serve(tmp: Path, *extra: str) -> ServerProcess:
     preload = [str(adapter_dir(t)) for t in TASKS]
-    return start_server(MODEL_DIR, tmp, "--adapter-source", "local", "--preloaded-adapter-ids", *preload, *extra)
+    return start_server(
+        MODEL_DIR, tmp, "--adapter-source", "local", "--preloaded-adapter-ids", *preload, *extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +181,9 @@ def test_streaming_sends_one_event_per_token(servers) -> None:
         params = {"max_new_tokens": 48, "details": True, **({"adapter_id": adapter} if adapter else {})}
         got = _stream(spec, inputs, params)
         ref = {**params, **({"adapter_id": str(adapter_dir("upper"))} if adapter else {})}
-        want = httpx.post(plain.url + "/generate", json={"inputs": inputs, "parameters": ref}, timeout=60).json()
+        want = httpx.post(
+            plain.url + "/generate", json={"inputs": inputs, "parameters": ref}, timeout=60
+        ).json()
         assert [e["token"]["id"] for e in got] == _ids(want)  # several tokens per step, one event each
         assert all(e["generated_text"] is None for e in got[:-1])
         last = got[-1]
