@@ -148,7 +148,9 @@ def test_hundreds_of_adapters_through_eight_slots(
     assert m["loraserve_engine_adapter_slots"] == ACTIVE
     assert m["loraserve_engine_active_adapters"] <= ACTIVE
     assert m["loraserve_engine_adapter_slots_in_use"] == 0
-    assert m["loraserve_engine_adapter_evictions"] >= NUM_ADAPTERS + REVISITS - ACTIVE - 1
+    # Revisits may find one of the last 8 adapters still resident; every other request loads a slot.
+    assert m["loraserve_engine_adapter_loads"] >= NUM_ADAPTERS + REVISITS - ACTIVE
+    assert m["loraserve_engine_adapter_evictions"] == m["loraserve_engine_adapter_loads"] - ACTIVE
     # Host tier: bounded by its byte budget, so most adapters were evicted and reloaded from disk.
     assert m["loraserve_adapter_cache_host_bytes"] <= host_budget(adapter_bytes)
     assert m["loraserve_adapter_cache_host_entries"] <= 9

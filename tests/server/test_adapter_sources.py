@@ -186,10 +186,10 @@ def test_token_revoked_after_caching_is_refused(
         r = generate(server.url, adapter_id=repo, api_token=revocable)
         if r.status_code != 200:
             break
-        assert time.monotonic() - revoked_at < AUTH_TTL_S + 2.0, "revoked token still served"
+        assert time.monotonic() - revoked_at < AUTH_TTL_S + 4.0, "revoked token still served"
         time.sleep(0.1)
     assert r.status_code == 401 and repo in error_of(r), r.text
-    assert time.monotonic() - revoked_at < AUTH_TTL_S + 2.0
+    assert time.monotonic() - revoked_at < AUTH_TTL_S + 4.0
 
 
 def test_global_hf_token(
