@@ -115,6 +115,12 @@ def _best_of(llm, spec: BenchSpec, name: str, requests: list[Request], ids: dict
     return best
 
 
+def _context_length(model_dir: str) -> int:
+    import json
+
+    return int(json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 2048))
+
+
 def _main(spec_path: str, out_path: str) -> None:
     from vllm import LLM
 
@@ -126,7 +132,7 @@ def _main(spec_path: str, out_path: str) -> None:
         model=spec.model_dir,
         dtype=spec.dtype,
         enforce_eager=True,
-        max_model_len=max(max_len, 1024),
+        max_model_len=min(max(max_len, 1024), _context_length(spec.model_dir)),
         seed=0,
         disable_log_stats=False,  # per-request first/last token times
     )

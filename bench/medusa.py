@@ -15,7 +15,7 @@ Workloads, at batch 1 (one request at a time) and batch 8 (eight concurrent):
 * `chat+lora`: the same prompts through their task's LoRA adapter (`upper` through
   `upper_medusa`, i.e. per-request heads; the plain server runs the plain `upper`).
 
-    python -m bench.medusa [--quick] [--repeats 3] [--threads 1] [--out bench/results/medusa.json]
+    python -m bench.medusa [--quick] [--requests 24] [--repeats 5] [--threads 1] [--out bench/results/medusa.json]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def chat_cases(n: int) -> list[tuple[str, str]]:
 
 def workloads(n: int, batches: list[int]) -> list[Workload]:
     upper_medusa = str(DEMO / "adapters" / "upper_medusa")
-    chat = chat_cases(n)
+    chat = chat_cases(min(2 * n, 90))  # answers are short: twice the requests for a steadier clock
     lora = [Request(p, upper_medusa if t == "upper" else str(DEMO / "adapters" / t), 32) for p, t in chat]
     out = []
     for b in batches:
@@ -258,9 +258,9 @@ def format_table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="8 requests per workload, 1 repetition")
-    ap.add_argument("--requests", type=int, default=16, help="requests per workload")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="8 prose requests per workload, 1 repetition")
+    ap.add_argument("--requests", type=int, default=24, help="prose requests per workload (chat: twice)")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=1, help="torch threads per server")
     ap.add_argument("--out", type=Path, help="JSON results (default: bench/results/medusa-<time>.json)")
