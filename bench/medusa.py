@@ -263,17 +263,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=1, help="torch threads per server")
+    ap.add_argument(
+        "--speculative-tokens", type=int, default=0, help="the speculating server's cap (0: all heads)"
+    )
+    ap.add_argument("--workloads", nargs="+", default=["prose", "chat", "chat+lora"])
     ap.add_argument("--out", type=Path, help="JSON results (default: bench/results/medusa-<time>.json)")
     args = ap.parse_args()
     n, repeats = (8, 1) if args.quick else (args.requests, args.repeats)
     with tempfile.TemporaryDirectory() as logs:
-        spec = Server("medusa", args.threads, Path(logs), "--adapter-id", str(DEMO / "medusa"))
+        spec = Server(
+            "medusa",
+            args.threads,
+            Path(logs),
+            "--adapter-id",
+            str(DEMO / "medusa"),
+            "--speculative-tokens",
+            str(args.speculative_tokens),
+        )
         plain = Server("plain", args.threads, Path(logs))
         try:
             spec.wait()
             plain.wait()
             rows = []
-            for w in workloads(n, args.batches):
+            for w in [w for w in workloads(n, args.batches) if w.name in args.workloads]:
                 s_runs, p_runs = [], []
                 for rep in range(repeats):  # alternate who goes first: drift on a shared machine hits both
                     if rep % 2 == 0:
@@ -292,6 +304,7 @@ def main() -> None:
     out = args.out or REPO / "bench" / "results" / f"medusa-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
+        "speculative_tokens": args.speculative_tokens,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "threads": args.threads,
