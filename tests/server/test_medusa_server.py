@@ -26,6 +26,8 @@ from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
 from loraserve.server.speculation import configure_speculation
 from tests.demo.cases import DEMO_DIR, MODEL_DIR, TASKS, adapter_dir, demo_cases
+from tests.fixtures.fake_hub import FakeHub
+from tests.fixtures.s3_server import S3TestServer
 from tests.fixtures.server import ServerProcess, start_server
 
 MEDUSA = DEMO_DIR / "medusa"
@@ -224,6 +226,36 @@ def test_heads_without_a_default_speculator_are_a_422(servers) -> None:
     # plain LoRA requests still work there
     body = {"inputs": "<|user|>hello<|assistant|>", "parameters": {"adapter_id": str(adapter_dir("upper"))}}
     assert httpx.post(plain.url + "/generate", json=body, timeout=60).json()["generated_text"] == "HELLO"
+
+
+def test_default_heads_from_the_hub_and_per_request_heads_from_s3(servers, tmp_path: Path) -> None:
+    """Heads travel through the adapter store like any adapter: `--adapter-id` from a hub, per request from S3."""
+    _, plain = servers
+    s3, hub = S3TestServer().start(), FakeHub().start()
+    try:
+        hub.add_repo("acme/demo-medusa", MEDUSA)
+        uri = s3.upload_dir(UPPER_MEDUSA, "adapters", "team/upper-medusa")
+        env = {**s3.env(), "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hf")}
+        flags = ("--adapter-id", "acme/demo-medusa", "--adapter-source", "hub")
+        srv = start_server(
+            MODEL_DIR, tmp_path, *flags, "--adapter-cache-dir", str(tmp_path / "cache"), env=env
+        )
+        try:
+            assert httpx.get(srv.url + "/info").json()["speculative_tokens"] == 4
+            fox = "<|user|>the red fox<|assistant|>"
+            cases = [("There are", None, {"max_new_tokens": 48}), (fox, uri, {"adapter_source": "s3"})]
+            got = asyncio.run(_generate_all(srv.url, cases))
+        finally:
+            srv.stop()
+    finally:
+        s3.stop()
+        hub.stop()
+    want = asyncio.run(
+        _generate_all(plain.url, [cases[0], (fox, str(adapter_dir("upper")), {"adapter_source": "local"})])
+    )
+    assert [_ids(g) for g in got] == [_ids(w) for w in want]
+    assert got[1]["generated_text"] == "THE RED FOX"
+    assert all(g["details"]["speculative_tokens_per_step"] > 1.5 for g in got)
 
 
 def test_speculative_tokens_without_heads_refuse_to_start(capsys: pytest.CaptureFixture) -> None:
