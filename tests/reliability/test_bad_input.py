@@ -149,23 +149,28 @@ def test_bad_inputs_get_named_4xx_while_good_traffic_flows(stack: Stack, oracle:
     with GoodTraffic(stack, oracle) as traffic, httpx.Client(base_url=stack.url, timeout=60) as client:
         traffic.wait_served(5)  # every adapter source warmed up: the table runs against live traffic
         before = traffic.served
-        for case in CASES:
-            try:
-                r = send(client, stack, case)
-            except httpx.HTTPError as e:
-                problems.append(f"{case.name}: {type(e).__name__}: {e}")
-                continue
-            allowed = case.status if isinstance(case.status, tuple) else (case.status,)
-            if r.status_code not in allowed:
-                problems.append(f"{case.name}: HTTP {r.status_code} (want {allowed}): {r.text[:300]}")
-                continue
-            try:
-                message = error_message(r)
-            except ValueError:
-                problems.append(f"{case.name}: error body is not JSON: {r.text[:200]!r}")
-                continue
-            if case.says not in message.lower():
-                problems.append(f"{case.name}: message does not say {case.says!r}: {message[:300]!r}")
+        # On an idle machine one pass of the table can finish before a good request does: repeat it
+        # (at most 5 passes) until good traffic has demonstrably been served while it ran.
+        for _ in range(5):
+            for case in CASES:
+                try:
+                    r = send(client, stack, case)
+                except httpx.HTTPError as e:
+                    problems.append(f"{case.name}: {type(e).__name__}: {e}")
+                    continue
+                allowed = case.status if isinstance(case.status, tuple) else (case.status,)
+                if r.status_code not in allowed:
+                    problems.append(f"{case.name}: HTTP {r.status_code} (want {allowed}): {r.text[:300]}")
+                    continue
+                try:
+                    message = error_message(r)
+                except ValueError:
+                    problems.append(f"{case.name}: error body is not JSON: {r.text[:200]!r}")
+                    continue
+                if case.says not in message.lower():
+                    problems.append(f"{case.name}: message does not say {case.says!r}: {message[:300]!r}")
+            if traffic.served - before >= 3:
+                break
         # Good traffic must have overlapped the table, not just run before or after it.
         served_during_table = traffic.served - before
     assert not problems, "\n".join(problems)
