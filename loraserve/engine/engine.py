@@ -311,13 +311,12 @@ class Engine:
                                                "for this request (check the adapter's weights)"))
                 continue
             span_start, span_end = layout.spans[i]
-            if seq.drafts:
+            speculated = bool(seq.drafts)
+            if speculated:
                 v = verify_drafts(seq_logits, seq.drafts, seq.params, seq.generator)
                 seq.num_cached += 1 + v.accepted_drafts
                 seq.spec_steps += 1
-                seq.spec_tokens += len(v.tokens)
                 self.spec_steps += 1
-                self.spec_tokens += len(v.tokens)
                 emitted = [(t, lp, None) for t, lp in zip(v.tokens, v.logprobs)]
                 last_row = span_start + v.accepted_drafts
                 seq.drafts = []
@@ -328,6 +327,10 @@ class Engine:
                 seq.num_cached = seq.num_tokens
                 last_row = span_end - 1
             out = self._emit(seq, emitted, prefill)
+            if speculated:  # count what was emitted: EOS/stop/length may cut an accepted run short
+                seq.spec_tokens += len(out.tokens)
+                self.spec_tokens += len(out.tokens)
+                out.spec_tokens = seq.spec_tokens
             outputs.append(out)
             if not out.finished:
                 self.blocks.shrink(seq.block_table, seq.num_tokens)  # drop blocks of rejected drafts

@@ -49,9 +49,11 @@ def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParam
         m = 0
         while m < k and drafts[m] == target[m]:
             m += 1
-        lp = torch.log_softmax(logits[: m + 1], dim=-1)
         toks = target[: m + 1]
-        return Verified(toks, lp[torch.arange(m + 1), torch.tensor(toks)].tolist(), m)
+        # logprob of the argmax = its logit minus the row's logsumexp (no full log_softmax tensor)
+        kept = logits[: m + 1]
+        chosen = kept.gather(1, torch.tensor(toks, device=logits.device).unsqueeze(1)).squeeze(1)
+        return Verified(toks, (chosen - torch.logsumexp(kept, dim=-1)).tolist(), m)
     scaled, warped = _warp(logits, params)
     probs = torch.softmax(warped, dim=-1)
     d = torch.tensor(drafts, device=logits.device)
