@@ -271,7 +271,9 @@ def merge_adapters(adapters: Sequence[LoraAdapter], spec: MergeSpec, key: str) -
     first = adapters[0]
     scale = first_config_scale(first)
     weights = torch.tensor(spec.weights, dtype=torch.float32)
-    slots = sorted({slot for a in adapters for slot in a.modules}, key=lambda s: (s[0], LORA_MODULES.index(s[1])))
+    slots = sorted(
+        {slot for a in adapters for slot in a.modules}, key=lambda s: (s[0], LORA_MODULES.index(s[1]))
+    )
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     for layer, module in slots:
         idx = [i for i, a in enumerate(adapters) if (layer, module) in a.modules]

@@ -42,7 +42,9 @@ class MergedAdapterStore:
         self.cache = cache if cache is not None else HostAdapterCache(DEFAULT_MERGED_CACHE_BYTES)
         # One worker: merges are CPU-bound tensor work; more threads would only fight the step loop.
         self._owns_executor = executor is None
-        self._executor = executor if executor is not None else ThreadPoolExecutor(1, thread_name_prefix="merge")
+        self._executor = (
+            executor if executor is not None else ThreadPoolExecutor(1, thread_name_prefix="merge")
+        )
         self._flight = SingleFlight(self._executor)
         self.merges_run = 0
 
@@ -59,7 +61,9 @@ class MergedAdapterStore:
         fut, _ = self._flight.submit(key, self._merge_and_cache, adapters, spec, key)
         return await await_shared(fut)
 
-    async def _fetch_all(self, ids: Sequence[str], source: str | None, token: str | None) -> list[LoraAdapter]:
+    async def _fetch_all(
+        self, ids: Sequence[str], source: str | None, token: str | None
+    ) -> list[LoraAdapter]:
         unique = list(dict.fromkeys(ids))  # an id listed twice is fetched once
         fetched = await asyncio.gather(*(self._store.get(i, source, token) for i in unique))
         by_id = dict(zip(unique, fetched, strict=True))

@@ -61,7 +61,9 @@ def load_tensor_file(path: Path, safetensors_name: str, pickle_name: str) -> dic
             f"{pickle_name} could not be loaded safely (only plain tensors are accepted, "
             f"pickled code is refused): {type(e).__name__}"
         ) from e
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
         raise AdapterError(f"{pickle_name} does not hold a dict of named tensors")
     return sd
 
@@ -112,10 +114,14 @@ def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
     for name, tensor in sd.items():
         m = _KEY_RE.search(name)
         if m is None:
-            raise AdapterError(f"unexpected tensor {name!r} in adapter (not a LoRA A/B weight of a decoder layer)")
+            raise AdapterError(
+                f"unexpected tensor {name!r} in adapter (not a LoRA A/B weight of a decoder layer)"
+            )
         layer, module, side = int(m.group(1)), m.group(2), m.group(3)
         if module not in LORA_MODULES:
-            raise AdapterError(f"adapter targets unsupported module {module!r}; supported: {', '.join(LORA_MODULES)}")
+            raise AdapterError(
+                f"adapter targets unsupported module {module!r}; supported: {', '.join(LORA_MODULES)}"
+            )
         pairs.setdefault((layer, module), {})[side] = tensor
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     for (layer, module), ab in sorted(pairs.items()):
@@ -123,7 +129,9 @@ def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
             raise AdapterError(f"layer {layer} {module} has lora_{next(iter(ab))} without its partner")
         a, b = ab["A"].float(), ab["B"].float()
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterError(f"layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit")
+            raise AdapterError(
+                f"layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit"
+            )
         mpath = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
         mr = int(_pattern_value(rank_pattern, mpath, r))
         if a.shape[0] != mr:

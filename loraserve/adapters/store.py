@@ -105,17 +105,28 @@ class AdapterStore:
         self._host = HostAdapterCache(host_cache_bytes)
         names = sorted({src.name for src in self.sources.values()})
         self._load_pools = {
-            name: ThreadPoolExecutor(load_workers, thread_name_prefix=f"adapter-load-{name}") for name in names
+            name: ThreadPoolExecutor(load_workers, thread_name_prefix=f"adapter-load-{name}")
+            for name in names
         }
         self._auth_pools = {
-            name: ThreadPoolExecutor(auth_workers, thread_name_prefix=f"adapter-auth-{name}") for name in names
+            name: ThreadPoolExecutor(auth_workers, thread_name_prefix=f"adapter-auth-{name}")
+            for name in names
         }
         self._loads = {name: SingleFlight(pool) for name, pool in self._load_pools.items()}
         self._resolves = {name: SingleFlight(pool) for name, pool in self._auth_pools.items()}
         self._resolved: OrderedDict[tuple, tuple[float, ResolvedAdapter]] = OrderedDict()
         self._lock = threading.Lock()
         self._counters = dict.fromkeys(
-            ("hits", "misses", "loads", "load_failures", "loaded_bytes", "auth_checks", "auth_failures", "shared_loads"),
+            (
+                "hits",
+                "misses",
+                "loads",
+                "load_failures",
+                "loaded_bytes",
+                "auth_checks",
+                "auth_failures",
+                "shared_loads",
+            ),
             0,
         )
 
@@ -132,7 +143,11 @@ class AdapterStore:
     # ---- public API -------------------------------------------------------------------------
 
     async def get(
-        self, adapter_id: str, source: str | None = None, token: str | None = None, revision: str | None = None
+        self,
+        adapter_id: str,
+        source: str | None = None,
+        token: str | None = None,
+        revision: str | None = None,
     ) -> LoraAdapter:
         src, token = self._prepare(adapter_id, source, token)
         resolved = await await_shared(self._resolve_future(src, adapter_id, token, revision))
@@ -142,7 +157,11 @@ class AdapterStore:
         return await await_shared(self._load_future(src, resolved, token))
 
     def get_blocking(
-        self, adapter_id: str, source: str | None = None, token: str | None = None, revision: str | None = None
+        self,
+        adapter_id: str,
+        source: str | None = None,
+        token: str | None = None,
+        revision: str | None = None,
     ) -> LoraAdapter:
         """`get` for threads without an event loop; never call it on the event loop thread."""
         src, token = self._prepare(adapter_id, source, token)
@@ -173,11 +192,15 @@ class AdapterStore:
         with self._lock:
             self._counters[name] += n
 
-    def _prepare(self, adapter_id: str, source: str | None, token: str | None) -> tuple[AdapterSource, str | None]:
+    def _prepare(
+        self, adapter_id: str, source: str | None, token: str | None
+    ) -> tuple[AdapterSource, str | None]:
         name = (source or self.default_source).strip().lower()
         src = self.sources.get(name)
         if src is None:
-            raise AdapterError(f"unknown adapter_source {source!r}; expected one of {', '.join(SOURCE_NAMES)}")
+            raise AdapterError(
+                f"unknown adapter_source {source!r}; expected one of {', '.join(SOURCE_NAMES)}"
+            )
         if not adapter_id or not adapter_id.strip():
             raise AdapterError("adapter_id is empty")
         if name == "hub" and not token and self._global_hf_token:
@@ -217,7 +240,9 @@ class AdapterStore:
             raise
         except Exception as e:  # a source bug must fail the request, not the server
             log.exception("resolving %s adapter %s failed", src.name, adapter_id)
-            raise AdapterLoadError(f"resolving {src.name} adapter {adapter_id!r} failed: {type(e).__name__}") from e
+            raise AdapterLoadError(
+                f"resolving {src.name} adapter {adapter_id!r} failed: {type(e).__name__}"
+            ) from e
         ttl = self.auth_ttl_s if src.checks_auth else math.inf
         with self._lock:
             self._resolved[key] = (time.monotonic() + ttl, resolved)
@@ -251,14 +276,19 @@ class AdapterStore:
         except Exception as e:
             self._count("load_failures")
             log.exception("loading adapter %s failed", resolved.cache_key)
-            raise AdapterLoadError(f"loading {src.name} adapter {resolved.adapter_id!r} failed: {type(e).__name__}") from e
+            raise AdapterLoadError(
+                f"loading {src.name} adapter {resolved.adapter_id!r} failed: {type(e).__name__}"
+            ) from e
         self._count("loads")
         self._count("loaded_bytes", adapter.nbytes)
         self._host.put(adapter)
         log.info(
             "adapter %s loaded: rank %d, %d modules, %s, %d bytes in %.2fs",
-            resolved.cache_key, adapter.rank, len(adapter.modules),
+            resolved.cache_key,
+            adapter.rank,
+            len(adapter.modules),
             f"{adapter.medusa.num_heads} Medusa heads" if adapter.medusa is not None else "no Medusa heads",
-            adapter.nbytes, time.monotonic() - t0,
+            adapter.nbytes,
+            time.monotonic() - t0,
         )
         return adapter

@@ -45,7 +45,9 @@ def validate_adapter(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int | Non
         if module not in shapes:
             raise AdapterError(f"adapter targets module {module!r}, which this model does not have")
         if not 0 <= layer < cfg.num_hidden_layers:
-            raise AdapterError(f"adapter has weights for layer {layer} but the model has {cfg.num_hidden_layers} layers")
+            raise AdapterError(
+                f"adapter has weights for layer {layer} but the model has {cfg.num_hidden_layers} layers"
+            )
         in_f, out_f = shapes[module]
         r = w.rank
         if tuple(w.a.shape) != (r, in_f) or tuple(w.b.shape) != (out_f, r):

@@ -35,7 +35,7 @@ class AdapterSlots:
         return [k for k in self.slot_key if k is not None]
 
     def can_acquire(self, adapter: LoraAdapter) -> bool:
-        return (adapter.key in self.key_to_slot or None in self.slot_key or bool(self._idle))
+        return adapter.key in self.key_to_slot or None in self.slot_key or bool(self._idle)
 
     def acquire(self, adapter: LoraAdapter) -> int:
         slot = self.key_to_slot.get(adapter.key)

@@ -58,8 +58,13 @@ class AsyncEngine:
         self._thread.start()
 
     # ---- event-loop side ------------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: LoraAdapter | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Yield one `RequestOutput` per step until finished; closing the iterator aborts the request."""
         rid = request_id or uuid.uuid4().hex
         sink: asyncio.Queue = asyncio.Queue()

@@ -22,11 +22,14 @@ from loraserve.layers.rotary import RotaryTable
 class StepLayout:
     seqs: list[Sequence]
     spans: list[tuple[int, int]]  # token span of each sequence in the flattened batch
-    logit_rows: list[list[int]]  # rows whose logits each sequence needs (last token; all when prefill logprobs)
+    logit_rows: list[
+        list[int]
+    ]  # rows whose logits each sequence needs (last token; all when prefill logprobs)
 
 
-def _paged_group(seqs: list[Sequence], spans: list[tuple[int, int]], block_size: int, group_size: int,
-                 device: torch.device) -> PagedGroup:
+def _paged_group(
+    seqs: list[Sequence], spans: list[tuple[int, int]], block_size: int, group_size: int, device: torch.device
+) -> PagedGroup:
     b = len(seqs)
     q_lens = [e - s for s, e in spans]
     max_q = max(q_lens)
@@ -35,27 +38,44 @@ def _paged_group(seqs: list[Sequence], spans: list[tuple[int, int]], block_size:
     nblk = -(-max_ctx // block_size)
     tables = torch.zeros(b, nblk, dtype=torch.long)
     for i, seq in enumerate(seqs):
-        tables[i, :len(seq.block_table[:nblk])] = torch.tensor(seq.block_table[:nblk], dtype=torch.long)
+        tables[i, : len(seq.block_table[:nblk])] = torch.tensor(seq.block_table[:nblk], dtype=torch.long)
     contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(b - 1))
     dense = contiguous and all(q == max_q for q in q_lens)
     q_rows = pad_rows = None
     if not dense:
         q_rows = torch.tensor([t for s, e in spans for t in range(s, e)], dtype=torch.long, device=device)
-        pad_rows = torch.tensor([i * max_q + j for i, (s, e) in enumerate(spans) for j in range(e - s)],
-                                dtype=torch.long, device=device)
+        pad_rows = torch.tensor(
+            [i * max_q + j for i, (s, e) in enumerate(spans) for j in range(e - s)],
+            dtype=torch.long,
+            device=device,
+        )
     # query j of sequence i sits at position ctx_i - q_i + j and may see cache positions <= it
     ctx_t = torch.tensor(ctx, dtype=torch.long)
     qpos = (ctx_t - torch.tensor(q_lens)).unsqueeze(1) + torch.arange(max_q).unsqueeze(0)  # [b, max_q]
     qpos = torch.minimum(qpos, ctx_t.unsqueeze(1) - 1)  # padded query rows: see the whole context, no NaN
     mask = torch.arange(max_ctx).view(1, 1, max_ctx) <= qpos.unsqueeze(2)  # [b, max_q, max_ctx]
     mask = mask.repeat_interleave(group_size, dim=1).unsqueeze(1)
-    return PagedGroup(num_seqs=b, max_q=max_q, dense=dense, tok_start=spans[0][0], q_rows=q_rows,
-                      pad_rows=pad_rows, block_tables=tables.to(device), max_ctx=max_ctx,
-                      mask=mask.to(device))
+    return PagedGroup(
+        num_seqs=b,
+        max_q=max_q,
+        dense=dense,
+        tok_start=spans[0][0],
+        q_rows=q_rows,
+        pad_rows=pad_rows,
+        block_tables=tables.to(device),
+        max_ctx=max_ctx,
+        mask=mask.to(device),
+    )
 
 
-def build_forward_batch(decodes: list[Sequence], prefills: list[Sequence], block_size: int,
-                        rotary: RotaryTable, group_size: int, device: torch.device) -> tuple[ForwardBatch, StepLayout]:
+def build_forward_batch(
+    decodes: list[Sequence],
+    prefills: list[Sequence],
+    block_size: int,
+    rotary: RotaryTable,
+    group_size: int,
+    device: torch.device,
+) -> tuple[ForwardBatch, StepLayout]:
     """Decode rows first (one token each, sorted by slot), then prefill rows."""
     ids: list[int] = []
     positions: list[int] = []
@@ -65,7 +85,7 @@ def build_forward_batch(decodes: list[Sequence], prefills: list[Sequence], block
     logit_rows: list[list[int]] = []
     for seq in seqs:
         start = len(ids)
-        fed = seq.all_ids[seq.num_cached:] + seq.drafts  # drafts are verified in the same pass
+        fed = seq.all_ids[seq.num_cached :] + seq.drafts  # drafts are verified in the same pass
         for p, tok in enumerate(fed, start=seq.num_cached):
             ids.append(tok)
             positions.append(p)
@@ -88,8 +108,9 @@ def build_forward_batch(decodes: list[Sequence], prefills: list[Sequence], block
         multis = [(s, sp) for s, sp in zip(paged_seqs, paged_spans) if sp[1] - sp[0] > 1]
         for grp in (singles, multis):
             if grp:
-                attn.paged.append(_paged_group([g[0] for g in grp], [g[1] for g in grp], block_size,
-                                               group_size, device))
+                attn.paged.append(
+                    _paged_group([g[0] for g in grp], [g[1] for g in grp], block_size, group_size, device)
+                )
     token_slots = [(s, e, seq.slot) for seq, (s, e) in zip(seqs, spans) if seq.slot is not None]
     pos_t = torch.tensor(positions, dtype=torch.long, device=device)
     cos, sin = rotary.lookup(pos_t)

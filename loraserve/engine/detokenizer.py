@@ -54,7 +54,7 @@ class IncrementalDetokenizer:
         new_text = self._decode(self._window)
         if len(new_text) <= len(self._prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             return ""
-        delta = new_text[len(self._prefix_text):]
+        delta = new_text[len(self._prefix_text) :]
         # The just-read tokens become the next prefix.
         del self._window[: self._read]
         self._read = len(self._window)
@@ -75,9 +75,11 @@ class IncrementalDetokenizer:
         """
         if self._read == len(self._window):
             return ""
-        prefix = self._prefix_text if self._prefix_text is not None else self._decode(self._window[: self._read])
+        prefix = (
+            self._prefix_text if self._prefix_text is not None else self._decode(self._window[: self._read])
+        )
         new_text = self._decode(self._window)
-        delta = new_text[len(prefix):] if len(new_text) > len(prefix) else ""
+        delta = new_text[len(prefix) :] if len(new_text) > len(prefix) else ""
         del self._window[: self._read]
         self._read = len(self._window)
         self._prefix_text = None
@@ -122,6 +124,6 @@ def decode_continuation(
     prefix = tokenizer.decode_raw(ctx, skip_special_tokens=skip_special_tokens)
     full = tokenizer.decode_raw(ctx + list(new_ids), skip_special_tokens=skip_special_tokens)
     if full.startswith(prefix):
-        return full[len(prefix):]
+        return full[len(prefix) :]
     # The context token merged with the new ones (e.g. a split character): no clean cut exists.
     return tokenizer.decode_raw(list(new_ids), skip_special_tokens=skip_special_tokens)

@@ -39,8 +39,14 @@ from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -88,8 +94,9 @@ class Engine:
         self.model = load_model(self.model_dir, mc, self.dtype, self.device)
         self._allocate_kv_cache()
         self._allocate_lora_table()
-        self.scheduler = Scheduler(self.blocks, self.slots, cfg.max_num_seqs, cfg.max_batch_prefill_tokens,
-                                   cfg.adapter_cycle_time_s)
+        self.scheduler = Scheduler(
+            self.blocks, self.slots, cfg.max_num_seqs, cfg.max_batch_prefill_tokens, cfg.adapter_cycle_time_s
+        )
         self._seqs: dict[str, Sequence] = {}
         self.tokens_generated = 0
         self.default_speculator: MedusaHeads | None = None
@@ -107,8 +114,9 @@ class Engine:
     def _resolve_lengths(self) -> None:
         cfg, ctx = self.config, self.model_config.max_position_embeddings
         cfg.max_total_tokens = min(cfg.max_total_tokens or min(2048, ctx), ctx)
-        cfg.max_input_length = min(cfg.max_input_length or min(1024, cfg.max_total_tokens - 1),
-                                   cfg.max_total_tokens - 1)
+        cfg.max_input_length = min(
+            cfg.max_input_length or min(1024, cfg.max_total_tokens - 1), cfg.max_total_tokens - 1
+        )
         cfg.max_batch_prefill_tokens = max(cfg.max_batch_prefill_tokens, cfg.max_input_length)
 
     def _allocate_kv_cache(self) -> None:
@@ -124,17 +132,25 @@ class Engine:
         tokens = min(budget // per_token, cfg.max_num_seqs * cfg.max_total_tokens)
         if cfg.max_batch_total_tokens:
             tokens = min(tokens, cfg.max_batch_total_tokens)
-        num_blocks = max(tokens // cfg.block_size, -(-cfg.max_total_tokens // cfg.block_size)) + 1  # + null block
+        num_blocks = (
+            max(tokens // cfg.block_size, -(-cfg.max_total_tokens // cfg.block_size)) + 1
+        )  # + null block
         cfg.max_batch_total_tokens = (num_blocks - 1) * cfg.block_size
         shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
         self.model.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(mc.num_hidden_layers)
         ]
         self.blocks = BlockManager(num_blocks, cfg.block_size)
-        log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, cfg.block_size,
-                 num_blocks * cfg.block_size * per_token / 2**20)
+        log.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB)",
+            num_blocks,
+            cfg.block_size,
+            num_blocks * cfg.block_size * per_token / 2**20,
+        )
 
     def _allocate_lora_table(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -143,8 +159,11 @@ class Engine:
         budget = cfg.adapter_memory_bytes or int(_device_memory(self.device) * 0.1)
         num_slots = max(1, min(cfg.max_active_adapters, budget // per_slot))
         if num_slots < cfg.max_active_adapters:
-            log.warning("adapter memory budget fits %d of %d requested active adapters", num_slots,
-                        cfg.max_active_adapters)
+            log.warning(
+                "adapter memory budget fits %d of %d requested active adapters",
+                num_slots,
+                cfg.max_active_adapters,
+            )
         cfg.max_active_adapters = num_slots
         table = LoraTable(shapes, mc.num_hidden_layers, num_slots, cfg.max_lora_rank, self.dtype, self.device)
         self.model.lora = table
@@ -155,16 +174,23 @@ class Engine:
         """Refuse adapters the slot table cannot hold before they reach the step loop."""
         mc = self.model_config
         if adapter.max_rank > self.config.max_lora_rank:
-            raise ValueError(f"adapter rank {adapter.max_rank} exceeds the server's max LoRA rank "
-                             f"{self.config.max_lora_rank} (--max-lora-rank)")
+            raise ValueError(
+                f"adapter rank {adapter.max_rank} exceeds the server's max LoRA rank "
+                f"{self.config.max_lora_rank} (--max-lora-rank)"
+            )
         shapes = mc.linear_shapes()
         for (layer, module), w in adapter.modules.items():
             fin, fout = shapes[module]
             if layer >= mc.num_hidden_layers or w.a.shape[1] != fin or w.b.shape[0] != fout:
                 raise ValueError(f"adapter weights for layer {layer} {module} do not fit the base model")
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: LoraAdapter | None = None, request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: LoraAdapter | None = None,
+        request_id: str | None = None,
+    ) -> str:
         params = params or SamplingParams()
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -175,10 +201,14 @@ class Engine:
             raise ValueError(f"inputs holds token ids outside the vocabulary [0, {vocab})")
         cfg = self.config
         if len(ids) > cfg.max_input_length:
-            raise ValueError(f"inputs has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}")
+            raise ValueError(
+                f"inputs has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}"
+            )
         if len(ids) + params.max_new_tokens > cfg.max_total_tokens:
-            raise ValueError(f"inputs tokens + max_new_tokens must be <= max_total_tokens={cfg.max_total_tokens}"
-                             f" (got {len(ids)} + {params.max_new_tokens})")
+            raise ValueError(
+                f"inputs tokens + max_new_tokens must be <= max_total_tokens={cfg.max_total_tokens}"
+                f" (got {len(ids)} + {params.max_new_tokens})"
+            )
         if -(-(len(ids) + params.max_new_tokens) // cfg.block_size) > self.blocks.capacity:
             raise ValueError("request cannot fit in the KV cache even alone")
         if adapter is not None:
@@ -233,8 +263,10 @@ class Engine:
         """
         own = adapter.medusa if adapter is not None else None
         if own is not None and self.default_speculator is None:
-            raise ValueError("this adapter carries Medusa heads, but speculative decoding needs the server to be "
-                             "started with a default Medusa adapter (--adapter-id)")
+            raise ValueError(
+                "this adapter carries Medusa heads, but speculative decoding needs the server to be "
+                "started with a default Medusa adapter (--adapter-id)"
+            )
         if self.speculative_tokens <= 0 or params.repetition_penalty != 1.0:
             return None  # the penalty depends on the history, which drafts would change mid-verification
         if own is None:
@@ -275,8 +307,13 @@ class Engine:
             return []
         mc = self.model_config
         fb, layout = build_forward_batch(
-            sched.decodes, sched.prefills, self.config.block_size, self.model.rotary,
-            mc.num_attention_heads // mc.num_key_value_heads, self.device)
+            sched.decodes,
+            sched.prefills,
+            self.config.block_size,
+            self.model.rotary,
+            mc.num_attention_heads // mc.num_key_value_heads,
+            self.device,
+        )
         hidden = self.model.forward(fb)
         rows = [r for rs in layout.logit_rows for r in rs]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
@@ -287,14 +324,24 @@ class Engine:
         # one cheap finiteness check for the whole step (a row's sum is NaN/inf iff an entry is);
         # a poisoned row fails alone
         bad = (~torch.isfinite(logits.sum(dim=-1))).tolist()
-        bad_seq = [any(bad[starts[i]:starts[i] + len(rs)]) for i, rs in enumerate(layout.logit_rows)]
+        bad_seq = [any(bad[starts[i] : starts[i] + len(rs)]) for i, rs in enumerate(layout.logit_rows)]
         plain = [i for i, seq in enumerate(layout.seqs) if not seq.drafts and not bad_seq[i]]
         result = None
         if plain:
-            last = torch.tensor([starts[i] + len(layout.logit_rows[i]) - 1 for i in plain], device=self.device)
-            result = sample(logits[last], [SamplingRow(params=layout.seqs[i].params,
-                                                       generator=layout.seqs[i].generator,
-                                                       history=self._history(layout.seqs[i])) for i in plain])
+            last = torch.tensor(
+                [starts[i] + len(layout.logit_rows[i]) - 1 for i in plain], device=self.device
+            )
+            result = sample(
+                logits[last],
+                [
+                    SamplingRow(
+                        params=layout.seqs[i].params,
+                        generator=layout.seqs[i].generator,
+                        history=self._history(layout.seqs[i]),
+                    )
+                    for i in plain
+                ],
+            )
         plain_pos = {i: j for j, i in enumerate(plain)}
         self.steps += 1
         self.last_batch_size = len(layout.seqs)
@@ -302,13 +349,18 @@ class Engine:
         draft_rows: list[tuple[Sequence, int]] = []  # hidden row of the last accepted position
         for i, seq in enumerate(layout.seqs):
             n = len(layout.logit_rows[i])
-            seq_logits = logits[starts[i]:starts[i] + n]
+            seq_logits = logits[starts[i] : starts[i] + n]
             prefill = None
             if seq.params.prefill_logprobs and not seq.prefill_reported and not seq.drafts:
                 prefill = self._prefill_infos(seq, seq_logits)
             if bad_seq[i]:
-                outputs.append(self._fail(seq, "generation failed: the model produced non-finite logits "
-                                               "for this request (check the adapter's weights)"))
+                outputs.append(
+                    self._fail(
+                        seq,
+                        "generation failed: the model produced non-finite logits "
+                        "for this request (check the adapter's weights)",
+                    )
+                )
                 continue
             span_start, span_end = layout.spans[i]
             speculated = bool(seq.drafts)
@@ -350,12 +402,21 @@ class Engine:
             idx = torch.tensor([row for _, row in members], device=self.device)
             drafts = medusa_logits(hidden[idx], heads, self.model.lm_head).argmax(dim=-1).t().tolist()
             for (seq, _), d in zip(members, drafts):
-                room = min(seq.params.max_new_tokens - len(seq.output_ids),
-                           self.config.max_total_tokens - seq.num_tokens) - 1
-                seq.drafts = d[:max(0, min(room, self.speculative_tokens))]
+                room = (
+                    min(
+                        seq.params.max_new_tokens - len(seq.output_ids),
+                        self.config.max_total_tokens - seq.num_tokens,
+                    )
+                    - 1
+                )
+                seq.drafts = d[: max(0, min(room, self.speculative_tokens))]
 
-    def _emit(self, seq: Sequence, emitted: list[tuple[int, float, list[tuple[int, float]] | None]],
-              prefill: list[TokenInfo] | None) -> RequestOutput:
+    def _emit(
+        self,
+        seq: Sequence,
+        emitted: list[tuple[int, float, list[tuple[int, float]] | None]],
+        prefill: list[TokenInfo] | None,
+    ) -> RequestOutput:
         """Append this step's tokens one by one, stopping at the first finish condition."""
         infos: list[TokenInfo] = []
         reason = None
@@ -364,9 +425,16 @@ class Engine:
             infos.append(info)
             if reason is not None:
                 break
-        out = RequestOutput(request_id=seq.request_id, tokens=infos, prompt_tokens=len(seq.prompt_ids),
-                            generated_tokens=len(seq.output_ids), seed=seq.seed if seq.params.do_sample else None,
-                            prefill=prefill, spec_steps=seq.spec_steps, spec_tokens=seq.spec_tokens)
+        out = RequestOutput(
+            request_id=seq.request_id,
+            tokens=infos,
+            prompt_tokens=len(seq.prompt_ids),
+            generated_tokens=len(seq.output_ids),
+            seed=seq.seed if seq.params.do_sample else None,
+            prefill=prefill,
+            spec_steps=seq.spec_steps,
+            spec_tokens=seq.spec_tokens,
+        )
         if reason is not None:
             self._finish(seq)
             out.finished, out.finish_reason, out.generated_text = True, reason, seq.text
@@ -382,17 +450,30 @@ class Engine:
         ids = seq.prompt_ids
         lp = torch.log_softmax(logits.float(), dim=-1)
         n = min(len(ids) - 1, lp.shape[0] - 1)
-        nxt = torch.tensor(ids[1:n + 1], device=lp.device)
+        nxt = torch.tensor(ids[1 : n + 1], device=lp.device)
         chosen = lp[torch.arange(n, device=lp.device), nxt].tolist() if n > 0 else []
-        infos = [TokenInfo(id=ids[0], text=self.tokenizer.id_to_text(ids[0]), logprob=None,
-                           special=self.tokenizer.is_special(ids[0]))]
-        for tid, lp_ in zip(ids[1:n + 1], chosen):
-            infos.append(TokenInfo(id=tid, text=self.tokenizer.id_to_text(tid), logprob=lp_,
-                                   special=self.tokenizer.is_special(tid)))
+        infos = [
+            TokenInfo(
+                id=ids[0],
+                text=self.tokenizer.id_to_text(ids[0]),
+                logprob=None,
+                special=self.tokenizer.is_special(ids[0]),
+            )
+        ]
+        for tid, lp_ in zip(ids[1 : n + 1], chosen):
+            infos.append(
+                TokenInfo(
+                    id=tid,
+                    text=self.tokenizer.id_to_text(tid),
+                    logprob=lp_,
+                    special=self.tokenizer.is_special(tid),
+                )
+            )
         return infos
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float,
-                      alts: list[tuple[int, float]] | None) -> tuple[TokenInfo, str | None]:
+    def _append_token(
+        self, seq: Sequence, token: int, logprob: float, alts: list[tuple[int, float]] | None
+    ) -> tuple[TokenInfo, str | None]:
         seq.output_ids.append(token)
         self.tokens_generated += 1
         special = self.tokenizer.is_special(token)
@@ -400,7 +481,9 @@ class Engine:
         reason = None
         if token in self.eos_ids and not seq.params.ignore_eos_token:
             reason = "eos_token"
-        elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.config.max_total_tokens:
+        elif (
+            len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.config.max_total_tokens
+        ):
             reason = "length"
         if reason is not None:
             delta += seq.detok.flush()  # bytes held back for an unfinished character
@@ -408,13 +491,18 @@ class Engine:
         if seq.stop is not None and delta:
             cut = seq.stop.check(seq.text, len(delta))
             if cut is not None:
-                delta = delta[:max(0, len(delta) - (len(seq.text) - cut))]
+                delta = delta[: max(0, len(delta) - (len(seq.text) - cut))]
                 seq.text = seq.text[:cut]
                 reason = "stop_sequence"
         # special tokens (EOS) are streamed with their own text, as LoRAX does, but kept out of generated_text
         text = self.tokenizer.id_to_text(token) if special else delta
-        info = TokenInfo(id=token, text=text, logprob=logprob, special=special,
-                         alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None)
+        info = TokenInfo(
+            id=token,
+            text=text,
+            logprob=logprob,
+            special=special,
+            alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None,
+        )
         seq.output_tokens.append(info)
         return info, reason
 
@@ -430,17 +518,28 @@ class Engine:
                 k[idx] = 0
                 v[idx] = 0
         self._finish(seq)
-        return RequestOutput(request_id=seq.request_id, tokens=[], finished=True, finish_reason="error",
-                             generated_text=seq.text, prompt_tokens=len(seq.prompt_ids),
-                             generated_tokens=len(seq.output_ids), error=message)
+        return RequestOutput(
+            request_id=seq.request_id,
+            tokens=[],
+            finished=True,
+            finish_reason="error",
+            generated_text=seq.text,
+            prompt_tokens=len(seq.prompt_ids),
+            generated_tokens=len(seq.output_ids),
+            error=message,
+        )
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
 
     # ---- offline batch API ----------------------------------------------------------------------
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 adapters: list[LoraAdapter | None] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        adapters: list[LoraAdapter | None] | None = None,
+    ) -> list[RequestOutput]:
         """Run every prompt to completion in one continuous batch; results in input order.
 
         Each result carries all generated tokens in `tokens`.
@@ -474,8 +573,16 @@ class Engine:
         """
         if adapter is not None:
             self.check_adapter(adapter)
-        seq = Sequence(request_id="__score__", prompt_ids=list(prompt_ids), params=SamplingParams(),
-                       adapter=adapter, seed=0, generator=None, detok=None, stop=None)  # type: ignore[arg-type]
+        seq = Sequence(
+            request_id="__score__",
+            prompt_ids=list(prompt_ids),
+            params=SamplingParams(),
+            adapter=adapter,
+            seed=0,
+            generator=None,
+            detok=None,
+            stop=None,
+        )  # type: ignore[arg-type]
         if not self.blocks.can_hold(seq.block_table, seq.num_tokens):
             raise RuntimeError("not enough free KV blocks to score this prompt now")
         self.blocks.grow(seq.block_table, seq.num_tokens)
@@ -483,8 +590,14 @@ class Engine:
             if seq.uses_slot:
                 seq.slot = self.slots.acquire(adapter)
             mc = self.model_config
-            fb, _ = build_forward_batch([], [seq], self.config.block_size, self.model.rotary,
-                                        mc.num_attention_heads // mc.num_key_value_heads, self.device)
+            fb, _ = build_forward_batch(
+                [],
+                [seq],
+                self.config.block_size,
+                self.model.rotary,
+                mc.num_attention_heads // mc.num_key_value_heads,
+                self.device,
+            )
             return self.model.logits(self.model.forward(fb))
         finally:
             self.blocks.free(seq.block_table)

@@ -73,13 +73,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
     device = logits.device
     scores = logits.float()
 
-    pen = [i for i, r in enumerate(rows)
-           if r.params.repetition_penalty != 1.0 and r.history is not None and r.history.numel() > 0]
+    pen = [
+        i
+        for i, r in enumerate(rows)
+        if r.params.repetition_penalty != 1.0 and r.history is not None and r.history.numel() > 0
+    ]
     if pen:
         idx = torch.tensor(pen, device=device) if len(pen) < b else None
         sub = scores if idx is None else scores[idx]
-        sub = apply_repetition_penalty(sub, [rows[i].params.repetition_penalty for i in pen],
-                                       [rows[i].history for i in pen])  # type: ignore[misc]
+        sub = apply_repetition_penalty(
+            sub, [rows[i].params.repetition_penalty for i in pen], [rows[i].history for i in pen]
+        )  # type: ignore[misc]
         if idx is None:
             scores = sub
         else:
@@ -89,7 +93,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
     samplers = [i for i, r in enumerate(rows) if is_sampling(r.params)]
     scaled = scores
     if samplers:
-        scaled = apply_temperature(scores, [r.params.temperature if is_sampling(r.params) else 1.0 for r in rows])
+        scaled = apply_temperature(
+            scores, [r.params.temperature if is_sampling(r.params) else 1.0 for r in rows]
+        )
     tokens = scaled.argmax(dim=-1)
     if samplers:
         tokens = _sample_rows(scaled, rows, samplers, tokens)
@@ -106,17 +112,18 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
     # One device->host copy (one sync) for everything the engine reads.
     host = torch.cat(parts).cpu()
     token_ids = host[:b].long()
-    logprobs = host[b:2 * b].float()
+    logprobs = host[b : 2 * b].float()
     alternatives = None
     if n_max > 0:
-        alt_ids = host[2 * b:2 * b + b * n_max].long().view(b, n_max).tolist()
-        alt_lps = host[2 * b + b * n_max:].float().view(b, n_max).tolist()
+        alt_ids = host[2 * b : 2 * b + b * n_max].long().view(b, n_max).tolist()
+        alt_lps = host[2 * b + b * n_max :].float().view(b, n_max).tolist()
         alternatives = [list(zip(alt_ids[i][:n], alt_lps[i][:n], strict=True)) for i, n in enumerate(n_alt)]
     return SampleOutput(token_ids=token_ids, logprobs=logprobs, alternatives=alternatives)
 
 
-def _sample_rows(scaled: torch.Tensor, rows: list[SamplingRow], samplers: list[int],
-                 tokens: torch.Tensor) -> torch.Tensor:
+def _sample_rows(
+    scaled: torch.Tensor, rows: list[SamplingRow], samplers: list[int], tokens: torch.Tensor
+) -> torch.Tensor:
     b = scaled.shape[0]
     idx = torch.tensor(samplers, device=scaled.device) if len(samplers) < b else None
     sub = scaled if idx is None else scaled[idx]

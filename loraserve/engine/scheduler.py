@@ -38,8 +38,14 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, slots: AdapterSlots | None, max_num_seqs: int,
-                 max_prefill_tokens: int, adapter_cycle_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        slots: AdapterSlots | None,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        adapter_cycle_s: float = 2.0,
+    ) -> None:
         self.blocks, self.slots = blocks, slots
         self.adapter_cycle_s = adapter_cycle_s
         self.draining: set[int] = set()
@@ -101,7 +107,8 @@ class Scheduler:
                 key = seq.adapter.key
                 resident = self.slots.key_to_slot.get(key)
                 if (resident is not None and resident in self.draining) or (
-                        resident is None and not self.slots.can_acquire(seq.adapter)):
+                    resident is None and not self.slots.can_acquire(seq.adapter)
+                ):
                     if resident is None:
                         blocked[key] = self._blocked_since.get(key, now)
                     skipped.append(self.waiting.popleft())  # others may proceed; retried next step

@@ -40,8 +40,9 @@ def _warp(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, t
     return scaled, warped
 
 
-def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
-                  generator: torch.Generator | None) -> Verified:
+def verify_drafts(
+    logits: torch.Tensor, drafts: list[int], params: SamplingParams, generator: torch.Generator | None
+) -> Verified:
     """logits: [K+1, V] (float32) for [last, d_1..d_K]; returns the tokens to emit this step."""
     k = len(drafts)
     if not is_sampling(params):

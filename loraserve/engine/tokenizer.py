@@ -24,7 +24,13 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
 _NAMED_SPECIAL_TOKENS = (
-    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
 )
 
 
@@ -94,7 +100,9 @@ class Tokenizer:
         if eos_named is not None:
             eos.add(eos_named)
         self.eos_token_ids: set[int] = eos
-        self.chat_template: str | None = chat_template if chat_template is not None else self._template_from(cfg)
+        self.chat_template: str | None = (
+            chat_template if chat_template is not None else self._template_from(cfg)
+        )
         self._text_cache: dict[int, str] = {}
 
     @classmethod
@@ -212,9 +220,16 @@ def _alias_reasoning(message: dict) -> dict:
 
 def _clean_up_tokenization(text: str) -> str:
     return (
-        text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
-        .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
-        .replace(" 've", "'ve").replace(" 're", "'re")
+        text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
     )
 
 
@@ -228,10 +243,17 @@ def _compile_template(template: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: Any = None, sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
         # jinja's builtin tojson HTML-escapes, which would corrupt prompts.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)

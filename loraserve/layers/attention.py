@@ -46,8 +46,9 @@ class AttentionMeta:
     paged: list[PagedGroup] = field(default_factory=list)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     nb, bs, h, d = k_cache.shape
     k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
     v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
@@ -67,8 +68,15 @@ def _unfold_gqa(o: torch.Tensor, lq: int) -> torch.Tensor:
     return o.view(b, hkv, lq, g, d).permute(0, 2, 1, 3, 4).reshape(b, lq, hkv * g, d)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMeta, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMeta,
+    scale: float,
+) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     hkv = k.shape[1]
@@ -90,7 +98,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for grp in meta.paged:
         b, lq = grp.num_seqs, grp.max_q
         if grp.dense:
-            qg = q[grp.tok_start:grp.tok_start + b * lq].view(b, lq, *q.shape[1:])
+            qg = q[grp.tok_start : grp.tok_start + b * lq].view(b, lq, *q.shape[1:])
         else:
             qg = q.new_zeros(b * lq, *q.shape[1:])
             qg.index_copy_(0, grp.pad_rows, q.index_select(0, grp.q_rows))
@@ -99,12 +107,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         bs = k_cache.shape[1]
         # index_select copies whole contiguous blocks (much faster than advanced indexing on CPU)
         flat = grp.block_tables.view(-1)
-        kg = k_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, :grp.max_ctx].transpose(1, 2)
-        vg = v_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, :grp.max_ctx].transpose(1, 2)
+        kg = k_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, : grp.max_ctx].transpose(1, 2)
+        vg = v_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, : grp.max_ctx].transpose(1, 2)
         o = F.scaled_dot_product_attention(_fold_gqa(qg, hkv), kg, vg, attn_mask=grp.mask, scale=scale)
         o = _unfold_gqa(o, lq).reshape(b * lq, *q.shape[1:])
         if grp.dense:
-            out[grp.tok_start:grp.tok_start + b * lq] = o
+            out[grp.tok_start : grp.tok_start + b * lq] = o
         else:
             out.index_copy_(0, grp.q_rows, o.index_select(0, grp.pad_rows))
     return out

@@ -86,8 +86,9 @@ def build_lora_batch(token_slots: list[tuple[int, int, int]], device: torch.devi
     lb.slot_lo, lb.slot_hi, lb.max_seg = lo, hi, max_seg
     first = short[0][0]
     n = hi - lo
-    if len(per_slot) == n and all(per_slot.get(lo + i) == list(range(first + i * max_seg, first + (i + 1) * max_seg))
-                                  for i in range(n)):
+    if len(per_slot) == n and all(
+        per_slot.get(lo + i) == list(range(first + i * max_seg, first + (i + 1) * max_seg)) for i in range(n)
+    ):
         lb.dense, lb.tok_start = True, first
         return lb
     tok_rows, pad_rows = [], []
@@ -105,15 +106,15 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     if lb.slot_hi > lb.slot_lo:
         n, m = lb.slot_hi - lb.slot_lo, lb.max_seg
         if lb.dense:
-            xp = x[lb.tok_start:lb.tok_start + n * m].view(n, m, x.shape[1])
+            xp = x[lb.tok_start : lb.tok_start + n * m].view(n, m, x.shape[1])
         else:
             xp = x.new_zeros(n * m, x.shape[1])
             xp.index_copy_(0, lb.pad_rows, x.index_select(0, lb.tok_rows))
             xp = xp.view(n, m, x.shape[1])
-        h = torch.bmm(xp, a[lb.slot_lo:lb.slot_hi])
-        d = torch.bmm(h, b[lb.slot_lo:lb.slot_hi])
+        h = torch.bmm(xp, a[lb.slot_lo : lb.slot_hi])
+        d = torch.bmm(h, b[lb.slot_lo : lb.slot_hi])
         if lb.dense:
-            y[lb.tok_start:lb.tok_start + n * m] += d.view(n * m, -1)
+            y[lb.tok_start : lb.tok_start + n * m] += d.view(n * m, -1)
         else:
             y.index_add_(0, lb.tok_rows, d.view(n * m, -1).index_select(0, lb.pad_rows))
     for s, e, slot in lb.segments:
@@ -129,8 +130,16 @@ class LoraTable:
     adapter of higher rank than any before it arrives.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], num_layers: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device, rank: int = 8) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        num_layers: int,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rank: int = 8,
+    ) -> None:
         self.shapes, self.num_layers, self.num_slots = shapes, num_layers, num_slots
         self.max_rank, self.dtype, self.device = max_rank, dtype, device
         self.rank = 0
@@ -139,7 +148,9 @@ class LoraTable:
         self.ensure_rank(min(rank, max_rank))
 
     @staticmethod
-    def bytes_per_slot(shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int, dtype: torch.dtype) -> int:
+    def bytes_per_slot(
+        shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int, dtype: torch.dtype
+    ) -> int:
         per = sum(fin + fout for fin, fout in shapes.values()) * max_rank * num_layers
         return per * torch.empty((), dtype=dtype).element_size()
 
@@ -163,7 +174,9 @@ class LoraTable:
         for t in (*self.a.values(), *self.b.values()):
             t[:, slot].zero_()
 
-    def write(self, slot: int, layer: int, module: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    def write(
+        self, slot: int, layer: int, module: str, a: torch.Tensor, b: torch.Tensor, scale: float
+    ) -> None:
         """a: [r, in] (PEFT lora_A), b: [out, r] (PEFT lora_B)."""
         r = a.shape[0]
         self.a[module][layer, slot, :, :r].copy_(a.t())

@@ -25,10 +25,14 @@ from loraserve.models.weights import iter_weights
 
 class DecoderLayer:
     def __init__(self, w: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-        self.qkv_w = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
-                                w["self_attn.v_proj.weight"]])
-        self.qkv_b = (torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"],
-                                 w["self_attn.v_proj.bias"]]) if "self_attn.q_proj.bias" in w else None)
+        self.qkv_w = torch.cat(
+            [w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]
+        )
+        self.qkv_b = (
+            torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
+            if "self_attn.q_proj.bias" in w
+            else None
+        )
         self.o_w = w["self_attn.o_proj.weight"]
         self.o_b = w.get("self_attn.o_proj.bias")
         self.gate_up_w = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
@@ -44,9 +48,10 @@ class LlamaModel:
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
-        self.scale = cfg.head_dim ** -0.5
-        self.rotary = RotaryTable(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                  cfg.rope_scaling, dtype, device)
+        self.scale = cfg.head_dim**-0.5
+        self.rotary = RotaryTable(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, dtype, device
+        )
         self.layers: list[DecoderLayer] = []
         self.embed: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
@@ -55,15 +60,16 @@ class LlamaModel:
         self.lora: LoraTable | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
-                        device: torch.device) -> LlamaModel:
+    def from_pretrained(
+        cls, path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+    ) -> LlamaModel:
         model = cls(cfg, dtype, device)
         per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.num_hidden_layers)]
         top: dict[str, torch.Tensor] = {}
         for name, t in iter_weights(Path(path)):
             t = t.to(device=device, dtype=dtype)
             if name.startswith("model.layers."):
-                idx, rest = name[len("model.layers."):].split(".", 1)
+                idx, rest = name[len("model.layers.") :].split(".", 1)
                 per_layer[int(idx)][rest] = t
             else:
                 top[name] = t

@@ -26,7 +26,9 @@ SECRET_ENV_VARS = (
 _PATTERNS = (
     re.compile(r"(?i)(bearer\s+)[^\s'\",;]+"),
     re.compile(r"(?i)(credential=)[^\s'\",;/]+"),
-    re.compile(r"(?i)((?:api[_-]?token|x-amz-security-token|authorization|token)['\"]?\s*[:=]\s*['\"]?)[^\s'\",;]+"),
+    re.compile(
+        r"(?i)((?:api[_-]?token|x-amz-security-token|authorization|token)['\"]?\s*[:=]\s*['\"]?)[^\s'\",;]+"
+    ),
     re.compile(r"()\bhf_[A-Za-z0-9]{20,}\b"),
 )
 MASK = "***"

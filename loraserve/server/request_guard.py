@@ -103,7 +103,9 @@ class RequestGuard:
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as e:
-                message = f"request body is not valid UTF-8 (invalid byte at offset {e.start}); JSON must be UTF-8"
+                message = (
+                    f"request body is not valid UTF-8 (invalid byte at offset {e.start}); JSON must be UTF-8"
+                )
                 await _send_error(scope, send, 400, message, "bad_request")
                 return
         await self._run(scope, receive, send, body)

@@ -157,7 +157,9 @@ def _prompts(st: ServerState, prompt: Any) -> list[tuple[str, list[int]]]:
         vocab = st.aengine.engine.model_config.vocab_size
         bad = next((x for x in prompt if not 0 <= x < vocab), None)
         if bad is not None:  # an id outside the embedding table would crash the whole batch's step
-            raise validation_error(f"`prompt` token id {bad} is out of range: the vocabulary has ids 0..{vocab - 1}")
+            raise validation_error(
+                f"`prompt` token id {bad} is out of range: the vocabulary has ids 0..{vocab - 1}"
+            )
         return [(tok.decode(prompt), list(prompt))]
     out = []
     for p in prompt:

@@ -44,8 +44,12 @@ class GenerateParameters(BaseModel):
     temperature: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0))
     repetition_penalty: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0))
     top_k: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
-    top_p: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0, exclusiveMaximum=1))
-    typical_p: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0, exclusiveMaximum=1))
+    top_p: float | None = Field(
+        default=None, json_schema_extra=_range(exclusiveMinimum=0, exclusiveMaximum=1)
+    )
+    typical_p: float | None = Field(
+        default=None, json_schema_extra=_range(exclusiveMinimum=0, exclusiveMaximum=1)
+    )
     do_sample: bool = False
     max_new_tokens: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
     ignore_eos_token: bool = False

@@ -41,7 +41,9 @@ def _merge(assets, names: list[str], spec: MergeSpec) -> LoraAdapter:
     return merge_adapters(adapters, spec, spec.cache_key([a.key for a in adapters]))
 
 
-def _oracle(assets, names: list[str], weights: list[float], fn, **kw) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+def _oracle(
+    assets, names: list[str], weights: list[float], fn, **kw
+) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
     """Per (layer, module) and side: PEFT's merge function over the adapters that have it."""
     raws = [raw_lora_tensors(assets[1][n]) for n in names]
     w = torch.tensor(weights)
@@ -74,7 +76,9 @@ def test_linear_matches_peft_task_arithmetic(assets, weights: list[float]) -> No
 @pytest.mark.parametrize("density", [0.3, 0.7, 1.0])
 def test_ties_matches_peft_ties(assets, sign: str, density: float) -> None:
     names, weights = ["a1", "a2", "a3"], [0.5, 1.5, 0.8]
-    spec = MergeSpec(ids=names, weights=weights, merge_strategy="ties", density=density, majority_sign_method=sign)
+    spec = MergeSpec(
+        ids=names, weights=weights, merge_strategy="ties", density=density, majority_sign_method=sign
+    )
     merged = _merge(assets, names, spec)
     oracle = _oracle(assets, names, weights, merge_utils.ties, density=density, majority_sign_method=sign)
     _assert_matches_oracle(merged, oracle)
@@ -97,8 +101,9 @@ def test_union_of_targets_and_first_adapters_config(assets) -> None:
 def test_rslora_first_adapter_scale(tmp_path: Path, assets) -> None:
     from tests.fixtures.tiny_models import make_peft_adapter
 
-    rs = make_peft_adapter(assets[0], tmp_path / "rs", r=8, target_modules=("q_proj",), seed=9,
-                           use_rslora=True, lora_alpha=16)
+    rs = make_peft_adapter(
+        assets[0], tmp_path / "rs", r=8, target_modules=("q_proj",), seed=9, use_rslora=True, lora_alpha=16
+    )
     adapters = [parse_peft_adapter(rs, key="rs"), parse_peft_adapter(assets[1]["a2"], key="a2")]
     spec = MergeSpec(ids=["rs", "a2"], weights=[1.0, 1.0])
     merged = merge_adapters(adapters, spec, spec.cache_key(["rs", "a2"]))
@@ -165,7 +170,11 @@ def test_dare_is_deterministic_in_process_and_across_restart(assets) -> None:
     for strategy in ("dare_linear", "dare_ties"):
         out = subprocess.run(
             [sys.executable, "-c", _SUBPROCESS_MERGE, ",".join(names), dirs, strategy],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
         )
         assert out.stdout.strip() == digests[strategy], out.stderr
 
@@ -216,8 +225,13 @@ def test_dare_ties_sign_election_hand_made(method: str) -> None:
     t2 = torch.tensor([[-3.0, 1.0, 1.0, 0.0], [-1.0, -2.0, 6.0, 3.0]])
     t3 = torch.tensor([[-1.0, 1.0, -1.0, 0.5], [1.0, 1.0, -1.0, -7.0]])
     weights = [1.0, 2.0, 0.5]
-    spec = MergeSpec(ids=["p", "q", "r"], weights=weights, merge_strategy="dare_ties", density=0.5,
-                     majority_sign_method=method)
+    spec = MergeSpec(
+        ids=["p", "q", "r"],
+        weights=weights,
+        merge_strategy="dare_ties",
+        density=0.5,
+        majority_sign_method=method,
+    )
     seeds = [11, 12, 13]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     ours = merge_tensors([t1, t2, t3], torch.tensor(weights), spec, gens)
@@ -235,8 +249,13 @@ def test_ties_sign_election_hand_made_full_density() -> None:
     t1, t2 = torch.tensor([1.0, -2.0, 3.0, 0.0]), torch.tensor([-3.0, 1.0, 1.0, 0.0])
     w = torch.tensor([1.0, 2.0])
     total = MergeSpec(ids=["x", "y"], weights=[1.0, 2.0], merge_strategy="ties", density=1.0)
-    freq = MergeSpec(ids=["x", "y"], weights=[1.0, 2.0], merge_strategy="ties", density=1.0,
-                     majority_sign_method="frequency")
+    freq = MergeSpec(
+        ids=["x", "y"],
+        weights=[1.0, 2.0],
+        merge_strategy="ties",
+        density=1.0,
+        majority_sign_method="frequency",
+    )
     assert merge_tensors([t1, t2], w, total).tolist() == [-6.0, -2.0, 2.5, 0.0]
     assert merge_tensors([t1, t2], w, freq).tolist() == [1.0, 2.0, 2.5, 0.0]
     # density 1.0 makes DARE-TIES a plain TIES merge.
@@ -283,13 +302,25 @@ def test_valid_edge_specs() -> None:
 def test_from_request_applies_lorax_defaults() -> None:
     # What lorax-client's MergedAdapters serialises when only ids/weights/density are set.
     spec = MergeSpec.from_request(
-        {"ids": ["a", "b"], "weights": [1, 0.5], "merge_strategy": None, "density": 0.5, "majority_sign_method": None}
+        {
+            "ids": ["a", "b"],
+            "weights": [1, 0.5],
+            "merge_strategy": None,
+            "density": 0.5,
+            "majority_sign_method": None,
+        }
     )
-    assert spec == MergeSpec(ids=["a", "b"], weights=[1.0, 0.5], merge_strategy="linear", density=0.5,
-                             majority_sign_method="total")
+    assert spec == MergeSpec(
+        ids=["a", "b"], weights=[1.0, 0.5], merge_strategy="linear", density=0.5, majority_sign_method="total"
+    )
     assert MergeSpec.from_request({"ids": ["a", "b"]}).weights == [1.0, 1.0]
-    full = {"ids": ["a", "b"], "weights": [0.3, 0.7], "merge_strategy": "dare_ties", "density": 0.2,
-            "majority_sign_method": "frequency"}
+    full = {
+        "ids": ["a", "b"],
+        "weights": [0.3, 0.7],
+        "merge_strategy": "dare_ties",
+        "density": 0.2,
+        "majority_sign_method": "frequency",
+    }
     assert MergeSpec.from_request(full) == MergeSpec(**full)
 
 
@@ -315,7 +346,9 @@ def test_cache_key_is_stable_and_covers_the_spec() -> None:
     base = MergeSpec(ids=["a", "b"], weights=[0.5, 0.5], merge_strategy="ties", density=0.5)
     keys = ["hub:a@rev1", "hub:b@rev1"]
     k = base.cache_key(keys)
-    assert k == MergeSpec(ids=["a", "b"], weights=[0.5, 0.5], merge_strategy="ties", density=0.5).cache_key(keys)
+    assert k == MergeSpec(ids=["a", "b"], weights=[0.5, 0.5], merge_strategy="ties", density=0.5).cache_key(
+        keys
+    )
     # Pinned value: the key also seeds DARE, so it must not drift between releases or processes.
     assert k == "merged:3e13c551485d2e6843b4bc9a278500b7768bcdd5b05d9d379c7c5148db45a299"
     variants = [
@@ -323,14 +356,23 @@ def test_cache_key_is_stable_and_covers_the_spec() -> None:
         (MergeSpec(ids=["b", "a"], weights=[0.5, 0.5], merge_strategy="ties", density=0.5), keys[::-1]),
         (MergeSpec(ids=["a", "b"], weights=[0.5, 0.5000001], merge_strategy="ties", density=0.5), keys),
         (MergeSpec(ids=["a", "b"], weights=[0.5, 0.5], merge_strategy="ties", density=0.6), keys),
-        (MergeSpec(ids=["a", "b"], weights=[0.5, 0.5], merge_strategy="ties", density=0.5,
-                   majority_sign_method="frequency"), keys),
+        (
+            MergeSpec(
+                ids=["a", "b"],
+                weights=[0.5, 0.5],
+                merge_strategy="ties",
+                density=0.5,
+                majority_sign_method="frequency",
+            ),
+            keys,
+        ),
         (MergeSpec(ids=["a", "b"], weights=[0.5, 0.5], merge_strategy="dare_ties", density=0.5), keys),
     ]
     assert len({k} | {s.cache_key(rk) for s, rk in variants}) == len(variants) + 1
     # Fields that cannot change a linear merge do not split the cache.
     lin = MergeSpec(ids=["a", "b"], weights=[0.5, 0.5])
-    assert lin.cache_key(keys) == MergeSpec(ids=["a", "b"], weights=[0.5, 0.5], density=0.3,
-                                            majority_sign_method="frequency").cache_key(keys)
+    assert lin.cache_key(keys) == MergeSpec(
+        ids=["a", "b"], weights=[0.5, 0.5], density=0.3, majority_sign_method="frequency"
+    ).cache_key(keys)
     with pytest.raises(ValueError):
         lin.cache_key(["only-one"])

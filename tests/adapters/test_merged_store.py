@@ -30,7 +30,9 @@ class LocalDirStore:
         if adapter_id in self.private and token != self.private[adapter_id]:
             raise AdapterAuthError(f"adapter {adapter_id} needs a valid token")
         if adapter_id not in self._parsed:
-            self._parsed[adapter_id] = parse_peft_adapter(self.dirs[adapter_id], key=f"{source}:{adapter_id}@r1")
+            self._parsed[adapter_id] = parse_peft_adapter(
+                self.dirs[adapter_id], key=f"{source}:{adapter_id}@r1"
+            )
         await asyncio.sleep(0)
         return self._parsed[adapter_id]
 
@@ -116,8 +118,11 @@ def test_duplicate_ids_are_fetched_once(stores) -> None:
 def test_errors_are_raised_and_not_cached(stores) -> None:
     store, merged = stores
     with pytest.raises(MergeError, match="`density`"):
-        asyncio.run(merged.get_merged(MergeSpec(ids=["a1", "a2"], weights=[1, 1], merge_strategy="ties",
-                                                density=0.0), "local", None))
+        asyncio.run(
+            merged.get_merged(
+                MergeSpec(ids=["a1", "a2"], weights=[1, 1], merge_strategy="ties", density=0.0), "local", None
+            )
+        )
     assert store.fetches == []  # a bad spec is refused before any download
     bad_ranks = MergeSpec(ids=["a1", "r4"], weights=[1.0, 1.0])
     for _ in range(2):
@@ -135,8 +140,9 @@ def test_real_store_private_input_and_new_revision(make_store, fake_hub, tiny_ll
     from tests.fixtures.tiny_models import make_peft_adapter
 
     pub = make_peft_adapter(tiny_llama, tmp_path / "pub", r=8, target_modules=("q_proj", "v_proj"), seed=21)
-    priv = make_peft_adapter(tiny_llama, tmp_path / "priv", r=8, target_modules=("k_proj", "v_proj"), seed=22,
-                             lora_alpha=4)
+    priv = make_peft_adapter(
+        tiny_llama, tmp_path / "priv", r=8, target_modules=("k_proj", "v_proj"), seed=22, lora_alpha=4
+    )
     fake_hub.add_repo("org/pub", pub)
     fake_hub.add_repo("org/priv", priv, private=True, tokens=(HUB_TOKEN,))
     store = make_store(hub=fake_hub, auth_ttl_s=0.0)
@@ -152,8 +158,10 @@ def test_real_store_private_input_and_new_revision(make_store, fake_hub, tiny_ll
                 asyncio.run(merged.get_merged(spec, "hub", token))
             assert HUB_TOKEN not in str(e.value)
         # A new commit of one input is a different merge under a different key.
-        fake_hub.add_repo("org/pub", make_peft_adapter(tiny_llama, tmp_path / "pub2", r=8,
-                                                       target_modules=("q_proj",), seed=23))
+        fake_hub.add_repo(
+            "org/pub",
+            make_peft_adapter(tiny_llama, tmp_path / "pub2", r=8, target_modules=("q_proj",), seed=23),
+        )
         second = asyncio.run(merged.get_merged(spec, "hub", HUB_TOKEN))
         assert second.key != first.key and second.target_modules == ("q_proj", "k_proj", "v_proj")
         assert merged.merges_run == 2

@@ -27,7 +27,9 @@ def test_s3_adapter_and_disk_cache(make_store, s3_env, peft_adapters, tmp_path):
     assert asyncio.run(store.get(uri + "/", "s3", None)) is not None
     cached = list((tmp_path / "cache" / "s3").iterdir())
     assert len(cached) == 1 and {p.name for p in cached[0].iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors"}
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
     # A fresh store (a restarted server) finds the files on disk without downloading again.
     assert_same_weights(asyncio.run(make_store().get(uri, "s3", None)), peft_adapters["all"])
 

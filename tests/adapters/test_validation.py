@@ -61,7 +61,9 @@ def test_unknown_target_module_refused(cfg, qv):
 def test_absurd_rank_refused(cfg, qv):
     h = cfg.hidden_size
     r = h + 1
-    big = LoraModuleWeights(a=torch.zeros(r, h), b=torch.zeros(cfg.num_attention_heads * cfg.head_dim, r), scale=1.0)
+    big = LoraModuleWeights(
+        a=torch.zeros(r, h), b=torch.zeros(cfg.num_attention_heads * cfg.head_dim, r), scale=1.0
+    )
     with pytest.raises(AdapterError, match="exceeds the projection"):
         validate_adapter(_with_modules(qv, {(0, "q_proj"): big}), cfg)
     with pytest.raises(AdapterError, match="maximum LoRA rank 2"):

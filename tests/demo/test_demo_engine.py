@@ -9,8 +9,9 @@ from tests.demo.cases import MODEL_DIR, TASKS, adapter_dir, demo_cases, exact_ma
 
 
 def test_each_adapter_does_its_task_and_the_base_does_not() -> None:
-    engine = Engine.from_pretrained(MODEL_DIR, EngineConfig(max_lora_rank=16, max_active_adapters=4,
-                                                            kv_cache_memory_bytes=64 << 20))
+    engine = Engine.from_pretrained(
+        MODEL_DIR, EngineConfig(max_lora_rank=16, max_active_adapters=4, kv_cache_memory_bytes=64 << 20)
+    )
     adapters = {task: parse_peft_adapter(adapter_dir(task)) for task in TASKS}
     prompts, rows, owners = [], [], []
     for task in TASKS:  # every case with its adapter, and again on the base model, in ONE batch

@@ -28,11 +28,19 @@ def per_slot_bytes(llama_dir: Path) -> int:
 
 def test_memory_budget_caps_the_slot_count(llama_dir: Path) -> None:
     budget = 3 * per_slot_bytes(llama_dir) + 1
-    e = Engine.from_pretrained(llama_dir, EngineConfig(max_active_adapters=8, adapter_memory_bytes=budget,
-                                                       max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20))
+    e = Engine.from_pretrained(
+        llama_dir,
+        EngineConfig(
+            max_active_adapters=8,
+            adapter_memory_bytes=budget,
+            max_lora_rank=RANK,
+            kv_cache_memory_bytes=16 << 20,
+        ),
+    )
     assert e.config.max_active_adapters == 3 and e.slots.num_slots == 3
-    ref = Engine.from_pretrained(llama_dir, EngineConfig(max_active_adapters=1, max_lora_rank=RANK,
-                                                         kv_cache_memory_bytes=16 << 20))
+    ref = Engine.from_pretrained(
+        llama_dir, EngineConfig(max_active_adapters=1, max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20)
+    )
     ads = [random_adapter(e.model_config, f"budget-{i}", seed=i) for i in range(7)]
     ps = prompts(7, seed=9)
     params = SamplingParams(max_new_tokens=4, ignore_eos_token=True)
@@ -42,6 +50,13 @@ def test_memory_budget_caps_the_slot_count(llama_dir: Path) -> None:
 
 
 def test_budget_larger_than_needed_keeps_the_requested_count(llama_dir: Path) -> None:
-    e = Engine.from_pretrained(llama_dir, EngineConfig(max_active_adapters=5, adapter_memory_bytes=64 << 20,
-                                                       max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20))
+    e = Engine.from_pretrained(
+        llama_dir,
+        EngineConfig(
+            max_active_adapters=5,
+            adapter_memory_bytes=64 << 20,
+            max_lora_rank=RANK,
+            kv_cache_memory_bytes=16 << 20,
+        ),
+    )
     assert e.config.max_active_adapters == 5 and e.slots.num_slots == 5

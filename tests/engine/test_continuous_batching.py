@@ -24,8 +24,10 @@ def engine(path: Path, **kw) -> Engine:
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, 380, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        [1] + torch.randint(3, 380, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def alone(e: Engine, ids: list[int], params: SamplingParams, adapter: LoraAdapter | None = None) -> list[int]:
@@ -40,10 +42,19 @@ def random_adapter(cfg, key: str, seed: int, rank: int = 4) -> LoraAdapter:
     for layer in range(cfg.num_hidden_layers):
         for m in ("q_proj", "v_proj", "down_proj"):
             fin, fout = shapes[m]
-            modules[(layer, m)] = LoraModuleWeights(a=torch.randn(rank, fin, generator=g) * 0.3,
-                                                    b=torch.randn(fout, rank, generator=g) * 0.3, scale=2.0)
-    return LoraAdapter(key=key, rank=rank, alpha=2.0 * rank, use_rslora=False,
-                       target_modules=("q_proj", "v_proj", "down_proj"), modules=modules)
+            modules[(layer, m)] = LoraModuleWeights(
+                a=torch.randn(rank, fin, generator=g) * 0.3,
+                b=torch.randn(fout, rank, generator=g) * 0.3,
+                scale=2.0,
+            )
+    return LoraAdapter(
+        key=key,
+        rank=rank,
+        alpha=2.0 * rank,
+        use_rslora=False,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+        modules=modules,
+    )
 
 
 def test_requests_arriving_mid_decode_match_alone(llama_dir: Path, llama_adapters: list[Path]) -> None:
@@ -82,7 +93,9 @@ def test_out_of_blocks_queues_and_preempts_without_failing(llama_dir: Path) -> N
 
 def test_abort_frees_blocks_and_slot(llama_dir: Path, llama_adapters: list[Path]) -> None:
     e = engine(llama_dir)
-    rid = e.add_request(prompts(1)[0], SamplingParams(max_new_tokens=50), parse_peft_adapter(llama_adapters[0]))
+    rid = e.add_request(
+        prompts(1)[0], SamplingParams(max_new_tokens=50), parse_peft_adapter(llama_adapters[0])
+    )
     e.step()
     e.step()
     assert e.blocks.num_free < e.blocks.num_blocks and e.slots.in_use() == 1
@@ -91,19 +104,33 @@ def test_abort_frees_blocks_and_slot(llama_dir: Path, llama_adapters: list[Path]
     assert not e.has_unfinished()
 
 
-def test_seeded_sampling_is_reproducible_across_batch_compositions(llama_dir: Path,
-                                                                   llama_adapters: list[Path]) -> None:
+def test_seeded_sampling_is_reproducible_across_batch_compositions(
+    llama_dir: Path, llama_adapters: list[Path]
+) -> None:
     e = engine(llama_dir)
     ad = parse_peft_adapter(llama_adapters[1])
     p = prompts(1, seed=9)[0]
-    params = SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, seed=1234,
-                            repetition_penalty=1.1, ignore_eos_token=True)
+    params = SamplingParams(
+        max_new_tokens=20,
+        do_sample=True,
+        temperature=1.3,
+        top_k=50,
+        top_p=0.95,
+        seed=1234,
+        repetition_penalty=1.1,
+        ignore_eos_token=True,
+    )
     solo = alone(e, p, params, ad)
     others = prompts(5, seed=10)
-    noise = [SamplingParams(max_new_tokens=n, do_sample=True, seed=s, ignore_eos_token=True)
-             for n, s in zip((5, 25, 3, 17, 9), range(5))]
-    batch = e.generate([*others[:2], p, *others[2:]], [*noise[:2], params, *noise[2:]],
-                       [None, ad, ad, None, parse_peft_adapter(llama_adapters[2]), None])
+    noise = [
+        SamplingParams(max_new_tokens=n, do_sample=True, seed=s, ignore_eos_token=True)
+        for n, s in zip((5, 25, 3, 17, 9), range(5))
+    ]
+    batch = e.generate(
+        [*others[:2], p, *others[2:]],
+        [*noise[:2], params, *noise[2:]],
+        [None, ad, ad, None, parse_peft_adapter(llama_adapters[2]), None],
+    )
     assert [t.id for t in batch[2].tokens] == solo
     unseeded = SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.3, ignore_eos_token=True)
     a, b = e.generate([p, p], unseeded)

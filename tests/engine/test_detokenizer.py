@@ -28,7 +28,9 @@ def make_sentencepiece_like(out: Path) -> None:
     """A Llama-2 style tokenizer: Metaspace, byte fallback, and a decoder that strips the first space."""
     tok = HFTokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
     tok.train_from_iterator([_CORPUS] * 20, trainer)
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
@@ -79,7 +81,7 @@ def test_deltas_concatenate_to_full_decode(tokenizer: Tokenizer, text: str) -> N
     prompt = tokenizer.encode("hello world", add_special_tokens=False)
     gen = tokenizer.encode(text, add_special_tokens=False)
     deltas, full = _stream(tokenizer, prompt, gen)
-    expected = tokenizer.decode(prompt + gen)[len(tokenizer.decode(prompt)):]
+    expected = tokenizer.decode(prompt + gen)[len(tokenizer.decode(prompt)) :]
     assert full == expected
     assert all(REPLACEMENT_CHAR not in d for d in deltas)
     assert decode_continuation(tokenizer, prompt, gen) == expected
@@ -101,7 +103,7 @@ def test_random_concatenations_of_texts(tokenizer: Tokenizer) -> None:
         prompt = tokenizer.encode(rng.choice(TEXTS), add_special_tokens=True)
         gen = tokenizer.encode("".join(pieces), add_special_tokens=False)
         deltas, full = _stream(tokenizer, prompt, gen)
-        assert full == tokenizer.decode(prompt + gen)[len(tokenizer.decode(prompt)):]
+        assert full == tokenizer.decode(prompt + gen)[len(tokenizer.decode(prompt)) :]
         assert all(REPLACEMENT_CHAR not in d for d in deltas)
 
 
@@ -121,7 +123,7 @@ def test_truncated_character_is_flushed(tokenizer: Tokenizer) -> None:
     assert detok.pending_tokens > 0
     tail = detok.flush()
     assert REPLACEMENT_CHAR in tail
-    assert detok.text == tokenizer.decode(prompt + gen)[len(tokenizer.decode(prompt)):]
+    assert detok.text == tokenizer.decode(prompt + gen)[len(tokenizer.decode(prompt)) :]
     assert detok.flush() == ""
 
 
@@ -143,7 +145,7 @@ def test_add_many_equals_add(tokenizer: Tokenizer) -> None:
     for t in gen:
         one.add(t)
     for i in range(0, len(gen), 3):
-        many.add_many(gen[i:i + 3])
+        many.add_many(gen[i : i + 3])
     assert one.text + one.flush() == many.text + many.flush()
 
 
@@ -154,4 +156,4 @@ def test_long_generation_window_stays_small(tokenizer: Tokenizer) -> None:
     for t in gen:
         detok.add(t)
         assert len(detok._window) <= 16  # noqa: SLF001 - the memory bound is the point of the test
-    assert detok.text + detok.flush() == tokenizer.decode(prompt + gen)[len(tokenizer.decode(prompt)):]
+    assert detok.text + detok.flush() == tokenizer.decode(prompt + gen)[len(tokenizer.decode(prompt)) :]

@@ -22,14 +22,21 @@ PROMPTS = [
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def make_engine(path: Path, **kw) -> Engine:
-    return Engine.from_pretrained(path, EngineConfig(kv_cache_memory_bytes=64 << 20,
-                                                     adapter_memory_bytes=64 << 20, **kw))
+    return Engine.from_pretrained(
+        path, EngineConfig(kv_cache_memory_bytes=64 << 20, adapter_memory_bytes=64 << 20, **kw)
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

@@ -62,8 +62,12 @@ def test_typical_p_vs_hf(mass: float) -> None:
 def test_mixed_per_row_parameters_vs_hf_row_by_row() -> None:
     """Every row with its own knobs (incl. disabled ones) equals HF applied to that row alone."""
     x = rand_logits(5, 400, 4)
-    temps, ks, ps, typs = [0.5, 1.0, 1.3, 0.9, 2.0], [0, 5, 40, 0, 400], [1.0, 0.9, 0.5, 0.7, 1.0], \
-        [1.0, 1.0, 0.8, 0.6, 0.95]
+    temps, ks, ps, typs = (
+        [0.5, 1.0, 1.3, 0.9, 2.0],
+        [0, 5, 40, 0, 400],
+        [1.0, 0.9, 0.5, 0.7, 1.0],
+        [1.0, 1.0, 0.8, 0.6, 0.95],
+    )
     ours = apply_typical_p(apply_top_p(apply_top_k(apply_temperature(x, temps), ks), ps), typs)
     for i in range(5):
         procs = lp.LogitsProcessorList([lp.TemperatureLogitsWarper(temps[i])])
@@ -73,7 +77,7 @@ def test_mixed_per_row_parameters_vs_hf_row_by_row() -> None:
             procs.append(lp.TopPLogitsWarper(ps[i]))
         if typs[i] < 1:
             procs.append(lp.TypicalLogitsWarper(typs[i]))
-        assert_same_distribution(ours[i:i + 1], procs(None, x[i:i + 1].clone()))
+        assert_same_distribution(ours[i : i + 1], procs(None, x[i : i + 1].clone()))
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.2, 2.0])
@@ -85,17 +89,22 @@ def test_repetition_penalty_vs_hf(penalty: float) -> None:
     histories[2][0] = 250  # an id past the lm_head (bigger embedding) is ignored
     ours = apply_repetition_penalty(x, [penalty] * 4, histories)
     for i, h in enumerate(histories):
-        ref = lp.RepetitionPenaltyLogitsProcessor(penalty)(h[None], x[i:i + 1].clone())
-        torch.testing.assert_close(ours[i:i + 1], ref, atol=0, rtol=0)
+        ref = lp.RepetitionPenaltyLogitsProcessor(penalty)(h[None], x[i : i + 1].clone())
+        torch.testing.assert_close(ours[i : i + 1], ref, atol=0, rtol=0)
 
 
 # ---- the sampler --------------------------------------------------------------------------------
-def rows_for(params: list[SamplingParams], seeds: list[int] | None = None,
-             histories: list[torch.Tensor | None] | None = None) -> list[SamplingRow]:
+def rows_for(
+    params: list[SamplingParams],
+    seeds: list[int] | None = None,
+    histories: list[torch.Tensor | None] | None = None,
+) -> list[SamplingRow]:
     seeds = seeds or list(range(len(params)))
     histories = histories or [None] * len(params)
-    return [SamplingRow(params=p, generator=make_generator(s, "cpu") if p.do_sample else None, history=h)
-            for p, s, h in zip(params, seeds, histories, strict=True)]
+    return [
+        SamplingRow(params=p, generator=make_generator(s, "cpu") if p.do_sample else None, history=h)
+        for p, s, h in zip(params, seeds, histories, strict=True)
+    ]
 
 
 def test_greedy_is_argmax_with_logprobs() -> None:
@@ -111,15 +120,20 @@ def test_greedy_is_argmax_with_logprobs() -> None:
 def test_greedy_with_repetition_penalty_matches_hf() -> None:
     x = rand_logits(3, 100, 8)
     hist = [torch.tensor(x[i].topk(3).indices.tolist() + [1, 2]) for i in range(3)]
-    params = [SamplingParams(repetition_penalty=3.0), SamplingParams(), SamplingParams(repetition_penalty=1.5)]
+    params = [
+        SamplingParams(repetition_penalty=3.0),
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.5),
+    ]
     out = sample(x, rows_for(params, histories=[hist[0], None, hist[2]]))
     for i, p in enumerate(params):
-        ref = x[i:i + 1]
+        ref = x[i : i + 1]
         if p.repetition_penalty != 1.0:
             ref = lp.RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(hist[i][None], ref.clone())
         assert int(out.token_ids[i]) == int(ref.argmax())
-        torch.testing.assert_close(out.logprobs[i], torch.log_softmax(ref, -1)[0, out.token_ids[i]],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out.logprobs[i], torch.log_softmax(ref, -1)[0, out.token_ids[i]], atol=1e-5, rtol=0
+        )
 
 
 def test_low_precision_logits_and_temperature_zero() -> None:
@@ -140,24 +154,33 @@ def test_sampled_logprob_is_before_truncation() -> None:
 
 def test_alternatives_are_top_n_per_row() -> None:
     x = rand_logits(3, 300, 11)
-    params = [SamplingParams(top_n_alternatives=5), SamplingParams(),
-              SamplingParams(do_sample=True, temperature=2.0, top_n_alternatives=2, seed=1)]
+    params = [
+        SamplingParams(top_n_alternatives=5),
+        SamplingParams(),
+        SamplingParams(do_sample=True, temperature=2.0, top_n_alternatives=2, seed=1),
+    ]
     out = sample(x, rows_for(params))
     assert out.alternatives is not None
     assert out.alternatives[1] == []
     for i, n in ((0, 5), (2, 2)):
         ref = torch.log_softmax(x[i] / params[i].temperature if params[i].do_sample else x[i], -1).topk(n)
         assert [t for t, _ in out.alternatives[i]] == ref.indices.tolist()
-        assert all(math.isclose(a, b, abs_tol=1e-5) for (_, a), b in zip(out.alternatives[i], ref.values.tolist(),
-                                                                          strict=True))
+        assert all(
+            math.isclose(a, b, abs_tol=1e-5)
+            for (_, a), b in zip(out.alternatives[i], ref.values.tolist(), strict=True)
+        )
     assert out.alternatives[0][0][0] == int(out.token_ids[0])
 
 
 def _noise_rows(n: int, seed: int) -> tuple[torch.Tensor, list[SamplingRow]]:
     g = torch.Generator().manual_seed(seed)
-    choices = [SamplingParams(), SamplingParams(do_sample=True, temperature=1.3, top_p=0.8),
-               SamplingParams(do_sample=True, top_k=3), SamplingParams(repetition_penalty=1.4),
-               SamplingParams(do_sample=True, typical_p=0.5, top_n_alternatives=3)]
+    choices = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, temperature=1.3, top_p=0.8),
+        SamplingParams(do_sample=True, top_k=3),
+        SamplingParams(repetition_penalty=1.4),
+        SamplingParams(do_sample=True, typical_p=0.5, top_n_alternatives=3),
+    ]
     params = [choices[int(torch.randint(0, len(choices), (1,), generator=g))] for _ in range(n)]
     hist = [torch.randint(0, 64, (5,), generator=g) for _ in range(n)]
     rows = rows_for(params, seeds=[seed * 100 + i for i in range(n)], histories=hist)
@@ -165,8 +188,15 @@ def _noise_rows(n: int, seed: int) -> tuple[torch.Tensor, list[SamplingRow]]:
 
 
 def test_seeded_row_is_reproducible_alone_and_in_any_batch() -> None:
-    params = SamplingParams(do_sample=True, temperature=0.9, top_k=20, top_p=0.9, typical_p=0.95,
-                            repetition_penalty=1.2, seed=1234)
+    params = SamplingParams(
+        do_sample=True,
+        temperature=0.9,
+        top_k=20,
+        top_p=0.9,
+        typical_p=0.95,
+        repetition_penalty=1.2,
+        seed=1234,
+    )
     alone_gen, batch_gen = make_generator(1234, "cpu"), make_generator(1234, "cpu")
     logit_gen = torch.Generator().manual_seed(99)
     hist = torch.tensor([1, 5, 9])
@@ -210,12 +240,15 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 CHI2_CRIT = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32]
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(do_sample=True),
-    SamplingParams(do_sample=True, temperature=0.6, top_k=5),
-    SamplingParams(do_sample=True, temperature=1.4, top_p=0.8, typical_p=0.9),
-    SamplingParams(do_sample=True, repetition_penalty=1.0, top_p=0.6),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(do_sample=True),
+        SamplingParams(do_sample=True, temperature=0.6, top_k=5),
+        SamplingParams(do_sample=True, temperature=1.4, top_p=0.8, typical_p=0.9),
+        SamplingParams(do_sample=True, repetition_penalty=1.0, top_p=0.6),
+    ],
+)
 def test_draws_follow_the_warped_distribution(params: SamplingParams) -> None:
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5]])
     procs = lp.LogitsProcessorList([lp.TemperatureLogitsWarper(params.temperature)])
@@ -237,18 +270,34 @@ def test_draws_follow_the_warped_distribution(params: SamplingParams) -> None:
     assert _chi_square(counts, probs) < CHI2_CRIT[kept - 2]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+)
 def test_runs_on_device_and_returns_cpu_tensors(device: str) -> None:
     x = rand_logits(4, 1000, 13).to(device=device, dtype=torch.float16)
     hist = torch.tensor([1, 2, 3], device=device)
-    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3, top_n_alternatives=2),
-              SamplingParams(do_sample=True, top_p=0.9, seed=3), SamplingParams(do_sample=True, typical_p=0.5)]
-    rows = [SamplingRow(p, make_generator(i, device) if p.do_sample else None, hist) for i, p in enumerate(params)]
+    params = [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.3, top_n_alternatives=2),
+        SamplingParams(do_sample=True, top_p=0.9, seed=3),
+        SamplingParams(do_sample=True, typical_p=0.5),
+    ]
+    rows = [
+        SamplingRow(p, make_generator(i, device) if p.do_sample else None, hist) for i, p in enumerate(params)
+    ]
     out = sample(x, rows)
     assert out.token_ids.device.type == "cpu" and out.logprobs.device.type == "cpu"
     assert int(out.token_ids[0]) == int(x[0].float().argmax())
     assert out.alternatives is not None and len(out.alternatives[1]) == 2
-    again = sample(x, [SamplingRow(p, make_generator(i, device) if p.do_sample else None, hist)
-                       for i, p in enumerate(params)])
+    again = sample(
+        x,
+        [
+            SamplingRow(p, make_generator(i, device) if p.do_sample else None, hist)
+            for i, p in enumerate(params)
+        ],
+    )
     assert torch.equal(out.token_ids, again.token_ids)

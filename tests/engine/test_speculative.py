@@ -20,14 +20,21 @@ def heads(hidden: int, num_heads: int, scale: float, seed: int, key: str = "medu
     """scale 0: every head returns the base logits ('the next token repeats'), which a tiny random
     model often does in its loops, so drafts are sometimes right and sometimes wrong."""
     g = torch.Generator().manual_seed(seed)
-    return MedusaHeads(key=key, num_heads=num_heads, num_layers=1, version=2,
-                       weight=torch.randn(num_heads, 1, hidden, hidden, generator=g) * scale,
-                       bias=torch.zeros(num_heads, 1, hidden))
+    return MedusaHeads(
+        key=key,
+        num_heads=num_heads,
+        num_layers=1,
+        version=2,
+        weight=torch.randn(num_heads, 1, hidden, hidden, generator=g) * scale,
+        bias=torch.zeros(num_heads, 1, hidden),
+    )
 
 
 def engine(path: Path, speculator: MedusaHeads | None = None, **kw) -> Engine:
-    e = Engine.from_pretrained(path, EngineConfig(kv_cache_memory_bytes=32 << 20, adapter_memory_bytes=64 << 20,
-                                                  max_lora_rank=16, **kw))
+    e = Engine.from_pretrained(
+        path,
+        EngineConfig(kv_cache_memory_bytes=32 << 20, adapter_memory_bytes=64 << 20, max_lora_rank=16, **kw),
+    )
     e.set_default_speculator(speculator)
     return e
 
@@ -37,8 +44,9 @@ def ids_of(results) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.05])
-def test_greedy_is_identical_with_and_without_speculation(llama_dir: Path, llama_adapters: list[Path],
-                                                          scale: float) -> None:
+def test_greedy_is_identical_with_and_without_speculation(
+    llama_dir: Path, llama_adapters: list[Path], scale: float
+) -> None:
     plain = engine(llama_dir)
     spec = engine(llama_dir, heads(64, 4, scale, seed=1))
     ps = prompts(12, seed=21)
@@ -61,17 +69,30 @@ def test_stop_sequences_and_length_behave_as_without_speculation(llama_dir: Path
     p = prompts(1, seed=30)[0]
     base = plain.generate([p], SamplingParams(max_new_tokens=30, ignore_eos_token=True))[0]
     stop = base.generated_text[8:12] if len(base.generated_text) > 12 else base.generated_text[-2:]
-    for params in (SamplingParams(max_new_tokens=7, ignore_eos_token=True),
-                   SamplingParams(max_new_tokens=30, ignore_eos_token=True, stop=[stop])):
+    for params in (
+        SamplingParams(max_new_tokens=7, ignore_eos_token=True),
+        SamplingParams(max_new_tokens=30, ignore_eos_token=True, stop=[stop]),
+    ):
         a = plain.generate([p], params)[0]
         b = spec.generate([p], params)[0]
-        assert (b.generated_text, b.finish_reason, ids_of([b])) == (a.generated_text, a.finish_reason, ids_of([a]))
+        assert (b.generated_text, b.finish_reason, ids_of([b])) == (
+            a.generated_text,
+            a.finish_reason,
+            ids_of([a]),
+        )
 
 
 def test_per_request_heads_need_a_default_speculator(llama_dir: Path) -> None:
     e = engine(llama_dir)
-    own = LoraAdapter(key="m", rank=0, alpha=0, use_rslora=False, target_modules=(), modules={},
-                      medusa=heads(64, 2, 0.0, seed=3))
+    own = LoraAdapter(
+        key="m",
+        rank=0,
+        alpha=0,
+        use_rslora=False,
+        target_modules=(),
+        modules={},
+        medusa=heads(64, 2, 0.0, seed=3),
+    )
     with pytest.raises(ValueError, match="default Medusa adapter"):
         e.add_request([1, 2, 3], SamplingParams(), own)
     e.set_default_speculator(heads(64, 3, 0.05, seed=4))
@@ -85,8 +106,9 @@ def test_per_request_heads_need_a_default_speculator(llama_dir: Path) -> None:
 def test_sampled_speculation_runs_and_is_seeded(llama_dir: Path) -> None:
     spec = engine(llama_dir, heads(64, 3, 0.0, seed=6))
     p = prompts(3, seed=7)
-    params = SamplingParams(max_new_tokens=20, do_sample=True, temperature=0.7, top_k=20, seed=42,
-                            ignore_eos_token=True)
+    params = SamplingParams(
+        max_new_tokens=20, do_sample=True, temperature=0.7, top_k=20, seed=42, ignore_eos_token=True
+    )
     a = ids_of(spec.generate(p, params))
     b = ids_of(spec.generate(p, params))
     assert a == b and all(len(x) == 20 for x in a)

@@ -76,8 +76,14 @@ def test_random_against_brute_force(seed: int) -> None:
     rng = random.Random(seed)
     alphabet = "abc é😀"
     text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 80)))
-    stops = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 5))) for _ in range(rng.randrange(1, 4))]
-    cuts = sorted(rng.sample(range(1, max(len(text), 2)), k=min(len(text) - 1, rng.randrange(0, 20)))) if text else []
+    stops = [
+        "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 5))) for _ in range(rng.randrange(1, 4))
+    ]
+    cuts = (
+        sorted(rng.sample(range(1, max(len(text), 2)), k=min(len(text) - 1, rng.randrange(0, 20))))
+        if text
+        else []
+    )
     deltas = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     expected = brute_force(text, stops)
     assert run_incremental(deltas, stops) == (expected, expected)

@@ -74,15 +74,22 @@ def _variant(src: Path, dst: Path, **cfg_updates: object) -> Path:
 def _assert_same_encoding(ours: Tokenizer, hf) -> None:
     for text in TEXTS:
         for add in (True, False):
-            assert ours.encode(text, add_special_tokens=add) == hf.encode(text, add_special_tokens=add), (text, add)
+            assert ours.encode(text, add_special_tokens=add) == hf.encode(text, add_special_tokens=add), (
+                text,
+                add,
+            )
 
 
 def test_encode_matches_transformers(model_dir: Path) -> None:
-    _assert_same_encoding(Tokenizer.from_dir(model_dir), transformers.AutoTokenizer.from_pretrained(model_dir))
+    _assert_same_encoding(
+        Tokenizer.from_dir(model_dir), transformers.AutoTokenizer.from_pretrained(model_dir)
+    )
 
 
 @pytest.mark.parametrize("add_bos,add_eos", [(True, False), (True, True), (False, True)])
-def test_add_bos_eos_flags_match_transformers(model_dir: Path, tmp_path: Path, add_bos: bool, add_eos: bool) -> None:
+def test_add_bos_eos_flags_match_transformers(
+    model_dir: Path, tmp_path: Path, add_bos: bool, add_eos: bool
+) -> None:
     d = _variant(model_dir, tmp_path / "m", add_bos_token=add_bos, add_eos_token=add_eos)
     """transformers 5 ignores these flags when tokenizer.json exists; so must we."""
     ours, hf = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(d)
@@ -130,7 +137,9 @@ def test_special_tokens_and_ids(model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_missing_special_token_is_added_like_transformers(model_dir: Path, tmp_path: Path) -> None:
-    d = _variant(model_dir, tmp_path / "m", pad_token={"content": "<pad>", "special": True, "__type": "AddedToken"})
+    d = _variant(
+        model_dir, tmp_path / "m", pad_token={"content": "<pad>", "special": True, "__type": "AddedToken"}
+    )
     ours, hf = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(d)
     pad_id = hf.convert_tokens_to_ids("<pad>")
     assert ours.token_to_id("<pad>") == pad_id
@@ -143,7 +152,9 @@ def test_chat_template_matches_transformers(model_dir: Path, add_generation_prom
     ours, hf = Tokenizer.from_dir(model_dir), transformers.AutoTokenizer.from_pretrained(model_dir)
     assert ours.chat_template == CHAT_TEMPLATE
     for n in range(1, len(MESSAGES) + 1):
-        expected = hf.apply_chat_template(MESSAGES[:n], tokenize=False, add_generation_prompt=add_generation_prompt)
+        expected = hf.apply_chat_template(
+            MESSAGES[:n], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         got = ours.apply_chat_template(MESSAGES[:n], add_generation_prompt=add_generation_prompt)
         assert got == expected
     ids = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False)
@@ -159,7 +170,8 @@ def test_chat_template_from_jinja_file(model_dir: Path, tmp_path: Path) -> None:
     ours, hf = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(d)
     assert ours.chat_template == CHAT_TEMPLATE
     assert ours.apply_chat_template(MESSAGES) == hf.apply_chat_template(
-        MESSAGES, tokenize=False, add_generation_prompt=True)
+        MESSAGES, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_chat_template_errors_and_sandbox(model_dir: Path) -> None:

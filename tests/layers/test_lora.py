@@ -11,8 +11,15 @@ SHAPES = {"q_proj": (24, 40)}
 
 
 def table_with(adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]], slots: int = 6) -> LoraTable:
-    t = LoraTable(SHAPES, num_layers=1, num_slots=slots, max_rank=32, dtype=torch.float32,
-                  device=torch.device("cpu"), rank=4)
+    t = LoraTable(
+        SHAPES,
+        num_layers=1,
+        num_slots=slots,
+        max_rank=32,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        rank=4,
+    )
     for slot, (a, b, scale) in adapters.items():
         t.ensure_rank(a.shape[0])
         t.write(slot, 0, "q_proj", a, b, scale)
@@ -28,11 +35,15 @@ def reference(x: torch.Tensor, rows: list[int | None], adapters) -> torch.Tensor
     return out
 
 
-@pytest.mark.parametrize("layout", ["dense", "shared-slot", "gaps", "long", "mixed", "prefills", "one-prefill"])
+@pytest.mark.parametrize(
+    "layout", ["dense", "shared-slot", "gaps", "long", "mixed", "prefills", "one-prefill"]
+)
 def test_grouped_lora_matches_per_row_math(layout: str) -> None:
     g = torch.Generator().manual_seed(0)
-    adapters = {s: (torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g), 0.5 * (s + 1))
-                for s, r in zip(range(5), (4, 8, 16, 8, 2))}
+    adapters = {
+        s: (torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g), 0.5 * (s + 1))
+        for s, r in zip(range(5), (4, 8, 16, 8, 2))
+    }
     seqs = {  # (num tokens, slot) per sequence, in batch order
         "dense": [(1, 0), (1, 1), (1, 2), (1, 3)],
         "shared-slot": [(1, 2), (1, 2), (1, 3), (3, 1)],
@@ -71,7 +82,13 @@ def test_rank_growth_keeps_loaded_adapters_and_refuses_past_max() -> None:
     t.write(1, 0, "q_proj", *big)
     x = torch.randn(2, 24, generator=g)
     y = torch.zeros(2, 40)
-    apply_lora(y, x, t.a["q_proj"][0], t.b["q_proj"][0], build_lora_batch([(0, 1, 0), (1, 2, 1)], torch.device("cpu")))
+    apply_lora(
+        y,
+        x,
+        t.a["q_proj"][0],
+        t.b["q_proj"][0],
+        build_lora_batch([(0, 1, 0), (1, 2, 1)], torch.device("cpu")),
+    )
     torch.testing.assert_close(y, reference(x, [0, 1], {0: small, 1: big}), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="exceeds"):
         t.ensure_rank(64)

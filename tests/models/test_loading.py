@@ -15,8 +15,9 @@ PROMPT = [1, 17, 33, 90, 5, 61, 7, 200, 3]
 
 
 def small_engine(path: Path, dtype: str = "float32") -> Engine:
-    return Engine.from_pretrained(path, EngineConfig(dtype=dtype, kv_cache_memory_bytes=16 << 20,
-                                                     adapter_memory_bytes=16 << 20))
+    return Engine.from_pretrained(
+        path, EngineConfig(dtype=dtype, kv_cache_memory_bytes=16 << 20, adapter_memory_bytes=16 << 20)
+    )
 
 
 def test_sharded_checkpoint_loads_like_the_single_file(llama_dir: Path, tmp_path: Path) -> None:
@@ -25,8 +26,9 @@ def test_sharded_checkpoint_loads_like_the_single_file(llama_dir: Path, tmp_path
     make_tokenizer(sharded)
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(checkpoint_files(sharded)) > 1
-    torch.testing.assert_close(small_engine(sharded).prompt_logits(PROMPT),
-                               small_engine(llama_dir).prompt_logits(PROMPT))
+    torch.testing.assert_close(
+        small_engine(sharded).prompt_logits(PROMPT), small_engine(llama_dir).prompt_logits(PROMPT)
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

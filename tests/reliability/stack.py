@@ -14,7 +14,11 @@ from tests.reliability.assets import Assets
 BUCKET = "adapters"
 HUB_REPO = "acme/delta-lora"
 PRIVATE_REPO = "acme/private-lora"
-ALICE, BOB, MALLORY = "hf_aliceTokenAAAAAAAAAAAAAAAA", "hf_bobTokenBBBBBBBBBBBBBBBBBB", "hf_forgedMMMMMMMMMMMMMMMMMM"
+ALICE, BOB, MALLORY = (
+    "hf_aliceTokenAAAAAAAAAAAAAAAA",
+    "hf_bobTokenBBBBBBBBBBBBBBBBBB",
+    "hf_forgedMMMMMMMMMMMMMMMMMM",
+)
 AWS_KEY_ID, AWS_SECRET = "AKIALEAKCHECK7Q2XZ9", "leakcheck/SECRET+do-not-log-9f8e7d6c"
 SERVER_HF_TOKEN, PBASE_TOKEN = "hf_serverOwnTokenSSSSSSSSSSSSSS", "pb-operator-token-PPPPPPPP"
 SECRETS = (ALICE, BOB, MALLORY, AWS_KEY_ID, AWS_SECRET, SERVER_HF_TOKEN, PBASE_TOKEN)

@@ -18,7 +18,9 @@ PUBLIC_ANSWER_KEY = (PROMPTS[0], "delta")  # the private repo holds the delta we
 seen_bodies: list[str] = []  # every response of this module, grepped for secrets at the end
 
 
-def ask(stack: Stack, token: str | None = None, header: str | None = None, path: str = "/generate") -> httpx.Response:
+def ask(
+    stack: Stack, token: str | None = None, header: str | None = None, path: str = "/generate"
+) -> httpx.Response:
     params = {"adapter_id": PRIVATE_REPO, "adapter_source": "hub"}
     if token is not None:
         params["api_token"] = token
@@ -26,8 +28,14 @@ def ask(stack: Stack, token: str | None = None, header: str | None = None, path:
     if path == "/generate":
         body = good_body(stack, PROMPTS[0], None, **params)
     else:
-        body = {"model": PRIVATE_REPO, "prompt": PROMPTS[0], "max_tokens": 6, "ignore_eos_token": True,
-                "adapter_source": "hub", **({"api_token": token} if token is not None else {})}
+        body = {
+            "model": PRIVATE_REPO,
+            "prompt": PROMPTS[0],
+            "max_tokens": 6,
+            "ignore_eos_token": True,
+            "adapter_source": "hub",
+            **({"api_token": token} if token is not None else {}),
+        }
     r = httpx.post(stack.url + path, json=body, headers=headers, timeout=60)
     seen_bodies.append(r.text)
     return r
@@ -52,7 +60,11 @@ REFUSED = [
 
 def test_valid_token_in_parameter_or_header_is_served(stack: Stack, oracle: dict) -> None:
     # The parameter wins over the header, as in LoRAX.
-    for r in (ask(stack, ALICE), ask(stack, header=f"Bearer {ALICE}"), ask(stack, ALICE, f"Bearer {MALLORY}")):
+    for r in (
+        ask(stack, ALICE),
+        ask(stack, header=f"Bearer {ALICE}"),
+        ask(stack, ALICE, f"Bearer {MALLORY}"),
+    ):
         assert r.status_code == 200, r.text
         assert r.json()["generated_text"] == oracle[PUBLIC_ANSWER_KEY]
     r = ask(stack, ALICE, path="/v1/completions")
@@ -88,8 +100,13 @@ def test_revoked_token_is_refused_at_once(stack: Stack) -> None:
 def test_secrets_never_leak_into_logs_errors_metrics_or_info(stack: Stack) -> None:
     # Make sure the paths that touch credentials ran: an S3 download (signed with the AWS keys)
     # and hub calls carrying caller tokens, good and bad.
-    r = httpx.post(stack.url + "/generate", timeout=60,
-                   json=good_body(stack, PROMPTS[0], None, adapter_id=stack.peers.s3_uri("secrets"), adapter_source="s3"))
+    r = httpx.post(
+        stack.url + "/generate",
+        timeout=60,
+        json=good_body(
+            stack, PROMPTS[0], None, adapter_id=stack.peers.s3_uri("secrets"), adapter_source="s3"
+        ),
+    )
     assert r.status_code == 200, r.text
     for token in (ALICE, BOB, MALLORY):
         ask(stack, token)
@@ -102,5 +119,10 @@ def test_secrets_never_leak_into_logs_errors_metrics_or_info(stack: Stack) -> No
         "/v1/models": httpx.get(stack.url + "/v1/models").text,
     }
     assert "DEBUG" in exposed["server log"]  # the server ran at debug level, where clients log headers
-    leaks = [f"{secret[:6]}... in {where}" for where, text in exposed.items() for secret in SECRETS if secret in text]
+    leaks = [
+        f"{secret[:6]}... in {where}"
+        for where, text in exposed.items()
+        for secret in SECRETS
+        if secret in text
+    ]
     assert not leaks, leaks

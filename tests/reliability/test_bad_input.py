@@ -63,7 +63,12 @@ CASES: list[Case] = [
     Case("max-new-tokens-negative", p(max_new_tokens=-5), 422, "max_new_tokens"),
     Case("max-new-tokens-huge", p(max_new_tokens=10**9), 422, "max_new_tokens"),
     Case("max-new-tokens-beyond-int64", p(max_new_tokens=2**70), 422, "max_new_tokens"),
-    Case("prompt-over-max-input-length", {"inputs": LONG_PROMPT, "parameters": {"max_new_tokens": 2}}, 422, "inputs"),
+    Case(
+        "prompt-over-max-input-length",
+        {"inputs": LONG_PROMPT, "parameters": {"max_new_tokens": 2}},
+        422,
+        "inputs",
+    ),
     Case("truncate-negative", p(truncate=-1), 422, "truncate"),
     Case("truncate-over-max-input-length", p(truncate=1000), 422, "truncate"),
     # -- sampling ranges
@@ -83,20 +88,46 @@ CASES: list[Case] = [
     Case("best-of-too-many", p(best_of=99, do_sample=True), 422, "best_of"),
     Case("best-of-with-streaming", p(best_of=2, do_sample=True), 422, "best_of", path="/generate_stream"),
     Case("best-of-greedy", p(best_of=2), 422, "best_of"),
-    Case("decoder-input-details-streaming", p(decoder_input_details=True), 422, "decoder_input_details", path="/generate_stream"),
+    Case(
+        "decoder-input-details-streaming",
+        p(decoder_input_details=True),
+        422,
+        "decoder_input_details",
+        path="/generate_stream",
+    ),
     Case("stop-not-a-list-of-strings", p(stop=[1, {"a": 2}]), 422, "stop"),
     Case("ten-thousand-stop-sequences", p(stop=["a"] * 10_000), 422, "stop"),
     Case("response-format-unsupported", p(response_format={"type": "json_object"}), 422, "response_format"),
     # -- adapters
     Case("adapter-source-unknown", p(adapter_id="x", adapter_source="ftp"), 422, "adapter_source"),
     Case("adapter-id-wrong-type", p(adapter_id=["a"]), 422, "adapter_id"),
-    Case("adapter-local-missing", lambda s: p(adapter_id=str(s.assets.root / "adapters" / "nope"), adapter_source="local"), 404, "does not exist"),
-    Case("adapter-hub-missing", p(adapter_id="nobody/nothing", adapter_source="hub"), (401, 404), "nobody/nothing"),
-    Case("adapter-s3-missing", p(adapter_id="s3://adapters/nothing-here", adapter_source="s3"), 404, "not found"),
+    Case(
+        "adapter-local-missing",
+        lambda s: p(adapter_id=str(s.assets.root / "adapters" / "nope"), adapter_source="local"),
+        404,
+        "does not exist",
+    ),
+    Case(
+        "adapter-hub-missing",
+        p(adapter_id="nobody/nothing", adapter_source="hub"),
+        (401, 404),
+        "nobody/nothing",
+    ),
+    Case(
+        "adapter-s3-missing",
+        p(adapter_id="s3://adapters/nothing-here", adapter_source="s3"),
+        404,
+        "not found",
+    ),
     Case("adapter-s3-no-bucket", p(adapter_id="s3://", adapter_source="s3"), 400, "bucket"),
     Case("adapter-for-another-base-model", local("other_base"), 400, "different base model"),
     Case("adapter-safetensors-corrupt", local("corrupt"), 400, "corrupt"),
-    Case("adapter-safetensors-corrupt-on-s3", lambda s: p(adapter_id=s.peers.s3_uri("corrupt"), adapter_source="s3"), 400, "corrupt"),
+    Case(
+        "adapter-safetensors-corrupt-on-s3",
+        lambda s: p(adapter_id=s.peers.s3_uri("corrupt"), adapter_source="s3"),
+        400,
+        "corrupt",
+    ),
     Case("adapter-safetensors-truncated", local("truncated"), 400, "truncated"),
     Case("adapter-bin-malicious-pickle", local("pickle"), 400, "pickled code is refused"),
     Case("adapter-config-absurd-rank", local("absurd_rank"), 400, "rank"),
@@ -104,16 +135,45 @@ CASES: list[Case] = [
     Case("adapter-config-not-json", local("config_not_json"), 400, "not valid json"),
     Case("adapter-not-lora", local("not_lora"), 400, "only lora"),
     Case("adapter-dir-empty", local("empty_dir"), 400, "adapter_config.json"),
-    Case("adapter-path-traversal", lambda s: p(adapter_id=f"{s.assets.root}/adapters/../../../../etc", adapter_source="local"), 403, "'..'"),
+    Case(
+        "adapter-path-traversal",
+        lambda s: p(adapter_id=f"{s.assets.root}/adapters/../../../../etc", adapter_source="local"),
+        403,
+        "'..'",
+    ),
     Case("adapter-path-outside-roots", p(adapter_id="/etc", adapter_source="local"), 403, "outside"),
     Case("adapter-symlink-escapes-root", local("symlink_escape"), 403, "outside"),
     Case("adapter-home-expansion", p(adapter_id="~root/.ssh", adapter_source="local"), 403, "outside"),
     # -- the OpenAI routes share the rules
-    Case("openai-max-tokens-negative", {"model": "", "prompt": "hi", "max_tokens": -1}, 422, "max_new_tokens", path="/v1/completions"),
+    Case(
+        "openai-max-tokens-negative",
+        {"model": "", "prompt": "hi", "max_tokens": -1},
+        422,
+        "max_new_tokens",
+        path="/v1/completions",
+    ),
     Case("openai-messages-missing", {"model": ""}, 422, "messages", path="/v1/chat/completions"),
-    Case("openai-prompt-token-out-of-vocab", {"model": "", "prompt": [10**9], "max_tokens": 2}, 422, "token", path="/v1/completions"),
-    Case("openai-prompt-negative-token", {"model": "", "prompt": [-3, 5], "max_tokens": 2}, 422, "token", path="/v1/completions"),
-    Case("openai-unknown-model-adapter", {"model": "nobody/nothing", "prompt": "hi", "max_tokens": 2}, (401, 403, 404), "nobody/nothing", path="/v1/completions"),
+    Case(
+        "openai-prompt-token-out-of-vocab",
+        {"model": "", "prompt": [10**9], "max_tokens": 2},
+        422,
+        "token",
+        path="/v1/completions",
+    ),
+    Case(
+        "openai-prompt-negative-token",
+        {"model": "", "prompt": [-3, 5], "max_tokens": 2},
+        422,
+        "token",
+        path="/v1/completions",
+    ),
+    Case(
+        "openai-unknown-model-adapter",
+        {"model": "nobody/nothing", "prompt": "hi", "max_tokens": 2},
+        (401, 403, 404),
+        "nobody/nothing",
+        path="/v1/completions",
+    ),
 ]
 
 
@@ -181,7 +241,10 @@ def test_bad_inputs_get_named_4xx_while_good_traffic_flows(stack: Stack, oracle:
 
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream"])
 def test_prompt_over_limit_is_truncated_when_asked(stack: Stack, path: str) -> None:
-    body = {"inputs": "hello world " * 40, "parameters": {"max_new_tokens": 2, "truncate": 16, "details": True}}
+    body = {
+        "inputs": "hello world " * 40,
+        "parameters": {"max_new_tokens": 2, "truncate": 16, "details": True},
+    }
     r = httpx.post(stack.url + path, json=body, timeout=60)
     assert r.status_code == 200, r.text
     if path == "/generate":

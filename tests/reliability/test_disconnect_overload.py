@@ -27,11 +27,21 @@ def long_body(server: ServerProcess, adapter: str | None = "alpha", **extra: obj
     "path,body",
     [
         ("/generate_stream", None),
-        ("/v1/completions", {"model": "ALPHA", "prompt": "hello", "max_tokens": LONG, "stream": True,
-                             "ignore_eos_token": True}),
+        (
+            "/v1/completions",
+            {
+                "model": "ALPHA",
+                "prompt": "hello",
+                "max_tokens": LONG,
+                "stream": True,
+                "ignore_eos_token": True,
+            },
+        ),
     ],
 )
-def test_closing_a_stream_frees_blocks_and_slot(small_server: ServerProcess, path: str, body: dict | None) -> None:
+def test_closing_a_stream_frees_blocks_and_slot(
+    small_server: ServerProcess, path: str, body: dict | None
+) -> None:
     url = small_server.url
     assert is_idle(wait_for(url, is_idle))
     if body is None:
@@ -46,7 +56,9 @@ def test_closing_a_stream_frees_blocks_and_slot(small_server: ServerProcess, pat
             if next(lines).startswith("data:"):
                 seen += 1
         busy = gauges(url)
-        assert busy["running"] == 1 and busy["slots_in_use"] == 1 and busy["free_blocks"] < busy["total_blocks"]
+        assert (
+            busy["running"] == 1 and busy["slots_in_use"] == 1 and busy["free_blocks"] < busy["total_blocks"]
+        )
         steps_at_close = busy["steps"]
     after = wait_for(url, is_idle, timeout=5)
     assert is_idle(after), after
@@ -74,7 +86,10 @@ def test_overload_is_429_at_once_and_service_resumes(small_server: ServerProcess
         ("/generate_stream", {"inputs": "hi", "parameters": {"max_new_tokens": 2}}),
         ("/", {"inputs": "hi", "parameters": {"max_new_tokens": 2}}),
         ("/v1/completions", {"model": "", "prompt": "hi", "max_tokens": 2}),
-        ("/v1/chat/completions", {"model": "", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {"model": "", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ),
     ]
 
     async def scenario() -> tuple[list[tuple[int, dict, float]], dict[str, float]]:
@@ -85,7 +100,7 @@ def test_overload_is_429_at_once_and_service_resumes(small_server: ServerProcess
                 r = await held.enter_async_context(client.stream("POST", "/generate_stream", json=body))
                 assert r.status_code == 200
                 readers.append(r.aiter_lines())
-                assert (await readers[-1].__anext__()).startswith("data:{\"token\"")
+                assert (await readers[-1].__anext__()).startswith('data:{"token"')
 
             async def probe(path: str, body: dict) -> tuple[int, dict, float]:
                 t0 = time.monotonic()

@@ -20,7 +20,8 @@ UNAFFECTED = (None, "alpha", "beta", "gamma")  # gamma is in host memory: its S3
 
 @pytest.mark.parametrize(
     "source,mode",
-    [("s3", m) for m in ("error", "hang", "cut", "down")] + [("hub", m) for m in ("error", "hang", "cut", "down")],
+    [("s3", m) for m in ("error", "hang", "cut", "down")]
+    + [("hub", m) for m in ("error", "hang", "cut", "down")],
 )
 def test_source_fault_fails_only_its_requests_and_a_retry_recovers(
     stack: Stack, oracle: dict, source: str, mode: str
@@ -35,7 +36,12 @@ def test_source_fault_fails_only_its_requests_and_a_retry_recovers(
         expected = oracle[(PROMPTS[0], "delta")]
     body = good_body(stack, PROMPTS[0], None, **params)
     # gamma must be resident before its store breaks (it is, if an earlier test used it; make sure).
-    assert httpx.post(stack.url + "/generate", json=good_body(stack, PROMPTS[0], "gamma"), timeout=60).status_code == 200
+    assert (
+        httpx.post(
+            stack.url + "/generate", json=good_body(stack, PROMPTS[0], "gamma"), timeout=60
+        ).status_code
+        == 200
+    )
     with GoodTraffic(stack, oracle, adapters=UNAFFECTED) as traffic:
         traffic.wait_served(3)
         if mode == "down":

@@ -20,8 +20,15 @@ from tests.reliability.stack import Stack
 
 EXAMPLES = int(os.environ.get("LORASERVE_FUZZ_EXAMPLES", "30"))
 ROUTES = {
-    "POST /generate", "POST /generate_stream", "POST /", "POST /v1/completions", "POST /v1/chat/completions",
-    "GET /v1/models", "GET /health", "GET /info", "GET /metrics",
+    "POST /generate",
+    "POST /generate_stream",
+    "POST /",
+    "POST /v1/completions",
+    "POST /v1/chat/completions",
+    "GET /v1/models",
+    "GET /health",
+    "GET /info",
+    "GET /metrics",
 }
 
 
@@ -44,8 +51,13 @@ def test_no_route_answers_5xx(operations: dict, label: str) -> None:
     op = operations[label]
 
     @given(case=op.as_strategy())
-    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-              database=None)
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
     def run(case: schemathesis.Case) -> None:
         case.call_and_validate(checks=[not_a_server_error], timeout=60)
 

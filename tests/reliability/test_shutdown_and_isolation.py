@@ -31,7 +31,10 @@ def test_sigterm_stops_accepting_drains_or_cancels_and_exits_0(
     try:
         body = {"inputs": "hello world", "parameters": {"max_new_tokens": tokens, "ignore_eos_token": True}}
         lines: list[str] = []
-        with httpx.Client(timeout=60) as client, client.stream("POST", srv.url + "/generate_stream", json=body) as r:
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", srv.url + "/generate_stream", json=body) as r,
+        ):
             it = r.iter_lines()
             lines.append(next(it))
             t0 = time.monotonic()

@@ -42,7 +42,9 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-async def one(client: httpx.AsyncClient, stack: Stack, oracle: dict, rng: random.Random, tally: Counter) -> None:
+async def one(
+    client: httpx.AsyncClient, stack: Stack, oracle: dict, rng: random.Random, tally: Counter
+) -> None:
     roll = rng.random()
     prompt, adapter = rng.choice(PROMPTS), rng.choice(ADAPTERS)
     stream = rng.random() < 0.5
@@ -54,7 +56,11 @@ async def one(client: httpx.AsyncClient, stack: Stack, oracle: dict, rng: random
         if not 400 <= r.status_code < 500:
             tally["bad_not_4xx"] += 1
         return
-    body = good_body(stack, prompt, adapter, max_new_tokens=48 - 8) if roll < BAD_RATE + DISCONNECT_RATE else None
+    body = (
+        good_body(stack, prompt, adapter, max_new_tokens=48 - 8)
+        if roll < BAD_RATE + DISCONNECT_RATE
+        else None
+    )
     if body is not None:  # a client that leaves: a stream closed after two events, or a short timeout
         tally["disconnect"] += 1
         if stream:

@@ -39,8 +39,17 @@ PB_V2_REPO, PB_V2_VERSION = "support-bot", "3"
 PB_LEGACY_REPO = "legacy-bot"  # versions 1 (old) and 2 (latest)
 
 # One distinct adapter per place it is served from; `local_both` is built from two of them.
-ADAPTERS = ("hub_public", "hub_private", "hub_slow", "pbase_v2", "pbase_legacy", "pbase_legacy_old",
-            "s3", "local_safetensors", "local_bin")
+ADAPTERS = (
+    "hub_public",
+    "hub_private",
+    "hub_slow",
+    "pbase_v2",
+    "pbase_legacy",
+    "pbase_legacy_old",
+    "s3",
+    "local_safetensors",
+    "local_bin",
+)
 
 
 @dataclass
@@ -126,15 +135,19 @@ def engine_alone(assets: SourceAssets) -> dict[str | None, list[int]]:
         adapter = parse_peft_adapter(assets.dirs[name]) if name else None
         answers[name] = [t.id for t in engine.generate([PROMPT], params, [adapter])[0].tokens]
     distinct = {tuple(answers[n]) for n in (None, *ADAPTERS)}
-    assert len(distinct) == 1 + len(ADAPTERS), "adapters must change the answer for these tests to mean anything"
+    assert len(distinct) == 1 + len(ADAPTERS), (
+        "adapters must change the answer for these tests to mean anything"
+    )
     return answers
 
 
 def generate(
     url: str, headers: dict[str, str] | None = None, timeout: float = 60, **params: object
 ) -> httpx.Response:
-    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": MAX_NEW, "ignore_eos_token": True,
-                                             "details": True, **params}}
+    body = {
+        "inputs": PROMPT,
+        "parameters": {"max_new_tokens": MAX_NEW, "ignore_eos_token": True, "details": True, **params},
+    }
     return httpx.post(url + "/generate", json=body, headers=headers or {}, timeout=timeout)
 
 

@@ -39,7 +39,9 @@ def fairness_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
     root = tmp_path_factory.mktemp("fairness")
     model, _ = make_tiny_served_model(root, ())
     with PeftAdapterFactory(model, r=8, target_modules=("q_proj", "v_proj", "down_proj")) as factory:
-        dirs = {name: factory.save(root / "adapters" / name, seed) for seed, name in ((1, "popular"), (2, "rare"))}
+        dirs = {
+            name: factory.save(root / "adapters" / name, seed) for seed, name in ((1, "popular"), (2, "rare"))
+        }
     return model, dirs
 
 
@@ -62,17 +64,28 @@ def server(
     srv = start_server(
         model,
         tmp_path_factory.mktemp("fairness-logs"),
-        "--adapter-source", "local",
-        "--max-active-adapters", "1",
-        "--adapter-cycle-time-s", str(CYCLE_S),
+        "--adapter-source",
+        "local",
+        "--max-active-adapters",
+        "1",
+        "--adapter-cycle-time-s",
+        str(CYCLE_S),
     )
     yield srv
     srv.stop()
 
 
 def ask(url: str, adapter: Path, max_new: int, timeout: float = 120) -> list[int]:
-    body = {"inputs": PROMPT, "parameters": {"adapter_id": str(adapter), "adapter_source": "local",
-                                             "max_new_tokens": max_new, "ignore_eos_token": True, "details": True}}
+    body = {
+        "inputs": PROMPT,
+        "parameters": {
+            "adapter_id": str(adapter),
+            "adapter_source": "local",
+            "max_new_tokens": max_new,
+            "ignore_eos_token": True,
+            "details": True,
+        },
+    }
     r = httpx.post(url + "/generate", json=body, timeout=timeout)
     assert r.status_code == 200, r.text
     return [t["id"] for t in r.json()["details"]["tokens"]]

@@ -53,11 +53,15 @@ def adapter_bytes(scale_assets: tuple[Path, list[Path]]) -> int:
 def oracle(scale_assets: tuple[Path, list[Path]]) -> list[list[int]]:
     """Greedy token ids of each adapter's request, run alone on the engine."""
     model, dirs = scale_assets
-    engine = Engine.from_pretrained(model, EngineConfig(max_batch_total_tokens=256, max_active_adapters=1,
-                                                        num_threads=1))
+    engine = Engine.from_pretrained(
+        model, EngineConfig(max_batch_total_tokens=256, max_active_adapters=1, num_threads=1)
+    )
     params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos_token=True)
     return [
-        [t.id for t in engine.generate([PROMPTS[i % len(PROMPTS)]], params, [parse_peft_adapter(d)])[0].tokens]
+        [
+            t.id
+            for t in engine.generate([PROMPTS[i % len(PROMPTS)]], params, [parse_peft_adapter(d)])[0].tokens
+        ]
         for i, d in enumerate(dirs)
     ]
 
@@ -70,11 +74,16 @@ def server(
     srv = start_server(
         model,
         tmp_path_factory.mktemp("scale-logs"),
-        "--adapter-source", "local",
-        "--local-adapter-roots", str(dirs[0].parent),
-        "--max-active-adapters", str(ACTIVE),
-        "--adapter-host-cache-bytes", str(host_budget(adapter_bytes)),
-        "--max-concurrent-requests", "64",
+        "--adapter-source",
+        "local",
+        "--local-adapter-roots",
+        str(dirs[0].parent),
+        "--max-active-adapters",
+        str(ACTIVE),
+        "--adapter-host-cache-bytes",
+        str(host_budget(adapter_bytes)),
+        "--max-concurrent-requests",
+        "64",
     )
     yield srv
     srv.stop()
@@ -106,9 +115,16 @@ async def ask_all(url: str, dirs: list[Path], order: list[int]) -> dict[int, lis
     answers: dict[int, list[int] | str] = {}
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"inputs": PROMPTS[i % len(PROMPTS)], "parameters": {
-            "adapter_id": str(dirs[i]), "adapter_source": "local", "max_new_tokens": MAX_NEW,
-            "ignore_eos_token": True, "details": True}}
+        body = {
+            "inputs": PROMPTS[i % len(PROMPTS)],
+            "parameters": {
+                "adapter_id": str(dirs[i]),
+                "adapter_source": "local",
+                "max_new_tokens": MAX_NEW,
+                "ignore_eos_token": True,
+                "details": True,
+            },
+        }
         async with gate:
             r = await client.post("/generate", json=body)
         answers[i] = [t["id"] for t in r.json()["details"]["tokens"]] if r.status_code == 200 else r.text
@@ -141,9 +157,11 @@ def test_hundreds_of_adapters_through_eight_slots(
 
     m = metrics(server.url)
     rss_end = rss_mib(server.proc.pid)
-    print(f"\nscale: {NUM_ADAPTERS} adapters of {adapter_bytes} bytes, RSS {rss_warm:.0f} -> {rss_end:.0f} MiB, "
-          f"slot loads {m['loraserve_engine_adapter_loads']:.0f}, host evictions "
-          f"{m['loraserve_adapter_cache_host_evictions']:.0f}")
+    print(
+        f"\nscale: {NUM_ADAPTERS} adapters of {adapter_bytes} bytes, RSS {rss_warm:.0f} -> {rss_end:.0f} MiB, "
+        f"slot loads {m['loraserve_engine_adapter_loads']:.0f}, host evictions "
+        f"{m['loraserve_adapter_cache_host_evictions']:.0f}"
+    )
     # Device tier: never more than 8 adapters resident, every slot released, slots reused.
     assert m["loraserve_engine_adapter_slots"] == ACTIVE
     assert m["loraserve_engine_active_adapters"] <= ACTIVE

@@ -76,9 +76,12 @@ def _server(assets: SourceAssets, peers: SourcePeers, logs: Path, use_global_tok
     return start_server(
         assets.model,
         logs,
-        "--adapter-cache-dir", str(logs / "cache"),
-        "--adapter-auth-ttl-s", str(AUTH_TTL_S),
-        "--adapter-source-timeout-s", "20",
+        "--adapter-cache-dir",
+        str(logs / "cache"),
+        "--adapter-auth-ttl-s",
+        str(AUTH_TTL_S),
+        "--adapter-source-timeout-s",
+        "20",
         env=server_env(peers, logs / "cache", use_global_token),
     )
 
@@ -96,18 +99,27 @@ def error_of(r: httpx.Response) -> str:
     return r.json().get("error", "")
 
 
-def test_hub_adapter_with_source_omitted_and_named(server: ServerProcess, peers: SourcePeers, oracle: dict) -> None:
+def test_hub_adapter_with_source_omitted_and_named(
+    server: ServerProcess, peers: SourcePeers, oracle: dict
+) -> None:
     # The server's default adapter source is the hub (no --adapter-source given).
     assert token_ids(generate(server.url, adapter_id=PUBLIC_REPO)) == oracle["hub_public"]
-    assert token_ids(generate(server.url, adapter_id=PUBLIC_REPO, adapter_source="hub")) == oracle["hub_public"]
-    assert token_ids(generate(server.url, adapter_id=f"{PUBLIC_REPO}@main", adapter_source="hub")) == oracle["hub_public"]
+    assert (
+        token_ids(generate(server.url, adapter_id=PUBLIC_REPO, adapter_source="hub")) == oracle["hub_public"]
+    )
+    assert (
+        token_ids(generate(server.url, adapter_id=f"{PUBLIC_REPO}@main", adapter_source="hub"))
+        == oracle["hub_public"]
+    )
     assert peers.hub.count("GET", f"/{PUBLIC_REPO}/resolve/") == 2  # config + weights, downloaded once
     log = server.log()
     assert f"hub adapter {PUBLIC_REPO}@" in log and "adapter_model.safetensors (" in log  # download progress
 
 
 def test_pbase_adapter_with_version(server: ServerProcess, oracle: dict) -> None:
-    r = generate(server.url, adapter_id=f"{PB_V2_REPO}/{PB_V2_VERSION}", adapter_source="pbase", api_token=PB_TOKEN)
+    r = generate(
+        server.url, adapter_id=f"{PB_V2_REPO}/{PB_V2_VERSION}", adapter_source="pbase", api_token=PB_TOKEN
+    )
     assert token_ids(r) == oracle["pbase_v2"]
     training = generate(server.url, adapter_id=f"{PB_V2_REPO}/4", adapter_source="pbase", api_token=PB_TOKEN)
     assert training.status_code == 400 and "training" in error_of(training), training.text
@@ -124,7 +136,11 @@ def test_pbase_adapter_without_version_is_the_latest(server: ServerProcess, orac
 
 @pytest.mark.parametrize(
     "directory,expected",
-    [("local_safetensors", "local_safetensors"), ("local_bin", "local_bin"), ("local_both", "local_safetensors")],
+    [
+        ("local_safetensors", "local_safetensors"),
+        ("local_bin", "local_bin"),
+        ("local_both", "local_safetensors"),
+    ],
     ids=["safetensors-only", "bin-only", "both-safetensors-wins"],
 )
 def test_local_adapter_files(
@@ -139,12 +155,16 @@ def test_s3_adapter(server: ServerProcess, oracle: dict) -> None:
     assert token_ids(r) == oracle["s3"]
 
 
-def test_private_hub_adapter_with_api_token_or_authorization_header(server: ServerProcess, oracle: dict) -> None:
+def test_private_hub_adapter_with_api_token_or_authorization_header(
+    server: ServerProcess, oracle: dict
+) -> None:
     assert token_ids(generate(server.url, adapter_id=PRIVATE_REPO, api_token=ALICE)) == oracle["hub_private"]
     with_header = generate(server.url, {"Authorization": f"Bearer {ALICE}"}, adapter_id=PRIVATE_REPO)
     assert token_ids(with_header) == oracle["hub_private"]
-    for refused in (generate(server.url, adapter_id=PRIVATE_REPO, api_token=MALLORY),
-                    generate(server.url, {"Authorization": f"Bearer {MALLORY}"}, adapter_id=PRIVATE_REPO)):
+    for refused in (
+        generate(server.url, adapter_id=PRIVATE_REPO, api_token=MALLORY),
+        generate(server.url, {"Authorization": f"Bearer {MALLORY}"}, adapter_id=PRIVATE_REPO),
+    ):
         assert refused.status_code == 401, refused.text
         assert PRIVATE_REPO in error_of(refused) and MALLORY not in refused.text
 
@@ -165,7 +185,9 @@ def test_lorax_client_headers_carry_the_token(server: ServerProcess, oracle: dic
                 out[name] = [type(e).__name__, str(e)]
         print(json.dumps(out))
     """)
-    proc = subprocess.run([LORAX_PYTHON, "-c", script, server.url], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [LORAX_PYTHON, "-c", script, server.url], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["alice"] == oracle["hub_private"]
@@ -179,7 +201,9 @@ def test_token_revoked_after_caching_is_refused(
     revocable, repo = "hf_revocableSourcesTokenRRRRRRR", "acme/revocable-lora"
     peers.hub.add_repo(repo, assets.dirs["hub_private"], private=True, tokens=(revocable,))
     assert token_ids(generate(server.url, adapter_id=repo, api_token=revocable)) == oracle["hub_private"]
-    assert token_ids(generate(server.url, adapter_id=repo, api_token=revocable)) == oracle["hub_private"]  # cached
+    assert (
+        token_ids(generate(server.url, adapter_id=repo, api_token=revocable)) == oracle["hub_private"]
+    )  # cached
     peers.hub.revoke(revocable)
     revoked_at = time.monotonic()
     while True:  # a successful check may be reused for --adapter-auth-ttl-s, never longer
@@ -193,7 +217,10 @@ def test_token_revoked_after_caching_is_refused(
 
 
 def test_global_hf_token(
-    server: ServerProcess, assets: SourceAssets, peers: SourcePeers, oracle: dict,
+    server: ServerProcess,
+    assets: SourceAssets,
+    peers: SourcePeers,
+    oracle: dict,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     # Off (the main server): the operator's token is never used for a caller who brings none.
@@ -236,9 +263,10 @@ def test_slow_download_neither_blocks_decoding_nor_loads_twice(
         local = str(assets.dirs["local_safetensors"])
         for _ in range(3):
             assert token_ids(generate(server.url, timeout=20)) == oracle[None]
-            assert token_ids(generate(server.url, adapter_id=local, adapter_source="local", timeout=20)) == oracle[
-                "local_safetensors"
-            ]
+            assert (
+                token_ids(generate(server.url, adapter_id=local, adapter_source="local", timeout=20))
+                == oracle["local_safetensors"]
+            )
         assert not results and all(t.is_alive() for t in waiting), "the held download finished early"
     finally:
         proxy.release()

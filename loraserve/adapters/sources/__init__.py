@@ -43,11 +43,16 @@ def build_sources(
     """All four sources; unset arguments fall back to the standard environment variables."""
     s3 = S3Source(cache_dir, timeout_s=timeout_s)
     return {
-        "hub": HubSource(endpoint=hub_endpoint, cache_dir=hub_cache_dir, offline=hub_offline, timeout_s=timeout_s),
+        "hub": HubSource(
+            endpoint=hub_endpoint, cache_dir=hub_cache_dir, offline=hub_offline, timeout_s=timeout_s
+        ),
         "local": LocalSource(allowed_local_roots),
         "s3": s3,
         "pbase": PbaseSource(
-            s3, gateway=pbase_gateway, model_bucket=pbase_bucket, **({} if timeout_s is None else {"timeout_s": timeout_s})
+            s3,
+            gateway=pbase_gateway,
+            model_bucket=pbase_bucket,
+            **({} if timeout_s is None else {"timeout_s": timeout_s}),
         ),
     }
 

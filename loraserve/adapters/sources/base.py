@@ -75,7 +75,9 @@ class AdapterSource(ABC):
     def fetch(self, resolved: ResolvedAdapter, token: str | None) -> Path:
         """Return a local directory holding the PEFT and/or Medusa files of `resolved`."""
 
-    def download(self, adapter_id: str, token: str | None = None, revision: str | None = None) -> tuple[Path, str]:
+    def download(
+        self, adapter_id: str, token: str | None = None, revision: str | None = None
+    ) -> tuple[Path, str]:
         """Both steps at once, for callers that want files and do not cache (CLI, tests)."""
         resolved = self.resolve(adapter_id, token, revision)
         return self.fetch(resolved, token), resolved.revision

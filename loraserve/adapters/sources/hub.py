@@ -47,7 +47,9 @@ def split_revision(adapter_id: str, revision: str | None) -> tuple[str, str]:
     """`org/name@rev` -> (`org/name`, `rev`); the default branch is `main`."""
     repo, at, id_rev = adapter_id.partition("@")
     if at and revision and id_rev != revision:
-        raise AdapterError(f"adapter id {adapter_id!r} names revision {id_rev!r} but the request asks for {revision!r}")
+        raise AdapterError(
+            f"adapter id {adapter_id!r} names revision {id_rev!r} but the request asks for {revision!r}"
+        )
     rev = revision or id_rev or "main"
     if not repo:
         raise AdapterError("hub adapter id is empty")
@@ -60,7 +62,9 @@ def _env_cache_dir() -> str:
             return os.path.expanduser(os.environ[var])
     if os.environ.get("HF_HOME"):
         return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "huggingface", "hub")
+    return os.path.join(
+        os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "huggingface", "hub"
+    )
 
 
 def _is_transport_error(e: Exception) -> bool:
@@ -98,7 +102,9 @@ def map_hub_error(e: Exception, what: str, had_token: bool) -> AdapterError:
         return AdapterNotFoundError(f"hub adapter {what} not found")
     if status == 401:
         if had_token:
-            return AdapterAuthError(f"the token was rejected for hub adapter {what} (invalid, revoked or no access)")
+            return AdapterAuthError(
+                f"the token was rejected for hub adapter {what} (invalid, revoked or no access)"
+            )
         return AdapterAuthError(f"hub adapter {what} not found or private: a token with access is required")
     if status == 403:
         return AdapterForbiddenError(f"the token has no access to hub adapter {what}")
@@ -144,7 +150,9 @@ class HubSource(AdapterSource):
         except Exception as e:
             known = self._known_public.get((repo, rev))
             if known is not None and _is_transport_error(e):
-                log.warning("hub unreachable for %s; serving the public revision %s seen before", what, known.revision)
+                log.warning(
+                    "hub unreachable for %s; serving the public revision %s seen before", what, known.revision
+                )
                 return known
             raise map_hub_error(e, what, had_token=bool(token)) from e
         if not info.sha:
@@ -196,7 +204,9 @@ class HubSource(AdapterSource):
             size = os.path.getsize(path)
             total += size
             folder = Path(path).parent
-            log.info("hub adapter %s: %s (%d bytes) ready, %d/%d files", what, f, size, i, len(resolved.files))
+            log.info(
+                "hub adapter %s: %s (%d bytes) ready, %d/%d files", what, f, size, i, len(resolved.files)
+            )
         log.info("hub adapter %s: %d bytes in %.2fs", what, total, time.monotonic() - t0)
         assert folder is not None
         self._write_ref(resolved)
@@ -209,7 +219,12 @@ class HubSource(AdapterSource):
             return
         from huggingface_hub.file_download import repo_folder_name
 
-        ref = Path(self.cache_dir) / repo_folder_name(repo_id=resolved.adapter_id, repo_type="model") / "refs" / rev
+        ref = (
+            Path(self.cache_dir)
+            / repo_folder_name(repo_id=resolved.adapter_id, repo_type="model")
+            / "refs"
+            / rev
+        )
         try:
             if ref.is_file() and ref.read_text() == resolved.revision:
                 return

@@ -31,7 +31,9 @@ class LocalSource(AdapterSource):
     def _checked_path(self, adapter_id: str) -> Path:
         raw = Path(os.path.expanduser(adapter_id))
         if ".." in raw.parts:
-            raise AdapterForbiddenError(f"local adapter path {adapter_id!r} contains '..', which is not allowed")
+            raise AdapterForbiddenError(
+                f"local adapter path {adapter_id!r} contains '..', which is not allowed"
+            )
         path = raw.resolve()
         if self.allowed_roots is not None and not any(path.is_relative_to(r) for r in self.allowed_roots):
             raise AdapterForbiddenError(

@@ -55,9 +55,13 @@ def split_pbase_id(adapter_id: str, revision: str | None) -> tuple[str, str | No
         return parts[0], revision or None
     if len(parts) == 2 and all(parts):
         if revision and revision != parts[1]:
-            raise AdapterError(f"pbase adapter {adapter_id!r} names version {parts[1]!r} but the request asks for {revision!r}")
+            raise AdapterError(
+                f"pbase adapter {adapter_id!r} names version {parts[1]!r} but the request asks for {revision!r}"
+            )
         return parts[0], parts[1]
-    raise AdapterError(f"pbase adapter id must be <model_repo>/<model_version> or <model_repo>, got {adapter_id!r}")
+    raise AdapterError(
+        f"pbase adapter id must be <model_repo>/<model_version> or <model_repo>, got {adapter_id!r}"
+    )
 
 
 def storage_to_s3_uri(path: str, bucket_env: str | None) -> str:
@@ -95,21 +99,29 @@ class PbaseSource(AdapterSource):
         timeout_s: float = 10.0,
     ) -> None:
         self.s3 = s3
-        self.gateway = (gateway or os.environ.get("PREDIBASE_GATEWAY_ENDPOINT") or DEFAULT_GATEWAY).rstrip("/")
-        self.model_bucket = model_bucket if model_bucket is not None else os.environ.get("PREDIBASE_MODEL_BUCKET")
+        self.gateway = (gateway or os.environ.get("PREDIBASE_GATEWAY_ENDPOINT") or DEFAULT_GATEWAY).rstrip(
+            "/"
+        )
+        self.model_bucket = (
+            model_bucket if model_bucket is not None else os.environ.get("PREDIBASE_MODEL_BUCKET")
+        )
         self.timeout_s = timeout_s
 
     def _get(self, client: httpx.Client, path: str, what: str) -> httpx.Response:
         try:
             return client.get(self.gateway + path)
         except httpx.HTTPError as e:
-            raise AdapterUnavailableError(f"could not reach the Predibase gateway for {what}: {type(e).__name__}") from e
+            raise AdapterUnavailableError(
+                f"could not reach the Predibase gateway for {what}: {type(e).__name__}"
+            ) from e
 
     def _weights_path(self, repo: str, version: str | None, token: str, what: str) -> str:
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(headers=headers, timeout=self.timeout_s) as client:
             if version is not None:
-                r = self._get(client, f"/v2/repos/{quote(repo, safe='')}/version/{quote(version, safe='')}", what)
+                r = self._get(
+                    client, f"/v2/repos/{quote(repo, safe='')}/version/{quote(version, safe='')}", what
+                )
                 if r.status_code == 200:
                     body = _json(r, what)
                     status = str(body.get("status", "")).lower()
@@ -120,7 +132,9 @@ class PbaseSource(AdapterSource):
                         )
                     if body.get("adapterPath"):
                         return str(body["adapterPath"])
-                log.info("pbase %s: v2 lookup answered HTTP %d; trying the legacy endpoint", what, r.status_code)
+                log.info(
+                    "pbase %s: v2 lookup answered HTTP %d; trying the legacy endpoint", what, r.status_code
+                )
             query = f"?version={quote(version, safe='')}" if version is not None else ""
             r = self._get(client, f"/v1/models/version/name/{quote(repo, safe='')}{query}", what)
             if r.status_code != 200:
@@ -134,7 +148,9 @@ class PbaseSource(AdapterSource):
         repo, version = split_pbase_id(adapter_id, revision)
         what = f"{repo}/{version}" if version else f"{repo} (latest)"
         if not token:
-            raise AdapterAuthError(f"pbase adapter {what} needs an API token (api_token or Authorization header)")
+            raise AdapterAuthError(
+                f"pbase adapter {what} needs an API token (api_token or Authorization header)"
+            )
         uri = storage_to_s3_uri(self._weights_path(repo, version, token, what), self.model_bucket).rstrip("/")
         # The storage path pins the trained weights, so it is the revision: "latest" moving to a
         # new version yields a new cache key.

@@ -64,7 +64,9 @@ def _s3_client(timeout_s: float | None = None):  # boto3 is imported lazily: slo
             _sessions.clear()
             session = _sessions[env_key] = boto3.session.Session()
         timeouts = {} if timeout_s is None else {"connect_timeout": timeout_s, "read_timeout": timeout_s}
-        return session.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}, **timeouts))
+        return session.client(
+            "s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}, **timeouts)
+        )
 
 
 def _map_s3_error(e: Exception, uri: str) -> AdapterError:
@@ -151,7 +153,9 @@ class S3Source(AdapterSource):
                     client.download_file(bucket, base + f, str(tmp / f))
                     size = (tmp / f).stat().st_size
                     total += size
-                    log.info("s3 adapter %s: downloaded %s (%d bytes), %d/%d files", uri, f, size, i, len(files))
+                    log.info(
+                        "s3 adapter %s: downloaded %s (%d bytes), %d/%d files", uri, f, size, i, len(files)
+                    )
                 if target.exists():  # another worker finished first; keep its copy
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
