@@ -32,6 +32,7 @@ from loraserve.engine.sequence import SeqStatus, Sequence
 from loraserve.engine.speculative import verify_drafts
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
+from loraserve.engine.watermark import apply_watermark
 from loraserve.layers.lora import LoraTable
 from loraserve.layers.medusa import medusa_logits
 from loraserve.models import load_model
@@ -267,8 +268,8 @@ class Engine:
                 "this adapter carries Medusa heads, but speculative decoding needs the server to be "
                 "started with a default Medusa adapter (--adapter-id)"
             )
-        if self.speculative_tokens <= 0 or params.repetition_penalty != 1.0:
-            return None  # the penalty depends on the history, which drafts would change mid-verification
+        if self.speculative_tokens <= 0 or params.repetition_penalty != 1.0 or params.watermark:
+            return None  # penalty and watermark depend on the history, which drafts change mid-verification
         if own is None:
             return self.default_speculator
         heads = self._speculators.get(own.key)
@@ -331,8 +332,13 @@ class Engine:
             last = torch.tensor(
                 [starts[i] + len(layout.logit_rows[i]) - 1 for i in plain], device=self.device
             )
+            plain_logits = logits[last]
+            marked = [j for j, i in enumerate(plain) if layout.seqs[i].params.watermark]
+            if marked:
+                prev = [layout.seqs[plain[j]].all_ids[-1] for j in marked]
+                plain_logits = apply_watermark(plain_logits, marked, prev)
             result = sample(
-                logits[last],
+                plain_logits,
                 [
                     SamplingRow(
                         params=layout.seqs[i].params,

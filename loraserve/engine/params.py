@@ -34,6 +34,7 @@ class SamplingParams:
     logprobs: bool = True  # logprob of each chosen token
     top_n_alternatives: int = 0  # return_k_alternatives
     prefill_logprobs: bool = False  # decoder_input_details
+    watermark: bool = False  # bias a green list of tokens (LoRAX/TGI watermarking)
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field; the server maps it to 422."""

@@ -80,8 +80,6 @@ def merge_spec(p: GenerateParameters) -> MergeSpec | None:
 def _check_unsupported(p: GenerateParameters) -> None:
     if p.response_format is not None:
         raise not_supported("`response_format` (JSON-schema constrained output)")
-    if p.watermark:
-        raise not_supported("`watermark`")
     if p.apply_chat_template:
         raise not_supported("`apply_chat_template` on /generate (use /v1/chat/completions)")
 
@@ -134,6 +132,7 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
         logprobs=True,
         top_n_alternatives=p.return_k_alternatives or 0,
         prefill_logprobs=p.decoder_input_details,
+        watermark=p.watermark,
     )
 
 

@@ -193,3 +193,29 @@ def test_out_of_vocabulary_prompt_ids_are_refused_up_front(llama_dir: Path) -> N
         with pytest.raises(ValueError, match="vocabulary"):
             e.add_request(bad, GREEDY)
     assert not e.has_unfinished()
+
+
+def test_watermark_biases_the_green_list(llama_dir: Path) -> None:
+    """LoRAX/TGI watermarking: far more than gamma=50% of the sampled tokens are 'green'."""
+    from loraserve.engine.watermark import GAMMA, greenlist
+
+    e = engine(llama_dir)
+    ps = prompts(6, seed=40)
+
+    def green_fraction(watermark: bool) -> float:
+        params = [
+            SamplingParams(
+                max_new_tokens=40, do_sample=True, seed=s, watermark=watermark, ignore_eos_token=True
+            )
+            for s in range(len(ps))
+        ]
+        hits = total = 0
+        for p, r in zip(ps, e.generate(ps, params)):
+            ids = p + [t.id for t in r.tokens]
+            for prev, tok in zip(ids[len(p) - 1 : -1], ids[len(p) :]):
+                hits += int(tok in set(greenlist(prev, e.model.lm_head.shape[0], e.device).tolist()))
+                total += 1
+        return hits / total
+
+    marked, plain = green_fraction(True), green_fraction(False)
+    assert marked > GAMMA + 0.15 and marked > plain + 0.1, (marked, plain)

@@ -165,7 +165,11 @@ def test_adapter_changes_output(server: ServerProcess) -> None:
             "`stop` supports up to 4",
         ),
         ({"inputs": PROMPT, "parameters": {"best_of": 2}}, 422, "you must use sampling"),
-        ({"inputs": PROMPT, "parameters": {"watermark": True}}, 422, "not supported yet"),
+        (
+            {"inputs": PROMPT, "parameters": {"response_format": {"type": "json_object", "schema": {}}}},
+            422,
+            "not supported yet",
+        ),
         (
             {"inputs": PROMPT, "parameters": {"merged_adapters": {"ids": [], "weights": []}}},
             422,

@@ -106,7 +106,7 @@ def test_error_types_map_to_lorax_exceptions(server: ServerProcess) -> None:
         """
         expect_error("validation", lambda: client.generate("hi", temperature=0.0))
         expect_error("too_long", lambda: client.generate("hi", max_new_tokens=100000))
-        expect_error("not_supported", lambda: client.generate("hi", watermark=True))
+        expect_error("not_supported", lambda: client.generate("hi", response_format={"type": "json_object", "schema": {}}))
         expect_error("stream_validation", lambda: list(client.generate_stream("hi", temperature=0.0)))
         expect_error("missing_adapter", lambda: client.generate("hi", adapter_id="/nope/nothing",
                                                                 adapter_source="local"))
@@ -131,3 +131,17 @@ def test_headers_are_sent_and_tokens_stay_secret(server: ServerProcess) -> None:
     )
     assert out["ok"] == http_generate(server, max_new_tokens=3)["generated_text"]
     assert secret not in out["missing"][1] and secret not in server.log()
+
+
+def test_watermark_is_honoured(server: ServerProcess) -> None:
+    out = run_client(
+        server,
+        """
+        r = client.generate("hello world", max_new_tokens=8, watermark=True, do_sample=True, seed=3)
+        out["marked"] = [t.id for t in r.details.tokens]
+    """,
+    )
+    plain = http_generate(server, max_new_tokens=8, do_sample=True, seed=3, details=True)
+    again = http_generate(server, max_new_tokens=8, do_sample=True, seed=3, details=True, watermark=True)
+    assert out["marked"] == [t["id"] for t in again["details"]["tokens"]]  # seeded and deterministic
+    assert len(out["marked"]) == 8 and plain["details"]["tokens"]  # the bias is tested in tests/engine
