@@ -10,11 +10,8 @@ requests on EOS, length or stop sequences, freeing their blocks at once.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,56 +21,22 @@ from loraserve.adapters.medusa_format import MedusaHeads
 from loraserve.engine.adapter_slots import AdapterSlots
 from loraserve.engine.batch_builder import build_forward_batch
 from loraserve.engine.block_manager import BlockManager
+from loraserve.engine.config import DTYPES, EngineConfig, device_memory
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
 from loraserve.engine.sampling import SamplingRow, make_generator, sample
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import SeqStatus, Sequence
 from loraserve.engine.speculative import verify_drafts
+from loraserve.engine.speculators import Speculators
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
 from loraserve.engine.watermark import apply_watermark
 from loraserve.layers.lora import LoraTable
-from loraserve.layers.medusa import medusa_logits
 from loraserve.models import load_model
 from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-
-
-@dataclass
-class EngineConfig:
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # default: sized from the device's memory
-    max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens (caps the memory budget)
-    max_batch_prefill_tokens: int = 4096
-    max_input_length: int | None = None  # default: min(1024, model context - 1)
-    max_total_tokens: int | None = None  # default: min(2048, model context)
-    max_num_seqs: int = 256
-    max_active_adapters: int = 32
-    max_lora_rank: int = 64
-    speculative_tokens: int | None = None  # Medusa drafts per step; None = as many as the heads have
-    adapter_cycle_time_s: float = 2.0  # how long requests may wait for a slot before busy adapters rotate out
-    adapter_memory_bytes: int | None = None  # default: 10% of device memory
-    num_threads: int | None = None  # CPU intra-op threads (default: torch's)
-
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 class Engine:
@@ -100,8 +63,9 @@ class Engine:
         )
         self._seqs: dict[str, Sequence] = {}
         self.tokens_generated = 0
-        self.default_speculator: MedusaHeads | None = None
-        self._speculators: OrderedDict[str, MedusaHeads] = OrderedDict()  # device copies of per-request heads
+        self.speculators = Speculators(
+            mc.hidden_size, self.model.lm_head.shape[0], self.device, self.dtype, cfg
+        )
         self.spec_steps = 0
         self.spec_tokens = 0
         self.steps = 0
@@ -126,7 +90,7 @@ class Engine:
         per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elt
         budget = cfg.kv_cache_memory_bytes
         if budget is None:
-            avail = _device_memory(self.device)
+            avail = device_memory(self.device)
             budget = int(avail * (0.8 if self.device.type == "cuda" else 0.25))
             budget = min(budget, 8 << 30) if self.device.type == "cpu" else budget
         # never more than the batch could ever use, so small models start fast
@@ -157,7 +121,7 @@ class Engine:
         cfg, mc = self.config, self.model_config
         shapes = mc.linear_shapes()
         per_slot = LoraTable.bytes_per_slot(shapes, mc.num_hidden_layers, cfg.max_lora_rank, self.dtype)
-        budget = cfg.adapter_memory_bytes or int(_device_memory(self.device) * 0.1)
+        budget = cfg.adapter_memory_bytes or int(device_memory(self.device) * 0.1)
         num_slots = max(1, min(cfg.max_active_adapters, budget // per_slot))
         if num_slots < cfg.max_active_adapters:
             log.warning(
@@ -214,7 +178,7 @@ class Engine:
             raise ValueError("request cannot fit in the KV cache even alone")
         if adapter is not None:
             self.check_adapter(adapter)
-        speculator = self._speculator_for(adapter, params)
+        speculator = self.speculators.for_request(adapter, params)
         rid = request_id or uuid.uuid4().hex
         if rid in self._seqs:
             raise ValueError(f"duplicate request id {rid!r}")
@@ -237,50 +201,15 @@ class Engine:
     # ---- speculative decoding ---------------------------------------------------------------------
     def set_default_speculator(self, heads: MedusaHeads | None) -> None:
         """Medusa heads that draft for every request without heads of its own."""
-        if heads is not None:
-            self._check_heads(heads)
-            heads = heads.to(self.device, self.dtype)
-        self.default_speculator = heads
+        self.speculators.set_default(heads)
+
+    @property
+    def default_speculator(self) -> MedusaHeads | None:
+        return self.speculators.default
 
     @property
     def speculative_tokens(self) -> int:
-        cap = self.config.speculative_tokens
-        if self.default_speculator is None:
-            return cap or 0
-        return self.default_speculator.num_heads if cap is None else cap
-
-    def _check_heads(self, heads: MedusaHeads) -> None:
-        mc = self.model_config
-        if heads.hidden_size != mc.hidden_size:
-            raise ValueError(f"Medusa heads have hidden size {heads.hidden_size}, the model {mc.hidden_size}")
-        if heads.proj is not None and heads.proj.shape[1] != self.model.lm_head.shape[0]:
-            raise ValueError("Medusa heads' vocabulary does not match the model's")
-
-    def _speculator_for(self, adapter: LoraAdapter | None, params: SamplingParams) -> MedusaHeads | None:
-        """LoRAX's rule: per-request heads only when the server runs a default speculator.
-
-        Unlike LoRAX, per-request heads may be v1 or v2 and have any number of
-        heads; drafts are capped by `speculative_tokens` either way.
-        """
-        own = adapter.medusa if adapter is not None else None
-        if own is not None and self.default_speculator is None:
-            raise ValueError(
-                "this adapter carries Medusa heads, but speculative decoding needs the server to be "
-                "started with a default Medusa adapter (--adapter-id)"
-            )
-        if self.speculative_tokens <= 0 or params.repetition_penalty != 1.0 or params.watermark:
-            return None  # penalty and watermark depend on the history, which drafts change mid-verification
-        if own is None:
-            return self.default_speculator
-        heads = self._speculators.get(own.key)
-        if heads is None:
-            self._check_heads(own)
-            heads = own.to(self.device, self.dtype)
-            self._speculators[own.key] = heads
-            while len(self._speculators) > 64:
-                self._speculators.popitem(last=False)
-        self._speculators.move_to_end(own.key)
-        return heads
+        return self.speculators.tokens
 
     def abort(self, request_id: str) -> bool:
         seq = self._seqs.pop(request_id, None)
@@ -395,27 +324,8 @@ class Engine:
                 if seq.speculator is not None:
                     draft_rows.append((seq, last_row))
         if draft_rows:
-            self._propose_drafts(hidden, draft_rows)
+            self.speculators.propose(hidden, draft_rows, self.model.lm_head, self.config.max_total_tokens)
         return outputs
-
-    def _propose_drafts(self, hidden: torch.Tensor, draft_rows: list[tuple[Sequence, int]]) -> None:
-        """Run each speculator once over the rows it drafts for (heads are batched inside)."""
-        groups: dict[int, list[tuple[Sequence, int]]] = {}
-        for seq, row in draft_rows:
-            groups.setdefault(id(seq.speculator), []).append((seq, row))
-        for members in groups.values():
-            heads = members[0][0].speculator
-            idx = torch.tensor([row for _, row in members], device=self.device)
-            drafts = medusa_logits(hidden[idx], heads, self.model.lm_head).argmax(dim=-1).t().tolist()
-            for (seq, _), d in zip(members, drafts):
-                room = (
-                    min(
-                        seq.params.max_new_tokens - len(seq.output_ids),
-                        self.config.max_total_tokens - seq.num_tokens,
-                    )
-                    - 1
-                )
-                seq.drafts = d[: max(0, min(room, self.speculative_tokens))]
 
     def _emit(
         self,

@@ -1,0 +1,43 @@
+"""Engine settings, and how memory budgets are read off the device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # default: sized from the device's memory
+    max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens (caps the memory budget)
+    max_batch_prefill_tokens: int = 4096
+    max_input_length: int | None = None  # default: min(1024, model context - 1)
+    max_total_tokens: int | None = None  # default: min(2048, model context)
+    max_num_seqs: int = 256
+    max_active_adapters: int = 32
+    max_lora_rank: int = 64
+    speculative_tokens: int | None = None  # Medusa drafts per step; None = as many as the heads have
+    adapter_cycle_time_s: float = 2.0  # how long requests may wait for a slot before busy adapters rotate out
+    adapter_memory_bytes: int | None = None  # default: 10% of device memory
+    num_threads: int | None = None  # CPU intra-op threads (default: torch's)
+
+
+def device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
