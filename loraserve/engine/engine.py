@@ -26,7 +26,7 @@ from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
 from loraserve.engine.sampling import SamplingRow, make_generator, sample
 from loraserve.engine.scheduler import Scheduler
-from loraserve.engine.sequence import SeqStatus, Sequence
+from loraserve.engine.sequence import Sequence
 from loraserve.engine.speculative import verify_drafts
 from loraserve.engine.speculators import Speculators
 from loraserve.engine.stop import StopChecker
@@ -419,7 +419,6 @@ class Engine:
             special=special,
             alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None,
         )
-        seq.output_tokens.append(info)
         return info, reason
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
@@ -519,7 +518,3 @@ class Engine:
             self.blocks.free(seq.block_table)
             if seq.slot is not None:
                 self.slots.release(seq.slot)
-
-    def seq_status(self, request_id: str) -> SeqStatus | None:
-        seq = self._seqs.get(request_id)
-        return seq.status if seq else None

@@ -30,7 +30,6 @@ from loraserve.engine.sequence import SeqStatus, Sequence
 class Schedule:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[Sequence] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -79,7 +78,6 @@ class Scheduler:
             while not self.blocks.can_hold(seq.block_table, seq.num_tokens + len(seq.drafts)):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
-                out.preempted.append(victim)
                 if victim is seq:
                     break
             else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.adapters.medusa_format import MedusaHeads
 from loraserve.engine.detokenizer import IncrementalDetokenizer
-from loraserve.engine.params import SamplingParams, TokenInfo
+from loraserve.engine.params import SamplingParams
 from loraserve.engine.stop import StopChecker
 
 
@@ -32,15 +31,11 @@ class Sequence:
     detok: IncrementalDetokenizer
     stop: StopChecker | None
     output_ids: list[int] = field(default_factory=list)
-    output_tokens: list[TokenInfo] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
     slot: int | None = None  # adapter slot while running
     status: SeqStatus = SeqStatus.WAITING
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
     prefill_reported: bool = False
-    history: torch.Tensor | None = None  # prompt+output ids on device, for repetition penalty
     text: str = ""
     speculator: MedusaHeads | None = None  # device copy of the heads that draft for this request
     drafts: list[int] = field(default_factory=list)  # proposed tokens to verify in the next step

@@ -43,10 +43,6 @@ class LoraBatch:
     pad_rows: torch.Tensor | None = None  # [N] their rows in the padded buffer
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot)
 
-    @property
-    def empty(self) -> bool:
-        return self.slot_hi == self.slot_lo and not self.segments
-
 
 def _padded_rows(segs: list[tuple[int, int, int]]) -> tuple[int, int]:
     """(rows of the padded [slot range x longest per-slot run] buffer, real rows) for `segs`."""
