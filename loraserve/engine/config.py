@@ -34,6 +34,7 @@ class EngineConfig:
     adapter_cycle_time_s: float = 2.0  # how long requests may wait for a slot before busy adapters rotate out
     adapter_memory_bytes: int | None = None  # default: 10% of device memory
     num_threads: int | None = None  # CPU intra-op threads (default: torch's)
+    pack_weights: bool = True  # CPU: keep dense weights in oneDNN's blocked layout (layers/linear.py)
 
 
 def device_memory(device: torch.device) -> int:

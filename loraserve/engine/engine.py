@@ -55,7 +55,7 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         self._resolve_lengths()
-        self.model = load_model(self.model_dir, mc, self.dtype, self.device)
+        self.model = load_model(self.model_dir, mc, self.dtype, self.device, cfg.pack_weights)
         self._allocate_kv_cache()
         self._allocate_lora_table()
         self.scheduler = Scheduler(
@@ -64,7 +64,7 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self.tokens_generated = 0
         self.speculators = Speculators(
-            mc.hidden_size, self.model.lm_head.shape[0], self.device, self.dtype, cfg
+            mc.hidden_size, self.model.lm_head.out_features, self.device, self.dtype, cfg
         )
         self.spec_steps = 0
         self.spec_tokens = 0

@@ -18,6 +18,7 @@ from loraserve.adapters.medusa_format import MedusaHeads
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.params import SamplingParams
 from loraserve.engine.sequence import Sequence
+from loraserve.layers.linear import Linear
 from loraserve.layers.medusa import medusa_logits
 
 MAX_CACHED_HEADS = 64
@@ -90,7 +91,7 @@ class Speculators:
         self,
         hidden: torch.Tensor,
         draft_rows: list[tuple[Sequence, int]],
-        lm_head: torch.Tensor,
+        lm_head: Linear,
         max_total_tokens: int,
     ) -> None:
         """Set `seq.drafts` from the hidden state of each sequence's last accepted position."""

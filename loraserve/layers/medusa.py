@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from loraserve.layers.linear import Linear, linear, make_linear
+
 if TYPE_CHECKING:
     from loraserve.adapters.medusa_format import MedusaHeads
 
@@ -35,7 +37,7 @@ def medusa_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def medusa_logits(
-    hidden: torch.Tensor, heads: MedusaHeads, lm_head: torch.Tensor, include_base: bool = False
+    hidden: torch.Tensor, heads: MedusaHeads, lm_head: Linear | torch.Tensor, include_base: bool = False
 ) -> torch.Tensor:
     """Draft logits `[num_heads, N, V]` (float32); head `k` predicts the token `k + 2` after each row.
 
@@ -46,13 +48,15 @@ def medusa_logits(
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H], got {tuple(hidden.shape)}")
+    if isinstance(lm_head, torch.Tensor):
+        lm_head = make_linear(lm_head, pack=False)
     x = medusa_hidden(hidden, heads.weight, heads.bias)
     if heads.proj is None:
         if include_base:
             x = torch.cat([hidden.unsqueeze(0), x])
-        return F.linear(x, lm_head).float()
+        return linear(x, lm_head).float()
     proj = heads.proj.to(device=hidden.device, dtype=hidden.dtype)
     drafts = torch.bmm(x, proj.transpose(1, 2)).float()
     if include_base:
-        return torch.cat([F.linear(hidden, lm_head).float().unsqueeze(0), drafts])
+        return torch.cat([linear(hidden, lm_head).float().unsqueeze(0), drafts])
     return drafts

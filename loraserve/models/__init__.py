@@ -16,5 +16,7 @@ ARCHITECTURES = {
 }
 
 
-def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:
-    return ARCHITECTURES[cfg.architecture].from_pretrained(path, cfg, dtype, device)
+def load_model(
+    path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, pack: bool = True
+) -> LlamaModel:
+    return ARCHITECTURES[cfg.architecture].from_pretrained(path, cfg, dtype, device, pack)

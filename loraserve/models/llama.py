@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from loraserve.layers.attention import paged_attention
 from loraserve.layers.forward_batch import ForwardBatch
+from loraserve.layers.linear import Linear, linear, make_linear
 from loraserve.layers.lora import LoraTable, apply_lora
 from loraserve.layers.norm import rms_norm
 from loraserve.layers.rotary import RotaryTable, apply_rotary
@@ -24,19 +25,21 @@ from loraserve.models.weights import iter_weights
 
 
 class DecoderLayer:
-    def __init__(self, w: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-        self.qkv_w = torch.cat(
+    def __init__(self, w: dict[str, torch.Tensor], cfg: ModelConfig, pack: bool) -> None:
+        qkv_w = torch.cat(
             [w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]
         )
-        self.qkv_b = (
+        qkv_b = (
             torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
             if "self_attn.q_proj.bias" in w
             else None
         )
-        self.o_w = w["self_attn.o_proj.weight"]
-        self.o_b = w.get("self_attn.o_proj.bias")
-        self.gate_up_w = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
-        self.down_w = w["mlp.down_proj.weight"]
+        self.qkv = make_linear(qkv_w, qkv_b, pack)
+        self.o = make_linear(w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), pack)
+        self.gate_up = make_linear(
+            torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None, pack
+        )
+        self.down = make_linear(w["mlp.down_proj.weight"], None, pack)
         self.in_norm = w["input_layernorm.weight"]
         self.post_norm = w["post_attention_layernorm.weight"]
 
@@ -55,14 +58,15 @@ class LlamaModel:
         self.layers: list[DecoderLayer] = []
         self.embed: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
-        self.lm_head: torch.Tensor | None = None
+        self.lm_head: Linear | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.lora: LoraTable | None = None
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+        cls, path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, pack: bool = True
     ) -> LlamaModel:
+        """`pack`: let dense weights take the CPU GEMM library's layout (see layers/linear.py)."""
         model = cls(cfg, dtype, device)
         per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.num_hidden_layers)]
         top: dict[str, torch.Tensor] = {}
@@ -75,10 +79,12 @@ class LlamaModel:
                 top[name] = t
         model.embed = top["model.embed_tokens.weight"]
         model.norm = top["model.norm.weight"]
-        model.lm_head = top.get("lm_head.weight", model.embed if cfg.tie_word_embeddings else None)
-        if model.lm_head is None:
+        head = top.get("lm_head.weight", model.embed if cfg.tie_word_embeddings else None)
+        if head is None:
             raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
-        model.layers = [DecoderLayer(w, cfg) for w in per_layer]
+        # a tied head is packed as its own copy: the embedding lookup needs the plain matrix
+        model.lm_head = make_linear(head, None, pack)
+        model.layers = [DecoderLayer(w, cfg, pack) for w in per_layer]
         return model
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
@@ -89,7 +95,7 @@ class LlamaModel:
         x = F.embedding(fb.input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.in_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+            qkv = linear(h, layer.qkv)
             if lb is not None:
                 apply_lora(qkv[:, :q_end], h, lora.a["q_proj"][i], lora.b["q_proj"][i], lb)
                 apply_lora(qkv[:, q_end:k_end], h, lora.a["k_proj"][i], lora.b["k_proj"][i], lb)
@@ -100,21 +106,21 @@ class LlamaModel:
             v = qkv[:, k_end:].view(t, -1, cfg.head_dim)
             k_cache, v_cache = self.kv_caches[i]
             attn = paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale).view(t, -1)
-            o = F.linear(attn, layer.o_w, layer.o_b)
+            o = linear(attn, layer.o)
             if lb is not None:
                 apply_lora(o, attn, lora.a["o_proj"][i], lora.b["o_proj"][i], lb)
             x = x + o
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gu = F.linear(h, layer.gate_up_w)
+            gu = linear(h, layer.gate_up)
             if lb is not None:
                 apply_lora(gu[:, :inter], h, lora.a["gate_proj"][i], lora.b["gate_proj"][i], lb)
                 apply_lora(gu[:, inter:], h, lora.a["up_proj"][i], lora.b["up_proj"][i], lb)
             a = F.silu(gu[:, :inter]) * gu[:, inter:]
-            d = F.linear(a, layer.down_w)
+            d = linear(a, layer.down)
             if lb is not None:
                 apply_lora(d, a, lora.a["down_proj"][i], lora.b["down_proj"][i], lb)
             x = x + d
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

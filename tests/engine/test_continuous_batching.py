@@ -213,7 +213,7 @@ def test_watermark_biases_the_green_list(llama_dir: Path) -> None:
         for p, r in zip(ps, e.generate(ps, params)):
             ids = p + [t.id for t in r.tokens]
             for prev, tok in zip(ids[len(p) - 1 : -1], ids[len(p) :]):
-                hits += int(tok in set(greenlist(prev, e.model.lm_head.shape[0], e.device).tolist()))
+                hits += int(tok in set(greenlist(prev, e.model.lm_head.out_features, e.device).tolist()))
                 total += 1
         return hits / total
 
