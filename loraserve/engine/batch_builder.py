@@ -64,7 +64,8 @@ def _paged_group(
         pad_rows=pad_rows,
         block_tables=tables.to(device),
         max_ctx=max_ctx,
-        mask=mask.to(device),
+        # all-True (single-token decodes of equal context) needs no mask: SDPA is faster without
+        mask=None if bool(mask.all()) else mask.to(device),
     )
 
 

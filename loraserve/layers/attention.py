@@ -36,7 +36,7 @@ class PagedGroup:
     pad_rows: torch.Tensor | None  # [N] positions in the padded [num_seqs * max_q] layout
     block_tables: torch.Tensor  # [num_seqs, blocks_per_seq]
     max_ctx: int
-    mask: torch.Tensor  # [num_seqs, 1, max_q * group_size, max_ctx] bool, True = attend
+    mask: torch.Tensor | None  # [num_seqs, 1, max_q * group_size, max_ctx] bool, True = attend; None: all
 
 
 @dataclass

@@ -24,20 +24,20 @@ import torch.nn.functional as F
 # oneDNN picks its blocking from a batch-size hint; every hint >= 32 measured the same
 # from 1 to 1,024 rows, while a hint of 1 is 30% slower at 32 rows.
 PACK_BATCH_HINT = 64
-# oneDNN caches one compiled kernel per (shape, row count), each holding up to a few MiB,
-# up to 1,024 of them: fed every row count a server sees, RSS grew by GBs. So row counts
-# are rounded up to a few buckets (padding rows are nearly free: small batches are
-# memory-bound) and anything larger runs in chunks of CHUNK_ROWS.
-CHUNK_ROWS = 256
+# oneDNN caches one compiled kernel per (shape, row count) — up to 1,024 of them, each
+# with its own buffers. Fed every row count a server sees, RSS grew by GBs; so row
+# counts are rounded up to buckets that keep the top 4 bits (at most 1/8 padding, 8
+# buckets per doubling, under 100 up to 8,192 rows). Padding rows are nearly free
+# where they are relatively many: small batches are memory-bound.
+EXACT_ROWS = 15
 
 
 def row_bucket(m: int) -> int:
-    """Rows oneDNN actually sees for `m` (1 <= m <= CHUNK_ROWS): at most 34 distinct values."""
-    if m <= 16:
+    """Rows oneDNN actually computes for `m` rows."""
+    if m <= EXACT_ROWS:
         return m
-    if m <= 64:
-        return -(-m // 8) * 8
-    return -(-m // 16) * 16
+    step = 1 << (m.bit_length() - 4)
+    return -(-m // step) * step
 
 
 @dataclass
@@ -93,20 +93,13 @@ def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features)
     m = x2.shape[0]
-    if m <= CHUNK_ROWS:
-        y = _packed_rows(x2, w)
-    else:
-        y = torch.cat([_packed_rows(x2[s : s + CHUNK_ROWS], w) for s in range(0, m, CHUNK_ROWS)])
-    return y.view(*lead, w.out_features)
-
-
-def _packed_rows(x: torch.Tensor, w: Linear) -> torch.Tensor:
-    m = x.shape[0]
     if m == 0:
-        return x.new_empty(0, w.out_features)
+        return x.new_empty(*lead, w.out_features)
     b = row_bucket(m)
     if b != m:
-        xp = x.new_zeros(b, w.in_features)
-        xp[:m] = x
-        return torch.ops.mkldnn._linear_pointwise(xp, w.weight, w.bias, "none", [], "")[:m]
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.weight, w.bias, "none", [], "")
+        xp = x2.new_zeros(b, w.in_features)
+        xp[:m] = x2
+        y = torch.ops.mkldnn._linear_pointwise(xp, w.weight, w.bias, "none", [], "")[:m]
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w.weight, w.bias, "none", [], "")
+    return y.view(*lead, w.out_features)

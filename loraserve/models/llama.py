@@ -101,8 +101,9 @@ class LlamaModel:
                 apply_lora(qkv[:, q_end:k_end], h, lora.a["k_proj"][i], lora.b["k_proj"][i], lb)
                 apply_lora(qkv[:, k_end:], h, lora.a["v_proj"][i], lora.b["v_proj"][i], lb)
             t = qkv.shape[0]
-            q = apply_rotary(qkv[:, :q_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin)
-            k = apply_rotary(qkv[:, q_end:k_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin)
+            # q and k sit side by side in the fused output: rotate all their heads in one go
+            qk = apply_rotary(qkv[:, :k_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin)
+            q, k = qk[:, : cfg.num_attention_heads], qk[:, cfg.num_attention_heads :]
             v = qkv[:, k_end:].view(t, -1, cfg.head_dim)
             k_cache, v_cache = self.kv_caches[i]
             attn = paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale).view(t, -1)

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraserve.layers.linear import CHUNK_ROWS, linear, make_linear, packing_supported, row_bucket
+from loraserve.layers.linear import EXACT_ROWS, linear, make_linear, packing_supported, row_bucket
 
 CPU = torch.device("cpu")
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32, CPU), reason="no oneDNN here")
 
 
 @needs_packing
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 33, 64, 65, 100, 256, 257, 600])
+@pytest.mark.parametrize("rows", [1, 2, 5, 15, 16, 17, 33, 64, 65, 100, 256, 257, 600, 4100])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_matches_f_linear(rows: int, with_bias: bool) -> None:
     g = torch.Generator().manual_seed(rows)
@@ -45,10 +45,9 @@ def test_unpacked_is_plain_f_linear() -> None:
 
 def test_row_buckets_are_few_and_cover_every_count() -> None:
     """The bound on oneDNN's kernel cache: every row count maps onto one of a few sizes."""
-    buckets = {row_bucket(m) for m in range(1, CHUNK_ROWS + 1)}
-    assert len(buckets) <= 34
-    assert all(row_bucket(m) >= m for m in range(1, CHUNK_ROWS + 1))
-    assert max(buckets) == CHUNK_ROWS
-    # small batches are exact (they are where decoding lives); padding never adds over 25% past 64
-    assert all(row_bucket(m) == m for m in range(1, 17))
-    assert all(row_bucket(m) <= m * 1.25 for m in range(64, CHUNK_ROWS + 1))
+    counts = range(1, 8193)
+    buckets = {row_bucket(m) for m in counts}
+    assert len(buckets) < 100
+    assert all(m <= row_bucket(m) <= m * 1.125 for m in counts)
+    assert all(row_bucket(m) == m for m in range(1, EXACT_ROWS + 1))  # where decoding lives
+    assert all(row_bucket(b) == b for b in buckets)
