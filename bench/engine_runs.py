@@ -17,6 +17,7 @@ from bench.metrics import RequestTiming, RunResult, Stopwatch, percentile, summa
 from bench.spec import BenchSpec, Request, RunSpec, batch1_request
 from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.adapters.peft_format import parse_peft_adapter
+from loraserve.cpu_threads import helper_pool
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
@@ -185,8 +186,9 @@ def _ms(x: float | None) -> float | None:
 
 
 async def run_spec_async(spec: BenchSpec, engine: Engine | None = None) -> list[RunResult]:
-    engine = engine or make_engine(spec)
-    aengine = AsyncEngine(engine)
+    # built on its step thread, with parsing in a single-OpenMP-thread pool, as the server does
+    aengine = AsyncEngine(engine) if engine is not None else AsyncEngine.build(lambda: make_engine(spec))
+    asyncio.get_running_loop().set_default_executor(helper_pool(2, "bench-load"))
     loader = AdapterLoader()
     try:
         results = []

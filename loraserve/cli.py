@@ -116,7 +116,8 @@ def serve(args: argparse.Namespace) -> int:
     from loraserve.server.app import build_state, create_app
     from loraserve.server.config import ServerConfig
 
-    engine = Engine.from_pretrained(args.model_id, _engine_config(args))
+    aengine = AsyncEngine.build(lambda: Engine.from_pretrained(args.model_id, _engine_config(args)))
+    engine = aengine.engine
     config = ServerConfig(
         model_id=args.model_id,
         max_concurrent_requests=args.max_concurrent_requests,
@@ -152,9 +153,10 @@ def serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         store.close()
+        aengine.shutdown()
         return 2
     config.speculative_tokens = engine.speculative_tokens if engine.default_speculator is not None else 0
-    state = build_state(config, AsyncEngine(engine), store)
+    state = build_state(config, aengine, store)
     state.registry.preload_token = args.predibase_api_token
     app = create_app(state)
     host = args.hostname

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Protocol
 
 from loraserve.adapters.host_cache import HostAdapterCache
 from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.adapters.merge import MergeSpec, merge_adapters
 from loraserve.adapters.single_flight import SingleFlight, await_shared
+from loraserve.cpu_threads import helper_pool
 
 DEFAULT_MERGED_CACHE_BYTES = 1 << 30
 
@@ -42,9 +43,7 @@ class MergedAdapterStore:
         self.cache = cache if cache is not None else HostAdapterCache(DEFAULT_MERGED_CACHE_BYTES)
         # One worker: merges are CPU-bound tensor work; more threads would only fight the step loop.
         self._owns_executor = executor is None
-        self._executor = (
-            executor if executor is not None else ThreadPoolExecutor(1, thread_name_prefix="merge")
-        )
+        self._executor = executor if executor is not None else helper_pool(1, "merge")
         self._flight = SingleFlight(self._executor)
         self.merges_run = 0
 

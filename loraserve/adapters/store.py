@@ -46,7 +46,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 from loraserve.adapters.errors import AdapterAuthError, AdapterError
@@ -57,6 +57,7 @@ from loraserve.adapters.single_flight import SingleFlight, await_shared
 from loraserve.adapters.sources import SOURCE_NAMES, AdapterSource, ResolvedAdapter, build_sources
 from loraserve.adapters.sources.base import token_fingerprint
 from loraserve.adapters.validation import validate_adapter
+from loraserve.cpu_threads import helper_pool
 from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,8 @@ class AdapterStore:
         self._global_hf_token = global_hf_token if use_global_hf_token else None
         self._host = HostAdapterCache(host_cache_bytes)
         names = sorted({src.name for src in self.sources.values()})
-        self._load_pools = {
-            name: ThreadPoolExecutor(load_workers, thread_name_prefix=f"adapter-load-{name}")
-            for name in names
-        }
-        self._auth_pools = {
-            name: ThreadPoolExecutor(auth_workers, thread_name_prefix=f"adapter-auth-{name}")
-            for name in names
-        }
+        self._load_pools = {name: helper_pool(load_workers, f"adapter-load-{name}") for name in names}
+        self._auth_pools = {name: helper_pool(auth_workers, f"adapter-auth-{name}") for name in names}
         self._loads = {name: SingleFlight(pool) for name, pool in self._load_pools.items()}
         self._resolves = {name: SingleFlight(pool) for name, pool in self._auth_pools.items()}
         self._resolved: OrderedDict[tuple, tuple[float, ResolvedAdapter]] = OrderedDict()

@@ -32,6 +32,7 @@ from loraserve.engine.speculators import Speculators
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
 from loraserve.engine.watermark import apply_watermark
+from loraserve.host_allocator import keep_freed_memory
 from loraserve.layers.lora import LoraTable
 from loraserve.models import load_model
 from loraserve.models.config import ModelConfig
@@ -49,6 +50,8 @@ class Engine:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
         self.dtype = DTYPES[cfg.dtype]
         self.device = torch.device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # step temporaries live in host memory: reuse it, don't re-fault it
         self.model_dir = Path(model_dir)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         mc = self.model_config
@@ -130,7 +133,15 @@ class Engine:
                 cfg.max_active_adapters,
             )
         cfg.max_active_adapters = num_slots
-        table = LoraTable(shapes, mc.num_hidden_layers, num_slots, cfg.max_lora_rank, self.dtype, self.device)
+        table = LoraTable(
+            shapes,
+            mc.num_hidden_layers,
+            num_slots,
+            cfg.max_lora_rank,
+            self.dtype,
+            self.device,
+            groups=self.model.LORA_GROUPS,
+        )
         self.model.lora = table
         self.slots = AdapterSlots(table)
 

@@ -1,12 +1,16 @@
 """Batched multi-LoRA linear: many adapters, one batch, one grouped op per projection.
 
-Adapter weights live in a *slot table* on the device: for each projection,
-``a[layer, slot, :in, :R]`` holds ``lora_A.T`` and ``b[layer, slot, :R, :out]``
-holds ``scale * lora_B.T`` (the scale is folded in once, at load). A row's
-delta is then ``(x @ a[slot]) @ b[slot]``. Adapters of lower rank than the
-table's R are zero-padded; R grows to the largest rank actually loaded (up
-to the configured maximum), so a deployment of rank-16 adapters computes
-with exactly rank 16. Full-width, contiguous operands matter on CPU: a
+Adapter weights live in a *slot table* on the device: ``b[proj][layer, slot,
+:R, :out]`` holds ``scale * lora_B.T`` of each projection (the scale is folded
+in once, at load) and ``a[group][layer, slot, :in, j*R:(j+1)*R]`` holds
+``lora_A.T`` of member ``j`` of a *group*, the projections that read the same
+input (q/k/v, gate/up): one `bmm` computes every member's ``x @ A``, which
+saves calls and, for prefills, runs the thin rank-R matmul three times wider.
+A row's delta for member ``j`` is then ``(x @ a[slot])[:, jR:(j+1)R] @
+b[slot]``. Adapters of lower rank than the table's R (or that skip a member)
+are zero-padded; R grows to the largest rank actually loaded (up to the
+configured maximum), so a deployment of rank-16 adapters computes with
+exactly rank 16. Full-width, contiguous operands matter on CPU: a
 rank-sliced or transposed operand makes `bmm` several times slower.
 
 Per step, tokens are grouped by slot (SGMV-style):
@@ -22,6 +26,7 @@ Per step, tokens are grouped by slot (SGMV-style):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,24 +102,43 @@ def build_lora_batch(token_slots: list[tuple[int, int, int]], device: torch.devi
     return lb
 
 
-def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lb: LoraBatch) -> None:
-    """y[T, out] += LoRA delta of x[T, in]; a: [slots, in, R], b: [slots, R, out] of one layer."""
+def apply_lora(
+    ys: Sequence[torch.Tensor], x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor], lb: LoraBatch
+) -> None:
+    """ys[j][T, out_j] += LoRA delta of projection j of x[T, in], for projections sharing input x.
+
+    a: [slots, in, len(ys) * R], the A matrices of every projection side by side (one `bmm`
+    reads them all); bs[j]: [slots, R, out_j] of one layer.
+    """
+    r = bs[0].shape[-2]
     if lb.slot_hi > lb.slot_lo:
-        n, m = lb.slot_hi - lb.slot_lo, lb.max_seg
+        lo, hi = lb.slot_lo, lb.slot_hi
+        n, m = hi - lo, lb.max_seg
+        whole = lo == 0 and hi == a.shape[0]  # every slot in use: no slicing (fewer ops per call)
+        a_s = a if whole else a[lo:hi]
+        bs_s = bs if whole else [b[lo:hi] for b in bs]
         if lb.dense:
-            xp = x[lb.tok_start : lb.tok_start + n * m].view(n, m, x.shape[1])
+            all_rows = lb.tok_start == 0 and n * m == x.shape[0]
+            rows = slice(lb.tok_start, lb.tok_start + n * m)
+            xp = (x if all_rows else x[rows]).view(n, m, x.shape[1])
         else:
             xp = x.new_zeros(n * m, x.shape[1])
             xp.index_copy_(0, lb.pad_rows, x.index_select(0, lb.tok_rows))
             xp = xp.view(n, m, x.shape[1])
-        h = torch.bmm(xp, a[lb.slot_lo : lb.slot_hi])
-        d = torch.bmm(h, b[lb.slot_lo : lb.slot_hi])
-        if lb.dense:
-            y[lb.tok_start : lb.tok_start + n * m] += d.view(n * m, -1)
-        else:
-            y.index_add_(0, lb.tok_rows, d.view(n * m, -1).index_select(0, lb.pad_rows))
+        h = torch.bmm(xp, a_s)
+        for j, (y, b) in enumerate(zip(ys, bs_s, strict=True)):
+            hj = h[:, :, j * r : (j + 1) * r]
+            if lb.dense and m > 1:  # prefills: accumulate in place, skipping a pass over y
+                y[rows].view(n, m, -1).baddbmm_(hj, b)
+            elif lb.dense:
+                (y if all_rows else y[rows]).add_(torch.bmm(hj, b).view(n * m, -1))
+            else:
+                d = torch.bmm(hj, b).view(n * m, -1)
+                y.index_add_(0, lb.tok_rows, d.index_select(0, lb.pad_rows))
     for s, e, slot in lb.segments:
-        y[s:e].addmm_(x[s:e] @ a[slot], b[slot])
+        h = x[s:e] @ a[slot]
+        for j, (y, b) in enumerate(zip(ys, bs, strict=True)):
+            y[s:e].addmm_(h[:, j * r : (j + 1) * r], b[slot])
 
 
 class LoraTable:
@@ -135,12 +159,24 @@ class LoraTable:
         dtype: torch.dtype,
         device: torch.device,
         rank: int = 8,
+        groups: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
+        """`groups`: projections that read the same input (q/k/v; gate/up) keep their A
+        matrices side by side in one tensor, so one `bmm` serves the whole group; every
+        projection not named in a group is a group of its own, under its own name."""
         self.shapes, self.num_layers, self.num_slots = shapes, num_layers, num_slots
         self.max_rank, self.dtype, self.device = max_rank, dtype, device
+        grouped = {m for members in (groups or {}).values() for m in members}
+        self.groups = {**(groups or {}), **{m: (m,) for m in shapes if m not in grouped}}
+        self.member_of: dict[str, tuple[str, int]] = {}
+        for g, members in self.groups.items():
+            if len({shapes[m][0] for m in members}) != 1:
+                raise ValueError(f"LoRA group {g!r} mixes input sizes")
+            for j, m in enumerate(members):
+                self.member_of[m] = (g, j)
         self.rank = 0
-        self.a: dict[str, torch.Tensor] = {}
-        self.b: dict[str, torch.Tensor] = {}
+        self.a: dict[str, torch.Tensor] = {}  # per group: [L, S, in, members * R]
+        self.b: dict[str, torch.Tensor] = {}  # per projection: [L, S, R, out]
         self.ensure_rank(min(rank, max_rank))
 
     @staticmethod
@@ -157,14 +193,22 @@ class LoraTable:
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the table's maximum {self.max_rank}")
         L, S, old = self.num_layers, self.num_slots, self.rank
-        for name, (fin, fout) in self.shapes.items():
-            a = torch.zeros(L, S, fin, rank, dtype=self.dtype, device=self.device)
+        for g, members in self.groups.items():
+            a = torch.zeros(
+                L, S, self.shapes[members[0]][0], len(members) * rank, dtype=self.dtype, device=self.device
+            )
+            for j in range(len(members)) if old else ():
+                a[..., j * rank : j * rank + old] = self.a[g][..., j * old : (j + 1) * old]
+            self.a[g] = a
+        for name, (_fin, fout) in self.shapes.items():
             b = torch.zeros(L, S, rank, fout, dtype=self.dtype, device=self.device)
             if old:
-                a[..., :old] = self.a[name]
                 b[:, :, :old] = self.b[name]
-            self.a[name], self.b[name] = a, b
+            self.b[name] = b
         self.rank = rank
+        # per-layer views, indexed in Python: the forward pass then issues no select ops for them
+        self.a_layers = {g: list(t.unbind(0)) for g, t in self.a.items()}
+        self.b_layers = {m: list(t.unbind(0)) for m, t in self.b.items()}
 
     def clear_slot(self, slot: int) -> None:
         for t in (*self.a.values(), *self.b.values()):
@@ -175,5 +219,6 @@ class LoraTable:
     ) -> None:
         """a: [r, in] (PEFT lora_A), b: [out, r] (PEFT lora_B)."""
         r = a.shape[0]
-        self.a[module][layer, slot, :, :r].copy_(a.t())
+        group, j = self.member_of[module]
+        self.a[group][layer, slot, :, j * self.rank : j * self.rank + r].copy_(a.t())
         self.b[module][layer, slot, :r].copy_(b.t() * scale)

@@ -47,6 +47,9 @@ class DecoderLayer:
 class LlamaModel:
     """Holds weights, the KV cache views and the LoRA slot table; `forward` is pure math."""
 
+    # projections that read the same input share one A-side LoRA matmul (see LoraTable)
+    LORA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.q_size = cfg.num_attention_heads * cfg.head_dim
@@ -97,9 +100,9 @@ class LlamaModel:
             h = rms_norm(x, layer.in_norm, cfg.rms_norm_eps)
             qkv = linear(h, layer.qkv)
             if lb is not None:
-                apply_lora(qkv[:, :q_end], h, lora.a["q_proj"][i], lora.b["q_proj"][i], lb)
-                apply_lora(qkv[:, q_end:k_end], h, lora.a["k_proj"][i], lora.b["k_proj"][i], lb)
-                apply_lora(qkv[:, k_end:], h, lora.a["v_proj"][i], lora.b["v_proj"][i], lb)
+                a, b = lora.a_layers, lora.b_layers
+                ys = (qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:])
+                apply_lora(ys, h, a["qkv"][i], (b["q_proj"][i], b["k_proj"][i], b["v_proj"][i]), lb)
             t = qkv.shape[0]
             # q and k sit side by side in the fused output: rotate all their heads in one go
             qk = apply_rotary(qkv[:, :k_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin)
@@ -109,17 +112,17 @@ class LlamaModel:
             attn = paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale).view(t, -1)
             o = linear(attn, layer.o)
             if lb is not None:
-                apply_lora(o, attn, lora.a["o_proj"][i], lora.b["o_proj"][i], lb)
+                apply_lora((o,), attn, a["o_proj"][i], (b["o_proj"][i],), lb)
             x = x + o
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             gu = linear(h, layer.gate_up)
             if lb is not None:
-                apply_lora(gu[:, :inter], h, lora.a["gate_proj"][i], lora.b["gate_proj"][i], lb)
-                apply_lora(gu[:, inter:], h, lora.a["up_proj"][i], lora.b["up_proj"][i], lb)
-            a = F.silu(gu[:, :inter]) * gu[:, inter:]
-            d = linear(a, layer.down)
+                ys = (gu[:, :inter], gu[:, inter:])
+                apply_lora(ys, h, a["gate_up"][i], (b["gate_proj"][i], b["up_proj"][i]), lb)
+            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            d = linear(act, layer.down)
             if lb is not None:
-                apply_lora(d, a, lora.a["down_proj"][i], lora.b["down_proj"][i], lb)
+                apply_lora((d,), act, a["down_proj"][i], (b["down_proj"][i],), lb)
             x = x + d
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
 from loraserve import __version__
+from loraserve.cpu_threads import helper_pool
 from loraserve.server import routes_info, routes_lorax, routes_openai
 from loraserve.server.adapter_registry import AdapterProvider, AdapterRegistry, LocalDirAdapterProvider
 from loraserve.server.config import ServerConfig
@@ -59,6 +61,8 @@ def build_state(config: ServerConfig, aengine: Any, provider: AdapterProvider | 
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # asyncio.to_thread work (adapter parsing) must not start OpenMP pools: see cpu_threads
+        asyncio.get_running_loop().set_default_executor(helper_pool(4, "loraserve-io"))
         c = state.config
         if c.adapter_id or c.preloaded_adapter_ids:
             await state.registry.preload(

@@ -68,7 +68,7 @@ def test_grouped_lora_matches_per_row_math(layout: str) -> None:
     if layout == "one-prefill":
         assert lb.dense and lb.segments == [(4, 104, 4)]  # the odd long prefill runs on its own
     y = torch.zeros(len(rows), 40)
-    apply_lora(y, x, t.a["q_proj"][0], t.b["q_proj"][0], lb)
+    apply_lora((y,), x, t.a["q_proj"][0], (t.b["q_proj"][0],), lb)
     torch.testing.assert_close(y, reference(x, rows, adapters), atol=1e-4, rtol=1e-4)
 
 
@@ -83,12 +83,64 @@ def test_rank_growth_keeps_loaded_adapters_and_refuses_past_max() -> None:
     x = torch.randn(2, 24, generator=g)
     y = torch.zeros(2, 40)
     apply_lora(
-        y,
+        (y,),
         x,
         t.a["q_proj"][0],
-        t.b["q_proj"][0],
+        (t.b["q_proj"][0],),
         build_lora_batch([(0, 1, 0), (1, 2, 1)], torch.device("cpu")),
     )
     torch.testing.assert_close(y, reference(x, [0, 1], {0: small, 1: big}), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="exceeds"):
         t.ensure_rank(64)
+
+
+@pytest.mark.parametrize("layout", ["dense", "prefills", "gaps", "one-prefill"])
+def test_grouped_projections_share_one_a_matmul(layout: str) -> None:
+    """q/k/v-style group: A matrices side by side; adapters may target only some members."""
+    g = torch.Generator().manual_seed(2)
+    shapes = {"q": (24, 40), "k": (24, 8), "v": (24, 8), "o": (40, 24)}
+    t = LoraTable(
+        shapes, 1, 6, 32, torch.float32, torch.device("cpu"), rank=4, groups={"qkv": ("q", "k", "v")}
+    )
+    assert set(t.a) == {"qkv", "o"} and t.a["qkv"].shape[-1] == 3 * 4
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    targets = {0: "qkv", 1: "qv", 2: "k", 3: "qkv"}
+    for slot, mods in targets.items():
+        r = (4, 8, 2, 16)[slot]
+        t.ensure_rank(r)
+        for m in mods:
+            fin, fout = shapes[m]
+            w = (torch.randn(r, fin, generator=g), torch.randn(fout, r, generator=g), 0.5 + slot)
+            weights[slot, m] = w
+            t.write(slot, 0, m, *w)
+    assert t.rank == 16  # growth relaid out earlier adapters' A blocks
+    seqs = {
+        "dense": [(1, 0), (1, 1), (1, 2), (1, 3)],
+        "prefills": [(20, 0), (20, 1), (20, 2)],
+        "gaps": [(1, None), (3, 1), (1, 3), (2, None)],
+        "one-prefill": [(1, 0), (1, 1), (1, 2), (60, 3)],
+    }[layout]
+    rows: list[int | None] = []
+    token_slots = []
+    for n, slot in seqs:
+        if slot is not None:
+            token_slots.append((len(rows), len(rows) + n, slot))
+        rows += [slot] * n
+    x = torch.randn(len(rows), 24, generator=g)
+    ys = [torch.zeros(len(rows), shapes[m][1]) for m in "qkv"]
+    lb = build_lora_batch(token_slots, torch.device("cpu"))
+    apply_lora(ys, x, t.a["qkv"][0], [t.b[m][0] for m in "qkv"], lb)
+    for y, m in zip(ys, "qkv", strict=True):
+        want = torch.zeros_like(y)
+        for i, slot in enumerate(rows):
+            if slot is not None and (slot, m) in weights:
+                a, b, scale = weights[slot, m]
+                want[i] = scale * (x[i] @ a.t()) @ b.t()
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_group_members_must_share_their_input() -> None:
+    with pytest.raises(ValueError, match="mixes input sizes"):
+        LoraTable(
+            {"a": (8, 8), "b": (4, 8)}, 1, 2, 8, torch.float32, torch.device("cpu"), groups={"ab": ("a", "b")}
+        )
