@@ -26,6 +26,17 @@ def table_with(adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]], sl
     return t
 
 
+def lay_out(seqs: list[tuple[int, int | None]]) -> tuple[list[int | None], list[tuple[int, int, int]]]:
+    """(slot of every token, (start, end, slot) per adapter sequence) for (length, slot) sequences."""
+    rows: list[int | None] = []
+    token_slots = []
+    for n, slot in seqs:
+        if slot is not None:
+            token_slots.append((len(rows), len(rows) + n, slot))
+        rows += [slot] * n
+    return rows, token_slots
+
+
 def reference(x: torch.Tensor, rows: list[int | None], adapters) -> torch.Tensor:
     out = torch.zeros(x.shape[0], 40)
     for i, slot in enumerate(rows):
@@ -53,12 +64,7 @@ def test_grouped_lora_matches_per_row_math(layout: str) -> None:
         "prefills": [(40, 0), (40, 1), (40, 2)],
         "one-prefill": [(1, 0), (1, 1), (1, 2), (1, 3), (100, 4)],
     }[layout]
-    rows: list[int | None] = []
-    token_slots = []
-    for n, slot in seqs:
-        if slot is not None:
-            token_slots.append((len(rows), len(rows) + n, slot))
-        rows += [slot] * n
+    rows, token_slots = lay_out(seqs)
     x = torch.randn(len(rows), 24, generator=g)
     t = table_with(adapters)
     assert t.rank == 16
@@ -120,12 +126,7 @@ def test_grouped_projections_share_one_a_matmul(layout: str) -> None:
         "gaps": [(1, None), (3, 1), (1, 3), (2, None)],
         "one-prefill": [(1, 0), (1, 1), (1, 2), (60, 3)],
     }[layout]
-    rows: list[int | None] = []
-    token_slots = []
-    for n, slot in seqs:
-        if slot is not None:
-            token_slots.append((len(rows), len(rows) + n, slot))
-        rows += [slot] * n
+    rows, token_slots = lay_out(seqs)
     x = torch.randn(len(rows), 24, generator=g)
     ys = [torch.zeros(len(rows), shapes[m][1]) for m in "qkv"]
     lb = build_lora_batch(token_slots, torch.device("cpu"))
