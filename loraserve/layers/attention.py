@@ -68,6 +68,36 @@ def _unfold_gqa(o: torch.Tensor, lq: int) -> torch.Tensor:
     return o.view(b, hkv, lq, g, d).permute(0, 2, 1, 3, 4).reshape(b, lq, hkv * g, d)
 
 
+def _all_single_decodes(grp: PagedGroup, num_tokens: int) -> bool:
+    return grp.dense and grp.max_q == 1 and grp.tok_start == 0 and grp.num_seqs == num_tokens
+
+
+def _gather_context(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, grp: PagedGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Hkv, max_ctx, D] views of each sequence's K and V, copied out of its blocks."""
+    b, nb = grp.block_tables.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    # index_select copies whole contiguous blocks (much faster than advanced indexing on CPU)
+    flat = grp.block_tables.view(-1)
+    kg = k_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, : grp.max_ctx].transpose(1, 2)
+    vg = v_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, : grp.max_ctx].transpose(1, 2)
+    return kg, vg
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, grp: PagedGroup, scale: float
+) -> torch.Tensor:
+    """The common step: every token is one sequence's next token. With one query per
+    sequence, folding GQA heads is a plain view and the output needs no scatter: 5 fewer
+    ops per layer than the general path, which matters at batch 1."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    kg, vg = _gather_context(k_cache, v_cache, grp)
+    o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), kg, vg, attn_mask=grp.mask, scale=scale)
+    return o.reshape(b, hq, d)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,6 +110,8 @@ def paged_attention(
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     hkv = k.shape[1]
+    if not meta.fresh and len(meta.paged) == 1 and _all_single_decodes(meta.paged[0], q.shape[0]):
+        return _decode_attention(q, k_cache, v_cache, meta.paged[0], scale)
     out = torch.empty_like(q)
     for s, e in meta.fresh:
         qs = _fold_gqa(q[s:e].unsqueeze(0), hkv)
@@ -103,12 +135,7 @@ def paged_attention(
             qg = q.new_zeros(b * lq, *q.shape[1:])
             qg.index_copy_(0, grp.pad_rows, q.index_select(0, grp.q_rows))
             qg = qg.view(b, lq, *q.shape[1:])
-        nb = grp.block_tables.shape[1]
-        bs = k_cache.shape[1]
-        # index_select copies whole contiguous blocks (much faster than advanced indexing on CPU)
-        flat = grp.block_tables.view(-1)
-        kg = k_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, : grp.max_ctx].transpose(1, 2)
-        vg = v_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, : grp.max_ctx].transpose(1, 2)
+        kg, vg = _gather_context(k_cache, v_cache, grp)
         o = F.scaled_dot_product_attention(_fold_gqa(qg, hkv), kg, vg, attn_mask=grp.mask, scale=scale)
         o = _unfold_gqa(o, lq).reshape(b * lq, *q.shape[1:])
         if grp.dense:
