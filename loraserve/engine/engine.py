@@ -32,7 +32,7 @@ from loraserve.engine.speculators import Speculators
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
 from loraserve.engine.watermark import apply_watermark
-from loraserve.host_allocator import keep_freed_memory
+from loraserve.host_allocator import keep_freed_memory, zeros_on_huge_pages
 from loraserve.layers.lora import LoraTable
 from loraserve.models import load_model
 from loraserve.models.config import ModelConfig
@@ -107,8 +107,8 @@ class Engine:
         shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
         self.model.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                zeros_on_huge_pages(shape, self.dtype, self.device),
+                zeros_on_huge_pages(shape, self.dtype, self.device),
             )
             for _ in range(mc.num_hidden_layers)
         ]

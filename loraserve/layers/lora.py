@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraserve.host_allocator import zeros_on_huge_pages
+
 # Segments up to this length always share the padded bmm; longer ones may get their own matmuls.
 LONG_SEGMENT = 16
 
@@ -194,14 +196,13 @@ class LoraTable:
             raise ValueError(f"rank {rank} exceeds the table's maximum {self.max_rank}")
         L, S, old = self.num_layers, self.num_slots, self.rank
         for g, members in self.groups.items():
-            a = torch.zeros(
-                L, S, self.shapes[members[0]][0], len(members) * rank, dtype=self.dtype, device=self.device
-            )
+            fin = self.shapes[members[0]][0]
+            a = zeros_on_huge_pages((L, S, fin, len(members) * rank), self.dtype, self.device)
             for j in range(len(members)) if old else ():
                 a[..., j * rank : j * rank + old] = self.a[g][..., j * old : (j + 1) * old]
             self.a[g] = a
         for name, (_fin, fout) in self.shapes.items():
-            b = torch.zeros(L, S, rank, fout, dtype=self.dtype, device=self.device)
+            b = zeros_on_huge_pages((L, S, rank, fout), self.dtype, self.device)
             if old:
                 b[:, :, :old] = self.b[name]
             self.b[name] = b
