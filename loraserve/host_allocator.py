@@ -27,14 +27,21 @@ MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 
 
 @functools.cache
-def keep_freed_memory(trim_bytes: int = 1 << 30) -> bool:
-    """Tune glibc malloc once per process; True if applied."""
+def _libc(symbol: str) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        return getattr(ctypes.CDLL(name), symbol)
     except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
+def keep_freed_memory(trim_bytes: int = 1 << 30) -> bool:
+    """Tune glibc malloc once per process; True if applied."""
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         return False
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
     ok &= mallopt(M_TRIM_THRESHOLD, trim_bytes) == 1
@@ -44,19 +51,6 @@ def keep_freed_memory(trim_bytes: int = 1 << 30) -> bool:
 
 MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 << 20
-
-
-@functools.cache
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
 
 
 def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -69,11 +63,11 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torc
     on CUDA, on other OSes, or where huge pages are off.
     """
     t = torch.empty(shape, dtype=dtype, device=device)
-    fn = _madvise() if device.type == "cpu" else None
+    fn = _libc("madvise") if device.type == "cpu" else None
     nbytes = t.numel() * t.element_size()
     if fn is not None and nbytes >= 4 * HUGE_PAGE:
         start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
         end = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
         if end > start:
-            fn(start, end - start, MADV_HUGEPAGE)
+            fn(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
     return t.zero_()
