@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,26 +19,28 @@ def test_zeros_on_huge_pages_is_zeros() -> None:
         assert t.sum().item() == t.numel()
 
 
-def test_big_tensor_gets_huge_pages_where_linux_allows() -> None:
-    path = "/sys/kernel/mm/transparent_hugepage/enabled"
-    try:
-        mode = open(path).read()
-    except OSError:
+def test_big_tensor_is_advised_for_huge_pages_on_linux() -> None:
+    """The advice itself is checked (the `hg` flag on the mapping), not whether the kernel
+    found free huge pages at that moment, which depends on the machine."""
+    if not sys.platform.startswith("linux") or not Path("/proc/self/smaps").exists():
         return
-    defrag = open("/sys/kernel/mm/transparent_hugepage/defrag").read()
-    if "[never]" in mode or "[never]" in defrag or not sys.platform.startswith("linux"):
-        return  # huge pages off, or only granted when memory happens to be unfragmented
-    before = _anon_huge_kib()
     t = zeros_on_huge_pages((64, 1024, 1024), torch.float32, torch.device("cpu"))  # 256 MiB
-    assert _anon_huge_kib() > before  # the advice took effect on first touch
-    del t
+    middle = t.data_ptr() + t.numel() * t.element_size() // 2
+    assert "hg" in _vm_flags(middle)
+    small = zeros_on_huge_pages((4, 4), torch.float32, torch.device("cpu"))
+    assert not small.any()
 
 
-def _anon_huge_kib() -> int:
-    for line in open("/proc/self/smaps_rollup"):
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
+def _vm_flags(address: int) -> list[str]:
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError("address not mapped")
 
 
 def test_keep_freed_memory_is_idempotent() -> None:
