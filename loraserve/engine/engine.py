@@ -21,8 +21,9 @@ from loraserve.adapters.medusa_format import MedusaHeads
 from loraserve.engine.adapter_slots import AdapterSlots
 from loraserve.engine.batch_builder import build_forward_batch
 from loraserve.engine.block_manager import BlockManager
-from loraserve.engine.config import DTYPES, EngineConfig, device_memory
+from loraserve.engine.config import DTYPES, EngineConfig
 from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.engine.memory_plan import adapter_slots, kv_cache_blocks, resolve_lengths
 from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
 from loraserve.engine.sampling import SamplingRow, make_generator, sample
 from loraserve.engine.scheduler import Scheduler
@@ -57,7 +58,7 @@ class Engine:
         mc = self.model_config
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
-        self._resolve_lengths()
+        resolve_lengths(cfg, mc)
         self.model = load_model(self.model_dir, mc, self.dtype, self.device, cfg.pack_weights)
         self._allocate_kv_cache()
         self._allocate_lora_table()
@@ -79,31 +80,9 @@ class Engine:
         return cls(model_dir, config)
 
     # ---- set-up ---------------------------------------------------------------------------------
-    def _resolve_lengths(self) -> None:
-        cfg, ctx = self.config, self.model_config.max_position_embeddings
-        cfg.max_total_tokens = min(cfg.max_total_tokens or min(2048, ctx), ctx)
-        cfg.max_input_length = min(
-            cfg.max_input_length or min(1024, cfg.max_total_tokens - 1), cfg.max_total_tokens - 1
-        )
-        cfg.max_batch_prefill_tokens = max(cfg.max_batch_prefill_tokens, cfg.max_input_length)
-
     def _allocate_kv_cache(self) -> None:
         cfg, mc = self.config, self.model_config
-        elt = torch.empty((), dtype=self.dtype).element_size()
-        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elt
-        budget = cfg.kv_cache_memory_bytes
-        if budget is None:
-            avail = device_memory(self.device)
-            budget = int(avail * (0.8 if self.device.type == "cuda" else 0.25))
-            budget = min(budget, 8 << 30) if self.device.type == "cpu" else budget
-        # never more than the batch could ever use, so small models start fast
-        tokens = min(budget // per_token, cfg.max_num_seqs * cfg.max_total_tokens)
-        if cfg.max_batch_total_tokens:
-            tokens = min(tokens, cfg.max_batch_total_tokens)
-        num_blocks = (
-            max(tokens // cfg.block_size, -(-cfg.max_total_tokens // cfg.block_size)) + 1
-        )  # + null block
-        cfg.max_batch_total_tokens = (num_blocks - 1) * cfg.block_size
+        num_blocks = kv_cache_blocks(cfg, mc, self.dtype, self.device)
         shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
         self.model.kv_caches = [
             (
@@ -113,28 +92,12 @@ class Engine:
             for _ in range(mc.num_hidden_layers)
         ]
         self.blocks = BlockManager(num_blocks, cfg.block_size)
-        log.info(
-            "KV cache: %d blocks x %d tokens (%.1f MiB)",
-            num_blocks,
-            cfg.block_size,
-            num_blocks * cfg.block_size * per_token / 2**20,
-        )
 
     def _allocate_lora_table(self) -> None:
         cfg, mc = self.config, self.model_config
-        shapes = mc.linear_shapes()
-        per_slot = LoraTable.bytes_per_slot(shapes, mc.num_hidden_layers, cfg.max_lora_rank, self.dtype)
-        budget = cfg.adapter_memory_bytes or int(device_memory(self.device) * 0.1)
-        num_slots = max(1, min(cfg.max_active_adapters, budget // per_slot))
-        if num_slots < cfg.max_active_adapters:
-            log.warning(
-                "adapter memory budget fits %d of %d requested active adapters",
-                num_slots,
-                cfg.max_active_adapters,
-            )
-        cfg.max_active_adapters = num_slots
+        num_slots = adapter_slots(cfg, mc, self.dtype, self.device)
         table = LoraTable(
-            shapes,
+            mc.linear_shapes(),
             mc.num_hidden_layers,
             num_slots,
             cfg.max_lora_rank,
