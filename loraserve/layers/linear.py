@@ -16,6 +16,7 @@ its own plain tensor; the packed copy is only ever used through `linear`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,11 @@ class Linear:
     packed: bool = False
 
 
-def _packing_works(dtype: torch.dtype, device: torch.device) -> bool:
-    """True when oneDNN packing is available here for `dtype` and gives F.linear's answer."""
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+@functools.cache
+def _packing_works(dtype: torch.dtype, device_type: str) -> bool:
+    """True when oneDNN packing is available here for `dtype` and gives F.linear's answer
+    (probed once per process and dtype)."""
+    if device_type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
     try:
         gen = torch.Generator().manual_seed(0)
@@ -67,14 +70,8 @@ def _packing_works(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-_PROBED: dict[tuple[torch.dtype, str], bool] = {}
-
-
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    key = (dtype, device.type)
-    if key not in _PROBED:
-        _PROBED[key] = _packing_works(dtype, device)
-    return _PROBED[key]
+    return _packing_works(dtype, device.type)
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True) -> Linear:
