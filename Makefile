@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
 	$(PIP) install -q -e '.[test]'
+	# CPU kernels for this machine (~30 s, once; optional: a failed build means the PyTorch path)
+	$(PY) -m loraserve.layers.native_cpu
 	touch $@
 
 install: $(VENV)/.installed

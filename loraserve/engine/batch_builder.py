@@ -8,6 +8,7 @@ tensors; the model's layers only read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -76,8 +77,11 @@ def build_forward_batch(
     rotary: RotaryTable,
     group_size: int,
     device: torch.device,
+    lora_row_kernel: ModuleType | None = None,
 ) -> tuple[ForwardBatch, StepLayout]:
-    """Decode rows first (one token each, sorted by slot), then prefill rows."""
+    """Decode rows first (one token each, sorted by slot), then prefill rows.
+
+    `lora_row_kernel`: the native per-row LoRA kernel, when the engine has one."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -121,6 +125,6 @@ def build_forward_batch(
         cos=cos,
         sin=sin,
         attn=attn,
-        lora=build_lora_batch(token_slots, device),
+        lora=build_lora_batch(token_slots, device, lora_row_kernel),
     )
     return fb, StepLayout(seqs=seqs, spans=spans, logit_rows=logit_rows)

@@ -19,7 +19,7 @@ import torch
 from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.adapters.medusa_format import MedusaHeads
 from loraserve.engine.adapter_slots import AdapterSlots
-from loraserve.engine.batch_builder import build_forward_batch
+from loraserve.engine.batch_builder import StepLayout, build_forward_batch
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import DTYPES, EngineConfig
 from loraserve.engine.detokenizer import IncrementalDetokenizer
@@ -34,7 +34,9 @@ from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
 from loraserve.engine.watermark import apply_watermark
 from loraserve.host_allocator import keep_freed_memory, zeros_on_huge_pages
+from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.lora import LoraTable
+from loraserve.layers.native_cpu import lora_rows_kernel
 from loraserve.models import load_model
 from loraserve.models.config import ModelConfig
 
@@ -107,6 +109,7 @@ class Engine:
         )
         self.model.lora = table
         self.slots = AdapterSlots(table)
+        self.lora_row_kernel = lora_rows_kernel(self.device, self.dtype) if cfg.native_kernels else None
 
     # ---- requests ------------------------------------------------------------------------------
     def check_adapter(self, adapter: LoraAdapter) -> None:
@@ -204,20 +207,26 @@ class Engine:
         return len(self.scheduler.running)
 
     # ---- the step ------------------------------------------------------------------------------
+    def _forward_batch(
+        self, decodes: list[Sequence], prefills: list[Sequence]
+    ) -> tuple[ForwardBatch, StepLayout]:
+        mc = self.model_config
+        return build_forward_batch(
+            decodes,
+            prefills,
+            self.config.block_size,
+            self.model.rotary,
+            mc.num_attention_heads // mc.num_key_value_heads,
+            self.device,
+            lora_row_kernel=self.lora_row_kernel,
+        )
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
-        mc = self.model_config
-        fb, layout = build_forward_batch(
-            sched.decodes,
-            sched.prefills,
-            self.config.block_size,
-            self.model.rotary,
-            mc.num_attention_heads // mc.num_key_value_heads,
-            self.device,
-        )
+        fb, layout = self._forward_batch(sched.decodes, sched.prefills)
         hidden = self.model.forward(fb)
         rows = [r for rs in layout.logit_rows for r in rs]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
@@ -478,15 +487,7 @@ class Engine:
         try:
             if seq.uses_slot:
                 seq.slot = self.slots.acquire(adapter)
-            mc = self.model_config
-            fb, _ = build_forward_batch(
-                [],
-                [seq],
-                self.config.block_size,
-                self.model.rotary,
-                mc.num_attention_heads // mc.num_key_value_heads,
-                self.device,
-            )
+            fb, _ = self._forward_batch([], [seq])
             return self.model.logits(self.model.forward(fb))
         finally:
             self.blocks.free(seq.block_table)

@@ -10,6 +10,7 @@ import torch
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
+from tests.fixtures.native import native_kernel_or_skip
 from tests.fixtures.tiny_models import load_hf_model
 
 PROMPTS = [
@@ -57,10 +58,18 @@ def test_logits_and_greedy_match_transformers(tiny_model_dirs: dict[str, Path], 
     assert engine.blocks.num_free == engine.blocks.capacity
 
 
-def test_mixed_adapter_batch_matches_peft_per_row(llama_dir: Path, llama_adapters: list[Path]) -> None:
+@pytest.mark.parametrize("lora_path", ["native", "torch"])
+def test_mixed_adapter_batch_matches_peft_per_row(
+    llama_dir: Path, llama_adapters: list[Path], lora_path: str
+) -> None:
+    """Both LoRA paths (the native CPU kernel and PyTorch `bmm`) against PEFT."""
     from peft import PeftModel
 
-    engine = make_engine(llama_dir, max_active_adapters=8, max_lora_rank=16)
+    native = lora_path == "native"
+    if native:
+        native_kernel_or_skip()
+    engine = make_engine(llama_dir, max_active_adapters=8, max_lora_rank=16, native_kernels=native)
+    assert (engine.lora_row_kernel is not None) == native
     adapters = [parse_peft_adapter(p) for p in llama_adapters]
     # 8 adapter rows + 2 base rows, prompts of different lengths, all in one continuous batch
     rows = [(PROMPTS[i % len(PROMPTS)], adapters[i], llama_adapters[i]) for i in range(8)]

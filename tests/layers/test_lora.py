@@ -1,6 +1,9 @@
-"""The grouped multi-LoRA op against a per-row loop written out by hand."""
+"""The grouped multi-LoRA op, on both paths (PyTorch and the native CPU kernel), against a
+per-row loop written out by hand."""
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import pytest
 import torch
@@ -49,7 +52,7 @@ def reference(x: torch.Tensor, rows: list[int | None], adapters) -> torch.Tensor
 @pytest.mark.parametrize(
     "layout", ["dense", "shared-slot", "gaps", "long", "mixed", "prefills", "one-prefill"]
 )
-def test_grouped_lora_matches_per_row_math(layout: str) -> None:
+def test_grouped_lora_matches_per_row_math(layout: str, lora_kernel: ModuleType | None) -> None:
     g = torch.Generator().manual_seed(0)
     adapters = {
         s: (torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g), 0.5 * (s + 1))
@@ -68,17 +71,19 @@ def test_grouped_lora_matches_per_row_math(layout: str) -> None:
     x = torch.randn(len(rows), 24, generator=g)
     t = table_with(adapters)
     assert t.rank == 16
-    lb = build_lora_batch(token_slots, torch.device("cpu"))
-    if layout in ("dense", "prefills"):
+    lb = build_lora_batch(token_slots, torch.device("cpu"), lora_kernel)
+    if lora_kernel is not None:
+        assert lb.rows is not None and lb.slot_hi == lb.slot_lo and not lb.segments  # all on the kernel
+    elif layout in ("dense", "prefills"):
         assert lb.dense and not lb.segments  # one zero-copy bmm, even for long equal prefills
-    if layout == "one-prefill":
+    if layout == "one-prefill" and lora_kernel is None:
         assert lb.dense and lb.segments == [(4, 104, 4)]  # the odd long prefill runs on its own
     y = torch.zeros(len(rows), 40)
     apply_lora((y,), x, t.a["q_proj"][0], (t.b["q_proj"][0],), lb)
     torch.testing.assert_close(y, reference(x, rows, adapters), atol=1e-4, rtol=1e-4)
 
 
-def test_rank_growth_keeps_loaded_adapters_and_refuses_past_max() -> None:
+def test_rank_growth_keeps_loaded_adapters_and_refuses_past_max(lora_kernel: ModuleType | None) -> None:
     g = torch.Generator().manual_seed(1)
     small = (torch.randn(4, 24, generator=g), torch.randn(40, 4, generator=g), 2.0)
     t = table_with({0: small})
@@ -93,7 +98,7 @@ def test_rank_growth_keeps_loaded_adapters_and_refuses_past_max() -> None:
         x,
         t.a["q_proj"][0],
         (t.b["q_proj"][0],),
-        build_lora_batch([(0, 1, 0), (1, 2, 1)], torch.device("cpu")),
+        build_lora_batch([(0, 1, 0), (1, 2, 1)], torch.device("cpu"), lora_kernel),
     )
     torch.testing.assert_close(y, reference(x, [0, 1], {0: small, 1: big}), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="exceeds"):
@@ -101,8 +106,9 @@ def test_rank_growth_keeps_loaded_adapters_and_refuses_past_max() -> None:
 
 
 @pytest.mark.parametrize("layout", ["dense", "prefills", "gaps", "one-prefill"])
-def test_grouped_projections_share_one_a_matmul(layout: str) -> None:
-    """q/k/v-style group: A matrices side by side; adapters may target only some members."""
+def test_grouped_projections_share_one_a_matmul(layout: str, lora_kernel: ModuleType | None) -> None:
+    """q/k/v-style group: A matrices side by side; adapters may target only some members; the
+    outputs are column slices of one fused [T, q+k+v] tensor, as the model passes them."""
     g = torch.Generator().manual_seed(2)
     shapes = {"q": (24, 40), "k": (24, 8), "v": (24, 8), "o": (40, 24)}
     t = LoraTable(
@@ -128,8 +134,9 @@ def test_grouped_projections_share_one_a_matmul(layout: str) -> None:
     }[layout]
     rows, token_slots = lay_out(seqs)
     x = torch.randn(len(rows), 24, generator=g)
-    ys = [torch.zeros(len(rows), shapes[m][1]) for m in "qkv"]
-    lb = build_lora_batch(token_slots, torch.device("cpu"))
+    fused = torch.zeros(len(rows), 40 + 8 + 8)
+    ys = [fused[:, :40], fused[:, 40:48], fused[:, 48:]]
+    lb = build_lora_batch(token_slots, torch.device("cpu"), lora_kernel)
     apply_lora(ys, x, t.a["qkv"][0], [t.b[m][0] for m in "qkv"], lb)
     for y, m in zip(ys, "qkv", strict=True):
         want = torch.zeros_like(y)

@@ -1,0 +1,97 @@
+"""Native CPU kernels, compiled on first use for the machine they run on.
+
+Why compile here instead of shipping a wheel: the kernels are a few dozen lines
+of loops that only pay off when the compiler may use every vector instruction
+the host has (`-march=native`), and they must match the exact torch build
+installed. `torch.utils.cpp_extension` builds them once (about 30 s) into its
+cache (`TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`); every later
+process loads the cached library in well under a second. The cache entry is
+named after the CPU's feature flags, so a home directory shared by different
+machines never loads code built for another CPU.
+
+Everything here is optional: with no compiler, a failed build, a non-CPU
+device, a dtype other than float32, or ``LORASERVE_NATIVE_KERNELS=0``, callers
+get ``None`` and keep the pure-PyTorch path (same results, slower). `make
+install` builds the kernels ahead of time (``python -m
+loraserve.layers.native_cpu``) so a server's first start does not pay for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
+ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
+
+
+def _cpu_fingerprint() -> str:
+    """Short hash of what -march=native compiles for: the CPU's feature flags."""
+    text = platform.machine() + platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                text += line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def _load() -> ModuleType | None:
+    """Build (or load the cached build of) the extension; None when that is not possible."""
+    if not enabled():
+        log.info("native CPU kernels disabled by %s", ENV_SWITCH)
+        return None
+    t0 = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load
+
+        mod = load(
+            name=f"loraserve_cpu_{_cpu_fingerprint()}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # compiler missing, unsupported flag, build error: all mean "use PyTorch"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("native CPU kernels unavailable (%s); using the PyTorch path", first[:300])
+        return None
+    log.info("native CPU kernels ready (%.1f s)", time.perf_counter() - t0)
+    return mod
+
+
+def lora_rows_kernel(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The module holding `lora_rows`, when it can serve tensors of this device and dtype."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    return _load()
+
+
+def main() -> None:
+    """Build ahead of time (used by `make install`); exits 0 either way: the kernels are optional."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = lora_rows_kernel(torch.device("cpu"), torch.float32) is not None
+    print(f"native CPU kernels: {'ready' if ok else 'unavailable (PyTorch fallback)'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The native CPU LoRA kernel's own contract: wide ranks and odd widths, blocking, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraserve.layers import native_cpu
+from loraserve.layers.lora import apply_lora, build_lora_batch
+from tests.fixtures.native import native_kernel_or_skip
+
+
+def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots() -> None:
+    """Rank 64 x 3 members (12 register chunks), widths that are not multiples of 16, a
+    37-token segment (blocks of 8 plus a tail), one slot in two places, rows without adapters."""
+    kernel = native_kernel_or_skip()
+    g = torch.Generator().manual_seed(0)
+    slots, fin, outs, r = 5, 72, (100, 36, 36), 64
+    a = torch.randn(slots, fin, len(outs) * r, generator=g)
+    bs = [torch.randn(slots, r, o, generator=g) for o in outs]
+    token_slots = [(0, 1, 3), (1, 2, 0), (3, 40, 1), (40, 41, 3), (41, 50, 4), (52, 53, 1)]
+    x = torch.randn(53, fin, generator=g)
+    results = []
+    for k in (None, kernel):
+        fused = torch.randn(53, sum(outs), generator=torch.Generator().manual_seed(1))
+        ys = [fused[:, :100], fused[:, 100:136], fused[:, 136:]]
+        apply_lora(ys, x, a, bs, build_lora_batch(token_slots, torch.device("cpu"), k))
+        results.append(fused)
+    torch.testing.assert_close(results[1], results[0], atol=1e-3, rtol=1e-4)
+    untouched = [2, 50, 51]  # rows outside every segment keep their values exactly
+    assert torch.equal(results[1][untouched], results[0][untouched])
+
+
+def test_kernel_refuses_bad_operands_with_a_clear_error() -> None:
+    kernel = native_kernel_or_skip()
+    x, a, b = torch.randn(4, 8), torch.randn(2, 8, 4), torch.randn(2, 4, 6)
+    y = torch.zeros(4, 6)
+    rows = torch.arange(4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.lora_rows(x, rows, torch.tensor([0, 1, 2, 0]), a, [b], [y])
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        kernel.lora_rows(x.t(), rows, torch.zeros(4, dtype=torch.long), a, [b], [y])
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel.lora_rows(x.double(), rows, torch.zeros(4, dtype=torch.long), a, [b], [y])
+    assert torch.equal(y, torch.zeros(4, 6))  # refused before touching the output
+
+
+def test_kernel_is_only_offered_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert native_cpu.lora_rows_kernel(torch.device("cpu"), torch.bfloat16) is None
+    assert native_cpu.lora_rows_kernel(torch.device("meta"), torch.float32) is None
+    monkeypatch.setenv(native_cpu.ENV_SWITCH, "0")
+    assert not native_cpu.enabled()
+    monkeypatch.setenv(native_cpu.ENV_SWITCH, "1")
+    assert native_cpu.enabled()
