@@ -65,6 +65,7 @@ def _paged_group(
         pad_rows=pad_rows,
         block_tables=tables.to(device),
         max_ctx=max_ctx,
+        ctx_lens=ctx_t.to(device),
         # all-True (single-token decodes of equal context) needs no mask: SDPA is faster without
         mask=None if bool(mask.all()) else mask.to(device),
     )
@@ -77,11 +78,11 @@ def build_forward_batch(
     rotary: RotaryTable,
     group_size: int,
     device: torch.device,
-    lora_row_kernel: ModuleType | None = None,
+    kernels: ModuleType | None = None,
 ) -> tuple[ForwardBatch, StepLayout]:
     """Decode rows first (one token each, sorted by slot), then prefill rows.
 
-    `lora_row_kernel`: the native per-row LoRA kernel, when the engine has one."""
+    `kernels`: the native CPU kernels (`layers/native_cpu.py`), when the engine uses them."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -99,7 +100,7 @@ def build_forward_batch(
         spans.append((start, end))
         wants_all = seq.drafts or (seq.params.prefill_logprobs and not seq.prefill_reported)
         logit_rows.append(list(range(start, end)) if wants_all else [end - 1])
-    attn = AttentionMeta(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+    attn = AttentionMeta(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), kernels=kernels)
     paged_seqs, paged_spans = [], []
     for seq, span in zip(seqs, spans):
         if seq.num_cached == 0:
@@ -125,6 +126,6 @@ def build_forward_batch(
         cos=cos,
         sin=sin,
         attn=attn,
-        lora=build_lora_batch(token_slots, device, lora_row_kernel),
+        lora=build_lora_batch(token_slots, device, kernels),
     )
     return fb, StepLayout(seqs=seqs, spans=spans, logit_rows=logit_rows)

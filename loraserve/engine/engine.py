@@ -36,7 +36,7 @@ from loraserve.engine.watermark import apply_watermark
 from loraserve.host_allocator import keep_freed_memory, zeros_on_huge_pages
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.lora import LoraTable
-from loraserve.layers.native_cpu import lora_rows_kernel
+from loraserve.layers.native_cpu import cpu_kernels
 from loraserve.models import load_model
 from loraserve.models.config import ModelConfig
 
@@ -109,7 +109,7 @@ class Engine:
         )
         self.model.lora = table
         self.slots = AdapterSlots(table)
-        self.lora_row_kernel = lora_rows_kernel(self.device, self.dtype) if cfg.native_kernels else None
+        self.kernels = cpu_kernels(self.device, self.dtype) if cfg.native_kernels else None
 
     # ---- requests ------------------------------------------------------------------------------
     def check_adapter(self, adapter: LoraAdapter) -> None:
@@ -218,7 +218,7 @@ class Engine:
             self.model.rotary,
             mc.num_attention_heads // mc.num_key_value_heads,
             self.device,
-            lora_row_kernel=self.lora_row_kernel,
+            kernels=self.kernels,
         )
 
     @torch.inference_mode()

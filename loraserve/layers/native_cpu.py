@@ -1,4 +1,6 @@
-"""Native CPU kernels, compiled on first use for the machine they run on.
+"""Native CPU kernels, compiled on first use for the machine they run on: the multi-LoRA op
+(`csrc/lora_cpu.cpp`) and decode attention over the paged KV cache
+(`csrc/attention_cpu.cpp`).
 
 Why compile here instead of shipping a wheel: the kernels are a few dozen lines
 of loops that only pay off when the compiler may use every vector instruction
@@ -32,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / f for f in ("lora_cpu.cpp", "attention_cpu.cpp", "bindings.cpp")]
 ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
 
 
@@ -66,7 +68,7 @@ def _load() -> ModuleType | None:
 
         mod = load(
             name=f"loraserve_cpu_{_cpu_fingerprint()}",
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -79,8 +81,8 @@ def _load() -> ModuleType | None:
     return mod
 
 
-def lora_rows_kernel(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
-    """The module holding `lora_rows`, when it can serve tensors of this device and dtype."""
+def cpu_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The module (`lora_rows`, `paged_decode_attention`), when it can serve this device and dtype."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
     return _load()
@@ -89,7 +91,7 @@ def lora_rows_kernel(device: torch.device, dtype: torch.dtype) -> ModuleType | N
 def main() -> None:
     """Build ahead of time (used by `make install`); exits 0 either way: the kernels are optional."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ok = lora_rows_kernel(torch.device("cpu"), torch.float32) is not None
+    ok = cpu_kernels(torch.device("cpu"), torch.float32) is not None
     print(f"native CPU kernels: {'ready' if ok else 'unavailable (PyTorch fallback)'}", file=sys.stderr)
 
 

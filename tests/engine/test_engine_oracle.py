@@ -69,7 +69,7 @@ def test_mixed_adapter_batch_matches_peft_per_row(
     if native:
         native_kernel_or_skip()
     engine = make_engine(llama_dir, max_active_adapters=8, max_lora_rank=16, native_kernels=native)
-    assert (engine.lora_row_kernel is not None) == native
+    assert (engine.kernels is not None) == native
     adapters = [parse_peft_adapter(p) for p in llama_adapters]
     # 8 adapter rows + 2 base rows, prompts of different lengths, all in one continuous batch
     rows = [(PROMPTS[i % len(PROMPTS)], adapters[i], llama_adapters[i]) for i in range(8)]

@@ -1,4 +1,5 @@
-"""The native CPU LoRA kernel's own contract: wide ranks and odd widths, blocking, bad input."""
+"""The native CPU kernels against their PyTorch formulations: multi-LoRA (wide ranks, odd
+widths, blocking) and paged decode attention (GQA, batch 1, odd head sizes), and bad input."""
 
 from __future__ import annotations
 
@@ -46,9 +47,53 @@ def test_kernel_refuses_bad_operands_with_a_clear_error() -> None:
 
 
 def test_kernel_is_only_offered_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert native_cpu.lora_rows_kernel(torch.device("cpu"), torch.bfloat16) is None
-    assert native_cpu.lora_rows_kernel(torch.device("meta"), torch.float32) is None
+    assert native_cpu.cpu_kernels(torch.device("cpu"), torch.bfloat16) is None
+    assert native_cpu.cpu_kernels(torch.device("meta"), torch.float32) is None
     monkeypatch.setenv(native_cpu.ENV_SWITCH, "0")
     assert not native_cpu.enabled()
     monkeypatch.setenv(native_cpu.ENV_SWITCH, "1")
     assert native_cpu.enabled()
+
+
+def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
+    """Per sequence: gather its positions through the block table, repeat KV heads, SDPA."""
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    out = []
+    for b, n in enumerate(lens):
+        k = k_cache[tables[b]].flatten(0, 1)[:n].repeat_interleave(hq // hkv, 1).transpose(0, 1)
+        v = v_cache[tables[b]].flatten(0, 1)[:n].repeat_interleave(hq // hkv, 1).transpose(0, 1)
+        out.append(torch.nn.functional.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=scale))
+    return torch.stack(out).squeeze(2)
+
+
+@pytest.mark.parametrize(
+    ("batch", "hq", "hkv", "d"),
+    [(1, 9, 3, 64), (5, 9, 3, 64), (3, 4, 4, 32), (4, 6, 2, 40)],  # batch-1 split, GQA, MHA, odd D
+)
+def test_paged_decode_attention_matches_sdpa_on_gathered_context(
+    batch: int, hq: int, hkv: int, d: int
+) -> None:
+    kernel = native_kernel_or_skip()
+    g = torch.Generator().manual_seed(batch + d)
+    blocks, bs = 40, 4
+    k_cache = torch.randn(blocks, bs, hkv, d, generator=g)
+    v_cache = torch.randn(blocks, bs, hkv, d, generator=g)
+    lens = [1, 13, 32, 7, 30][:batch]
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:8] for _ in range(batch)])
+    # q as the model passes it: a head slice of the rotated q|k tensor (strided rows)
+    qk = torch.randn(batch, hq + hkv, d, generator=g)
+    q = qk[:, :hq]
+    got = kernel.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens), 0.3)
+    torch.testing.assert_close(
+        got, _reference_decode(q, k_cache, v_cache, tables, lens, 0.3), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_cache() -> None:
+    kernel = native_kernel_or_skip()
+    k_cache = torch.zeros(4, 2, 1, 16)
+    q = torch.zeros(1, 1, 16)
+    with pytest.raises(RuntimeError, match="context length"):
+        kernel.paged_decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]), torch.tensor([5]), 1.0)
+    with pytest.raises(RuntimeError, match="block id"):
+        kernel.paged_decode_attention(q, k_cache, k_cache, torch.tensor([[0, 9]]), torch.tensor([3]), 1.0)

@@ -164,8 +164,3 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
     }
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_rows", &lora_rows, "per-row multi-LoRA (shrink + expand) into strided outputs",
-        pybind11::call_guard<pybind11::gil_scoped_release>());
-}

@@ -1,0 +1,20 @@
+// Python bindings of the native CPU kernels (built by loraserve/layers/native_cpu.py).
+#include <torch/extension.h>
+
+#include <vector>
+
+void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
+               const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+               const std::vector<torch::Tensor>& ys);
+
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                     const torch::Tensor& ctx_lens, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // the step thread keeps the GIL free while a kernel runs, so the event loop is never stalled
+  m.def("lora_rows", &lora_rows, "multi-LoRA shrink + expand into strided outputs",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
