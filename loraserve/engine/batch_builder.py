@@ -127,5 +127,6 @@ def build_forward_batch(
         sin=sin,
         attn=attn,
         lora=build_lora_batch(token_slots, device, kernels),
+        kernels=kernels,
     )
     return fb, StepLayout(seqs=seqs, spans=spans, logit_rows=logit_rows)

@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled on first use for the machine they run on: the multi-LoRA op
-(`csrc/lora_cpu.cpp`) and decode attention over the paged KV cache
-(`csrc/attention_cpu.cpp`).
+(`csrc/lora_cpu.cpp`), decode attention over the paged KV cache
+(`csrc/attention_cpu.cpp`) and RMSNorm fused with the residual add
+(`csrc/norm_cpu.cpp`).
 
 Why compile here instead of shipping a wheel: the kernels are a few dozen lines
 of loops that only pay off when the compiler may use every vector instruction
@@ -34,7 +35,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / f for f in ("lora_cpu.cpp", "attention_cpu.cpp", "bindings.cpp")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / f
+    for f in ("lora_cpu.cpp", "attention_cpu.cpp", "norm_cpu.cpp", "bindings.cpp")
+]
 ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
 
 
@@ -82,7 +86,8 @@ def _load() -> ModuleType | None:
 
 
 def cpu_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
-    """The module (`lora_rows`, `paged_decode_attention`), when it can serve this device and dtype."""
+    """The module (`lora_rows`, `paged_decode_attention`, `rms_norm`, `add_rms_norm_`), when it
+    can serve this device and dtype."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
     return _load()

@@ -18,7 +18,7 @@ from loraserve.layers.attention import paged_attention
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear, linear, make_linear
 from loraserve.layers.lora import LoraTable, apply_lora
-from loraserve.layers.norm import rms_norm
+from loraserve.layers.norm import add_rms_norm, rms_norm
 from loraserve.layers.rotary import RotaryTable, apply_rotary
 from loraserve.models.config import ModelConfig
 from loraserve.models.weights import iter_weights
@@ -95,9 +95,10 @@ class LlamaModel:
         cfg, lb, lora = self.cfg, fb.lora, self.lora
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         inter = cfg.intermediate_size
-        x = F.embedding(fb.input_ids, self.embed)
+        kern, eps = fb.kernels, cfg.rms_norm_eps
+        x = F.embedding(fb.input_ids, self.embed)  # the residual stream
+        h = rms_norm(x, self.layers[0].in_norm, eps, kern)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.in_norm, cfg.rms_norm_eps)
             qkv = linear(h, layer.qkv)
             if lb is not None:
                 a, b = lora.a_layers, lora.b_layers
@@ -113,8 +114,7 @@ class LlamaModel:
             o = linear(attn, layer.o)
             if lb is not None:
                 apply_lora((o,), attn, a["o_proj"][i], (b["o_proj"][i],), lb)
-            x = x + o
-            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
+            x, h = add_rms_norm(x, o, layer.post_norm, eps, kern)
             gu = linear(h, layer.gate_up)
             if lb is not None:
                 ys = (gu[:, :inter], gu[:, inter:])
@@ -123,8 +123,10 @@ class LlamaModel:
             d = linear(act, layer.down)
             if lb is not None:
                 apply_lora((d,), act, a["down_proj"][i], (b["down_proj"][i],), lb)
-            x = x + d
-        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+            # the residual add folds into the next norm: the next layer's input norm, or the final one
+            last = i + 1 == len(self.layers)
+            x, h = add_rms_norm(x, d, self.norm if last else self.layers[i + 1].in_norm, eps, kern)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()

@@ -97,3 +97,18 @@ def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_cache() -
         kernel.paged_decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]), torch.tensor([5]), 1.0)
     with pytest.raises(RuntimeError, match="block id"):
         kernel.paged_decode_attention(q, k_cache, k_cache, torch.tensor([[0, 9]]), torch.tensor([3]), 1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])  # 300 x 576 takes the parallel path
+def test_rms_norm_kernels_match_torch_and_update_the_residual_in_place(rows: int) -> None:
+    kernel = native_kernel_or_skip()
+    g = torch.Generator().manual_seed(rows)
+    x, delta, w = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g), torch.randn(576)
+    want = torch.nn.functional.rms_norm(x, (576,), w, 1e-5)
+    torch.testing.assert_close(kernel.rms_norm(x, w, 1e-5), want, atol=1e-5, rtol=1e-5)
+    residual = x.clone()
+    y = kernel.add_rms_norm_(residual, delta, w, 1e-6)
+    torch.testing.assert_close(residual, x + delta, atol=0, rtol=0)
+    torch.testing.assert_close(
+        y, torch.nn.functional.rms_norm(x + delta, (576,), w, 1e-6), atol=1e-5, rtol=1e-5
+    )

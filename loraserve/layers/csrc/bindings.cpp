@@ -11,10 +11,16 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                      const torch::Tensor& ctx_lens, double scale);
 
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
+torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the step thread keeps the GIL free while a kernel runs, so the event loop is never stalled
   m.def("lora_rows", &lora_rows, "multi-LoRA shrink + expand into strided outputs",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim", pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("add_rms_norm_", &add_rms_norm_, "x += delta, then RMSNorm",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
