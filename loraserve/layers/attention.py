@@ -140,6 +140,18 @@ def paged_attention(
         out[s:e] = _unfold_gqa(o, e - s)[0]
     for grp in meta.paged:
         b, lq = grp.num_seqs, grp.max_q
+        if lq == 1 and meta.kernels is not None and grp.ctx_lens is not None:
+            # decode rows beside prefills: the kernel reads their context in place as well
+            rows = slice(grp.tok_start, grp.tok_start + b) if grp.dense else grp.q_rows
+            qg = q[rows] if grp.dense else q.index_select(0, grp.q_rows)
+            o = meta.kernels.paged_decode_attention(
+                qg, k_cache, v_cache, grp.block_tables, grp.ctx_lens, scale
+            )
+            if grp.dense:
+                out[rows] = o
+            else:
+                out.index_copy_(0, grp.q_rows, o)
+            continue
         if grp.dense:
             qg = q[grp.tok_start : grp.tok_start + b * lq].view(b, lq, *q.shape[1:])
         else:

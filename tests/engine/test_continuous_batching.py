@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from loraserve.adapters.lora_weights import LoraAdapter, LoraModuleWeights
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
+from tests.fixtures.native import native_kernel_or_skip
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos_token=True)
 
@@ -57,8 +59,15 @@ def random_adapter(cfg, key: str, seed: int, rank: int = 4) -> LoraAdapter:
     )
 
 
-def test_requests_arriving_mid_decode_match_alone(llama_dir: Path, llama_adapters: list[Path]) -> None:
-    e = engine(llama_dir)
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_requests_arriving_mid_decode_match_alone(
+    llama_dir: Path, llama_adapters: list[Path], kernels: str
+) -> None:
+    """Mixed steps (decode rows beside prefills) give the tokens each request gets alone, on
+    both the native CPU kernels and the PyTorch path."""
+    if kernels == "native":
+        native_kernel_or_skip()
+    e = engine(llama_dir, native_kernels=kernels == "native")
     ads = [parse_peft_adapter(p) for p in llama_adapters[:4]]
     ps = prompts(8)
     expected = [alone(e, p, GREEDY, ads[i % 4] if i % 3 else None) for i, p in enumerate(ps)]
