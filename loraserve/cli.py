@@ -59,6 +59,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         max_lora_rank=args.max_lora_rank,
         adapter_cycle_time_s=args.adapter_cycle_time_s,
         num_threads=args.num_threads,
+        native_kernels=not getattr(args, "no_native_kernels", False),
         adapter_memory_bytes=_adapter_memory_bytes(args.adapter_memory_fraction, args.device),
     )
 

@@ -9,11 +9,13 @@ the host has (`-march=native`), and they must match the exact torch build
 installed. `torch.utils.cpp_extension` builds them once (about 30 s) into its
 cache (`TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`); every later
 process loads the cached library in well under a second. The cache entry is
-named after the CPU's feature flags, so a home directory shared by different
-machines never loads code built for another CPU.
+named after the CPU's feature flags and the torch version, so a home directory
+shared by different machines never loads code built for another CPU, and a
+torch upgrade rebuilds instead of loading a stale library.
 
 Everything here is optional: with no compiler, a failed build, a non-CPU
-device, a dtype other than float32, or ``LORASERVE_NATIVE_KERNELS=0``, callers
+device, a dtype other than float32, ``LORASERVE_NATIVE_KERNELS=0`` or
+``serve --no-native-kernels``, callers
 get ``None`` and keep the pure-PyTorch path (same results, slower). `make
 install` builds the kernels ahead of time (``python -m
 loraserve.layers.native_cpu``) so a server's first start does not pay for it.
@@ -43,8 +45,9 @@ ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
 
 
 def _cpu_fingerprint() -> str:
-    """Short hash of what -march=native compiles for: the CPU's feature flags."""
-    text = platform.machine() + platform.processor()
+    """Short hash of what the build depends on beyond its sources: the CPU's feature flags
+    (-march=native) and the torch build it links against."""
+    text = platform.machine() + platform.processor() + torch.__version__
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features", "model name")):

@@ -174,6 +174,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--otlp-endpoint", "OpenTelemetry endpoint (not supported yet)."),
     Flag("--json-output", "Log as JSON lines.", kind="bool"),
     Flag("--num-threads", "CPU threads for torch (default: torch's choice).", type=int),
+    Flag(
+        "--no-native-kernels",
+        "CPU: run LoRA, decode attention and RMSNorm as PyTorch ops instead of the native kernels "
+        "compiled for this machine (same results, slower; LORASERVE_NATIVE_KERNELS=0 does the same).",
+        kind="bool",
+    ),
     Flag("--log-level", "Logging level.", default="info", choices=("debug", "info", "warning", "error")),
 )
 

@@ -62,6 +62,14 @@ def test_env_vars_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert args.max_input_length == 5 and args.preloaded_adapter_ids == ["x", "y"]
 
 
+def test_native_kernels_flag_reaches_the_engine_config() -> None:
+    from loraserve.cli import _engine_config
+
+    on = build_parser().parse_args(["serve", "--model-id", "m"])
+    off = build_parser().parse_args(["serve", "--model-id", "m", "--no-native-kernels"])
+    assert _engine_config(on).native_kernels and not _engine_config(off).native_kernels
+
+
 @pytest.mark.parametrize("extra", [["--quantize", "bitsandbytes"], ["--num-shard", "2"], ["--compile"]])
 def test_unimplemented_features_refuse_to_start(extra: list[str], capsys: pytest.CaptureFixture) -> None:
     assert main(["serve", "--model-id", "m", *extra]) == 2
