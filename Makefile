@@ -11,12 +11,13 @@ PORT ?= 8080
 
 .PHONY: install test run lint bench bench-medusa lorax-client demo-assets
 
+# The last step compiles the native CPU kernels for this machine (~40 s, once; optional: a failed
+# build only means the PyTorch fallbacks run).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
 	$(PIP) install -q -e '.[test]'
-	# CPU kernels for this machine (~30 s, once; optional: a failed build means the PyTorch path)
 	$(PY) -m loraserve.layers.native_cpu
 	touch $@
 
