@@ -42,6 +42,9 @@ SOURCES = [
     for f in ("lora_cpu.cpp", "attention_cpu.cpp", "norm_cpu.cpp", "bindings.cpp")
 ]
 ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
+# -march for the build: "native" by default; e.g. x86-64-v3 to build one library for a fleet of
+# AVX2 machines (the kernels then take their portable paths instead of AVX-512)
+ENV_MARCH = "LORASERVE_NATIVE_MARCH"
 
 
 def _cpu_fingerprint() -> str:
@@ -70,13 +73,15 @@ def _load() -> ModuleType | None:
         log.info("native CPU kernels disabled by %s", ENV_SWITCH)
         return None
     t0 = time.perf_counter()
+    march = os.environ.get(ENV_MARCH, "native").strip() or "native"
     try:
         from torch.utils.cpp_extension import load
 
+        tag = _cpu_fingerprint() if march == "native" else march.replace("-", "_").replace(".", "_")
         mod = load(
-            name=f"loraserve_cpu_{_cpu_fingerprint()}",
+            name=f"loraserve_cpu_{tag}",
             sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
