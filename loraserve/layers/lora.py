@@ -127,16 +127,22 @@ def build_lora_batch(
 
 
 def apply_lora(
-    ys: Sequence[torch.Tensor], x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor], lb: LoraBatch
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bs: Sequence[torch.Tensor],
+    lb: LoraBatch,
+    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """ys[j][T, out_j] += LoRA delta of projection j of x[T, in], for projections sharing input x.
 
     a: [slots, in, len(ys) * R], the A matrices of every projection side by side (one `bmm`
-    reads them all); bs[j]: [slots, R, out_j] of one layer.
+    reads them all); bs[j]: [slots, R, out_j] of one layer; slot_rank: [slots] rank actually
+    loaded in each slot (`LoraTable.slot_rank`), which lets the native kernel skip the padding.
     """
     r = bs[0].shape[-2]
     if lb.rows is not None:
-        lb.row_kernel.lora_rows(x, lb.rows, lb.row_slots, a, list(bs), list(ys))
+        lb.row_kernel.lora_rows(x, lb.rows, lb.row_slots, a, list(bs), list(ys), slot_rank)
     if lb.slot_hi > lb.slot_lo:
         lo, hi = lb.slot_lo, lb.slot_hi
         n, m = hi - lo, lb.max_seg
@@ -201,6 +207,9 @@ class LoraTable:
             for j, m in enumerate(members):
                 self.member_of[m] = (g, j)
         self.rank = 0
+        # largest rank loaded into each slot: the native kernel reads only that much of the
+        # slot's (zero-padded) A columns and B rows, so mixed ranks don't all pay for the largest
+        self.slot_rank = torch.zeros(num_slots, dtype=torch.long)
         self.a: dict[str, torch.Tensor] = {}  # per group: [L, S, in, members * R]
         self.b: dict[str, torch.Tensor] = {}  # per projection: [L, S, R, out]
         self.ensure_rank(min(rank, max_rank))
@@ -238,12 +247,14 @@ class LoraTable:
     def clear_slot(self, slot: int) -> None:
         for t in (*self.a.values(), *self.b.values()):
             t[:, slot].zero_()
+        self.slot_rank[slot] = 0
 
     def write(
         self, slot: int, layer: int, module: str, a: torch.Tensor, b: torch.Tensor, scale: float
     ) -> None:
         """a: [r, in] (PEFT lora_A), b: [out, r] (PEFT lora_B)."""
         r = a.shape[0]
+        self.slot_rank[slot] = max(int(self.slot_rank[slot]), r)
         group, j = self.member_of[module]
         self.a[group][layer, slot, :, j * self.rank : j * self.rank + r].copy_(a.t())
         self.b[module][layer, slot, :r].copy_(b.t() * scale)

@@ -96,6 +96,7 @@ class LlamaModel:
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         inter = cfg.intermediate_size
         kern, eps = fb.kernels, cfg.rms_norm_eps
+        ranks = lora.slot_rank if lora is not None else None
         x = F.embedding(fb.input_ids, self.embed)  # the residual stream
         h = rms_norm(x, self.layers[0].in_norm, eps, kern)
         for i, layer in enumerate(self.layers):
@@ -103,7 +104,7 @@ class LlamaModel:
             if lb is not None:
                 a, b = lora.a_layers, lora.b_layers
                 ys = (qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:])
-                apply_lora(ys, h, a["qkv"][i], (b["q_proj"][i], b["k_proj"][i], b["v_proj"][i]), lb)
+                apply_lora(ys, h, a["qkv"][i], (b["q_proj"][i], b["k_proj"][i], b["v_proj"][i]), lb, ranks)
             t = qkv.shape[0]
             # q and k sit side by side in the fused output: rotate all their heads in one go
             qk = apply_rotary(qkv[:, :k_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin)
@@ -113,16 +114,16 @@ class LlamaModel:
             attn = paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale).view(t, -1)
             o = linear(attn, layer.o)
             if lb is not None:
-                apply_lora((o,), attn, a["o_proj"][i], (b["o_proj"][i],), lb)
+                apply_lora((o,), attn, a["o_proj"][i], (b["o_proj"][i],), lb, ranks)
             x, h = add_rms_norm(x, o, layer.post_norm, eps, kern)
             gu = linear(h, layer.gate_up)
             if lb is not None:
                 ys = (gu[:, :inter], gu[:, inter:])
-                apply_lora(ys, h, a["gate_up"][i], (b["gate_proj"][i], b["up_proj"][i]), lb)
+                apply_lora(ys, h, a["gate_up"][i], (b["gate_proj"][i], b["up_proj"][i]), lb, ranks)
             act = F.silu(gu[:, :inter]) * gu[:, inter:]
             d = linear(act, layer.down)
             if lb is not None:
-                apply_lora((d,), act, a["down_proj"][i], (b["down_proj"][i],), lb)
+                apply_lora((d,), act, a["down_proj"][i], (b["down_proj"][i],), lb, ranks)
             # the residual add folds into the next norm: the next layer's input norm, or the final one
             last = i + 1 == len(self.layers)
             x, h = add_rms_norm(x, d, self.norm if last else self.layers[i + 1].in_norm, eps, kern)

@@ -79,7 +79,7 @@ def test_grouped_lora_matches_per_row_math(layout: str, lora_kernel: ModuleType 
     if layout == "one-prefill" and lora_kernel is None:
         assert lb.dense and lb.segments == [(4, 104, 4)]  # the odd long prefill runs on its own
     y = torch.zeros(len(rows), 40)
-    apply_lora((y,), x, t.a["q_proj"][0], (t.b["q_proj"][0],), lb)
+    apply_lora((y,), x, t.a["q_proj"][0], (t.b["q_proj"][0],), lb, t.slot_rank)
     torch.testing.assert_close(y, reference(x, rows, adapters), atol=1e-4, rtol=1e-4)
 
 
@@ -137,7 +137,8 @@ def test_grouped_projections_share_one_a_matmul(layout: str, lora_kernel: Module
     fused = torch.zeros(len(rows), 40 + 8 + 8)
     ys = [fused[:, :40], fused[:, 40:48], fused[:, 48:]]
     lb = build_lora_batch(token_slots, torch.device("cpu"), lora_kernel)
-    apply_lora(ys, x, t.a["qkv"][0], [t.b[m][0] for m in "qkv"], lb)
+    assert t.slot_rank.tolist()[:4] == [4, 8, 2, 16]
+    apply_lora(ys, x, t.a["qkv"][0], [t.b[m][0] for m in "qkv"], lb, t.slot_rank)
     for y, m in zip(ys, "qkv", strict=True):
         want = torch.zeros_like(y)
         for i, slot in enumerate(rows):

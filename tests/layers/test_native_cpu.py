@@ -22,14 +22,47 @@ def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots(
     token_slots = [(0, 1, 3), (1, 2, 0), (3, 40, 1), (40, 41, 3), (41, 50, 4), (52, 53, 1)]
     x = torch.randn(53, fin, generator=g)
     results = []
-    for k in (None, kernel):
+    for k, ranks in ((None, None), (kernel, None), (kernel, torch.full((slots,), r))):
         fused = torch.randn(53, sum(outs), generator=torch.Generator().manual_seed(1))
         ys = [fused[:, :100], fused[:, 100:136], fused[:, 136:]]
-        apply_lora(ys, x, a, bs, build_lora_batch(token_slots, torch.device("cpu"), k))
+        apply_lora(ys, x, a, bs, build_lora_batch(token_slots, torch.device("cpu"), k), ranks)
         results.append(fused)
     torch.testing.assert_close(results[1], results[0], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(results[2], results[0], atol=1e-3, rtol=1e-4)
     untouched = [2, 50, 51]  # rows outside every segment keep their values exactly
     assert torch.equal(results[1][untouched], results[0][untouched])
+
+
+def test_kernel_reads_only_each_slots_loaded_rank() -> None:
+    """Slots of rank 3, 8, 21 and 0 (cleared) in a rank-32 table: with `slot_rank` the kernel
+    skips the zero padding (and any garbage there, which this test plants) and gives the
+    full-rank answer of the zero-padded table."""
+    kernel = native_kernel_or_skip()
+    g = torch.Generator().manual_seed(3)
+    fin, outs, r, ranks = 40, (24, 40), 32, [3, 8, 21, 0]
+    a = torch.randn(4, fin, 2 * r, generator=g)
+    bs = [torch.randn(4, r, o, generator=g) for o in outs]
+    padded_a, padded_bs = a.clone(), [b.clone() for b in bs]
+    for s, rs in enumerate(ranks):  # the honest table: zeros past each slot's rank
+        for j in range(2):
+            padded_a[s, :, j * r + rs : (j + 1) * r] = 0
+            padded_bs[j][s, rs:] = 0
+    token_slots = [(0, 1, 2), (1, 2, 0), (2, 12, 1), (12, 13, 3), (13, 33, 2)]
+    x = torch.randn(33, fin, generator=g)
+    results = []
+    for aa, bb, ranks_t in ((padded_a, padded_bs, None), (a, bs, torch.tensor(ranks))):
+        fused = torch.zeros(33, sum(outs))
+        apply_lora(
+            [fused[:, :24], fused[:, 24:]],
+            x,
+            aa,
+            bb,
+            build_lora_batch(token_slots, torch.device("cpu"), kernel),
+            ranks_t,
+        )
+        results.append(fused)
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(results[1][12], torch.zeros(sum(outs)))  # rank 0: untouched
 
 
 def test_kernel_refuses_bad_operands_with_a_clear_error() -> None:

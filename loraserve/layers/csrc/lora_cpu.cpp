@@ -17,6 +17,7 @@
 #endif
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -32,24 +33,42 @@ struct Group {
   std::vector<const float*> b;  // [S, R, out_j]
   std::vector<int64_t> b_slot, out, y_row;
   std::vector<float*> y;
+  const int64_t* slot_rank;  // [S] rank loaded per slot, or null: all R
+
+  // Columns of each member's A (and rows of its B) that hold weights in `slot`: a rank-8
+  // adapter in a rank-64 table reads 1/8 of the padded bytes and does 1/8 of the work.
+  int64_t rank(int64_t slot) const { return slot_rank ? std::clamp<int64_t>(slot_rank[slot], 0, r) : r; }
 };
 
 // One row at a time (decodes): stream A and B sequentially, once, the output row stays in L1.
 void row_kernel(const Group& g, const float* xr, int64_t slot, int64_t row, float* __restrict__ h) {
   const float* __restrict__ A = g.a + slot * g.a_slot;
-  const int64_t GR = g.gr;
+  const int64_t GR = g.gr, R = g.r, rs = g.rank(slot);
+  if (rs == 0) return;
   for (int64_t c = 0; c < GR; ++c) h[c] = 0.f;
-  for (int64_t i = 0; i < g.in; ++i) {
-    const float xv = xr[i];
-    const float* __restrict__ Ai = A + i * GR;
+  if (rs == R) {  // full rank: one contiguous run of G*R columns per row of A
+    for (int64_t i = 0; i < g.in; ++i) {
+      const float xv = xr[i];
+      const float* __restrict__ Ai = A + i * GR;
 #pragma omp simd
-    for (int64_t c = 0; c < GR; ++c) h[c] += xv * Ai[c];
+      for (int64_t c = 0; c < GR; ++c) h[c] += xv * Ai[c];
+    }
+  } else {  // the first rs columns of each member only
+    for (int64_t i = 0; i < g.in; ++i) {
+      const float xv = xr[i];
+      for (size_t j = 0; j < g.b.size(); ++j) {
+        const float* __restrict__ Ai = A + i * GR + j * R;
+        float* __restrict__ hj = h + j * R;
+#pragma omp simd
+        for (int64_t c = 0; c < rs; ++c) hj[c] += xv * Ai[c];
+      }
+    }
   }
   for (size_t j = 0; j < g.b.size(); ++j) {
     const float* __restrict__ B = g.b[j] + slot * g.b_slot[j];
     float* __restrict__ y = g.y[j] + row * g.y_row[j];
     const int64_t O = g.out[j];
-    for (int64_t k = 0; k < g.r; ++k) {
+    for (int64_t k = 0; k < rs; ++k) {
       const float hv = h[j * g.r + k];
       const float* __restrict__ Bk = B + k * O;
 #pragma omp simd
@@ -68,16 +87,20 @@ constexpr int kW = 16;     // floats per column chunk (one AVX-512 register)
 template <int TB>
 void block_kernel(const Group& g, const float* const* xr, int64_t slot, const int64_t* rows, float* __restrict__ h) {
   const float* __restrict__ A = g.a + slot * g.a_slot;
-  const int64_t GR = g.gr;
-  for (int64_t c0 = 0; c0 < GR; c0 += kW) {
-    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(kW, GR - c0)) - 1);
-    __m512 acc[TB];
-    for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < g.in; ++i) {
-      const __m512 av = _mm512_maskz_loadu_ps(m, A + i * GR + c0);
-      for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(xr[t][i]), av, acc[t]);
+  const int64_t GR = g.gr, rs = g.rank(slot);
+  if (rs == 0) return;
+  const int64_t G = static_cast<int64_t>(g.b.size());
+  for (int64_t j = 0; j < G; ++j) {  // each member's loaded columns, 16 at a time
+    for (int64_t c0 = j * g.r; c0 < j * g.r + rs; c0 += kW) {
+      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(kW, j * g.r + rs - c0)) - 1);
+      __m512 acc[TB];
+      for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < g.in; ++i) {
+        const __m512 av = _mm512_maskz_loadu_ps(m, A + i * GR + c0);
+        for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(xr[t][i]), av, acc[t]);
+      }
+      for (int t = 0; t < TB; ++t) _mm512_mask_storeu_ps(h + t * GR + c0, m, acc[t]);
     }
-    for (int t = 0; t < TB; ++t) _mm512_mask_storeu_ps(h + t * GR + c0, m, acc[t]);
   }
   for (size_t j = 0; j < g.b.size(); ++j) {
     const float* __restrict__ B = g.b[j] + slot * g.b_slot[j];
@@ -87,7 +110,7 @@ void block_kernel(const Group& g, const float* const* xr, int64_t slot, const in
       const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(kW, O - o0)) - 1);
       __m512 acc[TB];
       for (int t = 0; t < TB; ++t) acc[t] = _mm512_maskz_loadu_ps(m, g.y[j] + rows[t] * g.y_row[j] + o0);
-      for (int64_t k = 0; k < g.r; ++k) {
+      for (int64_t k = 0; k < rs; ++k) {
         const __m512 bv = _mm512_maskz_loadu_ps(m, B + k * O + o0);
         for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(hj[t * GR + k]), bv, acc[t]);
       }
@@ -119,7 +142,7 @@ void dispatch_block(int tb, const Group& g, const float* const* xr, int64_t slot
 // Runs of up to 8 consecutive entries with the same slot are computed together.
 void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-               const std::vector<torch::Tensor>& ys) {
+               const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank) {
   check_f32_rows(x, "x");
   TORCH_CHECK(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, "rows/slots must be int64");
   TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
@@ -128,7 +151,13 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
   TORCH_CHECK(G > 0 && static_cast<int64_t>(ys.size()) == G, "one output per B matrix");
   const int64_t N = rows.numel(), K = x.size(1), GR = a.size(2), S = a.size(0), R = GR / G;
   TORCH_CHECK(a.size(1) == K && R * G == GR, "a's shape does not match x or the group");
-  Group g{a.data_ptr<float>(), a.stride(0), K, GR, R, {}, {}, {}, {}, {}};
+  Group g{a.data_ptr<float>(), a.stride(0), K, GR, R, {}, {}, {}, {}, {}, nullptr};
+  if (slot_rank.has_value()) {
+    const torch::Tensor& sr = *slot_rank;
+    TORCH_CHECK(sr.device().is_cpu() && sr.scalar_type() == torch::kInt64 && sr.is_contiguous() && sr.numel() == S,
+                "slot_rank must be a contiguous CPU int64 tensor with one entry per slot");
+    g.slot_rank = sr.data_ptr<int64_t>();
+  }
   for (int64_t j = 0; j < G; ++j) {
     TORCH_CHECK(bs[j].dim() == 3 && bs[j].is_contiguous() && bs[j].scalar_type() == torch::kFloat32 &&
                     bs[j].size(0) == S && bs[j].size(1) == R,
