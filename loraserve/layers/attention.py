@@ -9,7 +9,9 @@ Two kinds of work share one step:
   so they use causal SDPA on views of the new K/V, with no gather and no mask;
 - everything else (decode, recompute after preemption with context, draft
   verification) gathers its context from the cache through the block tables,
-  padded to the longest context in its group, with a boolean mask.
+  padded to the longest context in its group, with a boolean mask; except
+  single-token rows on CPU with the native kernels (`layers/native_cpu.py`),
+  which read their context in place, block by block, without the copy.
 
 Grouped-query attention is handled without repeating K/V: the query heads
 that share a KV head are folded into the query-length axis, so SDPA sees plain

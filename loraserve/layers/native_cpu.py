@@ -6,7 +6,7 @@
 Why compile here instead of shipping a wheel: the kernels are a few dozen lines
 of loops that only pay off when the compiler may use every vector instruction
 the host has (`-march=native`), and they must match the exact torch build
-installed. `torch.utils.cpp_extension` builds them once (about 30 s) into its
+installed. `torch.utils.cpp_extension` builds them once (40-60 s) into its
 cache (`TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions`); every later
 process loads the cached library in well under a second. The cache entry is
 named after the CPU's feature flags and the torch version, so a home directory
@@ -15,10 +15,10 @@ torch upgrade rebuilds instead of loading a stale library.
 
 Everything here is optional: with no compiler, a failed build, a non-CPU
 device, a dtype other than float32, ``LORASERVE_NATIVE_KERNELS=0`` or
-``serve --no-native-kernels``, callers
-get ``None`` and keep the pure-PyTorch path (same results, slower). `make
-install` builds the kernels ahead of time (``python -m
-loraserve.layers.native_cpu``) so a server's first start does not pay for it.
+``serve --no-native-kernels``, callers get ``None`` and keep the pure-PyTorch
+path (same results, slower). `make install` builds the kernels ahead of time
+(``python -m loraserve.layers.native_cpu``) so a server's first start does not
+pay for it.
 """
 
 from __future__ import annotations
