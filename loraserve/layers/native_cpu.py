@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use for the machine they run on: the multi-LoRA op
 (`csrc/lora_cpu.cpp`), decode attention over the paged KV cache
-(`csrc/attention_cpu.cpp`) and RMSNorm fused with the residual add
-(`csrc/norm_cpu.cpp`).
+(`csrc/attention_cpu.cpp`), RMSNorm fused with the residual add
+(`csrc/norm_cpu.cpp`), and SwiGLU's silu*mul and rotary embedding as one pass
+each (`csrc/activation_cpu.cpp`).
 
 Why compile here instead of shipping a wheel: the kernels are a few dozen lines
 of loops that only pay off when the compiler may use every vector instruction
@@ -37,9 +38,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+CSRC = Path(__file__).parent / "csrc"
 SOURCES = [
-    Path(__file__).parent / "csrc" / f
-    for f in ("lora_cpu.cpp", "attention_cpu.cpp", "norm_cpu.cpp", "bindings.cpp")
+    CSRC / f
+    for f in ("lora_cpu.cpp", "attention_cpu.cpp", "norm_cpu.cpp", "activation_cpu.cpp", "bindings.cpp")
 ]
 ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
 # -march for the build: "native" by default; e.g. x86-64-v3 to build one library for a fleet of
@@ -47,10 +49,13 @@ ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
 ENV_MARCH = "LORASERVE_NATIVE_MARCH"
 
 
-def _cpu_fingerprint() -> str:
-    """Short hash of what the build depends on beyond its sources: the CPU's feature flags
-    (-march=native) and the torch build it links against."""
-    text = platform.machine() + platform.processor() + torch.__version__
+def _cpu_fingerprint(march: str) -> str:
+    """Short hash of what the build depends on beyond its sources: the target (-march, and
+    for "native" the CPU's feature flags), the torch build it links against, and the shared
+    headers."""
+    text = march + platform.machine() + platform.processor() + torch.__version__
+    # torch's rebuild check hashes the .cpp sources only: fold the shared headers in here
+    text += "".join(h.read_text() for h in sorted(CSRC.glob("*.h")))
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features", "model name")):
@@ -77,7 +82,7 @@ def _load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        tag = _cpu_fingerprint() if march == "native" else march.replace("-", "_").replace(".", "_")
+        tag = _cpu_fingerprint(march)
         mod = load(
             name=f"loraserve_cpu_{tag}",
             sources=[str(p) for p in SOURCES],
@@ -94,8 +99,8 @@ def _load() -> ModuleType | None:
 
 
 def cpu_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
-    """The module (`lora_rows`, `paged_decode_attention`, `rms_norm`, `add_rms_norm_`), when it
-    can serve this device and dtype."""
+    """The module (`lora_rows`, `paged_decode_attention`, `rms_norm`, `add_rms_norm_`,
+    `silu_mul`, `rotary`), when it can serve this device and dtype."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
     return _load()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from loraserve.layers.activation import silu_mul
 from loraserve.layers.attention import paged_attention
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear, linear, make_linear
@@ -107,7 +108,7 @@ class LlamaModel:
                 apply_lora(ys, h, a["qkv"][i], (b["q_proj"][i], b["k_proj"][i], b["v_proj"][i]), lb, ranks)
             t = qkv.shape[0]
             # q and k sit side by side in the fused output: rotate all their heads in one go
-            qk = apply_rotary(qkv[:, :k_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin)
+            qk = apply_rotary(qkv[:, :k_end].view(t, -1, cfg.head_dim), fb.cos, fb.sin, kern)
             q, k = qk[:, : cfg.num_attention_heads], qk[:, cfg.num_attention_heads :]
             v = qkv[:, k_end:].view(t, -1, cfg.head_dim)
             k_cache, v_cache = self.kv_caches[i]
@@ -120,7 +121,7 @@ class LlamaModel:
             if lb is not None:
                 ys = (gu[:, :inter], gu[:, inter:])
                 apply_lora(ys, h, a["gate_up"][i], (b["gate_proj"][i], b["up_proj"][i]), lb, ranks)
-            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            act = silu_mul(gu, inter, kern)
             d = linear(act, layer.down)
             if lb is not None:
                 apply_lora((d,), act, a["down_proj"][i], (b["down_proj"][i],), lb, ranks)

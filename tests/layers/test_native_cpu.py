@@ -145,3 +145,21 @@ def test_rms_norm_kernels_match_torch_and_update_the_residual_in_place(rows: int
     torch.testing.assert_close(
         y, torch.nn.functional.rms_norm(x + delta, (576,), w, 1e-6), atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("rows", [1, 5, 200])  # 200 x 1536 takes the parallel path
+def test_silu_mul_and_rotary_kernels_match_their_pytorch_twins(rows: int) -> None:
+    from loraserve.layers.activation import silu_mul
+    from loraserve.layers.rotary import apply_rotary
+
+    kernel = native_kernel_or_skip()
+    g = torch.Generator().manual_seed(rows)
+    gu = torch.randn(rows, 2 * 1536, generator=g) * 8  # wide range: both branches of silu, large |x|
+    torch.testing.assert_close(silu_mul(gu, 1536, kernel), silu_mul(gu, 1536), atol=1e-5, rtol=1e-5)
+    qkv = torch.randn(rows, (9 + 3 + 3) * 64, generator=g)
+    x = qkv[:, : 12 * 64].view(rows, 12, 64)  # q|k heads of a fused q|k|v output: strided rows
+    angles = torch.rand(rows, 32, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    torch.testing.assert_close(
+        apply_rotary(x, cos, sin, kernel), apply_rotary(x, cos, sin), atol=1e-6, rtol=1e-6
+    )

@@ -15,6 +15,9 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps);
 
+torch::Tensor silu_mul(const torch::Tensor& gu);
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the step thread keeps the GIL free while a kernel runs, so the event loop is never stalled
   m.def("lora_rows", &lora_rows, "multi-LoRA shrink + expand into strided outputs", pybind11::arg("x"),
@@ -24,5 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("add_rms_norm_", &add_rms_norm_, "x += delta, then RMSNorm",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] gate|up output",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rotary", &rotary, "rotary embedding, HF half-split layout",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

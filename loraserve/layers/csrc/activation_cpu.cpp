@@ -1,0 +1,85 @@
+// Elementwise steps of a decoder layer that PyTorch runs as several ops each: SwiGLU's
+// silu(gate) * up (slice, slice, silu, mul) and rotary embedding of the fused q|k heads
+// (two slices, four muls, a sub, an add and a cat). At one row per step each op costs
+// more to dispatch than to compute, so each becomes one call, one pass over the data.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "fast_exp.h"
+
+namespace {
+
+// Rows in parallel once there are at least `serial_max` elements: a parallel region costs
+// more than a few rows of cheap work (rotary), but SiLU's exp pays for it much sooner.
+template <typename F>
+void over_rows(int64_t rows, int64_t work_per_row, int64_t serial_max, const F& body) {
+  if (rows < 2 || rows * work_per_row < serial_max) {
+    body(0, rows);
+  } else {
+    at::parallel_for(0, rows, 1, body);
+  }
+}
+
+}  // namespace
+
+// gu: [T, 2*I] (gate | up, rows contiguous) -> [T, I] = silu(gate) * up
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  TORCH_CHECK(gu.device().is_cpu() && gu.scalar_type() == torch::kFloat32 && gu.dim() == 2 && gu.stride(1) == 1 &&
+                  gu.size(1) % 2 == 0,
+              "gu must be a CPU float32 [T, 2*I] tensor with contiguous rows");
+  const int64_t T = gu.size(0), I = gu.size(1) / 2, ld = gu.stride(0);
+  auto out = torch::empty({T, I}, gu.options());
+  const float* gp = gu.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  over_rows(T, I, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = gp + t * ld;
+      const float* u = g + I;
+      float* o = op + t * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {  // silu(x) = x / (1 + e^-x), from e = e^-|x| <= 1
+        const float x = g[i], e = exp_nonpositive(-std::fabs(x));
+        o[i] = (x >= 0.f ? x : x * e) / (1.f + e) * u[i];
+      }
+    }
+  });
+  return out;
+}
+
+// x: [T, H, D] (heads contiguous, rows may be strided), cos/sin: [T, D/2]; HF's half-split
+// layout: out[..., :D/2] = x1*cos - x2*sin, out[..., D/2:] = x2*cos + x1*sin
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1 &&
+                  x.stride(1) == x.size(2) && x.size(2) % 2 == 0,
+              "x must be a CPU float32 [T, H, D] tensor with contiguous heads");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == T * half && sin.numel() == T * half,
+              "cos/sin must be contiguous float32 [T, D/2]");
+  auto out = torch::empty({T, H, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ld = x.stride(0);
+  over_rows(T, H * D, 65536, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cp + t * half;
+      const float* s = sp + t * half;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* x1 = xp + t * ld + h * D;
+        const float* x2 = x1 + half;
+        float* o = op + (t * H + h) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          o[i] = x1[i] * c[i] - x2[i] * s[i];
+          o[half + i] = x2[i] * c[i] + x1[i] * s[i];
+        }
+      }
+    }
+  });
+  return out;
+}
