@@ -100,7 +100,7 @@ def build_forward_batch(
         spans.append((start, end))
         wants_all = seq.drafts or (seq.params.prefill_logprobs and not seq.prefill_reported)
         logit_rows.append(list(range(start, end)) if wants_all else [end - 1])
-    attn = AttentionMeta(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), kernels=kernels)
+    attn = AttentionMeta(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
     paged_seqs, paged_spans = [], []
     for seq, span in zip(seqs, spans):
         if seq.num_cached == 0:

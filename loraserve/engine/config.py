@@ -35,7 +35,9 @@ class EngineConfig:
     adapter_memory_bytes: int | None = None  # default: 10% of device memory
     num_threads: int | None = None  # CPU intra-op threads (default: torch's)
     pack_weights: bool = True  # CPU: keep dense weights in oneDNN's blocked layout (layers/linear.py)
-    native_kernels: bool = True  # CPU fp32: per-row LoRA kernel for decode rows (layers/native_cpu.py)
+    native_kernels: bool = (
+        True  # CPU fp32: LoRA, decode attention, norm, SwiGLU, rotary kernels (layers/native_cpu.py)
+    )
 
 
 def device_memory(device: torch.device) -> int:

@@ -39,8 +39,8 @@ class PagedGroup:
     pad_rows: torch.Tensor | None  # [N] positions in the padded [num_seqs * max_q] layout
     block_tables: torch.Tensor  # [num_seqs, blocks_per_seq]
     max_ctx: int
+    ctx_lens: torch.Tensor  # [num_seqs] int64 context length of each sequence
     mask: torch.Tensor | None  # [num_seqs, 1, max_q * group_size, max_ctx] bool, True = attend; None: all
-    ctx_lens: torch.Tensor | None = None  # [num_seqs] int64 context length of each sequence
 
 
 @dataclass
@@ -48,7 +48,6 @@ class AttentionMeta:
     slot_mapping: torch.Tensor  # [T] flat cache slot of every new token
     fresh: list[tuple[int, int]] = field(default_factory=list)  # (tok_start, tok_end) causal prefills
     paged: list[PagedGroup] = field(default_factory=list)
-    kernels: ModuleType | None = None  # native CPU kernels: decode steps read the cache in place
 
 
 def write_kv(
@@ -90,6 +89,20 @@ def _gather_context(
     return kg, vg
 
 
+def _native_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    grp: PagedGroup,
+    scale: float,
+    kernels: ModuleType,
+) -> torch.Tensor:
+    """[num_seqs, Hq, D] for a group of single-token rows, read straight from the cache blocks
+    by the native CPU kernel (no gathered copy, whose cost grows with the context)."""
+    rows = q[grp.tok_start : grp.tok_start + grp.num_seqs] if grp.dense else q.index_select(0, grp.q_rows)
+    return kernels.paged_decode_attention(rows, k_cache, v_cache, grp.block_tables, grp.ctx_lens, scale)
+
+
 def _decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -98,14 +111,13 @@ def _decode_attention(
     scale: float,
     kernels: ModuleType | None,
 ) -> torch.Tensor:
-    """The common step: every token is one sequence's next token. The native CPU kernel
-    reads each context straight from its blocks (no gathered copy, whose cost grows with
-    the context). Otherwise, with one query per sequence, folding GQA heads is a plain view
-    and the output needs no scatter: 5 fewer ops per layer than the general path."""
+    """The common step: every token is one sequence's next token. Without the native kernel,
+    one query per sequence makes folding GQA heads a plain view and the output needs no
+    scatter: 5 fewer ops per layer than the general path."""
+    if kernels is not None:
+        return _native_decode(q, k_cache, v_cache, grp, scale, kernels)
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
-    if kernels is not None and grp.ctx_lens is not None:
-        return kernels.paged_decode_attention(q, k_cache, v_cache, grp.block_tables, grp.ctx_lens, scale)
     kg, vg = _gather_context(k_cache, v_cache, grp)
     o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), kg, vg, attn_mask=grp.mask, scale=scale)
     return o.reshape(b, hq, d)
@@ -119,12 +131,15 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMeta,
     scale: float,
+    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D]."""
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D].
+
+    `kernels`: the native CPU kernels; single-token rows then read the cache in place."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     hkv = k.shape[1]
     if not meta.fresh and len(meta.paged) == 1 and _all_single_decodes(meta.paged[0], q.shape[0]):
-        return _decode_attention(q, k_cache, v_cache, meta.paged[0], scale, meta.kernels)
+        return _decode_attention(q, k_cache, v_cache, meta.paged[0], scale, kernels)
     out = torch.empty_like(q)
     for s, e in meta.fresh:
         qs = _fold_gqa(q[s:e].unsqueeze(0), hkv)
@@ -142,15 +157,10 @@ def paged_attention(
         out[s:e] = _unfold_gqa(o, e - s)[0]
     for grp in meta.paged:
         b, lq = grp.num_seqs, grp.max_q
-        if lq == 1 and meta.kernels is not None and grp.ctx_lens is not None:
-            # decode rows beside prefills: the kernel reads their context in place as well
-            rows = slice(grp.tok_start, grp.tok_start + b) if grp.dense else grp.q_rows
-            qg = q[rows] if grp.dense else q.index_select(0, grp.q_rows)
-            o = meta.kernels.paged_decode_attention(
-                qg, k_cache, v_cache, grp.block_tables, grp.ctx_lens, scale
-            )
+        if lq == 1 and kernels is not None:  # decode rows beside prefills
+            o = _native_decode(q, k_cache, v_cache, grp, scale, kernels)
             if grp.dense:
-                out[rows] = o
+                out[grp.tok_start : grp.tok_start + b] = o
             else:
                 out.index_copy_(0, grp.q_rows, o)
             continue

@@ -112,7 +112,7 @@ class LlamaModel:
             q, k = qk[:, : cfg.num_attention_heads], qk[:, cfg.num_attention_heads :]
             v = qkv[:, k_end:].view(t, -1, cfg.head_dim)
             k_cache, v_cache = self.kv_caches[i]
-            attn = paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale).view(t, -1)
+            attn = paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale, kern).view(t, -1)
             o = linear(attn, layer.o)
             if lb is not None:
                 apply_lora((o,), attn, a["o_proj"][i], (b["o_proj"][i],), lb, ranks)

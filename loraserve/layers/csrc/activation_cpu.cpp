@@ -9,21 +9,7 @@
 #include <cmath>
 
 #include "fast_exp.h"
-
-namespace {
-
-// Rows in parallel once there are at least `serial_max` elements: a parallel region costs
-// more than a few rows of cheap work (rotary), but SiLU's exp pays for it much sooner.
-template <typename F>
-void over_rows(int64_t rows, int64_t work_per_row, int64_t serial_max, const F& body) {
-  if (rows < 2 || rows * work_per_row < serial_max) {
-    body(0, rows);
-  } else {
-    at::parallel_for(0, rows, 1, body);
-  }
-}
-
-}  // namespace
+#include "over_rows.h"
 
 // gu: [T, 2*I] (gate | up, rows contiguous) -> [T, I] = silu(gate) * up
 torch::Tensor silu_mul(const torch::Tensor& gu) {

@@ -10,6 +10,8 @@
 
 #include <cmath>
 
+#include "over_rows.h"
+
 namespace {
 
 void check_rows(const torch::Tensor& t, const char* name) {
@@ -52,11 +54,7 @@ torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, double e
       for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * r * wp[i];
     }
   };
-  if (T * H < 65536) {
-    body(0, T);  // a parallel region costs more than a few rows of work
-  } else {
-    at::parallel_for(0, T, 16, body);
-  }
+  over_rows(T, H, 65536, body);
   return y;
 }
 
