@@ -61,9 +61,9 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         resolve_lengths(cfg, mc)
-        self.model = load_model(self.model_dir, mc, self.dtype, self.device, cfg.pack_weights)
         # None on CUDA, other dtypes, or when switched off: the model then runs PyTorch ops
         self.kernels = cpu_kernels(self.device, self.dtype) if cfg.native_kernels else None
+        self.model = load_model(self.model_dir, mc, self.dtype, self.device, cfg.pack_weights, self.kernels)
         self._allocate_kv_cache()
         self._allocate_lora_table()
         self.scheduler = Scheduler(

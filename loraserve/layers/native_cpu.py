@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use for the machine they run on: the multi-LoRA op
 (`csrc/lora_cpu.cpp`), decode attention over the paged KV cache
 (`csrc/attention_cpu.cpp`), RMSNorm fused with the residual add
-(`csrc/norm_cpu.cpp`), and SwiGLU's silu*mul and rotary embedding as one pass
-each (`csrc/activation_cpu.cpp`).
+(`csrc/norm_cpu.cpp`), SwiGLU's silu*mul and rotary embedding as one pass
+each (`csrc/activation_cpu.cpp`), and dense projections over panel-packed
+weights (`csrc/gemm_cpu.cpp`, AVX-512 builds).
 
 Why compile here instead of shipping a wheel: the kernels are a few dozen lines
 of loops that only pay off when the compiler may use every vector instruction
@@ -41,7 +42,14 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [
     CSRC / f
-    for f in ("lora_cpu.cpp", "attention_cpu.cpp", "norm_cpu.cpp", "activation_cpu.cpp", "bindings.cpp")
+    for f in (
+        "lora_cpu.cpp",
+        "attention_cpu.cpp",
+        "norm_cpu.cpp",
+        "activation_cpu.cpp",
+        "gemm_cpu.cpp",
+        "bindings.cpp",
+    )
 ]
 ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
 # -march for the build: "native" by default; e.g. x86-64-v3 to build one library for a fleet of
@@ -100,7 +108,7 @@ def _load() -> ModuleType | None:
 
 def cpu_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
     """The module (`lora_rows`, `paged_decode_attention`, `rms_norm`, `add_rms_norm_`,
-    `silu_mul`, `rotary`), when it can serve this device and dtype."""
+    `silu_mul`, `rotary`, `panel_linear`), when it can serve this device and dtype."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
     return _load()

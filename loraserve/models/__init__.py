@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -17,6 +18,12 @@ ARCHITECTURES = {
 
 
 def load_model(
-    path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, pack: bool = True
+    path: str | Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    pack: bool = True,
+    kernels: ModuleType | None = None,
 ) -> LlamaModel:
-    return ARCHITECTURES[cfg.architecture].from_pretrained(path, cfg, dtype, device, pack)
+    """`kernels`: the native CPU module, whose GEMM then takes the dense weights (layers/linear.py)."""
+    return ARCHITECTURES[cfg.architecture].from_pretrained(path, cfg, dtype, device, pack, kernels)

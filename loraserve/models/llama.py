@@ -10,6 +10,7 @@ Weight names follow HF checkpoints.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,9 @@ from loraserve.models.weights import iter_weights
 
 
 class DecoderLayer:
-    def __init__(self, w: dict[str, torch.Tensor], cfg: ModelConfig, pack: bool) -> None:
+    def __init__(
+        self, w: dict[str, torch.Tensor], cfg: ModelConfig, pack: bool, kernels: ModuleType | None = None
+    ) -> None:
         qkv_w = torch.cat(
             [w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]
         )
@@ -35,12 +38,12 @@ class DecoderLayer:
             if "self_attn.q_proj.bias" in w
             else None
         )
-        self.qkv = make_linear(qkv_w, qkv_b, pack)
-        self.o = make_linear(w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), pack)
+        self.qkv = make_linear(qkv_w, qkv_b, pack, kernels)
+        self.o = make_linear(w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), pack, kernels)
         self.gate_up = make_linear(
-            torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None, pack
+            torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None, pack, kernels
         )
-        self.down = make_linear(w["mlp.down_proj.weight"], None, pack)
+        self.down = make_linear(w["mlp.down_proj.weight"], None, pack, kernels)
         self.in_norm = w["input_layernorm.weight"]
         self.post_norm = w["post_attention_layernorm.weight"]
 
@@ -68,9 +71,16 @@ class LlamaModel:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, pack: bool = True
+        cls,
+        path: str | Path,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        pack: bool = True,
+        kernels: ModuleType | None = None,
     ) -> LlamaModel:
-        """`pack`: let dense weights take the CPU GEMM library's layout (see layers/linear.py)."""
+        """`pack`: let dense weights take a CPU GEMM's packed layout, the native `kernels`' own
+        when given and able, else oneDNN's (see layers/linear.py)."""
         model = cls(cfg, dtype, device)
         per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.num_hidden_layers)]
         top: dict[str, torch.Tensor] = {}
@@ -87,8 +97,8 @@ class LlamaModel:
         if head is None:
             raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
         # a tied head is packed as its own copy: the embedding lookup needs the plain matrix
-        model.lm_head = make_linear(head, None, pack)
-        model.layers = [DecoderLayer(w, cfg, pack) for w in per_layer]
+        model.lm_head = make_linear(head, None, pack, kernels)
+        model.layers = [DecoderLayer(w, cfg, pack, kernels) for w in per_layer]
         return model
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:

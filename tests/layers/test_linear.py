@@ -1,4 +1,5 @@
-"""Packed (oneDNN) projections against F.linear, across the row counts a server produces."""
+"""Packed projections (oneDNN's layout and our panels) against F.linear, across the row counts a
+server produces."""
 
 from __future__ import annotations
 
@@ -6,7 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraserve.layers.linear import EXACT_ROWS, linear, make_linear, packing_supported, row_bucket
+from loraserve.layers.linear import (
+    EXACT_ROWS,
+    PANEL,
+    linear,
+    make_linear,
+    pack_panels,
+    packing_supported,
+    panels_supported,
+    row_bucket,
+)
+from tests.fixtures.native import native_kernel_or_skip
 
 CPU = torch.device("cpu")
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32, CPU), reason="no oneDNN here")
@@ -21,7 +32,7 @@ def test_packed_matches_f_linear(rows: int, with_bias: bool) -> None:
     b = torch.randn(96, generator=g) if with_bias else None
     x = torch.randn(rows, 80, generator=g)
     lin = make_linear(w.clone(), b)
-    assert lin.packed
+    assert lin.layout == "onednn"
     got = linear(x, lin)
     assert got.shape == (rows, 96) and got.is_contiguous()
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
@@ -51,3 +62,68 @@ def test_row_buckets_are_few_and_cover_every_count() -> None:
     assert all(m <= row_bucket(m) <= m * 1.125 for m in counts)
     assert all(row_bucket(m) == m for m in range(1, EXACT_ROWS + 1))  # where decoding lives
     assert all(row_bucket(b) == b for b in buckets)
+
+
+@pytest.fixture
+def panel_kernels():
+    kern = native_kernel_or_skip()
+    if not panels_supported(kern):
+        pytest.skip("native kernels built without AVX-512: projections stay on oneDNN")
+    return kern
+
+
+def test_panels_hold_the_weight_columnwise_zero_padded() -> None:
+    w = torch.arange(70 * 3, dtype=torch.float32).view(70, 3)
+    p = pack_panels(w)
+    assert p.shape == (3, 3, PANEL)
+    for n in range(70):
+        assert torch.equal(p[n // PANEL, :, n % PANEL], w[n])
+    assert not p[2, :, 70 - 64 :].any()
+
+
+# rows: one-row streaming, every register-block height, uneven splits, several row chunks;
+# outs: whole panels, a partial last panel (both halves), fewer columns than one panel
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 11, 12, 13, 24, 32, 37, 96, 97, 250])
+@pytest.mark.parametrize("out_f,in_f", [(96, 80), (70, 7), (17, 1), (40, 33)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_panel_matches_f_linear(panel_kernels, rows: int, out_f: int, in_f: int, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows * 7 + out_f)
+    w = torch.randn(out_f, in_f, generator=g)
+    b = torch.randn(out_f, generator=g) if with_bias else None
+    x = torch.randn(rows, in_f, generator=g)
+    lin = make_linear(w.clone(), b, kernels=panel_kernels)
+    assert lin.layout == "panel"
+    got = linear(x, lin)
+    assert got.shape == (rows, out_f) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_panel_reads_strided_rows_and_keeps_leading_dims(panel_kernels) -> None:
+    """Inputs are often column slices of a fused output (q of q|k|v): rows with a stride."""
+    w, b = torch.randn(48, 16), torch.randn(48)
+    lin = make_linear(w.clone(), b, kernels=panel_kernels)
+    wide = torch.randn(13, 40)
+    x = wide[:, 8:24]
+    assert x.stride() == (40, 1)
+    torch.testing.assert_close(linear(x, lin), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(3, 5, 16)
+    torch.testing.assert_close(linear(x3, lin), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(16, 6).t()  # column-major: copied to rows first
+    torch.testing.assert_close(linear(xt, lin), F.linear(xt, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_panel_refuses_mismatched_operands(panel_kernels) -> None:
+    p = pack_panels(torch.randn(40, 16))
+    with pytest.raises(RuntimeError, match="columns"):
+        panel_kernels.panel_linear(torch.randn(2, 15), p, 40, None)
+    with pytest.raises(RuntimeError, match="panels"):
+        panel_kernels.panel_linear(torch.randn(2, 16), p, 65, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        panel_kernels.panel_linear(torch.randn(2, 16), p, 40, torch.randn(39))
+
+
+def test_without_kernels_or_packing_choices_fall_back() -> None:
+    w = torch.randn(8, 4)
+    assert make_linear(w, kernels=None).layout in ("onednn", "plain")
+    assert make_linear(w, pack=False, kernels=None).layout == "plain"
+    assert make_linear(w.double(), kernels=None).layout == "plain"

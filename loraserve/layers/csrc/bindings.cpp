@@ -18,6 +18,10 @@ torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, 
 torch::Tensor silu_mul(const torch::Tensor& gu);
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
+bool panel_gemm_available();
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                           const std::optional<torch::Tensor>& bias);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the step thread keeps the GIL free while a kernel runs, so the event loop is never stalled
   m.def("lora_rows", &lora_rows, "multi-LoRA shrink + expand into strided outputs", pybind11::arg("x"),
@@ -31,5 +35,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] gate|up output",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rotary", &rotary, "rotary embedding, HF half-split layout",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("panel_gemm_available", &panel_gemm_available, "whether panel_linear is compiled in (AVX-512)");
+  m.def("panel_linear", &panel_linear, "x @ W.T + b over 32-column weight panels", pybind11::arg("x"),
+        pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
