@@ -82,9 +82,10 @@ def test_panels_hold_the_weight_columnwise_zero_padded() -> None:
 
 
 # rows: one-row streaming, every register-block height, uneven splits, several row chunks;
-# outs: whole panels, a partial last panel (both halves), fewer columns than one panel
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 11, 12, 13, 24, 32, 37, 96, 97, 250])
-@pytest.mark.parametrize("out_f,in_f", [(96, 80), (70, 7), (17, 1), (40, 33)])
+# (12 x 32 blocks; 6 x 64 over 96 rows, with leftover rows), outs: whole panels in pairs, an
+# odd panel count, a partial last panel (both halves, paired or not), less than one panel
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 11, 12, 13, 24, 32, 37, 64, 96, 97, 101, 250])
+@pytest.mark.parametrize("out_f,in_f", [(96, 80), (128, 16), (70, 7), (17, 1), (40, 33), (120, 9)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_panel_matches_f_linear(panel_kernels, rows: int, out_f: int, in_f: int, with_bias: bool) -> None:
     g = torch.Generator().manual_seed(rows * 7 + out_f)
@@ -127,3 +128,12 @@ def test_without_kernels_or_packing_choices_fall_back() -> None:
     assert make_linear(w, kernels=None).layout in ("onednn", "plain")
     assert make_linear(w, pack=False, kernels=None).layout == "plain"
     assert make_linear(w.double(), kernels=None).layout == "plain"
+
+
+def test_panel_walks_big_weights_panel_major(panel_kernels) -> None:
+    """Weights over the kernel's L3 budget (8 MiB: an lm_head) take the other loop order."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8224, 260, generator=g)  # 8.2 MiB, 257 panels, several row chunks
+    x = torch.randn(100, 260, generator=g)
+    lin = make_linear(w.clone(), kernels=panel_kernels)
+    torch.testing.assert_close(linear(x, lin), F.linear(x, w), rtol=1e-5, atol=1e-4)
