@@ -159,21 +159,24 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
   const float* wp = w.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t ldx = x.stride(0), chunks = (M + kMC - 1) / kMC, pairs = (P + 1) / 2;
+  const int64_t ldx = x.stride(0), chunks = (M + kMC - 1) / kMC;
+  // prefill-sized inputs take panels in pairs (block_wide); decode sizes one by one, which
+  // splits 18 or 30 panels evenly over the threads
+  const int64_t per = chunks > 1 ? 2 : 1, groups = (P + per - 1) / per;
   const bool chunk_major = P * K * kNR * 4 <= kL3Weights;
   auto tile = [&](int64_t p) {
     const int64_t cols = std::min(kNR, n - p * kNR);
     return Tile{wp + p * K * kNR, K, bp ? bp + p * kNR : nullptr, first_n(cols), first_n(cols - 16)};
   };
-  // one work item: a chunk of rows x a pair of adjacent panels
-  at::parallel_for(0, pairs * chunks, 1, [&](int64_t lo, int64_t hi) {
+  // one work item: a chunk of rows x one panel, or two adjacent ones
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t it = lo; it < hi; ++it) {
-      const int64_t pr = chunk_major ? it % pairs : it / chunks, c = chunk_major ? it / pairs : it % chunks;
-      const int64_t p0 = 2 * pr, np = std::min<int64_t>(2, P - p0);
+      const int64_t g = chunk_major ? it % groups : it / chunks, c = chunk_major ? it / groups : it % chunks;
+      const int64_t p0 = per * g, np = std::min(per, P - p0);
       // chunks of equal size (64 rows: one chunk; 100 rows: 50 + 50, not 96 + 4)
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;
       int64_t done = 0;
-      if (np == 2 && chunks > 1) {  // prefill-sized: up to 96 rows, 12 x 32 measured faster
+      if (np == 2) {  // prefill-sized (over 96 rows): up to 96, 12 x 32 measured faster
         const Tile t0 = tile(p0), t1 = tile(p0 + 1);
         for (; done + kWideMR <= rows; done += kWideMR) {
           const int64_t r = r0 + done;
