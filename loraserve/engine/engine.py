@@ -139,7 +139,7 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("inputs must not be empty")
-        vocab = self.model.embed.shape[0]
+        vocab = self.model.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"inputs holds token ids outside the vocabulary [0, {vocab})")
         cfg = self.config

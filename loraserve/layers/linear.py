@@ -16,9 +16,9 @@ chosen once at start-up, best first:
   kernel per (shape, row count), so row counts are bucketed (`row_bucket`).
 
 On CUDA, or where neither is available, weights stay plain and `F.linear` is
-used. Everything that needs the raw matrix (the tied input embedding,
-adapters' shapes) keeps its own plain tensor; a packed copy is only ever used
-through `linear`.
+used. Anything that needs the raw matrix keeps its own plain tensor, except a
+tied input embedding, which reads its rows out of the panels (`panel_rows`);
+oneDNN's opaque copy is only ever used through `linear`.
 """
 
 from __future__ import annotations
@@ -126,6 +126,13 @@ def make_linear(
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
         return Linear(packed, bias, out_f, in_f, layout="onednn")
     return Linear(weight, bias, out_f, in_f)
+
+
+def panel_rows(w: Linear, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of the [out, in] matrix that `w` holds as panels (column idx % 32 of panel
+    idx // 32): a tied input embedding reads its rows from the packed lm_head, so the
+    vocabulary matrix, a small model's biggest tensor, is not kept twice."""
+    return w.weight[idx // PANEL, :, idx % PANEL]
 
 
 def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from loraserve.layers.activation import silu_mul
 from loraserve.layers.attention import paged_attention
 from loraserve.layers.forward_batch import ForwardBatch
-from loraserve.layers.linear import Linear, linear, make_linear
+from loraserve.layers.linear import Linear, linear, make_linear, panel_rows
 from loraserve.layers.lora import LoraTable, apply_lora
 from loraserve.layers.norm import add_rms_norm, rms_norm
 from loraserve.layers.rotary import RotaryTable, apply_rotary
@@ -63,7 +63,8 @@ class LlamaModel:
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, dtype, device
         )
         self.layers: list[DecoderLayer] = []
-        self.embed: torch.Tensor | None = None
+        self.embed: torch.Tensor | None = None  # None when a panel-packed tied lm_head holds it
+        self.vocab_size = cfg.vocab_size
         self.norm: torch.Tensor | None = None
         self.lm_head: Linear | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -92,14 +93,38 @@ class LlamaModel:
             else:
                 top[name] = t
         model.embed = top["model.embed_tokens.weight"]
+        model.vocab_size = model.embed.shape[0]
         model.norm = top["model.norm.weight"]
-        head = top.get("lm_head.weight", model.embed if cfg.tie_word_embeddings else None)
+        tied = "lm_head.weight" not in top and cfg.tie_word_embeddings
+        head = model.embed if tied else top.get("lm_head.weight")
         if head is None:
             raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
-        # a tied head is packed as its own copy: the embedding lookup needs the plain matrix
         model.lm_head = make_linear(head, None, pack, kernels)
+        if tied and model.lm_head.layout == "panel":
+            model.embed = None  # looked up in the panels (embed_tokens): one copy, not two
+        # (oneDNN's packed copy is opaque: a tied head packed for it keeps the plain one too)
         model.layers = [DecoderLayer(w, cfg, pack, kernels) for w in per_layer]
+        if device.type == "cpu" and model.lm_head.packed:
+            model._release_checkpoint()
         return model
+
+    def _release_checkpoint(self) -> None:
+        """Copy out the tensors still used as loaded, once the matrices live in packed copies.
+
+        Why: safetensors maps the checkpoint, and a CPU tensor already in the serving dtype is a
+        view of that mapping, so a single kept norm vector pins the whole file, resident after
+        packing read it (513 MB on the 135M shape). Not done for plain layouts, which compute
+        straight from the mapping.
+        """
+        for layer in self.layers:
+            layer.in_norm, layer.post_norm = layer.in_norm.clone(), layer.post_norm.clone()
+        projections = ("qkv", "o", "gate_up", "down")
+        for lin in [self.lm_head, *(getattr(layer, n) for layer in self.layers for n in projections)]:
+            if lin.bias is not None:
+                lin.bias = lin.bias.clone()
+        self.norm = self.norm.clone()
+        if self.embed is not None:
+            self.embed = self.embed.clone()
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Returns final hidden states [T, hidden] for every new token."""
@@ -108,7 +133,7 @@ class LlamaModel:
         inter = cfg.intermediate_size
         kern, eps = fb.kernels, cfg.rms_norm_eps
         ranks = lora.slot_rank if lora is not None else None
-        x = F.embedding(fb.input_ids, self.embed)  # the residual stream
+        x = self.embed_tokens(fb.input_ids)  # the residual stream
         h = rms_norm(x, self.layers[0].in_norm, eps, kern)
         for i, layer in enumerate(self.layers):
             qkv = linear(h, layer.qkv)
@@ -139,6 +164,11 @@ class LlamaModel:
             last = i + 1 == len(self.layers)
             x, h = add_rms_norm(x, d, self.norm if last else self.layers[i + 1].in_norm, eps, kern)
         return h
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            return panel_rows(self.lm_head, ids)
+        return F.embedding(ids, self.embed)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.layers.linear import panels_supported
 from loraserve.models.weights import checkpoint_files
+from tests.fixtures.native import native_kernel_or_skip
 from tests.fixtures.tiny_models import load_hf_model, make_tokenizer
 
 PROMPT = [1, 17, 33, 90, 5, 61, 7, 200, 3]
@@ -37,3 +41,33 @@ def test_low_precision_serving_tracks_float32(llama_dir: Path, dtype: str) -> No
     low = small_engine(llama_dir, dtype).prompt_logits(PROMPT)
     assert low.dtype == torch.float32  # logits are always returned in float32 for sampling
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_tied_embedding_is_read_from_the_packed_head(tiny_model_dirs: dict[str, Path]) -> None:
+    """With panel-packed weights a tied model keeps one vocabulary matrix, and still gives
+    transformers' logits; an untied model keeps its own embedding."""
+    kern = native_kernel_or_skip()
+    if not panels_supported(kern):
+        pytest.skip("native kernels built without AVX-512: projections stay on oneDNN")
+    qwen = small_engine(tiny_model_dirs["qwen2"])
+    assert qwen.model.lm_head.layout == "panel" and qwen.model.embed is None
+    with torch.no_grad():
+        ref = load_hf_model(tiny_model_dirs["qwen2"])(torch.tensor([PROMPT])).logits[0].float()
+    torch.testing.assert_close(qwen.prompt_logits(PROMPT), ref, rtol=1e-4, atol=1e-4)
+    assert small_engine(tiny_model_dirs["llama"]).model.embed is not None
+
+
+def test_packed_model_lets_go_of_the_checkpoint_mapping(llama_dir: Path, tmp_path: Path) -> None:
+    """Once every matrix is packed, no tensor may still view the mapped checkpoint file (it
+    would keep the whole file resident)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    own = tmp_path / "model"
+    shutil.copytree(llama_dir, own)
+    engine = small_engine(own)
+    if not engine.model.lm_head.packed:
+        pytest.skip("no packed layout here (no oneDNN, no native kernels)")
+    gc.collect()
+    assert str(own / "model.safetensors") not in maps.read_text()
+    torch.testing.assert_close(engine.prompt_logits(PROMPT), small_engine(llama_dir).prompt_logits(PROMPT))
