@@ -34,10 +34,9 @@ class EngineConfig:
     adapter_cycle_time_s: float = 2.0  # how long requests may wait for a slot before busy adapters rotate out
     adapter_memory_bytes: int | None = None  # default: 10% of device memory
     num_threads: int | None = None  # CPU intra-op threads (default: torch's)
-    pack_weights: bool = True  # CPU: keep dense weights in oneDNN's blocked layout (layers/linear.py)
-    native_kernels: bool = (
-        True  # CPU fp32: LoRA, decode attention, norm, SwiGLU, rotary kernels (layers/native_cpu.py)
-    )
+    pack_weights: bool = True  # CPU: keep dense weights packed, as panels or for oneDNN (layers/linear.py)
+    # CPU fp32: GEMM, LoRA, decode attention, norm, SwiGLU, rotary kernels (layers/native_cpu.py)
+    native_kernels: bool = True
 
 
 def device_memory(device: torch.device) -> int:

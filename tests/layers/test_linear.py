@@ -14,10 +14,9 @@ from loraserve.layers.linear import (
     make_linear,
     pack_panels,
     packing_supported,
-    panels_supported,
     row_bucket,
 )
-from tests.fixtures.native import native_kernel_or_skip
+from tests.fixtures.native import panel_kernels_or_skip
 
 CPU = torch.device("cpu")
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32, CPU), reason="no oneDNN here")
@@ -66,10 +65,7 @@ def test_row_buckets_are_few_and_cover_every_count() -> None:
 
 @pytest.fixture
 def panel_kernels():
-    kern = native_kernel_or_skip()
-    if not panels_supported(kern):
-        pytest.skip("native kernels built without AVX-512: projections stay on oneDNN")
-    return kern
+    return panel_kernels_or_skip()
 
 
 def test_panels_hold_the_weight_columnwise_zero_padded() -> None:

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from loraserve.engine.engine import Engine, EngineConfig
-from loraserve.layers.linear import panels_supported
 from loraserve.models.weights import checkpoint_files
-from tests.fixtures.native import native_kernel_or_skip
+from tests.fixtures.native import panel_kernels_or_skip
 from tests.fixtures.tiny_models import load_hf_model, make_tokenizer
 
 PROMPT = [1, 17, 33, 90, 5, 61, 7, 200, 3]
@@ -46,9 +45,7 @@ def test_low_precision_serving_tracks_float32(llama_dir: Path, dtype: str) -> No
 def test_tied_embedding_is_read_from_the_packed_head(tiny_model_dirs: dict[str, Path]) -> None:
     """With panel-packed weights a tied model keeps one vocabulary matrix, and still gives
     transformers' logits; an untied model keeps its own embedding."""
-    kern = native_kernel_or_skip()
-    if not panels_supported(kern):
-        pytest.skip("native kernels built without AVX-512: projections stay on oneDNN")
+    panel_kernels_or_skip()
     qwen = small_engine(tiny_model_dirs["qwen2"])
     assert qwen.model.lm_head.layout == "panel" and qwen.model.embed is None
     with torch.no_grad():
