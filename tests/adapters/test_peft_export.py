@@ -11,9 +11,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import merge_utils
 
 from loraserve.adapters.merge import MergeSpec, merge_adapters
-from loraserve.adapters.peft_export import module_path, save_as_peft
 from loraserve.adapters.peft_format import parse_peft_adapter
 from tests.adapters.merge_fixtures import build_assets, raw_lora_tensors
+from tests.fixtures.peft_export import module_path, save_as_peft
 from tests.fixtures.tiny_models import load_hf_model
 
 INPUT_IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 120, 5]])
