@@ -1,22 +1,20 @@
-"""The in-memory form of a LoRA adapter that the engine consumes.
+"""The plain data types of an adapter in memory: `LoraModuleWeights`, `LoraAdapter`, `MedusaHeads`.
 
-Everything upstream (sources, PEFT parsing, merging) produces a `LoraAdapter`;
-everything downstream (the device slot table) only reads one. Tensors are
-kept in PEFT's orientation so merging code can follow PEFT/LoRAX formulas
-literally: A is ``[r, in_features]``, B is ``[out_features, r]``.
+Everything upstream (sources, the PEFT and Medusa parsers, merging) produces a
+`LoraAdapter`; everything downstream (the engine's slot table, the Medusa
+layer) only reads one. This module imports no parser, so parsers, engine and
+layers can all depend on it without import cycles. LoRA tensors are kept in
+PEFT's orientation so merging code can follow PEFT/LoRAX formulas literally:
+A is ``[r, in_features]``, B is ``[out_features, r]``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from loraserve.adapters.errors import AdapterError
-
-if TYPE_CHECKING:  # medusa_format imports this module
-    from loraserve.adapters.medusa_format import MedusaHeads
 
 LORA_MODULES: tuple[str, ...] = (
     "q_proj",
@@ -40,6 +38,53 @@ class LoraModuleWeights:
     @property
     def rank(self) -> int:
         return int(self.a.shape[0])
+
+
+@dataclass
+class MedusaHeads:
+    """Validated Medusa heads in host memory; the engine moves them with `to()`.
+
+    Tensors are stacked over heads so every head runs in one batched matmul:
+    `weight[k, j]` is block `j` of head `k` in `nn.Linear` orientation
+    (`y = x @ weight.T + bias`).
+    """
+
+    key: str
+    num_heads: int
+    num_layers: int
+    version: int  # as declared in config.json (LoRAX: per-request heads must be >= 2)
+    weight: torch.Tensor  # [num_heads, num_layers, H, H]
+    bias: torch.Tensor  # [num_heads, num_layers, H]
+    proj: torch.Tensor | None = None  # [num_heads, V, H] per-head vocab projection (v1); None: base lm_head
+    base_model_name: str | None = None
+    config: dict = field(default_factory=dict)  # the raw config.json
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[-1])
+
+    @property
+    def uses_base_lm_head(self) -> bool:
+        """True for v2-style heads: drafts come from the (LoRA-free) base `lm_head`."""
+        return self.proj is None
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.proj.nbytes if self.proj is not None else 0
+        return self.weight.nbytes + self.bias.nbytes + extra
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MedusaHeads:
+        """A copy on `device` (and `dtype`), e.g. once when the engine activates the heads."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype or t.dtype)
+
+        return replace(
+            self,
+            weight=move(self.weight),
+            bias=move(self.bias),
+            proj=None if self.proj is None else move(self.proj),
+        )
 
 
 @dataclass

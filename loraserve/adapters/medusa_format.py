@@ -20,6 +20,10 @@ trimmed after training (e.g. FasterDecoding's vicuna heads).
 A directory with `adapter_config.json` + LoRA weights *and* the Medusa files is
 a LoRA fine-tune with its own heads; `parse_adapter_dir` returns one
 `LoraAdapter` carrying both parts (`adapter.medusa`).
+
+The `MedusaHeads` type lives in `lora_weights` with the other adapter types, so
+the engine and layers can hold heads without importing a parser; it is
+importable from here too.
 """
 
 from __future__ import annotations
@@ -28,13 +32,12 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from loraserve.adapters.errors import AdapterError
-from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.adapters.peft_format import is_lora_dir, load_tensor_file, parse_peft_adapter
 from loraserve.models.config import ModelConfig
 
@@ -49,53 +52,6 @@ MAX_LAYERS = 16
 
 # "3.0.linear.weight", "3.1.weight"; the Medusa model's own state dict may carry "medusa_head."
 _KEY_RE = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.)?(weight|bias)$")
-
-
-@dataclass
-class MedusaHeads:
-    """Validated Medusa heads in host memory; the engine moves them with `to()`.
-
-    Tensors are stacked over heads so every head runs in one batched matmul:
-    `weight[k, j]` is block `j` of head `k` in `nn.Linear` orientation
-    (`y = x @ weight.T + bias`).
-    """
-
-    key: str
-    num_heads: int
-    num_layers: int
-    version: int  # as declared in config.json (LoRAX: per-request heads must be >= 2)
-    weight: torch.Tensor  # [num_heads, num_layers, H, H]
-    bias: torch.Tensor  # [num_heads, num_layers, H]
-    proj: torch.Tensor | None = None  # [num_heads, V, H] per-head vocab projection (v1); None: base lm_head
-    base_model_name: str | None = None
-    config: dict = field(default_factory=dict)  # the raw config.json
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.weight.shape[-1])
-
-    @property
-    def uses_base_lm_head(self) -> bool:
-        """True for v2-style heads: drafts come from the (LoRA-free) base `lm_head`."""
-        return self.proj is None
-
-    @property
-    def nbytes(self) -> int:
-        extra = self.proj.nbytes if self.proj is not None else 0
-        return self.weight.nbytes + self.bias.nbytes + extra
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MedusaHeads:
-        """A copy on `device` (and `dtype`), e.g. once when the engine activates the heads."""
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype or t.dtype)
-
-        return replace(
-            self,
-            weight=move(self.weight),
-            bias=move(self.bias),
-            proj=None if self.proj is None else move(self.proj),
-        )
 
 
 # ---- files ------------------------------------------------------------------------------------

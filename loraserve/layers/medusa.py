@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from loraserve.layers.linear import Linear, linear, make_linear
 
 if TYPE_CHECKING:
-    from loraserve.adapters.medusa_format import MedusaHeads
+    from loraserve.adapters.lora_weights import MedusaHeads
 
 
 def medusa_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
