@@ -11,17 +11,18 @@ PORT ?= 8080
 
 .PHONY: install test run lint bench bench-medusa lorax-client demo-assets
 
-# The last step compiles the native CPU kernels for this machine (~40 s, once; optional: a failed
-# build only means the PyTorch fallbacks run).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
 	$(PIP) install -q -e '.[test]'
-	$(PY) -m loraserve.layers.native_cpu
 	touch $@
 
+# Then the native CPU kernels for this machine (a minute or more the first time and after a kernel
+# source or torch change; a second when already built). Servers only load them, never compile; a
+# missing compiler or a failed build only means the PyTorch fallbacks run (the command says so).
 install: $(VENV)/.installed
+	$(VENV)/bin/loraserve build-kernels
 
 # LoRAX's own client pins old huggingface-hub/certifi, so it lives in its own venv (used by the API tests).
 $(LORAX_VENV)/.installed:

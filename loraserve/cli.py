@@ -1,4 +1,5 @@
-"""`loraserve serve` (the HTTP server) and `loraserve generate` (one generation, no server)."""
+"""`loraserve serve` (the HTTP server), `loraserve generate` (one generation, no server) and
+`loraserve build-kernels` (compile the native CPU kernels ahead of any start)."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def serve(args: argparse.Namespace) -> int:
             cache_dir, args.local_adapter_roots or None, timeout_s=args.adapter_source_timeout_s
         ),
         auth_ttl_s=args.adapter_auth_ttl_s,
-        max_rank=engine.config.max_lora_rank,
+        max_rank=engine.limits.max_lora_rank,
     )
     problem = _setup_speculation(engine, store, args)
     if problem:
@@ -237,6 +238,13 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_kernels(args: argparse.Namespace) -> int:
+    """Kept out of `serve` on purpose: a minute of compiling belongs to installing, not to a start."""
+    from loraserve.layers.native_cpu import build_command
+
+    return build_command(args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraserve", description="Serve one base model and many LoRA adapters."
@@ -269,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--device", default="cpu")
     p_gen.add_argument("--max-lora-rank", type=int, default=64)
     p_gen.set_defaults(func=generate)
+
+    p_build = sub.add_parser(
+        "build-kernels",
+        help="Compile the native CPU kernels for this machine (servers only load them; `make install` runs this).",
+    )
+    p_build.add_argument(
+        "--force", action="store_true", help="Rebuild even when a build for this machine is already cached."
+    )
+    p_build.set_defaults(func=build_kernels)
     return parser
 
 

@@ -1,0 +1,224 @@
+"""Building the native CPU kernels: only `build-kernels` compiles, a start only loads (and says
+in one line when it cannot), the cache key follows the sources, and a build killed halfway
+leaves nothing that makes the next build or start wait."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraserve.layers import native_cpu
+
+REPO = Path(__file__).resolve().parents[2]
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+@pytest.fixture
+def fresh_load() -> Iterator[None]:
+    """`_load` is cached per process: forget it around a test that changes the environment."""
+    native_cpu._load.cache_clear()
+    yield
+    native_cpu._load.cache_clear()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (native_cpu.ENV_SWITCH, "CXX")}
+    env.update(extra)
+    return env
+
+
+def _has_compiler() -> bool:
+    return native_cpu.compiler() is not None
+
+
+def test_cache_location_is_independent_of_the_checkout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(native_cpu.ENV_CACHE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native_cpu.cache_dir() == tmp_path / "xdg" / "loraserve" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert native_cpu.cache_dir() == Path.home() / ".cache" / "loraserve" / "kernels"
+    monkeypatch.setenv(native_cpu.ENV_CACHE, str(tmp_path / "k"))
+    assert native_cpu.cache_dir() == tmp_path / "k"
+    assert native_cpu.library_path().parent == tmp_path / "k"
+
+
+def test_build_key_follows_sources_headers_target_and_torch(tmp_path: Path) -> None:
+    csrc = tmp_path / "csrc"
+    shutil.copytree(native_cpu.CSRC, csrc)
+    key = native_cpu.build_key("native", csrc, "2.13.0", "flags: avx2")
+    assert key == native_cpu.build_key("native", csrc, "2.13.0", "flags: avx2")
+    assert key != native_cpu.build_key("native", csrc, "2.14.0", "flags: avx2")
+    assert key != native_cpu.build_key("native", csrc, "2.13.0", "flags: avx2 avx512f")
+    assert key != native_cpu.build_key("x86-64-v3", csrc, "2.13.0", "flags: avx2")
+    # a named target does not depend on the build machine's CPU, so a fleet can share it
+    fleet = native_cpu.build_key("x86-64-v3", csrc, "2.13.0", "flags: avx2")
+    assert fleet == native_cpu.build_key("x86-64-v3", csrc, "2.13.0", "flags: avx2 avx512f")
+    header = next(iter(sorted(csrc.glob("*.h"))))
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert key != native_cpu.build_key("native", csrc, "2.13.0", "flags: avx2")
+    edited = native_cpu.build_key("native", csrc, "2.13.0", "flags: avx2")
+    (csrc / "lora_cpu.cpp").write_text((csrc / "lora_cpu.cpp").read_text() + "\n// changed\n")
+    assert edited != native_cpu.build_key("native", csrc, "2.13.0", "flags: avx2")
+
+
+def test_a_start_without_a_build_never_compiles_and_says_so_once(
+    fresh_load: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv(native_cpu.ENV_CACHE, str(cache))
+    monkeypatch.delenv(native_cpu.ENV_SWITCH, raising=False)
+    caplog.set_level(logging.INFO, logger=native_cpu.__name__)
+    t0 = time.monotonic()
+    assert native_cpu.cpu_kernels(CPU, F32) is None
+    assert native_cpu.cpu_kernels(CPU, F32) is None  # asked again (another layer): no second line
+    assert time.monotonic() - t0 < 5
+    assert not cache.exists()  # nothing was built or even started
+    lines = [r.getMessage() for r in caplog.records if r.name == native_cpu.__name__]
+    assert len(lines) == 1, lines
+    assert "not built" in lines[0] and "PyTorch fallbacks" in lines[0]
+    assert "`loraserve build-kernels`" in lines[0] and str(cache) in lines[0]
+
+
+def test_a_corrupt_library_is_reported_and_the_fallback_runs(
+    fresh_load: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(native_cpu.ENV_CACHE, str(tmp_path))
+    monkeypatch.delenv(native_cpu.ENV_SWITCH, raising=False)
+    native_cpu.library_path().write_bytes(b"not an ELF file")
+    caplog.set_level(logging.INFO, logger=native_cpu.__name__)
+    assert native_cpu.cpu_kernels(CPU, F32) is None
+    (line,) = [r.getMessage() for r in caplog.records if r.name == native_cpu.__name__]
+    assert "failed to load" in line and "build-kernels --force" in line
+
+
+@pytest.mark.parametrize(
+    "entry", [["-m", "loraserve.cli", "build-kernels"], ["-m", "loraserve.layers.native_cpu"]]
+)
+def test_build_without_a_compiler_exits_0_and_says_so(entry: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, *entry],
+        env=_env(LORASERVE_KERNEL_CACHE=str(tmp_path), CXX=str(tmp_path / "no-such-c++")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "not built: no C++ compiler" in proc.stdout and "PyTorch fallbacks" in proc.stdout
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_build_when_switched_off_exits_0_and_says_so(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraserve.cli", "build-kernels"],
+        env=_env(LORASERVE_KERNEL_CACHE=str(tmp_path), LORASERVE_NATIVE_KERNELS="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0 and "disabled by LORASERVE_NATIVE_KERNELS=0" in proc.stdout
+
+
+def test_build_kernels_after_make_install_finds_the_build_at_once() -> None:
+    """`make install` has built them: running it again (as every `make install` does) only checks."""
+    if not _has_compiler() or not native_cpu.enabled():
+        pytest.skip("no C++ compiler or native kernels switched off: nothing was built")
+    if not native_cpu.library_path().is_file():
+        pytest.fail(f"no native kernels at {native_cpu.library_path()}: run `loraserve build-kernels`")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraserve.cli", "build-kernels"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"already built for this machine: {native_cpu.library_path()}" in proc.stdout
+    assert time.monotonic() - t0 < 60
+
+
+def test_abandoned_build_dirs_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    import socket
+
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".build-{host}-{dead.pid}-abc123"
+    live = tmp_path / f".build-{host}-{os.getpid()}-def456"
+    other_host_old = tmp_path / ".build-elsewhere-1-ghi789"
+    other_host_new = tmp_path / ".build-elsewhere-2-jkl012"
+    for d in (killed, live, other_host_old, other_host_new):
+        d.mkdir()
+        (d / "lock").touch()  # what torch's build leaves when killed
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(other_host_old, (day_ago, day_ago))
+    removed = native_cpu._remove_abandoned_builds(tmp_path)
+    assert sorted(removed) == sorted([killed, other_host_old])
+    assert live.exists() and other_host_new.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_build_killed_halfway_does_not_block_the_next_build_or_start(tmp_path: Path) -> None:
+    """SIGKILL a real `build-kernels` while it compiles (its compiler and ninja too), then: a start
+    neither waits nor loads a partial library, and the next `build-kernels` finishes and loads."""
+    if not _has_compiler() or not native_cpu.enabled():
+        pytest.skip("no C++ compiler or native kernels switched off")
+    cache = tmp_path / "kernels"
+    env = _env(LORASERVE_KERNEL_CACHE=str(cache))
+    cmd = [sys.executable, "-m", "loraserve.cli", "build-kernels"]
+    first = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob(".build-*/*.o")) and not list(cache.glob(".build-*/lock")):
+            assert first.poll() is None, "the build ended before it could be killed"
+            assert time.monotonic() < deadline, "the build never started compiling"
+            time.sleep(0.2)
+        time.sleep(3)  # well into compiling
+        assert first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    leftovers = list(cache.glob(".build-*"))
+    assert leftovers and list(cache.glob(".build-*/lock")), "expected the killed build's leftovers"
+    assert not list(cache.glob("*.so"))
+
+    probe = (
+        "import time, torch; from loraserve.layers.native_cpu import cpu_kernels; t=time.monotonic(); "
+        "m=cpu_kernels(torch.device('cpu'), torch.float32); "
+        "print('LOADED' if m is not None else 'NONE', round(time.monotonic()-t, 2))"
+    )
+    start = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert start.returncode == 0 and start.stdout.startswith("NONE"), start.stdout + start.stderr
+    assert "loraserve build-kernels" in start.stderr
+
+    second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stderr
+    assert "native CPU kernels: built" in second.stdout, second.stdout + second.stderr
+    assert not any(d.exists() for d in leftovers)  # the killed build's directory was cleaned up
+    assert not list(cache.glob(".build-*"))
+    assert len(list(cache.glob("*.so"))) == 1
+
+    start = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert start.stdout.startswith("LOADED"), start.stdout + start.stderr
