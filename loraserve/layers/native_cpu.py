@@ -49,6 +49,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -257,8 +258,7 @@ def _with_ninja_on_path() -> None:
 def build(force: bool = False) -> BuildResult:
     """Compile the kernels for this machine into the cache, unless that exact build is already there.
 
-    The compile runs in a private temporary directory and only the finished, importable library is
-    renamed into the cache, so whatever happens to this process no later build or start waits."""
+    A killed build leaves nothing that a later build or start waits on (see `compile_into`)."""
     march = target_march()
     target = library_path(march)
     if not enabled():
@@ -269,28 +269,11 @@ def build(force: bool = False) -> BuildResult:
     if cxx is None:
         wanted = os.environ.get("CXX", "").strip() or "c++"
         return BuildResult("no-compiler", target, detail=f"no C++ compiler ({wanted}) on PATH")
-    cache = target.parent
-    cache.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_builds(cache)
-    _with_ninja_on_path()
-    name = target.stem
-    work = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=cache))
     t0 = time.perf_counter()
     try:
-        from torch.utils.cpp_extension import load
-
-        # load() also imports the result: a library that does not load is never put in the cache
-        load(
-            name=name,
-            sources=[str(p) for p in SOURCES],
-            extra_cflags=[*_CFLAGS, f"-march={march}"],
-            extra_ldflags=list(_LDFLAGS),
-            build_directory=str(work),
-            verbose=False,
-        )
-        os.replace(work / f"{name}.so", target)
+        compile_into(target, SOURCES, [*_CFLAGS, f"-march={march}"], _LDFLAGS)
     except Exception as e:  # compiler error, unsupported -march, missing ninja: kernels stay optional
-        error_log = cache / f"{name}.build-error.log"
+        error_log = target.parent / f"{target.stem}.build-error.log"
         text = str(e) or type(e).__name__
         try:
             error_log.write_text(text)
@@ -300,9 +283,38 @@ def build(force: bool = False) -> BuildResult:
         first = next((ln for ln in lines if "error" in ln.lower() and ln is not lines[0]), lines[0])
         detail = first[:300] + (f" (full output: {error_log})" if error_log else "")
         return BuildResult("failed", target, time.perf_counter() - t0, detail)
+    return BuildResult("built", target, time.perf_counter() - t0)
+
+
+def compile_into(
+    target: Path, sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[str]
+) -> None:
+    """Compile `sources` into the extension `target` (module name = its stem); raises on failure.
+
+    The compile runs in a fresh private directory next to `target` and only the finished library,
+    once it imports, is renamed onto `target`: whatever happens to this process, no later build
+    waits on a lock of ours and no start loads half a file."""
+    cache = target.parent
+    cache.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(cache)
+    _with_ninja_on_path()
+    name = target.stem
+    work = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=cache))
+    try:
+        from torch.utils.cpp_extension import load
+
+        # load() also imports the result: a library that does not load is never put in the cache
+        load(
+            name=name,
+            sources=[str(p) for p in sources],
+            extra_cflags=list(cflags),
+            extra_ldflags=list(ldflags),
+            build_directory=str(work),
+            verbose=False,
+        )
+        os.replace(work / f"{name}.so", target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return BuildResult("built", target, time.perf_counter() - t0)
 
 
 def build_command(force: bool = False) -> int:

@@ -172,10 +172,112 @@ def test_abandoned_build_dirs_are_removed_live_ones_kept(tmp_path: Path) -> None
     assert live.exists() and other_host_new.exists()
 
 
+TINY_EXTENSION = r"""
+#include <Python.h>
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define STR_(a) #a
+#define STR(a) STR_(a)
+static PyModuleDef tiny = {PyModuleDef_HEAD_INIT, STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+PyMODINIT_FUNC CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+    PyObject* m = PyModule_Create(&tiny);
+    if (m) PyModule_AddIntConstant(m, "answer", 42);
+    return m;
+}
+"""
+# A compiler that hangs in every compile step (not in torch's version probes) until released:
+# the build it belongs to is then surely killed halfway.
+HANGING_CXX = """#!/bin/sh
+case " $* " in *" -c "*) ;; *) exec {real} "$@";; esac
+touch {dir}/compiling
+i=0
+while [ ! -e {dir}/release ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+exit 1
+"""
+COMPILE = (
+    "import sys; from pathlib import Path; from loraserve.layers.native_cpu import compile_into; "
+    "compile_into(Path(sys.argv[1]), [Path(sys.argv[2])], ['-O0'], [])"
+)
+
+
+def _import(path: Path) -> int:
+    return native_cpu._import_library(path).answer
+
+
+@pytest.mark.timeout(300)
+def test_a_build_killed_halfway_blocks_neither_the_next_build_nor_a_start(
+    fresh_load: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SIGKILL a build while its compiler runs (torch's build `lock` is then held by nobody), then:
+    a start returns at once without a library, and the next build finishes, cleans up and loads.
+    The kernels' machinery with a one-file extension, so it takes seconds, not minutes."""
+    real = native_cpu.compiler()
+    if real is None:
+        pytest.skip("no C++ compiler")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    hanging = tools / "c++"
+    hanging.write_text(HANGING_CXX.format(real=real, dir=tools))
+    hanging.chmod(0o755)
+    source = tmp_path / "tiny.cpp"
+    source.write_text(TINY_EXTENSION)
+    cache = tmp_path / "kernels"
+    target = cache / f"{native_cpu.module_name()}.so"  # where a start looks for the kernels
+    cmd = [sys.executable, "-c", COMPILE, str(target), str(source)]
+
+    killed = subprocess.Popen(cmd, env=_env(CXX=str(hanging)), cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tools / "compiling").exists():
+            assert killed.poll() is None, "the build ended before it compiled"
+            assert time.monotonic() < deadline, "the build never reached its compiler"
+            time.sleep(0.1)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=30)
+        (tools / "release").touch()  # the orphaned compiler steps exit too
+    leftovers = list(cache.glob(".build-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "lock").exists(), "expected the killed build's lock"
+    assert not target.exists()
+
+    monkeypatch.setenv(native_cpu.ENV_CACHE, str(cache))
+    monkeypatch.delenv(native_cpu.ENV_SWITCH, raising=False)
+    t0 = time.monotonic()
+    assert native_cpu.cpu_kernels(CPU, F32) is None  # a start: no wait, no partial library
+    assert time.monotonic() - t0 < 5
+
+    t0 = time.monotonic()
+    again = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert time.monotonic() - t0 < 180
+    assert _import(target) == 42
+    assert not leftovers[0].exists() and not list(cache.glob(".build-*"))
+
+
+@pytest.mark.timeout(300)
+def test_concurrent_builds_both_finish_with_one_complete_library(tmp_path: Path) -> None:
+    if native_cpu.compiler() is None:
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "tiny.cpp"
+    source.write_text(TINY_EXTENSION)
+    target = tmp_path / "kernels" / "loraserve_concurrent_test.so"
+    cmd = [sys.executable, "-c", COMPILE, str(target), str(source)]
+    procs = [subprocess.Popen(cmd, env=_env(), cwd=REPO, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+    assert _import(target) == 42
+    assert not list(target.parent.glob(".build-*"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_a_build_killed_halfway_does_not_block_the_next_build_or_start(tmp_path: Path) -> None:
-    """SIGKILL a real `build-kernels` while it compiles (its compiler and ninja too), then: a start
+@pytest.mark.skipif(
+    os.environ.get("LORASERVE_TEST_KERNEL_BUILD") != "1",
+    reason="compiles the real kernels twice (minutes); LORASERVE_TEST_KERNEL_BUILD=1 runs it",
+)
+def test_killing_the_real_build_kernels_does_not_block_the_next(tmp_path: Path) -> None:
+    """The same as above end to end: SIGKILL a real `build-kernels` while it compiles, then a start
     neither waits nor loads a partial library, and the next `build-kernels` finishes and loads."""
     if not _has_compiler() or not native_cpu.enabled():
         pytest.skip("no C++ compiler or native kernels switched off")
