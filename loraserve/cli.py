@@ -16,6 +16,7 @@ from typing import Any
 from loraserve import __version__
 from loraserve.server.flags import SOURCES, add_serve_flags
 from loraserve.server.log_redaction import install_redaction
+from loraserve.server.logging_setup import setup_logging, uvicorn_log_config
 
 log = logging.getLogger("loraserve")
 
@@ -87,24 +88,23 @@ def _setup_speculation(engine: Any, store: Any, args: argparse.Namespace) -> str
     return None
 
 
-def _setup_logging(level: str, json_output: bool = False) -> None:
-    fmt = (
-        '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
-        if json_output
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+def _refuse(args: argparse.Namespace, problem: str) -> int:
+    """A launch stopped by its configuration: a log record in JSON mode (so the line is JSON too),
+    the usual `error: ...` line otherwise."""
+    if getattr(args, "json_output", False):
+        log.error(problem)
+    else:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2
 
 
 def serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level, args.json_output)
+    redactor = setup_logging(args.log_level, args.json_output, [args.predibase_api_token])
     if not args.model_id:
-        print("error: --model-id/--model (or MODEL_ID) is required", file=sys.stderr)
-        return 2
+        return _refuse(args, "--model-id/--model (or MODEL_ID) is required")
     problem = _unsupported(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return _refuse(args, problem)
     # huggingface_hub reads its download timeout when imported: set it before anything imports it.
     timeout = str(max(1, math.ceil(args.adapter_source_timeout_s)))  # it wants whole seconds
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", timeout)
@@ -153,10 +153,9 @@ def serve(args: argparse.Namespace) -> int:
     )
     problem = _setup_speculation(engine, store, args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
         store.close()
         aengine.shutdown()
-        return 2
+        return _refuse(args, problem)
     config.speculative_tokens = engine.speculative_tokens if engine.default_speculator is not None else 0
     state = build_state(config, aengine, store)
     state.registry.preload_token = args.predibase_api_token
@@ -178,11 +177,12 @@ def serve(args: argparse.Namespace) -> int:
             host=host,
             port=args.port,
             log_level=args.log_level,
+            log_config=uvicorn_log_config(args.json_output),
             access_log=False,
             timeout_graceful_shutdown=args.shutdown_grace_s,
         )
     )
-    install_redaction([args.predibase_api_token])  # after uvicorn has set up its own handlers
+    install_redaction(redactor=redactor)  # after uvicorn has set up its own handlers (text mode)
     # uvicorn re-raises the SIGTERM it handled once shut down; with a Python handler in place that
     # re-raise is a no-op, so a graceful shutdown exits 0 as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -192,7 +192,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     """A one-off generation straight on the engine; handy to check a model or adapter without a server."""
-    _setup_logging("warning")
+    setup_logging("warning")
     from loraserve.adapters.errors import AdapterError
     from loraserve.engine.engine import Engine, EngineConfig
     from loraserve.engine.params import SamplingParams

@@ -62,11 +62,18 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def install_redaction(extra_secrets: list[str | None] | None = None) -> RedactingFilter:
-    """Filter every handler of the root logger (and uvicorn's, which do not propagate)."""
+def make_redactor(extra_secrets: list[str | None] | None = None) -> RedactingFilter:
+    """The credentials the server was started with (environment and `extra_secrets`)."""
     secrets = [os.environ.get(name) or "" for name in SECRET_ENV_VARS]
     secrets += [s for s in extra_secrets or [] if s]
-    redactor = RedactingFilter(secrets)
+    return RedactingFilter(secrets)
+
+
+def install_redaction(
+    extra_secrets: list[str | None] | None = None, redactor: RedactingFilter | None = None
+) -> RedactingFilter:
+    """Filter every handler of the root logger (and uvicorn's, which do not propagate)."""
+    redactor = redactor or make_redactor(extra_secrets)
     for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(redactor)
