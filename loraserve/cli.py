@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraserve import __version__
-from loraserve.server.flags import SOURCES, add_serve_flags
+from loraserve.server.flags import SOURCES, EnvArgumentParser, add_serve_flags
 from loraserve.server.log_redaction import install_redaction
 from loraserve.server.logging_setup import setup_logging, uvicorn_log_config
 
@@ -246,12 +246,14 @@ def build_kernels(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loraserve", description="Serve one base model and many LoRA adapters."
-    )
+    parser = EnvArgumentParser(prog="loraserve", description="Serve one base model and many LoRA adapters.")
     parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="Start the HTTP server (LoRAX and OpenAI APIs).")
+    p_serve = sub.add_parser(
+        "serve",
+        help="Start the HTTP server (LoRAX and OpenAI APIs).",
+        usage="%(prog)s --model-id DIR [options]  (all options: %(prog)s --help)",
+    )
     add_serve_flags(p_serve)
     p_serve.set_defaults(func=serve)
 

@@ -1,13 +1,17 @@
-"""The `serve` flags: LoRAX's launcher names, each also read from its upper-snake-case environment variable."""
+"""The `serve` flags: LoRAX's launcher names, each also read from its upper-snake-case environment
+variable, which is checked exactly like the flag (type, choices, booleans)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_TRUE = {"1", "true", "yes", "on"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_BOOL_HINT = "use one of " + ", ".join(_TRUE + _FALSE)
 
 
 @dataclass(frozen=True)
@@ -184,30 +188,108 @@ SERVE_FLAGS: tuple[Flag, ...] = (
 )
 
 
-def _env_value(flag: Flag) -> Any:
-    raw = os.environ.get(flag.env)
-    if raw is None or raw == "":
-        return flag.default if flag.kind != "list" else (flag.default or [])
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(raw)
+
+
+def _bool_arg(raw: str) -> bool:
+    """`--prefix-caching true` as LoRAX's launcher takes it (a bare `--prefix-caching` means true)."""
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid boolean value: {raw!r} ({_BOOL_HINT})") from None
+
+
+def _env_value(flag: Flag, raw: str) -> Any:
+    """`raw` (set, not empty) as the flag would take it; ValueError says what is wrong, like argparse."""
     if flag.kind == "bool":
-        return raw.strip().lower() in _TRUE
+        try:
+            return parse_bool(raw)
+        except ValueError:
+            raise ValueError(f"invalid boolean value: {raw!r} ({_BOOL_HINT})") from None
     if flag.kind == "list":
         return [x for x in raw.replace(",", " ").split() if x]
-    return flag.type(raw)
+    try:
+        value = flag.type(raw.strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid {getattr(flag.type, '__name__', 'value')} value: {raw!r}") from None
+    if flag.choices is not None and value not in flag.choices:
+        allowed = ", ".join(repr(c) for c in flag.choices)
+        raise ValueError(f"invalid choice: {raw!r} (choose from {allowed})")
+    return value
 
 
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+class _FromEnv:
+    """Default of every serve flag until parsing ends: the flag was not given, so its environment
+    variable (or else the flag's own default) decides, checked like the flag itself would be."""
+
+    def __repr__(self) -> str:
+        return "<from environment>"
+
+
+_FROM_ENV = _FromEnv()
+
+
+class EnvArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose serve flags fall back to their environment variables.
+
+    The variables are read when parsing, not when the parser is built, so `loraserve generate` or
+    `--help` never trip over a bad `LOG_LEVEL`, and a flag given on the command line wins over its
+    variable; a bad value is a usage error (exit 2) that names the variable, never a traceback.
+    Subparsers created from it share the class (argparse's default)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.env_flags: list[tuple[str, Flag]] = []
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        for dest, flag in self.env_flags:
+            if getattr(namespace, dest, None) is not _FROM_ENV:
+                continue
+            raw = os.environ.get(flag.env)
+            if raw is None or raw.strip() == "":
+                value = flag.default if flag.kind != "list" else list(flag.default or [])
+            else:
+                try:
+                    value = _env_value(flag, raw)
+                except ValueError as e:
+                    self.error(f"environment variable {flag.env} (for {flag.name}): {e}")
+            setattr(namespace, dest, value)
+        return namespace, extras
+
+
+def add_serve_flags(parser: EnvArgumentParser) -> None:
+    if not isinstance(parser, EnvArgumentParser):
+        raise TypeError("serve flags need an EnvArgumentParser: it reads their environment variables")
     for flag in SERVE_FLAGS:
         names = [flag.name, *flag.aliases]
         help_text = f"{flag.help} [env: {flag.env}]"
         dest = flag.name.lstrip("-").replace("-", "_")
-        default = _env_value(flag)
+        parser.env_flags.append((dest, flag))
         if flag.kind == "bool":
-            parser.add_argument(*names, dest=dest, action="store_true", default=default, help=help_text)
+            parser.add_argument(
+                *names,
+                dest=dest,
+                nargs="?",
+                const=True,
+                type=_bool_arg,
+                default=_FROM_ENV,
+                metavar="BOOL",
+                help=help_text,
+            )
         elif flag.kind == "list":
-            parser.add_argument(*names, dest=dest, nargs="*", default=default, help=help_text)
+            parser.add_argument(*names, dest=dest, nargs="*", default=_FROM_ENV, help=help_text)
         else:
             if flag.default is not None:
                 help_text += f" (default: {flag.default})"
             parser.add_argument(
-                *names, dest=dest, type=flag.type, default=default, choices=flag.choices, help=help_text
+                *names, dest=dest, type=flag.type, default=_FROM_ENV, choices=flag.choices, help=help_text
             )

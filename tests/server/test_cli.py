@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.cli import build_parser, main
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
+from loraserve.server.flags import SERVE_FLAGS
 
 LORAX_FLAGS = (
     "--model-id",
@@ -102,3 +104,68 @@ def test_generate_command_matches_the_engine(tiny_assets) -> None:
         ["hello world"], SamplingParams(max_new_tokens=6), [parse_peft_adapter(adapters["alpha"])]
     )
     assert proc.stdout.rstrip("\n") == out[0].generated_text
+
+
+def _serve_subprocess(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    flag_envs = {f.env for f in SERVE_FLAGS}
+    base = {k: v for k, v in os.environ.items() if k not in flag_envs}  # no stray LoRAX variables
+    return subprocess.run(
+        [sys.executable, "-m", "loraserve.cli", "serve", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"LOG_LEVEL": "verbose"},
+            "invalid choice: 'verbose' (choose from 'debug', 'info', 'warning', 'error')",
+        ),
+        ({"DTYPE": "float64"}, "invalid choice: 'float64' (choose from 'float32', 'float16', 'bfloat16')"),
+        ({"PORT": "eighty"}, "invalid int value: 'eighty'"),
+        ({"ADAPTER_MEMORY_FRACTION": "a tenth"}, "invalid float value: 'a tenth'"),
+        (
+            {"JSON_OUTPUT": "maybe"},
+            "invalid boolean value: 'maybe' (use one of 1, true, yes, on, 0, false, no, off)",
+        ),
+    ],
+)
+def test_bad_environment_values_are_usage_errors(env: dict[str, str], expected: str) -> None:
+    """`LOG_LEVEL=verbose loraserve serve ...`: exit 2 with argparse's kind of message naming the
+    variable and what it accepts, not a traceback and not a silently ignored value."""
+    (name,) = env
+    proc = _serve_subprocess("--model-id", "m", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"loraserve serve: error: environment variable {name} " in proc.stderr
+    assert expected in proc.stderr
+
+
+def test_environment_values_parse_like_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("JSON_OUTPUT", "PREFIX_CACHING", "LOG_LEVEL", "ADAPTER_MEMORY_FRACTION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JSON_OUTPUT", "False")
+    monkeypatch.setenv("PREFIX_CACHING", " on ")
+    monkeypatch.setenv("ADAPTER_MEMORY_FRACTION", "0.25")
+    args = build_parser().parse_args(["serve", "--model-id", "m"])
+    assert args.json_output is False and args.prefix_caching is True and args.adapter_memory_fraction == 0.25
+    assert args.log_level == "info"  # unset: the flag's default
+    # a flag on the command line wins over its variable, even a bad one
+    monkeypatch.setenv("LOG_LEVEL", "verbose")
+    args = build_parser().parse_args(["serve", "--model-id", "m", "--log-level", "debug", "--json-output"])
+    assert args.log_level == "debug" and args.json_output is True
+    # LoRAX's launcher spells booleans with a value
+    args = build_parser().parse_args(
+        ["serve", "--model-id", "m", "--log-level", "info", "--json-output", "false"]
+    )
+    assert args.json_output is False
+
+
+def test_bad_environment_values_do_not_break_other_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "verbose")
+    args = build_parser().parse_args(["generate", "--model", "m", "hi"])
+    assert args.command == "generate"
