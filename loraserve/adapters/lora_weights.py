@@ -16,16 +16,6 @@ import torch
 
 from loraserve.adapters.errors import AdapterError
 
-LORA_MODULES: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-
 
 @dataclass
 class LoraModuleWeights:
@@ -102,7 +92,7 @@ class LoraAdapter:
     alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
-    modules: dict[tuple[int, str], LoraModuleWeights]  # (layer index, module name)
+    modules: dict[tuple[int, str], LoraModuleWeights]  # (layer index, module name, e.g. "q_proj")
     base_model_name: str | None = None
     config: dict = field(default_factory=dict)  # the raw adapter_config.json
     medusa: MedusaHeads | None = None

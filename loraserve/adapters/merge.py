@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from loraserve.adapters.errors import AdapterError
-from loraserve.adapters.lora_weights import LORA_MODULES, LoraAdapter, LoraModuleWeights
+from loraserve.adapters.lora_weights import LoraAdapter, LoraModuleWeights
 
 MERGE_STRATEGIES: tuple[str, ...] = ("linear", "ties", "dare_linear", "dare_ties")
 MAJORITY_SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
@@ -271,9 +271,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter], spec: MergeSpec, key: str) -
     first = adapters[0]
     scale = first_config_scale(first)
     weights = torch.tensor(spec.weights, dtype=torch.float32)
-    slots = sorted(
-        {slot for a in adapters for slot in a.modules}, key=lambda s: (s[0], LORA_MODULES.index(s[1]))
-    )
+    slots = sorted({slot for a in adapters for slot in a.modules})  # (layer, name): same order every run
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     for layer, module in slots:
         idx = [i for i, a in enumerate(adapters) if (layer, module) in a.modules]
@@ -288,7 +286,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter], spec: MergeSpec, key: str) -
                 gens = [dare_generator(key, layer, module, side, i) for i in idx]
             merged[side] = merge_tensors(tensors, w, spec, gens).contiguous()
         modules[(layer, module)] = LoraModuleWeights(a=merged["a"], b=merged["b"], scale=scale)
-    targets = tuple(m for m in LORA_MODULES if any(m == mod for _, mod in modules))
+    targets = tuple(sorted({mod for _, mod in modules}))
     return LoraAdapter(
         key=key,
         rank=first.rank,

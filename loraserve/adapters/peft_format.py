@@ -2,6 +2,12 @@
 
 Only the files are trusted, never code: `.bin` checkpoints are read with
 `torch.load(weights_only=True)`, which refuses pickles that would run code.
+
+Tensor names are read generically (`...layers.<i>.<module path>.lora_A|lora_B
+[.<adapter name>].weight`), so no architecture's projection list is built in
+here: a module is named by the last component of its path (`q_proj`,
+`qkv_proj`, `gate_up_proj`, ...). Whether the served model has that module is
+decided by `validation.validate_adapter` against the model's own list.
 """
 
 from __future__ import annotations
@@ -15,14 +21,15 @@ import torch
 from safetensors.torch import load_file
 
 from loraserve.adapters.errors import AdapterError
-from loraserve.adapters.lora_weights import LORA_MODULES, LoraAdapter, LoraModuleWeights
+from loraserve.adapters.lora_weights import LoraAdapter, LoraModuleWeights
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (adapter name optional)
-_KEY_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (adapter name optional):
+# group 1 the layer, group 2 the module path inside the layer, group 3 the side.
+_KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.((?:\w+\.)*?\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
 def is_lora_dir(path: Path) -> bool:
@@ -84,6 +91,36 @@ def _pattern_value(patterns: dict, module_path: str, default: float) -> float:
     return default
 
 
+def _pair_tensors(
+    sd: dict[str, torch.Tensor],
+) -> dict[tuple[int, str], tuple[str, dict[str, torch.Tensor]]]:
+    """(layer, module name) -> (module path inside the layer, {"A": lora_A, "B": lora_B}).
+
+    The name is the path's last component because that is what the engine and
+    the model's projection list use; the full path is kept for PEFT's patterns.
+    Two paths in one layer ending in the same name would share a slot in the
+    engine, so they are refused rather than silently merged.
+    """
+    pairs: dict[tuple[int, str], tuple[str, dict[str, torch.Tensor]]] = {}
+    for name, tensor in sd.items():
+        m = _KEY_RE.search(name)
+        if m is None:
+            raise AdapterError(
+                f"unexpected tensor {name!r} in adapter (not a LoRA A/B weight of a decoder layer)"
+            )
+        layer, path_in_layer, side = int(m.group(1)), m.group(2), m.group(3)
+        module = path_in_layer.rsplit(".", 1)[-1]
+        seen_path, sides = pairs.setdefault((layer, module), (path_in_layer, {}))
+        if seen_path != path_in_layer:
+            raise AdapterError(
+                f"layer {layer} has two LoRA modules named {module!r} ({seen_path}, {path_in_layer})"
+            )
+        if side in sides:
+            raise AdapterError(f"layer {layer} {path_in_layer} has more than one lora_{side}")
+        sides[side] = tensor
+    return pairs
+
+
 def check_config(cfg: dict) -> None:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -110,21 +147,9 @@ def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
     rslora = bool(cfg.get("use_rslora", False))
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in sd.items():
-        m = _KEY_RE.search(name)
-        if m is None:
-            raise AdapterError(
-                f"unexpected tensor {name!r} in adapter (not a LoRA A/B weight of a decoder layer)"
-            )
-        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
-        if module not in LORA_MODULES:
-            raise AdapterError(
-                f"adapter targets unsupported module {module!r}; supported: {', '.join(LORA_MODULES)}"
-            )
-        pairs.setdefault((layer, module), {})[side] = tensor
+    pairs = _pair_tensors(sd)
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
-    for (layer, module), ab in sorted(pairs.items()):
+    for (layer, module), (path_in_layer, ab) in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"layer {layer} {module} has lora_{next(iter(ab))} without its partner")
         a, b = ab["A"].float(), ab["B"].float()
@@ -132,7 +157,7 @@ def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
             raise AdapterError(
                 f"layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit"
             )
-        mpath = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
+        mpath = f"model.layers.{layer}.{path_in_layer}"
         mr = int(_pattern_value(rank_pattern, mpath, r))
         if a.shape[0] != mr:
             raise AdapterError(f"layer {layer} {module}: rank {a.shape[0]} does not match config rank {mr}")
@@ -141,7 +166,7 @@ def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
         modules[(layer, module)] = LoraModuleWeights(a=a.contiguous(), b=b.contiguous(), scale=scale)
     if not modules:
         raise AdapterError("adapter holds no LoRA weights")
-    targets = tuple(sorted({m for _, m in modules}, key=LORA_MODULES.index))
+    targets = tuple(sorted({m for _, m in modules}))
     return LoraAdapter(
         key=key or str(path.resolve()),
         rank=r,

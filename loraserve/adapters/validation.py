@@ -8,6 +8,10 @@ rank that is absurd (larger than the projection itself, or above the
 server's `max_rank`). It returns warnings for things that are suspicious but
 harmless, such as `base_model_name_or_path` naming another model while all
 shapes fit (fine-tunes of renamed or re-uploaded checkpoints are common).
+
+The parsers accept any module name, so this is the one place that knows which
+modules exist: the model's own `ModelConfig.linear_shapes()`. New
+architectures then need no change to the adapter formats.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ def validate_adapter(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int | Non
     for (layer, module), w in adapter.modules.items():
         where = f"layer {layer} {module}"
         if module not in shapes:
-            raise AdapterError(f"adapter targets module {module!r}, which this model does not have")
+            raise AdapterError(
+                f"adapter has weights for module {module!r} (layer {layer}), which this model does not "
+                f"have; the model's LoRA-targetable modules are {', '.join(shapes)}"
+            )
         if not 0 <= layer < cfg.num_hidden_layers:
             raise AdapterError(
                 f"adapter has weights for layer {layer} but the model has {cfg.num_hidden_layers} layers"

@@ -87,7 +87,7 @@ def test_ties_matches_peft_ties(assets, sign: str, density: float) -> None:
 def test_union_of_targets_and_first_adapters_config(assets) -> None:
     names = ["a1", "a2", "a3"]
     merged = _merge(assets, names, MergeSpec(ids=names, weights=[1.0, 1.0, 1.0]))
-    assert merged.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+    assert merged.target_modules == ("down_proj", "k_proj", "o_proj", "q_proj", "v_proj")  # sorted names
     assert (merged.rank, merged.alpha, merged.use_rslora) == (8, 16.0, False)
     # Every module, including k/o (only a2, alpha 32) and down (only a3, alpha 8), uses a1's alpha/r.
     assert {m.scale for m in merged.modules.values()} == {2.0}

@@ -150,7 +150,7 @@ def test_real_store_private_input_and_new_revision(make_store, fake_hub, tiny_ll
     spec = MergeSpec(ids=["org/pub", "org/priv"], weights=[0.5, 2.0], merge_strategy="dare_ties", density=0.7)
     try:
         first = asyncio.run(merged.get_merged(spec, "hub", HUB_TOKEN))
-        assert first.target_modules == ("q_proj", "k_proj", "v_proj")
+        assert first.target_modules == ("k_proj", "q_proj", "v_proj")
         assert {m.scale for m in first.modules.values()} == {16 / 8}  # org/pub's alpha/r
         assert asyncio.run(merged.get_merged(spec, None, HUB_TOKEN)) is first  # hub is the default source
         for token in (None, "hf_wrong"):
@@ -163,7 +163,7 @@ def test_real_store_private_input_and_new_revision(make_store, fake_hub, tiny_ll
             make_peft_adapter(tiny_llama, tmp_path / "pub2", r=8, target_modules=("q_proj",), seed=23),
         )
         second = asyncio.run(merged.get_merged(spec, "hub", HUB_TOKEN))
-        assert second.key != first.key and second.target_modules == ("q_proj", "k_proj", "v_proj")
+        assert second.key != first.key and second.target_modules == ("k_proj", "q_proj", "v_proj")
         assert merged.merges_run == 2
     finally:
         merged.close()
