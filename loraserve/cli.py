@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraserve import __version__
-from loraserve.server.flags import SOURCES, EnvArgumentParser, add_serve_flags
+from loraserve.server.flags import SERVE_FLAGS, SOURCES, EnvArgumentParser, add_serve_flags
 from loraserve.server.log_redaction import install_redaction
 from loraserve.server.logging_setup import setup_logging, uvicorn_log_config
 
@@ -33,9 +33,58 @@ def _unsupported(args: argparse.Namespace) -> str | None:
         return "sharding is not supported: loraserve serves from one device"
     if args.otlp_endpoint:
         return "--otlp-endpoint is not supported yet"
-    if args.source not in ("hub", "local"):
-        return f"base model source {args.source!r} is not supported yet; pass a local directory"
+    if args.source != "local":
+        return (
+            f"--source {args.source}: loading the base model from {_SOURCE_NAMES.get(args.source, args.source)} "
+            "is not supported yet; pass a local model directory as --model-id (--source local)"
+        )
+    if args.revision:
+        return (
+            f"--revision {args.revision}: base model revisions are not supported yet (the base model is "
+            "read from a local directory); drop --revision (REVISION)"
+        )
+    if not Path(args.model_id).expanduser().is_dir():
+        return (
+            f"--model-id {args.model_id}: no such directory; the base model must be a local directory in "
+            "Hugging Face layout (config.json, safetensors, tokenizer.json)"
+        )
     return None
+
+
+_SOURCE_NAMES = {"hub": "the Hugging Face Hub", "s3": "S3"}
+
+
+def _ignored_flags(args: argparse.Namespace) -> list[str]:
+    """Accepted LoRAX flags that change nothing here: said once at start, so nobody believes a
+    setting took effect. Unset or `false` (where false is what happens anyway) stays silent."""
+    notes = []
+    if args.trust_remote_code:
+        notes.append(
+            "--trust-remote-code is ignored: loraserve never runs code shipped with a checkpoint "
+            "(its model architectures are built in)"
+        )
+    for flag, value in (
+        ("--prefix-caching", args.prefix_caching),
+        ("--chunked-prefill", args.chunked_prefill),
+    ):
+        if value:
+            notes.append(f"{flag} is not implemented yet and has no effect")
+    if args.eager_prefill is not None:
+        notes.append(
+            f"--eager-prefill {str(args.eager_prefill).lower()} has no effect: every step already admits "
+            "waiting prompts alongside the running decodes"
+        )
+    defaults = {f.name: f.default for f in SERVE_FLAGS}
+    for flag, value in (
+        ("--max-waiting-tokens", args.max_waiting_tokens),
+        ("--waiting-served-ratio", args.waiting_served_ratio),
+    ):
+        if value != defaults[flag]:
+            notes.append(
+                f"{flag} {value} has no effect: loraserve's scheduler admits waiting requests every step "
+                "(the value is only reported by /info)"
+            )
+    return notes
 
 
 def _adapter_memory_bytes(fraction: float, device: str) -> int:
@@ -105,6 +154,8 @@ def serve(args: argparse.Namespace) -> int:
     problem = _unsupported(args)
     if problem:
         return _refuse(args, problem)
+    for note in _ignored_flags(args):
+        log.warning(note)
     # huggingface_hub reads its download timeout when imported: set it before anything imports it.
     timeout = str(max(1, math.ceil(args.adapter_source_timeout_s)))  # it wants whole seconds
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", timeout)
@@ -194,9 +245,9 @@ def generate(args: argparse.Namespace) -> int:
     """A one-off generation straight on the engine; handy to check a model or adapter without a server."""
     setup_logging("warning")
     from loraserve.adapters.errors import AdapterError
+    from loraserve.adapters.store import local_adapter_store
     from loraserve.engine.engine import Engine, EngineConfig
     from loraserve.engine.params import SamplingParams
-    from loraserve.server.adapter_registry import LocalDirAdapterProvider
 
     # One request: a KV cache for one sequence and one adapter slot, not the serving-sized defaults.
     config = EngineConfig(
@@ -212,7 +263,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.adapter_id:
         try:
             adapter = asyncio.run(
-                LocalDirAdapterProvider(engine.model_config).get(args.adapter_id, args.adapter_source, None)
+                local_adapter_store(engine.model_config).get(args.adapter_id, args.adapter_source, None)
             )
         except AdapterError as e:
             print(f"error: adapter {args.adapter_id!r}: {e}", file=sys.stderr)

@@ -12,9 +12,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
 from loraserve import __version__
+from loraserve.adapters.store import local_adapter_store
 from loraserve.cpu_threads import helper_pool
 from loraserve.server import routes_info, routes_lorax, routes_openai
-from loraserve.server.adapter_registry import AdapterProvider, AdapterRegistry, LocalDirAdapterProvider
+from loraserve.server.adapter_registry import AdapterProvider, AdapterRegistry
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import install_error_handlers
 from loraserve.server.generation import GenerationService
@@ -38,7 +39,7 @@ def sync_limits(config: ServerConfig, engine: Any) -> None:
 def build_state(config: ServerConfig, aengine: Any, provider: AdapterProvider | None = None) -> ServerState:
     engine = aengine.engine
     sync_limits(config, engine)
-    provider = provider or LocalDirAdapterProvider(engine.model_config)
+    provider = provider or local_adapter_store(engine.model_config)
     registry = AdapterRegistry(
         provider, config.default_adapter_source, config.adapter_id, config.adapter_source
     )

@@ -29,7 +29,10 @@ class Flag:
         return self.name.lstrip("-").replace("-", "_").upper()
 
 
-_SCHED_HINT = "Accepted for LoRAX compatibility; loraserve's continuous-batching scheduler does not need it."
+_SCHED_HINT = (
+    "Accepted for LoRAX compatibility but has no effect (a warning at start says so when it is changed): "
+    "every step already admits waiting prompts alongside the running decodes."
+)
 SOURCES = ("hub", "local", "s3", "pbase")
 
 SERVE_FLAGS: tuple[Flag, ...] = (
@@ -40,11 +43,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     ),
     Flag(
         "--source",
-        "Where the base model comes from. Only local directories are served today.",
-        default="hub",
+        "Where the base model comes from. Only `local` (--model-id is a directory) is supported yet; "
+        "hub and s3 are refused at start.",
+        default="local",
         choices=("hub", "local", "s3"),
     ),
-    Flag("--revision", "Base model revision (hub sources)."),
+    Flag("--revision", "Base model revision on the Hub (not supported yet: refused at start)."),
     Flag(
         "--adapter-id",
         "A static adapter loaded at start; requests that name no adapter use it. Medusa heads in it "
@@ -96,7 +100,11 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--device", "Torch device, e.g. cpu, cuda, cuda:1.", default="cpu"),
     Flag("--quantize", "Weight quantization (not supported yet)."),
     Flag("--compile", "torch.compile the model (not supported yet).", kind="bool"),
-    Flag("--trust-remote-code", "Never needed: model code is built in.", kind="bool"),
+    Flag(
+        "--trust-remote-code",
+        "Ignored, with a warning: loraserve never runs code from a checkpoint; its architectures are built in.",
+        kind="bool",
+    ),
     Flag(
         "--max-concurrent-requests",
         "Requests in flight beyond which the server answers 429 at once.",
@@ -143,8 +151,16 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--max-waiting-tokens", _SCHED_HINT, type=int, default=20),
     Flag("--waiting-served-ratio", _SCHED_HINT, type=float, default=1.2),
     Flag("--eager-prefill", _SCHED_HINT, kind="bool"),
-    Flag("--chunked-prefill", _SCHED_HINT, kind="bool"),
-    Flag("--prefix-caching", _SCHED_HINT, kind="bool"),
+    Flag(
+        "--chunked-prefill",
+        "Not implemented yet: `true` only warns at start; long prompts are prefilled whole.",
+        kind="bool",
+    ),
+    Flag(
+        "--prefix-caching",
+        "Not implemented yet: `true` only warns at start; every prompt is prefilled in full.",
+        kind="bool",
+    ),
     Flag(
         "--max-active-adapters",
         "Adapters resident on the device at once (capped by the adapter memory budget).",

@@ -169,3 +169,110 @@ def test_bad_environment_values_do_not_break_other_commands(monkeypatch: pytest.
     monkeypatch.setenv("LOG_LEVEL", "verbose")
     args = build_parser().parse_args(["generate", "--model", "m", "hi"])
     assert args.command == "generate"
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "expected"),
+    [
+        (
+            ["--source", "hub"],
+            {},
+            "--source hub: loading the base model from the Hugging Face Hub is not supported yet",
+        ),
+        (["--source", "s3"], {}, "--source s3: loading the base model from S3 is not supported yet"),
+        ([], {"SOURCE": "hub"}, "--source hub: loading the base model"),
+        (["--revision", "refs/pr/2"], {}, "--revision refs/pr/2: base model revisions are not supported yet"),
+        ([], {"REVISION": "main"}, "--revision main: base model revisions are not supported yet"),
+    ],
+)
+def test_flags_that_cannot_be_honoured_refuse_to_start(
+    extra: list[str], env: dict[str, str], expected: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    for name in ("SOURCE", "REVISION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--model-id", str(tmp_path), *extra]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_a_model_id_that_is_not_a_directory_is_refused(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """Only local base models are served: a hub id (or a typo) says so instead of a traceback."""
+    assert main(["serve", "--model-id", "meta-llama/Llama-3.2-1B"]) == 2
+    err = capsys.readouterr().err
+    assert "--model-id meta-llama/Llama-3.2-1B: no such directory" in err and "Traceback" not in err
+
+
+def _notes(*extra: str) -> list[str]:
+    from loraserve.cli import _ignored_flags
+
+    return _ignored_flags(build_parser().parse_args(["serve", "--model-id", "m", *extra]))
+
+
+@pytest.fixture
+def no_flag_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flag in SERVE_FLAGS:
+        monkeypatch.delenv(flag.env, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--trust-remote-code"], "--trust-remote-code is ignored: loraserve never runs code"),
+        (["--prefix-caching", "true"], "--prefix-caching is not implemented yet and has no effect"),
+        (["--prefix-caching"], "--prefix-caching is not implemented yet and has no effect"),
+        (["--chunked-prefill", "true"], "--chunked-prefill is not implemented yet and has no effect"),
+        (["--eager-prefill", "true"], "--eager-prefill true has no effect"),
+        (["--eager-prefill", "false"], "--eager-prefill false has no effect"),
+        (["--max-waiting-tokens", "5"], "--max-waiting-tokens 5 has no effect"),
+        (["--waiting-served-ratio", "2.5"], "--waiting-served-ratio 2.5 has no effect"),
+    ],
+)
+def test_flags_without_effect_are_named_at_start(no_flag_env: None, extra: list[str], expected: str) -> None:
+    (note,) = _notes(*extra)
+    assert note.startswith(expected), note
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--prefix-caching", "false"],
+        ["--chunked-prefill", "false"],
+        ["--trust-remote-code", "false"],
+        ["--max-waiting-tokens", "20", "--waiting-served-ratio", "1.2"],  # LoRAX's defaults
+    ],
+)
+def test_defaults_and_false_stay_silent(no_flag_env: None, extra: list[str]) -> None:
+    assert _notes(*extra) == []
+
+
+def test_the_warnings_appear_when_the_server_starts(tiny_assets, tmp_path) -> None:
+    from tests.fixtures.server import start_server
+
+    model, _ = tiny_assets
+    server = start_server(
+        model,
+        tmp_path,
+        "--trust-remote-code",
+        "--prefix-caching",
+        "true",
+        "--chunked-prefill",
+        "true",
+        "--max-waiting-tokens",
+        "7",
+        env={"WAITING_SERVED_RATIO": "3"},
+    )
+    try:
+        log = server.log()
+    finally:
+        server.stop()
+    warnings = [line for line in log.splitlines() if " WARNING loraserve: " in line]
+    for expected in (
+        "--trust-remote-code is ignored",
+        "--prefix-caching is not implemented yet and has no effect",
+        "--chunked-prefill is not implemented yet and has no effect",
+        "--max-waiting-tokens 7 has no effect",
+        "--waiting-served-ratio 3.0 has no effect",
+    ):
+        assert sum(expected in line for line in warnings) == 1, (expected, log)

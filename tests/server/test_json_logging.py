@@ -59,6 +59,7 @@ def test_json_output_server_writes_only_json_lines(tiny_assets: tuple[Path, dict
         model,
         tmp_path,
         "--json-output",
+        "--trust-remote-code",  # a start-up warning, which must be JSON too
         "--adapter-source",
         "local",
         "--preloaded-adapter-ids",
@@ -98,5 +99,7 @@ def test_json_output_server_writes_only_json_lines(tiny_assets: tuple[Path, dict
             raise AssertionError(f"not a JSON line: {line!r}") from e
         assert isinstance(data, dict) and {"time", "level", "logger", "message"} <= data.keys(), line
         loggers.add(data["logger"])
-    assert "uvicorn.error" in loggers and "loraserve" in loggers, loggers
+        if data["level"] == "WARNING" and "--trust-remote-code is ignored" in data["message"]:
+            loggers.add("warned")
+    assert {"uvicorn.error", "loraserve", "warned"} <= loggers, loggers
     assert SECRET not in server.log()
