@@ -39,7 +39,6 @@ import torch
 from loraserve.adapters.errors import AdapterError
 from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.adapters.peft_format import is_lora_dir, load_tensor_file, parse_peft_adapter
-from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +241,7 @@ def medusa_heads_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, key: st
 
 
 def parse_medusa_heads(path: str | Path, key: str | None = None) -> MedusaHeads:
-    """Read a Medusa directory; checks against the base model happen in `validate_medusa`."""
+    """Read a Medusa directory; checks against the base model happen in `validation.validate_medusa`."""
     path = Path(path)
     cfg = read_medusa_config(path)
     check_medusa_config(cfg)  # a bad config is reported before any weights are read
@@ -281,27 +280,3 @@ def parse_adapter_dir(path: str | Path, key: str | None = None) -> LoraAdapter:
         config=heads.config,
         medusa=heads,
     )
-
-
-# ---- validation against the served model -------------------------------------------------------
-
-
-def validate_medusa(heads: MedusaHeads, cfg: ModelConfig) -> None:
-    """Raise `AdapterError` when the heads cannot run on this model.
-
-    A `base_model_name_or_path` naming another model is not checked here: the
-    adapter carries the same name, so `validate_adapter` already warns once.
-    """
-    if heads.hidden_size != cfg.hidden_size:
-        raise AdapterError(
-            f"Medusa heads have hidden size {heads.hidden_size} but the model's is {cfg.hidden_size}: "
-            "the heads were trained for a different base model"
-        )
-    if heads.proj is not None and tuple(heads.proj.shape[1:]) != (cfg.vocab_size, cfg.hidden_size):
-        raise AdapterError(
-            f"Medusa heads project to a vocabulary of {heads.proj.shape[1]} tokens but the model has "
-            f"{cfg.vocab_size}: the heads were trained for a different base model"
-        )
-    tensors = [heads.weight, heads.bias] + ([heads.proj] if heads.proj is not None else [])
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise AdapterError("Medusa weights contain NaN or infinity")

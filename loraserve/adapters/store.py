@@ -35,6 +35,11 @@ hub or bucket that stops answering ties up only its own workers. With `LORAX_USE
 server's `HUGGING_FACE_HUB_TOKEN`/`HF_TOKEN` is used for `hub` requests that
 bring no token; otherwise the server's token is never used for a caller.
 `get_blocking` is the same path for threads without an event loop (preloading).
+
+`local_adapter_store(model_config)` is this store with only the `local` source
+(the CLI's one-off `generate`, and servers assembled without remote sources):
+one loading path, so a directory that loads there loads the same way in a
+full server, with the same parsing, validation and errors.
 """
 
 from __future__ import annotations
@@ -52,9 +57,15 @@ from pathlib import Path
 from loraserve.adapters.errors import AdapterAuthError, AdapterError
 from loraserve.adapters.host_cache import HostAdapterCache
 from loraserve.adapters.lora_weights import LoraAdapter
-from loraserve.adapters.medusa_format import parse_adapter_dir, validate_medusa
+from loraserve.adapters.medusa_format import parse_adapter_dir
 from loraserve.adapters.single_flight import SingleFlight, await_shared
-from loraserve.adapters.sources import SOURCE_NAMES, AdapterSource, ResolvedAdapter, build_sources
+from loraserve.adapters.sources import (
+    SOURCE_NAMES,
+    AdapterSource,
+    LocalSource,
+    ResolvedAdapter,
+    build_sources,
+)
 from loraserve.adapters.sources.base import token_fingerprint
 from loraserve.adapters.validation import validate_adapter
 from loraserve.cpu_threads import helper_pool
@@ -79,7 +90,7 @@ class AdapterStore:
     def __init__(
         self,
         model_config: ModelConfig,
-        cache_dir: str | Path,
+        cache_dir: str | Path | None,
         *,
         host_cache_bytes: int = 2 << 30,
         default_source: str = "hub",
@@ -93,8 +104,12 @@ class AdapterStore:
         global_hf_token: str | None = None,
     ) -> None:
         self.model_config = model_config
-        self.cache_dir = Path(cache_dir)
-        self.sources = sources if sources is not None else build_sources(self.cache_dir, allowed_local_roots)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if sources is None:
+            if self.cache_dir is None:
+                raise ValueError("cache_dir is required unless the sources are given")
+            sources = build_sources(self.cache_dir, allowed_local_roots)
+        self.sources = sources
         self.default_source = default_source
         self.auth_ttl_s = auth_ttl_s
         self.max_rank = max_rank
@@ -132,7 +147,7 @@ class AdapterStore:
     @default_source.setter
     def default_source(self, name: str) -> None:
         if name not in self.sources:
-            raise ValueError(f"unknown adapter source {name!r}; expected one of {', '.join(SOURCE_NAMES)}")
+            raise ValueError(f"unknown adapter source {name!r}; expected one of {', '.join(self.sources)}")
         self._default_source = name
 
     # ---- public API -------------------------------------------------------------------------
@@ -192,9 +207,13 @@ class AdapterStore:
     ) -> tuple[AdapterSource, str | None]:
         name = (source or self.default_source).strip().lower()
         src = self.sources.get(name)
+        if src is None and name in SOURCE_NAMES:
+            raise AdapterError(
+                f"adapter_source {name!r} is not enabled here; enabled: {', '.join(self.sources)}"
+            )
         if src is None:
             raise AdapterError(
-                f"unknown adapter_source {source!r}; expected one of {', '.join(SOURCE_NAMES)}"
+                f"unknown adapter_source {source!r}; expected one of {', '.join(self.sources)}"
             )
         if not adapter_id or not adapter_id.strip():
             raise AdapterError("adapter_id is empty")
@@ -260,8 +279,6 @@ class AdapterStore:
         try:
             path = src.fetch(resolved, token)
             adapter = parse_adapter_dir(path, key=resolved.cache_key)
-            if adapter.medusa is not None:
-                validate_medusa(adapter.medusa, self.model_config)
             for warning in validate_adapter(adapter, self.model_config, self.max_rank):
                 log.warning("adapter %s: %s", resolved.cache_key, warning)
         except AdapterError as e:
@@ -287,3 +304,27 @@ class AdapterStore:
             time.monotonic() - t0,
         )
         return adapter
+
+
+def local_adapter_store(
+    model_config: ModelConfig,
+    *,
+    allowed_local_roots: Iterable[str | Path] | None = None,
+    max_rank: int | None = None,
+    host_cache_bytes: int = 2 << 30,
+) -> AdapterStore:
+    """An `AdapterStore` that reads adapter directories from local disk only.
+
+    It needs no cache directory (local files are read in place) and starts no
+    network client, which is what a one-off `generate` or a test server wants,
+    yet adapters go through the same parse, validation and host cache as in a
+    full server. Other sources are refused with a message naming `local`.
+    """
+    return AdapterStore(
+        model_config,
+        None,
+        host_cache_bytes=host_cache_bytes,
+        default_source="local",
+        sources={"local": LocalSource(allowed_local_roots)},
+        max_rank=max_rank,
+    )

@@ -1,5 +1,10 @@
 """Check that a parsed adapter fits the served base model before it reaches the engine.
 
+Every fit check lives here, so the adapter store (for every source, the CLI's
+local-only store included) and any other caller refuse exactly the same
+adapters with the same messages; the engine only checks ranks against its
+slot table.
+
 `validate_adapter(adapter, cfg, max_rank=None) -> list[str]` raises
 `AdapterError` (HTTP 400) with the reason when the adapter cannot work on
 this model: a target module the model lacks, a layer index past the last
@@ -8,6 +13,7 @@ rank that is absurd (larger than the projection itself, or above the
 server's `max_rank`). It returns warnings for things that are suspicious but
 harmless, such as `base_model_name_or_path` naming another model while all
 shapes fit (fine-tunes of renamed or re-uploaded checkpoints are common).
+Medusa heads shipped with the adapter are checked too (`validate_medusa`).
 
 The parsers accept any module name, so this is the one place that knows which
 modules exist: the model's own `ModelConfig.linear_shapes()`. New
@@ -21,7 +27,7 @@ from pathlib import PurePath
 import torch
 
 from loraserve.adapters.errors import AdapterError
-from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.models.config import ModelConfig
 
 
@@ -42,6 +48,8 @@ def _check_config_targets(adapter: LoraAdapter, known: dict[str, tuple[int, int]
 
 
 def validate_adapter(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int | None = None) -> list[str]:
+    if adapter.medusa is not None:
+        validate_medusa(adapter.medusa, cfg)
     shapes = cfg.linear_shapes()
     _check_config_targets(adapter, shapes)
     for (layer, module), w in adapter.modules.items():
@@ -77,3 +85,24 @@ def validate_adapter(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int | Non
             "shapes fit, so it is served anyway"
         )
     return warnings
+
+
+def validate_medusa(heads: MedusaHeads, cfg: ModelConfig) -> None:
+    """Raise `AdapterError` when the heads cannot run on this model.
+
+    A `base_model_name_or_path` naming another model is not checked here: the
+    adapter carries the same name, so `validate_adapter` already warns once.
+    """
+    if heads.hidden_size != cfg.hidden_size:
+        raise AdapterError(
+            f"Medusa heads have hidden size {heads.hidden_size} but the model's is {cfg.hidden_size}: "
+            "the heads were trained for a different base model"
+        )
+    if heads.proj is not None and tuple(heads.proj.shape[1:]) != (cfg.vocab_size, cfg.hidden_size):
+        raise AdapterError(
+            f"Medusa heads project to a vocabulary of {heads.proj.shape[1]} tokens but the model has "
+            f"{cfg.vocab_size}: the heads were trained for a different base model"
+        )
+    tensors = [heads.weight, heads.bias] + ([heads.proj] if heads.proj is not None else [])
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise AdapterError("Medusa weights contain NaN or infinity")

@@ -1,80 +1,28 @@
 """Where the server gets `LoraAdapter`s from.
 
-`AdapterProvider` is the interface of `loraserve.adapters.store.AdapterStore`;
-`LocalDirAdapterProvider` is a minimal stand-in (local directories only: PEFT LoRA,
-Medusa heads, or both)
-used when that store is unavailable. `AdapterRegistry` adds what only the
-server knows: the static `--adapter-id`, preloaded adapters reachable by their
-bare id, the list `/v1/models` reports, and per-request merges
-(`merged_adapters`), whose inputs are fetched exactly like a request's own
-`adapter_id`.
+`AdapterProvider` is the interface of `loraserve.adapters.store.AdapterStore`,
+the one adapter-loading path (a server without remote sources uses
+`local_adapter_store`, the same store with only the `local` source).
+`AdapterRegistry` adds what only the server knows: the static `--adapter-id`,
+preloaded adapters reachable by their bare id, the list `/v1/models` reports,
+and per-request merges (`merged_adapters`), whose inputs are fetched exactly
+like a request's own `adapter_id`.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import Counter
-from pathlib import Path
 from typing import Any, Protocol
 
-from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
+from loraserve.adapters.errors import AdapterNotFoundError
 from loraserve.adapters.lora_weights import LoraAdapter
-from loraserve.adapters.medusa_format import is_adapter_dir, parse_adapter_dir, validate_medusa
 from loraserve.adapters.merge import BASE_MODEL_ADAPTER_ID, MergeSpec
 from loraserve.adapters.merged_store import MergedAdapterStore
-from loraserve.adapters.validation import validate_adapter
-from loraserve.models.config import ModelConfig
 
 
 class AdapterProvider(Protocol):
     async def get(
         self, adapter_id: str, source: str, token: str | None, revision: str | None = None
     ) -> LoraAdapter: ...
-
-
-class LocalDirAdapterProvider:
-    """Reads adapter directories (LoRA, Medusa or both) from disk and keeps them in host memory."""
-
-    def __init__(self, model_config: ModelConfig | None = None) -> None:
-        self._model_config = model_config
-        self._cache: dict[str, LoraAdapter] = {}
-        self._lock = asyncio.Lock()
-        self.counts: Counter[str] = Counter()
-
-    async def get(
-        self, adapter_id: str, source: str, token: str | None, revision: str | None = None
-    ) -> LoraAdapter:
-        if source != "local":
-            raise AdapterError(
-                f"adapter source {source!r} is not available in this server build; use `local`"
-            )
-        path = Path(adapter_id).expanduser()
-        key = f"local:{path.resolve()}"
-        async with self._lock:
-            if key in self._cache:
-                self.counts["hits"] += 1
-                return self._cache[key]
-            self.counts["misses"] += 1
-            if not is_adapter_dir(path):
-                raise AdapterNotFoundError(
-                    f"no PEFT LoRA adapter or Medusa heads found at local path {adapter_id!r}"
-                )
-            adapter = await asyncio.to_thread(parse_adapter_dir, path, key)
-            if self._model_config is not None:
-                if adapter.medusa is not None:
-                    validate_medusa(adapter.medusa, self._model_config)
-                validate_adapter(adapter, self._model_config)
-            self._cache[key] = adapter
-            self.counts["loads"] += 1
-            return adapter
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "hits": self.counts["hits"],
-            "misses": self.counts["misses"],
-            "loads": self.counts["loads"],
-            "cached": len(self._cache),
-        }
 
 
 class AdapterRegistry:

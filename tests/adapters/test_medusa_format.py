@@ -13,14 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from loraserve.adapters.errors import AdapterError
 from loraserve.adapters.lora_weights import LoraAdapter
-from loraserve.adapters.medusa_format import (
-    is_adapter_dir,
-    parse_adapter_dir,
-    parse_medusa_heads,
-    validate_medusa,
-)
+from loraserve.adapters.medusa_format import is_adapter_dir, parse_adapter_dir, parse_medusa_heads
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.adapters.sources.base import pick_adapter_files
+from loraserve.adapters.validation import validate_medusa
 from loraserve.models.config import ModelConfig
 from tests.adapters.adapter_asserts import assert_same_weights
 from tests.fixtures.medusa_heads import (

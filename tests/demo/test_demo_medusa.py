@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraserve.adapters.medusa_format import parse_adapter_dir, validate_medusa
+from loraserve.adapters.medusa_format import parse_adapter_dir
+from loraserve.adapters.validation import validate_medusa
 from loraserve.layers.medusa import medusa_logits
 from loraserve.models.config import ModelConfig
 from tests.demo.cases import DEMO_DIR, MODEL_DIR, TASKS, adapter_dir, demo_cases
