@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.cpu_threads import use_one_omp_thread
 from loraserve.engine.engine import Engine
+from loraserve.engine.errors import GenerationError
 from loraserve.engine.params import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -111,25 +112,7 @@ class AsyncEngine:
         self._submit(_Abort(request_id))
 
     def stats(self) -> dict:
-        e = self.engine
-        return {
-            "waiting": e.num_waiting,
-            "running": e.num_running,
-            "free_blocks": e.blocks.num_free,
-            "total_blocks": e.blocks.capacity,
-            "active_adapters": len(e.slots.active_keys()),
-            "adapter_slots": e.slots.num_slots,
-            "adapter_slots_in_use": e.slots.in_use(),
-            "adapter_loads": e.slots.loads,
-            "adapter_evictions": e.slots.evictions,
-            "tokens_generated": e.tokens_generated,
-            "tokens_per_s": self._stats.tokens_per_s,
-            "batch_size": e.last_batch_size,
-            "steps": e.steps,
-            "preemptions": e.scheduler.num_preemptions,
-            "spec_steps": e.spec_steps,
-            "spec_tokens": e.spec_tokens,
-        }
+        return {**self.engine.stats(), "tokens_per_s": self._stats.tokens_per_s}
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -211,7 +194,7 @@ class AsyncEngine:
     def _fail_all(self, err: Exception) -> None:
         for rid in list(self._sinks):
             self.engine.abort(rid)
-            self._deliver(rid, RuntimeError(f"generation failed: {err}"))
+            self._deliver(rid, GenerationError(f"generation failed: {err}"))
 
     def _record(self, now: float, n: int) -> None:
         w = self._stats.window

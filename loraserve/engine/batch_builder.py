@@ -7,15 +7,15 @@ tensors; the model's layers only read it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
 from loraserve.engine.sequence import Sequence
 from loraserve.layers.attention import AttentionMeta, PagedGroup
 from loraserve.layers.forward_batch import ForwardBatch
-from loraserve.layers.lora import build_lora_batch
+from loraserve.layers.lora import LoraBatch
 from loraserve.layers.rotary import RotaryTable
 
 
@@ -68,6 +68,7 @@ def _paged_group(
         ctx_lens=ctx_t.to(device),
         # all-True (single-token decodes of equal context) needs no mask: SDPA is faster without
         mask=None if bool(mask.all()) else mask.to(device),
+        q_pos=qpos.to(device),
     )
 
 
@@ -78,11 +79,11 @@ def build_forward_batch(
     rotary: RotaryTable,
     group_size: int,
     device: torch.device,
-    kernels: ModuleType | None = None,
+    lora_batch: Callable[[list[tuple[int, int, int]]], LoraBatch | None],
 ) -> tuple[ForwardBatch, StepLayout]:
     """Decode rows first (one token each, sorted by slot), then prefill rows.
 
-    `kernels`: the native CPU kernels (`layers/native_cpu.py`), when the engine uses them."""
+    `lora_batch`: the backend's layout of adapter rows (`Ops.lora_batch`)."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -126,7 +127,6 @@ def build_forward_batch(
         cos=cos,
         sin=sin,
         attn=attn,
-        lora=build_lora_batch(token_slots, device, kernels),
-        kernels=kernels,
+        lora=lora_batch(token_slots),
     )
     return fb, StepLayout(seqs=seqs, spans=spans, logit_rows=logit_rows)

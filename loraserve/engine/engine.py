@@ -2,9 +2,11 @@
 
 `Engine.step()` runs one iteration of continuous batching: schedule (decode
 everyone running, admit new requests), one forward over all of their new
-tokens — rows of many different adapters together — then sample and finish
-requests on EOS, length or stop sequences, freeing their blocks at once.
-`AsyncEngine` (async_engine.py) drives this loop from a thread for servers.
+tokens — rows of many different adapters together — on the `ModelRunner`,
+then choose tokens (sampling, or verifying Medusa drafts), emit them and
+finish requests on EOS, length or stop sequences, freeing their blocks at
+once. `AsyncEngine` (async_engine.py) drives this loop from a thread for
+servers.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from loraserve.adapters.lora_weights import LoraAdapter
-from loraserve.adapters.medusa_format import MedusaHeads
-from loraserve.engine.adapter_slots import AdapterSlots
-from loraserve.engine.batch_builder import StepLayout, build_forward_batch
-from loraserve.engine.block_manager import BlockManager
+from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.engine.config import DTYPES, EngineConfig
 from loraserve.engine.detokenizer import IncrementalDetokenizer
-from loraserve.engine.memory_plan import adapter_slots, kv_cache_blocks, resolve_lengths
+from loraserve.engine.errors import RequestError
+from loraserve.engine.memory_plan import Limits, resolve_lengths
+from loraserve.engine.model_runner import ModelRunner, StepResult
+from loraserve.engine.output_processor import Emitted, OutputProcessor
 from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
 from loraserve.engine.sampling import SamplingRow, make_generator, sample
 from loraserve.engine.scheduler import Scheduler
@@ -32,21 +33,20 @@ from loraserve.engine.speculative import verify_drafts
 from loraserve.engine.speculators import Speculators
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
-from loraserve.engine.watermark import apply_watermark
-from loraserve.host_allocator import keep_freed_memory, zeros_on_huge_pages
-from loraserve.layers.forward_batch import ForwardBatch
-from loraserve.layers.lora import LoraTable
-from loraserve.layers.native_cpu import cpu_kernels
-from loraserve.models import load_model
+from loraserve.host_allocator import keep_freed_memory
 from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+NON_FINITE = (
+    "generation failed: the model produced non-finite logits for this request (check the adapter's weights)"
+)
 
 
 class Engine:
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
         cfg = config or EngineConfig()
-        self.config = cfg
+        self.config = cfg  # as given; what was resolved from it is `self.limits`
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         if cfg.dtype not in DTYPES:
@@ -60,20 +60,26 @@ class Engine:
         mc = self.model_config
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
-        resolve_lengths(cfg, mc)
-        # None on CUDA, other dtypes, or when switched off: the model then runs PyTorch ops
-        self.kernels = cpu_kernels(self.device, self.dtype) if cfg.native_kernels else None
-        self.model = load_model(self.model_dir, mc, self.dtype, self.device, cfg.pack_weights, self.kernels)
-        self._allocate_kv_cache()
-        self._allocate_lora_table()
+        max_input, max_total, max_prefill = resolve_lengths(cfg, mc)
+        self.runner = ModelRunner(self.model_dir, mc, cfg, max_total, self.dtype, self.device)
+        self.limits = Limits(
+            max_input_length=max_input,
+            max_total_tokens=max_total,
+            max_batch_prefill_tokens=max_prefill,
+            max_batch_total_tokens=self.runner.capacity_tokens,
+            max_active_adapters=self.runner.lora.num_slots,
+            max_lora_rank=cfg.max_lora_rank,
+            max_num_seqs=cfg.max_num_seqs,
+            block_size=cfg.block_size,
+        )
         self.scheduler = Scheduler(
-            self.blocks, self.slots, cfg.max_num_seqs, cfg.max_batch_prefill_tokens, cfg.adapter_cycle_time_s
+            self.runner.blocks, self.runner.slots, cfg.max_num_seqs, max_prefill, cfg.adapter_cycle_time_s
+        )
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, max_total)
+        self.speculators = Speculators(
+            mc.hidden_size, self.runner.vocab_size, self.device, self.dtype, cfg.speculative_tokens
         )
         self._seqs: dict[str, Sequence] = {}
-        self.tokens_generated = 0
-        self.speculators = Speculators(
-            mc.hidden_size, self.model.lm_head.out_features, self.device, self.dtype, cfg
-        )
         self.spec_steps = 0
         self.spec_tokens = 0
         self.steps = 0
@@ -83,49 +89,45 @@ class Engine:
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig | None = None) -> Engine:
         return cls(model_dir, config)
 
-    # ---- set-up ---------------------------------------------------------------------------------
-    def _allocate_kv_cache(self) -> None:
-        cfg, mc = self.config, self.model_config
-        num_blocks = kv_cache_blocks(cfg, mc, self.dtype, self.device)
-        shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
-        self.model.kv_caches = [
-            (
-                zeros_on_huge_pages(shape, self.dtype, self.device),
-                zeros_on_huge_pages(shape, self.dtype, self.device),
-            )
-            for _ in range(mc.num_hidden_layers)
-        ]
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
+    @property
+    def ops_name(self) -> str:
+        """The compute backend in use (layers/ops.py)."""
+        return self.runner.ops.name
 
-    def _allocate_lora_table(self) -> None:
-        cfg, mc = self.config, self.model_config
-        num_slots = adapter_slots(cfg, mc, self.dtype, self.device)
-        table = LoraTable(
-            mc.linear_shapes(),
-            mc.num_hidden_layers,
-            num_slots,
-            cfg.max_lora_rank,
-            self.dtype,
-            self.device,
-            groups=self.model.LORA_GROUPS,
-        )
-        self.model.lora = table
-        self.slots = AdapterSlots(table)
+    @property
+    def tokens_generated(self) -> int:
+        return self.outputs.tokens_generated
+
+    def stats(self) -> dict:
+        """Counters for /metrics and /info; the only view of the engine's parts from outside."""
+        blocks, slots = self.runner.blocks, self.runner.slots
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "free_blocks": blocks.num_free,
+            "total_blocks": blocks.capacity,
+            "active_adapters": len(slots.active_keys()),
+            "adapter_slots": slots.num_slots,
+            "adapter_slots_in_use": slots.in_use(),
+            "adapter_loads": slots.loads,
+            "adapter_evictions": slots.evictions,
+            "tokens_generated": self.tokens_generated,
+            "batch_size": self.last_batch_size,
+            "steps": self.steps,
+            "preemptions": self.scheduler.num_preemptions,
+            "spec_steps": self.spec_steps,
+            "spec_tokens": self.spec_tokens,
+        }
 
     # ---- requests ------------------------------------------------------------------------------
     def check_adapter(self, adapter: LoraAdapter) -> None:
-        """Refuse adapters the slot table cannot hold before they reach the step loop."""
-        mc = self.model_config
-        if adapter.max_rank > self.config.max_lora_rank:
-            raise ValueError(
+        """Refuse adapters the slot table cannot hold; whether they fit the model at all is
+        adapters/validation.py's job, done before they get here."""
+        if adapter.max_rank > self.limits.max_lora_rank:
+            raise RequestError(
                 f"adapter rank {adapter.max_rank} exceeds the server's max LoRA rank "
-                f"{self.config.max_lora_rank} (--max-lora-rank)"
+                f"{self.limits.max_lora_rank} (--max-lora-rank)"
             )
-        shapes = mc.linear_shapes()
-        for (layer, module), w in adapter.modules.items():
-            fin, fout = shapes[module]
-            if layer >= mc.num_hidden_layers or w.a.shape[1] != fin or w.b.shape[0] != fout:
-                raise ValueError(f"adapter weights for layer {layer} {module} do not fit the base model")
 
     def add_request(
         self,
@@ -138,28 +140,28 @@ class Engine:
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise ValueError("inputs must not be empty")
-        vocab = self.model.vocab_size
+            raise RequestError("inputs must not be empty")
+        vocab = self.runner.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"inputs holds token ids outside the vocabulary [0, {vocab})")
-        cfg = self.config
-        if len(ids) > cfg.max_input_length:
-            raise ValueError(
-                f"inputs has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}"
+            raise RequestError(f"inputs holds token ids outside the vocabulary [0, {vocab})")
+        lim = self.limits
+        if len(ids) > lim.max_input_length:
+            raise RequestError(
+                f"inputs has {len(ids)} tokens, more than max_input_length={lim.max_input_length}"
             )
-        if len(ids) + params.max_new_tokens > cfg.max_total_tokens:
-            raise ValueError(
-                f"inputs tokens + max_new_tokens must be <= max_total_tokens={cfg.max_total_tokens}"
+        if len(ids) + params.max_new_tokens > lim.max_total_tokens:
+            raise RequestError(
+                f"inputs tokens + max_new_tokens must be <= max_total_tokens={lim.max_total_tokens}"
                 f" (got {len(ids)} + {params.max_new_tokens})"
             )
-        if -(-(len(ids) + params.max_new_tokens) // cfg.block_size) > self.blocks.capacity:
-            raise ValueError("request cannot fit in the KV cache even alone")
+        if -(-(len(ids) + params.max_new_tokens) // lim.block_size) > self.runner.blocks.capacity:
+            raise RequestError("request cannot fit in the KV cache even alone")
         if adapter is not None:
             self.check_adapter(adapter)
         speculator = self.speculators.for_request(adapter, params)
         rid = request_id or uuid.uuid4().hex
         if rid in self._seqs:
-            raise ValueError(f"duplicate request id {rid!r}")
+            raise RequestError(f"duplicate request id {rid!r}")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(
             request_id=rid,
@@ -177,9 +179,10 @@ class Engine:
         return rid
 
     # ---- speculative decoding ---------------------------------------------------------------------
-    def set_default_speculator(self, heads: MedusaHeads | None) -> None:
-        """Medusa heads that draft for every request without heads of its own."""
-        self.speculators.set_default(heads)
+    def set_default_speculator(self, heads: MedusaHeads | None, cap: int | None = None) -> None:
+        """Medusa heads that draft for every request without heads of its own; `cap`: drafts per
+        step (None = as many as the heads have)."""
+        self.speculators.set_default(heads, cap)
 
     @property
     def default_speculator(self) -> MedusaHeads | None:
@@ -208,225 +211,107 @@ class Engine:
         return len(self.scheduler.running)
 
     # ---- the step ------------------------------------------------------------------------------
-    def _forward_batch(
-        self, decodes: list[Sequence], prefills: list[Sequence]
-    ) -> tuple[ForwardBatch, StepLayout]:
-        mc = self.model_config
-        return build_forward_batch(
-            decodes,
-            prefills,
-            self.config.block_size,
-            self.model.rotary,
-            mc.num_attention_heads // mc.num_key_value_heads,
-            self.device,
-            kernels=self.kernels,
-        )
-
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, forward, choose tokens, emit them, draft the next ones."""
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
-        fb, layout = self._forward_batch(sched.decodes, sched.prefills)
-        hidden = self.model.forward(fb)
-        rows = [r for rs in layout.logit_rows for r in rs]
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
-        starts, offset = [], 0
-        for rs in layout.logit_rows:
-            starts.append(offset)
-            offset += len(rs)
-        # one cheap finiteness check for the whole step (a row's sum is NaN/inf iff an entry is);
-        # a poisoned row fails alone
-        bad = (~torch.isfinite(logits.sum(dim=-1))).tolist()
-        bad_seq = [any(bad[starts[i] : starts[i] + len(rs)]) for i, rs in enumerate(layout.logit_rows)]
-        plain = [i for i, seq in enumerate(layout.seqs) if not seq.drafts and not bad_seq[i]]
-        result = None
-        if plain:
-            last = torch.tensor(
-                [starts[i] + len(layout.logit_rows[i]) - 1 for i in plain], device=self.device
+        res = self.runner.execute(sched.decodes, sched.prefills)
+        poisoned = self._poisoned_rows(res)
+        sampled = self._sample_plain_rows(res, poisoned)
+        outputs, draft_rows = self._emit_step(res, poisoned, sampled)
+        if draft_rows:
+            self.speculators.propose(
+                res.hidden, draft_rows, self.runner.project_vocab, self.limits.max_total_tokens
             )
-            plain_logits = logits[last]
-            marked = [j for j, i in enumerate(plain) if layout.seqs[i].params.watermark]
-            if marked:
-                prev = [layout.seqs[plain[j]].all_ids[-1] for j in marked]
-                plain_logits = apply_watermark(plain_logits, marked, prev)
-            result = sample(
-                plain_logits,
-                [
-                    SamplingRow(
-                        params=layout.seqs[i].params,
-                        generator=layout.seqs[i].generator,
-                        history=self._history(layout.seqs[i]),
-                    )
-                    for i in plain
-                ],
-            )
-        plain_pos = {i: j for j, i in enumerate(plain)}
         self.steps += 1
-        self.last_batch_size = len(layout.seqs)
+        self.last_batch_size = len(res.layout.seqs)
+        return outputs
+
+    def _poisoned_rows(self, res: StepResult) -> list[bool]:
+        """Per sequence: did any of its logits come out NaN/inf? One cheap check for the whole
+        step (a row's sum is non-finite iff an entry is); a poisoned sequence fails alone."""
+        bad = (~torch.isfinite(res.logits.sum(dim=-1))).tolist()
+        rows = res.layout.logit_rows
+        return [any(bad[res.starts[i] : res.starts[i] + len(rs)]) for i, rs in enumerate(rows)]
+
+    def _sample_plain_rows(self, res: StepResult, poisoned: list[bool]) -> dict[int, Emitted]:
+        """One token for every healthy sequence without drafts, all rows in one pass."""
+        seqs, rows = res.layout.seqs, res.layout.logit_rows
+        plain = [i for i, seq in enumerate(seqs) if not seq.drafts and not poisoned[i]]
+        if not plain:
+            return {}
+        last = torch.tensor([res.starts[i] + len(rows[i]) - 1 for i in plain], device=self.device)
+        result = sample(res.logits[last], [self._sampling_row(seqs[i]) for i in plain])
+        out: dict[int, Emitted] = {}
+        for j, i in enumerate(plain):
+            alts = result.alternatives[j] if result.alternatives is not None else None
+            out[i] = (int(result.token_ids[j]), float(result.logprobs[j]), alts)
+        return out
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        history = None
+        if p.repetition_penalty != 1.0:
+            history = torch.tensor(seq.all_ids, dtype=torch.long, device=self.device)
+        prev = (seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]) if p.watermark else None
+        return SamplingRow(params=p, generator=seq.generator, history=history, prev_token=prev)
+
+    def _emit_step(
+        self, res: StepResult, poisoned: list[bool], sampled: dict[int, Emitted]
+    ) -> tuple[list[RequestOutput], list[tuple[Sequence, int]]]:
+        """Outputs of every sequence, and (sequence, hidden row) of those that draft next."""
         outputs: list[RequestOutput] = []
-        draft_rows: list[tuple[Sequence, int]] = []  # hidden row of the last accepted position
-        for i, seq in enumerate(layout.seqs):
-            n = len(layout.logit_rows[i])
-            seq_logits = logits[starts[i] : starts[i] + n]
+        draft_rows: list[tuple[Sequence, int]] = []
+        for i, seq in enumerate(res.layout.seqs):
+            n = len(res.layout.logit_rows[i])
+            seq_logits = res.logits[res.starts[i] : res.starts[i] + n]
             prefill = None
             if seq.params.prefill_logprobs and not seq.prefill_reported and not seq.drafts:
-                prefill = self._prefill_infos(seq, seq_logits)
-            if bad_seq[i]:
-                outputs.append(
-                    self._fail(
-                        seq,
-                        "generation failed: the model produced non-finite logits "
-                        "for this request (check the adapter's weights)",
-                    )
-                )
+                prefill = self.outputs.prefill_infos(seq, seq_logits)
+            if poisoned[i]:
+                outputs.append(self._fail(seq, NON_FINITE))
                 continue
-            span_start, span_end = layout.spans[i]
+            span_start, span_end = res.layout.spans[i]
             speculated = bool(seq.drafts)
             if speculated:
-                v = verify_drafts(seq_logits, seq.drafts, seq.params, seq.generator)
-                seq.num_cached += 1 + v.accepted_drafts
-                seq.spec_steps += 1
-                self.spec_steps += 1
-                emitted = [(t, lp, None) for t, lp in zip(v.tokens, v.logprobs)]
-                last_row = span_start + v.accepted_drafts
-                seq.drafts = []
+                emitted, accepted = self._verify(seq, seq_logits)
+                last_row = span_start + accepted
             else:
-                j = plain_pos[i]
-                alts = result.alternatives[j] if result.alternatives is not None else None
-                emitted = [(int(result.token_ids[j]), float(result.logprobs[j]), alts)]
+                emitted = [sampled[i]]
                 seq.num_cached = seq.num_tokens
                 last_row = span_end - 1
-            out = self._emit(seq, emitted, prefill)
+            out = self.outputs.emit(seq, emitted, prefill)
             if speculated:  # count what was emitted: EOS/stop/length may cut an accepted run short
                 seq.spec_tokens += len(out.tokens)
                 self.spec_tokens += len(out.tokens)
                 out.spec_tokens = seq.spec_tokens
             outputs.append(out)
-            if not out.finished:
-                self.blocks.shrink(seq.block_table, seq.num_tokens)  # drop blocks of rejected drafts
-                if seq.speculator is not None:
-                    draft_rows.append((seq, last_row))
-        if draft_rows:
-            self.speculators.propose(hidden, draft_rows, self.model.lm_head, self.config.max_total_tokens)
-        return outputs
+            if out.finished:
+                self._finish(seq)
+                continue
+            self.runner.blocks.shrink(seq.block_table, seq.num_tokens)  # drop blocks of rejected drafts
+            if seq.speculator is not None:
+                draft_rows.append((seq, last_row))
+        return outputs, draft_rows
 
-    def _emit(
-        self,
-        seq: Sequence,
-        emitted: list[tuple[int, float, list[tuple[int, float]] | None]],
-        prefill: list[TokenInfo] | None,
-    ) -> RequestOutput:
-        """Append this step's tokens one by one, stopping at the first finish condition."""
-        infos: list[TokenInfo] = []
-        reason = None
-        for token, logprob, alts in emitted:
-            info, reason = self._append_token(seq, token, logprob, alts)
-            infos.append(info)
-            if reason is not None:
-                break
-        out = RequestOutput(
-            request_id=seq.request_id,
-            tokens=infos,
-            prompt_tokens=len(seq.prompt_ids),
-            generated_tokens=len(seq.output_ids),
-            seed=seq.seed if seq.params.do_sample else None,
-            prefill=prefill,
-            spec_steps=seq.spec_steps,
-            spec_tokens=seq.spec_tokens,
-        )
-        if reason is not None:
-            self._finish(seq)
-            out.finished, out.finish_reason, out.generated_text = True, reason, seq.text
-        return out
-
-    def _history(self, seq: Sequence) -> torch.Tensor | None:
-        if seq.params.repetition_penalty == 1.0:
-            return None
-        return torch.tensor(seq.all_ids, dtype=torch.long, device=self.device)
-
-    def _prefill_infos(self, seq: Sequence, logits: torch.Tensor) -> list[TokenInfo]:
-        seq.prefill_reported = True
-        ids = seq.prompt_ids
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        n = min(len(ids) - 1, lp.shape[0] - 1)
-        nxt = torch.tensor(ids[1 : n + 1], device=lp.device)
-        chosen = lp[torch.arange(n, device=lp.device), nxt].tolist() if n > 0 else []
-        infos = [
-            TokenInfo(
-                id=ids[0],
-                text=self.tokenizer.id_to_text(ids[0]),
-                logprob=None,
-                special=self.tokenizer.is_special(ids[0]),
-            )
-        ]
-        for tid, lp_ in zip(ids[1 : n + 1], chosen):
-            infos.append(
-                TokenInfo(
-                    id=tid,
-                    text=self.tokenizer.id_to_text(tid),
-                    logprob=lp_,
-                    special=self.tokenizer.is_special(tid),
-                )
-            )
-        return infos
-
-    def _append_token(
-        self, seq: Sequence, token: int, logprob: float, alts: list[tuple[int, float]] | None
-    ) -> tuple[TokenInfo, str | None]:
-        seq.output_ids.append(token)
-        self.tokens_generated += 1
-        special = self.tokenizer.is_special(token)
-        delta = seq.detok.add(token)
-        reason = None
-        if token in self.eos_ids and not seq.params.ignore_eos_token:
-            reason = "eos_token"
-        elif (
-            len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.config.max_total_tokens
-        ):
-            reason = "length"
-        if reason is not None:
-            delta += seq.detok.flush()  # bytes held back for an unfinished character
-        seq.text += delta
-        if seq.stop is not None and delta:
-            cut = seq.stop.check(seq.text, len(delta))
-            if cut is not None:
-                delta = delta[: max(0, len(delta) - (len(seq.text) - cut))]
-                seq.text = seq.text[:cut]
-                reason = "stop_sequence"
-        # special tokens (EOS) are streamed with their own text, as LoRAX does, but kept out of generated_text
-        text = self.tokenizer.id_to_text(token) if special else delta
-        info = TokenInfo(
-            id=token,
-            text=text,
-            logprob=logprob,
-            special=special,
-            alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None,
-        )
-        return info, reason
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> tuple[list[Emitted], int]:
+        """Accept a prefix of the sequence's drafts (engine/speculative.py); returns the tokens to
+        emit and how many drafts were accepted."""
+        v = verify_drafts(logits, seq.drafts, seq.params, seq.generator)
+        seq.num_cached += 1 + v.accepted_drafts
+        seq.spec_steps += 1
+        self.spec_steps += 1
+        seq.drafts = []
+        return [(t, lp, None) for t, lp in zip(v.tokens, v.logprobs)], v.accepted_drafts
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
-        """End one request with an error; the rest of the batch carries on.
-
-        Its blocks may hold NaN/inf keys and values; they are zeroed before reuse
-        because a masked-out position still multiplies its value by 0.
-        """
-        if seq.block_table:
-            idx = torch.tensor(seq.block_table, device=self.device)
-            for k, v in self.model.kv_caches:
-                k[idx] = 0
-                v[idx] = 0
+        """End one request with an error; the rest of the batch carries on. Its blocks may hold
+        NaN/inf keys and values, so they are zeroed before reuse."""
+        self.runner.zero_blocks(seq.block_table)
         self._finish(seq)
-        return RequestOutput(
-            request_id=seq.request_id,
-            tokens=[],
-            finished=True,
-            finish_reason="error",
-            generated_text=seq.text,
-            prompt_tokens=len(seq.prompt_ids),
-            generated_tokens=len(seq.output_ids),
-            error=message,
-        )
+        return self.outputs.failed(seq, message)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -472,6 +357,7 @@ class Engine:
         """
         if adapter is not None:
             self.check_adapter(adapter)
+        blocks, slots = self.runner.blocks, self.runner.slots
         seq = Sequence(
             request_id="__score__",
             prompt_ids=list(prompt_ids),
@@ -482,15 +368,14 @@ class Engine:
             detok=None,
             stop=None,
         )  # type: ignore[arg-type]
-        if not self.blocks.can_hold(seq.block_table, seq.num_tokens):
+        if not blocks.can_hold(seq.block_table, seq.num_tokens):
             raise RuntimeError("not enough free KV blocks to score this prompt now")
-        self.blocks.grow(seq.block_table, seq.num_tokens)
+        blocks.grow(seq.block_table, seq.num_tokens)
         try:
             if seq.uses_slot:
-                seq.slot = self.slots.acquire(adapter)
-            fb, _ = self._forward_batch([], [seq])
-            return self.model.logits(self.model.forward(fb))
+                seq.slot = slots.acquire(adapter)
+            return self.runner.all_logits(seq)
         finally:
-            self.blocks.free(seq.block_table)
+            blocks.free(seq.block_table)
             if seq.slot is not None:
-                self.slots.release(seq.slot)
+                slots.release(seq.slot)

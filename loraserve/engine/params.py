@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from loraserve.engine.errors import RequestError
+
 FinishReason = Literal["length", "eos_token", "stop_sequence", "aborted", "error"]
 
 
@@ -39,21 +41,21 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the offending field; the server maps it to 422."""
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+            raise RequestError("max_new_tokens must be >= 1")
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise RequestError("temperature must be >= 0")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise RequestError("top_k must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise RequestError("top_p must be in (0, 1]")
         if not 0 < self.typical_p <= 1:
-            raise ValueError("typical_p must be in (0, 1]")
+            raise RequestError("typical_p must be in (0, 1]")
         if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+            raise RequestError("repetition_penalty must be > 0")
         if self.seed is not None and self.seed < 0:
-            raise ValueError("seed must be >= 0")
+            raise RequestError("seed must be >= 0")
         if self.top_n_alternatives < 0:
-            raise ValueError("return_k_alternatives must be >= 0")
+            raise RequestError("return_k_alternatives must be >= 0")
 
 
 @dataclass

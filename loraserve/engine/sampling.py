@@ -1,8 +1,9 @@
 """Pick the next token for every sequence of a batch in one pass.
 
-Order and arithmetic follow Hugging Face `generate`: repetition penalty, then for
-sampling rows temperature, top-k, top-p and typical-p, then a draw; greedy rows
-take the argmax of the penalized logits.
+Order and arithmetic follow Hugging Face `generate`: the logits pipeline
+(engine/logits_pipeline.py: repetition penalty, watermark, then for sampling
+rows temperature, top-k, top-p and typical-p), then a draw; greedy rows take the
+argmax of the penalized logits.
 
 Reproducibility: each sampling row draws exactly ONE uniform number from its own
 generator and inverts the CDF of its own (warped) distribution. The token thus
@@ -25,25 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.engine.logits_processors import (
-    apply_repetition_penalty,
-    apply_temperature,
-    apply_top_k,
-    apply_top_p,
-    apply_typical_p,
-)
-from loraserve.engine.params import SamplingParams
+from loraserve.engine import logits_pipeline
+from loraserve.engine.logits_pipeline import SamplingRow, is_sampling
+
+__all__ = ["SampleOutput", "SamplingRow", "draw", "is_sampling", "make_generator", "sample"]
 
 _SEED_MASK = (1 << 64) - 1
-
-
-@dataclass
-class SamplingRow:
-    """One sequence that needs a token this step."""
-
-    params: SamplingParams
-    generator: torch.Generator | None  # on the logits device; None = torch's default generator
-    history: torch.Tensor | None  # prompt+generated ids on the logits device, for repetition_penalty
 
 
 @dataclass
@@ -60,42 +48,13 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return g
 
 
-def is_sampling(params: SamplingParams) -> bool:
-    """Temperature 0 means greedy even with do_sample (HF would reject it; clients send it)."""
-    return params.do_sample and params.temperature > 0
-
-
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
     """Choose one token per row of `logits` [B, V]; computed in float32 whatever the input dtype."""
     b, _ = logits.shape
     if b != len(rows):
         raise ValueError(f"{b} logit rows but {len(rows)} sampling rows")
-    device = logits.device
-    scores = logits.float()
-
-    pen = [
-        i
-        for i, r in enumerate(rows)
-        if r.params.repetition_penalty != 1.0 and r.history is not None and r.history.numel() > 0
-    ]
-    if pen:
-        idx = torch.tensor(pen, device=device) if len(pen) < b else None
-        sub = scores if idx is None else scores[idx]
-        sub = apply_repetition_penalty(
-            sub, [rows[i].params.repetition_penalty for i in pen], [rows[i].history for i in pen]
-        )  # type: ignore[misc]
-        if idx is None:
-            scores = sub
-        else:
-            scores = scores.clone()
-            scores[idx] = sub
-
+    scaled = logits_pipeline.scores(logits, rows)
     samplers = [i for i, r in enumerate(rows) if is_sampling(r.params)]
-    scaled = scores
-    if samplers:
-        scaled = apply_temperature(
-            scores, [r.params.temperature if is_sampling(r.params) else 1.0 for r in rows]
-        )
     tokens = scaled.argmax(dim=-1)
     if samplers:
         tokens = _sample_rows(scaled, rows, samplers, tokens)
@@ -127,10 +86,7 @@ def _sample_rows(
     b = scaled.shape[0]
     idx = torch.tensor(samplers, device=scaled.device) if len(samplers) < b else None
     sub = scaled if idx is None else scaled[idx]
-    params = [rows[i].params for i in samplers]
-    sub = apply_top_k(sub, [p.top_k for p in params])
-    sub = apply_top_p(sub, [p.top_p for p in params])
-    sub = apply_typical_p(sub, [p.typical_p for p in params])
+    sub = logits_pipeline.truncate(sub, [rows[i] for i in samplers])
     drawn = draw(sub, [rows[i].generator for i in samplers])
     if idx is None:
         return drawn

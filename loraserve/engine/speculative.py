@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.engine.logits_processors import apply_temperature, apply_top_k, apply_top_p, apply_typical_p
+from loraserve.engine import logits_pipeline
+from loraserve.engine.logits_pipeline import SamplingRow, is_sampling
 from loraserve.engine.params import SamplingParams
-from loraserve.engine.sampling import draw, is_sampling
+from loraserve.engine.sampling import draw
 
 
 @dataclass
@@ -30,14 +31,14 @@ class Verified:
     accepted_drafts: int
 
 
-def _warp(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores after temperature, scores after all truncations) for every row of one request."""
-    n = logits.shape[0]
-    scaled = apply_temperature(logits, [params.temperature] * n)
-    warped = apply_top_k(scaled, [params.top_k] * n)
-    warped = apply_top_p(warped, [params.top_p] * n)
-    warped = apply_typical_p(warped, [params.typical_p] * n)
-    return scaled, warped
+def _warp(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores before truncation, scores after it) for every row of one request, through the
+    same logits pipeline as plain sampling."""
+    rows = [SamplingRow(params, generator, None)] * logits.shape[0]
+    scaled = logits_pipeline.scores(logits, rows)
+    return scaled, logits_pipeline.truncate(scaled, rows)
 
 
 def verify_drafts(
@@ -46,6 +47,7 @@ def verify_drafts(
     """logits: [K+1, V] (float32) for [last, d_1..d_K]; returns the tokens to emit this step."""
     k = len(drafts)
     if not is_sampling(params):
+        logits = logits_pipeline.scores(logits, [SamplingRow(params, generator, None)] * (k + 1))
         target = logits.argmax(dim=-1).tolist()
         m = 0
         while m < k and drafts[m] == target[m]:
@@ -55,7 +57,7 @@ def verify_drafts(
         kept = logits[: m + 1]
         chosen = kept.gather(1, torch.tensor(toks, device=logits.device).unsqueeze(1)).squeeze(1)
         return Verified(toks, (chosen - torch.logsumexp(kept, dim=-1)).tolist(), m)
-    scaled, warped = _warp(logits, params)
+    scaled, warped = _warp(logits, params, generator)
     probs = torch.softmax(warped, dim=-1)
     d = torch.tensor(drafts, device=logits.device)
     p_draft = probs[torch.arange(k, device=logits.device), d] if k else probs.new_zeros(0)

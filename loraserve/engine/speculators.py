@@ -10,15 +10,15 @@ drafts for (`propose`).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
 from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.adapters.medusa_format import MedusaHeads
-from loraserve.engine.config import EngineConfig
+from loraserve.engine.errors import RequestError
 from loraserve.engine.params import SamplingParams
 from loraserve.engine.sequence import Sequence
-from loraserve.layers.linear import Linear
 from loraserve.layers.medusa import medusa_logits
 
 MAX_CACHED_HEADS = 64
@@ -31,15 +31,18 @@ class Speculators:
         vocab_size: int,
         device: torch.device,
         dtype: torch.dtype,
-        config: EngineConfig,
+        cap: int | None = None,
     ) -> None:
+        """`cap`: drafts per step; None = as many as the default heads have."""
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.device, self.dtype = device, dtype
-        self.config = config  # `speculative_tokens` is read live: the server sets it after start-up
+        self.cap = cap
         self.default: MedusaHeads | None = None
         self._cache: OrderedDict[str, MedusaHeads] = OrderedDict()  # device copies of per-request heads
 
-    def set_default(self, heads: MedusaHeads | None) -> None:
+    def set_default(self, heads: MedusaHeads | None, cap: int | None = None) -> None:
+        """Heads that draft for every request without its own, and the drafts-per-step cap."""
+        self.cap = cap
         if heads is not None:
             self._check(heads)
             heads = heads.to(self.device, self.dtype)
@@ -48,7 +51,7 @@ class Speculators:
     @property
     def tokens(self) -> int:
         """Drafts per step: the cap, or as many as the default heads have."""
-        cap = self.config.speculative_tokens
+        cap = self.cap
         if self.default is None:
             return cap or 0
         return self.default.num_heads if cap is None else cap
@@ -69,7 +72,7 @@ class Speculators:
         """
         own = adapter.medusa if adapter is not None else None
         if own is not None and self.default is None:
-            raise ValueError(
+            raise RequestError(
                 "this adapter carries Medusa heads, but speculative decoding needs the server to be "
                 "started with a default Medusa adapter (--adapter-id)"
             )
@@ -91,7 +94,7 @@ class Speculators:
         self,
         hidden: torch.Tensor,
         draft_rows: list[tuple[Sequence, int]],
-        lm_head: Linear,
+        lm_head: Callable[[torch.Tensor], torch.Tensor],
         max_total_tokens: int,
     ) -> None:
         """Set `seq.drafts` from the hidden state of each sequence's last accepted position."""

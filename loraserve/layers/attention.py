@@ -10,8 +10,14 @@ Two kinds of work share one step:
 - everything else (decode, recompute after preemption with context, draft
   verification) gathers its context from the cache through the block tables,
   padded to the longest context in its group, with a boolean mask; except
-  single-token rows on CPU with the native kernels (`layers/native_cpu.py`),
-  which read their context in place, block by block, without the copy.
+  single-token rows when the backend passes a `decode` kernel (the native CPU
+  one, layers/ops_cpu.py), which reads their context in place, block by
+  block, without the copy.
+
+Sliding-window layers (Mistral, Gemma 2) mask keys more than `window - 1`
+positions behind their query; logit soft-capping (Gemma 2) squashes scores
+with `cap * tanh(s / cap)` before the softmax, which SDPA cannot do, so
+those calls compute scores explicitly.
 
 Grouped-query attention is handled without repeating K/V: the query heads
 that share a KV head are folded into the query-length axis, so SDPA sees plain
@@ -20,8 +26,8 @@ multi-head attention with `kv_heads` heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +47,11 @@ class PagedGroup:
     max_ctx: int
     ctx_lens: torch.Tensor  # [num_seqs] int64 context length of each sequence
     mask: torch.Tensor | None  # [num_seqs, 1, max_q * group_size, max_ctx] bool, True = attend; None: all
+    q_pos: torch.Tensor | None = None  # [num_seqs, max_q] position of each (padded) query row
+
+
+# (queries [N, Hq, D], k_cache, v_cache, block_tables, ctx_lens, scale) -> [N, Hq, D]
+DecodeKernel = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -89,38 +100,55 @@ def _gather_context(
     return kg, vg
 
 
-def _native_decode(
+def _kernel_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     grp: PagedGroup,
     scale: float,
-    kernels: ModuleType,
+    decode: DecodeKernel,
 ) -> torch.Tensor:
     """[num_seqs, Hq, D] for a group of single-token rows, read straight from the cache blocks
-    by the native CPU kernel (no gathered copy, whose cost grows with the context)."""
+    by a backend's kernel (no gathered copy, whose cost grows with the context)."""
     rows = q[grp.tok_start : grp.tok_start + grp.num_seqs] if grp.dense else q.index_select(0, grp.q_rows)
-    return kernels.paged_decode_attention(rows, k_cache, v_cache, grp.block_tables, grp.ctx_lens, scale)
+    return decode(rows, k_cache, v_cache, grp.block_tables, grp.ctx_lens, scale)
 
 
-def _decode_attention(
+def _attend(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    grp: PagedGroup,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float,
-    kernels: ModuleType | None,
+    softcap: float | None,
 ) -> torch.Tensor:
-    """The common step: every token is one sequence's next token. Without the native kernel,
-    one query per sequence makes folding GQA heads a plain view and the output needs no
-    scatter: 5 fewer ops per layer than the general path."""
-    if kernels is not None:
-        return _native_decode(q, k_cache, v_cache, grp, scale, kernels)
-    b, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    kg, vg = _gather_context(k_cache, v_cache, grp)
-    o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), kg, vg, attn_mask=grp.mask, scale=scale)
-    return o.reshape(b, hq, d)
+    """SDPA, or the same math with scores soft-capped (which SDPA cannot do)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+def _window_mask(grp: PagedGroup, group_size: int, window: int) -> torch.Tensor:
+    """The group's mask, also hiding keys `window` or more positions behind each query."""
+    kpos = torch.arange(grp.max_ctx, device=grp.block_tables.device)
+    inside = kpos.view(1, 1, -1) > (grp.q_pos.unsqueeze(2) - window)  # [b, max_q, max_ctx]
+    inside = inside.repeat_interleave(group_size, dim=1).unsqueeze(1)
+    return inside if grp.mask is None else grp.mask & inside
+
+
+def _fresh_mask(n: int, g: int, device: torch.device, window: int | None) -> torch.Tensor:
+    """Causal (and windowed) mask of a fresh prefill whose GQA heads are folded into rows
+    (position, head-in-group): it compares positions only."""
+    pos = torch.arange(n, device=device).repeat_interleave(g).unsqueeze(1)
+    keys = torch.arange(n, device=device).unsqueeze(0)
+    mask = pos >= keys
+    if window is not None:
+        mask &= keys > pos - window
+    return mask
 
 
 def paged_attention(
@@ -131,34 +159,42 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMeta,
     scale: float,
-    kernels: ModuleType | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    decode: DecodeKernel | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D].
 
-    `kernels`: the native CPU kernels; single-token rows then read the cache in place."""
+    `window`: sliding-window size (keys at most window - 1 positions back); `softcap`:
+    attention-logit soft-capping; `decode`: a kernel for single-token rows (only passed when
+    neither of the two is set)."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     hkv = k.shape[1]
-    if not meta.fresh and len(meta.paged) == 1 and _all_single_decodes(meta.paged[0], q.shape[0]):
-        return _decode_attention(q, k_cache, v_cache, meta.paged[0], scale, kernels)
+    g = q.shape[1] // hkv
+    plain = window is None and softcap is None
+    if plain and not meta.fresh and len(meta.paged) == 1 and _all_single_decodes(meta.paged[0], q.shape[0]):
+        grp = meta.paged[0]
+        if decode is not None:
+            return _kernel_decode(q, k_cache, v_cache, grp, scale, decode)
+        # one query per sequence: folding GQA heads is a plain view and the output needs no scatter
+        b, hq, d = q.shape
+        kg, vg = _gather_context(k_cache, v_cache, grp)
+        o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), kg, vg, attn_mask=grp.mask, scale=scale)
+        return o.reshape(b, hq, d)
     out = torch.empty_like(q)
     for s, e in meta.fresh:
         qs = _fold_gqa(q[s:e].unsqueeze(0), hkv)
-        g = q.shape[1] // hkv
         ks = k[s:e].unsqueeze(0).transpose(1, 2)
         vs = v[s:e].unsqueeze(0).transpose(1, 2)
-        if g == 1:
+        if g == 1 and plain:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         else:
-            # folded rows are (position, head-in-group); causal must compare positions only
-            n = e - s
-            pos = torch.arange(n, device=q.device).repeat_interleave(g)
-            mask = pos.unsqueeze(1) >= torch.arange(n, device=q.device).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+            o = _attend(qs, ks, vs, _fresh_mask(e - s, g, q.device, window), scale, softcap)
         out[s:e] = _unfold_gqa(o, e - s)[0]
     for grp in meta.paged:
         b, lq = grp.num_seqs, grp.max_q
-        if lq == 1 and kernels is not None:  # decode rows beside prefills
-            o = _native_decode(q, k_cache, v_cache, grp, scale, kernels)
+        if lq == 1 and decode is not None and plain:  # decode rows beside prefills
+            o = _kernel_decode(q, k_cache, v_cache, grp, scale, decode)
             if grp.dense:
                 out[grp.tok_start : grp.tok_start + b] = o
             else:
@@ -171,7 +207,8 @@ def paged_attention(
             qg.index_copy_(0, grp.pad_rows, q.index_select(0, grp.q_rows))
             qg = qg.view(b, lq, *q.shape[1:])
         kg, vg = _gather_context(k_cache, v_cache, grp)
-        o = F.scaled_dot_product_attention(_fold_gqa(qg, hkv), kg, vg, attn_mask=grp.mask, scale=scale)
+        mask = grp.mask if window is None else _window_mask(grp, g, window)
+        o = _attend(_fold_gqa(qg, hkv), kg, vg, mask, scale, softcap)
         o = _unfold_gqa(o, lq).reshape(b * lq, *q.shape[1:])
         if grp.dense:
             out[grp.tok_start : grp.tok_start + b * lq] = o

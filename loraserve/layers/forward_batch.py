@@ -7,7 +7,6 @@ up globally.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
@@ -23,4 +22,3 @@ class ForwardBatch:
     sin: torch.Tensor  # [T, D/2]
     attn: AttentionMeta
     lora: LoraBatch | None  # None when no row uses an adapter
-    kernels: ModuleType | None = None  # native CPU kernels (layers/native_cpu.py), when in use

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +54,14 @@ def row_bucket(m: int) -> int:
 @dataclass
 class Linear:
     """y = x @ weight.T + bias; `layout` says what `weight` holds: "plain" [out, in],
-    "onednn" (opaque packed) or "panel" ([ceil(out / 32), in, 32], computed by `kernels`)."""
+    "onednn" (opaque packed) or "panel" ([ceil(out / 32), in, 32]). Only the `Ops` backend
+    that made a layout runs it (layers/ops.py)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     out_features: int
     in_features: int
     layout: str = "plain"
-    kernels: ModuleType | None = None
 
     @property
     def packed(self) -> bool:
@@ -91,11 +90,6 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return _packing_works(dtype, device.type)
 
 
-def panels_supported(kernels: ModuleType | None) -> bool:
-    """The native kernels can run panel-packed projections (an AVX-512 build)."""
-    return kernels is not None and bool(kernels.panel_gemm_available())
-
-
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] -> [ceil(out / 32), in, 32], zero-padded columns, on huge pages: a decode
     step streams every panel once, so TLB misses would be paid on every 4 KiB otherwise."""
@@ -110,24 +104,6 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def make_linear(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    pack: bool = True,
-    kernels: ModuleType | None = None,
-) -> Linear:
-    """Wrap `weight` [out, in] (and `bias`), packed when `pack` and the platform allows:
-    into panels when `kernels` (the native CPU module) can run them, else for oneDNN."""
-    out_f, in_f = weight.shape
-    if pack and panels_supported(kernels) and weight.dtype == torch.float32 and weight.device.type == "cpu":
-        b = bias.contiguous() if bias is not None else None
-        return Linear(pack_panels(weight), b, out_f, in_f, layout="panel", kernels=kernels)
-    if pack and packing_supported(weight.dtype, weight.device):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
-        return Linear(packed, bias, out_f, in_f, layout="onednn")
-    return Linear(weight, bias, out_f, in_f)
-
-
 def panel_rows(w: Linear, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` of the [out, in] matrix that `w` holds as panels (column idx % 32 of panel
     idx // 32): a tied input embedding reads its rows from the packed lm_head, so the
@@ -135,16 +111,15 @@ def panel_rows(w: Linear, idx: torch.Tensor) -> torch.Tensor:
     return w.weight[idx // PANEL, :, idx % PANEL]
 
 
-def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
-    """x [..., in] -> [..., out]."""
-    if w.layout == "plain":
-        return F.linear(x, w.weight, w.bias)
+def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's opaque packed copy of `weight` [out, in] (see `packing_supported`)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
+
+
+def onednn_linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
+    """x [..., in] -> [..., out] through oneDNN, rows padded up to their `row_bucket`."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features)
-    if w.layout == "panel":
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        return w.kernels.panel_linear(x2, w.weight, w.out_features, w.bias).view(*lead, w.out_features)
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, w.out_features)

@@ -14,8 +14,8 @@ exactly rank 16. Full-width, contiguous operands matter on CPU: a
 rank-sliced or transposed operand makes `bmm` several times slower.
 
 Per step, tokens are grouped by slot (SGMV-style):
-- on CPU with the native kernel (`layers/native_cpu.py`), every token goes to
-  `lora_rows`, one call per group: decode rows stream their A and B straight
+- with the native CPU backend (layers/ops_cpu.py), every token goes to its
+  `lora_rows` kernel, one call per group: decode rows stream their A and B straight
   from the table (decode steps are bound by reading every adapter once, and
   this reads them at full bandwidth, with no padding or gathers), prefill
   segments run register-blocked 8 tokens at a time; measured on the 135M
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 
@@ -57,8 +56,7 @@ class LoraBatch:
     tok_rows: torch.Tensor | None = None  # [N] token indices in the bmm part (not dense)
     pad_rows: torch.Tensor | None = None  # [N] their rows in the padded buffer
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot)
-    row_kernel: ModuleType | None = None  # native `lora_rows`: then it handles every token
-    rows: torch.Tensor | None = None  # [N] token indices, grouped by sequence
+    rows: torch.Tensor | None = None  # [N] token indices, grouped by sequence (row-kernel layout)
     row_slots: torch.Tensor | None = None  # [N] their slots
 
 
@@ -71,12 +69,10 @@ def _padded_rows(segs: list[tuple[int, int, int]]) -> tuple[int, int]:
     return span * max(per_slot.values()), sum(per_slot.values())
 
 
-def build_lora_batch(
-    token_slots: list[tuple[int, int, int]], device: torch.device, row_kernel: ModuleType | None = None
-) -> LoraBatch | None:
+def build_lora_batch(token_slots: list[tuple[int, int, int]], device: torch.device) -> LoraBatch | None:
     """token_slots: (tok_start, tok_end, slot) per sequence that uses an adapter, in token order.
 
-    With `row_kernel` (the native CPU kernel), every token goes to it. Otherwise everything goes through the padded bmm unless padding would more than double
+    Everything goes through the padded bmm unless padding would more than double
     the work; then the longest segments (prefills) move to their own matmuls
     until it doesn't. 32 equal-length prefills on 32 adapters are one dense bmm;
     one long prefill among decode rows runs alone.
@@ -84,15 +80,6 @@ def build_lora_batch(
     if not token_slots:
         return None
     lb = LoraBatch()
-    if row_kernel is not None:
-        lb.row_kernel = row_kernel
-        lb.rows = torch.tensor(
-            [r for s, e, _ in token_slots for r in range(s, e)], dtype=torch.long, device=device
-        )
-        lb.row_slots = torch.tensor(
-            [slot for s, e, slot in token_slots for _ in range(s, e)], dtype=torch.long, device=device
-        )
-        return lb
     short = sorted(token_slots, key=lambda t: t[1] - t[0])
     while short and short[-1][1] - short[-1][0] > LONG_SEGMENT:
         padded, real = _padded_rows(short)
@@ -132,17 +119,13 @@ def apply_lora(
     a: torch.Tensor,
     bs: Sequence[torch.Tensor],
     lb: LoraBatch,
-    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """ys[j][T, out_j] += LoRA delta of projection j of x[T, in], for projections sharing input x.
 
     a: [slots, in, len(ys) * R], the A matrices of every projection side by side (one `bmm`
-    reads them all); bs[j]: [slots, R, out_j] of one layer; slot_rank: [slots] rank actually
-    loaded in each slot (`LoraTable.slot_rank`), which lets the native kernel skip the padding.
+    reads them all); bs[j]: [slots, R, out_j] of one layer.
     """
     r = bs[0].shape[-2]
-    if lb.rows is not None:
-        lb.row_kernel.lora_rows(x, lb.rows, lb.row_slots, a, list(bs), list(ys), slot_rank)
     if lb.slot_hi > lb.slot_lo:
         lo, hi = lb.slot_lo, lb.slot_hi
         n, m = hi - lo, lb.max_seg

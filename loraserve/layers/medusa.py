@@ -13,12 +13,11 @@ tensors already on the hidden states' device and dtype are used as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-from loraserve.layers.linear import Linear, linear, make_linear
 
 if TYPE_CHECKING:
     from loraserve.adapters.lora_weights import MedusaHeads
@@ -37,7 +36,10 @@ def medusa_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def medusa_logits(
-    hidden: torch.Tensor, heads: MedusaHeads, lm_head: Linear | torch.Tensor, include_base: bool = False
+    hidden: torch.Tensor,
+    heads: MedusaHeads,
+    lm_head: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    include_base: bool = False,
 ) -> torch.Tensor:
     """Draft logits `[num_heads, N, V]` (float32); head `k` predicts the token `k + 2` after each row.
 
@@ -48,15 +50,16 @@ def medusa_logits(
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H], got {tuple(hidden.shape)}")
-    if isinstance(lm_head, torch.Tensor):
-        lm_head = make_linear(lm_head, pack=False)
+    if isinstance(lm_head, torch.Tensor):  # the matrix itself, else the model's projection
+        weight = lm_head
+        lm_head = lambda x: F.linear(x, weight)  # noqa: E731
     x = medusa_hidden(hidden, heads.weight, heads.bias)
     if heads.proj is None:
         if include_base:
             x = torch.cat([hidden.unsqueeze(0), x])
-        return linear(x, lm_head).float()
+        return lm_head(x).float()
     proj = heads.proj.to(device=hidden.device, dtype=hidden.dtype)
     drafts = torch.bmm(x, proj.transpose(1, 2)).float()
     if include_base:
-        return torch.cat([linear(hidden, lm_head).float().unsqueeze(0), drafts])
+        return torch.cat([lm_head(hidden).float().unsqueeze(0), drafts])
     return drafts

@@ -8,7 +8,6 @@ all layers).
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
 
@@ -65,12 +64,8 @@ class RotaryTable:
         return self.cos[positions], self.sin[positions]
 
 
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: ModuleType | None = None
-) -> torch.Tensor:
-    """x: [T, H, D] in HF's half-split layout; cos/sin: [T, D/2]. One native call on CPU."""
-    if kernels is not None:
-        return kernels.rotary(x, cos, sin)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D] in HF's half-split layout; cos/sin: [T, D/2]."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)

@@ -6,7 +6,42 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from loraserve.models.spec import Projection, linear_shapes
+
+# architectures[0] of config.json -> model family (models/registry.py holds the classes)
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+)
+
+
+def _layer_windows(arch: str, cfg: dict, num_layers: int) -> list[int | None]:
+    """Sliding-window size of each layer (None: full attention), by HF's rules for the family.
+
+    `layer_types` (written by recent transformers) is authoritative; otherwise Mistral and
+    Phi-3 slide on every layer when `sliding_window` is set, Qwen2/3 only with
+    `use_sliding_window` from `max_window_layers` on, Gemma 2 on even layers.
+    """
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers:
+        return [window if t == "sliding_attention" else None for t in types]
+    if not window:
+        return [None] * num_layers
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if not cfg.get("use_sliding_window", False):
+            return [None] * num_layers
+        first = cfg.get("max_window_layers", num_layers)
+        return [window if i >= first else None for i in range(num_layers)]
+    if arch == "Gemma2ForCausalLM":
+        return [window if i % 2 == 0 else None for i in range(num_layers)]
+    if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
+        return [window] * num_layers
+    return [None] * num_layers
 
 
 @dataclass
@@ -26,6 +61,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     mlp_bias: bool
+    layer_windows: list[int | None] = field(default_factory=list)  # sliding window per layer
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     name_or_path: str = ""
@@ -50,6 +86,7 @@ class ModelConfig:
             eos = gen.get("eos_token_id", eos)
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         qwen = arch == "Qwen2ForCausalLM"
+        layers = cfg["num_hidden_layers"]
         rope_scaling = cfg.get("rope_scaling")
         rope_theta = cfg.get("rope_theta")
         rope_params = cfg.get("rope_parameters")  # transformers >= 5 folds theta/scaling in here
@@ -62,7 +99,7 @@ class ModelConfig:
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
@@ -73,23 +110,19 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", qwen)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            layer_windows=_layer_windows(arch, cfg, layers),
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
             name_or_path=cfg.get("_name_or_path") or str(path),
             raw=cfg,
         )
 
+    def projections(self) -> list[Projection]:
+        """The architecture's projection declaration (models/spec.py)."""
+        from loraserve.models.registry import model_class  # the model modules import this one
+
+        return model_class(self.architecture).projections(self)
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every LoRA-targetable projection; adapters are validated against it."""
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
+        return linear_shapes(self.projections())

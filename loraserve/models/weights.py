@@ -34,3 +34,20 @@ def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+def load_checkpoint(
+    path: Path, num_layers: int, dtype: torch.dtype, device: torch.device
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(per decoder layer: {name inside the layer: tensor}, everything else by full name), in the
+    serving dtype on the device; on CPU in the checkpoint's dtype these are views of the mapping."""
+    per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+    top: dict[str, torch.Tensor] = {}
+    for name, t in iter_weights(Path(path)):
+        t = t.to(device=device, dtype=dtype)
+        if name.startswith("model.layers."):
+            idx, rest = name[len("model.layers.") :].split(".", 1)
+            per_layer[int(idx)][rest] = t
+        else:
+            top[name] = t
+    return per_layer, top

@@ -28,7 +28,7 @@ log = logging.getLogger("loraserve.server")
 
 def sync_limits(config: ServerConfig, engine: Any) -> None:
     """The engine resolves lengths and capacities from the model; the router validates against those."""
-    ec = engine.config
+    ec = engine.limits
     config.max_input_length = ec.max_input_length
     config.max_total_tokens = ec.max_total_tokens
     config.max_batch_total_tokens = ec.max_batch_total_tokens
@@ -55,7 +55,7 @@ def build_state(config: ServerConfig, aengine: Any, provider: AdapterProvider | 
         registry=registry,
         metrics=metrics,
         service=service,
-        max_lora_rank=engine.config.max_lora_rank,
+        max_lora_rank=engine.limits.max_lora_rank,
     )
 
 

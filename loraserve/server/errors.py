@@ -36,6 +36,11 @@ def generation_error(message: str) -> ApiError:
     return ApiError(message, 424, "generation")
 
 
+def internal_error() -> ApiError:
+    """A bug, not the request's fault: the details go to the log, never to the client."""
+    return ApiError("internal server error", 500, "internal")
+
+
 def overloaded_error() -> ApiError:
     return ApiError("Model is overloaded", 429, "overloaded")
 

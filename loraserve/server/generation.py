@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,12 +17,14 @@ from typing import Any
 
 from loraserve.adapters.errors import AdapterError
 from loraserve.adapters.lora_weights import LoraAdapter
+from loraserve.engine.errors import GenerationError, RequestError
 from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
 from loraserve.server.adapter_registry import AdapterRegistry
 from loraserve.server.errors import (
     ApiError,
     adapter_api_error,
     generation_error,
+    internal_error,
     overloaded_error,
     validation_error,
 )
@@ -38,6 +41,8 @@ from loraserve.server.schemas import (
 )
 from loraserve.server.speculation import check_request_heads, tokens_per_step
 from loraserve.server.validation import ValidatedRequest
+
+log = logging.getLogger(__name__)
 
 _LORAX_FINISH = {"length", "eos_token", "stop_sequence"}
 
@@ -139,10 +144,13 @@ class GenerationService:
                     out = await gen.__anext__()
                 except StopAsyncIteration:
                     return
-                except ValueError as e:  # the engine refused the request (limits, adapter fit)
+                except RequestError as e:  # the engine refused the request (limits, adapter fit)
                     raise validation_error(str(e)) from e
-                except Exception as e:
+                except GenerationError as e:
                     raise generation_error(str(e)) from e
+                except Exception as e:  # a bug: logged here, a bare 500 for the client
+                    log.exception("request failed in the engine")
+                    raise internal_error() from e
                 if out.error:
                     raise generation_error(out.error)
                 if out.tokens:

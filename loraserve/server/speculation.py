@@ -51,10 +51,8 @@ def configure_speculation(engine: Any, static_adapter: LoraAdapter | None, specu
             )
         return 0
     # None: as many as the heads have; a cap above the head count would only be reported, never drafted
-    engine.config.speculative_tokens = (
-        min(speculative_tokens, heads.num_heads) if speculative_tokens else None
-    )
-    engine.set_default_speculator(heads)
+    cap = min(speculative_tokens, heads.num_heads) if speculative_tokens else None
+    engine.set_default_speculator(heads, cap)
     return int(engine.speculative_tokens)
 
 

@@ -27,4 +27,4 @@ def test_each_adapter_does_its_task_and_the_base_does_not() -> None:
         base = [r.generated_text for r, o in zip(results, owners) if o == (task, False)]
         assert exact_match(tuned, cases) >= 0.9, (task, tuned)
         assert exact_match(base, cases) <= 0.2, (task, base)
-    assert engine.blocks.num_free == engine.blocks.capacity
+    assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]

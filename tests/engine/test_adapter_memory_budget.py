@@ -37,7 +37,7 @@ def test_memory_budget_caps_the_slot_count(llama_dir: Path) -> None:
             kv_cache_memory_bytes=16 << 20,
         ),
     )
-    assert e.config.max_active_adapters == 3 and e.slots.num_slots == 3
+    assert e.limits.max_active_adapters == 3 and e.runner.slots.num_slots == 3
     ref = Engine.from_pretrained(
         llama_dir, EngineConfig(max_active_adapters=1, max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20)
     )
@@ -46,7 +46,7 @@ def test_memory_budget_caps_the_slot_count(llama_dir: Path) -> None:
     params = SamplingParams(max_new_tokens=4, ignore_eos_token=True)
     results = e.generate(ps, params, ads)
     assert [[t.id for t in r.tokens] for r in results] == [alone(ref, p, params, a) for p, a in zip(ps, ads)]
-    assert e.slots.loads >= 7 and e.slots.in_use() == 0
+    assert e.runner.slots.loads >= 7 and e.runner.slots.in_use() == 0
 
 
 def test_budget_larger_than_needed_keeps_the_requested_count(llama_dir: Path) -> None:
@@ -59,4 +59,4 @@ def test_budget_larger_than_needed_keeps_the_requested_count(llama_dir: Path) ->
             kv_cache_memory_bytes=16 << 20,
         ),
     )
-    assert e.config.max_active_adapters == 5 and e.slots.num_slots == 5
+    assert e.limits.max_active_adapters == 5 and e.runner.slots.num_slots == 5

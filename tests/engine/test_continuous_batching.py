@@ -11,6 +11,7 @@ import torch
 from loraserve.adapters.lora_weights import LoraAdapter, LoraModuleWeights
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.engine.errors import RequestError
 from loraserve.engine.params import SamplingParams
 from tests.fixtures.native import native_kernel_or_skip
 
@@ -83,8 +84,8 @@ def test_requests_arriving_mid_decode_match_alone(
         for out in e.step():
             got[out.request_id].extend(t.id for t in out.tokens)
     assert [got[r] for r in ids] == expected
-    assert e.blocks.num_free == e.blocks.capacity
-    assert e.slots.in_use() == 0
+    assert e.runner.blocks.num_free == e.runner.blocks.capacity
+    assert e.runner.slots.in_use() == 0
 
 
 def test_out_of_blocks_queues_and_preempts_without_failing(llama_dir: Path) -> None:
@@ -94,10 +95,10 @@ def test_out_of_blocks_queues_and_preempts_without_failing(llama_dir: Path) -> N
     expected = [alone(big, p, params) for p in ps]
     # 8 blocks of 16 tokens: at most ~2 of these requests fit at once
     small = engine(llama_dir, kv_cache_memory_bytes=None, max_batch_total_tokens=128, max_total_tokens=128)
-    assert small.blocks.capacity == 8
+    assert small.runner.blocks.capacity == 8
     results = small.generate(ps, params)
     assert [[t.id for t in r.tokens] for r in results] == expected
-    assert small.blocks.num_free == small.blocks.capacity
+    assert small.runner.blocks.num_free == small.runner.blocks.capacity
 
 
 def test_abort_frees_blocks_and_slot(llama_dir: Path, llama_adapters: list[Path]) -> None:
@@ -107,9 +108,9 @@ def test_abort_frees_blocks_and_slot(llama_dir: Path, llama_adapters: list[Path]
     )
     e.step()
     e.step()
-    assert e.blocks.num_free < e.blocks.num_blocks and e.slots.in_use() == 1
+    assert e.runner.blocks.num_free < e.runner.blocks.num_blocks and e.runner.slots.in_use() == 1
     assert e.abort(rid)
-    assert e.blocks.num_free == e.blocks.capacity and e.slots.in_use() == 0
+    assert e.runner.blocks.num_free == e.runner.blocks.capacity and e.runner.slots.in_use() == 0
     assert not e.has_unfinished()
 
 
@@ -155,10 +156,10 @@ def test_many_adapters_cycle_through_few_slots(llama_dir: Path) -> None:
     ps = prompts(200, seed=5)
     params = SamplingParams(max_new_tokens=4, ignore_eos_token=True)
     results = e.generate(ps, params, ads)
-    assert e.slots.num_slots == 8 and e.slots.loads >= 200
+    assert e.runner.slots.num_slots == 8 and e.runner.slots.loads >= 200
     for i in range(0, 200, 20):  # spot-check against the adapter run alone
         assert [t.id for t in results[i].tokens] == alone(ref, ps[i], params, ads[i])
-    assert e.blocks.num_free == e.blocks.capacity and e.slots.in_use() == 0
+    assert e.runner.blocks.num_free == e.runner.blocks.capacity and e.runner.slots.in_use() == 0
 
 
 def test_popular_adapter_does_not_starve_a_rare_one(llama_dir: Path) -> None:
@@ -191,7 +192,7 @@ def test_non_finite_logits_fail_only_that_request(llama_dir: Path) -> None:
     assert [t.id for t in results[0].tokens] == good
     assert results[1].finish_reason == "error" and "non-finite" in (results[1].error or "")
     assert results[2].finish_reason == "length"
-    assert e.blocks.num_free == e.blocks.capacity and e.slots.in_use() == 0
+    assert e.runner.blocks.num_free == e.runner.blocks.capacity and e.runner.slots.in_use() == 0
 
 
 def test_out_of_vocabulary_prompt_ids_are_refused_up_front(llama_dir: Path) -> None:
@@ -199,7 +200,7 @@ def test_out_of_vocabulary_prompt_ids_are_refused_up_front(llama_dir: Path) -> N
 
     e = engine(llama_dir)
     for bad in ([1, 2, 10_000], [-1, 5]):
-        with pytest.raises(ValueError, match="vocabulary"):
+        with pytest.raises(RequestError, match="vocabulary"):
             e.add_request(bad, GREEDY)
     assert not e.has_unfinished()
 
@@ -222,7 +223,7 @@ def test_watermark_biases_the_green_list(llama_dir: Path) -> None:
         for p, r in zip(ps, e.generate(ps, params)):
             ids = p + [t.id for t in r.tokens]
             for prev, tok in zip(ids[len(p) - 1 : -1], ids[len(p) :]):
-                hits += int(tok in set(greenlist(prev, e.model.lm_head.out_features, e.device).tolist()))
+                hits += int(tok in set(greenlist(prev, e.runner.vocab_size, e.device).tolist()))
                 total += 1
         return hits / total
 

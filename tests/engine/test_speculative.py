@@ -11,6 +11,7 @@ from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.adapters.medusa_format import MedusaHeads
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.engine.errors import RequestError
 from loraserve.engine.params import SamplingParams
 from loraserve.engine.speculative import verify_drafts
 from tests.engine.test_continuous_batching import prompts
@@ -60,7 +61,7 @@ def test_greedy_is_identical_with_and_without_speculation(
     assert spec.spec_steps > 0
     if scale == 0.0:
         assert spec.spec_tokens > spec.spec_steps  # some drafts were really accepted (multi-token steps)
-    assert spec.blocks.num_free == spec.blocks.capacity and spec.slots.in_use() == 0
+    assert spec.runner.blocks.num_free == spec.runner.blocks.capacity and spec.runner.slots.in_use() == 0
 
 
 def test_stop_sequences_and_length_behave_as_without_speculation(llama_dir: Path) -> None:
@@ -93,7 +94,7 @@ def test_per_request_heads_need_a_default_speculator(llama_dir: Path) -> None:
         modules={},
         medusa=heads(64, 2, 0.0, seed=3),
     )
-    with pytest.raises(ValueError, match="default Medusa adapter"):
+    with pytest.raises(RequestError, match="default Medusa adapter"):
         e.add_request([1, 2, 3], SamplingParams(), own)
     e.set_default_speculator(heads(64, 3, 0.05, seed=4))
     p = prompts(2, seed=5)
@@ -112,7 +113,7 @@ def test_sampled_speculation_runs_and_is_seeded(llama_dir: Path) -> None:
     a = ids_of(spec.generate(p, params))
     b = ids_of(spec.generate(p, params))
     assert a == b and all(len(x) == 20 for x in a)
-    assert spec.blocks.num_free == spec.blocks.capacity
+    assert spec.runner.blocks.num_free == spec.runner.blocks.capacity
 
 
 def test_verification_keeps_the_target_distribution() -> None:

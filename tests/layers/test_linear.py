@@ -1,24 +1,44 @@
-"""Packed projections (oneDNN's layout and our panels) against F.linear, across the row counts a
-server produces."""
+"""Packed projections (oneDNN's layout through `TorchOps`, our panels through `CpuNativeOps`)
+against F.linear, across the row counts a server produces."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loraserve.layers.linear import (
-    EXACT_ROWS,
-    PANEL,
-    linear,
-    make_linear,
-    pack_panels,
-    packing_supported,
-    row_bucket,
-)
+from loraserve.layers.linear import EXACT_ROWS, PANEL, Linear, pack_panels, packing_supported, row_bucket
+from loraserve.layers.ops import TorchOps
+from loraserve.layers.ops_cpu import CpuNativeOps
 from tests.fixtures.native import panel_kernels_or_skip
 
 CPU = torch.device("cpu")
+
+
+@dataclass
+class Bound:
+    """A weight in the layout a backend chose, with the backend that runs it."""
+
+    ops: TorchOps
+    lin: Linear
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.lin, name)
+
+
+def make_linear(
+    w: torch.Tensor, b: torch.Tensor | None = None, pack: bool = True, kernels: ModuleType | None = None
+) -> Bound:
+    ops = CpuNativeOps(CPU, w.dtype, kernels, pack) if kernels is not None else TorchOps(CPU, w.dtype, pack)
+    return Bound(ops, ops.make_linear(w, b))
+
+
+def linear(x: torch.Tensor, w: Bound) -> torch.Tensor:
+    return w.ops.linear(x, w.lin)
+
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32, CPU), reason="no oneDNN here")
 
 

@@ -8,7 +8,8 @@ from types import ModuleType
 import pytest
 import torch
 
-from loraserve.layers.lora import LONG_SEGMENT, LoraTable, apply_lora, build_lora_batch
+from loraserve.layers.lora import LONG_SEGMENT, LoraTable
+from tests.fixtures.native import ops_for
 
 SHAPES = {"q_proj": (24, 40)}
 
@@ -71,7 +72,7 @@ def test_grouped_lora_matches_per_row_math(layout: str, lora_kernel: ModuleType 
     x = torch.randn(len(rows), 24, generator=g)
     t = table_with(adapters)
     assert t.rank == 16
-    lb = build_lora_batch(token_slots, torch.device("cpu"), lora_kernel)
+    lb = ops_for(lora_kernel).lora_batch(token_slots)
     if lora_kernel is not None:
         assert lb.rows is not None and lb.slot_hi == lb.slot_lo and not lb.segments  # all on the kernel
     elif layout in ("dense", "prefills"):
@@ -79,7 +80,7 @@ def test_grouped_lora_matches_per_row_math(layout: str, lora_kernel: ModuleType 
     if layout == "one-prefill" and lora_kernel is None:
         assert lb.dense and lb.segments == [(4, 104, 4)]  # the odd long prefill runs on its own
     y = torch.zeros(len(rows), 40)
-    apply_lora((y,), x, t.a["q_proj"][0], (t.b["q_proj"][0],), lb, t.slot_rank)
+    ops_for(lora_kernel).lora((y,), x, t.a["q_proj"][0], (t.b["q_proj"][0],), lb, t.slot_rank)
     torch.testing.assert_close(y, reference(x, rows, adapters), atol=1e-4, rtol=1e-4)
 
 
@@ -93,12 +94,12 @@ def test_rank_growth_keeps_loaded_adapters_and_refuses_past_max(lora_kernel: Mod
     t.write(1, 0, "q_proj", *big)
     x = torch.randn(2, 24, generator=g)
     y = torch.zeros(2, 40)
-    apply_lora(
+    ops_for(lora_kernel).lora(
         (y,),
         x,
         t.a["q_proj"][0],
         (t.b["q_proj"][0],),
-        build_lora_batch([(0, 1, 0), (1, 2, 1)], torch.device("cpu"), lora_kernel),
+        ops_for(lora_kernel).lora_batch([(0, 1, 0), (1, 2, 1)]),
     )
     torch.testing.assert_close(y, reference(x, [0, 1], {0: small, 1: big}), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="exceeds"):
@@ -136,9 +137,9 @@ def test_grouped_projections_share_one_a_matmul(layout: str, lora_kernel: Module
     x = torch.randn(len(rows), 24, generator=g)
     fused = torch.zeros(len(rows), 40 + 8 + 8)
     ys = [fused[:, :40], fused[:, 40:48], fused[:, 48:]]
-    lb = build_lora_batch(token_slots, torch.device("cpu"), lora_kernel)
+    lb = ops_for(lora_kernel).lora_batch(token_slots)
     assert t.slot_rank.tolist()[:4] == [4, 8, 2, 16]
-    apply_lora(ys, x, t.a["qkv"][0], [t.b[m][0] for m in "qkv"], lb, t.slot_rank)
+    ops_for(lora_kernel).lora(ys, x, t.a["qkv"][0], [t.b[m][0] for m in "qkv"], lb, t.slot_rank)
     for y, m in zip(ys, "qkv", strict=True):
         want = torch.zeros_like(y)
         for i, slot in enumerate(rows):

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from loraserve.layers import native_cpu
-from loraserve.layers.lora import apply_lora, build_lora_batch
-from tests.fixtures.native import native_kernel_or_skip
+from tests.fixtures.native import native_kernel_or_skip, ops_for
 
 
 def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots() -> None:
@@ -25,7 +24,7 @@ def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots(
     for k, ranks in ((None, None), (kernel, None), (kernel, torch.full((slots,), r))):
         fused = torch.randn(53, sum(outs), generator=torch.Generator().manual_seed(1))
         ys = [fused[:, :100], fused[:, 100:136], fused[:, 136:]]
-        apply_lora(ys, x, a, bs, build_lora_batch(token_slots, torch.device("cpu"), k), ranks)
+        ops_for(k).lora(ys, x, a, bs, ops_for(k).lora_batch(token_slots), ranks)
         results.append(fused)
     torch.testing.assert_close(results[1], results[0], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(results[2], results[0], atol=1e-3, rtol=1e-4)
@@ -52,12 +51,12 @@ def test_kernel_reads_only_each_slots_loaded_rank() -> None:
     results = []
     for aa, bb, ranks_t in ((padded_a, padded_bs, None), (a, bs, torch.tensor(ranks))):
         fused = torch.zeros(33, sum(outs))
-        apply_lora(
+        ops_for(kernel).lora(
             [fused[:, :24], fused[:, 24:]],
             x,
             aa,
             bb,
-            build_lora_batch(token_slots, torch.device("cpu"), kernel),
+            ops_for(kernel).lora_batch(token_slots),
             ranks_t,
         )
         results.append(fused)
@@ -155,11 +154,11 @@ def test_silu_mul_and_rotary_kernels_match_their_pytorch_twins(rows: int) -> Non
     kernel = native_kernel_or_skip()
     g = torch.Generator().manual_seed(rows)
     gu = torch.randn(rows, 2 * 1536, generator=g) * 8  # wide range: both branches of silu, large |x|
-    torch.testing.assert_close(silu_mul(gu, 1536, kernel), silu_mul(gu, 1536), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops_for(kernel).silu_mul(gu, 1536), silu_mul(gu, 1536), atol=1e-5, rtol=1e-5)
     qkv = torch.randn(rows, (9 + 3 + 3) * 64, generator=g)
     x = qkv[:, : 12 * 64].view(rows, 12, 64)  # q|k heads of a fused q|k|v output: strided rows
     angles = torch.rand(rows, 32, generator=g) * 100
     cos, sin = angles.cos(), angles.sin()
     torch.testing.assert_close(
-        apply_rotary(x, cos, sin, kernel), apply_rotary(x, cos, sin), atol=1e-6, rtol=1e-6
+        ops_for(kernel).rotary(x, cos, sin), apply_rotary(x, cos, sin), atol=1e-6, rtol=1e-6
     )

@@ -47,11 +47,11 @@ def test_tied_embedding_is_read_from_the_packed_head(tiny_model_dirs: dict[str, 
     transformers' logits; an untied model keeps its own embedding."""
     panel_kernels_or_skip()
     qwen = small_engine(tiny_model_dirs["qwen2"])
-    assert qwen.model.lm_head.layout == "panel" and qwen.model.embed is None
+    assert qwen.runner.model.lm_head.layout == "panel" and qwen.runner.model.embed is None
     with torch.no_grad():
         ref = load_hf_model(tiny_model_dirs["qwen2"])(torch.tensor([PROMPT])).logits[0].float()
     torch.testing.assert_close(qwen.prompt_logits(PROMPT), ref, rtol=1e-4, atol=1e-4)
-    assert small_engine(tiny_model_dirs["llama"]).model.embed is not None
+    assert small_engine(tiny_model_dirs["llama"]).runner.model.embed is not None
 
 
 def test_packed_model_lets_go_of_the_checkpoint_mapping(llama_dir: Path, tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_packed_model_lets_go_of_the_checkpoint_mapping(llama_dir: Path, tmp_pat
     own = tmp_path / "model"
     shutil.copytree(llama_dir, own)
     engine = small_engine(own)
-    if not engine.model.lm_head.packed:
+    if not engine.runner.model.lm_head.packed:
         pytest.skip("no packed layout here (no oneDNN, no native kernels)")
     gc.collect()
     assert str(own / "model.safetensors") not in maps.read_text()

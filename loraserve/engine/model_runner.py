@@ -1,0 +1,127 @@
+"""The boundary between scheduling and tensors: the model, its KV cache, the LoRA slot table
+and the `Ops` backend, owned together.
+
+The engine hands the runner a step's sequences and gets back hidden states and logits; it
+never touches a cache tensor, a slot-table layout or a kernel. Everything the forward reads
+is allocated here, once, at start-up, in this order: the backend (so weights take its packed
+layouts), the weights, then the KV cache and the slot table from what memory is left, then
+the model built from all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraserve.engine.adapter_slots import AdapterSlots
+from loraserve.engine.batch_builder import StepLayout, build_forward_batch
+from loraserve.engine.block_manager import BlockManager
+from loraserve.engine.config import EngineConfig
+from loraserve.engine.memory_plan import adapter_slots, kv_cache_blocks
+from loraserve.engine.sequence import Sequence
+from loraserve.host_allocator import zeros_on_huge_pages
+from loraserve.layers.forward_batch import ForwardBatch
+from loraserve.layers.lora import LoraTable
+from loraserve.layers.ops import select_ops
+from loraserve.models.config import ModelConfig
+from loraserve.models.registry import model_class
+from loraserve.models.spec import linear_shapes, lora_groups
+from loraserve.models.weights import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    hidden: torch.Tensor  # [T, hidden] final hidden states of every token fed this step
+    logits: torch.Tensor  # [R, vocab] float32, the rows of `layout.logit_rows`, flattened in order
+    starts: list[int]  # first logits row of each sequence
+    layout: StepLayout
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        mc: ModelConfig,
+        cfg: EngineConfig,
+        max_total_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.mc, self.dtype, self.device, self.block_size = mc, dtype, device, cfg.block_size
+        cls = model_class(mc.architecture)
+        self.ops = select_ops(device, dtype, cfg.native_kernels, cfg.pack_weights)
+        log.info("compute backend: %s (%s, %s)", self.ops.name, device, str(dtype).replace("torch.", ""))
+        weights = load_checkpoint(model_dir, mc.num_hidden_layers, dtype, device)
+        num_blocks = kv_cache_blocks(cfg, mc, max_total_tokens, dtype, device)
+        shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches = [
+            (zeros_on_huge_pages(shape, dtype, device), zeros_on_huge_pages(shape, dtype, device))
+            for _ in range(mc.num_hidden_layers)
+        ]
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        projections = cls.projections(mc)
+        self.lora = LoraTable(
+            linear_shapes(projections),
+            mc.num_hidden_layers,
+            adapter_slots(cfg, mc, dtype, device),
+            cfg.max_lora_rank,
+            dtype,
+            device,
+            groups=lora_groups(projections),
+        )
+        self.slots = AdapterSlots(self.lora)
+        self.model = cls(mc, weights, self.ops, self.lora, self.kv_caches)
+        del weights  # what the model did not keep is released here
+        self.vocab_size = self.model.vocab_size
+        self.group_size = mc.num_attention_heads // mc.num_key_value_heads
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.blocks.capacity - 1) * self.block_size if self.blocks.capacity else 0
+
+    def prepare(self, decodes: list[Sequence], prefills: list[Sequence]) -> tuple[ForwardBatch, StepLayout]:
+        return build_forward_batch(
+            decodes,
+            prefills,
+            self.block_size,
+            self.model.rotary,
+            self.group_size,
+            self.device,
+            self.ops.lora_batch,
+        )
+
+    def execute(self, decodes: list[Sequence], prefills: list[Sequence]) -> StepResult:
+        """One forward over every new token; logits only for the rows the sequences need."""
+        fb, layout = self.prepare(decodes, prefills)
+        hidden = self.model.forward(fb)
+        rows = [r for rs in layout.logit_rows for r in rs]
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        starts, offset = [], 0
+        for rs in layout.logit_rows:
+            starts.append(offset)
+            offset += len(rs)
+        return StepResult(hidden=hidden, logits=logits, starts=starts, layout=layout)
+
+    def all_logits(self, seq: Sequence) -> torch.Tensor:
+        """Logits at every new position of one prefill ([L, vocab]), for scoring."""
+        fb, _ = self.prepare([], [seq])
+        return self.model.logits(self.model.forward(fb))
+
+    def project_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The lm_head alone (Medusa v2 heads share it)."""
+        return self.ops.linear(hidden, self.model.lm_head)
+
+    def zero_blocks(self, block_table: list[int]) -> None:
+        """Zero a failed sequence's blocks: a masked-out position still multiplies its value by 0,
+        so NaN/inf left there would poison the next owner."""
+        if not block_table:
+            return
+        idx = torch.tensor(block_table, device=self.device)
+        for k, v in self.kv_caches:
+            k[idx] = 0
+            v[idx] = 0

@@ -1,0 +1,136 @@
+"""Compute backends: the one place where a kernel is chosen.
+
+Layers and models call `ops.linear`, `ops.lora`, `ops.paged_attention`,
+`ops.rms_norm`, ... on the backend the `ModelRunner` picked once at start-up;
+no layer asks which device or library it runs on. Backends:
+
+- `TorchOps` (this module): PyTorch operations on any device, the reference
+  every other backend is tested against. On CPU float32 its dense weights are
+  packed for oneDNN (layers/linear.py).
+- `CpuNativeOps` (layers/ops_cpu.py): loraserve's own CPU kernels
+  (layers/native_cpu.py) where they apply, `TorchOps` for the rest.
+- A `TritonOps` for CUDA goes beside them: subclass `TorchOps`, override the
+  ops it accelerates, and add it to `select_ops`.
+
+Why a class per backend and not per-op switches: a backend is a consistent
+set of layouts (a panel-packed weight only means something to the kernels that
+made it), so choosing once keeps every layout with the code that reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from loraserve.layers import activation, attention, lora, norm, rotary
+from loraserve.layers.attention import AttentionMeta
+from loraserve.layers.linear import Linear, onednn_linear, pack_onednn, packing_supported
+from loraserve.layers.lora import LoraBatch
+
+log = logging.getLogger(__name__)
+
+
+class TorchOps:
+    """PyTorch reference backend (any device, any dtype)."""
+
+    name = "torch"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, pack: bool = True) -> None:
+        """`pack`: let dense weights take a packed layout where this backend has one."""
+        self.device, self.dtype, self.pack = device, dtype, pack
+
+    # ---- dense projections ----------------------------------------------------------------------
+    def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        """Wrap `weight` [out, in] (and `bias`) in this backend's fastest layout for it."""
+        out_f, in_f = weight.shape
+        if self.pack and packing_supported(weight.dtype, weight.device):
+            return Linear(pack_onednn(weight), bias, out_f, in_f, layout="onednn")
+        return Linear(weight, bias, out_f, in_f)
+
+    def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        if w.layout == "plain":
+            return F.linear(x, w.weight, w.bias)
+        if w.layout == "onednn":
+            return onednn_linear(x, w)
+        raise ValueError(f"{self.name} ops cannot run a {w.layout!r} weight")
+
+    def embedding(self, ids: torch.Tensor, table: torch.Tensor | Linear) -> torch.Tensor:
+        """Rows `ids` of an embedding table, or of a tied lm_head that holds it (`Linear`)."""
+        if isinstance(table, Linear):
+            if table.layout != "plain":
+                raise ValueError(f"{self.name} ops cannot read rows of a {table.layout!r} weight")
+            table = table.weight
+        return F.embedding(ids, table)
+
+    def can_share_embedding(self, lm_head: Linear) -> bool:
+        """Whether `embedding` can read a tied input embedding out of this packed lm_head."""
+        return lm_head.layout == "plain"
+
+    # ---- batched multi-LoRA ---------------------------------------------------------------------
+    def lora_batch(self, token_slots: list[tuple[int, int, int]]) -> LoraBatch | None:
+        """This step's token -> adapter-slot layout, in the form `lora` reads."""
+        return lora.build_lora_batch(token_slots, self.device)
+
+    def lora(
+        self,
+        ys: Sequence[torch.Tensor],
+        x: torch.Tensor,
+        a: torch.Tensor,
+        bs: Sequence[torch.Tensor],
+        lb: LoraBatch,
+        slot_rank: torch.Tensor | None = None,
+    ) -> None:
+        """ys[j] += LoRA delta of member j of a group that reads `x` (see layers/lora.py)."""
+        lora.apply_lora(ys, x, a, bs, lb)
+
+    # ---- attention ------------------------------------------------------------------------------
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMeta,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into the cache."""
+        return attention.paged_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+
+    # ---- element-wise ---------------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return norm.rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, rms_norm(x + delta)); may update `x` in place, so callers must own it."""
+        return norm.add_rms_norm(x, delta, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+        return activation.silu_mul(gate_up, inter)
+
+    def gelu_tanh_mul(self, gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+        return activation.gelu_tanh_mul(gate_up, inter)
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rotary.apply_rotary(x, cos, sin)
+
+
+def select_ops(device: torch.device, dtype: torch.dtype, native: bool = True, pack: bool = True) -> TorchOps:
+    """The fastest backend for this device and dtype; `native=False` is the one off-switch."""
+    if native and device.type == "cpu":
+        from loraserve.layers.native_cpu import cpu_kernels
+        from loraserve.layers.ops_cpu import CpuNativeOps
+
+        kernels = cpu_kernels(device, dtype)
+        if kernels is not None:
+            return CpuNativeOps(device, dtype, kernels, pack)
+    # CUDA: a TritonOps will be chosen here when one exists
+    return TorchOps(device, dtype, pack)
