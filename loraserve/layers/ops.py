@@ -129,8 +129,8 @@ def select_ops(device: torch.device, dtype: torch.dtype, native: bool = True, pa
         from loraserve.layers.native_cpu import cpu_kernels
         from loraserve.layers.ops_cpu import CpuNativeOps
 
-        kernels = cpu_kernels(device, dtype)
-        if kernels is not None:
+        kernels = cpu_kernels(device, dtype)  # None: not built, or not for this dtype
+        if kernels:
             return CpuNativeOps(device, dtype, kernels, pack)
     # CUDA: a TritonOps will be chosen here when one exists
     return TorchOps(device, dtype, pack)

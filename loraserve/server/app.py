@@ -26,19 +26,8 @@ from loraserve.server.state import ServerState
 log = logging.getLogger("loraserve.server")
 
 
-def sync_limits(config: ServerConfig, engine: Any) -> None:
-    """The engine resolves lengths and capacities from the model; the router validates against those."""
-    ec = engine.limits
-    config.max_input_length = ec.max_input_length
-    config.max_total_tokens = ec.max_total_tokens
-    config.max_batch_total_tokens = ec.max_batch_total_tokens
-    config.max_batch_prefill_tokens = ec.max_batch_prefill_tokens
-    config.max_active_adapters = ec.max_active_adapters
-
-
 def build_state(config: ServerConfig, aengine: Any, provider: AdapterProvider | None = None) -> ServerState:
     engine = aengine.engine
-    sync_limits(config, engine)
     provider = provider or local_adapter_store(engine.model_config)
     registry = AdapterRegistry(
         provider, config.default_adapter_source, config.adapter_id, config.adapter_source
@@ -55,7 +44,7 @@ def build_state(config: ServerConfig, aengine: Any, provider: AdapterProvider | 
         registry=registry,
         metrics=metrics,
         service=service,
-        max_lora_rank=engine.limits.max_lora_rank,
+        limits=engine.limits,
     )
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 class ServerConfig:
     """Everything the HTTP layer needs besides the engine itself.
 
-    Token limits (`max_input_length`, `max_total_tokens`) are filled in from the
-    engine's resolved config at start-up, so validation matches what the engine admits.
+    Token and capacity limits are not here: the engine resolves them from the model and the
+    device (`Engine.limits`), and the server reads that object (`ServerState.limits`).
     """
 
     model_id: str = ""
@@ -19,13 +19,8 @@ class ServerConfig:
     adapter_timeout_s: float = 30.0
     max_best_of: int = 2
     max_stop_sequences: int = 4
-    max_input_length: int = 1024
-    max_total_tokens: int = 2048
-    max_batch_total_tokens: int | None = None
-    max_batch_prefill_tokens: int | None = None
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 1.2
-    max_active_adapters: int = 1024
     default_adapter_source: str = "hub"
     adapter_id: str | None = None  # static adapter applied when a request names none
     adapter_source: str = "hub"

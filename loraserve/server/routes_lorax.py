@@ -56,7 +56,7 @@ def wire_dict(model: GenerateResponse | StreamResponse) -> dict[str, Any]:
 
 async def _generate(st: ServerState, body: GenerateRequest, authorization: str | None) -> dict[str, Any]:
     v = validate_generate(
-        body, st.config, st.tokenizer, stream=False, header_token=bearer_token(authorization)
+        body, st.config, st.limits, st.tokenizer, stream=False, header_token=bearer_token(authorization)
     )
     with st.metrics.request_duration.labels(route="generate").time():
         return wire_dict(await st.service.generate(v))
@@ -64,7 +64,7 @@ async def _generate(st: ServerState, body: GenerateRequest, authorization: str |
 
 async def _stream(st: ServerState, body: GenerateRequest, authorization: str | None) -> StreamingResponse:
     v = validate_generate(
-        body, st.config, st.tokenizer, stream=True, header_token=bearer_token(authorization)
+        body, st.config, st.limits, st.tokenizer, stream=True, header_token=bearer_token(authorization)
     )
     st.service.limiter.acquire()  # 429 before any byte of the stream is sent
     try:

@@ -96,6 +96,7 @@ def _validate(
     return validate_generate(
         GenerateRequest(inputs=text or " ", parameters=params),
         st.config,
+        st.limits,
         st.tokenizer,
         stream=req.stream,
         header_token=bearer_token(authorization),

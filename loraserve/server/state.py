@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
+from loraserve.engine.memory_plan import Limits
 from loraserve.server.adapter_registry import AdapterRegistry
 from loraserve.server.config import ServerConfig
 from loraserve.server.generation import GenerationService
@@ -21,7 +22,7 @@ class ServerState:
     registry: AdapterRegistry
     metrics: ServerMetrics
     service: GenerationService
-    max_lora_rank: int | None = None
+    limits: Limits  # what the engine resolved: read here, never copied into `config`
 
 
 def get_state(request: Request) -> ServerState:

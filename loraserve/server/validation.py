@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from loraserve.adapters.merge import MergeError, MergeSpec
+from loraserve.engine.memory_plan import Limits
 from loraserve.engine.params import SamplingParams
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import ApiError, not_supported, validation_error
@@ -139,13 +140,15 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
 def validate_generate(
     req: GenerateRequest,
     cfg: ServerConfig,
+    limits: Limits,
     tokenizer: TextEncoder,
     *,
     stream: bool = False,
     header_token: str | None = None,
     prompt_ids: list[int] | None = None,
 ) -> ValidatedRequest:
-    """Turn a LoRAX request into engine inputs, or raise a 422 `ApiError` naming the field."""
+    """Turn a LoRAX request into engine inputs, or raise a 422 `ApiError` naming the field.
+    `limits`: what the engine resolved and enforces (`Engine.limits`)."""
     p = req.parameters
     merge = merge_spec(p)
     _check_unsupported(p)
@@ -161,9 +164,9 @@ def validate_generate(
         raise validation_error("`seed` must not be set when `best_of` > 1")
     if not req.inputs:
         raise validation_error("`inputs` cannot be empty")
-    if p.truncate is not None and (p.truncate <= 0 or p.truncate > cfg.max_input_length):
+    if p.truncate is not None and (p.truncate <= 0 or p.truncate > limits.max_input_length):
         raise validation_error(
-            f"`truncate` must be strictly positive and less than {cfg.max_input_length}. Given: {p.truncate}"
+            f"`truncate` must be strictly positive and less than {limits.max_input_length}. Given: {p.truncate}"
         )
     check_best_of(best_of, cfg, stream)
     if stream and p.decoder_input_details:
@@ -176,15 +179,15 @@ def validate_generate(
     if p.truncate is not None and p.truncate < len(ids):
         ids = ids[-p.truncate :]  # keep the end of the prompt, as LoRAX's left truncation does
     n = len(ids)
-    if p.max_new_tokens is not None and n + p.max_new_tokens > cfg.max_total_tokens:
+    if p.max_new_tokens is not None and n + p.max_new_tokens > limits.max_total_tokens:
         raise validation_error(
-            f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
+            f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
             f"Given: {n} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`"
         )
-    if n > cfg.max_input_length:
-        raise validation_error(f"`inputs` must have less than {cfg.max_input_length} tokens. Given: {n}")
+    if n > limits.max_input_length:
+        raise validation_error(f"`inputs` must have less than {limits.max_input_length} tokens. Given: {n}")
     params.max_new_tokens = (
-        p.max_new_tokens if p.max_new_tokens is not None else max(1, cfg.max_total_tokens - n)
+        p.max_new_tokens if p.max_new_tokens is not None else max(1, limits.max_total_tokens - n)
     )
 
     adapter_id = p.adapter_id or None

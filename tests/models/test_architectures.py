@@ -20,7 +20,11 @@ from tests.fixtures.tiny_models import load_hf_model, make_peft_adapter, make_ti
 
 ARCHS = ["phi3", "gemma2", "qwen3", "mistral_sw"]
 TARGETS = {
-    "phi3": [("qkv_proj", "o_proj"), ("gate_up_proj", "down_proj"), ("qkv_proj", "gate_up_proj", "down_proj")],
+    "phi3": [
+        ("qkv_proj", "o_proj"),
+        ("gate_up_proj", "down_proj"),
+        ("qkv_proj", "gate_up_proj", "down_proj"),
+    ],
     "default": [("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj"), ("k_proj", "o_proj", "up_proj")],
 }
 PROMPTS = [
@@ -48,7 +52,12 @@ def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     out = model.generate(
-        torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        torch.tensor([ids]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
     )
     return out[0, len(ids) :].tolist()
 
@@ -98,7 +107,9 @@ def test_architecture_matches_transformers_and_peft(
     assert stats["free_blocks"] == stats["total_blocks"] and stats["adapter_slots_in_use"] == 0
 
 
-def test_sliding_window_changes_the_output(arch_dirs: dict[str, tuple[Path, list[Path]]], tmp_path: Path) -> None:
+def test_sliding_window_changes_the_output(
+    arch_dirs: dict[str, tuple[Path, list[Path]]], tmp_path: Path
+) -> None:
     """The window is really applied: the same weights without it give other logits past it."""
     model_dir, _ = arch_dirs["mistral_sw"]
     full = make_tiny_model(tmp_path / "full", "mistral_sw", seed=7, sliding_window=None)

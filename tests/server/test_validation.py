@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from loraserve.engine.memory_plan import Limits
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import ApiError
 from loraserve.server.openai_text import StopAwareText, cut_at_stop
@@ -19,12 +20,22 @@ class WordTokenizer:
         return ([1] if add_special_tokens else []) + ids
 
 
-CFG = ServerConfig(max_input_length=10, max_total_tokens=20, max_best_of=2, max_stop_sequences=2)
+CFG = ServerConfig(max_best_of=2, max_stop_sequences=2)
+LIMITS = Limits(
+    max_input_length=10,
+    max_total_tokens=20,
+    max_batch_prefill_tokens=10,
+    max_batch_total_tokens=64,
+    max_active_adapters=1,
+    max_lora_rank=8,
+    max_num_seqs=4,
+    block_size=16,
+)
 
 
 def run(inputs: str = "a bb ccc", stream: bool = False, header: str | None = None, **params):
     req = GenerateRequest(inputs=inputs, parameters=GenerateParameters(**params))
-    return validate_generate(req, CFG, WordTokenizer(), stream=stream, header_token=header)
+    return validate_generate(req, CFG, LIMITS, WordTokenizer(), stream=stream, header_token=header)
 
 
 def test_defaults_follow_lorax() -> None:
