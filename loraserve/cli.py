@@ -166,10 +166,14 @@ def serve(args: argparse.Namespace) -> int:
     from loraserve.adapters.store import AdapterStore
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.engine import Engine
+    from loraserve.models.config import ModelLoadError
     from loraserve.server.app import build_state, create_app
     from loraserve.server.config import ServerConfig
 
-    aengine = AsyncEngine.build(lambda: Engine.from_pretrained(args.model_id, _engine_config(args)))
+    try:
+        aengine = AsyncEngine.build(lambda: Engine.from_pretrained(args.model_id, _engine_config(args)))
+    except ModelLoadError as e:
+        return _refuse(args, str(e))
     engine = aengine.engine
     config = ServerConfig(
         model_id=args.model_id,

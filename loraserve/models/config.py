@@ -19,6 +19,11 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 
+class ModelLoadError(ValueError):
+    """The base model cannot be served as given (no config, unknown architecture, no weights):
+    the CLI prints the message and exits 2, no traceback."""
+
+
 def _layer_windows(arch: str, cfg: dict, num_layers: int) -> list[int | None]:
     """Sliding-window size of each layer (None: full attention), by HF's rules for the family.
 
@@ -70,11 +75,16 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        cfg = json.loads((path / "config.json").read_text())
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except FileNotFoundError as e:
+            raise ModelLoadError(f"{path} has no config.json: is it a Hugging Face model directory?") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from e
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
+            raise ModelLoadError(
                 f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         heads = cfg["num_attention_heads"]

@@ -25,7 +25,9 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [single]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        from loraserve.models.config import ModelLoadError
+
+        raise ModelLoadError(f"no *.safetensors weights in {path} (only safetensors checkpoints are read)")
     return files
 
 

@@ -276,3 +276,17 @@ def test_the_warnings_appear_when_the_server_starts(tiny_assets, tmp_path) -> No
         "--waiting-served-ratio 3.0 has no effect",
     ):
         assert sum(expected in line for line in warnings) == 1, (expected, log)
+
+
+def test_an_unknown_architecture_is_refused_at_start_with_the_supported_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["FalconForCausalLM"], "num_attention_heads": 2, "hidden_size": 8})
+    )
+    assert main(["serve", "--model-id", str(tmp_path), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported architecture 'FalconForCausalLM'" in err and "Phi3ForCausalLM" in err
+    assert "Traceback" not in err
