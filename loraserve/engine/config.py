@@ -17,7 +17,7 @@ DTYPES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
