@@ -6,6 +6,13 @@ per-request asyncio queues via `call_soon_threadsafe`. PyTorch releases the
 GIL inside its kernels, so HTTP handling stays responsive while a step runs.
 `AsyncEngine.build` constructs the engine on that thread too, so CPU kernels
 get one OpenMP pool (see `loraserve.cpu_threads`).
+
+Once an `AsyncEngine` runs, no other thread may drive its engine: not
+`engine.generate`, `add_request`, `step`, `abort` nor `prompt_logits`. The step
+loop steps whatever the engine holds, so it steals the steps of a request
+added from elsewhere, whose outputs then have nowhere to go (issue 14: an
+`engine.generate` beside the loop came back one token short, or never).
+Reading plain attributes (`engine.config`, `model_config`, counters) is fine.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stats = _Stats()
         self.error: BaseException | None = None
+        self._foreign_reported = False  # see _deliver_many
         self._ready = threading.Event()
         self._factory = factory
         self._thread = threading.Thread(target=self._run, name="loraserve-step-loop", daemon=True)
@@ -99,6 +107,9 @@ class AsyncEngine:
             while True:
                 item = await sink.get()
                 if isinstance(item, BaseException):
+                    # refused, or failed and aborted by the step loop: nothing is left to abort,
+                    # and a refused duplicate's id belongs to another request
+                    finished = True
                     raise item
                 yield item
                 if item.finished:
@@ -137,6 +148,16 @@ class AsyncEngine:
         for rid, item in items:
             entry = self._sinks.get(rid)
             if entry is None:
+                # every request added here keeps its sink until its last output, and aborted ones
+                # produce none: this one was added to the engine by another thread
+                if not self._foreign_reported:
+                    self._foreign_reported = True
+                    log.error(
+                        "the step loop stepped request %s, which was not submitted through "
+                        "AsyncEngine: another thread is driving its engine, and that request's "
+                        "outputs from this thread's steps are lost",
+                        rid,
+                    )
                 continue
             sink, loop = entry
             if isinstance(item, BaseException) or item.finished:
@@ -156,11 +177,17 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(cmd, _Add):
-                self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
                 try:
                     self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.adapter, cmd.request_id)
                 except Exception as e:  # validation errors go back to that caller only
-                    self._deliver(cmd.request_id, e)
+                    # straight to its own sink: a duplicate id must not take over the sink of
+                    # the request that already has that id
+                    try:
+                        cmd.loop.call_soon_threadsafe(_put_all, [(cmd.request_id, cmd.sink, e)])
+                    except RuntimeError:  # the caller's loop is gone
+                        pass
+                    continue
+                self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
             else:
                 self.engine.abort(cmd.request_id)
                 self._sinks.pop(cmd.request_id, None)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,33 +14,109 @@ import torch
 from loraserve.cpu_threads import helper_pool, use_one_omp_thread
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.engine.errors import RequestError
 from loraserve.engine.params import SamplingParams
 
 
-def test_factory_builds_the_engine_on_the_step_loop_thread(llama_dir: Path) -> None:
+def _params() -> SamplingParams:
+    return SamplingParams(max_new_tokens=6, ignore_eos_token=True)
+
+
+def test_factory_builds_the_engine_on_the_step_loop_thread(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     built_on: list[str] = []
+    stepped_on: set[tuple[int, str]] = set()  # (engine, thread) of every Engine.step
+    step = Engine.step
+
+    def recording_step(self: Engine) -> list:
+        stepped_on.add((id(self), threading.current_thread().name))
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", recording_step)
 
     def factory() -> Engine:
         built_on.append(threading.current_thread().name)
         return Engine.from_pretrained(llama_dir, EngineConfig(kv_cache_memory_bytes=1 << 22))
 
+    # The reference comes from an engine of its own. Calling `aengine.engine.generate` here
+    # (as this test once did) steps that engine from this thread while the step loop steps it
+    # too: whichever steps the loop stole were lost, 5 tokens of 6 under load (issue 14).
+    want = factory().generate([[5, 6, 7]], _params())[0]
+    assert len(want.tokens) == 6 and want.finish_reason == "length"
+    built_on.clear()
+    stepped_on.clear()
+
     aengine = AsyncEngine(factory=factory)
     try:
         assert built_on == ["loraserve-step-loop"]
-        want = aengine.engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos_token=True))
 
         async def run() -> list[list[int]]:
             async def one() -> list[int]:
                 ids: list[int] = []
-                async for out in aengine.generate(
-                    [5, 6, 7], SamplingParams(max_new_tokens=6, ignore_eos_token=True)
-                ):
+                async for out in aengine.generate([5, 6, 7], _params()):
                     ids += [t.id for t in out.tokens]
                 return ids
 
             return await asyncio.gather(*(one() for _ in range(5)))  # one delivery batch per step
 
-        assert asyncio.run(run()) == [[t.id for t in want[0].tokens]] * 5
+        assert asyncio.run(run()) == [[t.id for t in want.tokens]] * 5
+        # deterministic, whatever the timing: only the step loop ever stepped its engine
+        assert stepped_on == {(id(aengine.engine), "loraserve-step-loop")}
+    finally:
+        aengine.shutdown()
+
+
+def test_a_duplicate_request_id_fails_alone(llama_dir: Path) -> None:
+    aengine = AsyncEngine(
+        factory=lambda: Engine.from_pretrained(llama_dir, EngineConfig(kv_cache_memory_bytes=1 << 22))
+    )
+    try:
+
+        async def run() -> tuple[int, BaseException | None]:
+            async def first() -> int:
+                n = 0
+                async for out in aengine.generate(
+                    [5, 6, 7], SamplingParams(max_new_tokens=60, ignore_eos_token=True), request_id="r"
+                ):
+                    n += len(out.tokens)
+                return n
+
+            async def second() -> BaseException | None:
+                try:
+                    async for _ in aengine.generate([5, 6, 7], _params(), request_id="r"):
+                        pass
+                except RequestError as e:
+                    return e
+                return None
+
+            # both submitted before the 60-token request can finish; the refused duplicate used
+            # to take its sink and then abort it by id, so it waited forever
+            return tuple(await asyncio.wait_for(asyncio.gather(first(), second()), 30))
+
+        n, err = asyncio.run(run())
+        assert n == 60
+        assert err is not None and "duplicate request id" in str(err)
+    finally:
+        aengine.shutdown()
+
+
+def test_steps_lost_to_another_driver_are_reported(llama_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Driving the engine beside its step loop is a bug (issue 14): say so instead of dropping
+    that request's outputs silently."""
+    aengine = AsyncEngine(
+        factory=lambda: Engine.from_pretrained(llama_dir, EngineConfig(kv_cache_memory_bytes=1 << 22))
+    )
+    try:
+        with caplog.at_level(logging.ERROR, logger="loraserve.engine.async_engine"):
+            aengine.engine.add_request([5, 6, 7], _params(), request_id="elsewhere")  # the misuse
+            deadline = time.monotonic() + 30
+            while aengine.engine.has_unfinished() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert not aengine.engine.has_unfinished()  # the step loop ran it, and nobody got its tokens
+        assert any(
+            "elsewhere" in r.getMessage() and "another thread" in r.getMessage() for r in caplog.records
+        )
     finally:
         aengine.shutdown()
 
