@@ -335,7 +335,13 @@ class Engine:
         tokens: dict[str, list[TokenInfo]] = {rid: [] for rid in ids}
         prefills: dict[str, list[TokenInfo] | None] = {}
         while len(results) < len(ids):
-            for out in self.step():
+            outs = self.step()
+            lost = [rid for rid in ids if rid not in results and rid not in self._seqs]
+            if not outs and lost:
+                raise RuntimeError(f"request {lost[0]} vanished: is another thread stepping this engine?")
+            for out in outs:
+                if out.request_id not in tokens:  # a request someone else added: theirs to collect
+                    continue
                 tokens[out.request_id].extend(out.tokens)
                 if out.prefill is not None:
                     prefills[out.request_id] = out.prefill
