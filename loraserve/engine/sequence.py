@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.adapters.lora_weights import LoraAdapter
-from loraserve.adapters.medusa_format import MedusaHeads
+from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.params import SamplingParams
 from loraserve.engine.stop import StopChecker

@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from loraserve.adapters.lora_weights import LoraAdapter
-from loraserve.adapters.medusa_format import MedusaHeads
+from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.engine.errors import RequestError
 from loraserve.engine.params import SamplingParams
 from loraserve.engine.sequence import Sequence

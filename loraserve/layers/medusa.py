@@ -7,7 +7,7 @@ matmuls over a leading head dimension, so the cost is one `bmm` per block
 plus one projection, whatever the number of heads.
 
 The heads object only needs `weight [K, L, H, H]`, `bias [K, L, H]` and
-`proj [K, V, H] | None` (see `loraserve.adapters.medusa_format.MedusaHeads`);
+`proj [K, V, H] | None` (see `loraserve.adapters.lora_weights.MedusaHeads`);
 tensors already on the hidden states' device and dtype are used as they are.
 """
 

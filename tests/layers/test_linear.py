@@ -39,6 +39,7 @@ def make_linear(
 def linear(x: torch.Tensor, w: Bound) -> torch.Tensor:
     return w.ops.linear(x, w.lin)
 
+
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32, CPU), reason="no oneDNN here")
 
 
