@@ -31,9 +31,12 @@ def build_projections(
     members' checkpoint tensors stacked in order (biases too, when the checkpoint has them)."""
     out = {}
     for fused, members in fused_groups(projections).items():
-        weight = torch.cat([w[f"{p.path}.weight"] for p in members])
+        weights = [w[f"{p.path}.weight"] for p in members]
         has_bias = [f"{p.path}.bias" in w for p in members]
-        bias = torch.cat([w[f"{p.path}.bias"] for p in members]) if all(has_bias) else None
+        biases = [w[f"{p.path}.bias"] for p in members] if all(has_bias) else None
+        # one member: its tensor as loaded (no copy, which would double its memory until packed)
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        bias = None if biases is None else biases[0] if len(biases) == 1 else torch.cat(biases)
         if any(has_bias) and bias is None:
             raise ValueError(f"layer {layer}: {fused} has biases on some of its projections only")
         base = ops.make_linear(weight, bias)
