@@ -40,11 +40,16 @@ def is_lora_dir(path: Path) -> bool:
 
 def read_adapter_config(path: Path) -> dict:
     try:
-        return json.loads((path / CONFIG_FILE).read_text())
+        cfg = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError as e:
         raise AdapterError(f"adapter has no {CONFIG_FILE}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    except RecursionError as e:  # deeply nested arrays: refuse, never a 500
+        raise AdapterError(f"{CONFIG_FILE} is nested too deeply") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object, not a {type(cfg).__name__}")
+    return cfg
 
 
 def load_tensor_file(path: Path, safetensors_name: str, pickle_name: str) -> dict[str, torch.Tensor] | None:
@@ -83,12 +88,91 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise AdapterError(f"adapter has neither {SAFETENSORS_FILE} nor {BIN_FILE}")
 
 
-def _pattern_value(patterns: dict, module_path: str, default: float) -> float:
-    """PEFT's rank_pattern/alpha_pattern: a key matches the end of the module path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
-            return value
-    return default
+# Bounds on rank_pattern/alpha_pattern: a real config names each module at most once, and
+# module paths are short. The bounds keep a crafted config from costing more than the tensors.
+MAX_PATTERN_KEYS = 10_000
+MAX_PATTERN_KEY_CHARS = 512
+# |lora_alpha / r| above this is no trained adapter: it would swamp the base model's output and
+# overflow half-precision activations (NaN/inf for every request batched with it).
+MAX_LORA_SCALE = 1e4
+
+
+def _shown(value: object) -> str:
+    """`repr` cut to 80 characters: messages echo config values, which a crafted file can make huge."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+class _Patterns:
+    r"""PEFT's `rank_pattern`/`alpha_pattern`, matched without regular expressions.
+
+    PEFT (`peft.utils.other.get_pattern_key`) feeds each key to `re.match(rf"(.*\.)?({key})$",
+    module_name)` and takes the first key, in config order, that matches. Run on our
+    loader thread that is a denial of service: a crafted key backtracks for seconds while
+    holding the GIL, freezing the event loop and the step loop with it. Here a key matches
+    when it equals the module path or a suffix of it that starts after a `.`, which is what
+    the regex does for every key PEFT itself writes (plain module names). The first key in
+    config order still wins. A key that matches no module of the adapter is refused
+    (`unused`), so a config whose keys were meant as regexes is never served with a
+    silently different scale than PEFT would use.
+    """
+
+    def __init__(self, cfg: dict, field: str) -> None:
+        raw = cfg.get(field)
+        self.field = field
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise AdapterError(f"adapter_config.json: {field} must be an object of module name -> value")
+        if len(raw) > MAX_PATTERN_KEYS:
+            raise AdapterError(
+                f"adapter_config.json: {field} has {len(raw)} entries (at most {MAX_PATTERN_KEYS})"
+            )
+        for key, value in raw.items():
+            if len(key) > MAX_PATTERN_KEY_CHARS:
+                raise AdapterError(
+                    f"adapter_config.json: {field} key {_shown(key)} is longer than {MAX_PATTERN_KEY_CHARS} characters"
+                )
+            if field == "rank_pattern":
+                ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 4096
+            else:
+                ok = _is_number(value) and math.isfinite(value)
+            if not ok:
+                kind = "a rank from 1 to 4096" if field == "rank_pattern" else "a finite number"
+                raise AdapterError(
+                    f"adapter_config.json: {field}[{_shown(key)}] = {_shown(value)} is not {kind}"
+                )
+        self.values: dict[str, int | float] = raw
+        self._order = {key: i for i, key in enumerate(raw)}
+        self._used: set[str] = set()
+
+    def value(self, module_path: str, default: float) -> float:
+        parts = module_path.split(".")
+        best: tuple[int, str] | None = None
+        for i in range(len(parts)):
+            suffix = ".".join(parts[i:])
+            idx = self._order.get(suffix)
+            if idx is not None:
+                self._used.add(suffix)  # matched, even if an earlier key wins here
+                if best is None or idx < best[0]:
+                    best = (idx, suffix)
+        return default if best is None else self.values[best[1]]
+
+    def check_all_used(self) -> None:
+        unused = [k for k in self.values if k not in self._used]
+        if unused:
+            shown = ", ".join(_shown(k) for k in unused[:3]) + (
+                f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            )
+            raise AdapterError(
+                f"adapter_config.json: {self.field} key {shown} matches no LoRA module of the adapter "
+                "(keys are module names such as 'model.layers.0.self_attn.q_proj' or 'q_proj'; "
+                "regular expressions are not supported)"
+            )
 
 
 def _pair_tensors(
@@ -124,16 +208,40 @@ def _pair_tensors(
 def check_config(cfg: dict) -> None:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise AdapterError(f"unsupported adapter type {peft_type!r}: only LoRA adapters are served")
+        raise AdapterError(f"unsupported adapter type {_shown(peft_type)}: only LoRA adapters are served")
     if cfg.get("use_dora"):
         raise AdapterError("DoRA adapters (use_dora=true) are not supported")
     if cfg.get("bias", "none") != "none":
         raise AdapterError("LoRA adapters with trained biases (bias != 'none') are not supported")
     if cfg.get("modules_to_save"):
-        raise AdapterError(f"adapters with modules_to_save={cfg['modules_to_save']} are not supported")
+        raise AdapterError(
+            f"adapters with modules_to_save={_shown(cfg['modules_to_save'])} are not supported"
+        )
     r = cfg.get("r")
-    if not isinstance(r, int) or not 0 < r <= 4096:
-        raise AdapterError(f"adapter_config.json has an invalid rank r={r!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= 4096:
+        raise AdapterError(f"adapter_config.json has an invalid rank r={_shown(r)}")
+    # Every field the parser or validation reads is type-checked here, so a malformed config is a
+    # 400 naming the field instead of a TypeError (500) or a load that fails later.
+    alpha = cfg.get("lora_alpha", r)
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        raise AdapterError(f"adapter_config.json: lora_alpha={_shown(alpha)} is not a finite number")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise AdapterError(
+            f"adapter_config.json: use_rslora={_shown(cfg['use_rslora'])} is not true or false"
+        )
+    targets = cfg.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise AdapterError(
+            "adapter_config.json: target_modules must be a list of module names or a string, "
+            f"not {_shown(targets)}"
+        )
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"adapter_config.json: base_model_name_or_path={_shown(base)} is not a string")
 
 
 def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
@@ -145,8 +253,8 @@ def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
     r = int(cfg["r"])
     alpha = float(cfg.get("lora_alpha", r))
     rslora = bool(cfg.get("use_rslora", False))
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
+    rank_pattern = _Patterns(cfg, "rank_pattern")
+    alpha_pattern = _Patterns(cfg, "alpha_pattern")
     pairs = _pair_tensors(sd)
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     for (layer, module), (path_in_layer, ab) in sorted(pairs.items()):
@@ -158,14 +266,21 @@ def parse_peft_adapter(path: str | Path, key: str | None = None) -> LoraAdapter:
                 f"layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit"
             )
         mpath = f"model.layers.{layer}.{path_in_layer}"
-        mr = int(_pattern_value(rank_pattern, mpath, r))
+        mr = int(rank_pattern.value(mpath, r))
         if a.shape[0] != mr:
             raise AdapterError(f"layer {layer} {module}: rank {a.shape[0]} does not match config rank {mr}")
-        ma = float(_pattern_value(alpha_pattern, mpath, alpha))
+        ma = float(alpha_pattern.value(mpath, alpha))
         scale = ma / math.sqrt(mr) if rslora else ma / mr
+        if not abs(scale) <= MAX_LORA_SCALE:
+            raise AdapterError(
+                f"layer {layer} {module}: LoRA scale {scale:g} (lora_alpha {ma:g}, r {mr}) is beyond "
+                f"±{MAX_LORA_SCALE:g}; lora_alpha or alpha_pattern is wrong"
+            )
         modules[(layer, module)] = LoraModuleWeights(a=a.contiguous(), b=b.contiguous(), scale=scale)
     if not modules:
         raise AdapterError("adapter holds no LoRA weights")
+    rank_pattern.check_all_used()
+    alpha_pattern.check_all_used()
     targets = tuple(sorted({m for _, m in modules}))
     return LoraAdapter(
         key=key or str(path.resolve()),

@@ -39,10 +39,10 @@ def _model_name(name: str) -> str:
 def _check_config_targets(adapter: LoraAdapter, known: dict[str, tuple[int, int]]) -> None:
     targets = adapter.config.get("target_modules")
     if isinstance(targets, list):  # a regex string or "all-linear" cannot be checked by name
-        missing = [t for t in targets if t.split(".")[-1] not in known]
+        missing = [t for t in targets if not isinstance(t, str) or t.split(".")[-1] not in known]
         if missing:
             raise AdapterError(
-                f"adapter targets modules this model does not have: {', '.join(sorted(missing))} "
+                f"adapter targets modules this model does not have: {', '.join(sorted(map(str, missing)))} "
                 f"(model has {', '.join(known)})"
             )
 
