@@ -169,6 +169,7 @@ def serve(args: argparse.Namespace) -> int:
     from loraserve.models.config import ModelLoadError
     from loraserve.server.app import build_state, create_app
     from loraserve.server.config import ServerConfig
+    from loraserve.server.request_guard import guarded_h11_protocol
 
     try:
         aengine = AsyncEngine.build(lambda: Engine.from_pretrained(args.model_id, _engine_config(args)))
@@ -193,6 +194,9 @@ def serve(args: argparse.Namespace) -> int:
         device=args.device,
         speculative_tokens=args.speculative_tokens,
         cors_allow_origin=list(args.cors_allow_origin or []),
+        max_adapter_labels=args.max_adapter_labels,
+        max_listed_adapters=args.max_listed_adapters,
+        body_read_timeout_s=args.body_read_timeout_s,
     )
     cache_dir = Path(args.adapter_cache_dir).expanduser()
     store = AdapterStore(
@@ -235,6 +239,9 @@ def serve(args: argparse.Namespace) -> int:
             log_config=uvicorn_log_config(args.json_output),
             access_log=False,
             timeout_graceful_shutdown=args.shutdown_grace_s,
+            http=guarded_h11_protocol(args.header_read_timeout_s),
+            timeout_keep_alive=args.keep_alive_timeout_s,  # type: ignore[arg-type]  # used as float
+            limit_concurrency=args.max_connections if args.max_connections > 0 else None,
         )
     )
     install_redaction(redactor=redactor)  # after uvicorn has set up its own handlers (text mode)

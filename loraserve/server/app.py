@@ -32,7 +32,11 @@ def build_state(config: ServerConfig, aengine: Any, provider: AdapterProvider | 
     registry = AdapterRegistry(
         provider, config.default_adapter_source, config.adapter_id, config.adapter_source
     )
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(
+        config.max_adapter_labels,
+        config.max_listed_adapters,
+        [i for i in (config.adapter_id, *config.preloaded_adapter_ids) if i],
+    )
     service = GenerationService(aengine, registry, metrics, config.max_concurrent_requests)
     metrics.engine_stats = aengine.stats
     metrics.adapter_stats = registry.stats
@@ -89,7 +93,11 @@ def create_app(state: ServerState) -> FastAPI:
         return response
 
     # Added last, so it runs first: oversized or non-UTF-8 bodies never reach FastAPI.
-    app.add_middleware(RequestGuard, max_body_bytes=state.config.max_request_bytes)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=state.config.max_request_bytes,
+        body_timeout_s=state.config.body_read_timeout_s,
+    )
 
     app.include_router(routes_lorax.router)
     app.include_router(routes_openai.router)

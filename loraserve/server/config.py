@@ -30,3 +30,7 @@ class ServerConfig:
     device: str = "cpu"
     speculative_tokens: int = 0
     cors_allow_origin: list[str] = field(default_factory=list)
+    # Caps against unbounded growth and slow clients (--max-adapter-labels, ...).
+    max_adapter_labels: int = 100
+    max_listed_adapters: int = 100
+    body_read_timeout_s: float = 30.0

@@ -78,6 +78,13 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("--predibase-api-token", "Token used to preload pbase adapters (never logged)."),
     Flag("--adapter-cache-dir", "Disk cache for downloaded adapters.", default="~/.cache/loraserve/adapters"),
+    Flag(
+        "--adapter-disk-cache-bytes",
+        "Disk budget for downloaded hub, S3 and pbase adapters; least recently used ones are deleted "
+        "beyond it (never one being loaded). 0: unbounded.",
+        type=int,
+        default=20 << 30,
+    ),
     Flag("--adapter-host-cache-bytes", "Host-memory budget for parsed adapters.", type=int, default=2 << 30),
     Flag(
         "--local-adapter-roots",
@@ -116,6 +123,46 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         "Largest request body in bytes; bigger bodies get 413 before they are parsed.",
         type=int,
         default=1 << 20,
+    ),
+    Flag(
+        "--header-read-timeout-s",
+        "Seconds a connection may take to send a request's headers (from opening, or from its previous "
+        "response); slower ones are closed (slowloris). 0: no deadline.",
+        type=float,
+        default=10.0,
+    ),
+    Flag(
+        "--body-read-timeout-s",
+        "Seconds a request may take to send its whole body; slower ones get 408 and are closed. 0: no deadline.",
+        type=float,
+        default=30.0,
+    ),
+    Flag(
+        "--keep-alive-timeout-s",
+        "Seconds an idle keep-alive connection stays open between requests.",
+        type=float,
+        default=5.0,
+    ),
+    Flag(
+        "--max-connections",
+        "Open connections (and requests being handled) beyond which new requests get 503 at once, "
+        "so half-open clients cannot exhaust the server.",
+        type=int,
+        default=512,
+    ),
+    Flag(
+        "--max-adapter-labels",
+        "Per-adapter Prometheus series (by canonical adapter id, busiest kept); the rest are summed "
+        'under adapter_id="other".',
+        type=int,
+        default=100,
+    ),
+    Flag(
+        "--max-listed-adapters",
+        "Recently served public adapters /v1/models lists besides the base model and the "
+        "--adapter-id/--preloaded-adapter-ids ones (adapters loaded with a caller's token are never listed).",
+        type=int,
+        default=100,
     ),
     Flag(
         "--shutdown-grace-s",

@@ -128,7 +128,9 @@ class GenerationService:
             for adapter_id in dict.fromkeys(v.merge.ids):
                 self.metrics.adapter_request(adapter_id)
         else:
-            self.metrics.adapter_request(v.adapter_id or self.registry.static_adapter_id or "")
+            self.metrics.adapter_request(
+                v.adapter_id or self.registry.static_adapter_id or "", adapter, private=bool(v.api_token)
+            )
         return adapter
 
     async def steps(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+OTHER_ADAPTER_LABEL = "other"
+BASE_ADAPTER_LABEL = "<base>"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _RATE_WINDOW_S = 10.0
 
@@ -61,6 +63,104 @@ class _LiveStats(Collector):
                 )
 
 
+def canonical_adapter_id(key: str) -> str:
+    """The adapter's identity without source and revision: `local:/abs/path@rev` -> `/abs/path`.
+
+    The store keys every adapter as `source:id@revision` with the id already canonical (a local
+    path resolved, a hub repo without its `@branch`), so every spelling a caller used (`dir/.`,
+    `dir//`, `repo@main`) maps to one label and one listing entry instead of one each.
+    """
+    head, at, _revision = key.rpartition("@")
+    if not at:
+        head = key
+    _source, colon, ident = head.partition(":")
+    return ident if colon and ident else key
+
+
+class _TopAdapterLabels:
+    """Per-adapter request counts with at most `limit` labels; the rest are summed under `other`.
+
+    A new adapter arriving when the table is full evicts the entry with the fewest requests (the
+    least recently used among equals) and its count moves to `other`, so heavy adapters keep their
+    own series, `other` only grows (it stays a valid counter) and a flood of distinct ids costs a
+    bounded number of series instead of one each forever.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, limit)
+        self._counts: dict[str, list[int]] = {}  # label -> [count, last use]
+        self._other = 0
+        self._tick = 0
+        self._lock = threading.Lock()
+
+    def inc(self, label: str) -> None:
+        with self._lock:
+            self._tick += 1
+            entry = self._counts.get(label)
+            if entry is None:
+                if self.limit == 0:
+                    self._other += 1
+                    return
+                if len(self._counts) >= self.limit:
+                    victim = min(
+                        (k for k in self._counts if k != BASE_ADAPTER_LABEL),
+                        key=lambda k: (self._counts[k][0], self._counts[k][1]),
+                        default=None,
+                    )
+                    if victim is None:
+                        self._other += 1
+                        return
+                    self._other += self._counts.pop(victim)[0]
+                entry = self._counts[label] = [0, 0]
+            entry[0] += 1
+            entry[1] = self._tick
+
+    def snapshot(self) -> tuple[dict[str, int], int]:
+        with self._lock:
+            return {k: v[0] for k, v in self._counts.items()}, self._other
+
+
+class _AdapterRequests(Collector):
+    def __init__(self, labels: _TopAdapterLabels) -> None:
+        self._labels = labels
+
+    def collect(self) -> Iterable[Metric]:
+        counts, other = self._labels.snapshot()
+        family = CounterMetricFamily(
+            "loraserve_adapter_request",
+            f"Generation requests per adapter (the {self._labels.limit} busiest by canonical id; "
+            f'the rest summed under adapter_id="{OTHER_ADAPTER_LABEL}")',
+            labels=["adapter_id"],
+        )
+        for label, count in sorted(counts.items()):
+            family.add_metric([label], float(count))
+        if other:
+            family.add_metric([OTHER_ADAPTER_LABEL], float(other))
+        yield family
+
+
+class _RecentAdapters:
+    """The last `limit` public adapters served, by canonical id, for `/v1/models` (an LRU set)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, limit)
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, adapter_id: str) -> None:
+        if self.limit == 0:
+            return
+        with self._lock:
+            self._ids[adapter_id] = None
+            self._ids.move_to_end(adapter_id)
+            while len(self._ids) > self.limit:
+                self._ids.popitem(last=False)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._ids)
+
+
 def _speculation(engine: dict[str, Any]) -> Iterable[Metric]:
     """Medusa acceptance as a counter pair (rate() them for a window) plus the mean since start."""
     steps, tokens = int(engine.get("spec_steps", 0)), int(engine.get("spec_tokens", 0))
@@ -80,7 +180,12 @@ def _speculation(engine: dict[str, Any]) -> Iterable[Metric]:
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_adapter_labels: int = 100,
+        max_listed_adapters: int = 100,
+        static_adapter_ids: Iterable[str] = (),
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "loraserve_request",
@@ -88,12 +193,11 @@ class ServerMetrics:
             ["route", "status"],
             registry=self.registry,
         )
-        self.adapter_requests = Counter(
-            "loraserve_adapter_request",
-            "Generation requests per adapter",
-            ["adapter_id"],
-            registry=self.registry,
-        )
+        self.adapter_labels = _TopAdapterLabels(max_adapter_labels)
+        self.registry.register(_AdapterRequests(self.adapter_labels))
+        self.recent_adapters = _RecentAdapters(max_listed_adapters)
+        # --adapter-id and --preloaded-adapter-ids: /v1/models lists them as configured already.
+        self.static_adapter_ids = frozenset(i for i in static_adapter_ids if i)
         self.generated_tokens = Counter(
             "loraserve_generated_tokens", "Tokens generated", registry=self.registry
         )
@@ -117,8 +221,27 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self.registry.register(_LiveStats(self))
 
-    def adapter_request(self, adapter_id: str) -> None:
-        self.adapter_requests.labels(adapter_id=adapter_id or "<base>").inc()
+    def adapter_request(self, adapter_id: str, adapter: Any = None, private: bool = False) -> None:
+        """Count one request for an adapter and remember it for `/v1/models` when it is public.
+
+        `adapter` (the resolved `LoraAdapter`) gives the canonical id; without it the id as sent
+        is used (merge inputs, Medusa-only static heads), still under the label cap. `private`
+        (the caller brought a token) keeps the adapter out of the listing other callers see.
+        """
+        key = getattr(adapter, "key", None)
+        label = canonical_adapter_id(key) if key else (adapter_id or BASE_ADAPTER_LABEL)
+        self.adapter_labels.inc(label)
+        if (
+            key
+            and not private
+            and not key.startswith(("pbase:", "merged:"))
+            and adapter_id
+            and adapter_id not in self.static_adapter_ids
+        ):
+            self.recent_adapters.add(label)
+
+    def listed_adapters(self) -> list[str]:
+        return self.recent_adapters.ids()
 
     def tokens_generated(self, n: int) -> None:
         self.generated_tokens.inc(n)

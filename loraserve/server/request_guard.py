@@ -14,6 +14,16 @@ Two jobs that FastAPI does not do on its own:
   frees its KV blocks and adapter slot at the next step, and releases its
   concurrency slot. Without this a timed-out client keeps its sequence
   generating until `max_new_tokens`.
+* **Slow bodies.** The whole body must arrive within `body_timeout_s`; a
+  client that dribbles it (slowloris on the body) gets 408 and the
+  connection is closed, instead of holding a connection and a task forever.
+
+Slow *headers* never reach the ASGI app, so `guarded_h11_protocol` adds that
+deadline to uvicorn's h11 protocol: a connection must deliver a request's
+headers within `header_timeout_s` of opening (or of its previous response),
+else it is closed. uvicorn only times out idle keep-alive connections, and
+every half-open connection counts against its `limit_concurrency`, so a few
+hundred slowloris clients could otherwise make it answer 503 to everyone.
 """
 
 from __future__ import annotations
@@ -30,6 +40,10 @@ log = logging.getLogger("loraserve.server")
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _TooSlow(Exception):
     pass
 
 
@@ -79,9 +93,10 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, max_body_bytes: int = 1 << 20) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int = 1 << 20, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,6 +111,16 @@ class RequestGuard:
             body, disconnected_early = await self._read_body(receive)
         except _TooLarge:
             await _send_error(scope, send, 413, self._too_large(None), "payload_too_large")
+            return
+        except _TooSlow:
+            log.warning(
+                "request to %s: body not received within %.1fs", scope.get("path"), self.body_timeout_s
+            )
+            message = (
+                f"request body not received within {self.body_timeout_s:g}s "
+                "(--body-read-timeout-s); send the whole body at once"
+            )
+            await _send_error(scope, send, 408, message, "request_timeout")
             return
         if disconnected_early:
             return  # the client left before sending its request: nothing to answer
@@ -115,6 +140,15 @@ class RequestGuard:
         return f"request body{size} exceeds this server's limit of {self.max_body_bytes} bytes (--max-request-bytes)"
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
+        if self.body_timeout_s <= 0:
+            return await self._read_body_now(receive)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._read_body_now(receive)
+        except TimeoutError:
+            raise _TooSlow from None
+
+    async def _read_body_now(self, receive: Receive) -> tuple[bytes, bool]:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -170,3 +204,57 @@ class RequestGuard:
             watcher.cancel()
             with contextlib.suppress(BaseException):
                 await watcher
+
+
+def guarded_h11_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's headers (`0`: none).
+
+    The timer starts when the connection opens and again when a response completes (the
+    connection then waits for its next request); it is cancelled once h11 has parsed the request
+    line and headers. On expiry the connection is closed without a response: a client that takes
+    that long to send a few hundred bytes of headers is either gone or attacking. Pass the class
+    as `uvicorn.Config(http=...)`.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            if header_timeout_s > 0:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.info(
+                    "closing a connection that sent no complete request headers in %.1fs", header_timeout_s
+                )
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:
+                self._cancel_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm_header_timer()
+
+    return GuardedH11Protocol

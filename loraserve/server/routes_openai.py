@@ -404,21 +404,30 @@ async def _stream_chat(
     return _sse(st, events(await _open_stream(st, v)))
 
 
-@router.get("/models", summary="The base model and the adapters this server has loaded")
+@router.get("/models", summary="The base model, the configured adapters and recently served public ones")
 async def models(request: Request) -> dict[str, Any]:
+    """Bounded and shareable: every caller sees this list, so it holds the base model, the
+    operator's `--adapter-id`/`--preloaded-adapter-ids`, and the `--max-listed-adapters` most
+    recently served public adapters by canonical id (one entry however a path was spelled).
+    Adapters fetched with a caller's token (private hub repos, Predibase) are never listed."""
     st = get_state(request)
     created = int(st.metrics.started_at)
+    base = st.config.model_id
+    ids: dict[str, None] = {}
+    for adapter_id in (st.config.adapter_id, *st.config.preloaded_adapter_ids, *st.metrics.listed_adapters()):
+        if adapter_id and adapter_id != base:
+            ids[adapter_id] = None
     data = [
         {
-            "id": st.config.model_id,
+            "id": base,
             "object": "model",
             "created": created,
             "owned_by": "loraserve",
-            "root": st.config.model_id,
+            "root": base,
             "parent": None,
         }
     ]
-    for adapter_id in st.registry.loaded_ids:
+    for adapter_id in ids:
         data.append(
             {
                 "id": adapter_id,
@@ -426,7 +435,7 @@ async def models(request: Request) -> dict[str, Any]:
                 "created": created,
                 "owned_by": "loraserve",
                 "root": adapter_id,
-                "parent": st.config.model_id,
+                "parent": base,
             }
         )
     return {"object": "list", "data": data}
