@@ -82,6 +82,11 @@ class AdapterLoadError(AdapterError):
     status_code = 500
 
 
+def _well_formed_token(token: str) -> bool:
+    """Every hub and Predibase token is visible ASCII; anything else cannot be a valid one."""
+    return all("!" <= c <= "~" for c in token)
+
+
 def _env_flag(name: str) -> bool:
     return (os.environ.get(name) or "").strip().upper() in ("1", "TRUE", "YES", "ON")
 
@@ -102,6 +107,7 @@ class AdapterStore:
         auth_workers: int = 4,
         use_global_hf_token: bool | None = None,
         global_hf_token: str | None = None,
+        warn_unconfined_local: bool = True,
     ) -> None:
         self.model_config = model_config
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -110,6 +116,7 @@ class AdapterStore:
                 raise ValueError("cache_dir is required unless the sources are given")
             sources = build_sources(self.cache_dir, allowed_local_roots)
         self.sources = sources
+        self._confine_local(warn_unconfined_local)
         self.default_source = default_source
         self.auth_ttl_s = auth_ttl_s
         self.max_rank = max_rank
@@ -198,6 +205,26 @@ class AdapterStore:
 
     # ---- internals --------------------------------------------------------------------------
 
+    def _confine_local(self, warn_unconfined: bool) -> None:
+        """Keep `local` out of every cache a remote source (or this store) downloads into.
+
+        Otherwise a private hub/s3/pbase adapter, once fetched with a valid token, could be
+        read by anyone as a `local` path to its cache directory, with no token at all.
+        """
+        local = self.sources.get("local")
+        if not isinstance(local, LocalSource):
+            return
+        dirs = [self.cache_dir] if self.cache_dir is not None else []
+        for src in self.sources.values():
+            if src is not local:
+                dirs.extend(src.cache_dirs())
+        local.refuse_dirs(dirs)
+        if warn_unconfined and local.allowed_roots is None:
+            log.warning(
+                "--local-adapter-roots is not set: any directory this server can read may be loaded as a "
+                "local adapter (LoRAX's default); set it to confine local adapters"
+            )
+
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counters[name] += n
@@ -217,6 +244,12 @@ class AdapterStore:
             )
         if not adapter_id or not adapter_id.strip():
             raise AdapterError("adapter_id is empty")
+        if "\x00" in adapter_id:
+            raise AdapterError("adapter_id contains a NUL byte")
+        if token and src.checks_auth and not _well_formed_token(token):
+            # It would reach an HTTP header, where it cannot be encoded (a 503 "hub failed" before).
+            self._count("auth_failures")
+            raise AdapterAuthError("the token is malformed: tokens are printable ASCII without spaces")
         if name == "hub" and not token and self._global_hf_token:
             token = self._global_hf_token
         return src, token or None
@@ -327,4 +360,5 @@ def local_adapter_store(
         default_source="local",
         sources={"local": LocalSource(allowed_local_roots)},
         max_rank=max_rank,
+        warn_unconfined_local=False,  # the caller names its own files (generate, tests)
     )

@@ -40,6 +40,7 @@ class AdapterRegistry:
         self.static_adapter_id = static_adapter_id
         self.static_adapter_source = static_adapter_source or default_source
         self._preloaded: dict[str, LoraAdapter] = {}
+        self._preloaded_source: dict[str, str] = {}  # the source each preloaded id was loaded from
         self.preload_token: str | None = None  # --predibase-api-token, for adapters loaded at start
         self.loaded_ids: dict[str, None] = {}  # ordered set of ids served so far
         self.merged = MergedAdapterStore(_MergeInputs(self))
@@ -52,6 +53,7 @@ class AdapterRegistry:
             src = self.static_adapter_source if adapter_id == self.static_adapter_id else source
             adapter = await self.provider.get(adapter_id, src, self.preload_token if src == "pbase" else None)
             self._preloaded[adapter_id] = adapter
+            self._preloaded_source[adapter_id] = src
             self.loaded_ids[adapter_id] = None
 
     async def resolve(
@@ -61,6 +63,12 @@ class AdapterRegistry:
 
         A Medusa-only static adapter is the engine's default speculator already, so
         requests without an adapter run on the base model (`None`) and it drafts for them.
+
+        A preloaded adapter named by its bare id is served from memory only when its
+        source has no per-request authorisation (`local`, `s3`) or it is the static
+        `--adapter-id`, which every request without an adapter gets anyway. Adapters of
+        private sources (`hub`, `pbase`) go through the store's token check on every
+        request, preloaded or not, inside `merged_adapters` too (see `_MergeInputs`).
         """
         if not adapter_id:
             if not self.static_adapter_id:
@@ -70,10 +78,23 @@ class AdapterRegistry:
                 return None
             return static
         if source is None and adapter_id in self._preloaded:
-            return self._preloaded[adapter_id]
+            src = self._preloaded_source[adapter_id]
+            if adapter_id == self.static_adapter_id or not self._checks_auth(src):
+                return self._preloaded[adapter_id]
+            # Preloading used the server's own credentials (--predibase-api-token); the caller must
+            # still prove access with theirs, as for any adapter of that source. The store keeps
+            # the weights in host memory, so this costs the auth call only.
+            return await self.provider.get(adapter_id, src, token)
         adapter = await self.provider.get(adapter_id, source or self.default_source, token)
         self.loaded_ids[adapter_id] = None
         return adapter
+
+    def _checks_auth(self, source: str) -> bool:
+        """Whether `source` authorises callers per request; unknown providers are assumed to."""
+        sources = getattr(self.provider, "sources", None)
+        if isinstance(sources, dict) and source in sources:
+            return bool(getattr(sources[source], "checks_auth", True))
+        return True
 
     async def resolve_merged(
         self, spec: MergeSpec, source: str | None, token: str | None

@@ -60,10 +60,11 @@ def test_other_sources_are_refused_naming_local(store: AdapterStore) -> None:
 
 
 def test_missing_directory_is_not_found(store: AdapterStore, tmp_path: Path) -> None:
-    with pytest.raises(AdapterNotFoundError, match="does not exist"):
+    """A missing and an empty directory answer alike: callers cannot probe which paths exist."""
+    with pytest.raises(AdapterNotFoundError, match="not a readable adapter directory"):
         store.get_blocking(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AdapterError, match="no adapter_config.json"):
+    with pytest.raises(AdapterNotFoundError, match="not a readable adapter directory"):
         store.get_blocking(str(tmp_path / "empty"))
 
 

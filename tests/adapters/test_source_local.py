@@ -95,5 +95,5 @@ def test_missing_dir_and_missing_weights(make_store, peft_adapters, tmp_path):
     with pytest.raises(AdapterNotFoundError):
         asyncio.run(store.get(str(tmp_path / "nope"), "local", None))
     d = _copy(peft_adapters["qv"], tmp_path / "cfg-only", ("adapter_config.json",))
-    with pytest.raises(AdapterError, match="neither adapter_model.safetensors nor adapter_model.bin"):
+    with pytest.raises(AdapterNotFoundError, match="not a readable adapter directory"):
         asyncio.run(store.get(str(d), "local", None))

@@ -105,7 +105,7 @@ CASES: list[Case] = [
         "adapter-local-missing",
         lambda s: p(adapter_id=str(s.assets.root / "adapters" / "nope"), adapter_source="local"),
         404,
-        "does not exist",
+        "not a readable adapter directory",
     ),
     Case(
         "adapter-hub-missing",
@@ -134,7 +134,8 @@ CASES: list[Case] = [
     Case("adapter-rank-larger-than-model", local("rank_too_big"), 400, "rank"),
     Case("adapter-config-not-json", local("config_not_json"), 400, "not valid json"),
     Case("adapter-not-lora", local("not_lora"), 400, "only lora"),
-    Case("adapter-dir-empty", local("empty_dir"), 400, "adapter_config.json"),
+    # the same answer as a missing directory: callers cannot probe which paths exist (issue 17)
+    Case("adapter-dir-empty", local("empty_dir"), 404, "not a readable adapter directory"),
     Case(
         "adapter-path-traversal",
         lambda s: p(adapter_id=f"{s.assets.root}/adapters/../../../../etc", adapter_source="local"),

@@ -75,6 +75,15 @@ class AdapterSource(ABC):
     def fetch(self, resolved: ResolvedAdapter, token: str | None) -> Path:
         """Return a local directory holding the PEFT and/or Medusa files of `resolved`."""
 
+    def cache_dirs(self) -> tuple[Path, ...]:
+        """Directories this source downloads adapters into (the `cache_dir` attribute by default).
+
+        The store refuses them as `local` paths: a private adapter downloaded once with a
+        valid token must not be readable later without one.
+        """
+        cache_dir = getattr(self, "cache_dir", None)
+        return (Path(cache_dir),) if cache_dir else ()
+
     def download(
         self, adapter_id: str, token: str | None = None, revision: str | None = None
     ) -> tuple[Path, str]:
