@@ -183,6 +183,7 @@ def serve(args: argparse.Namespace) -> int:
         adapter_timeout_s=args.adapter_source_timeout_s,
         max_best_of=args.max_best_of,
         max_stop_sequences=args.max_stop_sequences,
+        max_prompts_per_request=args.max_prompts_per_request,
         max_waiting_tokens=args.max_waiting_tokens,
         waiting_served_ratio=args.waiting_served_ratio,
         default_adapter_source=args.default_adapter_source or args.adapter_source,

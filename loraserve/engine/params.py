@@ -6,10 +6,19 @@ format (LoRAX REST, OpenAI) and the engine never sees HTTP concepts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from loraserve.engine.errors import RequestError
+
+#: Sampling at a temperature below this divides float32 logits into overflow (1e-300 is 0.0 in
+#: float32, 1e-40 turns a logit of 10 into inf) and NaN probabilities; the distribution is the
+#: argmax to float precision long before. The server decodes such requests greedily (vLLM's bound).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+#: The same overflow for `repetition_penalty` (a repeated token's logit is divided by it); the
+#: server raises smaller penalties to this floor, where repeated tokens already dominate.
+MIN_REPETITION_PENALTY = 1e-5
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "aborted", "error"]
 
@@ -42,16 +51,21 @@ class SamplingParams:
         """Raise ValueError naming the offending field; the server maps it to 422."""
         if self.max_new_tokens < 1:
             raise RequestError("max_new_tokens must be >= 1")
+        for name in ("temperature", "top_p", "typical_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise RequestError(f"{name} must be a finite number")
         if self.temperature < 0:
             raise RequestError("temperature must be >= 0")
+        if self.do_sample and 0 < self.temperature < MIN_SAMPLING_TEMPERATURE:
+            raise RequestError(f"temperature must be 0 or >= {MIN_SAMPLING_TEMPERATURE} when sampling")
         if self.top_k < 0:
             raise RequestError("top_k must be >= 0")
         if not 0 < self.top_p <= 1:
             raise RequestError("top_p must be in (0, 1]")
         if not 0 < self.typical_p <= 1:
             raise RequestError("typical_p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise RequestError("repetition_penalty must be > 0")
+        if self.repetition_penalty < MIN_REPETITION_PENALTY:
+            raise RequestError(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY}")
         if self.seed is not None and self.seed < 0:
             raise RequestError("seed must be >= 0")
         if self.top_n_alternatives < 0:

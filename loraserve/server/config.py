@@ -17,7 +17,8 @@ class ServerConfig:
     max_concurrent_requests: int = 128
     max_request_bytes: int = 1 << 20
     adapter_timeout_s: float = 30.0
-    max_best_of: int = 2
+    max_best_of: int = 2  # also caps OpenAI's `n`
+    max_prompts_per_request: int = 16  # prompts in one /v1/completions request
     max_stop_sequences: int = 4
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 1.2

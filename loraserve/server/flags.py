@@ -183,7 +183,19 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         type=float,
         default=30.0,
     ),
-    Flag("--max-best-of", "Largest `best_of` a request may ask for.", type=int, default=2),
+    Flag(
+        "--max-best-of",
+        "Largest `best_of` a request may ask for; also the largest OpenAI `n` (choices per prompt).",
+        type=int,
+        default=2,
+    ),
+    Flag(
+        "--max-prompts-per-request",
+        "Most prompts one /v1/completions request may carry (a list of prompts); each prompt's `n` "
+        "choices count against --max-concurrent-requests.",
+        type=int,
+        default=16,
+    ),
     Flag("--max-stop-sequences", "Most `stop` sequences per request.", type=int, default=4),
     Flag("--max-input-length", "Longest prompt in tokens (default: min(1024, context - 1)).", type=int),
     Flag(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -63,23 +64,49 @@ class Completion:
 
     @property
     def logprob_sum(self) -> float:
-        return sum(t.logprob or 0.0 for t in self.tokens)
+        return sum(wire_logprob(t.logprob) or 0.0 for t in self.tokens)
 
 
 class ConcurrencyLimiter:
-    """LoRAX's `--max-concurrent-requests`: beyond it a request is refused at once with 429."""
+    """LoRAX's `--max-concurrent-requests`, counted in sequences: beyond it a request gets 429 at once.
+
+    A request takes one unit per sequence it runs (`best_of`, OpenAI's `n` x prompts), because
+    each sequence costs the engine as much as a request of its own: counted as one, a single
+    request with n=3000 would take one slot and run 3,000 sequences.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
 
-    def acquire(self) -> None:
-        if self.in_flight >= self.limit:
+    def acquire(self, sequences: int = 1, what: str = "`best_of`") -> None:
+        """Take `sequences` units; `what` names the fields that multiply up to them, for the 422
+        a request gets when it could never fit (429 would invite a retry that cannot succeed)."""
+        if sequences > self.limit:
+            raise validation_error(
+                f"{what} asks for {sequences} sequences, more than this server runs at once "
+                f"(--max-concurrent-requests {self.limit})"
+            )
+        if self.in_flight + sequences > self.limit:
             raise overloaded_error()
-        self.in_flight += 1
+        self.in_flight += sequences
 
-    def release(self) -> None:
-        self.in_flight = max(0, self.in_flight - 1)
+    def release(self, sequences: int = 1) -> None:
+        self.in_flight = max(0, self.in_flight - sequences)
+
+
+#: What a logprob of -inf (or NaN, should a processor ever produce one) is reported as. JSON has no
+#: literal for either (Python writes `NaN`, which clients reject); vLLM reports -9999.0 the same way.
+LOGPROB_FLOOR = -9999.0
+
+
+def wire_logprob(lp: float | None) -> float | None:
+    """A logprob every JSON parser accepts: finite, at least `LOGPROB_FLOOR`; None stays None."""
+    if lp is None:
+        return None
+    if math.isnan(lp):
+        return LOGPROB_FLOOR
+    return min(max(lp, LOGPROB_FLOOR), 0.0)
 
 
 def finish_reason(reason: str | None) -> str:
@@ -89,18 +116,18 @@ def finish_reason(reason: str | None) -> str:
 def to_token(t: TokenInfo) -> Token:
     alts = None
     if t.alternatives is not None:
-        alts = [AlternativeToken(id=i, text=text, logprob=lp) for i, text, lp in t.alternatives]
+        alts = [AlternativeToken(id=i, text=text, logprob=wire_logprob(lp)) for i, text, lp in t.alternatives]
     return Token(
         id=t.id,
         text=t.text,
-        logprob=t.logprob if t.logprob is not None else 0.0,
+        logprob=wire_logprob(t.logprob) if t.logprob is not None else 0.0,
         special=t.special,
         alternative_tokens=alts,
     )
 
 
 def to_prefill(tokens: list[TokenInfo]) -> list[PrefillToken]:
-    return [PrefillToken(id=t.id, text=t.text, logprob=t.logprob) for t in tokens]
+    return [PrefillToken(id=t.id, text=t.text, logprob=wire_logprob(t.logprob)) for t in tokens]
 
 
 class GenerationService:
@@ -189,16 +216,17 @@ class GenerationService:
         return list(await asyncio.gather(*runs))
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        self.limiter.acquire()
+    async def slot(self, sequences: int = 1, what: str = "`best_of`") -> AsyncIterator[None]:
+        """Hold `sequences` units of the concurrency limit while the body runs (see `ConcurrencyLimiter`)."""
+        self.limiter.acquire(sequences, what)
         try:
             yield
         finally:
-            self.limiter.release()
+            self.limiter.release(sequences)
 
     # -- LoRAX responses -----------------------------------------------------------------
     async def generate(self, v: ValidatedRequest) -> GenerateResponse:
-        async with self.slot():
+        async with self.slot(v.best_of):
             adapter = await self.resolve_adapter(v)
             results = await self.complete_many(v.prompt_ids, v.params, adapter, v.best_of)
         best = max(results, key=lambda c: c.logprob_sum)

@@ -6,14 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraserve.server.schemas import MergedAdapters
+from loraserve.server.schemas import CheckedBody, MergedAdapters
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAIBase(BaseModel):
+class _OpenAIBase(CheckedBody):
     """Fields common to completions and chat, plus LoRAX's extensions (`top_k`, `adapter_source`, ...)."""
 
     model_config = ConfigDict(protected_namespaces=())

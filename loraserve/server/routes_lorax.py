@@ -18,7 +18,7 @@ from loraserve.server.schemas import (
 )
 from loraserve.server.sse import SlotStreamingResponse, lorax_event
 from loraserve.server.state import ServerState, get_state
-from loraserve.server.validation import bearer_token, validate_generate
+from loraserve.server.validation import bearer_token, validate_generate_async
 
 router = APIRouter(tags=["LoRAX"])
 
@@ -55,7 +55,7 @@ def wire_dict(model: GenerateResponse | StreamResponse) -> dict[str, Any]:
 
 
 async def _generate(st: ServerState, body: GenerateRequest, authorization: str | None) -> dict[str, Any]:
-    v = validate_generate(
+    v = await validate_generate_async(
         body, st.config, st.limits, st.tokenizer, stream=False, header_token=bearer_token(authorization)
     )
     with st.metrics.request_duration.labels(route="generate").time():
@@ -63,7 +63,7 @@ async def _generate(st: ServerState, body: GenerateRequest, authorization: str |
 
 
 async def _stream(st: ServerState, body: GenerateRequest, authorization: str | None) -> StreamingResponse:
-    v = validate_generate(
+    v = await validate_generate_async(
         body, st.config, st.limits, st.tokenizer, stream=True, header_token=bearer_token(authorization)
     )
     st.service.limiter.acquire()  # 429 before any byte of the stream is sent

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraserve.engine.params import TokenInfo
 from loraserve.server.errors import ApiError, not_supported, validation_error
-from loraserve.server.generation import Completion
+from loraserve.server.generation import Completion, wire_logprob
 from loraserve.server.openai_schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -32,7 +32,13 @@ from loraserve.server.openai_text import StopAwareText, cut_at_stop
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
 from loraserve.server.sse import OPENAI_DONE, SlotStreamingResponse, openai_event
 from loraserve.server.state import ServerState, get_state
-from loraserve.server.validation import ValidatedRequest, bearer_token, validate_generate
+from loraserve.server.validation import (
+    ValidatedRequest,
+    bearer_token,
+    check_prompt_chars,
+    encode_off_loop,
+    validate_generate,
+)
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -42,7 +48,7 @@ def adapter_for_model(st: ServerState, model: str) -> str | None:
     return None if not model or model == st.config.model_id else model
 
 
-def _refuse_unsupported(req: _OpenAIBase) -> None:
+def _refuse_unsupported(st: ServerState, req: _OpenAIBase) -> None:
     if req.presence_penalty:
         raise not_supported("`presence_penalty`")
     if req.frequency_penalty:
@@ -53,6 +59,9 @@ def _refuse_unsupported(req: _OpenAIBase) -> None:
         raise not_supported("`response_format` (JSON-schema constrained output)")
     if req.n < 1:
         raise validation_error("`n` must be strictly positive")
+    if req.n > st.config.max_best_of:
+        # Each choice is a sequence of its own: `n` is LoRAX's `best_of` and shares its bound.
+        raise validation_error(f"`n` must be > 0 and <= {st.config.max_best_of}. Given: {req.n}")
     if req.stream and req.n > 1:
         raise not_supported("`n` > 1 with `stream`")
 
@@ -115,15 +124,19 @@ def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]
         pos += len(t.text)
     return {
         "tokens": [t.text for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{text: lp for _, text, lp in (t.alternatives or [])} for t in tokens],
+        "token_logprobs": [wire_logprob(t.logprob) for t in tokens],
+        "top_logprobs": [{text: wire_logprob(lp) for _, text, lp in (t.alternatives or [])} for t in tokens],
         "text_offset": offsets,
     }
 
 
 def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
     def entry(text: str, lp: float | None) -> dict[str, Any]:
-        return {"token": text, "logprob": lp if lp is not None else 0.0, "bytes": list(text.encode("utf-8"))}
+        return {
+            "token": text,
+            "logprob": wire_logprob(lp) if lp is not None else 0.0,
+            "bytes": list(text.encode("utf-8", errors="replace")),
+        }
 
     return {
         "content": [
@@ -149,11 +162,23 @@ async def _run_choices(st: ServerState, v: ValidatedRequest, n: int) -> list[Com
     return list(await asyncio.gather(*runs))
 
 
-def _prompts(st: ServerState, prompt: Any) -> list[tuple[str, list[int]]]:
-    """A completion prompt may be text, token ids, or a list of either."""
+def _prompt_count(prompt: Any) -> int:
+    """How many prompts `prompt` holds, counted before any of them is tokenized."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+        return 1
+    return len(prompt)
+
+
+async def _prompts(st: ServerState, prompt: Any) -> list[tuple[str, list[int]]]:
+    """A completion prompt may be text, token ids, or a list of either.
+
+    Text is bounded by characters and then tokenized off the event loop; token ids are bounded by
+    count before they are decoded.
+    """
     tok = st.tokenizer
     if isinstance(prompt, str):
-        return [(prompt, tok.encode(prompt, add_special_tokens=True))]
+        check_prompt_chars(prompt, st.limits, "prompt")
+        return [(prompt, await encode_off_loop(tok, prompt, add_special_tokens=True))]
     if prompt and all(isinstance(x, int) for x in prompt):
         vocab = st.aengine.engine.model_config.vocab_size
         bad = next((x for x in prompt if not 0 <= x < vocab), None)
@@ -161,10 +186,13 @@ def _prompts(st: ServerState, prompt: Any) -> list[tuple[str, list[int]]]:
             raise validation_error(
                 f"`prompt` token id {bad} is out of range: the vocabulary has ids 0..{vocab - 1}"
             )
+        limit = st.limits.max_input_length
+        if len(prompt) > limit:
+            raise validation_error(f"`prompt` must have less than {limit} tokens. Given: {len(prompt)}")
         return [(tok.decode(prompt), list(prompt))]
     out = []
     for p in prompt:
-        out.extend(_prompts(st, p))
+        out.extend(await _prompts(st, p))
     if not out:
         raise validation_error("`prompt` cannot be empty")
     return out
@@ -175,21 +203,29 @@ async def completions(
     req: CompletionRequest, request: Request, authorization: str | None = Header(default=None)
 ) -> Any:
     st = get_state(request)
-    _refuse_unsupported(req)
+    if req.best_of is not None and not 0 < req.best_of <= st.config.max_best_of:
+        raise validation_error(f"`best_of` must be > 0 and <= {st.config.max_best_of}. Given: {req.best_of}")
+    _refuse_unsupported(st, req)
     if req.suffix:
         raise not_supported("`suffix`")
     if req.best_of is not None and req.best_of != req.n:
         raise not_supported("`best_of` different from `n` on /v1/completions")
-    prompts = _prompts(st, req.prompt)
-    if req.stream and len(prompts) > 1:
+    count = _prompt_count(req.prompt)
+    if count > st.config.max_prompts_per_request:
+        raise validation_error(
+            f"`prompt` holds {count} prompts, more than {st.config.max_prompts_per_request} per request "
+            "(--max-prompts-per-request)"
+        )
+    if req.stream and count > 1:
         raise not_supported("several prompts with `stream`")
+    prompts = await _prompts(st, req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's documented default
     top_n = req.logprobs or 0
     validated = [_validate(st, req, text, ids, max_tokens, top_n, authorization) for text, ids in prompts]
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
     if req.stream:
         return await _stream_completion(st, req, validated[0], cid, created, model)
-    async with st.service.slot():
+    async with st.service.slot(req.n * len(validated), "`n` x the prompts in `prompt`"):
         results = await asyncio.gather(*[_run_choices(st, v, req.n) for v in validated])
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for (text, _), v, comps in zip(prompts, validated, results, strict=True):
@@ -242,25 +278,28 @@ async def chat_completions(
     req: ChatCompletionRequest, request: Request, authorization: str | None = Header(default=None)
 ) -> Any:
     st = get_state(request)
-    _refuse_unsupported(req)
+    _refuse_unsupported(st, req)
     if req.tools:
         raise not_supported("`tools`")
     if not req.messages:
         raise validation_error("`messages` cannot be empty")
     try:
-        prompt = st.tokenizer.apply_chat_template(_chat_text(req.messages), add_generation_prompt=True)
+        prompt = await asyncio.to_thread(
+            st.tokenizer.apply_chat_template, _chat_text(req.messages), add_generation_prompt=True
+        )
     except ValueError as e:
         raise validation_error(f"cannot build a chat prompt: {e}") from e
     except Exception as e:  # jinja errors from the template itself, e.g. raise_exception(...)
         raise validation_error(f"the model's chat template failed: {e}") from e
-    ids = st.tokenizer.encode(prompt, add_special_tokens=False)
+    check_prompt_chars(prompt, st.limits, "messages")
+    ids = await encode_off_loop(st.tokenizer, prompt, add_special_tokens=False)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = (req.top_logprobs or 0) if req.logprobs else 0
     v = _validate(st, req, prompt, ids, max_tokens, top_n, authorization)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
     if req.stream:
         return await _stream_chat(st, req, v, cid, created, model)
-    async with st.service.slot():
+    async with st.service.slot(req.n, "`n`"):
         comps = await _run_choices(st, v, req.n)
     choices = [
         {

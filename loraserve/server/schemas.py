@@ -7,9 +7,71 @@ itself live in `validation.py` to reproduce its messages exactly.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from loraserve.server.errors import ApiError, validation_error
+
+
+def check_unicode(value: Any, path: str = "body") -> None:
+    """400 for a lone UTF-16 surrogate (JSON `"\\ud800"`) in any string of a request body.
+
+    Python's JSON parser accepts them, but no tokenizer, log line or response can encode them: left
+    in, they surface later as a 500 with a plain-text body.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(
+                f"`{path}` is not valid Unicode: it contains a lone surrogate ({value[e.start]!r} at "
+                f"character {e.start})",
+                400,
+                "bad_request",
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, path)
+            check_unicode(v, f"{path}.{k}" if path != "body" else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{path}.{i}")
+
+
+def check_finite(value: Any, path: str = "body") -> None:
+    """422 for NaN or +-Infinity anywhere in a request (Python's JSON parser accepts `NaN`, `Infinity`
+    and overflowing literals like `1e999`): no parameter has a meaning for them, and a NaN
+    temperature or penalty would turn every logit of the request into NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise validation_error(f"`{path}` must be a finite number. Given: {value}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{path}.{k}" if path != "body" else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite(v, f"{path}.{i}")
+
+
+def check_body(value: Any) -> None:
+    """Every request body, before its fields are parsed: valid Unicode, finite numbers."""
+    check_unicode(value)
+    check_finite(value)
+
+
+class CheckedBody(BaseModel):
+    """A request body: `check_body` runs on the raw JSON before any field is parsed.
+
+    Its `ApiError` is not a `ValueError`, so pydantic lets it through and the route answers with
+    its status (400 or 422) rather than a field-type message.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_raw(cls, data: Any) -> Any:
+        check_body(data)
+        return data
 
 
 class MergedAdapters(BaseModel):
@@ -65,7 +127,7 @@ class GenerateParameters(BaseModel):
     response_format: ResponseFormat | None = None
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(CheckedBody):
     inputs: str = Field(json_schema_extra={"minLength": 1})
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 

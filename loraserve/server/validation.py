@@ -5,15 +5,24 @@ Kept free of HTTP and engine state so it can be unit-tested with just a tokenize
 
 from __future__ import annotations
 
+import asyncio
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 from loraserve.adapters.merge import MergeError, MergeSpec
 from loraserve.engine.memory_plan import Limits
-from loraserve.engine.params import SamplingParams
+from loraserve.engine.params import MIN_REPETITION_PENALTY, MIN_SAMPLING_TEMPERATURE, SamplingParams
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import ApiError, not_supported, validation_error
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
+
+#: A prompt longer than this many characters per allowed token is refused before it is tokenized.
+#: Tokenizing costs ~1-2 s per MB on the request's thread; real text averages 3-5 characters per
+#: token and the longest merges in common vocabularies (runs of spaces or symbols) stay well below
+#: 32, so only a prompt that could never fit is refused this way. With `truncate` the prompt is
+#: tokenized in full (off the event loop), because its length is then no reason to refuse it.
+MAX_CHARS_PER_TOKEN = 32
 
 
 class TextEncoder(Protocol):
@@ -45,6 +54,21 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def max_prompt_chars(limits: Limits) -> int:
+    """The character bound `check_prompt_chars` applies: `MAX_CHARS_PER_TOKEN` x `--max-input-length`."""
+    return MAX_CHARS_PER_TOKEN * limits.max_input_length
+
+
+def check_prompt_chars(text: str, limits: Limits, field: str = "inputs") -> None:
+    """Refuse a prompt that cannot fit by its character count alone, before paying for tokenizing it."""
+    bound = max_prompt_chars(limits)
+    if len(text) > bound:
+        raise validation_error(
+            f"`{field}` must have less than {limits.max_input_length} tokens. Given: {len(text)} characters, "
+            f"more than the {bound} ({MAX_CHARS_PER_TOKEN} per token) any prompt of that many tokens has"
+        )
 
 
 def implies_sampling(p: GenerateParameters) -> bool:
@@ -97,11 +121,23 @@ def check_best_of(best_of: int, cfg: ServerConfig, stream: bool) -> None:
 def _sampling_params(p: GenerateParameters) -> SamplingParams:
     """Defaults and range checks exactly as LoRAX applies them."""
     temperature = 1.0 if p.temperature is None else p.temperature
+    if not math.isfinite(temperature):
+        raise validation_error(f"`temperature` must be a finite number. Given: {temperature}")
     if temperature <= 0:
         raise validation_error("`temperature` must be strictly positive")
+    # Below float32's useful range logits / temperature overflows (1e-300 is 0.0 in float32) and
+    # the distribution is the argmax anyway: decode greedily, as vLLM does under 1e-5.
+    tiny_temperature = temperature < MIN_SAMPLING_TEMPERATURE
+    if tiny_temperature:
+        temperature = 1.0
     repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
+    if not math.isfinite(repetition_penalty):
+        raise validation_error(f"`repetition_penalty` must be a finite number. Given: {repetition_penalty}")
     if repetition_penalty <= 0:
         raise validation_error("`repetition_penalty` must be strictly positive")
+    # logits / 1e-300 overflows float32 the same way; any penalty this small already ranks every
+    # repeated token first, so the floor changes no choice.
+    repetition_penalty = max(repetition_penalty, MIN_REPETITION_PENALTY)
     if p.top_p is not None and not 0 < p.top_p < 1:
         raise validation_error("`top_p` must be > 0.0 and < 1.0")
     if p.typical_p is not None and not 0 < p.typical_p < 1:
@@ -119,6 +155,8 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
     top_k = 0 if p.top_k is None else p.top_k
     # LoRAX's model server samples as soon as a warper differs from its neutral value.
     do_sample = p.do_sample or temperature != 1.0 or top_k != 0 or top_p < 1.0 or typical_p < 1.0
+    if tiny_temperature:
+        do_sample = False
     return SamplingParams(
         max_new_tokens=p.max_new_tokens or 1,
         do_sample=do_sample,
@@ -137,6 +175,13 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
     )
 
 
+@dataclass
+class _CheckedParameters:
+    merge: MergeSpec | None
+    best_of: int
+    params: SamplingParams
+
+
 def validate_generate(
     req: GenerateRequest,
     cfg: ServerConfig,
@@ -148,7 +193,56 @@ def validate_generate(
     prompt_ids: list[int] | None = None,
 ) -> ValidatedRequest:
     """Turn a LoRAX request into engine inputs, or raise a 422 `ApiError` naming the field.
-    `limits`: what the engine resolved and enforces (`Engine.limits`)."""
+    `limits`: what the engine resolved and enforces (`Engine.limits`).
+
+    Tokenizes on the calling thread: the routes use `validate_generate_async` instead.
+    """
+    checked = _check_parameters(req, cfg, limits, stream)
+    if prompt_ids is not None:  # OpenAI chat prompts and token-id prompts arrive already tokenized
+        ids = list(prompt_ids)
+    else:
+        if req.parameters.truncate is None:
+            check_prompt_chars(req.inputs, limits)
+        ids = tokenizer.encode(req.inputs, add_special_tokens=True)
+    return _with_prompt(req, checked, ids, limits, header_token)
+
+
+async def validate_generate_async(
+    req: GenerateRequest,
+    cfg: ServerConfig,
+    limits: Limits,
+    tokenizer: TextEncoder,
+    *,
+    stream: bool = False,
+    header_token: str | None = None,
+) -> ValidatedRequest:
+    """`validate_generate` for the event loop: every cheap check first, then the character bound,
+    then tokenizing on a worker thread (the tokenizer releases the GIL), so a large prompt never
+    holds up `/health` or anyone else's request."""
+    checked = _check_parameters(req, cfg, limits, stream)
+    if req.parameters.truncate is None:
+        check_prompt_chars(req.inputs, limits)
+    ids = await encode_off_loop(tokenizer, req.inputs, add_special_tokens=True)
+    return _with_prompt(req, checked, ids, limits, header_token)
+
+
+async def encode_off_loop(tokenizer: TextEncoder, text: str, *, add_special_tokens: bool) -> list[int]:
+    """Tokenize on the loop's default executor (the server's helper pool), not the request thread.
+
+    Through `encode_batch` where the tokenizer has it: `tokenizers`' single `encode` keeps the GIL
+    for its whole run (a 1 MB prompt froze the event loop for 1.2 s even from a worker thread),
+    while its batch call releases it. Both give the same ids.
+    """
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is None:
+        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+    return (await asyncio.to_thread(batch, [text], add_special_tokens=add_special_tokens))[0]
+
+
+def _check_parameters(
+    req: GenerateRequest, cfg: ServerConfig, limits: Limits, stream: bool
+) -> _CheckedParameters:
+    """Every check that needs no tokens, in LoRAX's order."""
     p = req.parameters
     merge = merge_spec(p)
     _check_unsupported(p)
@@ -171,11 +265,19 @@ def validate_generate(
     check_best_of(best_of, cfg, stream)
     if stream and p.decoder_input_details:
         raise validation_error("`decoder_input_details` == true is not supported when streaming tokens")
+    return _CheckedParameters(merge, best_of, params)
 
-    # OpenAI chat prompts and token-id prompts arrive already tokenized.
-    ids = (
-        list(prompt_ids) if prompt_ids is not None else tokenizer.encode(req.inputs, add_special_tokens=True)
-    )
+
+def _with_prompt(
+    req: GenerateRequest,
+    checked: _CheckedParameters,
+    ids: list[int],
+    limits: Limits,
+    header_token: str | None,
+) -> ValidatedRequest:
+    """The token-count checks and the engine inputs, once the prompt is tokenized."""
+    p = req.parameters
+    merge, best_of, params = checked.merge, checked.best_of, checked.params
     if p.truncate is not None and p.truncate < len(ids):
         ids = ids[-p.truncate :]  # keep the end of the prompt, as LoRAX's left truncation does
     n = len(ids)
