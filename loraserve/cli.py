@@ -162,6 +162,7 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", timeout)
     import uvicorn
 
+    from loraserve.adapters.disk_cache import AdapterDiskCache
     from loraserve.adapters.sources import build_sources
     from loraserve.adapters.store import AdapterStore
     from loraserve.engine.async_engine import AsyncEngine
@@ -200,14 +201,20 @@ def serve(args: argparse.Namespace) -> int:
         body_read_timeout_s=args.body_read_timeout_s,
     )
     cache_dir = Path(args.adapter_cache_dir).expanduser()
+    sources = build_sources(
+        cache_dir, args.local_adapter_roots or None, timeout_s=args.adapter_source_timeout_s
+    )
+    # One byte budget over every download directory (hub repo folders, S3/pbase targets).
+    disk_cache = AdapterDiskCache(cache_dir, args.adapter_disk_cache_bytes)
+    for source in sources.values():
+        if hasattr(source, "disk_cache"):
+            source.disk_cache = disk_cache
     store = AdapterStore(
         engine.model_config,
         cache_dir,
         host_cache_bytes=args.adapter_host_cache_bytes,
         default_source=config.default_adapter_source,
-        sources=build_sources(
-            cache_dir, args.local_adapter_roots or None, timeout_s=args.adapter_source_timeout_s
-        ),
+        sources=sources,
         auth_ttl_s=args.adapter_auth_ttl_s,
         max_rank=engine.limits.max_lora_rank,
     )

@@ -15,6 +15,9 @@
   still served from its pinned sha; anything else fails with 503. In offline
   mode the disk cache is trusted as is (it cannot tell private from public).
 * Downloads log progress (file by file, bytes) to the server log.
+* With a `disk_cache` (`AdapterDiskCache`), each repo folder is one cache
+  entry: pinned while files are downloaded into it, measured afterwards, and
+  deleted least-recently-used first when the budget is exceeded.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraserve.adapters.errors import (
     AdapterAuthError,
@@ -37,6 +41,9 @@ from loraserve.adapters.sources.base import (
     ResolvedAdapter,
     pick_adapter_files,
 )
+
+if TYPE_CHECKING:
+    from loraserve.adapters.disk_cache import AdapterDiskCache
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ def map_hub_error(e: Exception, what: str, had_token: bool) -> AdapterError:
 class HubSource(AdapterSource):
     name = "hub"
     checks_auth = True
+    disk_cache: AdapterDiskCache | None = None  # set by the server: bounds what downloads keep
 
     def __init__(
         self,
@@ -185,6 +193,15 @@ class HubSource(AdapterSource):
     def fetch(self, resolved: ResolvedAdapter, token: str | None) -> Path:
         if resolved.location is not None:  # offline: resolve() already found the snapshot
             return Path(resolved.location)
+        from huggingface_hub.file_download import repo_folder_name
+
+        if self.disk_cache is None:
+            return self._download(resolved, token)
+        entry = Path(self.cache_dir) / repo_folder_name(repo_id=resolved.adapter_id, repo_type="model")
+        with self.disk_cache.using(entry):
+            return self._download(resolved, token)
+
+    def _download(self, resolved: ResolvedAdapter, token: str | None) -> Path:
         from huggingface_hub import hf_hub_download
 
         what = f"{resolved.adapter_id}@{resolved.revision[:12]}"

@@ -5,7 +5,10 @@ reads itself (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
 `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3`), so the server needs no flags
 of its own. Only the adapter files directly under the prefix are fetched,
 into `<cache_dir>/s3/<digest of URI>-<ETag digest>/`; a directory already
-complete there is reused, so a restart does not re-download.
+complete there is reused, so a restart does not re-download. With a
+`disk_cache` (`AdapterDiskCache`) each such directory is one cache entry,
+pinned while it is downloaded or read and evicted least-recently-used first
+beyond the budget.
 
 `fetch_uri` is also the second half of the `pbase` source, whose gateway
 answers with an S3 location.
@@ -13,6 +16,7 @@ answers with an S3 location.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,6 +24,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from loraserve.adapters.errors import AdapterError, AdapterForbiddenError, AdapterNotFoundError
 from loraserve.adapters.sources.base import (
@@ -29,6 +34,9 @@ from loraserve.adapters.sources.base import (
     ResolvedAdapter,
     pick_adapter_files,
 )
+
+if TYPE_CHECKING:
+    from loraserve.adapters.disk_cache import AdapterDiskCache
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,7 @@ def _map_s3_error(e: Exception, uri: str) -> AdapterError:
 class S3Source(AdapterSource):
     name = "s3"
     checks_auth = False
+    disk_cache: AdapterDiskCache | None = None  # set by the server: bounds what downloads keep
 
     def __init__(self, cache_dir: str | Path, timeout_s: float | None = None) -> None:
         self.cache_dir = Path(cache_dir) / "s3"
@@ -126,9 +135,14 @@ class S3Source(AdapterSource):
     def fetch(self, resolved: ResolvedAdapter, token: str | None) -> Path:
         assert resolved.location is not None
         target = self._target(resolved.location, resolved.revision)
-        if resolved.files and all((target / f).is_file() for f in resolved.files):
-            return target  # resolve() just listed these ETags: no second listing needed
-        return self.fetch_uri(resolved.location)
+        with self._in_use(target):
+            if resolved.files and all((target / f).is_file() for f in resolved.files):
+                return target  # resolve() just listed these ETags: no second listing needed
+            return self.fetch_uri(resolved.location)
+
+    def _in_use(self, target: Path) -> contextlib.AbstractContextManager[None]:
+        """Pin `target` in the disk cache (when there is one) while its files are read or written."""
+        return self.disk_cache.using(target) if self.disk_cache is not None else contextlib.nullcontext()
 
     def _target(self, uri: str, digest: str) -> Path:
         return self.cache_dir / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{digest}"
@@ -142,28 +156,33 @@ class S3Source(AdapterSource):
             files = pick_adapter_files(etags, f"s3 adapter {uri}")
             digest = hashlib.sha256(";".join(f"{f}:{etags[f]}" for f in files).encode()).hexdigest()[:16]
             target = self._target(uri, digest)
-            if all((target / f).is_file() for f in files):
-                log.info("s3 adapter %s: using disk cache %s", uri, target)
-                return target
-            tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-            tmp.mkdir(parents=True)
-            t0, total = time.monotonic(), 0
-            try:
-                for i, f in enumerate(files, 1):
-                    client.download_file(bucket, base + f, str(tmp / f))
-                    size = (tmp / f).stat().st_size
-                    total += size
-                    log.info(
-                        "s3 adapter %s: downloaded %s (%d bytes), %d/%d files", uri, f, size, i, len(files)
-                    )
-                if target.exists():  # another worker finished first; keep its copy
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    tmp.rename(target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            log.info("s3 adapter %s: %d bytes in %.2fs", uri, total, time.monotonic() - t0)
-            return target
+            with self._in_use(target):
+                return self._download(client, uri, bucket, base, files, target)
         except Exception as e:
             raise _map_s3_error(e, uri) from e
+
+    def _download(
+        self, client: Any, uri: str, bucket: str, base: str, files: list[str], target: Path
+    ) -> Path:
+        """Files of `uri` into `target` (kept if already complete), via a temporary directory."""
+        if all((target / f).is_file() for f in files):
+            log.info("s3 adapter %s: using disk cache %s", uri, target)
+            return target
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        tmp.mkdir(parents=True)
+        t0, total = time.monotonic(), 0
+        try:
+            for i, f in enumerate(files, 1):
+                client.download_file(bucket, base + f, str(tmp / f))
+                size = (tmp / f).stat().st_size
+                total += size
+                log.info("s3 adapter %s: downloaded %s (%d bytes), %d/%d files", uri, f, size, i, len(files))
+            if target.exists():  # another worker finished first; keep its copy
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("s3 adapter %s: %d bytes in %.2fs", uri, total, time.monotonic() - t0)
+        return target

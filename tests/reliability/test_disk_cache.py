@@ -1,0 +1,136 @@
+"""Issue 17, item 3: the disk cache of downloaded adapters has a byte budget and LRU eviction.
+
+End to end through a real server, the moto S3 peer and the loopback hub: downloads beyond
+`--adapter-disk-cache-bytes` delete the least recently used adapters, the newest stays, and an
+evicted adapter is simply fetched again. The cache itself is checked directly for what a server
+cannot show deterministically: an entry being loaded is never deleted, and the index survives a
+restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loraserve.adapters.disk_cache import AdapterDiskCache, directory_bytes
+from tests.fixtures.server import ServerProcess, start_server
+from tests.reliability.assets import Assets
+from tests.reliability.stack import BUCKET, MAX_NEW, PROMPTS, Peers, server_env
+
+N = 4
+
+
+@pytest.fixture(scope="module")
+def entry_bytes(assets: Assets) -> int:
+    return directory_bytes(assets.good["gamma"])
+
+
+@pytest.fixture(scope="module")
+def bounded(
+    assets: Assets, peers: Peers, entry_bytes: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, Path]]:
+    for i in range(N):
+        peers.s3.upload_dir(assets.good["gamma"], BUCKET, f"disk-{i}")
+        peers.hub.add_repo(f"acme/disk-{i}", assets.good["delta"])
+    logs = tmp_path_factory.mktemp("disk-cache-server")
+    cache = logs / "cache"
+    srv = start_server(
+        assets.model,
+        logs,
+        "--adapter-cache-dir",
+        str(cache),
+        "--adapter-disk-cache-bytes",
+        str(entry_bytes * 3 // 2),  # room for one adapter and a half: every second download evicts
+        "--adapter-host-cache-bytes",
+        "1",  # nothing stays parsed in memory, so each request goes back to the disk cache
+        env=server_env(peers, cache),
+    )
+    yield srv, cache
+    srv.stop()
+
+
+def generate(srv: ServerProcess, adapter_id: str, source: str) -> None:
+    params = {"max_new_tokens": MAX_NEW, "adapter_id": adapter_id, "adapter_source": source}
+    r = httpx.post(srv.url + "/generate", json={"inputs": PROMPTS[0], "parameters": params}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def entries(root: Path, pattern: str) -> dict[str, int]:
+    if not root.is_dir():
+        return {}
+    found = [
+        p for p in root.glob(pattern) if p.is_dir() and ".tmp-" not in p.name and ".evicted-" not in p.name
+    ]
+    return {p.name: directory_bytes(p) for p in found}
+
+
+@pytest.mark.parametrize("source", ["s3", "hub"])
+def test_downloads_beyond_the_budget_evict_the_least_recently_used(
+    bounded: tuple[ServerProcess, Path], entry_bytes: int, source: str
+) -> None:
+    srv, cache = bounded
+    root, pattern = (cache / "s3", "*") if source == "s3" else (cache / "hf", "models--acme--disk-*")
+    ids = [f"s3://{BUCKET}/disk-{i}" if source == "s3" else f"acme/disk-{i}" for i in range(N)]
+    budget = entry_bytes * 3 // 2
+    for adapter_id in ids:
+        generate(srv, adapter_id, source)
+        kept = entries(root, pattern)
+        assert len(kept) == 1, kept  # one adapter and a half fit: the older one was evicted
+        assert sum(kept.values()) <= max(budget, max(kept.values()))
+    generate(srv, ids[0], source)  # an evicted adapter is fetched again
+    assert len(entries(root, pattern)) == 1
+
+
+def make_entry(root: Path, name: str, size: int) -> Path:
+    d = root / "s3" / name
+    d.mkdir(parents=True)
+    (d / "adapter_model.safetensors").write_bytes(b"x" * size)
+    return d
+
+
+def test_an_entry_in_use_is_never_evicted(tmp_path: Path) -> None:
+    cache = AdapterDiskCache(tmp_path, max_bytes=250)
+    a, b, c = (make_entry(tmp_path, n, 100) for n in "abc")
+    cache.record(a)
+    with cache.using(a):  # a load of `a` is in progress
+        cache.record(b)
+        cache.record(c)  # 300 bytes > 250: `a` is the least recent but pinned; `b` goes
+        assert a.is_dir() and not b.exists() and c.is_dir()
+        cache.record(make_entry(tmp_path, "d", 100))
+        assert a.is_dir() and not c.exists()
+    assert cache.nbytes <= 250 and a.is_dir()  # `a` was just used: now the most recent
+
+
+def test_the_newest_entry_stays_even_over_budget(tmp_path: Path) -> None:
+    cache = AdapterDiskCache(tmp_path, max_bytes=50)
+    a, b = make_entry(tmp_path, "a", 100), make_entry(tmp_path, "b", 100)
+    cache.record(a)
+    assert a.is_dir()
+    cache.record(b)
+    assert b.is_dir() and not a.exists()
+
+
+def test_the_index_survives_a_restart(tmp_path: Path) -> None:
+    cache = AdapterDiskCache(tmp_path, max_bytes=1000)
+    hub_folder = tmp_path / "elsewhere" / "models--org--name"  # outside the cache dir, like HF_HUB_CACHE
+    hub_folder.mkdir(parents=True)
+    (hub_folder / "blob").write_bytes(b"y" * 400)
+    cache.record(hub_folder)
+    s3_entry = make_entry(tmp_path, "s3-entry", 400)
+    cache.record(s3_entry)
+    again = AdapterDiskCache(tmp_path, max_bytes=500)
+    assert set(again.entries()) == {str(hub_folder), str(s3_entry)}
+    again.record(make_entry(tmp_path, "new", 100))
+    assert not hub_folder.exists() and s3_entry.is_dir()  # the least recently used went first
+    assert again.nbytes <= 500
+
+
+def test_zero_means_unbounded(tmp_path: Path) -> None:
+    cache = AdapterDiskCache(tmp_path, max_bytes=0)
+    made = [make_entry(tmp_path, str(i), 1000) for i in range(5)]
+    for d in made:
+        cache.record(d)
+    assert all(d.is_dir() for d in made)
