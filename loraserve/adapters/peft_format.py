@@ -107,6 +107,19 @@ def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _literal_key(key: str) -> tuple[str, bool]:
+    """The module name a pattern key spells, and whether it is anchored at the path's start.
+
+    PEFT's documentation shows keys such as `^model.decoder.layers.0.encoder_attn.k_proj`,
+    and escaped dots (`q\\.proj`) mean the same to its regex; both are read literally here.
+    Any other regex syntax stays in the key, matches no module and is refused.
+    """
+    anchored = key.startswith("^")
+    literal = key[1:] if anchored else key
+    literal = literal.removesuffix("$").replace("\\.", ".")
+    return literal, anchored
+
+
 class _Patterns:
     r"""PEFT's `rank_pattern`/`alpha_pattern`, matched without regular expressions.
 
@@ -147,20 +160,21 @@ class _Patterns:
                     f"adapter_config.json: {field}[{_shown(key)}] = {_shown(value)} is not {kind}"
                 )
         self.values: dict[str, int | float] = raw
-        self._order = {key: i for i, key in enumerate(raw)}
+        # Normalised key -> (config order, original key), apart for keys anchored with `^`.
+        self._suffix: dict[str, tuple[int, str]] = {}
+        self._whole: dict[str, tuple[int, str]] = {}
+        for i, key in enumerate(raw):
+            literal, anchored = _literal_key(key)
+            (self._whole if anchored else self._suffix).setdefault(literal, (i, key))
         self._used: set[str] = set()
 
     def value(self, module_path: str, default: float) -> float:
         parts = module_path.split(".")
-        best: tuple[int, str] | None = None
-        for i in range(len(parts)):
-            suffix = ".".join(parts[i:])
-            idx = self._order.get(suffix)
-            if idx is not None:
-                self._used.add(suffix)  # matched, even if an earlier key wins here
-                if best is None or idx < best[0]:
-                    best = (idx, suffix)
-        return default if best is None else self.values[best[1]]
+        found = [self._whole.get(module_path)]
+        found += [self._suffix.get(".".join(parts[i:])) for i in range(len(parts))]
+        matches = [m for m in found if m is not None]
+        self._used.update(key for _, key in matches)  # matched, even where an earlier key wins
+        return self.values[min(matches)[1]] if matches else default
 
     def check_all_used(self) -> None:
         unused = [k for k in self.values if k not in self._used]

@@ -83,6 +83,16 @@ def test_plain_keys_match_at_dot_boundaries_first_key_wins(tmp_path: Path) -> No
     assert adapter.modules[(0, "v_proj")].scale == 8 / 4  # no key: lora_alpha / r
 
 
+def test_anchored_key_matches_the_whole_path_only(tmp_path: Path) -> None:
+    """`^layers.0.self_attn.q_proj` is anchored at the start, where the path has `model.`: no match."""
+    with pytest.raises(AdapterError, match="matches no LoRA module"):
+        parse_peft_adapter(_write(tmp_path / "anch", _cfg(alpha_pattern={"^layers.0.self_attn.q_proj": 2})))
+    ok = parse_peft_adapter(
+        _write(tmp_path / "ok", _cfg(alpha_pattern={"^model.layers.0.self_attn.q_proj": 2}))
+    )
+    assert ok.modules[(0, "q_proj")].scale == 2 / 4 and ok.modules[(1, "q_proj")].scale == 8 / 4
+
+
 def test_suffix_must_start_at_a_dot(tmp_path: Path) -> None:
     """`proj` is not a module name: PEFT's regex would not match `q_proj` with it either."""
     with pytest.raises(AdapterError, match="'proj' matches no LoRA module"):
@@ -97,8 +107,14 @@ def test_scales_equal_peft_own_on_a_real_adapter(tiny_llama: Path, tmp_path: Pat
         r=4,
         lora_alpha=8,
         target_modules=["q_proj", "v_proj", "down_proj"],
+        # Both spellings PEFT's docs use: plain names and `^`-anchored full paths (escaped dots too).
         rank_pattern={"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
-        alpha_pattern={"v_proj": 3, "layers.0.self_attn.q_proj": 20},
+        alpha_pattern={
+            r"^model\.layers\.1\.self_attn\.v_proj": 5,
+            "v_proj": 3,
+            "layers.0.self_attn.q_proj": 20,
+            "^model.layers.2.mlp.down_proj$": 7,
+        },
         init_lora_weights=False,
         lora_dropout=0.0,
     )
