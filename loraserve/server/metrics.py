@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -14,6 +16,7 @@ from prometheus_client.registry import Collector
 
 OTHER_ADAPTER_LABEL = "other"
 BASE_ADAPTER_LABEL = "<base>"
+MAX_LABEL_CHARS = 200
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _RATE_WINDOW_S = 10.0
 
@@ -75,6 +78,18 @@ def canonical_adapter_id(key: str) -> str:
         head = key
     _source, colon, ident = head.partition(":")
     return ident if colon and ident else key
+
+
+def adapter_label(adapter_id: str) -> str:
+    """A bounded Prometheus label for an id: a path spelled `dir/./x` or `dir//x` as `dir/x`, and
+    anything longer than `MAX_LABEL_CHARS` cut with a digest of the whole, so one request cannot
+    put a megabyte-long label into every scrape."""
+    if adapter_id.startswith(("/", "./", "~")):
+        adapter_id = os.path.normpath(adapter_id)
+    if len(adapter_id) > MAX_LABEL_CHARS:
+        digest = hashlib.sha256(adapter_id.encode()).hexdigest()[:16]
+        adapter_id = f"{adapter_id[: MAX_LABEL_CHARS - 19]}...{digest}"
+    return adapter_id
 
 
 class _TopAdapterLabels:
@@ -225,20 +240,21 @@ class ServerMetrics:
         """Count one request for an adapter and remember it for `/v1/models` when it is public.
 
         `adapter` (the resolved `LoraAdapter`) gives the canonical id; without it the id as sent
-        is used (merge inputs, Medusa-only static heads), still under the label cap. `private`
+        is used, normalised and length-capped (merge inputs, Medusa-only static heads). `private`
         (the caller brought a token) keeps the adapter out of the listing other callers see.
         """
         key = getattr(adapter, "key", None)
-        label = canonical_adapter_id(key) if key else (adapter_id or BASE_ADAPTER_LABEL)
-        self.adapter_labels.inc(label)
+        canonical = canonical_adapter_id(key) if key else None
+        self.adapter_labels.inc(adapter_label(canonical or adapter_id or BASE_ADAPTER_LABEL))
         if (
             key
+            and canonical
             and not private
             and not key.startswith(("pbase:", "merged:"))
             and adapter_id
             and adapter_id not in self.static_adapter_ids
         ):
-            self.recent_adapters.add(label)
+            self.recent_adapters.add(canonical)
 
     def listed_adapters(self) -> list[str]:
         return self.recent_adapters.ids()

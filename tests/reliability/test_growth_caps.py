@@ -107,3 +107,14 @@ def test_adapters_loaded_with_a_token_are_never_listed(capped: ServerProcess) ->
     generate(capped, adapter_id=PRIVATE_REPO, adapter_source="hub", api_token=ALICE)
     assert PRIVATE_REPO not in httpx.get(capped.url + "/v1/models", timeout=30).text
     assert PRIVATE_REPO in adapter_labels(capped)  # still counted for the operator, under its id
+
+
+def test_merge_inputs_spelled_long_get_short_labels(capped: ServerProcess, assets: Assets) -> None:
+    alpha = str(assets.good["alpha"])
+    long_spelling = alpha + "/." * 3000  # 6 KB for one adapter id
+    merged = {"ids": [long_spelling, alpha], "weights": [0.5, 0.5], "merge_strategy": "linear"}
+    generate(capped, merged_adapters=merged, adapter_source="local")
+    labels = adapter_labels(capped)
+    assert all(len(label) <= 200 for label in labels), [len(label) for label in labels]
+    assert len(httpx.get(capped.url + "/metrics", timeout=30).content) < 64 * 1024
+    assert long_spelling not in httpx.get(capped.url + "/v1/models", timeout=30).text
