@@ -15,49 +15,51 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from loraserve.server.errors import ApiError, validation_error
 
 
-def check_unicode(value: Any, path: str = "body") -> None:
-    """400 for a lone UTF-16 surrogate (JSON `"\\ud800"`) in any string of a request body.
-
-    Python's JSON parser accepts them, but no tokenizer, log line or response can encode them: left
-    in, they surface later as a 500 with a plain-text body.
-    """
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ApiError(
-                f"`{path}` is not valid Unicode: it contains a lone surrogate ({value[e.start]!r} at "
-                f"character {e.start})",
-                400,
-                "bad_request",
-            ) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_unicode(k, path)
-            check_unicode(v, f"{path}.{k}" if path != "body" else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_unicode(v, f"{path}.{i}")
-
-
-def check_finite(value: Any, path: str = "body") -> None:
-    """422 for NaN or +-Infinity anywhere in a request (Python's JSON parser accepts `NaN`, `Infinity`
-    and overflowing literals like `1e999`): no parameter has a meaning for them, and a NaN
-    temperature or penalty would turn every logit of the request into NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise validation_error(f"`{path}` must be a finite number. Given: {value}")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            check_finite(v, f"{path}.{k}" if path != "body" else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_finite(v, f"{path}.{i}")
+def _path(parts: tuple[str | int, ...]) -> str:
+    """`parameters.stop.0`; keys are escaped, so a message naming one can always be sent."""
+    text = ".".join(str(p) for p in parts) or "body"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_body(value: Any) -> None:
-    """Every request body, before its fields are parsed: valid Unicode, finite numbers."""
-    check_unicode(value)
-    check_finite(value)
+    """Every request body, before its fields are parsed: valid Unicode, finite numbers.
+
+    * 400 for a lone UTF-16 surrogate (JSON `"\\ud800"`) in any string or key: Python's JSON parser
+      accepts them, but no tokenizer, log line or response can encode them; left in, they surfaced
+      later as a 500 with a plain-text body.
+    * 422 for NaN or +-Infinity anywhere (Python's parser accepts `NaN`, `Infinity` and overflowing
+      literals like `1e999`): no parameter has a meaning for them, and a NaN temperature or
+      penalty turns every logit of the request into NaN.
+
+    Iterative, so nesting as deep as the JSON parser allows cannot exhaust the stack here.
+    """
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, path)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise validation_error(f"`{_path(path)}` must be a finite number. Given: {item}")
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if isinstance(k, str):
+                    _check_text(k, path)
+                stack.append((v, (*path, k)))
+        elif isinstance(item, list):
+            stack.extend((v, (*path, i)) for i, v in enumerate(item))
+
+
+def _check_text(text: str, path: tuple[str | int, ...]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            f"`{_path(path)}` is not valid Unicode: it contains a lone surrogate "
+            f"({text[e.start]!r} at character {e.start})",
+            400,
+            "bad_request",
+        ) from None
 
 
 class CheckedBody(BaseModel):

@@ -5,6 +5,7 @@ tests/reliability/test_hardening.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import pytest
@@ -155,6 +156,7 @@ def test_engine_params_refuse_tiny_sampling_temperature() -> None:
             "`parameters.merged_adapters.weights.0`",
         ),
         (CompletionRequest, {"prompt": ["ok", "\ud800"]}, 400, "`prompt.1`"),
+        (GenerateRequest, {"inputs": "a", "parameters": {"\ud800": 1}}, 400, "`parameters`"),
         (CompletionRequest, {"prompt": "a", "top_p": -math.inf}, 422, "`top_p`"),
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "content"),
         (ChatCompletionRequest, {"messages": [], "response_format": {"x": math.nan}}, 422, "response_format"),
@@ -165,6 +167,14 @@ def test_request_bodies_are_checked_before_parsing(model: type, body: dict, stat
         model.model_validate(body)
     assert e.value.status_code == status
     assert says in e.value.message
+
+
+def test_deeply_nested_bodies_are_checked() -> None:
+    deep = '{"inputs": "x", "parameters": {"response_format": ' + "[" * 800 + "NaN" + "]" * 800 + "}}"
+    body = json.loads(deep)  # about as deep as the parser goes
+    with pytest.raises(ApiError) as e:
+        GenerateRequest.model_validate(body)
+    assert e.value.status_code == 422 and "finite" in e.value.message
 
 
 def test_wire_logprob_is_always_json() -> None:
