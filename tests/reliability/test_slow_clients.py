@@ -20,7 +20,8 @@ from tests.reliability.stack import MAX_NEW, PROMPTS
 
 HEADER_S = 1.0
 BODY_S = 1.0
-SLACK_S = 3.0  # scheduling on a busy 2-core CI box
+SLACK_S = 3.0
+MAX_CONNECTIONS = 250  # scheduling on a busy 2-core CI box
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,8 @@ def guarded(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         str(BODY_S),
         "--keep-alive-timeout-s",
         "1",
+        "--max-connections",
+        str(MAX_CONNECTIONS),
     )
     yield srv
     srv.stop()
@@ -143,3 +146,25 @@ def test_keep_alive_requests_still_work(guarded: ServerProcess) -> None:
             assert client.get("/health").status_code == 200
             time.sleep(0.3)
         ok_generate(guarded)
+
+
+def test_connection_cap_answers_503_then_recovers_once_slow_clients_are_cut(guarded: ServerProcess) -> None:
+    socks = []
+    for _ in range(MAX_CONNECTIONS + 10):
+        s = connect(guarded)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        socks.append(s)
+    try:
+        time.sleep(0.2)  # let the server accept them all
+        assert httpx.get(guarded.url + "/health", timeout=10).status_code == 503  # over the cap: at once
+        deadline = time.monotonic() + HEADER_S + 2 * SLACK_S
+        while time.monotonic() < deadline:
+            if httpx.get(guarded.url + "/health", timeout=10).status_code == 200:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the server did not recover after the slow connections' deadline")
+    finally:
+        for s in socks:
+            s.close()
+    ok_generate(guarded)
