@@ -183,8 +183,8 @@ def serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         adapter_timeout_s=args.adapter_source_timeout_s,
         max_best_of=args.max_best_of,
-        max_stop_sequences=args.max_stop_sequences,
         max_prompts_per_request=args.max_prompts_per_request,
+        max_stop_sequences=args.max_stop_sequences,
         max_waiting_tokens=args.max_waiting_tokens,
         waiting_served_ratio=args.waiting_served_ratio,
         default_adapter_source=args.default_adapter_source or args.adapter_source,
@@ -225,6 +225,7 @@ def serve(args: argparse.Namespace) -> int:
         return _refuse(args, problem)
     config.speculative_tokens = engine.speculative_tokens if engine.default_speculator is not None else 0
     state = build_state(config, aengine, store)
+    state.metrics.disk_stats = disk_cache.stats
     state.registry.preload_token = args.predibase_api_token
     app = create_app(state)
     host = args.hostname

@@ -102,6 +102,14 @@ class AdapterDiskCache:
 
     # ---- introspection ----------------------------------------------------------------------
 
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "bytes": sum(self._entries.values()),
+                "entries": len(self._entries),
+                "evictions": self.evictions,
+            }
+
     @property
     def nbytes(self) -> int:
         with self._lock:
@@ -154,6 +162,8 @@ class AdapterDiskCache:
             pass
         s3_root = self.cache_dir / "s3"
         if s3_root.is_dir():
+            for leftover in s3_root.glob("*.evicted-*"):  # a deletion a crash interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
             found = [
                 p
                 for p in s3_root.iterdir()

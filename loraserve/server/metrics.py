@@ -64,6 +64,18 @@ class _LiveStats(Collector):
                 yield GaugeMetricFamily(
                     f"loraserve_adapter_cache_{key}", f"Adapter cache `{key}`", value=float(value)
                 )
+        disk = o.disk_stats() if o.disk_stats else None
+        if disk is not None:
+            yield GaugeMetricFamily(
+                "loraserve_adapter_disk_cache_bytes",
+                "Bytes of downloaded adapters on disk (bounded by --adapter-disk-cache-bytes)",
+                value=float(disk.get("bytes", 0)),
+            )
+            yield CounterMetricFamily(
+                "loraserve_adapter_disk_cache_evictions",
+                "Downloaded adapters deleted to stay within --adapter-disk-cache-bytes",
+                value=float(disk.get("evictions", 0)),
+            )
 
 
 def canonical_adapter_id(key: str) -> str:
@@ -230,6 +242,7 @@ class ServerMetrics:
         )
         self.engine_stats: Callable[[], dict[str, Any]] | None = None
         self.adapter_stats: Callable[[], dict[str, Any]] | None = None
+        self.disk_stats: Callable[[], dict[str, int]] | None = None  # the adapter disk cache, if any
         self.in_flight: Callable[[], int] | None = None
         self.started_at = time.time()
         self._events: deque[tuple[float, int]] = deque()

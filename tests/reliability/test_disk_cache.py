@@ -82,6 +82,13 @@ def test_downloads_beyond_the_budget_evict_the_least_recently_used(
         assert sum(kept.values()) <= max(budget, max(kept.values()))
     generate(srv, ids[0], source)  # an evicted adapter is fetched again
     assert len(entries(root, pattern)) == 1
+    metrics = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in httpx.get(srv.url + "/metrics", timeout=30).text.splitlines()
+        if line.startswith("loraserve_adapter_disk_cache_")
+    }
+    assert metrics["loraserve_adapter_disk_cache_evictions_total"] >= N
+    assert 0 < metrics["loraserve_adapter_disk_cache_bytes"] <= 2 * budget
 
 
 def make_entry(root: Path, name: str, size: int) -> Path:
@@ -126,6 +133,13 @@ def test_the_index_survives_a_restart(tmp_path: Path) -> None:
     again.record(make_entry(tmp_path, "new", 100))
     assert not hub_folder.exists() and s3_entry.is_dir()  # the least recently used went first
     assert again.nbytes <= 500
+
+
+def test_leftovers_of_an_interrupted_eviction_are_removed_at_start(tmp_path: Path) -> None:
+    leftover = make_entry(tmp_path, "abc.evicted-1-2", 10)
+    kept = make_entry(tmp_path, "abc", 10)
+    cache = AdapterDiskCache(tmp_path, max_bytes=1000)
+    assert not leftover.exists() and cache.entries() == [str(kept)]
 
 
 def test_zero_means_unbounded(tmp_path: Path) -> None:
