@@ -27,9 +27,45 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (adapter name optional):
-# group 1 the layer, group 2 the module path inside the layer, group 3 the side.
-_KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.((?:\w+\.)*?\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# Bounds on the config and its rank_pattern/alpha_pattern: a real config is a few kB and names
+# each module at most once. The bounds keep a crafted config from costing more than the tensors.
+MAX_CONFIG_BYTES = 16 << 20
+MAX_PATTERN_KEYS = 10_000
+MAX_PATTERN_KEY_CHARS = 512
+# |lora_alpha / r| above this is no trained adapter: it would swamp the base model's output and
+# overflow half-precision activations (NaN/inf for every request batched with it).
+MAX_LORA_SCALE = 1e4
+
+_WORD_RE = re.compile(r"\w+")
+_ADAPTER_NAME_RE = re.compile(r"[\w-]+")
+
+
+def _split_key(name: str) -> tuple[int, str, str] | None:
+    """`base_model.model.model.layers.3.self_attn.q_proj.lora_A[.<adapter name>].weight` ->
+    (3, "self_attn.q_proj", "A"); None for anything else.
+
+    Split on dots in linear time: a regex search for `layers.<i>.` followed by a lazy path
+    backtracks quadratically on crafted names (a 144 kB tensor name held the GIL for 33 s).
+    The first `layers.<i>` component whose path up to `lora_A|B` is all word characters wins.
+    """
+    parts = name.split(".")
+    if len(parts) < 5 or parts[-1] != "weight":
+        return None
+    if parts[-2] in ("lora_A", "lora_B"):
+        side_at = len(parts) - 2
+    elif parts[-3] in ("lora_A", "lora_B") and _ADAPTER_NAME_RE.fullmatch(parts[-2]):
+        side_at = len(parts) - 3
+    else:
+        return None
+    last_bad = -1  # the last component before the side that is not a plain word
+    for i in range(side_at):
+        if not _WORD_RE.fullmatch(parts[i]):
+            last_bad = i
+    for i in range(side_at - 2):
+        layer = parts[i + 1]
+        if parts[i] == "layers" and layer.isascii() and layer.isdigit() and last_bad < i + 2:
+            return int(layer), ".".join(parts[i + 2 : side_at]), parts[side_at][-1]
+    return None
 
 
 def is_lora_dir(path: Path) -> bool:
@@ -40,11 +76,14 @@ def is_lora_dir(path: Path) -> bool:
 
 def read_adapter_config(path: Path) -> dict:
     try:
+        size = (path / CONFIG_FILE).stat().st_size
+        if size > MAX_CONFIG_BYTES:  # read whole and parsed on a loader thread: bound it first
+            raise AdapterError(f"{CONFIG_FILE} is {size} bytes; at most {MAX_CONFIG_BYTES} are read")
         cfg = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError as e:
         raise AdapterError(f"adapter has no {CONFIG_FILE}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints past 4,300 digits
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {_shown(str(e))}") from e
     except RecursionError as e:  # deeply nested arrays: refuse, never a 500
         raise AdapterError(f"{CONFIG_FILE} is nested too deeply") from e
     if not isinstance(cfg, dict):
@@ -86,15 +125,6 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if sd is not None:
         return sd
     raise AdapterError(f"adapter has neither {SAFETENSORS_FILE} nor {BIN_FILE}")
-
-
-# Bounds on rank_pattern/alpha_pattern: a real config names each module at most once, and
-# module paths are short. The bounds keep a crafted config from costing more than the tensors.
-MAX_PATTERN_KEYS = 10_000
-MAX_PATTERN_KEY_CHARS = 512
-# |lora_alpha / r| above this is no trained adapter: it would swamp the base model's output and
-# overflow half-precision activations (NaN/inf for every request batched with it).
-MAX_LORA_SCALE = 1e4
 
 
 def _shown(value: object) -> str:
@@ -201,12 +231,12 @@ def _pair_tensors(
     """
     pairs: dict[tuple[int, str], tuple[str, dict[str, torch.Tensor]]] = {}
     for name, tensor in sd.items():
-        m = _KEY_RE.search(name)
-        if m is None:
+        key = _split_key(name)
+        if key is None:
             raise AdapterError(
-                f"unexpected tensor {name!r} in adapter (not a LoRA A/B weight of a decoder layer)"
+                f"unexpected tensor {_shown(name)} in adapter (not a LoRA A/B weight of a decoder layer)"
             )
-        layer, path_in_layer, side = int(m.group(1)), m.group(2), m.group(3)
+        layer, path_in_layer, side = key
         module = path_in_layer.rsplit(".", 1)[-1]
         seen_path, sides = pairs.setdefault((layer, module), (path_in_layer, {}))
         if seen_path != path_in_layer:

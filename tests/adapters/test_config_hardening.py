@@ -148,6 +148,8 @@ BAD_CONFIGS = [
     ("config-a-list", [_cfg()], "JSON object"),
     ("config-a-string", '"LORA"', "JSON object"),
     ("config-nested-deeply", "[" * 100_000 + "]" * 100_000, "adapter_config.json"),
+    ("config-int-of-5000-digits", '{"r": ' + "9" * 5000 + "}", "not valid JSON"),
+    ("config-over-16-MiB", '{"pad": "' + " " * (16 << 20) + '"}', "at most"),
     ("target-modules-ints", _cfg(target_modules=[1, 2]), "target_modules"),
     ("target-modules-object", _cfg(target_modules={"q_proj": 1}), "target_modules"),
     ("rslora-string", _cfg(use_rslora="false"), "use_rslora"),
@@ -175,3 +177,17 @@ def test_scale_is_finite_and_bounded(tmp_path: Path) -> None:
     assert all(w.scale == -2 for w in neg.modules.values())  # negation adapters are legitimate
     with pytest.raises(AdapterError, match="LoRA scale"):
         parse_peft_adapter(_write(tmp_path / "huge", _cfg(lora_alpha=1e6)))
+
+
+def test_crafted_tensor_name_is_refused_fast(tmp_path: Path) -> None:
+    """Tensor names were matched by a regex that backtracked quadratically (33 s for this one)."""
+    out = tmp_path / "names"
+    out.mkdir()
+    name = "layers.0." * 16_000 + "x"
+    save_file({name: torch.zeros(1)}, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(_cfg()))
+    t0 = time.perf_counter()
+    with pytest.raises(AdapterError, match="unexpected tensor") as e:
+        parse_peft_adapter(out)
+    assert time.perf_counter() - t0 < 0.5
+    assert len(str(e.value)) < 300
