@@ -225,6 +225,12 @@ class ServerMetrics:
         self.recent_adapters = _RecentAdapters(max_listed_adapters)
         # --adapter-id and --preloaded-adapter-ids: /v1/models lists them as configured already.
         self.static_adapter_ids = frozenset(i for i in static_adapter_ids if i)
+        # With LORAX_USE_GLOBAL_HF_TOKEN a caller without a token may load a private hub repo through
+        # the server's token: usable by anyone here, but its name is still not for every caller.
+        global_hf = (os.environ.get("LORAX_USE_GLOBAL_HF_TOKEN") or "").strip().upper()
+        self._unlisted_sources: tuple[str, ...] = ("pbase:", "merged:")
+        if global_hf in ("1", "TRUE", "YES", "ON"):
+            self._unlisted_sources += ("hub:",)
         self.generated_tokens = Counter(
             "loraserve_generated_tokens", "Tokens generated", registry=self.registry
         )
@@ -263,7 +269,7 @@ class ServerMetrics:
             key
             and canonical
             and not private
-            and not key.startswith(("pbase:", "merged:"))
+            and not key.startswith(self._unlisted_sources)
             and adapter_id
             and adapter_id not in self.static_adapter_ids
         ):

@@ -118,3 +118,16 @@ def test_merge_inputs_spelled_long_get_short_labels(capped: ServerProcess, asset
     assert all(len(label) <= 200 for label in labels), [len(label) for label in labels]
     assert len(httpx.get(capped.url + "/metrics", timeout=30).content) < 64 * 1024
     assert long_spelling not in httpx.get(capped.url + "/v1/models", timeout=30).text
+
+
+def test_hub_adapters_loaded_with_the_servers_token_are_not_listed(
+    assets: Assets, peers: Peers, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    logs = tmp_path_factory.mktemp("global-token-server")
+    env = {**server_env(peers, logs / "cache"), "LORAX_USE_GLOBAL_HF_TOKEN": "1", "HF_TOKEN": ALICE}
+    srv = start_server(assets.model, logs, "--adapter-cache-dir", str(logs / "cache"), env=env)
+    try:
+        generate(srv, adapter_id=PRIVATE_REPO, adapter_source="hub")  # no caller token: the server's
+        assert PRIVATE_REPO not in listed(srv)
+    finally:
+        srv.stop()
