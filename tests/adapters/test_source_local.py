@@ -97,3 +97,26 @@ def test_missing_dir_and_missing_weights(make_store, peft_adapters, tmp_path):
     d = _copy(peft_adapters["qv"], tmp_path / "cfg-only", ("adapter_config.json",))
     with pytest.raises(AdapterNotFoundError, match="not a readable adapter directory"):
         asyncio.run(store.get(str(d), "local", None))
+
+
+def test_server_caches_are_never_local_adapters(make_store, peft_adapters, tmp_path):
+    """Issue 17: a private adapter downloaded into a cache must not be readable as a local path."""
+    store = make_store(allowed_local_roots=[tmp_path])  # even inside an allowed root
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    in_hub = _copy(peft_adapters["qv"], tmp_path / "hf-cache" / "models--o--r" / "snapshots" / "abc", files)
+    in_s3 = _copy(peft_adapters["qv"], tmp_path / "cache" / "s3" / "digest", files)
+    linked = tmp_path / "links"
+    linked.mkdir()
+    for f in files:  # a directory of symlinks into the cache is the cache
+        (linked / f).symlink_to(in_hub / f)
+    for path in (in_hub, in_s3, tmp_path / "hf-cache", linked):
+        with pytest.raises(AdapterForbiddenError, match="own adapter cache"):
+            asyncio.run(store.get(str(path), "local", None))
+    ok = _copy(peft_adapters["qv"], tmp_path / "mine", files)
+    assert asyncio.run(store.get(str(ok), "local", None)).rank == 4
+
+
+def test_nul_byte_is_a_400(make_store, tmp_path):
+    with pytest.raises(AdapterError, match="NUL") as e:
+        asyncio.run(make_store().get(f"{tmp_path}/a\x00b", "local", None))
+    assert e.value.status_code == 400

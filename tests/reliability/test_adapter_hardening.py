@@ -212,7 +212,10 @@ def test_preloaded_pbase_adapter_serves_a_valid_token(server: ServerProcess, gat
     before = gateway.count("/v2/repos/acme-pb/version/1")
     r = post(server, adapter_id=PB_ADAPTER, api_token=PBASE_TOKEN)
     assert r.status_code == 200, r.text
-    assert gateway.count("/v2/repos/acme-pb/version/1") > before  # the gateway was asked
+    merged = {"ids": [PB_ADAPTER], "weights": [1.0], "merge_strategy": "linear"}
+    r = post(server, merged_adapters=merged, headers={"authorization": f"Bearer {PBASE_TOKEN}"})
+    assert r.status_code == 200, r.text
+    assert gateway.count("/v2/repos/acme-pb/version/1") >= before + 2  # the gateway was asked each time
 
 
 # -- item 5: no probing of paths; NUL bytes and non-ASCII tokens are 4xx
