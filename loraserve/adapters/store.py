@@ -34,13 +34,13 @@ slow download never delays them. Pools are per source for both steps, so a
 hub or bucket that stops answering ties up only its own workers. With `LORAX_USE_GLOBAL_HF_TOKEN=1` the
 server's `HUGGING_FACE_HUB_TOKEN`/`HF_TOKEN` is used for `hub` requests that
 bring no token; otherwise the server's token is never used for a caller.
-A token that is not visible ASCII is refused as malformed (401) before any
-source sees it: it could not be sent in an HTTP header anyway.
-
-The `local` source never serves a path inside a cache another source (or
-this store) downloads into (`_confine_local`): a private adapter fetched once
-with a valid token would otherwise be readable as a local path without one.
 `get_blocking` is the same path for threads without an event loop (preloading).
+
+A token that is not visible ASCII is refused as malformed (401) before any
+source sees it: it could not be sent in an HTTP header anyway. The `local`
+source never serves a path inside a cache another source (or this store)
+downloads into (`_confine_local`): a private adapter fetched once with a
+valid token would otherwise be readable as a local path without one.
 
 `local_adapter_store(model_config)` is this store with only the `local` source
 (the CLI's one-off `generate`, and servers assembled without remote sources):
