@@ -205,7 +205,7 @@ def serve(args: argparse.Namespace) -> int:
         cache_dir, args.local_adapter_roots or None, timeout_s=args.adapter_source_timeout_s
     )
     # One byte budget over every download directory (hub repo folders, S3/pbase targets).
-    disk_cache = AdapterDiskCache(cache_dir, args.adapter_disk_cache_bytes)
+    disk_cache = AdapterDiskCache(cache_dir, args.adapter_disk_cache_bytes, args.adapter_disk_cache_grace_s)
     for source in sources.values():
         if hasattr(source, "disk_cache"):
             source.disk_cache = disk_cache

@@ -11,6 +11,12 @@ least recently used entries.
   in `using(entry)`; a pinned entry is skipped by eviction until the last
   user leaves, so a load never sees its files vanish. (Adapters already
   parsed into host memory do not need their files any more.)
+* **Nor one just fetched.** The store parses an adapter's files right after
+  `fetch()` returns, outside the pin, so an entry used within the last
+  `grace_s` seconds is not deleted either (files already opened stay
+  readable after deletion on POSIX; the grace covers the moment before they
+  are opened). Under a burst of new adapters the budget can thus be exceeded
+  for `grace_s`; the next download after that trims it.
 * **The newest entry stays** even when it alone exceeds the budget: it was
   just asked for, and deleting it would only make the next request download
   it again.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -54,9 +61,11 @@ def directory_bytes(path: Path) -> int:
 
 
 class AdapterDiskCache:
-    def __init__(self, cache_dir: str | Path, max_bytes: int) -> None:
+    def __init__(self, cache_dir: str | Path, max_bytes: int, grace_s: float = 10.0) -> None:
         self.cache_dir = Path(cache_dir)
         self.max_bytes = max_bytes
+        self.grace_s = grace_s
+        self._used_at: dict[str, float] = {}  # monotonic time of the last use, this process only
         self.evictions = 0
         self._index_path = self.cache_dir / INDEX_NAME
         self._entries: OrderedDict[str, int] = OrderedDict()  # path -> bytes, least recent first
@@ -91,11 +100,14 @@ class AdapterDiskCache:
             if size:
                 self._entries[key] = size
                 self._entries.move_to_end(key)
+                self._used_at[key] = time.monotonic()
             else:
                 self._entries.pop(key, None)
+                self._used_at.pop(key, None)
             victims = self._pick_victims()
             for victim in victims:
                 self._entries.pop(victim, None)
+                self._used_at.pop(victim, None)
             self._save_index()
         for victim in victims:
             self._delete(victim)
@@ -126,11 +138,12 @@ class AdapterDiskCache:
             return []
         total = sum(self._entries.values())
         newest = next(reversed(self._entries), None)
+        recent = time.monotonic() - self.grace_s
         victims = []
         for key, size in self._entries.items():  # least recently used first
             if total <= self.max_bytes:
                 break
-            if key == newest or key in self._pins:
+            if key == newest or key in self._pins or self._used_at.get(key, -math.inf) > recent:
                 continue
             victims.append(key)
             total -= size

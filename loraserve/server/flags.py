@@ -85,6 +85,13 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         type=int,
         default=20 << 30,
     ),
+    Flag(
+        "--adapter-disk-cache-grace-s",
+        "Seconds after its download or last use during which an adapter is never evicted from disk "
+        "(its files are being parsed).",
+        type=float,
+        default=10.0,
+    ),
     Flag("--adapter-host-cache-bytes", "Host-memory budget for parsed adapters.", type=int, default=2 << 30),
     Flag(
         "--local-adapter-roots",

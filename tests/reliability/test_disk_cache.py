@@ -9,6 +9,7 @@ restart.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def bounded(
         str(cache),
         "--adapter-disk-cache-bytes",
         str(entry_bytes * 3 // 2),  # room for one adapter and a half: every second download evicts
+        "--adapter-disk-cache-grace-s",
+        "0",  # requests follow each other at once here: no grace, or nothing could be evicted
         "--adapter-host-cache-bytes",
         "1",  # nothing stays parsed in memory, so each request goes back to the disk cache
         env=server_env(peers, cache),
@@ -99,7 +102,7 @@ def make_entry(root: Path, name: str, size: int) -> Path:
 
 
 def test_an_entry_in_use_is_never_evicted(tmp_path: Path) -> None:
-    cache = AdapterDiskCache(tmp_path, max_bytes=250)
+    cache = AdapterDiskCache(tmp_path, max_bytes=250, grace_s=0)
     a, b, c = (make_entry(tmp_path, n, 100) for n in "abc")
     cache.record(a)
     with cache.using(a):  # a load of `a` is in progress
@@ -111,8 +114,20 @@ def test_an_entry_in_use_is_never_evicted(tmp_path: Path) -> None:
     assert cache.nbytes <= 250 and a.is_dir()  # `a` was just used: now the most recent
 
 
+def test_an_entry_just_fetched_is_kept_for_the_grace_period(tmp_path: Path) -> None:
+    """The store parses files after `fetch()` returned (no pin any more): the grace covers that."""
+    cache = AdapterDiskCache(tmp_path, max_bytes=150, grace_s=0.5)
+    a, b = make_entry(tmp_path, "a", 100), make_entry(tmp_path, "b", 100)
+    cache.record(a)
+    cache.record(b)
+    assert a.is_dir() and b.is_dir()  # over budget, but `a` was fetched a moment ago
+    time.sleep(0.6)
+    cache.record(make_entry(tmp_path, "c", 10))
+    assert not a.exists() and b.is_dir()
+
+
 def test_the_newest_entry_stays_even_over_budget(tmp_path: Path) -> None:
-    cache = AdapterDiskCache(tmp_path, max_bytes=50)
+    cache = AdapterDiskCache(tmp_path, max_bytes=50, grace_s=0)
     a, b = make_entry(tmp_path, "a", 100), make_entry(tmp_path, "b", 100)
     cache.record(a)
     assert a.is_dir()
@@ -128,7 +143,7 @@ def test_the_index_survives_a_restart(tmp_path: Path) -> None:
     cache.record(hub_folder)
     s3_entry = make_entry(tmp_path, "s3-entry", 400)
     cache.record(s3_entry)
-    again = AdapterDiskCache(tmp_path, max_bytes=500)
+    again = AdapterDiskCache(tmp_path, max_bytes=500, grace_s=0)
     assert set(again.entries()) == {str(hub_folder), str(s3_entry)}
     again.record(make_entry(tmp_path, "new", 100))
     assert not hub_folder.exists() and s3_entry.is_dir()  # the least recently used went first
