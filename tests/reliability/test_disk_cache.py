@@ -17,11 +17,13 @@ import httpx
 import pytest
 
 from loraserve.adapters.disk_cache import AdapterDiskCache, directory_bytes
+from tests.fixtures.fake_pbase import FakePredibase
 from tests.fixtures.server import ServerProcess, start_server
 from tests.reliability.assets import Assets
 from tests.reliability.stack import BUCKET, MAX_NEW, PROMPTS, Peers, server_env
 
 N = 4
+PB_TOKEN = "pb-disk-cache-test-token"
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +32,26 @@ def entry_bytes(assets: Assets) -> int:
 
 
 @pytest.fixture(scope="module")
+def gateway() -> Iterator[FakePredibase]:
+    fake = FakePredibase().start()
+    fake.tokens.add(PB_TOKEN)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
 def bounded(
-    assets: Assets, peers: Peers, entry_bytes: int, tmp_path_factory: pytest.TempPathFactory
+    assets: Assets,
+    peers: Peers,
+    gateway: FakePredibase,
+    entry_bytes: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[ServerProcess, Path]]:
     for i in range(N):
         peers.s3.upload_dir(assets.good["gamma"], BUCKET, f"disk-{i}")
         peers.hub.add_repo(f"acme/disk-{i}", assets.good["delta"])
+        peers.s3.upload_dir(assets.good["gamma"], BUCKET, f"pbase/disk-{i}/1")
+        gateway.add_v2(f"disk-{i}", "1", f"s3://{BUCKET}/pbase/disk-{i}/1")
     logs = tmp_path_factory.mktemp("disk-cache-server")
     cache = logs / "cache"
     srv = start_server(
@@ -49,7 +65,7 @@ def bounded(
         "0",  # requests follow each other at once here: no grace, or nothing could be evicted
         "--adapter-host-cache-bytes",
         "1",  # nothing stays parsed in memory, so each request goes back to the disk cache
-        env=server_env(peers, cache),
+        env={**server_env(peers, cache), "PREDIBASE_GATEWAY_ENDPOINT": gateway.url},
     )
     yield srv, cache
     srv.stop()
@@ -57,6 +73,8 @@ def bounded(
 
 def generate(srv: ServerProcess, adapter_id: str, source: str) -> None:
     params = {"max_new_tokens": MAX_NEW, "adapter_id": adapter_id, "adapter_source": source}
+    if source == "pbase":
+        params["api_token"] = PB_TOKEN
     r = httpx.post(srv.url + "/generate", json={"inputs": PROMPTS[0], "parameters": params}, timeout=60)
     assert r.status_code == 200, r.text
 
@@ -70,13 +88,17 @@ def entries(root: Path, pattern: str) -> dict[str, int]:
     return {p.name: directory_bytes(p) for p in found}
 
 
-@pytest.mark.parametrize("source", ["s3", "hub"])
+@pytest.mark.parametrize("source", ["s3", "hub", "pbase"])
 def test_downloads_beyond_the_budget_evict_the_least_recently_used(
     bounded: tuple[ServerProcess, Path], entry_bytes: int, source: str
 ) -> None:
     srv, cache = bounded
-    root, pattern = (cache / "s3", "*") if source == "s3" else (cache / "hf", "models--acme--disk-*")
-    ids = [f"s3://{BUCKET}/disk-{i}" if source == "s3" else f"acme/disk-{i}" for i in range(N)]
+    root, pattern = (cache / "hf", "models--acme--disk-*") if source == "hub" else (cache / "s3", "*")
+    ids = {
+        "s3": [f"s3://{BUCKET}/disk-{i}" for i in range(N)],
+        "hub": [f"acme/disk-{i}" for i in range(N)],
+        "pbase": [f"disk-{i}/1" for i in range(N)],  # fetched from S3: shares the s3 budget and folder
+    }[source]
     budget = entry_bytes * 3 // 2
     for adapter_id in ids:
         generate(srv, adapter_id, source)

@@ -14,7 +14,9 @@ per-request authorisation check too:
 
 The storage path is read as S3: `s3://bucket/key` names its bucket; a bare
 key lives in `PREDIBASE_MODEL_BUCKET`, or, when that is unset, its first path
-component is the bucket. Files are then fetched by the `s3` source.
+component is the bucket. Files are then fetched by the `s3` source, so they
+land in its download folder and count against the same disk-cache budget
+(`--adapter-disk-cache-bytes`), pinned while they are fetched.
 """
 
 from __future__ import annotations
