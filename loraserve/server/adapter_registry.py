@@ -42,8 +42,13 @@ class AdapterRegistry:
         self._preloaded: dict[str, LoraAdapter] = {}
         self._preloaded_source: dict[str, str] = {}  # the source each preloaded id was loaded from
         self.preload_token: str | None = None  # --predibase-api-token, for adapters loaded at start
-        self.loaded_ids: dict[str, None] = {}  # ordered set of ids served so far
         self.merged = MergedAdapterStore(_MergeInputs(self))
+
+    @property
+    def preloaded_ids(self) -> list[str]:
+        """Ids loaded at start (bounded by the command line; served ids are never collected
+        here: every spelling a caller invents would grow it forever)."""
+        return list(self._preloaded)
 
     async def preload(self, adapter_ids: list[str], source: str) -> None:
         ids = list(adapter_ids)
@@ -54,7 +59,6 @@ class AdapterRegistry:
             adapter = await self.provider.get(adapter_id, src, self.preload_token if src == "pbase" else None)
             self._preloaded[adapter_id] = adapter
             self._preloaded_source[adapter_id] = src
-            self.loaded_ids[adapter_id] = None
 
     async def resolve(
         self, adapter_id: str | None, source: str | None, token: str | None
@@ -85,9 +89,7 @@ class AdapterRegistry:
             # still prove access with theirs, as for any adapter of that source. The store keeps
             # the weights in host memory, so this costs the auth call only.
             return await self.provider.get(adapter_id, src, token)
-        adapter = await self.provider.get(adapter_id, source or self.default_source, token)
-        self.loaded_ids[adapter_id] = None
-        return adapter
+        return await self.provider.get(adapter_id, source or self.default_source, token)
 
     def _checks_auth(self, source: str) -> bool:
         """Whether `source` authorises callers per request; unknown providers are assumed to."""

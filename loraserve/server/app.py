@@ -62,7 +62,7 @@ def create_app(state: ServerState) -> FastAPI:
             await state.registry.preload(
                 c.preloaded_adapter_ids, c.preloaded_adapter_source or c.adapter_source
             )
-            log.info("preloaded adapters: %s", ", ".join(state.registry.loaded_ids))
+            log.info("preloaded adapters: %s", ", ".join(state.registry.preloaded_ids))
         yield
         state.aengine.shutdown()
         state.registry.close()
