@@ -86,6 +86,8 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {_shown(str(e))}") from e
     except RecursionError as e:  # deeply nested arrays: refuse, never a 500
         raise AdapterError(f"{CONFIG_FILE} is nested too deeply") from e
+    except OSError as e:  # unreadable: permissions, a directory in its place, an I/O error
+        raise AdapterError(f"{CONFIG_FILE} cannot be read ({type(e).__name__})") from e
     if not isinstance(cfg, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object, not a {type(cfg).__name__}")
     return cfg

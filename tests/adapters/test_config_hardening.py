@@ -191,3 +191,11 @@ def test_crafted_tensor_name_is_refused_fast(tmp_path: Path) -> None:
         parse_peft_adapter(out)
     assert time.perf_counter() - t0 < 0.5
     assert len(str(e.value)) < 300
+
+
+def test_an_unreadable_config_is_an_adapter_error_not_a_500(tmp_path: Path) -> None:
+    """Root reads any file, so unreadability is a directory where the config should be."""
+    (tmp_path / "adapter_config.json").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="cannot be read"):
+        parse_peft_adapter(tmp_path)
