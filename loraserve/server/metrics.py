@@ -45,7 +45,7 @@ class _LiveStats(Collector):
         )
         yield GaugeMetricFamily(
             "loraserve_requests_in_flight",
-            "Requests holding a concurrency slot",
+            "Sequences holding a concurrency slot (best_of and n count each sequence)",
             value=float(o.in_flight() if o.in_flight else 0),
         )
         for key, value in sorted(engine.items()):
