@@ -256,7 +256,10 @@ class Engine:
         if p.repetition_penalty != 1.0:
             history = torch.tensor(seq.all_ids, dtype=torch.long, device=self.device)
         prev = (seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]) if p.watermark else None
-        return SamplingRow(params=p, generator=seq.generator, history=history, prev_token=prev)
+        output = None
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            output = torch.tensor(seq.output_ids, dtype=torch.long, device=self.device)
+        return SamplingRow(params=p, generator=seq.generator, history=history, prev_token=prev, output=output)
 
     def _emit_step(
         self, res: StepResult, poisoned: list[bool], sampled: dict[int, Emitted]

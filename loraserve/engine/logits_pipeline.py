@@ -4,13 +4,14 @@ An ordered list of processors, each applied to the whole batch with per-row
 parameters (a row whose parameter is neutral is left as it is):
 
 1. repetition penalty   (HF `RepetitionPenaltyLogitsProcessor`)
-2. watermark            (TGI/LoRAX's green-list bias, engine/watermark.py)
-3. temperature          (sampling rows only: greedy ignores it, as HF does)
-4. top-k, top-p, typical-p: the *truncating* processors, sampling rows only
+2. frequency and presence penalties (OpenAI's, over the generated tokens)
+3. watermark            (TGI/LoRAX's green-list bias, engine/watermark.py)
+4. temperature          (sampling rows only: greedy ignores it, as HF does)
+5. top-k, top-p, typical-p: the *truncating* processors, sampling rows only
 
 Plain sampling (engine/sampling.py) and speculative verification
-(engine/speculative.py) both call `scores` (steps 1-3: what the reported
-logprob is computed from) and `truncate` (step 4: what a token is drawn
+(engine/speculative.py) both call `scores` (steps 1-4: what the reported
+logprob is computed from) and `truncate` (step 5: what a token is drawn
 from), so a constraint added here holds for drafted tokens too. Adding a
 processor is one class in this file and one entry in `PROCESSORS`; a grammar
 mask, for instance, goes before temperature.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.engine.logits_processors import (
+    apply_frequency_presence,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
@@ -47,6 +49,7 @@ class SamplingRow:
     generator: torch.Generator | None  # on the logits device; None = torch's default generator
     history: torch.Tensor | None  # prompt+generated ids on the logits device, for repetition_penalty
     prev_token: int | None = None  # the token before this position, for the watermark
+    output: torch.Tensor | None = None  # ids generated so far, for frequency/presence penalties
 
 
 class Processor:
@@ -70,6 +73,20 @@ class RepetitionPenalty(Processor):
         return apply_repetition_penalty(
             scores, [r.params.repetition_penalty for r in rows], [r.history for r in rows]
         )  # type: ignore[misc]
+
+
+class FrequencyPresence(Processor):
+    def active(self, row: SamplingRow) -> bool:
+        p = row.params
+        return (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and row.output is not None
+
+    def __call__(self, scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        return apply_frequency_presence(
+            scores,
+            [r.params.frequency_penalty for r in rows],
+            [r.params.presence_penalty for r in rows],
+            [r.output for r in rows],  # type: ignore[misc]
+        )
 
 
 class Watermark(Processor):
@@ -120,6 +137,7 @@ class TypicalP(Processor):
 
 PROCESSORS: tuple[Processor, ...] = (
     RepetitionPenalty(),
+    FrequencyPresence(),
     Watermark(),
     Temperature(),
     TopK(),

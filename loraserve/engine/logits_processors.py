@@ -115,3 +115,22 @@ def apply_typical_p(scores: torch.Tensor, typical_p: Sequence[float]) -> torch.T
         return s.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
 
     return _on_rows(scores, [p < 1.0 for p in typical_p], warp)
+
+
+def apply_frequency_presence(
+    scores: torch.Tensor,
+    frequency: Sequence[float],
+    presence: Sequence[float],
+    outputs: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """OpenAI's penalties: ``logit[t] -= frequency * count(t) + presence * (count(t) > 0)`` over the
+    tokens generated so far (not the prompt), one pair of values and one output per row."""
+    b, v = scores.shape
+    counts = torch.zeros(b, v + 1, dtype=scores.dtype, device=scores.device)
+    for i, out in enumerate(outputs):  # ids >= V (embedding rows past the lm_head) land in column V
+        ids = out.reshape(-1).to(device=scores.device, dtype=torch.long).clamp(max=v)
+        counts[i].index_add_(0, ids, torch.ones(ids.numel(), dtype=scores.dtype, device=scores.device))
+    counts = counts[:, :v]
+    f = torch.tensor(frequency, dtype=scores.dtype, device=scores.device)[:, None]
+    p = torch.tensor(presence, dtype=scores.dtype, device=scores.device)[:, None]
+    return scores - f * counts - p * (counts > 0).to(scores.dtype)

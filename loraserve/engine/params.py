@@ -39,6 +39,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = disabled
     typical_p: float = 1.0  # 1.0 = disabled
     repetition_penalty: float = 1.0  # 1.0 = disabled
+    frequency_penalty: float = 0.0  # OpenAI's: minus this x count of each generated token
+    presence_penalty: float = 0.0  # OpenAI's: minus this once for every token generated before
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos_token: bool = False
@@ -51,7 +53,14 @@ class SamplingParams:
         """Raise ValueError naming the offending field; the server maps it to 422."""
         if self.max_new_tokens < 1:
             raise RequestError("max_new_tokens must be >= 1")
-        for name in ("temperature", "top_p", "typical_p", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "typical_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
             if not math.isfinite(getattr(self, name)):
                 raise RequestError(f"{name} must be a finite number")
         if self.temperature < 0:
@@ -60,6 +69,9 @@ class SamplingParams:
             raise RequestError(f"temperature must be 0 or >= {MIN_SAMPLING_TEMPERATURE} when sampling")
         if self.top_k < 0:
             raise RequestError("top_k must be >= 0")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2]")
         if not 0 < self.top_p <= 1:
             raise RequestError("top_p must be in (0, 1]")
         if not 0 < self.typical_p <= 1:

@@ -75,8 +75,14 @@ class Speculators:
                 "this adapter carries Medusa heads, but speculative decoding needs the server to be "
                 "started with a default Medusa adapter (--adapter-id)"
             )
-        if self.tokens <= 0 or params.repetition_penalty != 1.0 or params.watermark:
-            return None  # penalty and watermark depend on the history, which drafts change mid-verification
+        history_dependent = (
+            params.repetition_penalty != 1.0
+            or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0
+            or params.watermark
+        )
+        if self.tokens <= 0 or history_dependent:
+            return None  # penalties and watermark depend on the history, which drafts change mid-verification
         if own is None:
             return self.default
         heads = self._cache.get(own.key)
