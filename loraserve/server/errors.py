@@ -20,7 +20,27 @@ class ApiError(Exception):
         self.error_type = error_type
 
     def to_dict(self) -> dict[str, str]:
-        return {"error": self.message, "error_type": self.error_type}
+        """LoRAX's flat body, message prefixed as LoRAX's router prefixes it (see `lorax_message`)."""
+        return {"error": lorax_message(self.message, self.error_type), "error_type": self.error_type}
+
+
+#: LoRAX's router formats its `InferError`s with these prefixes (router/src/infer.rs); clients and
+#: log scrapers written against LoRAX match on them, so the LoRAX routes send them too.
+LORAX_PREFIXES = {
+    "validation": "Input validation error: ",
+    "generation": "Request failed during generation: ",
+}
+
+
+def lorax_message(message: str, error_type: str) -> str:
+    """`message` as LoRAX's REST routes send it: prefixed by its kind, never twice.
+
+    OpenAI routes keep the bare message inside OpenAI's nested error object.
+    """
+    prefix = LORAX_PREFIXES.get(error_type, "")
+    if not prefix or message.startswith(prefix):
+        return message
+    return prefix + message
 
 
 def validation_error(message: str) -> ApiError:
@@ -78,7 +98,9 @@ def error_response(request: Request, message: str, error_type: str, status_code:
             "error_type": error_type,
         }
         return JSONResponse(body, status_code=status_code)
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status_code)
+    return JSONResponse(
+        {"error": lorax_message(message, error_type), "error_type": error_type}, status_code=status_code
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
