@@ -247,7 +247,7 @@ class Engine:
         out: dict[int, Emitted] = {}
         for j, i in enumerate(plain):
             alts = result.alternatives[j] if result.alternatives is not None else None
-            out[i] = (int(result.token_ids[j]), float(result.logprobs[j]), alts)
+            out[i] = (int(result.token_ids[j]), float(result.logprobs[j]), alts, False)
         return out
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
@@ -307,7 +307,10 @@ class Engine:
         seq.spec_steps += 1
         self.spec_steps += 1
         seq.drafts = []
-        return [(t, lp, None) for t, lp in zip(v.tokens, v.logprobs)], v.accepted_drafts
+        alts = v.alternatives or [None] * len(v.tokens)
+        # every token but the last was a draft the model accepted; the last one it chose itself
+        skipped = [j < v.accepted_drafts for j in range(len(v.tokens))]
+        return list(zip(v.tokens, v.logprobs, alts, skipped)), v.accepted_drafts
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """End one request with an error; the rest of the batch carries on. Its blocks may hold

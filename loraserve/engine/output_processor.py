@@ -12,8 +12,8 @@ from loraserve.engine.params import RequestOutput, TokenInfo
 from loraserve.engine.sequence import Sequence
 from loraserve.engine.tokenizer import Tokenizer
 
-# (token, logprob, alternatives [(id, logprob)] or None)
-Emitted = tuple[int, float, list[tuple[int, float]] | None]
+# (token, logprob, alternatives [(id, logprob)] or None, accepted from a speculative draft)
+Emitted = tuple[int, float, list[tuple[int, float]] | None, bool]
 
 
 class OutputProcessor:
@@ -26,8 +26,9 @@ class OutputProcessor:
         The caller finishes the sequence when the output says `finished`."""
         infos: list[TokenInfo] = []
         reason = None
-        for token, logprob, alts in emitted:
+        for token, logprob, alts, skipped in emitted:
             info, reason = self._append_token(seq, token, logprob, alts)
+            info.skipped = skipped
             infos.append(info)
             if reason is not None:
                 break

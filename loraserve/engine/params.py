@@ -93,6 +93,7 @@ class TokenInfo:
     logprob: float | None
     special: bool = False
     alternatives: list[tuple[int, str, float]] | None = None
+    skipped: bool = False  # accepted from a speculative draft (LoRAX's `Token.skipped`)
 
 
 @dataclass

@@ -29,6 +29,16 @@ class Verified:
     tokens: list[int]  # accepted drafts followed by one corrected/bonus token
     logprobs: list[float]
     accepted_drafts: int
+    alternatives: list[list[tuple[int, float]]] | None = None  # top-n per emitted token, when asked
+
+
+def _alternatives(scaled: torch.Tensor, n: int) -> list[list[tuple[int, float]]] | None:
+    """Top-`n` (id, logprob) of each row, best first, from the same scores plain sampling reports
+    them from (after penalties and temperature, before truncation)."""
+    if n <= 0:
+        return None
+    top = torch.topk(torch.log_softmax(scaled, dim=-1), min(n, scaled.shape[-1]), dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
 
 
 def _warp(
@@ -56,7 +66,8 @@ def verify_drafts(
         # logprob of the argmax = its logit minus the row's logsumexp (no full log_softmax tensor)
         kept = logits[: m + 1]
         chosen = kept.gather(1, torch.tensor(toks, device=logits.device).unsqueeze(1)).squeeze(1)
-        return Verified(toks, (chosen - torch.logsumexp(kept, dim=-1)).tolist(), m)
+        alts = _alternatives(kept, params.top_n_alternatives)
+        return Verified(toks, (chosen - torch.logsumexp(kept, dim=-1)).tolist(), m, alts)
     scaled, warped = _warp(logits, params, generator)
     probs = torch.softmax(warped, dim=-1)
     d = torch.tensor(drafts, device=logits.device)
@@ -76,4 +87,5 @@ def verify_drafts(
         last = int(draw(warped[k].unsqueeze(0), [generator])[0])
     toks = drafts[:m] + [last]
     lp = torch.log_softmax(scaled[: m + 1], dim=-1)
-    return Verified(toks, lp[torch.arange(m + 1), torch.tensor(toks)].tolist(), m)
+    alts = _alternatives(scaled[: m + 1], params.top_n_alternatives)
+    return Verified(toks, lp[torch.arange(m + 1), torch.tensor(toks)].tolist(), m, alts)

@@ -143,3 +143,23 @@ def test_greedy_verification_accepts_matching_prefix() -> None:
     assert v.tokens == [3, 7, 1] and v.accepted_drafts == 2
     v = verify_drafts(logits, [3, 7, 1], SamplingParams(), None)
     assert v.tokens == [3, 7, 1, 9] and v.accepted_drafts == 3
+
+
+def test_draft_accepted_tokens_carry_alternatives_and_are_marked_skipped(llama_dir: Path) -> None:
+    """LoRAX marks tokens accepted from drafts `skipped`, and `return_k_alternatives` covers every
+    token, drafted or not: the same alternatives as plain decoding of the same greedy tokens."""
+    plain = engine(llama_dir)
+    spec = engine(llama_dir, heads(64, 4, 0.0, seed=1))
+    ps = prompts(6, seed=5)
+    params = SamplingParams(max_new_tokens=20, ignore_eos_token=True, top_n_alternatives=3)
+    want = plain.generate(ps, params)
+    got = spec.generate(ps, params)
+    assert ids_of(got) == ids_of(want)
+    assert any(t.skipped for r in got for t in r.tokens)  # some drafts were accepted
+    assert not any(t.skipped for r in want for t in r.tokens)
+    for g, w in zip(got, want):
+        for tg, tw in zip(g.tokens, w.tokens):
+            assert tg.alternatives is not None and len(tg.alternatives) == 3
+            assert [a[0] for a in tg.alternatives] == [a[0] for a in tw.alternatives]
+            for (_, _, lg), (_, _, lw) in zip(tg.alternatives, tw.alternatives):
+                assert abs(lg - lw) < 1e-4
