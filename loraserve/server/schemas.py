@@ -105,12 +105,12 @@ class GenerateParameters(BaseModel):
     merged_adapters: MergedAdapters | None = None
     api_token: str | None = None
     best_of: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
-    temperature: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0))
+    temperature: float | None = Field(default=None, json_schema_extra=_range(minimum=0))
     repetition_penalty: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0))
+    frequency_penalty: float | None = Field(default=None, json_schema_extra=_range(minimum=-2, maximum=2))
+    presence_penalty: float | None = Field(default=None, json_schema_extra=_range(minimum=-2, maximum=2))
     top_k: int | None = Field(default=None, json_schema_extra=_range(minimum=1))
-    top_p: float | None = Field(
-        default=None, json_schema_extra=_range(exclusiveMinimum=0, exclusiveMaximum=1)
-    )
+    top_p: float | None = Field(default=None, json_schema_extra=_range(exclusiveMinimum=0, maximum=1))
     typical_p: float | None = Field(
         default=None, json_schema_extra=_range(exclusiveMinimum=0, exclusiveMaximum=1)
     )

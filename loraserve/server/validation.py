@@ -20,9 +20,12 @@ from loraserve.server.schemas import GenerateParameters, GenerateRequest
 #: A prompt longer than this many characters per allowed token is refused before it is tokenized.
 #: Tokenizing costs ~1-2 s per MB on the request's thread; real text averages 3-5 characters per
 #: token and the longest merges in common vocabularies (runs of spaces or symbols) stay well below
-#: 32, so only a prompt that could never fit is refused this way. With `truncate` the prompt is
-#: tokenized in full (off the event loop), because its length is then no reason to refuse it.
+#: 32, so only a prompt that could never fit is refused this way. `truncate` changes nothing here:
+#: LoRAX checks the input length on the untruncated prompt, so a prompt this long is refused anyway.
 MAX_CHARS_PER_TOKEN = 32
+
+#: OpenAI's (and LoRAX's router's) bound on `frequency_penalty` and `presence_penalty`.
+MAX_ABS_PENALTY = 2.0
 
 
 class TextEncoder(Protocol):
@@ -123,10 +126,11 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
     temperature = 1.0 if p.temperature is None else p.temperature
     if not math.isfinite(temperature):
         raise validation_error(f"`temperature` must be a finite number. Given: {temperature}")
-    if temperature <= 0:
-        raise validation_error("`temperature` must be strictly positive")
-    # Below float32's useful range logits / temperature overflows (1e-300 is 0.0 in float32) and
-    # the distribution is the argmax anyway: decode greedily, as vLLM does under 1e-5.
+    if temperature < 0:
+        raise validation_error("`temperature` must be non-negative")
+    # LoRAX's router accepts 0 and decodes greedily. Below float32's useful range logits /
+    # temperature overflows (1e-300 is 0.0 in float32) and the distribution is the argmax anyway:
+    # decode greedily there too, as vLLM does under 1e-5.
     tiny_temperature = temperature < MIN_SAMPLING_TEMPERATURE
     if tiny_temperature:
         temperature = 1.0
@@ -138,7 +142,10 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
     # logits / 1e-300 overflows float32 the same way; any penalty this small already ranks every
     # repeated token first, so the floor changes no choice.
     repetition_penalty = max(repetition_penalty, MIN_REPETITION_PENALTY)
-    if p.top_p is not None and not 0 < p.top_p < 1:
+    frequency_penalty = _penalty("frequency_penalty", p.frequency_penalty)
+    presence_penalty = _penalty("presence_penalty", p.presence_penalty)
+    # LoRAX's router keeps this message but accepts 1.0 (no filtering): only > 1.0 is refused.
+    if p.top_p is not None and not 0 < p.top_p <= 1:
         raise validation_error("`top_p` must be > 0.0 and < 1.0")
     if p.typical_p is not None and not 0 < p.typical_p < 1:
         raise validation_error("`typical_p` must be > 0.0 and < 1.0")
@@ -165,6 +172,8 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
         top_p=top_p,
         typical_p=typical_p,
         repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
         seed=p.seed,
         stop=[s for s in p.stop if s],
         ignore_eos_token=p.ignore_eos_token,
@@ -173,6 +182,15 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
         prefill_logprobs=p.decoder_input_details,
         watermark=p.watermark,
     )
+
+
+def _penalty(name: str, value: float | None) -> float:
+    """OpenAI's frequency/presence penalty, with LoRAX's range and message (None: 0, no penalty)."""
+    if value is None:
+        return 0.0
+    if not math.isfinite(value) or not -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY:
+        raise validation_error(f"`{name}` must be >= -2.0 and <= 2.0")
+    return value
 
 
 @dataclass
@@ -201,8 +219,7 @@ def validate_generate(
     if prompt_ids is not None:  # OpenAI chat prompts and token-id prompts arrive already tokenized
         ids = list(prompt_ids)
     else:
-        if req.parameters.truncate is None:
-            check_prompt_chars(req.inputs, limits)
+        check_prompt_chars(req.inputs, limits)
         ids = tokenizer.encode(req.inputs, add_special_tokens=True)
     return _with_prompt(req, checked, ids, limits, header_token)
 
@@ -220,8 +237,7 @@ async def validate_generate_async(
     then tokenizing on a worker thread (the tokenizer releases the GIL), so a large prompt never
     holds up `/health` or anyone else's request."""
     checked = _check_parameters(req, cfg, limits, stream)
-    if req.parameters.truncate is None:
-        check_prompt_chars(req.inputs, limits)
+    check_prompt_chars(req.inputs, limits)
     ids = await encode_off_loop(tokenizer, req.inputs, add_special_tokens=True)
     return _with_prompt(req, checked, ids, limits, header_token)
 
@@ -278,6 +294,12 @@ def _with_prompt(
     """The token-count checks and the engine inputs, once the prompt is tokenized."""
     p = req.parameters
     merge, best_of, params = checked.merge, checked.best_of, checked.params
+    # LoRAX checks the input length on the untruncated prompt: `truncate` cannot make a prompt
+    # over `--max-input-length` acceptable, it only shortens one that already fits.
+    if len(ids) > limits.max_input_length:
+        raise validation_error(
+            f"`inputs` must have less than {limits.max_input_length} tokens. Given: {len(ids)}"
+        )
     if p.truncate is not None and p.truncate < len(ids):
         ids = ids[-p.truncate :]  # keep the end of the prompt, as LoRAX's left truncation does
     n = len(ids)
@@ -286,8 +308,6 @@ def _with_prompt(
             f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
             f"Given: {n} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`"
         )
-    if n > limits.max_input_length:
-        raise validation_error(f"`inputs` must have less than {limits.max_input_length} tokens. Given: {n}")
     params.max_new_tokens = (
         p.max_new_tokens if p.max_new_tokens is not None else max(1, limits.max_total_tokens - n)
     )

@@ -77,7 +77,8 @@ CASES: list[Case] = [
     Case("top-p-negative", p(top_p=-0.1), 422, "top_p"),
     Case("typical-p-one", p(typical_p=1.0), 422, "typical_p"),
     Case("typical-p-zero", p(typical_p=0.0), 422, "typical_p"),
-    Case("temperature-zero", p(temperature=0.0), 422, "temperature"),
+    Case("frequency-penalty-over-two", p(frequency_penalty=2.5), 422, "frequency_penalty"),
+    Case("presence-penalty-under-minus-two", p(presence_penalty=-3), 422, "presence_penalty"),
     Case("temperature-negative", p(temperature=-1.0), 422, "temperature"),
     Case("temperature-a-string", p(temperature="hot"), 422, "temperature"),
     Case("top-k-zero", p(top_k=0), 422, "top_k"),
@@ -241,12 +242,16 @@ def test_bad_inputs_get_named_4xx_while_good_traffic_flows(stack: Stack, oracle:
 
 
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream"])
-def test_prompt_over_limit_is_truncated_when_asked(stack: Stack, path: str) -> None:
+def test_truncate_shortens_a_prompt_that_fits_but_never_admits_a_longer_one(stack: Stack, path: str) -> None:
+    """LoRAX's router checks `--max-input-length` on the untruncated prompt."""
     body = {
-        "inputs": "hello world " * 40,
+        "inputs": "hello world " * 3,
         "parameters": {"max_new_tokens": 2, "truncate": 16, "details": True},
     }
     r = httpx.post(stack.url + path, json=body, timeout=60)
     assert r.status_code == 200, r.text
     if path == "/generate":
         assert r.json()["details"]["prompt_tokens"] == 16
+    too_long = {"inputs": LONG_PROMPT, "parameters": {"max_new_tokens": 2, "truncate": 16}}
+    r = httpx.post(stack.url + path, json=too_long, timeout=60)
+    assert r.status_code == 422 and "`inputs` must have less than 48 tokens" in r.text, r.text

@@ -153,9 +153,9 @@ def test_adapter_changes_output(server: ServerProcess) -> None:
     ("body", "status", "needle"),
     [
         (
-            {"inputs": PROMPT, "parameters": {"temperature": 0}},
+            {"inputs": PROMPT, "parameters": {"temperature": -1}},
             422,
-            "`temperature` must be strictly positive",
+            "`temperature` must be non-negative",
         ),
         ({"inputs": PROMPT, "parameters": {"max_new_tokens": "many"}}, 422, "parameters.max_new_tokens"),
         ({"inputs": PROMPT, "parameters": {"max_new_tokens": 100000}}, 422, "`max_new_tokens` must be <="),
@@ -208,9 +208,12 @@ def test_malformed_json_is_400(server: ServerProcess) -> None:
     assert r.status_code == 400 and r.json()["error_type"] == "bad_request"
 
 
-def test_stream_validation_errors_come_before_the_stream(server: ServerProcess) -> None:
+def test_stream_validation_errors_are_one_event_on_a_200_stream(server: ServerProcess) -> None:
+    """LoRAX sends errors found before the first token as an SSE event, not as a status."""
     r = post(server, "/generate_stream", {"inputs": PROMPT, "parameters": {"decoder_input_details": True}})
-    assert r.status_code == 422 and "streaming" in r.json()["error"]
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    (event,) = sse_events(r.text)
+    assert event["error_type"] == "validation" and "streaming" in event["error"]
 
 
 def test_bearer_token_never_echoed(server: ServerProcess) -> None:

@@ -104,15 +104,18 @@ def test_error_types_map_to_lorax_exceptions(server: ServerProcess) -> None:
     out = run_client(
         server,
         """
-        expect_error("validation", lambda: client.generate("hi", temperature=0.0))
+        # a rule only the server checks (the client checks temperature, top_p... itself)
+        expect_error("validation", lambda: client.generate("hi", stop_sequences=["a", "b", "c", "d", "e"]))
+        out["greedy"] = client.generate("hello world", temperature=0.0, max_new_tokens=3).generated_text
         expect_error("too_long", lambda: client.generate("hi", max_new_tokens=100000))
         expect_error("not_supported", lambda: client.generate("hi", response_format={"type": "json_object", "schema": {}}))
-        expect_error("stream_validation", lambda: list(client.generate_stream("hi", temperature=0.0)))
+        expect_error("stream_validation", lambda: list(client.generate_stream("hi", stop_sequences=["a"] * 5)))
         expect_error("missing_adapter", lambda: client.generate("hi", adapter_id="/nope/nothing",
                                                                 adapter_source="local"))
     """,
     )
-    assert out["validation"][0] == "ValidationError" and "temperature" in out["validation"][1]
+    assert out["validation"][0] == "ValidationError" and "`stop` supports up to" in out["validation"][1]
+    assert out["greedy"] == http_generate(server, max_new_tokens=3)["generated_text"]  # LoRAX: 0 is greedy
     assert out["too_long"][0] == "ValidationError"
     assert out["not_supported"][0] == "ValidationError" and "not supported" in out["not_supported"][1]
     assert out["stream_validation"][0] == "ValidationError"

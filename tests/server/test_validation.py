@@ -68,9 +68,11 @@ def test_authorization_header_token_and_parameter_precedence() -> None:
 @pytest.mark.parametrize(
     ("params", "stream", "message"),
     [
-        ({"temperature": 0.0}, False, "`temperature` must be strictly positive"),
+        ({"temperature": -0.1}, False, "`temperature` must be non-negative"),
         ({"repetition_penalty": 0.0}, False, "`repetition_penalty`"),
-        ({"top_p": 1.0}, False, "`top_p` must be > 0.0 and < 1.0"),
+        ({"top_p": 1.01}, False, "`top_p` must be > 0.0 and < 1.0"),
+        ({"frequency_penalty": 2.01}, False, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+        ({"presence_penalty": -2.5}, False, "`presence_penalty` must be >= -2.0 and <= 2.0"),
         ({"typical_p": 0.0}, False, "`typical_p`"),
         ({"top_k": 0}, False, "`top_k` must be strictly positive"),
         ({"max_new_tokens": 0}, False, "`max_new_tokens` must be strictly positive"),
@@ -113,6 +115,26 @@ def test_empty_and_too_long_inputs() -> None:
         run(inputs="")
     with pytest.raises(ApiError, match="`inputs` must have less than 10 tokens. Given: 12"):
         run(inputs=" ".join(["w"] * 11))
+
+
+def test_input_length_is_checked_before_truncate() -> None:
+    """LoRAX's router: `truncate` shortens a prompt that fits, it never makes a long one fit."""
+    with pytest.raises(ApiError, match="`inputs` must have less than 10 tokens. Given: 12"):
+        run(inputs=" ".join(["w"] * 11), truncate=5)
+    assert run(inputs=" ".join(["w"] * 9), truncate=5).prompt_ids == [101] * 5
+
+
+def test_temperature_zero_is_greedy_and_top_p_one_is_accepted() -> None:
+    assert not run(temperature=0.0).params.do_sample
+    assert not run(temperature=0.0, do_sample=True).params.do_sample
+    assert run(top_p=1.0).params.top_p == 1.0
+
+
+@pytest.mark.parametrize("value", [-2.0, -0.5, 0.0, 1.25, 2.0])
+def test_openai_penalties_reach_sampling_params(value: float) -> None:
+    params = run(frequency_penalty=value, presence_penalty=-value).params
+    assert params.frequency_penalty == value and params.presence_penalty == -value
+    assert run().params.frequency_penalty == 0.0 and run().params.presence_penalty == 0.0
 
 
 def test_stop_sequences_never_leak_into_openai_text() -> None:
