@@ -92,6 +92,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.metrics.requests.labels(route=path, status=str(response.status_code)).inc()
         return response
 
+    state.metrics.install(app, state.aengine.engine)  # LoRAX's request metrics; times forward passes
     # Added last, so it runs first: oversized or non-UTF-8 bodies never reach FastAPI.
     app.add_middleware(
         RequestGuard,

@@ -141,6 +141,7 @@ class GenerationService:
 
     async def resolve_adapter(self, v: ValidatedRequest) -> LoraAdapter | None:
         """The request's adapter; a merge is built off the event loop and then runs like any adapter."""
+        self.metrics.request_validated(len(v.prompt_ids), v.params.max_new_tokens)
         try:
             if v.merge is not None:
                 adapter = await self.registry.resolve_merged(v.merge, v.adapter_source, v.api_token)
@@ -180,6 +181,7 @@ class GenerationService:
                 except Exception as e:  # a bug: logged here, a bare 500 for the client
                     log.exception("request failed in the engine")
                     raise internal_error() from e
+                self.metrics.request_output(out)
                 if out.error:
                     raise generation_error(out.error)
                 if out.tokens:

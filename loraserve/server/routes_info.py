@@ -54,8 +54,18 @@ async def info(request: Request) -> Info:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics")
-async def metrics(request: Request) -> Response:
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (loraserve_* and LoRAX's lorax_*); JSON for `Accept: application/json`",
+)
+async def metrics(request: Request, format: str | None = None) -> Response:
+    """Prometheus text, or LoRAX's JSON form when `?format=json` or the Accept header asks for
+    it: lorax-client's `metrics(format="json")` sends `Accept: application/json` and parses JSON."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    from loraserve.server.metrics import wants_json
+
+    m = get_state(request).metrics
+    if wants_json(format, request.headers.get("accept")):
+        return JSONResponse(m.render_json())
+    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

@@ -11,9 +11,9 @@ GAUGES = {
     "free_blocks": "loraserve_engine_free_blocks",
     "total_blocks": "loraserve_engine_total_blocks",
     "slots_in_use": "loraserve_engine_adapter_slots_in_use",
-    "running": "loraserve_engine_running",
-    "waiting": "loraserve_engine_waiting",
-    "steps": "loraserve_engine_steps",
+    "running": "lorax_batch_current_size",
+    "waiting": "lorax_queue_length",
+    "steps": "loraserve_engine_steps_total",
     "in_flight": "loraserve_requests_in_flight",
 }
 

@@ -161,23 +161,23 @@ def test_hundreds_of_adapters_through_eight_slots(
     rss_end = rss_mib(server.proc.pid)
     print(
         f"\nscale: {NUM_ADAPTERS} adapters of {adapter_bytes} bytes, RSS {rss_warm:.0f} -> {rss_end:.0f} MiB, "
-        f"slot loads {m['loraserve_engine_adapter_loads']:.0f}, host evictions "
-        f"{m['loraserve_adapter_cache_host_evictions']:.0f}"
+        f"slot loads {m['loraserve_engine_adapter_loads_total']:.0f}, host evictions "
+        f"{m['loraserve_adapter_cache_host_evictions_total']:.0f}"
     )
     # Device tier: never more than 8 adapters resident, every slot released, slots reused.
     assert m["loraserve_engine_adapter_slots"] == ACTIVE
     assert m["loraserve_engine_active_adapters"] <= ACTIVE
     assert m["loraserve_engine_adapter_slots_in_use"] == 0
     # Revisits may find one of the last 8 adapters still resident; every other request loads a slot.
-    assert m["loraserve_engine_adapter_loads"] >= NUM_ADAPTERS + REVISITS - ACTIVE
-    assert m["loraserve_engine_adapter_evictions"] == m["loraserve_engine_adapter_loads"] - ACTIVE
+    assert m["loraserve_engine_adapter_loads_total"] >= NUM_ADAPTERS + REVISITS - ACTIVE
+    assert m["loraserve_engine_adapter_evictions_total"] == m["loraserve_engine_adapter_loads_total"] - ACTIVE
     # Host tier: bounded by its byte budget, so most adapters were evicted and reloaded from disk.
     assert m["loraserve_adapter_cache_host_bytes"] <= host_budget(adapter_bytes)
     assert m["loraserve_adapter_cache_host_entries"] <= 9
-    assert m["loraserve_adapter_cache_host_evictions"] >= NUM_ADAPTERS - 9
+    assert m["loraserve_adapter_cache_host_evictions_total"] >= NUM_ADAPTERS - 9
     assert m["loraserve_adapter_cache_loads_total"] >= NUM_ADAPTERS + REVISITS - 9
     assert m["loraserve_engine_free_blocks"] == m["loraserve_engine_total_blocks"]
     # Everything loaded adds up to several times what the server may keep; RSS grows far less.
-    loaded_mib = m["loraserve_adapter_cache_loaded_bytes"] / 2**20
+    loaded_mib = m["loraserve_adapter_cache_loaded_bytes_total"] / 2**20
     assert loaded_mib > 40
     assert rss_end - rss_warm < loaded_mib / 2, (rss_warm, rss_end, loaded_mib)

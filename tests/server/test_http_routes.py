@@ -260,8 +260,8 @@ def test_metrics_exposes_the_serving_signals(server: ServerProcess) -> None:
     text = httpx.get(server.url + "/metrics").text
     for name in (
         "loraserve_request_total{",
-        "loraserve_queue_size",
-        "loraserve_batch_current_size",
+        "lorax_queue_length",
+        "lorax_batch_current_size",
         "loraserve_generated_tokens_total",
         "loraserve_generated_tokens_per_second",
         "loraserve_time_to_first_token_seconds_bucket",
@@ -288,9 +288,9 @@ def test_client_disconnect_aborts_the_stream(server: ServerProcess) -> None:
     with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as r:
         next(r.iter_lines())
     deadline = time.monotonic() + 10
-    while _gauge(server, "loraserve_engine_running") and time.monotonic() < deadline:
+    while _gauge(server, "lorax_batch_current_size") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _gauge(server, "loraserve_engine_running") == 0
+    assert _gauge(server, "lorax_batch_current_size") == 0
     time.sleep(0.3)
     assert _gauge(server, "loraserve_generated_tokens_total") - before < 480
     assert _gauge(server, "loraserve_requests_in_flight") == 0

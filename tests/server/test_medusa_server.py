@@ -206,7 +206,7 @@ def test_metrics_info_and_freed_blocks(servers) -> None:
     for server in (spec, plain):
         m = _metrics(server)
         assert m["loraserve_engine_free_blocks"] == m["loraserve_engine_total_blocks"]
-        assert m["loraserve_engine_running"] == 0
+        assert m["lorax_batch_current_size"] == 0
     assert _metrics(plain)["loraserve_speculative_steps_total"] == 0
 
 
