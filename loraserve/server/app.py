@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from loraserve import __version__
 from loraserve.adapters.store import local_adapter_store
 from loraserve.cpu_threads import helper_pool
-from loraserve.server import routes_info, routes_lorax, routes_openai
+from loraserve.server import routes_extra, routes_info, routes_lorax, routes_openai
 from loraserve.server.adapter_registry import AdapterProvider, AdapterRegistry
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import install_error_handlers
@@ -103,4 +103,5 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(routes_lorax.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_info.router)
+    app.include_router(routes_extra.router)
     return app

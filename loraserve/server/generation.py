@@ -63,8 +63,32 @@ class Completion:
     spec_tokens: int = 0
 
     @property
+    def skipped_tokens(self) -> int:
+        """Tokens accepted from speculative drafts (LoRAX's `Details.skipped_tokens`)."""
+        return sum(t.skipped for t in self.tokens)
+
+    @property
     def logprob_sum(self) -> float:
         return sum(wire_logprob(t.logprob) or 0.0 for t in self.tokens)
+
+
+@dataclass
+class RequestStats:
+    """When a request passed each stage and what it produced, for LoRAX's `x-*` response headers.
+
+    Times are `time.perf_counter()` seconds. The engine's own scheduling wait is not visible from
+    here, so it counts towards time to first token rather than queue time; queue time is the wait
+    for the adapter (load, merge) between validation and the engine.
+    """
+
+    start: float = field(default_factory=time.perf_counter)  # the route received the request
+    validated: float | None = None
+    submitted: float | None = None  # handed to the engine
+    first_token: float | None = None
+    finished: float | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    skipped_tokens: int = 0
 
 
 class ConcurrencyLimiter:
@@ -123,6 +147,7 @@ def to_token(t: TokenInfo) -> Token:
         logprob=wire_logprob(t.logprob) if t.logprob is not None else 0.0,
         special=t.special,
         alternative_tokens=alts,
+        skipped=t.skipped,  # the engine marks tokens accepted from speculative drafts
     )
 
 
@@ -162,10 +187,20 @@ class GenerationService:
         return adapter
 
     async def steps(
-        self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: LoraAdapter | None,
+        stats: RequestStats | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Engine outputs with errors raised and metrics recorded; closing it aborts the request."""
+        """Engine outputs with errors raised and metrics recorded; closing it aborts the request.
+
+        `stats`, when given, gets the submit and first-token times (the first sequence's, for
+        `best_of`).
+        """
         start = time.perf_counter()
+        if stats is not None and stats.submitted is None:
+            stats.submitted = start
         first = True
         gen = self.aengine.generate(prompt_ids, params, adapter, request_id=uuid.uuid4().hex)
         async with contextlib.aclosing(gen):
@@ -186,16 +221,23 @@ class GenerationService:
                     raise generation_error(out.error)
                 if out.tokens:
                     if first:
-                        self.metrics.ttft.observe(time.perf_counter() - start)
+                        now = time.perf_counter()
+                        self.metrics.ttft.observe(now - start)
+                        if stats is not None and stats.first_token is None:
+                            stats.first_token = now
                         first = False
                     self.metrics.tokens_generated(len(out.tokens))
                 yield out
 
     async def complete(
-        self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: LoraAdapter | None,
+        stats: RequestStats | None = None,
     ) -> Completion:
         c = Completion()
-        async for out in self.steps(prompt_ids, params, adapter):
+        async for out in self.steps(prompt_ids, params, adapter, stats):
             c.tokens.extend(out.tokens)
             if out.prefill:
                 c.prefill = list(out.prefill)
@@ -209,12 +251,17 @@ class GenerationService:
         return c
 
     async def complete_many(
-        self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None, n: int
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: LoraAdapter | None,
+        n: int,
+        stats: RequestStats | None = None,
     ) -> list[Completion]:
         """n sequences for one prompt, run concurrently so the engine batches them."""
         if n == 1:
-            return [await self.complete(prompt_ids, params, adapter)]
-        runs = [self.complete(prompt_ids, _copy_params(params), adapter) for _ in range(n)]
+            return [await self.complete(prompt_ids, params, adapter, stats)]
+        runs = [self.complete(prompt_ids, _copy_params(params), adapter, stats) for _ in range(n)]
         return list(await asyncio.gather(*runs))
 
     @contextlib.asynccontextmanager
@@ -227,13 +274,20 @@ class GenerationService:
             self.limiter.release(sequences)
 
     # -- LoRAX responses -----------------------------------------------------------------
-    async def generate(self, v: ValidatedRequest) -> GenerateResponse:
+    async def generate(self, v: ValidatedRequest, stats: RequestStats | None = None) -> GenerateResponse:
+        """The LoRAX answer; `stats` (optional) is filled for the response headers."""
         async with self.slot(v.best_of):
             adapter = await self.resolve_adapter(v)
-            results = await self.complete_many(v.prompt_ids, v.params, adapter, v.best_of)
+            results = await self.complete_many(v.prompt_ids, v.params, adapter, v.best_of, stats)
         best = max(results, key=lambda c: c.logprob_sum)
+        if stats is not None:
+            stats.finished = time.perf_counter()
+            stats.prompt_tokens = best.prompt_tokens
+            stats.generated_tokens = best.generated_tokens
+            stats.skipped_tokens = best.skipped_tokens
         text = (v.inputs + best.generated_text) if v.return_full_text else best.generated_text
-        if not v.details:
+        # LoRAX: `details || decoder_input_details` (the prefill is part of the details)
+        if not (v.details or v.decoder_input_details):
             return GenerateResponse(generated_text=text)
         others = None
         if v.best_of > 1:
@@ -244,7 +298,7 @@ class GenerationService:
                     generated_tokens=c.generated_tokens,
                     seed=c.seed if v.params.do_sample else None,
                     prefill=to_prefill(c.prefill) if v.decoder_input_details else [],
-                    tokens=[to_token(t) for t in c.tokens],
+                    tokens=_tokens(c),
                 )
                 for c in results
                 if c is not best
@@ -253,9 +307,10 @@ class GenerationService:
             finish_reason=best.finish_reason,
             prompt_tokens=best.prompt_tokens,
             generated_tokens=best.generated_tokens,
+            skipped_tokens=best.skipped_tokens,
             seed=best.seed if v.params.do_sample else None,
             prefill=to_prefill(best.prefill) if v.decoder_input_details else [],
-            tokens=[to_token(t) for t in best.tokens],
+            tokens=_tokens(best),
             best_of_sequences=others,
             speculative_tokens_per_step=tokens_per_step(best.spec_steps, best.spec_tokens),
         )
@@ -293,6 +348,10 @@ class GenerationService:
                     generated_text=(v.inputs + text) if v.return_full_text else text,
                     details=details,
                 )
+
+
+def _tokens(c: Completion) -> list[Token]:
+    return [to_token(t) for t in c.tokens]
 
 
 def _copy_params(p: SamplingParams) -> SamplingParams:

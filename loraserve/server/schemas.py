@@ -158,6 +158,8 @@ class Token(BaseModel):
     logprob: float
     special: bool
     alternative_tokens: list[AlternativeToken] | None = None
+    # Required by LoRAX 0.7's client: true for a token accepted from a speculative draft.
+    skipped: bool = False
 
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -176,6 +178,8 @@ class Details(BaseModel):
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
+    # Required by LoRAX 0.7's client: how many of `tokens` came from accepted drafts (`skipped`).
+    skipped_tokens: int = 0
     seed: int | None = None
     prefill: list[PrefillToken]
     tokens: list[Token]
@@ -203,13 +207,30 @@ class StreamResponse(BaseModel):
     details: StreamDetails | None = None
 
 
+class TokenizeRequest(CheckedBody):
+    """LoRAX's `/tokenize` body."""
+
+    inputs: str
+    add_special_tokens: bool | None = None  # null or absent: true, as LoRAX reads it
+
+
+class SimpleToken(BaseModel):
+    """One token of a `/tokenize` answer: `start`/`stop` are character offsets into `inputs`."""
+
+    id: int
+    text: str  # the vocabulary entry (e.g. "▁hello"), as LoRAX's `id_to_token`
+    start: int
+    stop: int
+
+
 class ErrorResponse(BaseModel):
     error: str
     error_type: str
 
 
 class Info(BaseModel):
-    """LoRAX's `/info` fields, plus the adapter limits loraserve adds."""
+    """Every field of LoRAX's `Info` (router/src/lib.rs) with its type, plus the adapter limits
+    loraserve adds; LoRAX's own tools read it, so no field may be missing or change type."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -224,10 +245,12 @@ class Info(BaseModel):
     max_input_length: int
     max_total_tokens: int
     waiting_served_ratio: float
-    max_batch_total_tokens: int | None
-    max_batch_prefill_tokens: int | None
+    max_batch_total_tokens: int
+    max_batch_prefill_tokens: int
     max_waiting_tokens: int
     validation_workers: int = 1
+    # LoRAX's flag: admit new prompts while others decode. loraserve's scheduler always does.
+    eager_prefill: bool = True
     max_active_adapters: int
     max_lora_rank: int | None = None
     default_adapter_source: str

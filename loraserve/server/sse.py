@@ -38,8 +38,15 @@ class SlotStreamingResponse(StreamingResponse):
     garbage collection.
     """
 
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        release: Callable[[], None],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})}
+        )
         self._release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -194,6 +194,24 @@ def test_streaming_sends_one_event_per_token(servers) -> None:
         assert last["details"]["speculative_tokens_per_step"] > 1.0
 
 
+def test_tokens_from_accepted_drafts_are_skipped(servers) -> None:
+    """LoRAX 0.7's `Token.skipped` / `Details.skipped_tokens`: set for draft-accepted tokens only,
+    on `/generate` and on every stream event; the plain server never skips."""
+    spec, plain = servers
+    body = {"inputs": "There are", "parameters": {"max_new_tokens": 32, "details": True}}
+    for server, speculated in ((spec, True), (plain, False)):
+        r = httpx.post(server.url + "/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        details = r.json()["details"]
+        flags = [t["skipped"] for t in details["tokens"]]
+        assert details["skipped_tokens"] == sum(flags)
+        assert r.headers["x-skipped-tokens"] == str(sum(flags))
+        assert (sum(flags) > 0) == speculated
+        assert not flags[0]  # the first token comes from the prefill, never from a draft
+        events = _stream(server, body["inputs"], body["parameters"])
+        assert [e["token"]["skipped"] for e in events] == flags
+
+
 def test_metrics_info_and_freed_blocks(servers) -> None:
     spec, plain = servers
     assert httpx.get(spec.url + "/info").json()["speculative_tokens"] == 4  # as many as the heads
@@ -216,8 +234,12 @@ def test_heads_without_a_default_speculator_are_a_422(servers) -> None:
         body = {"inputs": "hello", "parameters": {"adapter_id": str(adapter), "max_new_tokens": 4}}
         for route in ("/generate", "/generate_stream"):
             r = httpx.post(plain.url + route, json=body, timeout=60)
-            assert r.status_code == 422, (route, r.text)
-            err = r.json()
+            if route == "/generate":
+                assert r.status_code == 422, (route, r.text)
+                err = r.json()
+            else:  # LoRAX: an error before the first token is one event on a 200 stream
+                assert r.status_code == 200, (route, r.text)
+                err = json.loads(r.text.strip().removeprefix("data:"))
             assert err["error_type"] == "validation"
             assert "default Medusa adapter" in err["error"] and "--adapter-id" in err["error"]
         chat = {"model": str(adapter), "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
