@@ -657,7 +657,7 @@ class ServerMetrics:
         )
         self.ttft = Histogram(
             "loraserve_time_to_first_token_seconds",
-            "Time from admission to the first token",
+            "Time from handing a sequence to the engine to its first token (engine queue + prefill)",
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )

@@ -9,6 +9,7 @@ are checked literally here, not through a parser that would normalise them.
 from __future__ import annotations
 
 import math
+import time
 
 import httpx
 
@@ -215,3 +216,27 @@ def test_histogram_and_summary_render_cumulative_buckets_and_quantiles() -> None
     lines = s.lines()
     assert 'lorax_s{quantile="0.0"} 0.0' in lines and 'lorax_s{quantile="1.0"} 9.0' in lines
     assert "lorax_s_sum 45.0" in lines and "lorax_s_count 10.0" in lines
+
+
+def test_stream_failures_count_by_cause(server: ServerProcess) -> None:
+    """A refused stream is a failure whether it is answered 422 or, as LoRAX does, as an error
+    event on a 200 stream; a client that leaves mid-stream is `dropped`, never a success."""
+    _, before = scrape(server.url)
+    bad = {"inputs": PROMPT, "parameters": {"max_new_tokens": 0}}
+    with httpx.stream("POST", server.url + "/generate_stream", json=bad, timeout=60) as r:
+        r.read()
+    long = {"inputs": PROMPT, "parameters": {"max_new_tokens": 400, "ignore_eos_token": True}}
+    with httpx.stream("POST", server.url + "/generate_stream", json=long, timeout=60) as r:
+        next(r.iter_lines())
+    deadline = time.monotonic() + 10
+    while True:
+        _, after = scrape(server.url)
+        dropped = after.get('lorax_request_failure{err="dropped"}', 0.0)
+        if dropped > before.get('lorax_request_failure{err="dropped"}', 0.0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert after["lorax_request_count"] - before["lorax_request_count"] == 2
+    assert after["lorax_request_success"] == before["lorax_request_success"]
+    for err in ("validation", "dropped"):
+        key = f'lorax_request_failure{{err="{err}"}}'
+        assert after.get(key, 0.0) - before.get(key, 0.0) == 1, key
