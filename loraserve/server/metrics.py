@@ -661,12 +661,7 @@ class ServerMetrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
-        self.request_duration = Histogram(
-            "loraserve_request_duration_seconds",
-            "Generation request latency",
-            ["route"],
-            registry=self.registry,
-        )
+        # Request latency is `lorax_request_duration` (every generation route, LoRAX's buckets).
         self.engine_stats: Callable[[], dict[str, Any]] | None = None
         self.adapter_stats: Callable[[], dict[str, Any]] | None = None
         self.disk_stats: Callable[[], dict[str, int]] | None = None  # the adapter disk cache, if any

@@ -128,8 +128,7 @@ async def _generate(
         body, st.config, st.limits, st.tokenizer, stream=False, header_token=bearer_token(authorization)
     )
     stats.validated = time.perf_counter()
-    with st.metrics.request_duration.labels(route="generate").time():
-        response = wire_dict(await st.service.generate(v, stats))
+    response = wire_dict(await st.service.generate(v, stats))
     return response, _generate_headers(st, v, stats)
 
 

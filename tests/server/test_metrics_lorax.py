@@ -59,6 +59,7 @@ GONE = (
     "loraserve_adapter_cache_host_evictions",
     "loraserve_adapter_cache_load_failures",
     "loraserve_adapter_cache_auth_checks",
+    "loraserve_request_duration_seconds",  # lorax_request_duration covers every generation route
 )
 
 
