@@ -1,4 +1,16 @@
-"""Prometheus metrics for `/metrics`, in a registry of their own so several apps can live in one process."""
+"""Prometheus metrics for `/metrics`, in a registry of their own so several apps can live in one process.
+
+Two sets, one series per quantity:
+
+- `lorax_*`: LoRAX router's names and types (request counts and latency split, queue length,
+  batch size, forward passes), rendered as LoRAX renders them so LoRAX dashboards work unchanged.
+  A quantity LoRAX names is exported under LoRAX's name only.
+- `loraserve_*`: what LoRAX has no name for (adapter cache, KV blocks, slots, Medusa acceptance,
+  time to first token, inter-token latency). Monotonic counts are counters (`*_total`), levels
+  are gauges, latencies histograms.
+
+`/metrics` answers LoRAX's JSON form for `Accept: application/json` or `?format=json`.
+"""
 
 from __future__ import annotations
 
