@@ -13,11 +13,29 @@ from loraserve.adapters.errors import AdapterError
 class ApiError(Exception):
     """An error the caller should see verbatim; raised anywhere below the routes."""
 
-    def __init__(self, message: str, status_code: int = 422, error_type: str = "validation") -> None:
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 422,
+        error_type: str = "validation",
+        *,
+        openai_status: int | None = None,
+        openai_error_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.error_type = error_type
+        # Where OpenAI's contract differs from LoRAX's (an unknown `model` is OpenAI's 404, LoRAX's
+        # loader answers 424), the `/v1` routes answer with these instead.
+        self.openai_status = openai_status
+        self.openai_error_type = openai_error_type
+
+    def status_for(self, path: str) -> tuple[int, str]:
+        """(status, error_type) for a request to `path`: `/v1` routes keep OpenAI's where it differs."""
+        if path.startswith("/v1/") and self.openai_status is not None:
+            return self.openai_status, self.openai_error_type or self.error_type
+        return self.status_code, self.error_type
 
     def to_dict(self) -> dict[str, str]:
         """LoRAX's flat body, message prefixed as LoRAX's router prefixes it (see `lorax_message`)."""
@@ -65,13 +83,27 @@ def overloaded_error() -> ApiError:
     return ApiError("Model is overloaded", 429, "overloaded")
 
 
-def adapter_api_error(exc: AdapterError) -> ApiError:
-    """Adapter problems keep their own status (404 unknown, 401/403 auth, 400 bad files).
+#: Adapter statuses that mean "this adapter does not exist or cannot be loaded" (unknown, bad
+#: files, a Predibase version still training, an unexpected load failure). LoRAX's loader answers
+#: all of them as a generation error, 424, so `lorax-client` raises GenerationError.
+ADAPTER_LOAD_FAILURES = frozenset({400, 404, 500})
 
-    `error_type` stays `validation` so `lorax-client` raises its ValidationError,
-    as it does for every other request problem.
+
+def adapter_api_error(exc: AdapterError) -> ApiError:
+    """An adapter problem as the caller sees it.
+
+    * Not found or failed to load (`ADAPTER_LOAD_FAILURES`): 424 `generation` on LoRAX's routes,
+      as LoRAX answers; the `/v1` routes keep the adapter's own status (404 for an unknown
+      `model`, OpenAI's `NotFoundError`), type `validation`.
+    * Refused credentials (401/403) keep their status everywhere: a caller must be able to tell a
+      bad token from a missing adapter. So do merge problems (422) and unreachable sources (503,
+      worth retrying). `error_type` is `validation` so `lorax-client` raises its ValidationError.
     """
-    return ApiError(f"adapter error: {exc}", int(getattr(exc, "status_code", 400)), "validation")
+    status = int(getattr(exc, "status_code", 400))
+    message = f"adapter error: {exc}"
+    if status in ADAPTER_LOAD_FAILURES:
+        return ApiError(message, 424, "generation", openai_status=status, openai_error_type="validation")
+    return ApiError(message, status, "validation")
 
 
 def _field_path(loc: tuple) -> str:
@@ -106,12 +138,12 @@ def error_response(request: Request, message: str, error_type: str, status_code:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request, exc.message, exc.error_type, exc.status_code)
+        status, error_type = exc.status_for(request.url.path)
+        return error_response(request, exc.message, error_type, status)
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
-        err = adapter_api_error(exc)
-        return error_response(request, err.message, err.error_type, err.status_code)
+        return await _api_error(request, adapter_api_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

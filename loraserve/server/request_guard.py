@@ -2,7 +2,8 @@
 
 Two jobs that FastAPI does not do on its own:
 
-* **Body checks.** The body is read up to `max_body_bytes`; a larger one is
+* **Body checks.** A POST whose `Content-Type` is not JSON gets 415 before its
+  body is read, as LoRAX's router answers. The body is read up to `max_body_bytes`; a larger one is
   answered 413 without being buffered further (a declared `Content-Length`
   over the limit is refused before a byte is read), so one client cannot make
   the server hold gigabytes. A JSON body that is not UTF-8 gets a 400 naming
@@ -82,6 +83,21 @@ def _is_json(scope: Scope) -> bool:
     return False
 
 
+#: Methods whose body the routes read as JSON; a request with any other Content-Type is refused.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _declares_json(scope: Scope) -> bool:
+    """What axum's `Json` extractor (LoRAX's router) accepts: `application/json` or any
+    `application/*+json`, parameters such as `; charset=utf-8` ignored. A missing header is not JSON."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            mime = value.decode("latin-1").split(";", 1)[0].strip().lower()
+            kind, _, subtype = mime.partition("/")
+            return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+    return False
+
+
 def _declared_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -101,6 +117,11 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope.get("method") in _BODY_METHODS and not _declares_json(scope):
+            # LoRAX answers 415 before reading the body; so do we (nothing is buffered).
+            message = "Expected request with `Content-Type: application/json`"
+            await _send_error(scope, send, 415, message, "unsupported_media_type")
             return
         limit = self.max_body_bytes
         declared = _declared_length(scope)

@@ -109,7 +109,7 @@ def test_backtracking_pattern_key_neither_freezes_nor_loads(
     finally:
         done.set()
         poller.join()
-    assert r.status_code == 400, r.text
+    assert r.status_code == 424, r.text  # an adapter that fails to load: LoRAX's generation error
     assert "alpha_pattern" in error_message(r) and "matches no LoRA module" in error_message(r)
     assert took < 1.0 and health and max(health) < 1.0, (took, max(health, default=None))
 
@@ -142,12 +142,12 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(("changes", "field"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
-def test_malformed_config_is_a_400(
+def test_malformed_config_is_a_424(
     server: ServerProcess, assets: Assets, tmp_path: Path, changes: dict, field: str
 ) -> None:
     path = _adapter_with_config(assets.good["alpha"], tmp_path / "bad", **changes)
     r = post(server, adapter_id=str(path), adapter_source="local")
-    assert r.status_code == 400 and field in error_message(r), r.text
+    assert r.status_code == 424 and field in error_message(r), r.text
 
 
 @pytest.mark.parametrize(
@@ -155,13 +155,13 @@ def test_malformed_config_is_a_400(
     [("[]", "JSON object"), ('{"peft_type": "LORA", "r": 4, "lora_alpha": NaN}', "lora_alpha")],
     ids=["config-a-list", "alpha-nan"],
 )
-def test_config_file_text_is_a_400(
+def test_config_file_text_is_a_424(
     server: ServerProcess, assets: Assets, tmp_path: Path, text: str, field: str
 ) -> None:
     path = shutil.copytree(assets.good["alpha"], tmp_path / "bad")
     (path / "adapter_config.json").write_text(text)
     r = post(server, adapter_id=str(path), adapter_source="local")
-    assert r.status_code == 400 and field in error_message(r), r.text
+    assert r.status_code == 424 and field in error_message(r), r.text
 
 
 # -- item 2: the server's own caches are not local adapters
@@ -232,12 +232,12 @@ def test_local_errors_do_not_tell_which_paths_exist(server: ServerProcess, tmp_p
         r = post(server, adapter_id=path, adapter_source="local")
         answers.add((r.status_code, error_message(r).replace(path, "<path>")))
     assert len(answers) == 1, answers
-    assert next(iter(answers))[0] == 404
+    assert next(iter(answers))[0] == 424
 
 
-def test_nul_byte_in_a_local_path_is_a_400(server: ServerProcess, tmp_path: Path) -> None:
+def test_nul_byte_in_a_local_path_is_refused(server: ServerProcess, tmp_path: Path) -> None:
     r = post(server, adapter_id=f"{tmp_path}/a\x00b", adapter_source="local")
-    assert r.status_code == 400, r.text
+    assert r.status_code == 424, r.text  # no such adapter can exist: LoRAX's generation error
     assert "NUL" in error_message(r)
 
 

@@ -47,8 +47,8 @@ REFUSED = [
     ("empty-parameter", "", None, (401,)),
     ("forged", MALLORY, None, (401,)),
     ("forged-header", None, f"Bearer {MALLORY}", (401,)),
-    ("another-users-token", BOB, None, (401, 403, 404)),
-    ("another-users-header", None, f"Bearer {BOB}", (401, 403, 404)),
+    ("another-users-token", BOB, None, (401, 403, 404, 424)),  # 424 on /generate, 404 on /v1
+    ("another-users-header", None, f"Bearer {BOB}", (401, 403, 404, 424)),  # 424 on /generate, 404 on /v1
     ("not-a-bearer-scheme", None, f"Basic {ALICE}", (401,)),
     ("bearer-without-token", None, "Bearer", (401,)),
     ("token-with-whitespace", f" {ALICE}x ", None, (401,)),

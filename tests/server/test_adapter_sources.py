@@ -122,7 +122,8 @@ def test_pbase_adapter_with_version(server: ServerProcess, oracle: dict) -> None
     )
     assert token_ids(r) == oracle["pbase_v2"]
     training = generate(server.url, adapter_id=f"{PB_V2_REPO}/4", adapter_source="pbase", api_token=PB_TOKEN)
-    assert training.status_code == 400 and "training" in error_of(training), training.text
+    # not servable yet: LoRAX's loader fails it as a generation error (424)
+    assert training.status_code == 424 and "training" in error_of(training), training.text
 
 
 def test_pbase_adapter_without_version_is_the_latest(server: ServerProcess, oracle: dict) -> None:

@@ -188,7 +188,7 @@ def test_adapter_changes_output(server: ServerProcess) -> None:
                 "inputs": PROMPT,
                 "parameters": {"adapter_id": "/nonexistent/adapter", "adapter_source": "local"},
             },
-            404,
+            424,  # LoRAX's loader: an adapter that cannot be found is a generation error
             "adapter",
         ),
     ],
@@ -200,7 +200,7 @@ def test_errors_have_lorax_shape_and_status(
     assert r.status_code == status, r.text
     err = r.json()
     assert set(err) == {"error", "error_type"} and needle in err["error"]
-    assert err["error_type"] == "validation"
+    assert err["error_type"] == ("generation" if status == 424 else "validation")
 
 
 def test_malformed_json_is_400(server: ServerProcess) -> None:
@@ -224,7 +224,7 @@ def test_bearer_token_never_echoed(server: ServerProcess) -> None:
         {"inputs": PROMPT, "parameters": {"adapter_id": "/nonexistent/x", "adapter_source": "local"}},
         headers={"Authorization": f"Bearer {secret}"},
     )
-    assert r.status_code == 404 and secret not in r.text
+    assert r.status_code == 424 and secret not in r.text
     assert secret not in server.log()
 
 

@@ -121,7 +121,8 @@ def test_error_types_map_to_lorax_exceptions(server: ServerProcess) -> None:
     assert out["too_long"][0] == "ValidationError"
     assert out["not_supported"][0] == "ValidationError" and "not supported" in out["not_supported"][1]
     assert out["stream_validation"][0] == "ValidationError"
-    assert out["missing_adapter"][0] == "ValidationError" and "adapter" in out["missing_adapter"][1]
+    # LoRAX's loader answers 424 `generation` for an adapter it cannot find or load
+    assert out["missing_adapter"][0] == "GenerationError" and "adapter" in out["missing_adapter"][1]
 
 
 def test_headers_are_sent_and_tokens_stay_secret(server: ServerProcess) -> None:

@@ -7,6 +7,7 @@ message (LoRAX's prefix included); rows with status 200 must be accepted. The fa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ GENERATION = "Request failed during generation: "
 V = VALIDATION
 FREQ = "`frequency_penalty` must be >= -2.0 and <= 2.0"
 PRES = "`presence_penalty` must be >= -2.0 and <= 2.0"
+MEDIA = "Expected request with `Content-Type: application/json`"
+TEXT = {"content-type": "text/plain"}
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+NONE = {"content-type": ""}  # an empty header: httpx then sends none of its own
 
 
 @dataclass(frozen=True)
@@ -76,14 +81,45 @@ ROWS = [
         V + "`inputs` must have less than",
     ),
     Row("truncate-shortens-a-prompt-that-fits", params(truncate=1), 200),
+    # -- adapters: LoRAX's loader fails what it cannot find or load as a generation error
+    Row(
+        "adapter-missing",
+        params(adapter_id="/nonexistent/adapter", adapter_source="local"),
+        424,
+        "generation",
+        GENERATION + "adapter error:",
+    ),
+    Row(
+        "adapter-missing-on-root-route",
+        params(adapter_id="/nonexistent/adapter", adapter_source="local"),
+        424,
+        "generation",
+        GENERATION + "adapter error:",
+        path="/",
+    ),
+    Row(
+        "adapter-nul-byte",
+        params(adapter_id="/tmp/a\x00b", adapter_source="local"),
+        424,
+        "generation",
+        GENERATION + "adapter error:",
+    ),
+    # -- the body must be declared JSON (axum's `Json` extractor)
+    Row("text-plain-body", b'{"inputs": "hi"}', 415, "unsupported_media_type", MEDIA, headers=TEXT),
+    Row("form-body", b"inputs=hi", 415, "unsupported_media_type", MEDIA, headers=FORM),
+    Row("no-content-type", b'{"inputs": "hi"}', 415, "unsupported_media_type", MEDIA, headers=NONE),
+    Row("json-with-charset", params(), 200, headers={"content-type": "application/json; charset=utf-8"}),
+    Row("vendor-json", params(), 200, headers={"content-type": "application/vnd.api+json"}),
+    Row("text-plain-on-stream", b"{}", 415, "unsupported_media_type", MEDIA, "/generate_stream", TEXT),
 ]
 
 
 def send(server: ServerProcess, row: Row) -> httpx.Response:
-    if isinstance(row.body, bytes):
-        headers = {"content-type": "application/json", **row.headers}
-        return httpx.post(server.url + row.path, content=row.body, headers=headers, timeout=60)
-    return httpx.post(server.url + row.path, json=row.body, headers=row.headers, timeout=60)
+    body = row.body if isinstance(row.body, bytes) else json.dumps(row.body).encode()
+    headers = {"content-type": "application/json", **row.headers}
+    if not headers["content-type"]:
+        del headers["content-type"]
+    return httpx.post(server.url + row.path, content=body, headers=headers, timeout=60)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
@@ -118,3 +154,23 @@ def test_penalties_change_greedy_output_on_generate(server: ServerProcess) -> No
     plain = text()
     assert text(frequency_penalty=0.0, presence_penalty=0.0) == plain
     assert text(frequency_penalty=2.0, presence_penalty=2.0) != plain
+
+
+def test_openai_routes_keep_openais_404_for_an_unknown_model(server: ServerProcess) -> None:
+    """OpenAI's contract: an unknown `model` is a 404 (`openai.NotFoundError`), not LoRAX's 424."""
+    body = {"model": "/nonexistent/adapter", "prompt": PROMPT, "max_tokens": 2, "adapter_source": "local"}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["type"] == "validation"
+    assert r.json()["error"]["message"].startswith("adapter error:")
+
+
+def test_openai_routes_refuse_a_non_json_body_with_415(server: ServerProcess) -> None:
+    r = httpx.post(server.url + "/v1/completions", content=b"{}", headers=TEXT, timeout=60)
+    assert r.status_code == 415, r.text
+    assert r.json()["error"]["message"] == MEDIA
+
+
+def test_get_routes_need_no_content_type(server: ServerProcess) -> None:
+    for path in ("/health", "/info", "/v1/models"):
+        assert httpx.get(server.url + path, headers=TEXT, timeout=60).status_code == 200, path
