@@ -212,6 +212,19 @@ def test_tokens_from_accepted_drafts_are_skipped(servers) -> None:
         assert [e["token"]["skipped"] for e in events] == flags
 
 
+def test_alternatives_on_every_token_of_a_speculative_step(servers) -> None:
+    """`return_k_alternatives` covers tokens accepted from drafts too, not only each step's first."""
+    spec, _ = servers
+    params = {"max_new_tokens": 24, "details": True, "return_k_alternatives": 2}
+    r = httpx.post(spec.url + "/generate", json={"inputs": "There are", "parameters": params}, timeout=60)
+    assert r.status_code == 200, r.text
+    tokens = r.json()["details"]["tokens"]
+    assert any(t["skipped"] for t in tokens)  # the request was speculated
+    assert all(len(t["alternative_tokens"]) == 2 for t in tokens)
+    events = _stream(spec, "There are", params)
+    assert all(len(e["token"]["alternative_tokens"]) == 2 for e in events)
+
+
 def test_metrics_info_and_freed_blocks(servers) -> None:
     spec, plain = servers
     assert httpx.get(spec.url + "/info").json()["speculative_tokens"] == 4  # as many as the heads
