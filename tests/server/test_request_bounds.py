@@ -95,11 +95,14 @@ def test_character_bound_refuses_before_tokenizing() -> None:
     assert tok.calls == 0
 
 
-def test_truncate_lifts_the_character_bound() -> None:
+def test_truncate_does_not_lift_the_character_bound() -> None:
+    """LoRAX checks the input length before `truncate` (issue 15): a prompt that could never fit
+    is refused by its characters, untokenized, with or without `truncate`."""
     tok = CountingTokenizer()
     long = "y" * (MAX_CHARS_PER_TOKEN * LIMITS.max_input_length + 100)
-    v = asyncio.run(validate_generate_async(request(long, truncate=4, max_new_tokens=2), CFG, LIMITS, tok))
-    assert len(v.prompt_ids) == 4 and tok.calls == 1
+    with pytest.raises(ApiError, match="`inputs` must have less than"):
+        asyncio.run(validate_generate_async(request(long, truncate=4, max_new_tokens=2), CFG, LIMITS, tok))
+    assert tok.calls == 0
 
 
 def test_async_and_sync_validation_agree() -> None:
