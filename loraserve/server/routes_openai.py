@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loraserve import __version__
 from loraserve.engine.params import TokenInfo
 from loraserve.server.errors import ApiError, not_supported, validation_error
 from loraserve.server.generation import Completion, wire_logprob
@@ -48,11 +49,12 @@ def adapter_for_model(st: ServerState, model: str) -> str | None:
     return None if not model or model == st.config.model_id else model
 
 
+#: `system_fingerprint` of every chat (and completion) response: OpenAI's "backend configuration"
+#: marker, here the server's name and version (a seeded request repeats within one fingerprint).
+SYSTEM_FINGERPRINT = f"loraserve-{__version__}"
+
+
 def _refuse_unsupported(st: ServerState, req: _OpenAIBase) -> None:
-    if req.presence_penalty:
-        raise not_supported("`presence_penalty`")
-    if req.frequency_penalty:
-        raise not_supported("`frequency_penalty`")
     if req.logit_bias:
         raise not_supported("`logit_bias`")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
@@ -66,13 +68,25 @@ def _refuse_unsupported(st: ServerState, req: _OpenAIBase) -> None:
         raise not_supported("`n` > 1 with `stream`")
 
 
-def _parameters(st: ServerState, req: _OpenAIBase, max_tokens: int | None, top_n: int) -> GenerateParameters:
-    """OpenAI knobs onto LoRAX's: temperature 0 is greedy; no knob at all is greedy too, as in LoRAX."""
+def _parameters(
+    st: ServerState,
+    req: _OpenAIBase,
+    max_tokens: int | None,
+    top_n: int,
+    *,
+    sample_by_default: bool = False,
+    candidates: int = 1,
+) -> GenerateParameters:
+    """OpenAI knobs onto LoRAX's. Temperature 0 is greedy. Without any knob, chat samples at
+    temperature 1 (`sample_by_default`: OpenAI's default, which LoRAX's chat route follows) while
+    completions stay greedy as LoRAX's `/generate` does. Several choices or `best_of` candidates
+    (`candidates`) sample, else they would all be the same text."""
     greedy = req.temperature == 0
     top_p = None if greedy or req.top_p is None or req.top_p >= 1 else req.top_p
     top_k = None if greedy else req.top_k
     temperature = None if greedy else req.temperature
-    sample = not greedy and (temperature is not None or top_p is not None or top_k is not None or req.n > 1)
+    knobs = temperature is not None or top_p is not None or top_k is not None
+    sample = not greedy and (knobs or sample_by_default or req.n > 1 or candidates > 1)
     return GenerateParameters(
         adapter_id=adapter_for_model(st, req.model),
         adapter_source=req.adapter_source,
@@ -83,6 +97,8 @@ def _parameters(st: ServerState, req: _OpenAIBase, max_tokens: int | None, top_n
         top_k=top_k,
         do_sample=sample,
         repetition_penalty=req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
         max_new_tokens=max_tokens,
         ignore_eos_token=bool(req.ignore_eos_token),
         stop=req.stop_list(),
@@ -100,8 +116,13 @@ def _validate(
     max_tokens: int | None,
     top_n: int,
     authorization: str | None,
+    *,
+    sample_by_default: bool = False,
+    candidates: int = 1,
 ) -> ValidatedRequest:
-    params = _parameters(st, req, max_tokens, top_n)
+    params = _parameters(
+        st, req, max_tokens, top_n, sample_by_default=sample_by_default, candidates=candidates
+    )
     return validate_generate(
         GenerateRequest(inputs=text or " ", parameters=params),
         st.config,
@@ -150,16 +171,26 @@ def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
     }
 
 
-async def _run_choices(st: ServerState, v: ValidatedRequest, n: int) -> list[Completion]:
-    """n choices for one prompt; a fixed seed gives choice j the seed + j so choices differ."""
+async def _run_choices(
+    st: ServerState, v: ValidatedRequest, n: int, best_of: int | None = None
+) -> list[Completion]:
+    """n choices for one prompt; a fixed seed gives choice j the seed + j so choices differ.
+
+    With `best_of` (OpenAI's: candidates generated server-side), `best_of` sequences run and the
+    n with the highest cumulative logprob are returned, best first, as LoRAX picks its best_of.
+    """
+    runs_wanted = max(n, best_of or 1)
     adapter = await st.service.resolve_adapter(v)
     runs = []
-    for j in range(n):
+    for j in range(runs_wanted):
         params = replace(v.params, stop=list(v.params.stop))
         if params.seed is not None:
             params.seed += j
         runs.append(st.service.complete(v.prompt_ids, params, adapter))
-    return list(await asyncio.gather(*runs))
+    done = list(await asyncio.gather(*runs))
+    if runs_wanted == n:
+        return done
+    return sorted(done, key=lambda c: c.logprob_sum, reverse=True)[:n]
 
 
 def _prompt_count(prompt: Any) -> int:
@@ -208,8 +239,12 @@ async def completions(
     _refuse_unsupported(st, req)
     if req.suffix:
         raise not_supported("`suffix`")
-    if req.best_of is not None and req.best_of != req.n:
-        raise not_supported("`best_of` different from `n` on /v1/completions")
+    best_of = req.n if req.best_of is None else req.best_of
+    if best_of < req.n:
+        # OpenAI: `best_of` candidates are generated and the best `n` returned, so it cannot be fewer.
+        raise validation_error(f"`best_of` must be >= `n`. Given: best_of {best_of} and n {req.n}")
+    if req.stream and best_of > 1:
+        raise validation_error("`best_of` != 1 is not supported when streaming tokens")
     count = _prompt_count(req.prompt)
     if count > st.config.max_prompts_per_request:
         raise validation_error(
@@ -219,14 +254,21 @@ async def completions(
     if req.stream and count > 1:
         raise not_supported("several prompts with `stream`")
     prompts = await _prompts(st, req.prompt)
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's documented default
+    # No `max_tokens`: up to the remaining context (`max_total_tokens` - input length), as LoRAX.
     top_n = req.logprobs or 0
-    validated = [_validate(st, req, text, ids, max_tokens, top_n, authorization) for text, ids in prompts]
+    validated = [
+        _validate(st, req, text, ids, req.max_tokens, top_n, authorization, candidates=best_of)
+        for text, ids in prompts
+    ]
+    if best_of > 1 and not validated[0].params.do_sample:
+        # LoRAX's rule: greedy candidates would all be the same text (temperature 0 here).
+        raise validation_error("you must use sampling when `best_of` is > 1")
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
     if req.stream:
         return await _stream_completion(st, req, validated[0], cid, created, model)
-    async with st.service.slot(req.n * len(validated), "`n` x the prompts in `prompt`"):
-        results = await asyncio.gather(*[_run_choices(st, v, req.n) for v in validated])
+    sequences = max(req.n, best_of) * len(validated)
+    async with st.service.slot(sequences, "`n` (or `best_of`) x the prompts in `prompt`"):
+        results = await asyncio.gather(*[_run_choices(st, v, req.n, best_of) for v in validated])
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for (text, _), v, comps in zip(prompts, validated, results, strict=True):
         prompt_tokens += len(v.prompt_ids)
@@ -250,6 +292,7 @@ async def completions(
             "object": "text_completion",
             "created": created,
             "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens),
         }
@@ -295,7 +338,7 @@ async def chat_completions(
     ids = await encode_off_loop(st.tokenizer, prompt, add_special_tokens=False)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = (req.top_logprobs or 0) if req.logprobs else 0
-    v = _validate(st, req, prompt, ids, max_tokens, top_n, authorization)
+    v = _validate(st, req, prompt, ids, max_tokens, top_n, authorization, sample_by_default=True)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
     if req.stream:
         return await _stream_chat(st, req, v, cid, created, model)
@@ -316,6 +359,7 @@ async def chat_completions(
             "object": "chat.completion",
             "created": created,
             "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
             "usage": usage(len(v.prompt_ids), sum(c.generated_tokens for c in comps)),
         }
@@ -354,7 +398,13 @@ async def _stream_completion(
     st: ServerState, req: CompletionRequest, v: ValidatedRequest, cid: str, created: int, model: str
 ) -> StreamingResponse:
     async def events(adapter: Any) -> AsyncIterator[str]:
-        head = {"id": cid, "object": "text_completion", "created": created, "model": model}
+        head = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
         try:
             if req.echo:
                 yield openai_event(
@@ -372,7 +422,10 @@ async def _stream_completion(
                     "logprobs": _completion_logprobs(tokens, 0) if req.logprobs is not None else None,
                     "finish_reason": openai_finish_reason(final.finish_reason) if final else None,
                 }
-                yield openai_event({**head, "choices": [choice]})
+                chunk: dict[str, Any] = {**head, "choices": [choice]}
+                if final is not None:  # LoRAX: the final chunk carries the usage
+                    chunk["usage"] = usage(len(v.prompt_ids), final.generated_tokens)
+                yield openai_event(chunk)
                 if final is not None and req.stream_options and req.stream_options.include_usage:
                     yield openai_event(
                         {**head, "choices": [], "usage": usage(len(v.prompt_ids), final.generated_tokens)}
@@ -388,7 +441,13 @@ async def _stream_chat(
     st: ServerState, req: ChatCompletionRequest, v: ValidatedRequest, cid: str, created: int, model: str
 ) -> StreamingResponse:
     async def events(adapter: Any) -> AsyncIterator[str]:
-        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+        head = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
         try:
             yield openai_event(
                 {
@@ -418,7 +477,7 @@ async def _stream_chat(
                             ],
                         }
                     )
-                if final is not None:
+                if final is not None:  # LoRAX: the final chunk carries the usage
                     yield openai_event(
                         {
                             **head,
@@ -430,6 +489,7 @@ async def _stream_chat(
                                     "finish_reason": openai_finish_reason(final.finish_reason),
                                 }
                             ],
+                            "usage": usage(len(v.prompt_ids), final.generated_tokens),
                         }
                     )
                     if req.stream_options and req.stream_options.include_usage:

@@ -110,7 +110,12 @@ def test_chat_uses_the_template_and_matches_the_engine(server: ServerProcess, cl
     assert c.usage.prompt_tokens == ref["details"]["prompt_tokens"] and c.usage.completion_tokens == 6
     chunks = list(
         client.chat.completions.create(
-            model=beta, messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}
+            model=beta,
+            messages=messages,
+            max_tokens=6,
+            temperature=0,  # chat samples without it (OpenAI's default)
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -121,7 +126,12 @@ def test_chat_uses_the_template_and_matches_the_engine(server: ServerProcess, cl
 
 def test_chat_logprobs(server: ServerProcess, client: openai.OpenAI) -> None:
     c = client.chat.completions.create(
-        model="", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, top_logprobs=2
+        model="",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,  # sampled (the chat default), a special token could end the content early
+        logprobs=True,
+        top_logprobs=2,
     )
     content = c.choices[0].logprobs.content
     assert len(content) == 3 and all(len(e.top_logprobs) == 2 for e in content)
@@ -141,6 +151,6 @@ def test_errors_surface_as_openai_exceptions(server: ServerProcess, client: open
         client.completions.create(model="", prompt="hi", max_tokens=100000)
     assert "max_new_tokens" in str(e.value)
     with pytest.raises(openai.UnprocessableEntityError, match="not supported"):
-        client.completions.create(model="", prompt="hi", max_tokens=2, frequency_penalty=0.5)
+        client.completions.create(model="", prompt="hi", max_tokens=2, logit_bias={"5": 1.0})
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="/no/such/adapter", prompt="hi", max_tokens=2)
