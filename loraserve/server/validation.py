@@ -6,9 +6,10 @@ Kept free of HTTP and engine state so it can be unit-tested with just a tokenize
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from loraserve.adapters.merge import MergeError, MergeSpec
 from loraserve.engine.memory_plan import Limits
@@ -30,6 +31,40 @@ MAX_ABS_PENALTY = 2.0
 
 class TextEncoder(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+def chat_messages(inputs: str) -> list[dict[str, Any]]:
+    """`inputs` of a request with `apply_chat_template`: a JSON list of `{role, content}` messages,
+    or else plain text, which is one user message (LoRAX accepts both)."""
+    try:
+        parsed = json.loads(inputs)
+    except ValueError:
+        return [{"role": "user", "content": inputs}]
+    if not isinstance(parsed, list):
+        return [{"role": "user", "content": inputs}]  # e.g. a number or a quoted string: plain text
+    for i, m in enumerate(parsed):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+            raise validation_error(f"`inputs`: message {i} must be an object with a string `role`")
+        if not isinstance(m.get("content", ""), str | None):
+            raise validation_error(f"`inputs`: message {i} `content` must be a string")
+    if not parsed:
+        raise validation_error("`inputs` cannot be empty")
+    return parsed
+
+
+def render_chat(tokenizer: Any, inputs: str) -> str:
+    """`inputs` through the model's chat template, with the generation prompt; 422 when the model
+    has none or its template refuses the conversation (the chat route's rule)."""
+    messages = chat_messages(inputs)
+    render = getattr(tokenizer, "apply_chat_template", None)
+    if render is None:
+        raise validation_error("`apply_chat_template`: this model has no chat template")
+    try:
+        return render(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise validation_error(f"`apply_chat_template`: cannot build a chat prompt: {e}") from e
+    except Exception as e:  # jinja errors from the template itself, e.g. raise_exception(...)
+        raise validation_error(f"`apply_chat_template`: the model's chat template failed: {e}") from e
 
 
 @dataclass
@@ -108,8 +143,6 @@ def merge_spec(p: GenerateParameters) -> MergeSpec | None:
 def _check_unsupported(p: GenerateParameters) -> None:
     if p.response_format is not None:
         raise not_supported("`response_format` (JSON-schema constrained output)")
-    if p.apply_chat_template:
-        raise not_supported("`apply_chat_template` on /generate (use /v1/chat/completions)")
 
 
 def check_best_of(best_of: int, cfg: ServerConfig, stream: bool) -> None:
@@ -218,6 +251,11 @@ def validate_generate(
     checked = _check_parameters(req, cfg, limits, stream)
     if prompt_ids is not None:  # OpenAI chat prompts and token-id prompts arrive already tokenized
         ids = list(prompt_ids)
+    elif req.parameters.apply_chat_template:
+        check_prompt_chars(req.inputs, limits)
+        req = req.model_copy(update={"inputs": render_chat(tokenizer, req.inputs)})
+        check_prompt_chars(req.inputs, limits)
+        ids = tokenizer.encode(req.inputs, add_special_tokens=False)  # the template wrote the BOS
     else:
         check_prompt_chars(req.inputs, limits)
         ids = tokenizer.encode(req.inputs, add_special_tokens=True)
@@ -238,7 +276,14 @@ async def validate_generate_async(
     holds up `/health` or anyone else's request."""
     checked = _check_parameters(req, cfg, limits, stream)
     check_prompt_chars(req.inputs, limits)
-    ids = await encode_off_loop(tokenizer, req.inputs, add_special_tokens=True)
+    special = True
+    if req.parameters.apply_chat_template:
+        # Rendered off the loop like tokenizing; `inputs` becomes the prompt the model sees (and
+        # what `return_full_text` prepends). The template writes the BOS itself.
+        req = req.model_copy(update={"inputs": await asyncio.to_thread(render_chat, tokenizer, req.inputs)})
+        check_prompt_chars(req.inputs, limits)
+        special = False
+    ids = await encode_off_loop(tokenizer, req.inputs, add_special_tokens=special)
     return _with_prompt(req, checked, ids, limits, header_token)
 
 

@@ -174,3 +174,33 @@ def test_openai_routes_refuse_a_non_json_body_with_415(server: ServerProcess) ->
 def test_get_routes_need_no_content_type(server: ServerProcess) -> None:
     for path in ("/health", "/info", "/v1/models"):
         assert httpx.get(server.url + path, headers=TEXT, timeout=60).status_code == 200, path
+
+
+def test_apply_chat_template_on_generate_matches_the_chat_route(server: ServerProcess) -> None:
+    """`inputs` as a JSON message list or a plain user string goes through the model's template;
+    the output is the chat route's for the same conversation."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    body = {"model": "", "messages": messages, "max_tokens": 6, "temperature": 0}
+    want = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+
+    def generate(inputs: str, **p: Any) -> dict[str, Any]:
+        parameters = {"max_new_tokens": 6, "apply_chat_template": True, "details": True, **p}
+        r = httpx.post(
+            server.url + "/generate", json={"inputs": inputs, "parameters": parameters}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    listed = generate(json.dumps(messages))
+    assert listed["details"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+    assert listed["generated_text"] == want["choices"][0]["message"]["content"]
+    rendered = "<s>system: be brief\n<s>user: hello\nassistant: "  # the tiny model's template
+    full = generate(json.dumps(messages), return_full_text=True)["generated_text"]
+    assert full == rendered + listed["generated_text"]
+    plain = generate("hello")
+    user_only = {**body, "messages": [{"role": "user", "content": "hello"}]}
+    chat_plain = httpx.post(server.url + "/v1/chat/completions", json=user_only, timeout=60).json()
+    assert plain["generated_text"] == chat_plain["choices"][0]["message"]["content"]
+    bad = {"inputs": '[{"content": "x"}]', "parameters": {"apply_chat_template": True}}
+    r = httpx.post(server.url + "/generate", json=bad, timeout=60)
+    assert r.status_code == 422 and r.json()["error"].startswith(VALIDATION + "`inputs`: message 0"), r.text

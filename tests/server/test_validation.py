@@ -145,3 +145,49 @@ def test_stop_sequences_never_leak_into_openai_text() -> None:
     assert pieces[1] == "lo "  # "E" waits: it may start the stop sequence
     plain = StopAwareText(["END"])
     assert plain.push("the E") == "the " and plain.finish(False) == "E"
+
+
+class TemplateTokenizer(WordTokenizer):
+    """A word tokenizer with a chat template: `role: content` lines, then `assistant:`."""
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if any(m["role"] == "bad" for m in messages):
+            raise ValueError("roles must be user or assistant")
+        text = " ".join(f"{m['role']}: {m.get('content') or ''}" for m in messages)
+        return text + (" assistant:" if add_generation_prompt else "")
+
+
+def chat(inputs: str, **params):
+    req = GenerateRequest(inputs=inputs, parameters=GenerateParameters(apply_chat_template=True, **params))
+    return validate_generate(req, CFG, LIMITS, TemplateTokenizer())
+
+
+def test_apply_chat_template_renders_a_message_list_or_a_plain_user_string() -> None:
+    v = chat('[{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]')
+    assert v.inputs == "system: be user: hi assistant:"
+    assert v.prompt_ids == WordTokenizer().encode(v.inputs, add_special_tokens=False)  # no second BOS
+    assert chat("hello there").inputs == "user: hello there assistant:"
+    assert chat("42").inputs == "user: 42 assistant:"  # JSON, but not a list of messages
+    assert run(inputs="hello there").inputs == "hello there"  # without the flag nothing is rendered
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ("[]", "`inputs` cannot be empty"),
+        ('[{"content": "no role"}]', "message 0 must be an object with a string `role`"),
+        ('["just text"]', "message 0 must be an object"),
+        ('[{"role": "user", "content": [1]}]', "message 0 `content` must be a string"),
+        ('[{"role": "bad", "content": "x"}]', "cannot build a chat prompt: roles must be user or assistant"),
+    ],
+)
+def test_apply_chat_template_refusals_are_422(inputs: str, message: str) -> None:
+    with pytest.raises(ApiError) as e:
+        chat(inputs)
+    assert e.value.status_code == 422 and message in e.value.message
+
+
+def test_apply_chat_template_without_a_template_is_422() -> None:
+    req = GenerateRequest(inputs="hi", parameters=GenerateParameters(apply_chat_template=True))
+    with pytest.raises(ApiError, match="no chat template"):
+        validate_generate(req, CFG, LIMITS, WordTokenizer())
