@@ -38,7 +38,7 @@ def chat_messages(inputs: str) -> list[dict[str, Any]]:
     or else plain text, which is one user message (LoRAX accepts both)."""
     try:
         parsed = json.loads(inputs)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth: plain text
         return [{"role": "user", "content": inputs}]
     if not isinstance(parsed, list):
         return [{"role": "user", "content": inputs}]  # e.g. a number or a quoted string: plain text

@@ -9,7 +9,7 @@ from loraserve.server.config import ServerConfig
 from loraserve.server.errors import ApiError
 from loraserve.server.openai_text import StopAwareText, cut_at_stop
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
-from loraserve.server.validation import bearer_token, validate_generate
+from loraserve.server.validation import bearer_token, chat_messages, validate_generate
 
 
 class WordTokenizer:
@@ -168,6 +168,8 @@ def test_apply_chat_template_renders_a_message_list_or_a_plain_user_string() -> 
     assert v.prompt_ids == WordTokenizer().encode(v.inputs, add_special_tokens=False)  # no second BOS
     assert chat("hello there").inputs == "user: hello there assistant:"
     assert chat("42").inputs == "user: 42 assistant:"  # JSON, but not a list of messages
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError, not ValueError
+    assert chat_messages(deep) == [{"role": "user", "content": deep}]
     assert run(inputs="hello there").inputs == "hello there"  # without the flag nothing is rendered
 
 
