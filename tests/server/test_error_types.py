@@ -61,6 +61,8 @@ def test_engine_errors_map_by_type(
     assert r.status_code == status
     detail = str(raised.args[0])
     assert (detail in r.json()["error"]) == shown
+    prefix = {422: "Input validation error: ", 424: "Request failed during generation: "}.get(status, "")
+    assert r.json()["error"].startswith(prefix) and (prefix or r.json()["error"] == "internal server error")
     if status == 500:
         assert any("request failed in the engine" in rec.getMessage() for rec in caplog.records)
     monkeypatch.undo()

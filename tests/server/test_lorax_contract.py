@@ -104,6 +104,14 @@ ROWS = [
         "generation",
         GENERATION + "adapter error:",
     ),
+    # a token refused for its form keeps its auth status (no adapter is looked up)
+    Row(
+        "malformed-token-keeps-401",
+        params(adapter_id="/nonexistent/adapter", adapter_source="local", api_token="a b"),
+        401,
+        "validation",
+        V + "`api_token` is malformed",
+    ),
     # -- the body must be declared JSON (axum's `Json` extractor)
     Row("text-plain-body", b'{"inputs": "hi"}', 415, "unsupported_media_type", MEDIA, headers=TEXT),
     Row("form-body", b"inputs=hi", 415, "unsupported_media_type", MEDIA, headers=FORM),
