@@ -115,7 +115,15 @@ def test_chat_stream_options_include_usage_still_works(client: openai.OpenAI) ->
 
 
 def test_best_of_returns_the_best_n_sampled_candidates(server: ServerProcess) -> None:
-    body = {"model": "", "prompt": PROMPT, "max_tokens": 6, "best_of": 3, "n": 2, "logprobs": 0}
+    body = {
+        "model": "",
+        "prompt": PROMPT,
+        "max_tokens": 6,
+        "best_of": 3,
+        "n": 2,
+        "logprobs": 0,
+        "ignore_eos_token": True,
+    }
     r = post(server, "/v1/completions", body)
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]
