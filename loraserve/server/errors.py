@@ -21,8 +21,10 @@ class ApiError(Exception):
         *,
         openai_status: int | None = None,
         openai_error_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.message = message
         self.status_code = status_code
         self.error_type = error_type
@@ -86,7 +88,9 @@ def overloaded_error() -> ApiError:
 #: Adapter statuses that mean "this adapter does not exist or cannot be loaded" (unknown, bad
 #: files, a Predibase version still training, an unexpected load failure). LoRAX's loader answers
 #: all of them as a generation error, 424, so `lorax-client` raises GenerationError.
-ADAPTER_LOAD_FAILURES = frozenset({400, 404, 500})
+ADAPTER_LOAD_FAILURES = frozenset({400, 404, 500, 502, 503, 504})
+#: A source that did not answer (502-504) may well answer a retry: those 424s say so.
+RETRYABLE = frozenset({502, 503, 504})
 
 
 def adapter_api_error(exc: AdapterError) -> ApiError:
@@ -95,14 +99,19 @@ def adapter_api_error(exc: AdapterError) -> ApiError:
     * Not found or failed to load (`ADAPTER_LOAD_FAILURES`): 424 `generation` on LoRAX's routes,
       as LoRAX answers; the `/v1` routes keep the adapter's own status (404 for an unknown
       `model`, OpenAI's `NotFoundError`), type `validation`.
+      An unreachable source (502-504) is a failed load too, as LoRAX's loader has it, with a
+      `Retry-After` header (the source may answer a retry); `/v1` keeps its 503.
     * Refused credentials (401/403) keep their status everywhere: a caller must be able to tell a
-      bad token from a missing adapter. So do merge problems (422) and unreachable sources (503,
-      worth retrying). `error_type` is `validation` so `lorax-client` raises its ValidationError.
+      bad token from a missing adapter. So do merge problems (422). `error_type` is `validation`
+      so `lorax-client` raises its ValidationError.
     """
     status = int(getattr(exc, "status_code", 400))
     message = f"adapter error: {exc}"
     if status in ADAPTER_LOAD_FAILURES:
-        return ApiError(message, 424, "generation", openai_status=status, openai_error_type="validation")
+        headers = {"Retry-After": "1"} if status in RETRYABLE else None
+        return ApiError(
+            message, 424, "generation", openai_status=status, openai_error_type="validation", headers=headers
+        )
     return ApiError(message, status, "validation")
 
 
@@ -119,7 +128,9 @@ def request_validation_message(exc: RequestValidationError) -> str:
     return "; ".join(msgs) or "invalid request"
 
 
-def error_response(request: Request, message: str, error_type: str, status_code: int) -> JSONResponse:
+def error_response(
+    request: Request, message: str, error_type: str, status_code: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """LoRAX's flat shape, except on `/v1`, where OpenAI clients read `error.message`.
 
     The `/v1` body keeps a top-level `error_type` so both kinds of callers find what they look for.
@@ -129,9 +140,11 @@ def error_response(request: Request, message: str, error_type: str, status_code:
             "error": {"message": message, "type": error_type, "param": None, "code": status_code},
             "error_type": error_type,
         }
-        return JSONResponse(body, status_code=status_code)
+        return JSONResponse(body, status_code=status_code, headers=headers)
     return JSONResponse(
-        {"error": lorax_message(message, error_type), "error_type": error_type}, status_code=status_code
+        {"error": lorax_message(message, error_type), "error_type": error_type},
+        status_code=status_code,
+        headers=headers,
     )
 
 
@@ -139,7 +152,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         status, error_type = exc.status_for(request.url.path)
-        return error_response(request, exc.message, error_type, status)
+        return error_response(request, exc.message, error_type, status, exc.headers)
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
