@@ -14,6 +14,7 @@ from loraserve.layers.linear import Linear
 from loraserve.layers.lora import LoraTable
 from loraserve.layers.lora_linear import LoraLinear
 from loraserve.layers.ops import TorchOps
+from loraserve.layers.rotary import RotaryTable
 from loraserve.models.config import ModelConfig
 from loraserve.models.spec import Projection, fused_groups
 
@@ -57,6 +58,9 @@ class DecoderModel:
     ) -> None:
         self.cfg, self.ops, self.kv_caches = cfg, ops, kv_caches
         self.embed_scale = embed_scale
+        self.rotary = RotaryTable(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, ops.dtype, ops.device
+        )
         embed = top["model.embed_tokens.weight"]
         self.vocab_size = embed.shape[0]
         self.norm = top["model.norm.weight"]

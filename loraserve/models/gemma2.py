@@ -11,7 +11,6 @@ import torch
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.lora import LoraBatch, LoraTable
 from loraserve.layers.ops import TorchOps
-from loraserve.layers.rotary import RotaryTable
 from loraserve.models.base import DecoderModel, KVCaches, build_projections
 from loraserve.models.config import ModelConfig
 from loraserve.models.llama import llama_projections
@@ -75,9 +74,6 @@ class Gemma2Model(DecoderModel):
         super().__init__(cfg, top, ops, kv_caches, embed_scale=cfg.hidden_size**0.5)
         self.norm = _gemma_norm(self.norm)
         self.final_softcap = cfg.raw.get("final_logit_softcapping")
-        self.rotary = RotaryTable(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, ops.dtype, ops.device
-        )
         self.layers = [Gemma2Layer(i, w, cfg, ops, lora, kv_caches[i]) for i, w in enumerate(per_layer)]
         self.own_tensors(self.layers)
 

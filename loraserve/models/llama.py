@@ -15,7 +15,6 @@ import torch
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.lora import LoraBatch, LoraTable
 from loraserve.layers.ops import TorchOps
-from loraserve.layers.rotary import RotaryTable
 from loraserve.models.base import DecoderModel, KVCaches, build_projections
 from loraserve.models.config import ModelConfig
 from loraserve.models.spec import Projection
@@ -94,9 +93,6 @@ class LlamaModel(DecoderModel):
     ) -> None:
         per_layer, top = weights
         super().__init__(cfg, top, ops, kv_caches)
-        self.rotary = RotaryTable(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, ops.dtype, ops.device
-        )
         projections = self.projections(cfg)
         self.layers = [
             LlamaLayer(i, w, cfg, ops, lora, kv_caches[i], projections) for i, w in enumerate(per_layer)

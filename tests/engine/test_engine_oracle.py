@@ -11,7 +11,7 @@ from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
 from tests.fixtures.native import native_kernel_or_skip
-from tests.fixtures.tiny_models import load_hf_model
+from tests.fixtures.tiny_models import hf_greedy, load_hf_model
 
 PROMPTS = [
     [1, 17, 33, 90, 5, 61, 7],
@@ -20,18 +20,6 @@ PROMPTS = [
     [1, 301],
     [1, 64, 128, 12, 99, 100, 101, 102, 103, 150, 151, 152, 153, 154, 155, 156, 157, 158, 159, 160, 40, 41],
 ]
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(ids) :].tolist()
 
 
 def make_engine(path: Path, **kw) -> Engine:

@@ -16,7 +16,7 @@ from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
 from loraserve.models.config import ModelConfig
 from tests.fixtures.native import native_kernel_or_skip
-from tests.fixtures.tiny_models import load_hf_model, make_peft_adapter, make_tiny_model
+from tests.fixtures.tiny_models import hf_greedy, load_hf_model, make_peft_adapter, make_tiny_model
 
 ARCHS = ["phi3", "gemma2", "qwen3", "mistral_sw"]
 TARGETS = {
@@ -48,18 +48,6 @@ def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
         ]
         out[arch] = (model, adapters)
     return out
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(ids) :].tolist()
 
 
 def make_engine(path: Path, native: bool) -> Engine:

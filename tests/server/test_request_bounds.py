@@ -11,7 +11,6 @@ import math
 import pytest
 
 from loraserve.engine.errors import RequestError
-from loraserve.engine.memory_plan import Limits
 from loraserve.engine.params import MIN_REPETITION_PENALTY, SamplingParams
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import ApiError
@@ -26,17 +25,8 @@ from loraserve.server.validation import (
     validate_generate,
     validate_generate_async,
 )
+from tests.server.test_validation import LIMITS  # the same small limits
 
-LIMITS = Limits(
-    max_input_length=10,
-    max_total_tokens=20,
-    max_batch_prefill_tokens=10,
-    max_batch_total_tokens=64,
-    max_active_adapters=1,
-    max_lora_rank=8,
-    max_num_seqs=4,
-    block_size=16,
-)
 CFG = ServerConfig(max_best_of=2)
 
 
