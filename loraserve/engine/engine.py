@@ -22,6 +22,7 @@ from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.engine.config import DTYPES, EngineConfig
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.errors import RequestError
+from loraserve.engine.grammar import GrammarCompiler
 from loraserve.engine.memory_plan import Limits, resolve_lengths
 from loraserve.engine.model_runner import ModelRunner, StepResult
 from loraserve.engine.output_processor import Emitted, OutputProcessor
@@ -79,6 +80,7 @@ class Engine:
         self.speculators = Speculators(
             mc.hidden_size, self.runner.vocab_size, self.device, self.dtype, cfg.speculative_tokens
         )
+        self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids))
         self._seqs: dict[str, Sequence] = {}
         self.spec_steps = 0
         self.spec_tokens = 0
@@ -159,6 +161,7 @@ class Engine:
         if adapter is not None:
             self.check_adapter(adapter)
         speculator = self.speculators.for_request(adapter, params)
+        grammar = self.grammars.matcher(params.response_format) if params.response_format else None
         rid = request_id or uuid.uuid4().hex
         if rid in self._seqs:
             raise RequestError(f"duplicate request id {rid!r}")
@@ -173,6 +176,7 @@ class Engine:
             detok=IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
             stop=StopChecker(params.stop) if params.stop else None,
             speculator=speculator,
+            grammar=grammar,
         )
         self._seqs[rid] = seq
         self.scheduler.add(seq)
@@ -259,7 +263,14 @@ class Engine:
         output = None
         if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
             output = torch.tensor(seq.output_ids, dtype=torch.long, device=self.device)
-        return SamplingRow(params=p, generator=seq.generator, history=history, prev_token=prev, output=output)
+        return SamplingRow(
+            params=p,
+            generator=seq.generator,
+            history=history,
+            prev_token=prev,
+            output=output,
+            grammar=seq.grammar,
+        )
 
     def _emit_step(
         self, res: StepResult, poisoned: list[bool], sampled: dict[int, Emitted]

@@ -3,6 +3,7 @@
 An ordered list of processors, each applied to the whole batch with per-row
 parameters (a row whose parameter is neutral is left as it is):
 
+0. grammar mask       (structured output, engine/grammar.py: -inf outside the allowed tokens)
 1. repetition penalty   (HF `RepetitionPenaltyLogitsProcessor`)
 2. frequency and presence penalties (OpenAI's, over the generated tokens)
 3. watermark            (TGI/LoRAX's green-list bias, engine/watermark.py)
@@ -13,17 +14,18 @@ Plain sampling (engine/sampling.py) and speculative verification
 (engine/speculative.py) both call `scores` (steps 1-4: what the reported
 logprob is computed from) and `truncate` (step 5: what a token is drawn
 from), so a constraint added here holds for drafted tokens too. Adding a
-processor is one class in this file and one entry in `PROCESSORS`; a grammar
-mask, for instance, goes before temperature.
+processor is one class in this file and one entry in `PROCESSORS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from loraserve.engine.grammar import apply_bitmask, fill_bitmask
 from loraserve.engine.logits_processors import (
     apply_frequency_presence,
     apply_repetition_penalty,
@@ -50,6 +52,7 @@ class SamplingRow:
     history: torch.Tensor | None  # prompt+generated ids on the logits device, for repetition_penalty
     prev_token: int | None = None  # the token before this position, for the watermark
     output: torch.Tensor | None = None  # ids generated so far, for frequency/presence penalties
+    grammar: Any = None  # the sequence's llguidance LLMatcher, for structured output
 
 
 class Processor:
@@ -63,6 +66,14 @@ class Processor:
     def __call__(self, scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """scores [len(rows), V] of the active rows only -> processed scores."""
         raise NotImplementedError
+
+
+class GrammarMask(Processor):
+    def active(self, row: SamplingRow) -> bool:
+        return row.grammar is not None
+
+    def __call__(self, scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        return apply_bitmask(scores, fill_bitmask([r.grammar for r in rows], scores.shape[1]))
 
 
 class RepetitionPenalty(Processor):
@@ -136,6 +147,7 @@ class TypicalP(Processor):
 
 
 PROCESSORS: tuple[Processor, ...] = (
+    GrammarMask(),
     RepetitionPenalty(),
     FrequencyPresence(),
     Watermark(),

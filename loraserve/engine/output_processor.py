@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from loraserve.engine.grammar import advance
 from loraserve.engine.params import RequestOutput, TokenInfo
 from loraserve.engine.sequence import Sequence
 from loraserve.engine.tokenizer import Tokenizer
@@ -80,6 +81,8 @@ class OutputProcessor:
     ) -> tuple[TokenInfo, str | None]:
         seq.output_ids.append(token)
         self.tokens_generated += 1
+        if seq.grammar is not None:
+            advance(seq.grammar, token)
         special = self.tokenizer.is_special(token)
         delta = seq.detok.add(token)
         reason = None

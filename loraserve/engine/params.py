@@ -20,6 +20,16 @@ MIN_SAMPLING_TEMPERATURE = 1e-5
 #: server raises smaller penalties to this floor, where repeated tokens already dominate.
 MIN_REPETITION_PENALTY = 1e-5
 
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """A structured-output constraint (engine/grammar.py): `json_object` = any JSON object, or
+    the one `schema` describes when given; `json_schema` = the JSON `schema` (required)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: dict | None = None
+
+
 FinishReason = Literal["length", "eos_token", "stop_sequence", "aborted", "error"]
 
 
@@ -48,6 +58,7 @@ class SamplingParams:
     top_n_alternatives: int = 0  # return_k_alternatives
     prefill_logprobs: bool = False  # decoder_input_details
     watermark: bool = False  # bias a green list of tokens (LoRAX/TGI watermarking)
+    response_format: ResponseFormat | None = None  # None = free text
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field; the server maps it to 422."""
@@ -82,6 +93,14 @@ class SamplingParams:
             raise RequestError("seed must be >= 0")
         if self.top_n_alternatives < 0:
             raise RequestError("return_k_alternatives must be >= 0")
+        rf = self.response_format
+        if rf is not None:
+            if rf.type not in ("json_object", "json_schema"):
+                raise RequestError("response_format.type must be json_object or json_schema")
+            if rf.type == "json_schema" and rf.schema is None:
+                raise RequestError("response_format: json_schema needs a schema")
+            if rf.schema is not None and not isinstance(rf.schema, dict):
+                raise RequestError("response_format.schema must be a JSON object")
 
 
 @dataclass

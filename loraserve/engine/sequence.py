@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class Sequence:
     drafts: list[int] = field(default_factory=list)  # proposed tokens to verify in the next step
     spec_steps: int = 0  # steps that verified drafts
     spec_tokens: int = 0  # tokens emitted by those steps
+    grammar: Any = None  # llguidance LLMatcher of a structured-output request (engine/grammar.py)
 
     @property
     def uses_slot(self) -> bool:

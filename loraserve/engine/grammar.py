@@ -1,0 +1,135 @@
+"""Structured output: a per-request grammar (JSON schema or any JSON object) enforced with llguidance.
+
+llguidance (https://github.com/guidance-ai/llguidance) compiles a JSON schema into a grammar
+lazily (no per-schema compile step worth caching beyond the grammar text) and, for each step,
+computes the set of allowed next tokens as a bitmask. Here:
+
+- `GrammarCompiler` (one per engine) builds llguidance's tokenizer once from the model's
+  `tokenizer.json`, sized to the logits' vocabulary (a padded `lm_head`'s extra ids are never
+  allowed), turns a `ResponseFormat` into a grammar (bounded cache keyed by the schema text) and
+  hands each constrained sequence its own `LLMatcher`.
+- The matcher advances on every token the sequence emits (engine/output_processor.py), drafts
+  included; EOS is allowed only where the grammar may end, and once the grammar is complete EOS
+  is the only allowed token.
+- `apply_grammar_masks` fills one `[rows, ceil(V/32)]` int32 bitmask for the constrained rows and
+  sets every disallowed logit to -inf in one vectorised op; it is the first processor of the
+  logits pipeline (engine/logits_pipeline.py), so greedy and sampled rows are both constrained.
+
+JSON is generated compact (no free whitespace between tokens): a model that likes whitespace
+would otherwise be free to emit it until `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import llguidance
+import torch
+
+from loraserve.engine.errors import RequestError
+from loraserve.engine.params import ResponseFormat
+
+if TYPE_CHECKING:
+    from loraserve.engine.tokenizer import Tokenizer
+
+#: JSON compile options: compact JSON, `", "` and `": "` separators as `json.dumps` writes them.
+JSON_OPTIONS: llguidance.JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+_CACHE_SIZE = 256
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def schema_of(fmt: ResponseFormat) -> dict:
+    """The JSON schema a response format stands for (`json_object` without schema: any object)."""
+    return fmt.schema if fmt.schema is not None else {"type": "object"}
+
+
+def grammar_text(fmt: ResponseFormat) -> str:
+    """llguidance grammar for a response format; RequestError naming `response_format` if the
+    schema is not one llguidance can enforce. Needs no tokenizer (usable in request validation)."""
+    return _compiled(json.dumps(schema_of(fmt), sort_keys=True))
+
+
+_lock = threading.Lock()
+_grammars: OrderedDict[str, str] = OrderedDict()
+
+
+def _compiled(schema_text: str) -> str:
+    with _lock:
+        hit = _grammars.get(schema_text)
+        if hit is not None:
+            _grammars.move_to_end(schema_text)
+            return hit
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, defaults=JSON_OPTIONS)
+    except (ValueError, TypeError) as e:
+        raise RequestError(f"response_format: invalid JSON schema: {e}") from None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise RequestError(f"response_format: unsupported JSON schema: {messages[0] if messages else ''}")
+    with _lock:
+        _grammars[schema_text] = grammar
+        while len(_grammars) > _CACHE_SIZE:
+            _grammars.popitem(last=False)
+    return grammar
+
+
+class GrammarCompiler:
+    """The engine's llguidance tokenizer (built on first use: ~1 s) and matcher factory."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: Sequence[int]) -> None:
+        self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, sorted(eos_ids)
+        self._ll: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._ll is None:
+                self._ll = llguidance.LLTokenizer(
+                    self._tokenizer.backend.to_str(),
+                    n_vocab=self.vocab_size,
+                    eos_token=self._eos or None,
+                )
+            return self._ll
+
+    def matcher(self, fmt: ResponseFormat) -> llguidance.LLMatcher:
+        """A fresh matcher at the start of the grammar; RequestError if it cannot be built."""
+        m = llguidance.LLMatcher(self.ll_tokenizer, grammar_text(fmt), log_level=0)
+        if m.is_error():
+            raise RequestError(f"response_format: {m.get_error()}")
+        return m
+
+
+def advance(matcher: llguidance.LLMatcher, token: int) -> None:
+    """Feed one emitted token; a finished grammar ignores what follows (EOS after the end)."""
+    if matcher.is_stopped():
+        return
+    matcher.consume_token(token)
+
+
+def fill_bitmask(matchers: Sequence[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+    """[len(matchers), ceil(V/32)] int32: bit t of row r set iff token t is allowed for row r.
+    A matcher in error (it cannot be after masked decoding) leaves its row unconstrained."""
+    words = (vocab_size + 31) // 32
+    mask = torch.full((len(matchers), words), -1, dtype=torch.int32)
+    for r, m in enumerate(matchers):
+        if not m.is_error():
+            m.unsafe_compute_mask_ptr(mask[r].data_ptr(), words * 4)
+    return mask
+
+
+def apply_bitmask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every logit whose bit is clear set to -inf, in one op for the batch."""
+    v = scores.shape[1]
+    mask = mask.to(scores.device, non_blocking=True)
+    bits = (mask.unsqueeze(-1) >> _BIT.to(scores.device)) & 1  # [R, W, 32]
+    allowed = bits.reshape(mask.shape[0], -1)[:, :v].bool()
+    return scores.masked_fill(~allowed, float("-inf"))
