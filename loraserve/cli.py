@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraserve import __version__
+from loraserve.models.source import DEFAULT_MODEL_CACHE, MODEL_SOURCES
 from loraserve.server.flags import SERVE_FLAGS, SOURCES, EnvArgumentParser, add_serve_flags
 from loraserve.server.log_redaction import install_redaction
 from loraserve.server.logging_setup import setup_logging, uvicorn_log_config
@@ -33,25 +34,7 @@ def _unsupported(args: argparse.Namespace) -> str | None:
         return "sharding is not supported: loraserve serves from one device"
     if args.otlp_endpoint:
         return "--otlp-endpoint is not supported yet"
-    if args.source != "local":
-        return (
-            f"--source {args.source}: loading the base model from {_SOURCE_NAMES.get(args.source, args.source)} "
-            "is not supported yet; pass a local model directory as --model-id (--source local)"
-        )
-    if args.revision:
-        return (
-            f"--revision {args.revision}: base model revisions are not supported yet (the base model is "
-            "read from a local directory); drop --revision (REVISION)"
-        )
-    if not Path(args.model_id).expanduser().is_dir():
-        return (
-            f"--model-id {args.model_id}: no such directory; the base model must be a local directory in "
-            "Hugging Face layout (config.json, safetensors, tokenizer.json)"
-        )
     return None
-
-
-_SOURCE_NAMES = {"hub": "the Hugging Face Hub", "s3": "S3"}
 
 
 def _ignored_flags(args: argparse.Namespace) -> list[str]:
@@ -160,6 +143,19 @@ def serve(args: argparse.Namespace) -> int:
     timeout = str(max(1, math.ceil(args.adapter_source_timeout_s)))  # it wants whole seconds
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", timeout)
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", timeout)
+    from loraserve.models.config import ModelLoadError
+    from loraserve.models.source import resolve_model
+
+    try:
+        model_dir = resolve_model(
+            args.model_id,
+            args.source,
+            args.revision,
+            cache_dir=args.model_cache_dir,
+            timeout_s=args.adapter_source_timeout_s,
+        )
+    except ModelLoadError as e:
+        return _refuse(args, str(e))
     import uvicorn
 
     from loraserve.adapters.disk_cache import AdapterDiskCache
@@ -167,13 +163,12 @@ def serve(args: argparse.Namespace) -> int:
     from loraserve.adapters.store import AdapterStore
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.engine.engine import Engine
-    from loraserve.models.config import ModelLoadError
     from loraserve.server.app import build_state, create_app
     from loraserve.server.config import ServerConfig
     from loraserve.server.request_guard import guarded_h11_protocol
 
     try:
-        aengine = AsyncEngine.build(lambda: Engine.from_pretrained(args.model_id, _engine_config(args)))
+        aengine = AsyncEngine.build(lambda: Engine.from_pretrained(model_dir, _engine_config(args)))
     except ModelLoadError as e:
         return _refuse(args, str(e))
     engine = aengine.engine
@@ -268,6 +263,8 @@ def generate(args: argparse.Namespace) -> int:
     from loraserve.adapters.store import local_adapter_store
     from loraserve.engine.engine import Engine, EngineConfig
     from loraserve.engine.params import SamplingParams
+    from loraserve.models.config import ModelLoadError
+    from loraserve.models.source import resolve_model
 
     # One request: a KV cache for one sequence and one adapter slot, not the serving-sized defaults.
     config = EngineConfig(
@@ -278,7 +275,12 @@ def generate(args: argparse.Namespace) -> int:
         max_active_adapters=1,
         max_num_seqs=1,
     )
-    engine = Engine.from_pretrained(args.model_id, config)
+    try:
+        model_dir = resolve_model(args.model_id, args.source, args.revision, cache_dir=args.model_cache_dir)
+        engine = Engine.from_pretrained(model_dir, config)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     adapter = None
     if args.adapter_id:
         try:
@@ -323,14 +325,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve = sub.add_parser(
         "serve",
         help="Start the HTTP server (LoRAX and OpenAI APIs).",
-        usage="%(prog)s --model-id DIR [options]  (all options: %(prog)s --help)",
+        usage="%(prog)s --model-id DIR|ORG/NAME|S3_URI [options]  (all options: %(prog)s --help)",
     )
     add_serve_flags(p_serve)
     p_serve.set_defaults(func=serve)
 
     p_gen = sub.add_parser("generate", help="Generate once from a prompt, without a server.")
     p_gen.add_argument("prompt", help="The prompt text.")
-    p_gen.add_argument("--model-id", "--model", dest="model_id", required=True, help="Base model directory.")
+    p_gen.add_argument(
+        "--model-id",
+        "--model",
+        dest="model_id",
+        required=True,
+        help="Base model: a local directory, a hub repo id org/name or s3://bucket/prefix.",
+    )
+    p_gen.add_argument(
+        "--source",
+        default="hub",
+        choices=MODEL_SOURCES,
+        help="Where --model-id is read from (as for `serve`; default: hub, which takes local directories too).",
+    )
+    p_gen.add_argument("--revision", help="Base model revision on the hub (default: main).")
+    p_gen.add_argument(
+        "--model-cache-dir",
+        default=DEFAULT_MODEL_CACHE,
+        help="Where base models read from S3 are downloaded.",
+    )
     p_gen.add_argument(
         "--adapter-id", help="A LoRA adapter (PEFT directory) to apply; Medusa heads in it speculate."
     )

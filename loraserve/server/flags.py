@@ -38,17 +38,23 @@ SOURCES = ("hub", "local", "s3", "pbase")
 SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(
         "--model-id",
-        "Base model: a local directory in Hugging Face layout (config.json, safetensors, tokenizer.json).",
+        "Base model: a local directory in Hugging Face layout (config.json, safetensors, tokenizer.json), "
+        "a hub repo id org/name (HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME apply) or s3://bucket/prefix.",
         aliases=("--model",),
     ),
     Flag(
         "--source",
-        "Where the base model comes from. Only `local` (--model-id is a directory) is supported yet; "
-        "hub and s3 are refused at start.",
-        default="local",
+        "Where --model-id is read from: `hub` (a local directory if one exists at that path, else a hub "
+        "repo), `local` (a directory only) or `s3` (s3://bucket/prefix, standard AWS environment).",
+        default="hub",
         choices=("hub", "local", "s3"),
     ),
-    Flag("--revision", "Base model revision on the Hub (not supported yet: refused at start)."),
+    Flag("--revision", "Base model revision on the hub: branch, tag or commit (default: main)."),
+    Flag(
+        "--model-cache-dir",
+        "Where base models read from S3 are downloaded (hub models go to the Hugging Face cache).",
+        default="~/.cache/loraserve/models",
+    ),
     Flag(
         "--adapter-id",
         "A static adapter loaded at start; requests that name no adapter use it. Medusa heads in it "

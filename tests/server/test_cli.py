@@ -172,36 +172,131 @@ def test_bad_environment_values_do_not_break_other_commands(monkeypatch: pytest.
     assert args.command == "generate"
 
 
+@pytest.fixture
+def hub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from tests.fixtures.fake_hub import FakeHub
+
+    hub = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for name in (
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_OFFLINE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for flag in SERVE_FLAGS:
+        monkeypatch.delenv(flag.env, raising=False)
+    yield hub
+    hub.stop()
+
+
+def _expected_text(model: Path, prompt: str = "hello world") -> str:
+    engine = Engine.from_pretrained(model, EngineConfig(kv_cache_memory_bytes=16 << 20))
+    return engine.generate([prompt], SamplingParams(max_new_tokens=6))[0].generated_text
+
+
+def test_generate_reads_the_model_from_the_hub_at_a_revision_and_with_a_token(
+    hub_env, tiny_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from tests.fixtures.fake_hub import files_of
+
+    model, _ = tiny_assets
+    sha = hub_env.add_repo("org/tiny", files_of(model))
+    hub_env.add_repo("org/tiny", {"README.md": b"a later commit without weights"})
+    hub_env.add_repo("org/private", files_of(model), private=True, tokens=("hf_cli_token",))
+    expected = _expected_text(model)
+    assert (
+        main(["generate", "--model", "org/tiny", "--revision", sha, "--max-new-tokens", "6", "hello world"])
+        == 0
+    )
+    assert capsys.readouterr().out.rstrip("\n") == expected
+    assert main(["generate", "--model", "org/tiny", "hello world"]) == 2  # main has no weights now
+    err = capsys.readouterr().err
+    assert "error: hub model org/tiny@main has no config.json" in err and "Traceback" not in err
+    assert main(["generate", "--model", "org/private", "hello world"]) == 2
+    assert "repository not found or private (a private repo needs HF_TOKEN" in capsys.readouterr().err
+    monkeypatch.setenv("HF_TOKEN", "hf_cli_token")
+    assert main(["generate", "--model-id", "org/private", "--max-new-tokens", "6", "hello world"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+
+
+def test_generate_reads_the_model_from_s3(tiny_assets, tmp_path: Path, monkeypatch, capsys) -> None:
+    from tests.fixtures.s3_server import S3TestServer
+
+    model, _ = tiny_assets
+    server = S3TestServer().start()
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        uri = server.upload_dir(model, "base-models", "tiny")
+        args = ["generate", "--source", "s3", "--model-cache-dir", str(tmp_path), "--max-new-tokens", "6"]
+        assert main([*args, "--model", uri, "hello world"]) == 0
+        assert capsys.readouterr().out.rstrip("\n") == _expected_text(model)
+        assert main([*args, "--model", "s3://base-models/none", "hello world"]) == 2
+        assert "error: tried s3://base-models/none on S3: not found" in capsys.readouterr().err
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(
-    ("extra", "env", "expected"),
+    ("argv", "expected"),
     [
+        (["--model-id", "org/missing"], "tried org/missing@main on the Hugging Face Hub (http://127.0.0.1:"),
+        (["--model-id", "org/tiny", "--revision", "v9"], "tried org/tiny@v9 on the Hugging Face Hub"),
+        (["--model-id", "org/tiny", "--source", "local"], "--model-id org/tiny: no such directory"),
         (
-            ["--source", "hub"],
-            {},
-            "--source hub: loading the base model from the Hugging Face Hub is not supported yet",
+            ["--model-id", "org/bin"],
+            "hub model org/bin@main has no *.safetensors weights (it has pytorch_model.bin)",
         ),
-        (["--source", "s3"], {}, "--source s3: loading the base model from S3 is not supported yet"),
-        ([], {"SOURCE": "hub"}, "--source hub: loading the base model"),
-        (["--revision", "refs/pr/2"], {}, "--revision refs/pr/2: base model revisions are not supported yet"),
-        ([], {"REVISION": "main"}, "--revision main: base model revisions are not supported yet"),
+        (["--model-id", "./typo dir"], "not a local directory and not a valid hub repo id"),
+        (["--model-id", "org/tiny", "--source", "s3"], "--model-id must look like s3://bucket/prefix"),
     ],
 )
-def test_flags_that_cannot_be_honoured_refuse_to_start(
-    extra: list[str], env: dict[str, str], expected: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys
+def test_serve_says_what_was_tried_when_the_model_cannot_be_read(
+    hub_env, tiny_assets, argv: list[str], expected: str, capsys: pytest.CaptureFixture
 ) -> None:
-    for name in ("SOURCE", "REVISION"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert main(["serve", "--model-id", str(tmp_path), *extra]) == 2
-    assert expected in capsys.readouterr().err
+    from tests.fixtures.fake_hub import files_of
 
-
-def test_a_model_id_that_is_not_a_directory_is_refused(tmp_path, capsys: pytest.CaptureFixture) -> None:
-    """Only local base models are served: a hub id (or a typo) says so instead of a traceback."""
-    assert main(["serve", "--model-id", "meta-llama/Llama-3.2-1B"]) == 2
+    model, _ = tiny_assets
+    hub_env.add_repo("org/tiny", files_of(model))
+    hub_env.add_repo("org/bin", {"config.json": b"{}", "pytorch_model.bin": b"x"})
+    assert main(["serve", *argv, "--port", "1"]) == 2
     err = capsys.readouterr().err
-    assert "--model-id meta-llama/Llama-3.2-1B: no such directory" in err and "Traceback" not in err
+    assert expected in err, err
+    assert "Traceback" not in err
+
+
+def test_serve_offline_without_a_cached_copy(hub_env, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["serve", "--model-id", "org/tiny", "--port", "1"]) == 2
+    assert "offline (HF_HUB_OFFLINE=1) and it is not in the local cache" in capsys.readouterr().err
+    assert hub_env.requests == []
+
+
+def test_serve_from_the_hub(hub_env, tiny_assets, tmp_path: Path) -> None:
+    import httpx
+
+    from tests.fixtures.fake_hub import files_of
+    from tests.fixtures.server import start_server
+
+    model, _ = tiny_assets
+    hub_env.add_repo("org/served", files_of(model))
+    env = {k: os.environ[k] for k in ("HF_ENDPOINT", "HF_HOME")}
+    server = start_server(Path("org/served"), tmp_path, env=env)
+    try:
+        info = httpx.get(f"{server.url}/info", timeout=10).json()
+        out = httpx.post(
+            f"{server.url}/generate",
+            json={"inputs": "hello world", "parameters": {"max_new_tokens": 6}},
+            timeout=30,
+        ).json()
+    finally:
+        server.stop()
+    assert info["model_id"] == "org/served"
+    assert out["generated_text"] == _expected_text(model)
 
 
 def _notes(*extra: str) -> list[str]:
