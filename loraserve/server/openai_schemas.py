@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraserve.server.schemas import CheckedBody, MergedAdapters
+from loraserve.server.errors import validation_error
+from loraserve.server.schemas import CheckedBody, MergedAdapters, ResponseFormat
 
 
 class StreamOptions(BaseModel):
@@ -45,6 +46,29 @@ class _OpenAIBase(CheckedBody):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def openai_response_format(rf: dict[str, Any] | None) -> ResponseFormat | None:
+    """OpenAI's `response_format` as LoRAX's: `{"type": "json_object"}` (any JSON object; a LoRAX
+    `schema` is honoured too), `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`
+    (the schema is always enforced, `strict` or not), `{"type": "text"}`. 422 naming the field."""
+    if rf is None:
+        return None
+    kind = rf.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        schema = rf.get("schema")
+    elif kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise validation_error("`response_format.json_schema.schema` must be a JSON schema object")
+        schema = spec["schema"]
+    else:
+        raise validation_error("`response_format.type` must be one of `text`, `json_object`, `json_schema`")
+    if schema is not None and not isinstance(schema, dict):
+        raise validation_error("`response_format` schema must be a JSON object")
+    return ResponseFormat(type=kind, schema=schema)
 
 
 class CompletionRequest(_OpenAIBase):

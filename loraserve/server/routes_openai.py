@@ -27,6 +27,7 @@ from loraserve.server.openai_schemas import (
     CompletionRequest,
     _OpenAIBase,
     openai_finish_reason,
+    openai_response_format,
     usage,
 )
 from loraserve.server.openai_text import StopAwareText, cut_at_stop
@@ -57,8 +58,6 @@ SYSTEM_FINGERPRINT = f"loraserve-{__version__}"
 def _refuse_unsupported(st: ServerState, req: _OpenAIBase) -> None:
     if req.logit_bias:
         raise not_supported("`logit_bias`")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise not_supported("`response_format` (JSON-schema constrained output)")
     if req.n < 1:
         raise validation_error("`n` must be strictly positive")
     if req.n > st.config.max_best_of:
@@ -105,6 +104,7 @@ def _parameters(
         seed=req.seed,
         details=True,
         return_k_alternatives=top_n or None,
+        response_format=openai_response_format(req.response_format),
     )
 
 

@@ -88,9 +88,12 @@ class MergedAdapters(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    """LoRAX's structured output: `json_object` (any JSON object, or the `schema` when given),
+    `json_schema` (the `schema`), `text` (free text)."""
+
     model_config = ConfigDict(populate_by_name=True)
 
-    type: Literal["json_object"]
+    type: Literal["json_object", "json_schema", "text"]
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
 
 

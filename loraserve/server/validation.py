@@ -12,10 +12,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from loraserve.adapters.merge import MergeError, MergeSpec
+from loraserve.engine.errors import RequestError
+from loraserve.engine.grammar import grammar_text
 from loraserve.engine.memory_plan import Limits
-from loraserve.engine.params import MIN_REPETITION_PENALTY, MIN_SAMPLING_TEMPERATURE, SamplingParams
+from loraserve.engine.params import (
+    MIN_REPETITION_PENALTY,
+    MIN_SAMPLING_TEMPERATURE,
+    ResponseFormat,
+    SamplingParams,
+)
 from loraserve.server.config import ServerConfig
-from loraserve.server.errors import ApiError, not_supported, validation_error
+from loraserve.server.errors import ApiError, validation_error
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
 
 #: A prompt longer than this many characters per allowed token is refused before it is tokenized.
@@ -140,9 +147,20 @@ def merge_spec(p: GenerateParameters) -> MergeSpec | None:
         raise validation_error(f"`merged_adapters`: {e}") from e
 
 
-def _check_unsupported(p: GenerateParameters) -> None:
-    if p.response_format is not None:
-        raise not_supported("`response_format` (JSON-schema constrained output)")
+def response_format(p: GenerateParameters) -> ResponseFormat | None:
+    """The request's grammar constraint, its schema checked by llguidance now (422 naming
+    `response_format`), so a bad schema never reaches the queue. `text` is no constraint."""
+    rf = p.response_format
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_schema" and rf.schema_ is None:
+        raise validation_error("`response_format`: `json_schema` needs a `schema`")
+    fmt = ResponseFormat(rf.type, rf.schema_)
+    try:
+        grammar_text(fmt)
+    except RequestError as e:
+        raise validation_error(f"`response_format`: {str(e).removeprefix('response_format: ')}") from None
+    return fmt
 
 
 def check_best_of(best_of: int, cfg: ServerConfig, stream: bool) -> None:
@@ -214,6 +232,7 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
         top_n_alternatives=p.return_k_alternatives or 0,
         prefill_logprobs=p.decoder_input_details,
         watermark=p.watermark,
+        response_format=response_format(p),
     )
 
 
@@ -306,7 +325,6 @@ def _check_parameters(
     """Every check that needs no tokens, in LoRAX's order."""
     p = req.parameters
     merge = merge_spec(p)
-    _check_unsupported(p)
     best_of = 1 if p.best_of is None else p.best_of
     if best_of > 1 and not implies_sampling(p):
         raise validation_error("you must use sampling when `best_of` is > 1")

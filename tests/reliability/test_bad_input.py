@@ -105,7 +105,12 @@ CASES: list[Case] = [
     ),
     Case("stop-not-a-list-of-strings", p(stop=[1, {"a": 2}]), 422, "stop"),
     Case("ten-thousand-stop-sequences", p(stop=["a"] * 10_000), 422, "stop"),
-    Case("response-format-unsupported", p(response_format={"type": "json_object"}), 422, "response_format"),
+    Case(
+        "response-format-bad-schema",
+        p(response_format={"type": "json_object", "schema": {"type": "wat"}}),
+        422,
+        "response_format",
+    ),
     # -- adapters: one that does not exist or fails to load is LoRAX's 424; a refusal keeps 403
     Case("adapter-source-unknown", p(adapter_id="x", adapter_source="ftp"), 422, "adapter_source"),
     Case("adapter-id-wrong-type", p(adapter_id=["a"]), 422, "adapter_id"),

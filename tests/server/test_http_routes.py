@@ -166,9 +166,12 @@ def test_adapter_changes_output(server: ServerProcess) -> None:
         ),
         ({"inputs": PROMPT, "parameters": {"best_of": 2}}, 422, "you must use sampling"),
         (
-            {"inputs": PROMPT, "parameters": {"response_format": {"type": "json_object", "schema": {}}}},
+            {
+                "inputs": PROMPT,
+                "parameters": {"response_format": {"type": "json_object", "schema": {"type": "wat"}}},
+            },
             422,
-            "not supported yet",
+            "`response_format`",
         ),
         (
             {"inputs": PROMPT, "parameters": {"merged_adapters": {"ids": [], "weights": []}}},
@@ -176,9 +179,9 @@ def test_adapter_changes_output(server: ServerProcess) -> None:
             "at least one adapter ID",
         ),
         (
-            {"inputs": PROMPT, "parameters": {"response_format": {"type": "json_object", "schema": {}}}},
+            {"inputs": PROMPT, "parameters": {"response_format": {"type": "xml"}}},
             422,
-            "not supported yet",
+            "response_format",
         ),
         ({"inputs": PROMPT, "parameters": {"adapter_source": "ftp"}}, 422, "parameters.adapter_source"),
         ({"parameters": {}}, 422, "`inputs`"),

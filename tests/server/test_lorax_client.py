@@ -110,7 +110,7 @@ def test_error_types_map_to_lorax_exceptions(server: ServerProcess) -> None:
         expect_error("validation", lambda: client.generate("hi", stop_sequences=["a", "b", "c", "d", "e"]))
         out["greedy"] = client.generate("hello world", temperature=0.0, max_new_tokens=3).generated_text
         expect_error("too_long", lambda: client.generate("hi", max_new_tokens=100000))
-        expect_error("not_supported", lambda: client.generate("hi", response_format={"type": "json_object", "schema": {}}))
+        expect_error("bad_schema", lambda: client.generate("hi", response_format={"type": "json_object", "schema": {"type": "wat"}}))
         expect_error("stream_validation", lambda: list(client.generate_stream("hi", stop_sequences=["a"] * 5)))
         expect_error("missing_adapter", lambda: client.generate("hi", adapter_id="/nope/nothing",
                                                                 adapter_source="local"))
@@ -119,7 +119,7 @@ def test_error_types_map_to_lorax_exceptions(server: ServerProcess) -> None:
     assert out["validation"][0] == "ValidationError" and "`stop` supports up to" in out["validation"][1]
     assert out["greedy"] == http_generate(server, max_new_tokens=3)["generated_text"]  # LoRAX: 0 is greedy
     assert out["too_long"][0] == "ValidationError"
-    assert out["not_supported"][0] == "ValidationError" and "not supported" in out["not_supported"][1]
+    assert out["bad_schema"][0] == "ValidationError" and "`response_format`" in out["bad_schema"][1]
     assert out["stream_validation"][0] == "ValidationError"
     # LoRAX's loader answers 424 `generation` for an adapter it cannot find or load
     assert out["missing_adapter"][0] == "GenerationError" and "adapter" in out["missing_adapter"][1]

@@ -86,7 +86,8 @@ def test_authorization_header_token_and_parameter_precedence() -> None:
         ({"truncate": 0}, False, "`truncate` must be strictly positive and less than 10"),
         ({"truncate": 11}, False, "`truncate` must be strictly positive and less than 10"),
         ({"max_new_tokens": 17}, False, "`inputs` tokens + `max_new_tokens` must be <= 20"),
-        ({"response_format": {"type": "json_object", "schema": {}}}, False, "`response_format`"),
+        ({"response_format": {"type": "json_object", "schema": {"type": "wat"}}}, False, "`response_format`"),
+        ({"response_format": {"type": "json_schema"}}, False, "`response_format`"),
         (
             {
                 "merged_adapters": {
