@@ -31,6 +31,14 @@ from loraserve.server.openai_schemas import (
     usage,
 )
 from loraserve.server.openai_text import StopAwareText, cut_at_stop
+from loraserve.server.openai_tools import (
+    ToolPlan,
+    chat_message,
+    plan_tools,
+    render_prompt,
+    tool_response_format,
+    tool_stream_events,
+)
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
 from loraserve.server.sse import OPENAI_DONE, SlotStreamingResponse, openai_event
 from loraserve.server.state import ServerState, get_state
@@ -322,14 +330,13 @@ async def chat_completions(
 ) -> Any:
     st = get_state(request)
     _refuse_unsupported(st, req)
-    if req.tools:
-        raise not_supported("`tools`")
+    plan = plan_tools(req.tools, req.tool_choice, req.response_format)
+    if plan is not None and plan.constrained:
+        req = req.model_copy(update={"response_format": tool_response_format(plan)})
     if not req.messages:
         raise validation_error("`messages` cannot be empty")
     try:
-        prompt = await asyncio.to_thread(
-            st.tokenizer.apply_chat_template, _chat_text(req.messages), add_generation_prompt=True
-        )
+        prompt = await asyncio.to_thread(render_prompt, st.tokenizer, _chat_text(req.messages), plan)
     except ValueError as e:
         raise validation_error(f"cannot build a chat prompt: {e}") from e
     except Exception as e:  # jinja errors from the template itself, e.g. raise_exception(...)
@@ -341,18 +348,22 @@ async def chat_completions(
     v = _validate(st, req, prompt, ids, max_tokens, top_n, authorization, sample_by_default=True)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
     if req.stream:
-        return await _stream_chat(st, req, v, cid, created, model)
+        return await _stream_chat(st, req, v, cid, created, model, plan)
     async with st.service.slot(req.n, "`n`"):
         comps = await _run_choices(st, v, req.n)
-    choices = [
-        {
-            "index": j,
-            "message": {"role": "assistant", "content": _visible_text(c, v.params.stop)},
-            "logprobs": _chat_logprobs(c.tokens) if req.logprobs else None,
-            "finish_reason": openai_finish_reason(c.finish_reason),
-        }
-        for j, c in enumerate(comps)
-    ]
+    choices = []
+    for j, c in enumerate(comps):
+        message, reason = chat_message(
+            _visible_text(c, v.params.stop), openai_finish_reason(c.finish_reason), plan
+        )
+        choices.append(
+            {
+                "index": j,
+                "message": message,
+                "logprobs": _chat_logprobs(c.tokens) if req.logprobs else None,
+                "finish_reason": reason,
+            }
+        )
     return JSONResponse(
         {
             "id": cid,
@@ -438,7 +449,13 @@ async def _stream_completion(
 
 
 async def _stream_chat(
-    st: ServerState, req: ChatCompletionRequest, v: ValidatedRequest, cid: str, created: int, model: str
+    st: ServerState,
+    req: ChatCompletionRequest,
+    v: ValidatedRequest,
+    cid: str,
+    created: int,
+    model: str,
+    plan: ToolPlan | None = None,
 ) -> StreamingResponse:
     async def events(adapter: Any) -> AsyncIterator[str]:
         head = {
@@ -449,6 +466,13 @@ async def _stream_chat(
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         try:
+            if plan is not None and plan.choice != "none":
+                deltas = _token_deltas(st, v, adapter)
+                used = lambda f: usage(len(v.prompt_ids), f.generated_tokens)  # noqa: E731
+                async for event in tool_stream_events(head, deltas, plan, openai_finish_reason, used):
+                    yield event
+                yield OPENAI_DONE
+                return
             yield openai_event(
                 {
                     **head,
