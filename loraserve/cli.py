@@ -153,6 +153,7 @@ def serve(args: argparse.Namespace) -> int:
             args.revision,
             cache_dir=args.model_cache_dir,
             timeout_s=args.adapter_source_timeout_s,
+            gguf_file=args.gguf_file,
         )
     except ModelLoadError as e:
         return _refuse(args, str(e))
@@ -276,7 +277,13 @@ def generate(args: argparse.Namespace) -> int:
         max_num_seqs=1,
     )
     try:
-        model_dir = resolve_model(args.model_id, args.source, args.revision, cache_dir=args.model_cache_dir)
+        model_dir = resolve_model(
+            args.model_id,
+            args.source,
+            args.revision,
+            cache_dir=args.model_cache_dir,
+            gguf_file=args.gguf_file,
+        )
         engine = Engine.from_pretrained(model_dir, config)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -346,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where --model-id is read from (as for `serve`; default: hub, which takes local directories too).",
     )
     p_gen.add_argument("--revision", help="Base model revision on the hub (default: main).")
+    p_gen.add_argument("--gguf-file", help="A GGUF checkpoint inside the --model-id directory or hub repo.")
     p_gen.add_argument(
         "--model-cache-dir",
         default=DEFAULT_MODEL_CACHE,

@@ -69,8 +69,26 @@ def resolve_model(
     revision: str | None = None,
     cache_dir: str | Path = DEFAULT_MODEL_CACHE,
     timeout_s: float | None = None,
+    gguf_file: str | None = None,
 ) -> Path:
-    """A local directory holding the base model named by `model_id` (see the module docstring)."""
+    """A local directory holding the base model named by `model_id` (see the module docstring);
+    a `.gguf` file (or `gguf_file` inside a local directory or hub repo) becomes the directory
+    models/gguf.py writes for it under `cache_dir`."""
+    if gguf_file:
+        from loraserve.models.gguf import gguf_model_dir
+
+        if model_id.startswith("s3://") or source == "s3":
+            raise ModelLoadError(
+                "--gguf-file: GGUF checkpoints are read from a local directory or the hub, not S3"
+            )
+        local = Path(model_id).expanduser()
+        if source == "local" or local.is_dir():
+            return gguf_model_dir(local / gguf_file, Path(cache_dir))
+        return gguf_model_dir(resolve_hub_file(model_id, gguf_file, revision), Path(cache_dir))
+    if model_id.endswith(".gguf") and Path(model_id).expanduser().is_file():
+        from loraserve.models.gguf import gguf_model_dir
+
+        return gguf_model_dir(Path(model_id), Path(cache_dir))
     if not model_id:
         raise ModelLoadError("--model-id/--model (or MODEL_ID) is required")
     if source not in MODEL_SOURCES:
@@ -188,6 +206,38 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
     _check_complete(names, f"hub model {what} (cached at {path})")
     log.info("base model %s ready at %s (%.2fs)", what, path, time.monotonic() - t0)
     return path
+
+
+def resolve_hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """One file of a hub repo (a GGUF checkpoint), downloaded or found in the cache."""
+    from huggingface_hub import hf_hub_download
+
+    from loraserve.adapters.sources.hub import DEFAULT_ENDPOINT, _env_cache_dir
+
+    rev = revision or "main"
+    what = f"{repo_id}@{rev}"
+    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    token = _hub_token()
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=rev,
+                cache_dir=_env_cache_dir(),
+                endpoint=endpoint,
+                token=token,
+                local_files_only=_offline(),
+            )
+        )
+    except Exception as e:
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        if isinstance(e, RemoteEntryNotFoundError):
+            raise ModelLoadError(
+                f"tried {what} on the Hugging Face Hub ({endpoint}): it has no file {filename}"
+            ) from e
+        raise _hub_error(e, what, endpoint, had_token=token is not None) from e
 
 
 # ---- S3 ----------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 `safe_open` maps the file; tensors are materialised one at a time directly in
 the target dtype/device, so peak host memory stays near one tensor, and no
-`transformers` model is ever built.
+`transformers` model is ever built. A directory made for a GGUF file (models/gguf.py)
+is read from that file instead.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from loraserve.models.gguf import gguf_pointer, iter_gguf_weights
+
+    gguf_file = gguf_pointer(path)
+    if gguf_file is not None:  # a GGUF checkpoint (models/gguf.py): dequantised tensor by tensor
+        yield from iter_gguf_weights(gguf_file)
+        return
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():

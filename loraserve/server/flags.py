@@ -51,8 +51,13 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("--revision", "Base model revision on the hub: branch, tag or commit (default: main)."),
     Flag(
+        "--gguf-file",
+        "A GGUF checkpoint inside the --model-id directory or hub repo (a --model-id ending in .gguf needs none).",
+    ),
+    Flag(
         "--model-cache-dir",
-        "Where base models read from S3 are downloaded (hub models go to the Hugging Face cache).",
+        "Where base models read from S3 are downloaded, and the config/tokenizer read from GGUF files "
+        "are written (hub models go to the Hugging Face cache).",
         default="~/.cache/loraserve/models",
     ),
     Flag(

@@ -1,0 +1,210 @@
+"""GGUF checkpoints: a tiny Llama written with the `gguf` library the way llama.cpp's converter writes
+it (q/k permuted for its rope, tokenizer in the metadata), served by us and by `transformers`' own
+GGUF loader; the logits agree for every tensor type we read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.models.config import ModelLoadError
+from loraserve.models.source import resolve_model
+from tests.fixtures.tiny_models import make_tiny_model
+
+gguf = pytest.importorskip("gguf")
+
+IDS = [1, 5, 9, 17, 33, 2, 8, 100, 250]
+QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+_TOP["lm_head.weight"] = "output.weight"
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype: str) -> Path:
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens += [f"<pad{i}>" for i in range(len(tokens), cfg["vocab_size"])]
+    special = {a["content"] for a in tok["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    kind = gguf.GGMLQuantizationType[qtype]
+    for name, t in load_file(str(hf_dir / "model.safetensors")).items():
+        if name.startswith("model.layers."):
+            idx, rest = name[len("model.layers.") :].split(".", 1)
+            module, suffix = rest.rsplit(".", 1)
+            gname = f"blk.{idx}.{_LAYER[module]}.{suffix}"
+        else:
+            gname = _TOP[name]
+        t = t.astype(np.float32)
+        if gname.endswith("attn_q.weight"):
+            t = _permute(t, heads)
+        elif gname.endswith("attn_k.weight"):
+            t = _permute(t, kv)
+        if t.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, t)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(gname, t.astype(np.float16))
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(t, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # no llama3 rope scaling: llama.cpp stores it as a rope_freqs tensor, not read yet
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-gguf"), "llama", rope_scaling=None)
+
+
+def _ours(path: Path, cache: Path, dtype: str = "float32") -> torch.Tensor:
+    model_dir = resolve_model(str(path), cache_dir=cache)
+    engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=dtype, kv_cache_memory_bytes=16 << 20))
+    return engine.prompt_logits(IDS).float()
+
+
+def _transformers(path: Path) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gguf_logits_match_transformers_gguf_loading(tiny, tmp_path: Path, qtype: str) -> None:
+    path = write_gguf(tiny, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    ours = _ours(path, tmp_path / "cache")
+    torch.testing.assert_close(ours, _transformers(path), rtol=1e-4, atol=1e-4)
+    if qtype == "F32":  # nothing lost: the safetensors checkpoint's logits
+        dense = Engine.from_pretrained(tiny, EngineConfig(kv_cache_memory_bytes=16 << 20)).prompt_logits(IDS)
+        torch.testing.assert_close(ours, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_tokenizer_and_config_come_from_the_metadata(tiny, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    path = write_gguf(tiny, tmp_path / "tiny.gguf", "Q8_0")
+    model_dir = resolve_model(str(path), cache_dir=tmp_path / "cache")
+    assert resolve_model(str(path), cache_dir=tmp_path / "cache") == model_dir  # written once
+    assert not list(model_dir.glob("*.safetensors"))  # tensors stay in the GGUF file
+    cfg = json.loads((model_dir / "config.json").read_text())
+    ref = json.loads((tiny / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size"):
+        assert cfg[key] == ref[key], key
+    assert cfg["tie_word_embeddings"] is False and cfg["eos_token_id"] == 2
+    ours, theirs = (
+        Tokenizer.from_file(str(model_dir / "tokenizer.json")),
+        Tokenizer.from_file(str(tiny / "tokenizer.json")),
+    )
+    for text in ("hello world", "the quick brown fox </s> jumps", "  ünïcode 12+30=?"):
+        assert ours.encode(text).ids == theirs.encode(text).ids, text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
+    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_memory_bytes=16 << 20))
+    assert 2 in engine.eos_ids and engine.tokenizer.encode("hello") == theirs.encode("hello").ids
+
+
+def test_gguf_in_a_directory_or_hub_repo_and_failures(tiny, tmp_path: Path, monkeypatch) -> None:
+    from tests.fixtures.fake_hub import FakeHub
+
+    path = write_gguf(tiny, tmp_path / "tiny.gguf", "Q4_0")
+    expected = _ours(path, tmp_path / "cache")
+    model_dir = resolve_model(str(tmp_path), source="local", gguf_file="tiny.gguf", cache_dir=tmp_path / "c2")
+    e = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_memory_bytes=16 << 20))
+    torch.testing.assert_close(e.prompt_logits(IDS), expected, rtol=0, atol=0)
+    hub = FakeHub().start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        for name in (
+            "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE",
+            "HF_TOKEN",
+            "HUGGING_FACE_HUB_TOKEN",
+            "HF_HUB_OFFLINE",
+        ):
+            monkeypatch.delenv(name, raising=False)
+        hub.add_repo("org/tiny-GGUF", {"tiny.gguf": path.read_bytes(), "other.gguf": b"x"})
+        model_dir = resolve_model("org/tiny-GGUF", gguf_file="tiny.gguf", cache_dir=tmp_path / "c3")
+        assert hub.count("GET", "other.gguf") == 0
+        e = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_memory_bytes=16 << 20))
+        torch.testing.assert_close(e.prompt_logits(IDS), expected, rtol=0, atol=0)
+        with pytest.raises(
+            ModelLoadError, match="org/tiny-GGUF@main on the Hugging Face Hub .*: it has no file q.gguf"
+        ):
+            resolve_model("org/tiny-GGUF", gguf_file="q.gguf", cache_dir=tmp_path / "c3")
+        with pytest.raises(ModelLoadError, match="is not a readable GGUF file"):
+            resolve_model("org/tiny-GGUF", gguf_file="other.gguf", cache_dir=tmp_path / "c3")
+    finally:
+        hub.stop()
+    with pytest.raises(ModelLoadError, match="no such GGUF file"):
+        resolve_model(str(tmp_path), source="local", gguf_file="nope.gguf", cache_dir=tmp_path / "c4")
+
+
+def test_generate_command_serves_a_gguf_file(tiny, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from loraserve.cli import main
+    from loraserve.engine.params import SamplingParams
+
+    path = write_gguf(tiny, tmp_path / "tiny.gguf", "Q8_0")
+    cache = tmp_path / "cache"
+    argv = ["generate", "--model", str(path), "--model-cache-dir", str(cache), "--max-new-tokens", "6"]
+    assert main([*argv, "hello world"]) == 0
+    engine = Engine.from_pretrained(
+        resolve_model(str(path), cache_dir=cache), EngineConfig(max_batch_total_tokens=64)
+    )
+    expected = engine.generate(["hello world"], SamplingParams(max_new_tokens=6))[0].generated_text
+    assert capsys.readouterr().out.rstrip("\n") == expected
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF not really")
+    assert (
+        main(["generate", "--model", str(tmp_path / "broken.gguf"), "--model-cache-dir", str(cache), "x"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "broken.gguf is not a readable GGUF file" in err and "Traceback" not in err
