@@ -40,7 +40,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir: Path, out: Path, qtype: str) -> Path:
+def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2") -> Path:
     from safetensors.numpy import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -63,7 +63,7 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str) -> Path:
     tokens += [f"<pad{i}>" for i in range(len(tokens), cfg["vocab_size"])]
     special = {a["content"] for a in tok["added_tokens"]}
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([3 if t in special else 1 for t in tokens])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
@@ -128,10 +128,11 @@ def test_gguf_logits_match_transformers_gguf_loading(tiny, tmp_path: Path, qtype
         torch.testing.assert_close(ours, dense, rtol=1e-5, atol=1e-5)
 
 
-def test_gguf_tokenizer_and_config_come_from_the_metadata(tiny, tmp_path: Path) -> None:
-    from tokenizers import Tokenizer
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm"])
+def test_gguf_tokenizer_and_config_come_from_the_metadata(tiny, tmp_path: Path, pre: str) -> None:
+    from tokenizers import Tokenizer, pre_tokenizers
 
-    path = write_gguf(tiny, tmp_path / "tiny.gguf", "Q8_0")
+    path = write_gguf(tiny, tmp_path / "tiny.gguf", "Q8_0", pre=pre)
     model_dir = resolve_model(str(path), cache_dir=tmp_path / "cache")
     assert resolve_model(str(path), cache_dir=tmp_path / "cache") == model_dir  # written once
     assert not list(model_dir.glob("*.safetensors"))  # tensors stay in the GGUF file
@@ -140,15 +141,26 @@ def test_gguf_tokenizer_and_config_come_from_the_metadata(tiny, tmp_path: Path) 
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size"):
         assert cfg[key] == ref[key], key
     assert cfg["tie_word_embeddings"] is False and cfg["eos_token_id"] == 2
-    ours, theirs = (
-        Tokenizer.from_file(str(model_dir / "tokenizer.json")),
-        Tokenizer.from_file(str(tiny / "tokenizer.json")),
-    )
-    for text in ("hello world", "the quick brown fox </s> jumps", "  ünïcode 12+30=?"):
+    ours = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    theirs = Tokenizer.from_file(str(tiny / "tokenizer.json"))
+    if pre == "smollm":  # SmolLM2's tokenizer.json: single digits, then GPT-2's byte-level split
+        theirs.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    texts = ("hello world", "the quick brown fox </s> jumps", "  ünïcode 12+30=? 2026\n\n  it's 42!")
+    # the digit rule matters: "0123456789" is a few merged tokens for gpt-2, ten for smollm
+    assert (len(ours.encode("0123456789").ids) == 10) == (pre == "smollm")
+    for text in (*texts, "0123456789 and 12+30"):
         assert ours.encode(text).ids == theirs.encode(text).ids, text
         assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
     engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_memory_bytes=16 << 20))
     assert 2 in engine.eos_ids and engine.tokenizer.encode("hello") == theirs.encode("hello").ids
+
+
+def test_an_unknown_gguf_pre_tokenizer_is_refused(tiny, tmp_path: Path) -> None:
+    path = write_gguf(tiny, tmp_path / "tiny.gguf", "F16", pre="made-up")
+    with pytest.raises(ModelLoadError, match="GGUF pre-tokenizer 'made-up' .* is not supported yet"):
+        resolve_model(str(path), cache_dir=tmp_path / "cache")
 
 
 def test_gguf_in_a_directory_or_hub_repo_and_failures(tiny, tmp_path: Path, monkeypatch) -> None:
