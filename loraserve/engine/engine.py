@@ -22,7 +22,7 @@ from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.engine.config import DTYPES, EngineConfig
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.errors import RequestError
-from loraserve.engine.grammar import GrammarCompiler
+from loraserve.engine.grammar import GrammarCompiler, cut_drafts, draft_masks
 from loraserve.engine.memory_plan import Limits, resolve_lengths
 from loraserve.engine.model_runner import ModelRunner, StepResult
 from loraserve.engine.output_processor import Emitted, OutputProcessor
@@ -229,6 +229,9 @@ class Engine:
             self.speculators.propose(
                 res.hidden, draft_rows, self.runner.project_vocab, self.limits.max_total_tokens
             )
+            for seq, _ in draft_rows:  # drafts the grammar rejects would only be rejected later
+                if seq.grammar is not None:
+                    seq.drafts = cut_drafts(seq.grammar, seq.drafts)
         self.steps += 1
         self.last_batch_size = len(res.layout.seqs)
         return outputs
@@ -313,7 +316,10 @@ class Engine:
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> tuple[list[Emitted], int]:
         """Accept a prefix of the sequence's drafts (engine/speculative.py); returns the tokens to
         emit and how many drafts were accepted."""
-        v = verify_drafts(logits, seq.drafts, seq.params, seq.generator)
+        masks = None
+        if seq.grammar is not None:  # each position's mask, from the matcher advanced through the drafts
+            masks = draft_masks(seq.grammar, seq.drafts, self.runner.vocab_size)
+        v = verify_drafts(logits, seq.drafts, seq.params, seq.generator, masks)
         seq.num_cached += 1 + v.accepted_drafts
         seq.spec_steps += 1
         self.spec_steps += 1

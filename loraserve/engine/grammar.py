@@ -115,14 +115,43 @@ def advance(matcher: llguidance.LLMatcher, token: int) -> None:
     matcher.consume_token(token)
 
 
-def fill_bitmask(matchers: Sequence[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+def fill_bitmask(matchers: Sequence[llguidance.LLMatcher | torch.Tensor], vocab_size: int) -> torch.Tensor:
     """[len(matchers), ceil(V/32)] int32: bit t of row r set iff token t is allowed for row r.
-    A matcher in error (it cannot be after masked decoding) leaves its row unconstrained."""
+    An entry may be a row already computed (`draft_masks`). A matcher in error (it cannot be
+    after masked decoding) leaves its row unconstrained."""
     words = (vocab_size + 31) // 32
     mask = torch.full((len(matchers), words), -1, dtype=torch.int32)
     for r, m in enumerate(matchers):
-        if not m.is_error():
+        if isinstance(m, torch.Tensor):
+            mask[r] = m
+        elif not m.is_error():
             m.unsafe_compute_mask_ptr(mask[r].data_ptr(), words * 4)
+    return mask
+
+
+def cut_drafts(matcher: llguidance.LLMatcher, drafts: list[int]) -> list[int]:
+    """The longest prefix of Medusa drafts the grammar accepts from the matcher's state."""
+    if matcher.is_error():
+        return []
+    return drafts[: matcher.validate_tokens(drafts)] if drafts else drafts
+
+
+def draft_masks(matcher: llguidance.LLMatcher, drafts: list[int], vocab_size: int) -> torch.Tensor:
+    """[K+1, W] bitmasks for verifying [last, d_1..d_K]: row j is the mask after d_1..d_j (rows
+    past the grammar's end stay all-ones: a request ends at its EOS). The matcher is advanced
+    through the drafts (`cut_drafts` kept only ones it accepts) and rolled back."""
+    words = (vocab_size + 31) // 32
+    mask = torch.full((len(drafts) + 1, words), -1, dtype=torch.int32)
+    consumed = 0
+    for j in range(len(drafts) + 1):
+        if matcher.is_error():
+            break
+        matcher.unsafe_compute_mask_ptr(mask[j].data_ptr(), words * 4)
+        if j == len(drafts) or matcher.is_stopped() or not matcher.consume_token(drafts[j]):
+            break
+        consumed += 1
+    if consumed:
+        matcher.rollback(consumed)
     return mask
 
 

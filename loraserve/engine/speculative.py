@@ -41,23 +41,22 @@ def _alternatives(scaled: torch.Tensor, n: int) -> list[list[tuple[int, float]]]
     return [list(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
 
 
-def _warp(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores before truncation, scores after it) for every row of one request, through the
-    same logits pipeline as plain sampling."""
-    rows = [SamplingRow(params, generator, None)] * logits.shape[0]
-    scaled = logits_pipeline.scores(logits, rows)
-    return scaled, logits_pipeline.truncate(scaled, rows)
-
-
 def verify_drafts(
-    logits: torch.Tensor, drafts: list[int], params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor,
+    drafts: list[int],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    grammar_masks: torch.Tensor | None = None,
 ) -> Verified:
-    """logits: [K+1, V] (float32) for [last, d_1..d_K]; returns the tokens to emit this step."""
+    """logits: [K+1, V] (float32) for [last, d_1..d_K]; returns the tokens to emit this step.
+    `grammar_masks`: a structured-output row's bitmask at each position (grammar.draft_masks)."""
     k = len(drafts)
+    if grammar_masks is not None:
+        rows = [SamplingRow(params, generator, None, grammar=grammar_masks[i]) for i in range(k + 1)]
+    else:
+        rows = [SamplingRow(params, generator, None)] * (k + 1)
     if not is_sampling(params):
-        logits = logits_pipeline.scores(logits, [SamplingRow(params, generator, None)] * (k + 1))
+        logits = logits_pipeline.scores(logits, rows)
         target = logits.argmax(dim=-1).tolist()
         m = 0
         while m < k and drafts[m] == target[m]:
@@ -68,7 +67,8 @@ def verify_drafts(
         chosen = kept.gather(1, torch.tensor(toks, device=logits.device).unsqueeze(1)).squeeze(1)
         alts = _alternatives(kept, params.top_n_alternatives)
         return Verified(toks, (chosen - torch.logsumexp(kept, dim=-1)).tolist(), m, alts)
-    scaled, warped = _warp(logits, params, generator)
+    scaled = logits_pipeline.scores(logits, rows)
+    warped = logits_pipeline.truncate(scaled, rows)
     probs = torch.softmax(warped, dim=-1)
     d = torch.tensor(drafts, device=logits.device)
     p_draft = probs[torch.arange(k, device=logits.device), d] if k else probs.new_zeros(0)

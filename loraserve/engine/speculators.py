@@ -80,7 +80,6 @@ class Speculators:
             or params.frequency_penalty != 0.0
             or params.presence_penalty != 0.0
             or params.watermark
-            or params.response_format is not None  # not yet: drafts are not checked against the grammar
         )
         if self.tokens <= 0 or history_dependent:
             return None  # penalties and watermark depend on the history, which drafts change mid-verification

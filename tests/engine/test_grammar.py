@@ -132,8 +132,12 @@ def test_length_before_the_grammar_ends_is_a_partial_answer(eng: Engine) -> None
     assert out.generated_text.startswith("{")
 
 
-def test_constrained_requests_are_not_speculated(eng: Engine) -> None:
-    assert eng.speculators.for_request(None, constrained(SCHEMAS[0])) is None
+def test_constrained_requests_are_speculated(llama_dir: Path) -> None:
+    from tests.engine.test_speculative import engine as spec_engine
+    from tests.engine.test_speculative import heads
+
+    e = spec_engine(llama_dir, heads(64, 2, 0.0, seed=0))
+    assert e.speculators.for_request(None, constrained(SCHEMAS[0])) is e.default_speculator
 
 
 @pytest.mark.parametrize(
