@@ -46,7 +46,8 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2") -> Path:
     cfg = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(str(out), "llama")
+    arch = cfg["model_type"]  # llama or qwen2; llama.cpp permutes q/k for llama only
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -79,9 +80,9 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2") -> Path:
         else:
             gname = _TOP[name]
         t = t.astype(np.float32)
-        if gname.endswith("attn_q.weight"):
+        if arch == "llama" and gname.endswith("attn_q.weight"):
             t = _permute(t, heads)
-        elif gname.endswith("attn_k.weight"):
+        elif arch == "llama" and gname.endswith("attn_k.weight"):
             t = _permute(t, kv)
         if t.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, t)
@@ -126,6 +127,16 @@ def test_gguf_logits_match_transformers_gguf_loading(tiny, tmp_path: Path, qtype
     if qtype == "F32":  # nothing lost: the safetensors checkpoint's logits
         dense = Engine.from_pretrained(tiny, EngineConfig(kv_cache_memory_bytes=16 << 20)).prompt_logits(IDS)
         torch.testing.assert_close(ours, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen2_gguf_with_biases_and_tied_embeddings(tmp_path: Path) -> None:
+    hf = make_tiny_model(tmp_path / "qwen2", "qwen2")
+    path = write_gguf(hf, tmp_path / "qwen2.gguf", "Q8_0")
+    cfg = json.loads((resolve_model(str(path), cache_dir=tmp_path / "cache") / "config.json").read_text())
+    assert (
+        cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["tie_word_embeddings"] and cfg["attention_bias"]
+    )
+    torch.testing.assert_close(_ours(path, tmp_path / "cache"), _transformers(path), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "smollm"])
