@@ -81,6 +81,7 @@ class Engine:
             mc.hidden_size, self.runner.vocab_size, self.device, self.dtype, cfg.speculative_tokens
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids))
+        self.grammars.warm_up()
         self._seqs: dict[str, Sequence] = {}
         self.spec_steps = 0
         self.spec_tokens = 0

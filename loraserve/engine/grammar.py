@@ -11,9 +11,12 @@ computes the set of allowed next tokens as a bitmask. Here:
 - The matcher advances on every token the sequence emits (engine/output_processor.py), drafts
   included; EOS is allowed only where the grammar may end, and once the grammar is complete EOS
   is the only allowed token.
-- `apply_grammar_masks` fills one `[rows, ceil(V/32)]` int32 bitmask for the constrained rows and
-  sets every disallowed logit to -inf in one vectorised op; it is the first processor of the
+- `fill_bitmask` + `apply_bitmask` fill one `[rows, ceil(V/32)]` int32 bitmask for the constrained
+  rows and set every disallowed logit to -inf in one vectorised op: the first processor of the
   logits pipeline (engine/logits_pipeline.py), so greedy and sampled rows are both constrained.
+- Medusa: `cut_drafts` keeps the prefix of a row's drafts the grammar accepts, `draft_masks` gives
+  each verified position the mask after the drafts before it (the matcher is advanced, then
+  rolled back), and accepted drafts advance the matcher like any emitted token.
 
 JSON is generated compact (no free whitespace between tokens): a model that likes whitespace
 would otherwise be free to emit it until `max_new_tokens`.
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import llguidance
+import numpy as np
 import torch
 
 from loraserve.engine.errors import RequestError
@@ -88,6 +92,11 @@ class GrammarCompiler:
         self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, sorted(eos_ids)
         self._ll: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Build the tokenizer on a background thread (llguidance releases the GIL), so the first
+        structured request does not stall the step loop for it."""
+        threading.Thread(target=lambda: self.ll_tokenizer, name="llguidance-tokenizer", daemon=True).start()
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
@@ -157,8 +166,14 @@ def draft_masks(matcher: llguidance.LLMatcher, drafts: list[int], vocab_size: in
 
 def apply_bitmask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Every logit whose bit is clear set to -inf, in one op for the batch."""
-    v = scores.shape[1]
-    mask = mask.to(scores.device, non_blocking=True)
-    bits = (mask.unsqueeze(-1) >> _BIT.to(scores.device)) & 1  # [R, W, 32]
-    allowed = bits.reshape(mask.shape[0], -1)[:, :v].bool()
-    return scores.masked_fill(~allowed, float("-inf"))
+    return scores.masked_fill(~allowed_tokens(mask, scores.shape[1], scores.device), float("-inf"))
+
+
+def allowed_tokens(mask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[R, ceil(V/32)] int32 bitmask (on the CPU) -> [R, V] bool on `device`."""
+    if device.type == "cpu":  # numpy unpacks bits ~20% faster than the shifts below
+        unpacked = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(unpacked[:, :vocab_size].view(np.bool_))
+    mask = mask.to(device, non_blocking=True)
+    bits = (mask.unsqueeze(-1) >> _BIT.to(device)) & 1  # [R, W, 32]
+    return bits.reshape(mask.shape[0], -1)[:, :vocab_size].bool()

@@ -13,7 +13,7 @@ import torch
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.errors import RequestError
-from loraserve.engine.grammar import apply_bitmask, fill_bitmask, grammar_text
+from loraserve.engine.grammar import allowed_tokens, apply_bitmask, fill_bitmask, grammar_text
 from loraserve.engine.params import ResponseFormat, SamplingParams
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -162,6 +162,19 @@ def test_padded_vocab_ids_are_masked(eng: Engine) -> None:
     assert v > eng.tokenizer.vocab_size  # the tiny model's lm_head is padded
     allowed = ~torch.isinf(apply_bitmask(torch.zeros(1, v), fill_bitmask([m], v)))[0]
     assert allowed.any() and not allowed[eng.tokenizer.vocab_size :].any()
+
+
+def test_bit_unpacking_is_the_same_on_every_path() -> None:
+    """The CPU (numpy) and accelerator (shift) unpackings agree, bit order and sign bit included."""
+    mask = torch.randint(-(2**31), 2**31 - 1, (5, 13), dtype=torch.int32)
+    mask[0, 0] = -1
+    cpu = allowed_tokens(mask, 400, torch.device("cpu"))
+    ref = torch.tensor([[(int(mask[r, t // 32]) >> (t % 32)) & 1 for t in range(400)] for r in range(5)])
+    assert torch.equal(cpu, ref.bool())
+    meta_like = (mask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    assert torch.equal(meta_like.reshape(5, -1)[:, :400].bool(), cpu)
+    if torch.cuda.is_available():
+        assert torch.equal(allowed_tokens(mask, 400, torch.device("cuda")).cpu(), cpu)
 
 
 def test_mask_cost_per_step(eng: Engine, capsys: pytest.CaptureFixture[str]) -> None:
