@@ -111,7 +111,12 @@ def resolve_model(
                 "Hugging Face layout: config.json, safetensors, tokenizer.json)"
             )
         return local
-    return resolve_hub(model_id, revision)
+    try:
+        return resolve_hub(model_id, revision)
+    except ModelLoadError as e:
+        if "repository not found" in str(e):  # maybe a mistyped local path
+            raise ModelLoadError(f"{e}; nor is there a local directory {local}") from e
+        raise
 
 
 # ---- Hugging Face Hub --------------------------------------------------------------------------

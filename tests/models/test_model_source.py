@@ -140,8 +140,11 @@ def test_hub_failures_say_what_was_tried(hub, tiny, monkeypatch: pytest.MonkeyPa
         ModelLoadError, match=r"hub model org/bin-only@main has no \*\.safetensors weights \(it has"
     ):
         resolve_model("org/bin-only")
-    with pytest.raises(ModelLoadError, match=r"tried org/missing@main on the Hugging Face Hub \(http://127"):
+    with pytest.raises(
+        ModelLoadError, match=r"tried org/missing@main on the Hugging Face Hub \(http://127"
+    ) as e:
         resolve_model("org/missing")
+    assert str(e.value).endswith("; nor is there a local directory org/missing")
     with pytest.raises(ModelLoadError, match="not a local directory and not a valid hub repo id"):
         resolve_model("no//such dir")
     with pytest.raises(ModelLoadError, match="no such directory"):
