@@ -4,6 +4,7 @@ completions through the `openai` client; every answer parses as JSON and validat
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -157,3 +158,21 @@ def test_openai_bad_response_format_is_422(server: ServerProcess, rf: dict) -> N
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 422, r.text
     assert "response_format" in r.text
+
+
+def test_lorax_client_response_format(server: ServerProcess) -> None:
+    from tests.server.test_lorax_client import LORAX_PYTHON, run_client
+
+    if not Path(LORAX_PYTHON).is_file():
+        pytest.skip("lorax-client venv not found: run `make lorax-client`")
+    out = run_client(
+        server,
+        f"""
+        schema = json.loads({json.dumps(SCHEMA)!r})
+        r = client.generate("give me json", max_new_tokens=100, response_format={{"type": "json_object", "schema": schema}})
+        out["text"] = r.generated_text
+        out["reason"] = str(r.details.finish_reason)
+        """,
+    )
+    assert out["reason"] == "FinishReason.EndOfSequenceToken"
+    valid(out["text"])
