@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraserve.server.errors import validation_error
+from loraserve.engine.params import TokenInfo
+from loraserve.server.errors import not_supported, validation_error
+from loraserve.server.generation import wire_logprob
 from loraserve.server.schemas import CheckedBody, MergedAdapters, ResponseFormat
 
 
@@ -108,3 +110,51 @@ def openai_finish_reason(reason: str | None) -> str | None:
     if reason is None:
         return None
     return "length" if reason == "length" else "stop"
+
+
+def chat_text(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise not_supported(f"chat content part of type {part.get('type')!r}")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        out.append({**m.model_dump(exclude_none=True), "content": content or ""})
+    return out
+
+
+def completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]:
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [wire_logprob(t.logprob) for t in tokens],
+        "top_logprobs": [{text: wire_logprob(lp) for _, text, lp in (t.alternatives or [])} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
+    def entry(text: str, lp: float | None) -> dict[str, Any]:
+        return {
+            "token": text,
+            "logprob": wire_logprob(lp) if lp is not None else 0.0,
+            "bytes": list(text.encode("utf-8", errors="replace")),
+        }
+
+    return {
+        "content": [
+            {
+                **entry(t.text, t.logprob),
+                "top_logprobs": [entry(text, lp) for _, text, lp in (t.alternatives or [])],
+            }
+            for t in tokens
+            if not t.special
+        ]
+    }

@@ -154,6 +154,7 @@ async def tool_stream_events(
     plan: ToolPlan,
     finish_reason: Any,
     final_usage: Any,
+    include_usage: bool = False,
 ) -> AsyncIterator[str]:
     """The chat chunks of a tool request: the whole answer is gathered, then sent as one
     `delta.tool_calls` chunk (or content), then the finish chunk with the usage."""
@@ -175,3 +176,5 @@ async def tool_stream_events(
         elif text:
             yield chunk({"content": text})
         yield chunk({}, reason, usage=final_usage(final))
+        if include_usage:
+            yield openai_event({**head, "choices": [], "usage": final_usage(final)})

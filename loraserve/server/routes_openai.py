@@ -18,14 +18,15 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraserve import __version__
-from loraserve.engine.params import TokenInfo
 from loraserve.server.errors import ApiError, not_supported, validation_error
-from loraserve.server.generation import Completion, wire_logprob
+from loraserve.server.generation import Completion
 from loraserve.server.openai_schemas import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     _OpenAIBase,
+    chat_logprobs,
+    chat_text,
+    completion_logprobs,
     openai_finish_reason,
     openai_response_format,
     usage,
@@ -146,39 +147,6 @@ def _visible_text(c: Completion, stops: list[str]) -> str:
     return cut_at_stop(c.generated_text, stops)
 
 
-def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]:
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t.text)
-    return {
-        "tokens": [t.text for t in tokens],
-        "token_logprobs": [wire_logprob(t.logprob) for t in tokens],
-        "top_logprobs": [{text: wire_logprob(lp) for _, text, lp in (t.alternatives or [])} for t in tokens],
-        "text_offset": offsets,
-    }
-
-
-def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
-    def entry(text: str, lp: float | None) -> dict[str, Any]:
-        return {
-            "token": text,
-            "logprob": wire_logprob(lp) if lp is not None else 0.0,
-            "bytes": list(text.encode("utf-8", errors="replace")),
-        }
-
-    return {
-        "content": [
-            {
-                **entry(t.text, t.logprob),
-                "top_logprobs": [entry(text, lp) for _, text, lp in (t.alternatives or [])],
-            }
-            for t in tokens
-            if not t.special
-        ]
-    }
-
-
 async def _run_choices(
     st: ServerState, v: ValidatedRequest, n: int, best_of: int | None = None
 ) -> list[Completion]:
@@ -287,7 +255,7 @@ async def completions(
                 {
                     "index": len(choices),
                     "text": prefix + body,
-                    "logprobs": _completion_logprobs(c.tokens, len(prefix))
+                    "logprobs": completion_logprobs(c.tokens, len(prefix))
                     if req.logprobs is not None
                     else None,
                     "finish_reason": openai_finish_reason(c.finish_reason),
@@ -307,21 +275,6 @@ async def completions(
     )
 
 
-def _chat_text(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    out = []
-    for m in messages:
-        content = m.content
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") != "text":
-                    raise not_supported(f"chat content part of type {part.get('type')!r}")
-                parts.append(str(part.get("text", "")))
-            content = "".join(parts)
-        out.append({**m.model_dump(exclude_none=True), "content": content or ""})
-    return out
-
-
 @router.post(
     "/chat/completions", summary="OpenAI chat completions (prompt built with the model's chat template)"
 )
@@ -336,7 +289,7 @@ async def chat_completions(
     if not req.messages:
         raise validation_error("`messages` cannot be empty")
     try:
-        prompt = await asyncio.to_thread(render_prompt, st.tokenizer, _chat_text(req.messages), plan)
+        prompt = await asyncio.to_thread(render_prompt, st.tokenizer, chat_text(req.messages), plan)
     except ValueError as e:
         raise validation_error(f"cannot build a chat prompt: {e}") from e
     except Exception as e:  # jinja errors from the template itself, e.g. raise_exception(...)
@@ -360,7 +313,7 @@ async def chat_completions(
             {
                 "index": j,
                 "message": message,
-                "logprobs": _chat_logprobs(c.tokens) if req.logprobs else None,
+                "logprobs": chat_logprobs(c.tokens) if req.logprobs else None,
                 "finish_reason": reason,
             }
         )
@@ -430,7 +383,7 @@ async def _stream_completion(
                 choice = {
                     "index": 0,
                     "text": delta,
-                    "logprobs": _completion_logprobs(tokens, 0) if req.logprobs is not None else None,
+                    "logprobs": completion_logprobs(tokens, 0) if req.logprobs is not None else None,
                     "finish_reason": openai_finish_reason(final.finish_reason) if final else None,
                 }
                 chunk: dict[str, Any] = {**head, "choices": [choice]}
@@ -469,7 +422,9 @@ async def _stream_chat(
             if plan is not None and plan.choice != "none":
                 deltas = _token_deltas(st, v, adapter)
                 used = lambda f: usage(len(v.prompt_ids), f.generated_tokens)  # noqa: E731
-                async for event in tool_stream_events(head, deltas, plan, openai_finish_reason, used):
+                with_usage = bool(req.stream_options and req.stream_options.include_usage)
+                events = tool_stream_events(head, deltas, plan, openai_finish_reason, used, with_usage)
+                async for event in events:
                     yield event
                 yield OPENAI_DONE
                 return
@@ -495,7 +450,7 @@ async def _stream_chat(
                                 {
                                     "index": 0,
                                     "delta": {"content": delta},
-                                    "logprobs": _chat_logprobs(tokens) if req.logprobs else None,
+                                    "logprobs": chat_logprobs(tokens) if req.logprobs else None,
                                     "finish_reason": None,
                                 }
                             ],

@@ -82,11 +82,13 @@ def test_auto_and_none_answer_free_text_or_a_call(client: openai.OpenAI) -> None
 
 
 def test_stream_forced_call(client: openai.OpenAI) -> None:
-    chunks = list(chat(client, {"type": "function", "function": {"name": "weather"}}, stream=True))
+    forced = {"type": "function", "function": {"name": "weather"}}
+    chunks = list(chat(client, forced, stream=True, stream_options={"include_usage": True}))
     calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
     assert len(calls) == 1 and calls[0].index == 0
     check_call(calls[0], ("weather",))
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert chunks[-2].choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     ref = chat(client, {"type": "function", "function": {"name": "weather"}}).choices[0].message.tool_calls[0]
     assert json.loads(calls[0].function.arguments) == json.loads(ref.function.arguments)  # greedy: same call
 
