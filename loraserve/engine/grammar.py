@@ -58,7 +58,7 @@ def schema_of(fmt: ResponseFormat) -> dict:
 def grammar_text(fmt: ResponseFormat) -> str:
     """llguidance grammar for a response format; RequestError naming `response_format` if the
     schema is not one llguidance can enforce. Needs no tokenizer (usable in request validation)."""
-    return _compiled(json.dumps(schema_of(fmt), sort_keys=True))
+    return _compiled(json.dumps(schema_of(fmt)))  # key order kept: it is the output's property order
 
 
 _lock = threading.Lock()

@@ -54,6 +54,74 @@ SCHEMAS: list[dict] = [
         "additionalProperties": False,
     },
 ]
+#: More shapes for the validation test (the three above are also mixed into batches). Objects are
+#: closed (`additionalProperties: false`): in an open one the random model adds keys until the budget.
+MORE_SCHEMAS: list[dict] = [
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": -3, "maximum": 3},
+        "minItems": 1,
+        "maxItems": 4,
+    },
+    {
+        "type": "object",
+        "properties": {"opt": {"type": "string", "maxLength": 3}, "req": {"type": "boolean"}},
+        "required": ["req"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "a": {
+                "type": "object",
+                "properties": {
+                    "b": {
+                        "type": "object",
+                        "properties": {"c": {"enum": [1, 2, 3]}},
+                        "required": ["c"],
+                        "additionalProperties": False,
+                    }
+                },
+                "required": ["b"],
+                "additionalProperties": False,
+            }
+        },
+        "required": ["a"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"x": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+        "required": ["x"],
+    },
+    {"enum": ["yes", "no", {"maybe": True}]},
+    {
+        "type": "object",
+        "properties": {"v": {"oneOf": [{"type": "null"}, {"type": "string", "pattern": "^[a-c]{1,3}$"}]}},
+        "required": ["v"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "k": {"type": "string", "maxLength": 2},
+                        "n": {"type": "integer", "maximum": 5},
+                    },
+                    "required": ["k", "n"],
+                    "additionalProperties": False,
+                },
+                "maxItems": 2,
+            }
+        },
+        "required": ["items"],
+        "additionalProperties": False,
+    },
+]
 
 
 def engine(path: Path) -> Engine:
@@ -91,6 +159,26 @@ def test_greedy_and_sampled_outputs_validate(eng: Engine, schema: dict, kind: st
     for out in outs:
         assert out.finish_reason == "eos_token", out.generated_text
         check_json(out.generated_text, schema)
+
+
+@pytest.mark.parametrize("schema", MORE_SCHEMAS, ids=[f"more{i}" for i in range(len(MORE_SCHEMAS))])
+def test_more_schema_shapes_validate(eng: Engine, schema: dict) -> None:
+    ps = prompts(2, seed=11)
+    params = [constrained(schema), constrained(schema, do_sample=True, temperature=1.0, seed=3)]
+    for out in eng.generate(ps, params):
+        assert out.finish_reason == "eos_token", out.generated_text
+        check_json(out.generated_text, schema)
+
+
+def test_properties_come_in_schema_order(eng: Engine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+        "required": ["zeta", "alpha"],
+        "additionalProperties": False,
+    }
+    out = eng.generate(prompts(1), constrained(schema))[0]
+    assert list(json.loads(out.generated_text)) == ["zeta", "alpha"]
 
 
 def test_json_object_without_schema_is_an_object(eng: Engine) -> None:
