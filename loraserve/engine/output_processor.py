@@ -86,8 +86,8 @@ class OutputProcessor:
         special = self.tokenizer.is_special(token)
         delta = seq.detok.add(token)
         reason = None
-        if token in self.eos_ids and not seq.params.ignore_eos_token:
-            reason = "eos_token"
+        if token in self.eos_ids and (not seq.params.ignore_eos_token or _grammar_done(seq)):
+            reason = "eos_token"  # a complete grammar allows nothing but EOS: ignoring it would loop
         elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.max_total_tokens:
             reason = "length"
         if reason is not None:
@@ -109,3 +109,7 @@ class OutputProcessor:
             alternatives=[(t, self.tokenizer.id_to_text(t), lp) for t, lp in alts] if alts else None,
         )
         return info, reason
+
+
+def _grammar_done(seq: Sequence) -> bool:
+    return seq.grammar is not None and seq.grammar.is_stopped()

@@ -170,6 +170,12 @@ def test_more_schema_shapes_validate(eng: Engine, schema: dict) -> None:
         check_json(out.generated_text, schema)
 
 
+def test_a_complete_grammar_ends_the_request_even_with_ignore_eos_token(eng: Engine) -> None:
+    out = eng.generate(prompts(1), constrained(SCHEMAS[0], ignore_eos_token=True))[0]
+    assert out.finish_reason == "eos_token" and out.tokens[-1].id in eng.eos_ids
+    check_json(out.generated_text, SCHEMAS[0])
+
+
 def test_properties_come_in_schema_order(eng: Engine) -> None:
     schema = {
         "type": "object",
