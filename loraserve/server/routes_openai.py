@@ -47,6 +47,7 @@ from loraserve.server.validation import (
     ValidatedRequest,
     bearer_token,
     check_prompt_chars,
+    compile_off_loop,
     encode_off_loop,
     validate_generate,
 )
@@ -230,6 +231,7 @@ async def completions(
     if req.stream and count > 1:
         raise not_supported("several prompts with `stream`")
     prompts = await _prompts(st, req.prompt)
+    await compile_off_loop(openai_response_format(req.response_format))
     # No `max_tokens`: up to the remaining context (`max_total_tokens` - input length), as LoRAX.
     top_n = req.logprobs or 0
     validated = [
@@ -296,6 +298,7 @@ async def chat_completions(
         raise validation_error(f"the model's chat template failed: {e}") from e
     check_prompt_chars(prompt, st.limits, "messages")
     ids = await encode_off_loop(st.tokenizer, prompt, add_special_tokens=False)
+    await compile_off_loop(openai_response_format(req.response_format))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = (req.top_logprobs or 0) if req.logprobs else 0
     v = _validate(st, req, prompt, ids, max_tokens, top_n, authorization, sample_by_default=True)

@@ -24,6 +24,7 @@ from loraserve.engine.params import (
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import ApiError, validation_error
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
+from loraserve.server.schemas import ResponseFormat as WireResponseFormat
 
 #: A prompt longer than this many characters per allowed token is refused before it is tokenized.
 #: Tokenizing costs ~1-2 s per MB on the request's thread; real text averages 3-5 characters per
@@ -145,6 +146,18 @@ def merge_spec(p: GenerateParameters) -> MergeSpec | None:
         return MergeSpec.from_request(p.merged_adapters.model_dump())
     except MergeError as e:
         raise validation_error(f"`merged_adapters`: {e}") from e
+
+
+async def compile_off_loop(rf: WireResponseFormat | None) -> None:
+    """Compile a response format's grammar on a worker thread (llguidance caches it), so the
+    check in `response_format` below finds it compiled instead of compiling on the event loop.
+    Errors are left for that check to report."""
+    if rf is None or rf.type == "text" or (rf.type == "json_schema" and rf.schema_ is None):
+        return
+    try:
+        await asyncio.to_thread(grammar_text, ResponseFormat(rf.type, rf.schema_))
+    except RequestError:
+        pass
 
 
 def response_format(p: GenerateParameters) -> ResponseFormat | None:
@@ -293,6 +306,7 @@ async def validate_generate_async(
     """`validate_generate` for the event loop: every cheap check first, then the character bound,
     then tokenizing on a worker thread (the tokenizer releases the GIL), so a large prompt never
     holds up `/health` or anyone else's request."""
+    await compile_off_loop(req.parameters.response_format)
     checked = _check_parameters(req, cfg, limits, stream)
     check_prompt_chars(req.inputs, limits)
     special = True
