@@ -25,6 +25,7 @@ would otherwise be free to emit it until `max_new_tokens`.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ JSON_OPTIONS: llguidance.JsonCompileOptions = {
     "item_separator": ", ",
     "key_separator": ": ",
 }
+log = logging.getLogger(__name__)
 _CACHE_SIZE = 256
 _BIT = torch.arange(32, dtype=torch.int32)
 
@@ -96,17 +98,29 @@ class GrammarCompiler:
     def warm_up(self) -> None:
         """Build the tokenizer on a background thread (llguidance releases the GIL), so the first
         structured request does not stall the step loop for it."""
-        threading.Thread(target=lambda: self.ll_tokenizer, name="llguidance-tokenizer", daemon=True).start()
+
+        def build() -> None:
+            try:
+                _ = self.ll_tokenizer
+            except RequestError as e:
+                log.warning("%s", e)
+
+        threading.Thread(target=build, name="llguidance-tokenizer", daemon=True).start()
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll is None:
-                self._ll = llguidance.LLTokenizer(
-                    self._tokenizer.backend.to_str(),
-                    n_vocab=self.vocab_size,
-                    eos_token=self._eos or None,
-                )
+                try:
+                    self._ll = llguidance.LLTokenizer(
+                        self._tokenizer.backend.to_str(),
+                        n_vocab=self.vocab_size,
+                        eos_token=self._eos or None,
+                    )
+                except Exception as e:  # a tokenizer llguidance cannot read: no structured output
+                    raise RequestError(
+                        f"response_format: structured output is unavailable for this model's tokenizer ({e})"
+                    ) from None
             return self._ll
 
     def matcher(self, fmt: ResponseFormat) -> llguidance.LLMatcher:

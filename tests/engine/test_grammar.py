@@ -282,3 +282,17 @@ def test_mask_cost_per_step(eng: Engine, capsys: pytest.CaptureFixture[str]) -> 
     dt = (time.perf_counter() - t0) / 20
     with capsys.disabled():
         print(f"\ngrammar mask, 32 rows x {v} vocab: {dt * 1e3:.3f} ms/step")
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_a_request_error(eng: Engine) -> None:
+    from loraserve.engine.grammar import GrammarCompiler
+
+    class Broken:
+        class backend:  # noqa: N801
+            @staticmethod
+            def to_str() -> str:
+                return "{not a tokenizer"
+
+    g = GrammarCompiler(Broken(), 100, [0])  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="response_format: structured output is unavailable"):
+        g.matcher(ResponseFormat("json_object"))
