@@ -176,3 +176,18 @@ def test_lorax_client_response_format(server: ServerProcess) -> None:
     )
     assert out["reason"] == "FinishReason.EndOfSequenceToken"
     valid(out["text"])
+
+
+def test_best_of_candidates_are_all_constrained(server: ServerProcess) -> None:
+    params = {
+        "response_format": {"type": "json_schema", "schema": SCHEMA},
+        "best_of": 2,
+        "do_sample": True,
+        "details": True,
+    }
+    r = generate(server, params)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    valid(out["generated_text"])
+    for seq in out["details"]["best_of_sequences"] or []:
+        valid(seq["generated_text"])
