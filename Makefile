@@ -47,6 +47,7 @@ run: install
 
 bench: install
 	$(PY) -m bench.run_all
+	$(PY) -m bench.structured
 
 # Medusa on the demo model: tokens per step and speedup vs the same server without speculation.
 bench-medusa: install

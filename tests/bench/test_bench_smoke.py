@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -121,3 +122,29 @@ def test_vllm_runner_on_smollm_shape() -> None:
     res = run_vllm(BenchSpec(str(model.path), runs, max_lora_rank=16, vocab_size=49152, kv_cache_gib=1))
     assert [r.run for r in res] == [r.name for r in runs]
     assert all(r.output_tokens == 6 and r.tok_s > 0 for r in res)
+
+
+def test_structured_output_bench_runs_and_reports_its_three_figures(tmp_path) -> None:
+    """`make bench`'s structured-output part on the demo model at toy sizes: it runs and writes
+    the ratio, the new-schema first-token cost and the mask cost per step."""
+    from bench.structured import main as structured
+
+    out = tmp_path / "structured.json"
+    report = structured(
+        [
+            "--shape",
+            "demo",
+            "--n",
+            "2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "4",
+            "--schemas",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert report["throughput_ratio"] > 0 and report["new_schema_added_ttft_ms_median"] is not None
+    assert "mask_cost_per_step_ms" in json.loads(out.read_text())
