@@ -63,7 +63,7 @@ async def metrics(request: Request, format: str | None = None) -> Response:
     it: lorax-client's `metrics(format="json")` sends `Accept: application/json` and parses JSON."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    from loraserve.server.metrics import wants_json
+    from loraserve.server.metrics_lorax import wants_json
 
     m = get_state(request).metrics
     if wants_json(format, request.headers.get("accept")):

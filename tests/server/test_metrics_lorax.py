@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from loraserve.server.metrics import LoraxHistogram, LoraxSummary, stream_error_type, text_to_json
+from loraserve.server.metrics_lorax import LoraxHistogram, LoraxSummary, stream_error_type, text_to_json
 from tests.fixtures.server import ServerProcess
 
 PROMPT = "<s>user: hello\nassistant: "
