@@ -11,9 +11,9 @@ import torch
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.lora import LoraBatch, LoraTable
 from loraserve.layers.ops import TorchOps
-from loraserve.models.base import DecoderModel, KVCaches, build_projections
+from loraserve.models.base import DecoderModel, KVCaches
 from loraserve.models.config import ModelConfig
-from loraserve.models.llama import llama_projections
+from loraserve.models.llama import LlamaLayer, llama_projections
 
 
 def _gemma_norm(w: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,9 @@ def _gemma_norm(w: torch.Tensor) -> torch.Tensor:
     return (1.0 + w.float()).to(w.dtype)
 
 
-class Gemma2Layer:
+class Gemma2Layer(LlamaLayer):
+    """Llama's attention with Gemma's scale and soft-cap; Gemma's norms and GELU gate."""
+
     def __init__(
         self,
         i: int,
@@ -32,28 +34,14 @@ class Gemma2Layer:
         table: LoraTable | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
-        p = build_projections(llama_projections(cfg), w, ops, table, i)
-        self.qkv, self.o, self.gate_up, self.down = p["qkv"], p["o"], p["gate_up"], p["down"]
+        super().__init__(i, w, cfg, ops, table, kv_cache, llama_projections(cfg))
         self.in_norm = _gemma_norm(w["input_layernorm.weight"])
         self.post_attn_norm = _gemma_norm(w["post_attention_layernorm.weight"])
         self.pre_mlp_norm = _gemma_norm(w["pre_feedforward_layernorm.weight"])
         self.post_mlp_norm = _gemma_norm(w["post_feedforward_layernorm.weight"])
-        self.ops, self.cfg, self.kv_cache = ops, cfg, kv_cache
-        self.window = cfg.layer_windows[i]
+        del self.post_norm  # Gemma's post-attention norm is applied to the attention output
         self.softcap = cfg.raw.get("attn_logit_softcapping")
         self.scale = float(cfg.raw.get("query_pre_attn_scalar") or cfg.head_dim) ** -0.5
-        self.k_end = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
-
-    def attention(self, h: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        ops, cfg, hd = self.ops, self.cfg, self.cfg.head_dim
-        qkv = self.qkv(h, fb.lora)
-        t = qkv.shape[0]
-        qk = ops.rotary(qkv[:, : self.k_end].view(t, -1, hd), fb.cos, fb.sin)
-        q, k = qk[:, : cfg.num_attention_heads], qk[:, cfg.num_attention_heads :]
-        v = qkv[:, self.k_end :].view(t, -1, hd)
-        k_cache, v_cache = self.kv_cache
-        attn = ops.paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale, self.window, self.softcap)
-        return self.o(attn.view(t, -1), fb.lora)
 
     def mlp(self, h: torch.Tensor, lb: LoraBatch | None) -> torch.Tensor:
         return self.down(self.ops.gelu_tanh_mul(self.gate_up(h, lb), self.cfg.intermediate_size), lb)

@@ -56,6 +56,7 @@ class LlamaLayer:
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.k_end = self.q_size + cfg.num_key_value_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        self.softcap: float | None = None  # attention-logit soft-capping (Gemma 2)
 
     def attention(self, h: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         ops, cfg, hd = self.ops, self.cfg, self.cfg.head_dim
@@ -72,7 +73,7 @@ class LlamaLayer:
             k = ops.rotary(k.view(t, -1, hd), fb.cos, fb.sin)
         v = qkv[:, self.k_end :].view(t, -1, hd)
         k_cache, v_cache = self.kv_cache
-        attn = ops.paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale, self.window)
+        attn = ops.paged_attention(q, k, v, k_cache, v_cache, fb.attn, self.scale, self.window, self.softcap)
         return self.o(attn.view(t, -1), fb.lora)
 
     def mlp(self, h: torch.Tensor, lb: LoraBatch | None) -> torch.Tensor:
