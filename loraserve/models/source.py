@@ -20,7 +20,6 @@ import fnmatch
 import hashlib
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -273,7 +272,7 @@ def _s3_error(e: Exception, uri: str) -> ModelLoadError:
 def resolve_s3(uri: str, cache_dir: Path, timeout_s: float | None = None) -> Path:
     """Download the serving files right under `s3://bucket/prefix` (or reuse a complete copy)."""
     from loraserve.adapters.errors import AdapterError
-    from loraserve.adapters.sources.s3 import _s3_client, parse_s3_uri
+    from loraserve.adapters.sources.s3 import _s3_client, download_into, list_etags, parse_s3_uri
 
     uri = uri.rstrip("/")
     try:
@@ -283,38 +282,14 @@ def resolve_s3(uri: str, cache_dir: Path, timeout_s: float | None = None) -> Pat
     base = f"{prefix}/" if prefix else ""
     try:
         client = _s3_client(timeout_s)
-        etags: dict[str, str] = {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(base) :]
-                if name and "/" not in name:
-                    etags[name] = obj.get("ETag", "").strip('"')
+        etags = list_etags(client, bucket, base, lambda name: bool(name) and "/" not in name)
         if not etags:
             raise ModelLoadError(f"tried {uri} on S3: not found (no objects under that prefix)")
         _check_complete(list(etags), f"s3 model {uri}")
         files = wanted_files(list(etags))
         digest = hashlib.sha256(";".join(f"{f}:{etags[f]}" for f in files).encode()).hexdigest()[:16]
         target = cache_dir / "s3" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{digest}"
-        if all((target / f).is_file() for f in files):
-            log.info("base model %s: using cached copy %s", uri, target)
-            return target
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-        tmp.mkdir(parents=True)
-        t0, total = time.monotonic(), 0
-        try:
-            for i, f in enumerate(files, 1):
-                client.download_file(bucket, base + f, str(tmp / f))
-                total += (tmp / f).stat().st_size
-                log.info("base model %s: downloaded %s, %d/%d files", uri, f, i, len(files))
-            if target.exists():  # a concurrent start finished first: keep its copy
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("base model %s: %d bytes in %.2fs into %s", uri, total, time.monotonic() - t0, target)
-        return target
+        return download_into(client, bucket, base, files, target, f"base model {uri}")
     except ModelLoadError:
         raise
     except Exception as e:

@@ -23,6 +23,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +97,44 @@ def _map_s3_error(e: Exception, uri: str) -> AdapterError:
     return AdapterUnavailableError(f"reading {uri} failed: {type(e).__name__}")
 
 
+def list_etags(client: Any, bucket: str, base: str, keep: Callable[[str], bool]) -> dict[str, str]:
+    """ETags of the objects right under `base` whose names (relative to it) `keep` accepts."""
+    found: dict[str, str] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(base) :]
+            if keep(name):
+                found[name] = obj.get("ETag", "").strip('"')
+    return found
+
+
+def download_into(client: Any, bucket: str, base: str, files: list[str], target: Path, what: str) -> Path:
+    """`files` under `base` into `target` (kept if already complete), through a private temporary
+    directory renamed into place, so a concurrent or interrupted download never leaves a partial
+    `target`. Shared by adapters and base models (models/source.py)."""
+    if all((target / f).is_file() for f in files):
+        log.info("%s: using cached copy %s", what, target)
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    tmp.mkdir(parents=True)
+    t0, total = time.monotonic(), 0
+    try:
+        for i, f in enumerate(files, 1):
+            client.download_file(bucket, base + f, str(tmp / f))
+            size = (tmp / f).stat().st_size
+            total += size
+            log.info("%s: downloaded %s (%d bytes), %d/%d files", what, f, size, i, len(files))
+        if target.exists():  # another worker finished first; keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s: %d bytes in %.2fs into %s", what, total, time.monotonic() - t0, target)
+    return target
+
+
 class S3Source(AdapterSource):
     name = "s3"
     checks_auth = False
@@ -109,13 +148,7 @@ class S3Source(AdapterSource):
         """ETags of the adapter files right under the prefix (name -> etag)."""
         bucket, prefix = parse_s3_uri(uri)
         base = f"{prefix}/" if prefix else ""
-        found: dict[str, str] = {}
-        paginator = client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=base):
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(base) :]
-                if name in ADAPTER_FILES:
-                    found[name] = obj.get("ETag", "").strip('"')
+        found = list_etags(client, bucket, base, lambda name: name in ADAPTER_FILES)
         if not found:
             raise AdapterNotFoundError(f"s3 adapter {uri} not found (no adapter files under that prefix)")
         return bucket, base, found
@@ -164,25 +197,4 @@ class S3Source(AdapterSource):
     def _download(
         self, client: Any, uri: str, bucket: str, base: str, files: list[str], target: Path
     ) -> Path:
-        """Files of `uri` into `target` (kept if already complete), via a temporary directory."""
-        if all((target / f).is_file() for f in files):
-            log.info("s3 adapter %s: using disk cache %s", uri, target)
-            return target
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-        tmp.mkdir(parents=True)
-        t0, total = time.monotonic(), 0
-        try:
-            for i, f in enumerate(files, 1):
-                client.download_file(bucket, base + f, str(tmp / f))
-                size = (tmp / f).stat().st_size
-                total += size
-                log.info("s3 adapter %s: downloaded %s (%d bytes), %d/%d files", uri, f, size, i, len(files))
-            if target.exists():  # another worker finished first; keep its copy
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("s3 adapter %s: %d bytes in %.2fs", uri, total, time.monotonic() - t0)
-        return target
+        return download_into(client, bucket, base, files, target, f"s3 adapter {uri}")
