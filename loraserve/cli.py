@@ -130,6 +130,20 @@ def _refuse(args: argparse.Namespace, problem: str) -> int:
     return 2
 
 
+def _model_dir(args: argparse.Namespace, timeout_s: float | None = None) -> Path:
+    """The base model's local directory, fetched from where `--model-id`/`--source` say."""
+    from loraserve.models.source import resolve_model
+
+    return resolve_model(
+        args.model_id,
+        args.source,
+        args.revision,
+        cache_dir=args.model_cache_dir,
+        timeout_s=timeout_s,
+        gguf_file=args.gguf_file,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     redactor = setup_logging(args.log_level, args.json_output, [args.predibase_api_token])
     if not args.model_id:
@@ -144,17 +158,9 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", timeout)
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", timeout)
     from loraserve.models.config import ModelLoadError
-    from loraserve.models.source import resolve_model
 
     try:
-        model_dir = resolve_model(
-            args.model_id,
-            args.source,
-            args.revision,
-            cache_dir=args.model_cache_dir,
-            timeout_s=args.adapter_source_timeout_s,
-            gguf_file=args.gguf_file,
-        )
+        model_dir = _model_dir(args, timeout_s=args.adapter_source_timeout_s)
     except ModelLoadError as e:
         return _refuse(args, str(e))
     import uvicorn
@@ -265,7 +271,6 @@ def generate(args: argparse.Namespace) -> int:
     from loraserve.engine.engine import Engine, EngineConfig
     from loraserve.engine.params import SamplingParams
     from loraserve.models.config import ModelLoadError
-    from loraserve.models.source import resolve_model
 
     # One request: a KV cache for one sequence and one adapter slot, not the serving-sized defaults.
     config = EngineConfig(
@@ -277,14 +282,7 @@ def generate(args: argparse.Namespace) -> int:
         max_num_seqs=1,
     )
     try:
-        model_dir = resolve_model(
-            args.model_id,
-            args.source,
-            args.revision,
-            cache_dir=args.model_cache_dir,
-            gguf_file=args.gguf_file,
-        )
-        engine = Engine.from_pretrained(model_dir, config)
+        engine = Engine.from_pretrained(_model_dir(args), config)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
