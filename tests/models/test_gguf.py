@@ -175,7 +175,7 @@ def test_an_unknown_gguf_pre_tokenizer_is_refused(tiny, tmp_path: Path) -> None:
 
 
 def test_gguf_in_a_directory_or_hub_repo_and_failures(tiny, tmp_path: Path, monkeypatch) -> None:
-    from tests.fixtures.fake_hub import FakeHub
+    from tests.fixtures.fake_hub import FakeHub, point_hf_at
 
     path = write_gguf(tiny, tmp_path / "tiny.gguf", "Q4_0")
     expected = _ours(path, tmp_path / "cache")
@@ -184,16 +184,7 @@ def test_gguf_in_a_directory_or_hub_repo_and_failures(tiny, tmp_path: Path, monk
     torch.testing.assert_close(e.prompt_logits(IDS), expected, rtol=0, atol=0)
     hub = FakeHub().start()
     try:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-        for name in (
-            "HF_HUB_CACHE",
-            "HUGGINGFACE_HUB_CACHE",
-            "HF_TOKEN",
-            "HUGGING_FACE_HUB_TOKEN",
-            "HF_HUB_OFFLINE",
-        ):
-            monkeypatch.delenv(name, raising=False)
+        point_hf_at(monkeypatch, hub, tmp_path / "hf")
         hub.add_repo("org/tiny-GGUF", {"tiny.gguf": path.read_bytes(), "other.gguf": b"x"})
         model_dir = resolve_model("org/tiny-GGUF", gguf_file="tiny.gguf", cache_dir=tmp_path / "c3")
         assert hub.count("GET", "other.gguf") == 0

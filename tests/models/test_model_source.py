@@ -12,7 +12,7 @@ import torch
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.models.config import ModelLoadError
 from loraserve.models.source import resolve_model
-from tests.fixtures.fake_hub import FakeHub, files_of
+from tests.fixtures.fake_hub import FakeHub, files_of, point_hf_at
 from tests.fixtures.s3_server import S3TestServer
 from tests.fixtures.tiny_models import make_tiny_model
 
@@ -33,16 +33,7 @@ def tiny_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
     fake = FakeHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", fake.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for name in (
-        "HF_HUB_CACHE",
-        "HUGGINGFACE_HUB_CACHE",
-        "HF_TOKEN",
-        "HUGGING_FACE_HUB_TOKEN",
-        "HF_HUB_OFFLINE",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    point_hf_at(monkeypatch, fake, tmp_path / "hf-home")
     yield fake
     fake.stop()
 

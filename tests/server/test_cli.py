@@ -174,19 +174,10 @@ def test_bad_environment_values_do_not_break_other_commands(monkeypatch: pytest.
 
 @pytest.fixture
 def hub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    from tests.fixtures.fake_hub import FakeHub
+    from tests.fixtures.fake_hub import FakeHub, point_hf_at
 
     hub = FakeHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for name in (
-        "HF_HUB_CACHE",
-        "HUGGINGFACE_HUB_CACHE",
-        "HF_TOKEN",
-        "HUGGING_FACE_HUB_TOKEN",
-        "HF_HUB_OFFLINE",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    point_hf_at(monkeypatch, hub, tmp_path / "hf-home")
     for flag in SERVE_FLAGS:
         monkeypatch.delenv(flag.env, raising=False)
     yield hub
