@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +41,19 @@ from loraserve.host_allocator import keep_freed_memory
 from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardRecord:
+    """One forward pass as an observer sees it."""
+
+    kind: str  # "prefill" when the step admitted or recomputed prompts, else "decode"
+    started: float  # time.perf_counter() at its start
+    admitted: list[str]  # request ids whose first forward pass this is
+    max_tokens: int  # prompt + max_new_tokens summed over the batch
+    ok: bool = False
+    seconds: float = 0.0
+
 
 NON_FINITE = (
     "generation failed: the model produced non-finite logits for this request (check the adapter's weights)"
@@ -83,6 +99,8 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids))
         self.grammars.warm_up()
         self._seqs: dict[str, Sequence] = {}
+        # called on the step thread after every forward pass, e.g. by the server's metrics
+        self.step_observer: Callable[[ForwardRecord], None] | None = None
         self.spec_steps = 0
         self.spec_tokens = 0
         self.steps = 0
@@ -222,7 +240,7 @@ class Engine:
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
-        res = self.runner.execute(sched.decodes, sched.prefills)
+        res = self._execute(sched.decodes, sched.prefills)
         poisoned = self._poisoned_rows(res)
         sampled = self._sample_plain_rows(res, poisoned)
         outputs, draft_rows = self._emit_step(res, poisoned, sampled)
@@ -236,6 +254,27 @@ class Engine:
         self.steps += 1
         self.last_batch_size = len(res.layout.seqs)
         return outputs
+
+    def _execute(self, decodes: list[Sequence], prefills: list[Sequence]) -> StepResult:
+        """The forward pass, reported to `step_observer` (the server's metrics) when one is set."""
+        observer = self.step_observer
+        if observer is None:
+            return self.runner.execute(decodes, prefills)
+        start = time.perf_counter()
+        record = ForwardRecord(
+            kind="prefill" if prefills else "decode",
+            started=start,
+            admitted=[seq.request_id for seq in prefills if not seq.output_ids],  # not recomputes
+            max_tokens=sum(len(s.prompt_ids) + s.params.max_new_tokens for s in (*decodes, *prefills)),
+        )
+        try:
+            res = self.runner.execute(decodes, prefills)
+        except BaseException:
+            observer(record)  # ok=False: the step failed
+            raise
+        record.ok, record.seconds = True, time.perf_counter() - start
+        observer(record)
+        return res
 
     def _poisoned_rows(self, res: StepResult) -> list[bool]:
         """Per sequence: did any of its logits come out NaN/inf? One cheap check for the whole

@@ -330,46 +330,30 @@ class ServerMetrics:
         self.watch_engine(engine)
 
     def watch_engine(self, engine: Any) -> None:
-        """Wrap this engine's `runner.execute` (one forward pass) to feed `lorax_batch_*` and the
-        admission times behind `lorax_request_queue_duration`.
-
-        Wrapping the instance keeps the engine free of server concerns; the wrapper runs on the
-        step-loop thread and only takes this object's lock.
-        """
+        """Observe this engine's forward passes (`Engine.step_observer`) to feed `lorax_batch_*`
+        and the admission times behind `lorax_request_queue_duration`. The observer runs on the
+        step-loop thread and only takes this object's lock."""
         limits = getattr(engine, "limits", None)
         if limits is not None:
             self.lorax.set_limits(limits.max_input_length, limits.max_total_tokens)
-        runner = getattr(engine, "runner", None)
-        execute = getattr(runner, "execute", None)
-        if execute is None or getattr(execute, "_loraserve_metrics", None) is self:
-            return
+        if hasattr(engine, "step_observer"):
+            engine.step_observer = self._forward_pass
+
+    def _forward_pass(self, rec: Any) -> None:
         lorax = self.lorax
-
-        def timed_execute(decodes: list[Any], prefills: list[Any]) -> Any:
-            method = "prefill" if prefills else "decode"
-            start = time.perf_counter()
-            if prefills:
-                with self._lock:
-                    for seq in prefills:
-                        if not seq.output_ids:  # a first admission, not a recompute after preemption
-                            self._admitted[seq.request_id] = start
-                    while len(self._admitted) > MAX_PENDING_ADMISSIONS:  # aborted before any output
-                        self._admitted.popitem(last=False)
-            self._batch_max_tokens = sum(
-                len(s.prompt_ids) + s.params.max_new_tokens for s in (*decodes, *prefills)
-            )
-            lorax.batch_inference_count.inc(method=method)
-            try:
-                result = execute(decodes, prefills)
-            except BaseException:
-                lorax.batch_inference_failure.inc(method=method)
-                raise
-            lorax.batch_inference_duration.observe(time.perf_counter() - start, method=method)
-            lorax.batch_inference_success.inc(method=method)
-            return result
-
-        timed_execute._loraserve_metrics = self  # type: ignore[attr-defined]
-        runner.execute = timed_execute
+        if rec.admitted:
+            with self._lock:
+                for request_id in rec.admitted:
+                    self._admitted[request_id] = rec.started
+                while len(self._admitted) > MAX_PENDING_ADMISSIONS:  # aborted before any output
+                    self._admitted.popitem(last=False)
+        self._batch_max_tokens = rec.max_tokens
+        lorax.batch_inference_count.inc(method=rec.kind)
+        if not rec.ok:
+            lorax.batch_inference_failure.inc(method=rec.kind)
+            return
+        lorax.batch_inference_duration.observe(rec.seconds, method=rec.kind)
+        lorax.batch_inference_success.inc(method=rec.kind)
 
     # ---- request hooks (called from generation.py) ------------------------------------------------
     def request_validated(self, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -140,3 +140,19 @@ def test_helper_threads_run_tensor_work_single_threaded() -> None:
         assert in_helper == 1
         torch.set_num_threads(before)  # undo for this (main) thread
     assert torch.get_num_threads() == before  # per thread: the caller keeps its own setting
+
+
+def test_step_observer_sees_every_forward_pass_and_first_admissions(llama_dir) -> None:
+    """The server's metrics observe forward passes through `Engine.step_observer`, not by
+    wrapping engine internals: one record per step, each request admitted exactly once."""
+    from loraserve.engine.engine import Engine, EngineConfig
+    from loraserve.engine.params import SamplingParams
+
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(kv_cache_memory_bytes=16 << 20))
+    records = []
+    engine.step_observer = records.append
+    results = engine.generate([[1, 5, 9], [1, 7]], SamplingParams(max_new_tokens=4, ignore_eos_token=True))
+    assert len(records) == engine.steps and all(r.ok and r.seconds > 0 for r in records)
+    admitted = [rid for r in records for rid in r.admitted]
+    assert sorted(admitted) == sorted(r.request_id for r in results)
+    assert records[0].kind == "prefill" and records[-1].kind == "decode"
