@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.cpu_threads import use_one_omp_thread
@@ -43,6 +44,7 @@ class _Add:
     adapter: LoraAdapter | None
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    grammar: Any = None  # structured-output matcher, built before the request reaches the step loop
 
 
 @dataclass
@@ -98,10 +100,18 @@ class AsyncEngine:
         adapter: LoraAdapter | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield one `RequestOutput` per step until finished; closing the iterator aborts the request."""
+        """Yield one `RequestOutput` per step until finished; closing the iterator aborts the request.
+
+        A structured-output request's grammar matcher is built here on a worker thread (a new
+        schema's lexer takes milliseconds; the llguidance tokenizer up to a second while it is
+        still being built at start), so the step thread only advances matchers and fills masks.
+        """
         rid = request_id or uuid.uuid4().hex
         sink: asyncio.Queue = asyncio.Queue()
-        self._submit(_Add(rid, list(prompt_ids), params, adapter, sink, asyncio.get_running_loop()))
+        grammar = None
+        if params.response_format is not None:  # RequestError (bad schema) raised to the caller
+            grammar = await asyncio.to_thread(self.engine.grammars.matcher, params.response_format)
+        self._submit(_Add(rid, list(prompt_ids), params, adapter, sink, asyncio.get_running_loop(), grammar))
         finished = False
         try:
             while True:
@@ -178,7 +188,9 @@ class AsyncEngine:
                 return
             if isinstance(cmd, _Add):
                 try:
-                    self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.adapter, cmd.request_id)
+                    self.engine.add_request(
+                        cmd.prompt_ids, cmd.params, cmd.adapter, cmd.request_id, grammar=cmd.grammar
+                    )
                 except Exception as e:  # validation errors go back to that caller only
                     # straight to its own sink: a duplicate id must not take over the sink of
                     # the request that already has that id

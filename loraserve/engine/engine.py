@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -156,7 +157,10 @@ class Engine:
         params: SamplingParams | None = None,
         adapter: LoraAdapter | None = None,
         request_id: str | None = None,
+        grammar: Any = None,
     ) -> str:
+        """Queue a request. `grammar`: its structured-output matcher built off the step loop
+        (AsyncEngine builds it on a worker thread); None builds it here, for in-process callers."""
         params = params or SamplingParams()
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -180,7 +184,8 @@ class Engine:
         if adapter is not None:
             self.check_adapter(adapter)
         speculator = self.speculators.for_request(adapter, params)
-        grammar = self.grammars.matcher(params.response_format) if params.response_format else None
+        if grammar is None and params.response_format is not None:
+            grammar = self.grammars.matcher(params.response_format)
         rid = request_id or uuid.uuid4().hex
         if rid in self._seqs:
             raise RequestError(f"duplicate request id {rid!r}")
