@@ -8,8 +8,12 @@
 - `"auto"` (the default with tools) does not constrain: the model answers freely, and an answer
   that is exactly such a call is returned as `tool_calls`, anything else as `content`. `"none"`
   renders the tools but never returns a call.
-- Streaming a tool-call request sends the answer once it is complete: one `delta.tool_calls`
-  chunk (or one content chunk when `"auto"` produced free text), then the finish chunk.
+- Streaming sends a call as OpenAI does: a `delta.tool_calls` chunk with the id and name as soon
+  as the name is generated, then the arguments' text in fragments as they are generated, then
+  the finish chunk (`"tool_calls"`). With `"auto"`, text is held back only while it could still
+  be the start of a call (`{"name": ...`), then streams as content (server/openai_tool_stream.py).
+  A streamed `"auto"` call is recognised only in that order (name first); the whole answer,
+  as the non-streamed response parses it, may also put `arguments` first.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from loraserve.engine.errors import RequestError
 from loraserve.engine.grammar import grammar_text
 from loraserve.engine.params import ResponseFormat
 from loraserve.server.errors import validation_error
+from loraserve.server.openai_tool_stream import CallStream
 from loraserve.server.sse import openai_event
 
 DEFAULT_TOOL_PROMPT = 'Tools: {tools}\nTo call one, answer {{"name": <tool>, "arguments": {{...}}}} only.'
@@ -156,25 +161,26 @@ async def tool_stream_events(
     final_usage: Any,
     include_usage: bool = False,
 ) -> AsyncIterator[str]:
-    """The chat chunks of a tool request: the whole answer is gathered, then sent as one
-    `delta.tool_calls` chunk (or content), then the finish chunk with the usage."""
+    """The chat chunks of a tool request: the call's head once its name is known, then the
+    arguments' text fragment by fragment as they are generated (server/openai_tool_stream.py), or
+    content when the answer is not a call; then the finish chunk with the usage."""
 
     def chunk(delta: dict, reason: str | None = None, **extra: Any) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
         return openai_event({**head, "choices": [choice], **extra})
 
     yield chunk({"role": "assistant", "content": ""})
-    text = ""
+    stream = CallStream(plan.allowed)
     async for delta, _tokens, final in deltas:
-        text += delta
+        for d in stream.push(delta):
+            yield chunk(d)
         if final is None:
             continue
-        message, reason = chat_message(text, finish_reason(final.finish_reason), plan)
-        if "tool_calls" in message:
-            calls = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
-            yield chunk({"tool_calls": calls})
-        elif text:
-            yield chunk({"content": text})
+        for d in stream.flush():
+            yield chunk(d)
+        reason = finish_reason(final.finish_reason)
+        if stream.mode == "call" and reason == "stop":
+            reason = "tool_calls"
         yield chunk({}, reason, usage=final_usage(final))
         if include_usage:
             yield openai_event({**head, "choices": [], "usage": final_usage(final)})

@@ -86,16 +86,40 @@ def test_auto_and_none_answer_free_text_or_a_call(client: openai.OpenAI) -> None
     assert none.finish_reason in ("stop", "length")
 
 
-def test_stream_forced_call(client: openai.OpenAI) -> None:
-    forced = {"type": "function", "function": {"name": "weather"}}
-    chunks = list(chat(client, forced, stream=True, stream_options={"include_usage": True}))
+def streamed_calls(chunks: list[Any]) -> tuple[Any, list[str]]:
+    """The first `delta.tool_calls` entry and the argument fragments of all of them."""
     calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].index == 0
-    check_call(calls[0], ("weather",))
+    assert calls and all(tc.index == 0 for tc in calls)
+    return calls[0], [tc.function.arguments for tc in calls]
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "weather"}}, "required"])
+def test_stream_forced_call_arguments_come_token_by_token(client: openai.OpenAI, tool_choice: Any) -> None:
+    chunks = list(chat(client, tool_choice, stream=True, stream_options={"include_usage": True}))
+    first, frags = streamed_calls(chunks)
+    assert first.id.startswith("call_") and first.type == "function"
+    assert first.function.name in ("weather", "add") and first.function.arguments == ""
+    assert all(f for f in frags[1:]) and len(frags) > 2, frags  # several argument chunks
+    args = "".join(frags)
+    jsonschema.validate(json.loads(args), SCHEMAS[first.function.name])
+    assert not any(ch.choices[0].delta.content for ch in chunks if ch.choices)
     assert chunks[-2].choices[0].finish_reason == "tool_calls"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
-    ref = chat(client, {"type": "function", "function": {"name": "weather"}}).choices[0].message.tool_calls[0]
-    assert json.loads(calls[0].function.arguments) == json.loads(ref.function.arguments)  # greedy: same call
+    ref = chat(client, tool_choice).choices[0].message.tool_calls[0]  # greedy: the same call
+    assert ref.function.name == first.function.name
+    assert json.loads(args) == json.loads(ref.function.arguments)
+
+
+def test_stream_auto_is_content_or_a_streamed_call(client: openai.OpenAI) -> None:
+    chunks = list(chat(client, "auto", stream=True, max_tokens=12))
+    ref = chat(client, "auto", max_tokens=12).choices[0]
+    if ref.message.tool_calls:  # the tiny model happened to call: the stream says so too
+        first, frags = streamed_calls(chunks)
+        assert first.function.name == ref.message.tool_calls[0].function.name
+    else:
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == ref.message.content
+        assert chunks[-1].choices[0].finish_reason == ref.finish_reason
 
 
 @pytest.mark.parametrize(
