@@ -144,13 +144,17 @@ def _model_dir(args: argparse.Namespace, timeout_s: float | None = None) -> Path
     )
 
 
-def serve(args: argparse.Namespace) -> int:
-    redactor = setup_logging(args.log_level, args.json_output, [args.predibase_api_token])
+def build_server(args: argparse.Namespace) -> tuple[Any, Any] | str:
+    """The FastAPI app and its `ServerState` for `serve`'s flags, or why they cannot start.
+
+    Shared by `serve` (which runs the app under uvicorn) and the Ray Serve replicas of
+    `loraserve.distributed` (which run it in-process), so both validate and answer alike.
+    """
     if not args.model_id:
-        return _refuse(args, "--model-id/--model (or MODEL_ID) is required")
+        return "--model-id/--model (or MODEL_ID) is required"
     problem = _unsupported(args)
     if problem:
-        return _refuse(args, problem)
+        return problem
     for note in _ignored_flags(args):
         log.warning(note)
     # huggingface_hub reads its download timeout when imported: set it before anything imports it.
@@ -162,9 +166,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         model_dir = _model_dir(args, timeout_s=args.adapter_source_timeout_s)
     except ModelLoadError as e:
-        return _refuse(args, str(e))
-    import uvicorn
-
+        return str(e)
     from loraserve.adapters.disk_cache import AdapterDiskCache
     from loraserve.adapters.sources import build_sources
     from loraserve.adapters.store import AdapterStore
@@ -172,12 +174,11 @@ def serve(args: argparse.Namespace) -> int:
     from loraserve.engine.engine import Engine
     from loraserve.server.app import build_state, create_app
     from loraserve.server.config import ServerConfig
-    from loraserve.server.request_guard import guarded_h11_protocol
 
     try:
         aengine = AsyncEngine.build(lambda: Engine.from_pretrained(model_dir, _engine_config(args)))
     except ModelLoadError as e:
-        return _refuse(args, str(e))
+        return str(e)
     engine = aengine.engine
     config = ServerConfig(
         model_id=args.model_id,
@@ -224,12 +225,24 @@ def serve(args: argparse.Namespace) -> int:
     if problem:
         store.close()
         aengine.shutdown()
-        return _refuse(args, problem)
+        return problem
     config.speculative_tokens = engine.speculative_tokens if engine.default_speculator is not None else 0
     state = build_state(config, aengine, store)
     state.metrics.disk_stats = disk_cache.stats
     state.registry.preload_token = args.predibase_api_token
-    app = create_app(state)
+    return create_app(state), state
+
+
+def serve(args: argparse.Namespace) -> int:
+    redactor = setup_logging(args.log_level, args.json_output, [args.predibase_api_token])
+    import uvicorn
+
+    from loraserve.server.request_guard import guarded_h11_protocol
+
+    built = build_server(args)
+    if isinstance(built, str):
+        return _refuse(args, built)
+    app, _ = built
     host = args.hostname
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     log.info(
@@ -261,6 +274,26 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     return 0
+
+
+def serve_ray(args: argparse.Namespace) -> int:
+    """`serve` scaled out on Ray Serve (`loraserve.distributed`): needs the `ray` extra."""
+    setup_logging(args.log_level, args.json_output, [args.predibase_api_token])
+    if not args.model_id:
+        return _refuse(args, "--model-id/--model (or MODEL_ID) is required")
+    problem = _unsupported(args)
+    if problem:
+        return _refuse(args, problem)
+    try:
+        from loraserve.distributed.app import run
+    except ImportError as e:
+        return _refuse(args, f"serve-ray needs Ray Serve: pip install 'loraserve[ray]' ({e})")
+    return run(args)
+
+
+def parse_serve_args(argv: list[str]) -> argparse.Namespace:
+    """`serve`'s flags (and their environment variables) read from `argv`, exactly as `serve` reads them."""
+    return build_parser().parse_args(["serve", *argv])
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -320,7 +353,7 @@ def build_kernels(args: argparse.Namespace) -> int:
     """Kept out of `serve` on purpose: a minute of compiling belongs to installing, not to a start."""
     from loraserve.layers.native_cpu import build_command
 
-    return build_command(args.force)
+    return build_command(args.force, args.march)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_flags(p_serve)
     p_serve.set_defaults(func=serve)
+
+    p_ray = sub.add_parser(
+        "serve-ray",
+        help="Serve on Ray Serve: N replicas behind one endpoint, requests routed by adapter.",
+        usage="%(prog)s --model-id DIR|ORG/NAME|S3_URI --replicas N [serve options]",
+    )
+    add_serve_flags(p_ray)
+    p_ray.add_argument("--replicas", type=int, default=2, help="Engine replicas (default: 2).")
+    p_ray.add_argument(
+        "--routing",
+        choices=("adapter", "plain"),
+        default="adapter",
+        help="adapter: Ray Serve model multiplexing keyed by the adapter (default); plain: Ray's default.",
+    )
+    p_ray.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica.")
+    p_ray.add_argument("--ray-address", help="A running Ray cluster to join (default: start a local one).")
+    p_ray.set_defaults(func=serve_ray)
 
     p_gen = sub.add_parser("generate", help="Generate once from a prompt, without a server.")
     p_gen.add_argument("prompt", help="The prompt text.")
@@ -383,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_build.add_argument(
         "--force", action="store_true", help="Rebuild even when a build for this machine is already cached."
+    )
+    p_build.add_argument(
+        "--march",
+        help="Compile for this -march instead of $LORASERVE_NATIVE_MARCH (default: native), e.g. x86-64-v3 "
+        "for the AVX2 build; servers load it when LORASERVE_NATIVE_MARCH names it.",
     )
     p_build.set_defaults(func=build_kernels)
     return parser
