@@ -65,6 +65,7 @@ class LoraServeIngress:
         app = Starlette(
             routes=[
                 Route("/metrics", self.metrics, methods=["GET"]),
+                Route("/v1/models", self.models, methods=["GET"]),
                 Route("/{path:path}", self.forward, methods=_METHODS),
             ]
         )
@@ -80,6 +81,17 @@ class LoraServeIngress:
             replicas = [{k: s[k] for k in ("replica", "counts", "store")} for s in snapshots]
             return JSONResponse({"replicas": replicas, "ingress": self.counts})
         return Response(aggregate(snapshots, self.counts), media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Request) -> Response:
+        """The union of the replicas' lists: each lists only the adapters it served itself."""
+        snapshots = await self.hub.collect.remote() if self.hub is not None else []
+        if not snapshots:
+            return await self.forward(request)
+        data: dict[str, Any] = {}
+        for snap in snapshots:
+            for entry in snap["models"]["data"]:
+                data.setdefault(entry["id"], entry)
+        return JSONResponse({"object": "list", "data": list(data.values())})
 
     async def forward(self, request: Request) -> Response:
         body = await request.body()

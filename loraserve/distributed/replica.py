@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import time
@@ -134,19 +135,23 @@ class LoraServeReplica:
             yield item
 
     async def snapshot(self) -> dict[str, Any]:
-        """This replica's `/metrics` text plus its adapter LRU counters, for the ingress."""
-        text = b""
-        async for item in run_asgi(self.app, ForwardedRequest("GET", "/metrics")):
-            if isinstance(item, bytes):
-                text += item
+        """This replica's `/metrics` text plus its adapter LRU counters, and its `/v1/models`."""
         extra = replica_counter_lines(self.counts, self.slots, self.state.registry.stats())
         return {
             "replica": self.replica_id,
             "time": time.time(),
             "counts": dict(self.counts),
             "store": self.state.registry.stats(),
-            "metrics": text.decode() + extra,
+            "metrics": (await self._get("/metrics")).decode() + extra,
+            "models": json.loads(await self._get("/v1/models")),
         }
+
+    async def _get(self, path: str) -> bytes:
+        body = b""
+        async for item in run_asgi(self.app, ForwardedRequest("GET", path)):
+            if isinstance(item, bytes):
+                body += item
+        return body
 
     async def _report_loop(self, interval_s: float) -> None:
         """Push snapshots to the metrics hub: the ingress cannot address replicas one by one."""
