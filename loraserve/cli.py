@@ -46,12 +46,6 @@ def _ignored_flags(args: argparse.Namespace) -> list[str]:
             "--trust-remote-code is ignored: loraserve never runs code shipped with a checkpoint "
             "(its model architectures are built in)"
         )
-    for flag, value in (
-        ("--prefix-caching", args.prefix_caching),
-        ("--chunked-prefill", args.chunked_prefill),
-    ):
-        if value:
-            notes.append(f"{flag} is not implemented yet and has no effect")
     if args.eager_prefill is not None:
         notes.append(
             f"--eager-prefill {str(args.eager_prefill).lower()} has no effect: every step already admits "
@@ -95,6 +89,9 @@ def _engine_config(args: argparse.Namespace) -> Any:
         num_threads=args.num_threads,
         native_kernels=not getattr(args, "no_native_kernels", False),
         adapter_memory_bytes=_adapter_memory_bytes(args.adapter_memory_fraction, args.device),
+        prefix_caching=args.prefix_caching,
+        chunked_prefill=args.chunked_prefill,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
     )
 
 

@@ -34,7 +34,7 @@ def _paged_group(
     b = len(seqs)
     q_lens = [e - s for s, e in spans]
     max_q = max(q_lens)
-    ctx = [seq.num_tokens + len(seq.drafts) for seq in seqs]
+    ctx = [seq.num_cached + q for seq, q in zip(seqs, q_lens)]  # cached tokens + this step's
     max_ctx = max(ctx)
     nblk = -(-max_ctx // block_size)
     tables = torch.zeros(b, nblk, dtype=torch.long)
@@ -92,7 +92,8 @@ def build_forward_batch(
     logit_rows: list[list[int]] = []
     for seq in seqs:
         start = len(ids)
-        fed = seq.all_ids[seq.num_cached :] + seq.drafts  # drafts are verified in the same pass
+        # drafts are verified in the same pass; a chunk of a long prompt stops at `prefill_end`
+        fed = seq.all_ids[seq.num_cached : seq.prefill_end] + seq.drafts
         for p, tok in enumerate(fed, start=seq.num_cached):
             ids.append(tok)
             positions.append(p)
@@ -100,7 +101,10 @@ def build_forward_batch(
         end = len(ids)
         spans.append((start, end))
         wants_all = seq.drafts or (seq.params.prefill_logprobs and not seq.prefill_reported)
-        logit_rows.append(list(range(start, end)) if wants_all else [end - 1])
+        if seq.prefilling:
+            logit_rows.append([])  # a chunk short of the prompt's end: nothing is sampled from it
+        else:
+            logit_rows.append(list(range(start, end)) if wants_all else [end - 1])
     attn = AttentionMeta(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
     paged_seqs, paged_spans = [], []
     for seq, span in zip(seqs, spans):

@@ -37,6 +37,10 @@ class EngineConfig:
     pack_weights: bool = True  # CPU: keep dense weights packed, as panels or for oneDNN (layers/linear.py)
     # CPU fp32: GEMM, LoRA, decode attention, norm, SwiGLU, rotary kernels (layers/native_cpu.py)
     native_kernels: bool = True
+    prefix_caching: bool = True  # reuse cached KV blocks of shared prompt prefixes (engine/block_manager.py)
+    chunked_prefill: bool = False  # feed long prompts over several steps beside the decodes
+    # prompt tokens per step when chunking (default: max_batch_prefill_tokens)
+    prefill_chunk_tokens: int | None = None
 
 
 def device_memory(device: torch.device) -> int:

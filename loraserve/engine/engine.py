@@ -90,8 +90,15 @@ class Engine:
             max_num_seqs=cfg.max_num_seqs,
             block_size=cfg.block_size,
         )
+        chunk = (cfg.prefill_chunk_tokens or max_prefill) if cfg.chunked_prefill else max_prefill
         self.scheduler = Scheduler(
-            self.runner.blocks, self.runner.slots, cfg.max_num_seqs, max_prefill, cfg.adapter_cycle_time_s
+            self.runner.blocks,
+            self.runner.slots,
+            cfg.max_num_seqs,
+            chunk,
+            cfg.adapter_cycle_time_s,
+            prefix_caching=cfg.prefix_caching,
+            chunked_prefill=cfg.chunked_prefill,
         )
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, max_total)
         self.speculators = Speculators(
@@ -139,6 +146,10 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "spec_steps": self.spec_steps,
             "spec_tokens": self.spec_tokens,
+            "prefix_cache_hits": blocks.hits,  # blocks, not requests (block_manager.py)
+            "prefix_cache_misses": blocks.misses,
+            "prefix_cache_evictions": blocks.evictions,
+            "prefix_cache_blocks": blocks.num_cached,
         }
 
     # ---- requests ------------------------------------------------------------------------------
@@ -269,7 +280,8 @@ class Engine:
         record = ForwardRecord(
             kind="prefill" if prefills else "decode",
             started=start,
-            admitted=[seq.request_id for seq in prefills if not seq.output_ids],  # not recomputes
+            # first forward of a new request: not a recompute, not a later chunk of its prompt
+            admitted=[seq.request_id for seq in prefills if seq.admitted_now and not seq.output_ids],
             max_tokens=sum(len(s.prompt_ids) + s.params.max_new_tokens for s in (*decodes, *prefills)),
         )
         try:
@@ -291,7 +303,7 @@ class Engine:
     def _sample_plain_rows(self, res: StepResult, poisoned: list[bool]) -> dict[int, Emitted]:
         """One token for every healthy sequence without drafts, all rows in one pass."""
         seqs, rows = res.layout.seqs, res.layout.logit_rows
-        plain = [i for i, seq in enumerate(seqs) if not seq.drafts and not poisoned[i]]
+        plain = [i for i, seq in enumerate(seqs) if rows[i] and not seq.drafts and not poisoned[i]]
         if not plain:
             return {}
         last = torch.tensor([res.starts[i] + len(rows[i]) - 1 for i in plain], device=self.device)
@@ -327,6 +339,9 @@ class Engine:
         outputs: list[RequestOutput] = []
         draft_rows: list[tuple[Sequence, int]] = []
         for i, seq in enumerate(res.layout.seqs):
+            if seq.prefilling:  # a chunk of a prompt that continues next step: nothing to emit yet
+                seq.num_cached = seq.prefill_end
+                continue
             n = len(res.layout.logit_rows[i])
             seq_logits = res.logits[res.starts[i] : res.starts[i] + n]
             prefill = None
@@ -376,9 +391,10 @@ class Engine:
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """End one request with an error; the rest of the batch carries on. Its blocks may hold
-        NaN/inf keys and values, so they are zeroed before reuse."""
-        self.runner.zero_blocks(seq.block_table)
+        NaN/inf keys and values, so they leave the prefix cache and are zeroed before reuse."""
+        self.runner.blocks.poison(seq.block_table)
         self._finish(seq)
+        self.runner.zero_blocks(self.runner.blocks.take_dirty())
         return self.outputs.failed(seq, message)
 
     def _finish(self, seq: Sequence) -> None:

@@ -100,7 +100,10 @@ class ModelRunner:
         fb, layout = self.prepare(decodes, prefills)
         hidden = self.model.forward(fb)
         rows = [r for rs in layout.logit_rows for r in rs]
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        if rows:
+            logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        else:  # every row is a chunk of a prompt that continues next step (chunked prefill)
+            logits = torch.empty(0, self.vocab_size, device=self.device)
         starts, offset = [], 0
         for rs in layout.logit_rows:
             starts.append(offset)
@@ -117,8 +120,9 @@ class ModelRunner:
         return self.ops.linear(hidden, self.model.lm_head)
 
     def zero_blocks(self, block_table: list[int]) -> None:
-        """Zero a failed sequence's blocks: a masked-out position still multiplies its value by 0,
-        so NaN/inf left there would poison the next owner."""
+        """Zero a failed sequence's blocks once nobody holds them (`BlockManager.take_dirty`): a
+        masked-out position still multiplies its value by 0, so NaN/inf left there would poison
+        the next owner."""
         if not block_table:
             return
         idx = torch.tensor(block_table, device=self.device)

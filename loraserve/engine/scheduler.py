@@ -13,6 +13,20 @@ decode, the most recently admitted sequence is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later
 (recompute is cheaper than swapping on every device we target, and needs no
 host copy of the cache).
+
+Prefix caching (block_manager.py): a prompt whose leading full blocks are cached
+takes them and prefills only the rest (always at least its last token, for the
+logits); a prompt whose next block another sequence is computing right now waits
+one step for it instead of computing a copy. `decoder_input_details` requests need
+logits at every prompt position, so they compute the whole prompt (their blocks are
+still offered to others). Preempted sequences offer their computed blocks to the
+cache on the way out, so the recompute usually finds them.
+
+Chunked prefill: the step's prefill-token budget is split over prompts, each
+taking at most what is left of it, so a long prompt is fed over several steps
+beside the running decodes and every step's work stays bounded. A chunked
+prompt's blocks are all taken at admission, so later chunks never wait for
+memory. Logit-hungry `decoder_input_details` prompts are never chunked.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from dataclasses import dataclass, field
 
 from loraserve.engine.adapter_slots import AdapterSlots
 from loraserve.engine.block_manager import BlockManager
+from loraserve.engine.prefix_cache import extend_hashes
 from loraserve.engine.sequence import SeqStatus, Sequence
 
 
@@ -44,8 +59,12 @@ class Scheduler:
         max_num_seqs: int,
         max_prefill_tokens: int,
         adapter_cycle_s: float = 2.0,
+        prefix_caching: bool = False,
+        chunked_prefill: bool = False,
     ) -> None:
+        """`max_prefill_tokens`: prompt tokens fed per step (the chunk budget when chunking)."""
         self.blocks, self.slots = blocks, slots
+        self.caching, self.chunked = prefix_caching, chunked_prefill
         self.adapter_cycle_s = adapter_cycle_s
         self.draining: set[int] = set()
         self._blocked_since: dict[str, float] = {}  # adapter key -> when its requests first lacked a slot
@@ -62,17 +81,41 @@ class Scheduler:
 
     def schedule(self) -> Schedule:
         out = Schedule()
-        self._schedule_decodes(out)
-        self._admit(out)
+        for seq in self.running:
+            self._commit(seq)
+        budget = self._schedule_running(out)
+        self._admit(out, budget)
         key = lambda s: -1 if s.slot is None else s.slot  # noqa: E731 - group rows by adapter slot
         out.decodes.sort(key=key)
         out.prefills.sort(key=key)
         return out
 
-    def _schedule_decodes(self, out: Schedule) -> None:
+    def _commit(self, seq: Sequence) -> None:
+        """Offer the sequence's newly computed full blocks to the prefix cache."""
+        if not self.caching:
+            return
+        full = min(seq.num_cached // self.blocks.block_size, len(seq.block_table))
+        if full > seq.committed_blocks:
+            addresses = extend_hashes(seq, full, self.blocks.block_size)
+            self.blocks.address(seq.block_table, addresses[:full], seq.committed_blocks, computed=True)
+            seq.committed_blocks = full
+
+    def _schedule_running(self, out: Schedule) -> int:
+        """Decode every running sequence (preempting the newest when blocks run out) and give
+        chunked prompts part-way through their next chunk; returns the prefill budget left."""
+        budget = self.max_prefill_tokens
         queue = list(self.running)
         while queue:
             seq = queue.pop(0)
+            seq.admitted_now = False
+            left = seq.num_tokens - seq.num_cached
+            if left > 1:  # a chunked prompt part-way through: its blocks were taken at admission
+                if budget > 0:
+                    seq.prefill_end = seq.num_cached + min(left, budget)
+                    budget -= seq.prefill_end - seq.num_cached
+                    out.prefills.append(seq)
+                continue
+            seq.prefill_end = None
             if seq.drafts and not self.blocks.can_hold(seq.block_table, seq.num_tokens + len(seq.drafts)):
                 seq.drafts = []  # speculation is optional: never preempt anyone for it
             while not self.blocks.can_hold(seq.block_table, seq.num_tokens + len(seq.drafts)):
@@ -83,23 +126,44 @@ class Scheduler:
             else:
                 self.blocks.grow(seq.block_table, seq.num_tokens + len(seq.drafts))
                 out.decodes.append(seq)
+        return budget
 
-    def _admit(self, out: Schedule) -> None:
-        budget = self.max_prefill_tokens
+    def _lookup(self, seq: Sequence, whole: bool) -> tuple[list[int], bool]:
+        """(cached blocks the prompt can start from, whether to wait a step for more)."""
+        if not self.caching or whole:
+            return [], False
+        full = (seq.num_tokens - 1) // self.blocks.block_size  # the last token is always computed
+        return self.blocks.match(extend_hashes(seq, full, self.blocks.block_size)[:full])
+
+    def _admit(self, out: Schedule, budget: int) -> None:
         skipped: list[Sequence] = []
         now = time.monotonic()
         blocked: dict[str, float] = {}
+        bs = self.blocks.block_size
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_tokens
-            if n > budget and out.prefills:
-                break
+            whole = seq.params.prefill_logprobs and not seq.prefill_reported  # logits at every position
+            matched, wait = self._lookup(seq, whole)
+            if wait:  # another sequence is computing our next block: reuse it next step
+                skipped.append(self.waiting.popleft())
+                continue
+            todo = n - len(matched) * bs
+            if self.chunked and not whole:
+                if budget <= 0:
+                    break
+                feed = min(todo, budget)
+            else:
+                if todo > budget and out.prefills:
+                    break
+                feed = todo
             # keep one spare block per running sequence so admissions don't force immediate preemption
             reserve = min(len(self.running), self.blocks.num_free // 4)
-            if not self.blocks.can_hold(seq.block_table, n, reserve):
+            cost = self.blocks.cost(matched, n)
+            if cost + reserve > self.blocks.num_free:
                 if self.running or out.prefills:
                     break
-                if not self.blocks.can_hold(seq.block_table, n):
+                if cost > self.blocks.num_free:
                     break  # cannot fit even alone; the engine rejects such requests up front
             if seq.uses_slot and self.slots is not None:
                 key = seq.adapter.key
@@ -113,14 +177,30 @@ class Scheduler:
                     continue
                 seq.slot = self.slots.acquire(seq.adapter)
             self.waiting.popleft()
-            self.blocks.grow(seq.block_table, n)
+            self._place(seq, matched, whole)
+            seq.prefill_end = seq.num_cached + feed if self.chunked and not whole else None
+            seq.admitted_now = True
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.prefills.append(seq)
-            budget -= n
+            budget -= feed
         self.waiting.extendleft(reversed(skipped))
         self._blocked_since = blocked
         self._rotate_adapters(now)
+
+    def _place(self, seq: Sequence, matched: list[int], whole: bool) -> None:
+        """Give an admitted sequence its blocks: the cached prefix shared, the rest new, and the
+        new full blocks of its prompt addressed as pending so identical prompts wait for them."""
+        bs, n = self.blocks.block_size, seq.num_tokens
+        seq.block_table = self.blocks.share(matched)
+        seq.num_cached = len(matched) * bs
+        seq.committed_blocks = len(matched)
+        self.blocks.grow(seq.block_table, n)
+        if self.caching:
+            if not whole:
+                self.blocks.misses += (n - 1) // bs - len(matched)
+            addresses = extend_hashes(seq, n // bs, bs)
+            self.blocks.address(seq.block_table, addresses[: n // bs], len(matched), computed=False)
 
     def _rotate_adapters(self, now: float) -> None:
         if self.slots is None:
@@ -143,8 +223,10 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._commit(seq)  # its computed blocks stay cached: the recompute usually finds them
         self._release(seq)
-        seq.num_cached = 0
+        seq.num_cached = seq.committed_blocks = 0
+        seq.prefill_end = None
         seq.drafts = []
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
@@ -155,5 +237,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        self._commit(seq)
         self._release(seq)
         seq.status = SeqStatus.FINISHED

@@ -42,11 +42,21 @@ class Sequence:
     spec_steps: int = 0  # steps that verified drafts
     spec_tokens: int = 0  # tokens emitted by those steps
     grammar: Any = None  # llguidance LLMatcher of a structured-output request (engine/grammar.py)
+    block_hashes: list[bytes] = field(default_factory=list)  # addresses of full blocks (prefix_cache.py)
+    committed_blocks: int = 0  # leading blocks of the table already offered to the prefix cache
+    prefill_end: int | None = None  # this step feeds tokens [num_cached, prefill_end); None: all the rest
+    admitted_now: bool = False  # this step is the sequence's first forward since it was (re)admitted
 
     @property
     def uses_slot(self) -> bool:
         """Medusa-only adapters carry no LoRA weights and need no slot."""
         return self.adapter is not None and bool(self.adapter.modules)
+
+    @property
+    def prefilling(self) -> bool:
+        """This step feeds a chunk of the prompt that stops short of its end (chunked prefill):
+        nothing is sampled from it."""
+        return self.prefill_end is not None and self.prefill_end < self.num_tokens
 
     @property
     def all_ids(self) -> list[int]:

@@ -230,13 +230,22 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--eager-prefill", _SCHED_HINT, kind="bool"),
     Flag(
         "--chunked-prefill",
-        "Not implemented yet: `true` only warns at start; long prompts are prefilled whole.",
+        "Feed long prompts in chunks of at most --prefill-chunk-tokens beside the running decodes, "
+        "so a long prompt never stalls the streams already generating (default: false).",
         kind="bool",
+        default=False,
+    ),
+    Flag(
+        "--prefill-chunk-tokens",
+        "Prompt tokens per step with --chunked-prefill (default: --max-batch-prefill-tokens).",
+        type=int,
     ),
     Flag(
         "--prefix-caching",
-        "Not implemented yet: `true` only warns at start; every prompt is prefilled in full.",
+        "Reuse the KV blocks of prompt prefixes computed before for the same adapter (or the base "
+        "model) instead of computing them again (default: true).",
         kind="bool",
+        default=True,
     ),
     Flag(
         "--max-active-adapters",

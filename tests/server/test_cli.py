@@ -306,9 +306,6 @@ def no_flag_env(monkeypatch: pytest.MonkeyPatch) -> None:
     ("extra", "expected"),
     [
         (["--trust-remote-code"], "--trust-remote-code is ignored: loraserve never runs code"),
-        (["--prefix-caching", "true"], "--prefix-caching is not implemented yet and has no effect"),
-        (["--prefix-caching"], "--prefix-caching is not implemented yet and has no effect"),
-        (["--chunked-prefill", "true"], "--chunked-prefill is not implemented yet and has no effect"),
         (["--eager-prefill", "true"], "--eager-prefill true has no effect"),
         (["--eager-prefill", "false"], "--eager-prefill false has no effect"),
         (["--max-waiting-tokens", "5"], "--max-waiting-tokens 5 has no effect"),
@@ -326,6 +323,7 @@ def test_flags_without_effect_are_named_at_start(no_flag_env: None, extra: list[
         [],
         ["--prefix-caching", "false"],
         ["--chunked-prefill", "false"],
+        ["--prefix-caching", "true", "--chunked-prefill", "true"],  # both implemented: nothing to warn
         ["--trust-remote-code", "false"],
         ["--max-waiting-tokens", "20", "--waiting-served-ratio", "1.2"],  # LoRAX's defaults
     ],
@@ -357,8 +355,6 @@ def test_the_warnings_appear_when_the_server_starts(tiny_assets, tmp_path) -> No
     warnings = [line for line in log.splitlines() if " WARNING loraserve: " in line]
     for expected in (
         "--trust-remote-code is ignored",
-        "--prefix-caching is not implemented yet and has no effect",
-        "--chunked-prefill is not implemented yet and has no effect",
         "--max-waiting-tokens 7 has no effect",
         "--waiting-served-ratio 3.0 has no effect",
     ):
