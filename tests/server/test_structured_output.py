@@ -191,3 +191,39 @@ def test_best_of_candidates_are_all_constrained(server: ServerProcess) -> None:
     valid(out["generated_text"])
     for seq in out["details"]["best_of_sequences"] or []:
         valid(seq["generated_text"])
+
+
+def test_stop_sequence_cuts_a_constrained_answer(server: ServerProcess) -> None:
+    """A stop sequence ends a constrained answer as it ends free text: LoRAX keeps the sequence
+    and says `stop_sequence`; OpenAI cuts it off and says `stop`."""
+    rf = {"type": "json_schema", "schema": SCHEMA}
+    out = generate(server, {"response_format": rf, "stop": [', "size"'], "details": True}).json()
+    assert out["details"]["finish_reason"] == "stop_sequence"
+    assert out["generated_text"].startswith('{"name": "') and out["generated_text"].endswith(', "size"')
+    body = {"model": "", "prompt": "give me json", "max_tokens": 100, "temperature": 0, "stop": [', "size"']}
+    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}
+    c = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert c["finish_reason"] == "stop" and c["text"].startswith('{"name": "') and '"size"' not in c["text"]
+
+
+def test_seeded_constrained_sampling_repeats_and_n_choices_all_validate(client: openai.OpenAI) -> None:
+    rf = {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}
+
+    def ask(seed: int, n: int = 1) -> list[str]:
+        c = client.chat.completions.create(
+            model="",
+            messages=[{"role": "user", "content": "json"}],
+            max_tokens=100,
+            temperature=1.0,
+            seed=seed,
+            n=n,
+            response_format=rf,
+        )
+        return [ch.message.content for ch in c.choices]
+
+    first = ask(11)
+    assert ask(11) == first  # same seed, same answer
+    choices = ask(11, n=3)
+    assert choices[0] == first[0] and len(choices) == 3  # choice j samples with seed + j
+    for text in choices + ask(12):
+        valid(text)
