@@ -45,7 +45,18 @@ _RATE_WINDOW_S = 10.0
 
 #: Engine statistics that only ever grow: exported as counters (`loraserve_engine_<key>_total`) so
 #: `rate()` and `increase()` work on them and a restart reads as a counter reset, not a drop.
-ENGINE_COUNTERS = frozenset({"steps", "preemptions", "adapter_loads", "adapter_evictions"})
+ENGINE_COUNTERS = frozenset(
+    {
+        "steps",
+        "preemptions",
+        "adapter_loads",
+        "adapter_evictions",
+        # KV blocks reused from, computed past, and evicted from the prefix cache (block_manager.py)
+        "prefix_cache_hits",
+        "prefix_cache_misses",
+        "prefix_cache_evictions",
+    }
+)
 #: Engine statistics another series already carries; exporting them again made two series for one
 #: number. waiting/running: `lorax_queue_length`/`lorax_batch_current_size` (LoRAX's names, which
 #: its dashboards read); batch_size (last step's size): `lorax_batch_current_size`; spec_*:
