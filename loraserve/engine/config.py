@@ -41,6 +41,7 @@ class EngineConfig:
     chunked_prefill: bool = False  # feed long prompts over several steps beside the decodes
     # prompt tokens per step when chunking (default: max_batch_prefill_tokens)
     prefill_chunk_tokens: int | None = None
+    grammar_backend: str = "llguidance"  # structured output: llguidance | xgrammar (engine/grammar.py)
 
 
 def device_memory(device: torch.device) -> int:

@@ -26,7 +26,7 @@ from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.engine.config import DTYPES, EngineConfig
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.errors import RequestError
-from loraserve.engine.grammar import GrammarCompiler, cut_drafts, draft_masks
+from loraserve.engine.grammar import cut_drafts, draft_masks, grammar_compiler
 from loraserve.engine.memory_plan import Limits, resolve_lengths
 from loraserve.engine.model_runner import ModelRunner, StepResult
 from loraserve.engine.output_processor import Emitted, OutputProcessor
@@ -104,7 +104,9 @@ class Engine:
         self.speculators = Speculators(
             mc.hidden_size, self.runner.vocab_size, self.device, self.dtype, cfg.speculative_tokens
         )
-        self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids))
+        self.grammars = grammar_compiler(
+            cfg.grammar_backend, self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids)
+        )
         self.grammars.warm_up()
         self._seqs: dict[str, Sequence] = {}
         # called on the step thread after every forward pass, e.g. by the server's metrics

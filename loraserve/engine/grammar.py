@@ -7,7 +7,10 @@ computes the set of allowed next tokens as a bitmask. Here:
 - `GrammarCompiler` (one per engine) builds llguidance's tokenizer once from the model's
   `tokenizer.json`, sized to the logits' vocabulary (a padded `lm_head`'s extra ids are never
   allowed), turns a `ResponseFormat` into a grammar (bounded cache keyed by the schema text) and
-  hands each constrained sequence its own `LLMatcher`.
+  hands each constrained sequence its own `LLMatcher`. The schema is checked during request
+  validation (server/validation.py, a worker thread) and the matcher built on the admission path
+  (AsyncEngine.generate, a worker thread), so the step thread only advances matchers and fills
+  masks. `--grammar-backend xgrammar` swaps in engine/grammar_xgrammar.py's compiler.
 - The matcher advances on every token the sequence emits (engine/output_processor.py), drafts
   included; EOS is allowed only where the grammar may end, and once the grammar is complete EOS
   is the only allowed token.
@@ -29,7 +32,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
@@ -129,6 +132,19 @@ class GrammarCompiler:
         if m.is_error():
             raise RequestError(f"response_format: {m.get_error()}")
         return m
+
+
+def grammar_compiler(backend: str, tokenizer: Tokenizer, vocab_size: int, eos_ids: Sequence[int]) -> Any:
+    """The engine's matcher factory for `--grammar-backend`: llguidance (the default) or xgrammar
+    (engine/grammar_xgrammar.py, an optional extra; README compares the two)."""
+    if backend == "llguidance":
+        return GrammarCompiler(tokenizer, vocab_size, eos_ids)
+    if backend == "xgrammar":
+        from loraserve.engine.grammar_xgrammar import XGrammarCompiler, require_xgrammar
+
+        require_xgrammar()  # refused at start, not on the first structured request
+        return XGrammarCompiler(tokenizer, vocab_size, eos_ids)
+    raise ValueError(f"grammar backend must be llguidance or xgrammar, not {backend!r}")
 
 
 def advance(matcher: llguidance.LLMatcher, token: int) -> None:

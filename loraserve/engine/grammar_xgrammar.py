@@ -38,13 +38,21 @@ if TYPE_CHECKING:
 SEPARATORS = (", ", ": ")
 
 
+def require_xgrammar() -> None:
+    """ValueError (a start-up error) when xgrammar is not installed."""
+    try:
+        _xgr()
+    except RequestError as e:
+        raise ValueError(str(e).removeprefix("response_format: ")) from None
+
+
 def _xgr() -> Any:
     try:
         import xgrammar
-    except ImportError as e:
+    except ImportError:
         raise RequestError(
             "response_format: the xgrammar backend is not installed (pip install -e '.[xgrammar]')"
-        ) from e
+        ) from None
     return xgrammar
 
 

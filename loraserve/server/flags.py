@@ -117,6 +117,13 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         default=0,
     ),
     Flag(
+        "--grammar-backend",
+        "Structured output (response_format, tools): llguidance, or xgrammar if installed "
+        "(pip install 'loraserve[xgrammar]'; README compares the two).",
+        default="llguidance",
+        choices=("llguidance", "xgrammar"),
+    ),
+    Flag(
         "--dtype",
         "Weights and activations dtype.",
         default="float32",
