@@ -9,7 +9,7 @@ LORAX_VENV ?= .venv-lorax
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install test run lint bench bench-medusa lorax-client demo-assets
+.PHONY: install test run lint bench bench-medusa bench-ray lorax-client demo-assets
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ $(LORAX_VENV)/.installed:
 
 lorax-client: $(LORAX_VENV)/.installed
 
-test: install lorax-client
+# Ray Serve (the `ray` extra) for tests/distributed and `make bench-ray`; `make run` does without it.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(PIP) install -q -e '.[ray]'
+	touch $@
+
+test: install lorax-client $(VENV)/.installed-ray
 	LORAX_CLIENT_PYTHON=$(LORAX_VENV)/bin/python $(PY) -m pytest -q -x --durations=15
 
 lint: install
@@ -48,6 +53,10 @@ run: install
 bench: install
 	$(PY) -m bench.run_all
 	$(PY) -m bench.structured
+
+# Ray Serve: adapter-aware (multiplexed) routing vs Ray's plain routing, Zipf over 200 adapters.
+bench-ray: install $(VENV)/.installed-ray
+	$(PY) -m bench.ray_routing
 
 # Medusa on the demo model: tokens per step and speedup vs the same server without speculation.
 bench-medusa: install

@@ -380,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter: Ray Serve model multiplexing keyed by the adapter (default); plain: Ray's default.",
     )
     p_ray.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica.")
+    p_ray.add_argument(
+        "--max-adapters-per-replica",
+        type=int,
+        help="Adapters each replica keeps routed to it (Ray's max_num_models_per_replica; "
+        "default: its adapter slots).",
+    )
     p_ray.add_argument("--ray-address", help="A running Ray cluster to join (default: start a local one).")
     p_ray.set_defaults(func=serve_ray)
 

@@ -71,6 +71,8 @@ def build_app(config: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Any:
     Keys (from `config`, a `serve run` argument dict, or keyword arguments):
     `model` (required), `replicas` (2), `routing` (`adapter`: multiplexed by adapter key;
     `plain`: Ray's default routing, the benchmark's baseline), `num_cpus_per_replica` (1),
+    `max_adapters_per_replica` (the keys each replica's multiplexed LRU keeps; default: its
+    adapter slots, `--max-active-adapters`; more suits a host cache that holds more adapters),
     `serve_args` (a `serve` command line, string or list), and any `serve` flag.
     Relative paths (model, `local` adapters) resolve against the directory this runs in.
     """
@@ -85,16 +87,22 @@ def build_app(config: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Any:
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, not {routing!r}")
     num_cpus = float(opts.pop("num_cpus_per_replica", 1))
+    max_adapters = opts.pop("max_adapters_per_replica", None)
     extra = opts.pop("serve_args", [])
     argv = ["--model-id", str(model), *(shlex.split(extra) if isinstance(extra, str) else list(extra))]
     for name, value in opts.items():
         argv += _flag_argv(name, value)
     args = parse_serve_args(argv)  # a bad flag fails here, in the driver, not in every replica
-    return _application(args, serve_argv(args), replicas, routing, num_cpus)
+    return _application(args, serve_argv(args), replicas, routing, num_cpus, max_adapters)
 
 
 def _application(
-    args: argparse.Namespace, argv: list[str], replicas: int, routing: str, num_cpus: float
+    args: argparse.Namespace,
+    argv: list[str],
+    replicas: int,
+    routing: str,
+    num_cpus: float,
+    max_adapters: int | None = None,
 ) -> Any:
     hub = serve.deployment(MetricsHub, name="LoraServeMetricsHub", ray_actor_options={"num_cpus": 0}).bind()
     replica = serve.deployment(
@@ -105,7 +113,7 @@ def _application(
         # the engine batches everything it is sent; its own limit answers 429 beyond this
         max_ongoing_requests=args.max_concurrent_requests,
         health_check_period_s=5,
-    ).bind(argv, hub, cwd=os.getcwd())
+    ).bind(argv, hub, cwd=os.getcwd(), max_adapters=max_adapters)
     ingress = serve.deployment(
         serve.ingress()(LoraServeIngress),
         name="LoraServeIngress",

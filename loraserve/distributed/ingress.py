@@ -123,6 +123,9 @@ class LoraServeIngress:
         except Exception as e:  # the replica died, was stopped, or failed outside the app
             gen.cancel()
             return self._unavailable(request, e)
+        except BaseException:  # the client went away (RequestGuard cancels us): abort the request
+            gen.cancel()
+            raise
         return Response(content, status_code=head.status, headers=dict(head.headers))
 
     def _unavailable(self, request: Request, e: BaseException) -> Response:

@@ -54,7 +54,12 @@ class LoraServeReplica:
     """A Ray Serve deployment class (see `app.build_app`)."""
 
     async def __init__(
-        self, serve_argv: list[str], hub: Any = None, cwd: str | None = None, report_interval_s: float = 1.0
+        self,
+        serve_argv: list[str],
+        hub: Any = None,
+        cwd: str | None = None,
+        max_adapters: int | None = None,
+        report_interval_s: float = 1.0,
     ) -> None:
         from loraserve.cli import build_server, parse_serve_args
 
@@ -68,7 +73,8 @@ class LoraServeReplica:
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # preloads --adapter-id/--preloaded-adapter-ids
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.slots = int(self.state.limits.max_active_adapters)
+        # Ray's LRU = the engine's adapter slots unless told otherwise (a host cache holding more)
+        self.slots = int(max_adapters or self.state.limits.max_active_adapters)
         self.counts = {"hits": 0, "misses": 0, "load_failures": 0}
         self.hub = hub
         self._model_id = args.model_id

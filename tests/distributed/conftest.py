@@ -6,6 +6,7 @@ package; the test that kills a replica runs last (`test_ray_app.py` ends with it
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ def ray_app() -> Iterator[RayApp]:
     serve = pytest.importorskip("ray.serve")
     from loraserve.distributed import build_app
 
+    # Ray's own memory monitor kills actors when the *machine* is over 95% used, which on a
+    # shared box is other people's processes; the kernel's OOM killer still guards the box.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()

@@ -26,19 +26,11 @@ def test_serve_argv_round_trips_every_changed_flag() -> None:
 
 def test_serve_ray_takes_every_serve_flag_plus_its_own() -> None:
     args = build_parser().parse_args(
-        [
-            "serve-ray",
-            "--model",
-            "demo/model",
-            "--replicas",
-            "3",
-            "--routing",
-            "plain",
-            "--max-active-adapters",
-            "8",
-        ]
-    )
+        ["serve-ray", "--model", "demo/model", "--replicas", "3", "--routing", "plain",
+         "--max-active-adapters", "8", "--max-adapters-per-replica", "32"]
+    )  # fmt: skip
     assert (args.replicas, args.routing, args.max_active_adapters) == (3, "plain", 8)
+    assert args.max_adapters_per_replica == 32 and "--replicas" not in serve_argv(args)
 
 
 def test_build_app_refuses_bad_options_in_the_driver() -> None:
