@@ -25,7 +25,12 @@ log = logging.getLogger("loraserve")
 def _unsupported(args: argparse.Namespace) -> str | None:
     """Flags whose feature does not exist yet stop the launch instead of being ignored."""
     if args.quantize:
-        return "--quantize is not supported yet"
+        from loraserve.layers.precision import PrecisionError, weight_quantization
+
+        try:
+            weight_quantization(args.quantize)
+        except PrecisionError as e:
+            return str(e)
     if args.compile:
         return "--compile is not supported yet"
     if args.merge_adapter_weights:
@@ -78,6 +83,8 @@ def _engine_config(args: argparse.Namespace) -> Any:
 
     return EngineConfig(
         dtype=args.dtype,
+        quantize=args.quantize,
+        adapter_dtype=args.adapter_dtype,
         device=args.device,
         max_batch_total_tokens=args.max_batch_total_tokens,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,

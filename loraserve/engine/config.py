@@ -20,6 +20,8 @@ DTYPES = {
 @dataclass(frozen=True)
 class EngineConfig:
     dtype: str = "float32"
+    quantize: str | None = None  # "int8" (or LoRAX's bitsandbytes/eetq): int8 weights (layers/precision.py)
+    adapter_dtype: str | None = None  # LoRA slot table: float32 | bfloat16 (default: dtype)
     device: str = "cpu"
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # default: sized from the device's memory

@@ -102,7 +102,7 @@ class Engine:
         )
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, max_total)
         self.speculators = Speculators(
-            mc.hidden_size, self.runner.vocab_size, self.device, self.dtype, cfg.speculative_tokens
+            mc.hidden_size, self.runner.vocab_size, self.device, self.runner.dtype, cfg.speculative_tokens
         )
         self.grammars = grammar_compiler(
             cfg.grammar_backend, self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids)

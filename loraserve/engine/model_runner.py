@@ -26,6 +26,7 @@ from loraserve.host_allocator import zeros_on_huge_pages
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.lora import LoraTable
 from loraserve.layers.ops import select_ops
+from loraserve.layers.precision import resolve_precision
 from loraserve.models.config import ModelConfig
 from loraserve.models.registry import model_class
 from loraserve.models.spec import linear_shapes, lora_groups
@@ -52,11 +53,21 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
+        # weights in the serving dtype (or int8), activations and KV cache in `dtype` (layers/precision.py)
+        self.precision = prec = resolve_precision(dtype, device, cfg.quantize, cfg.adapter_dtype)
+        dtype = prec.compute
         self.mc, self.dtype, self.device, self.block_size = mc, dtype, device, cfg.block_size
         cls = model_class(mc.architecture)
-        self.ops = select_ops(device, dtype, cfg.native_kernels, cfg.pack_weights)
-        log.info("compute backend: %s (%s, %s)", self.ops.name, device, str(dtype).replace("torch.", ""))
-        weights = load_checkpoint(model_dir, mc.num_hidden_layers, dtype, device)
+        self.ops = select_ops(device, dtype, cfg.native_kernels, cfg.pack_weights, prec)
+        log.info(
+            "compute backend: %s (%s, %s; weights %s, adapters %s)",
+            self.ops.name,
+            device,
+            str(dtype).replace("torch.", ""),
+            str(prec.load).replace("torch.", "") if prec.weights == "plain" else prec.weights,
+            str(prec.adapter).replace("torch.", ""),
+        )
+        weights = prec.to_compute(load_checkpoint(model_dir, mc.num_hidden_layers, prec.load, device))
         num_blocks = kv_cache_blocks(cfg, mc, max_total_tokens, dtype, device)
         shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
         self.kv_caches = [
@@ -68,9 +79,9 @@ class ModelRunner:
         self.lora = LoraTable(
             linear_shapes(projections),
             mc.num_hidden_layers,
-            adapter_slots(cfg, mc, dtype, device),
+            adapter_slots(cfg, mc, prec.adapter, device),
             cfg.max_lora_rank,
-            dtype,
+            prec.adapter,
             device,
             groups=lora_groups(projections),
         )

@@ -54,14 +54,17 @@ def row_bucket(m: int) -> int:
 @dataclass
 class Linear:
     """y = x @ weight.T + bias; `layout` says what `weight` holds: "plain" [out, in],
-    "onednn" (opaque packed) or "panel" ([ceil(out / 32), in, 32]). Only the `Ops` backend
-    that made a layout runs it (layers/ops.py)."""
+    "onednn" (opaque packed) or "panel" ([ceil(out / 32), in, 32]); low-precision ones ("bf16",
+    "int8", "bf16-panel", "int8-panel", layers/quantized_linear.py) also carry `scale`, the int8
+    weights' per-output-channel fp32 scales. Only the `Ops` backend that made a layout runs it
+    (layers/ops.py)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     out_features: int
     in_features: int
     layout: str = "plain"
+    scale: torch.Tensor | None = None
 
     @property
     def packed(self) -> bool:

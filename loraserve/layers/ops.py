@@ -29,6 +29,8 @@ from loraserve.layers import activation, attention, lora, norm, rotary
 from loraserve.layers.attention import AttentionMeta
 from loraserve.layers.linear import Linear, onednn_linear, pack_onednn, packing_supported
 from loraserve.layers.lora import LoraBatch
+from loraserve.layers.precision import Precision
+from loraserve.layers.quantized_linear import LOWP_PLAIN, make_plain, plain_linear, plain_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +40,26 @@ class TorchOps:
 
     name = "torch"
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, pack: bool = True) -> None:
-        """`pack`: let dense weights take a packed layout where this backend has one."""
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        pack: bool = True,
+        weights: str = "plain",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        """`dtype`: activations; `pack`: let dense weights take a packed layout where this backend
+        has one; `weights`: "plain" or a low-precision format ("bf16", "int8"), `adapter_dtype`:
+        the LoRA table's (layers/precision.py)."""
         self.device, self.dtype, self.pack = device, dtype, pack
+        self.weights, self.adapter_dtype = weights, adapter_dtype or dtype
 
     # ---- dense projections ----------------------------------------------------------------------
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         """Wrap `weight` [out, in] (and `bias`) in this backend's fastest layout for it."""
         out_f, in_f = weight.shape
+        if self.weights in LOWP_PLAIN:
+            return make_plain(weight, bias, self.weights)
         if self.pack and packing_supported(weight.dtype, weight.device):
             return Linear(pack_onednn(weight), bias, out_f, in_f, layout="onednn")
         return Linear(weight, bias, out_f, in_f)
@@ -56,19 +70,23 @@ class TorchOps:
             return F.linear(x, w.weight, w.bias)
         if w.layout == "onednn":
             return onednn_linear(x, w)
+        if w.layout in LOWP_PLAIN:
+            return plain_linear(x, w)
         raise ValueError(f"{self.name} ops cannot run a {w.layout!r} weight")
 
     def embedding(self, ids: torch.Tensor, table: torch.Tensor | Linear) -> torch.Tensor:
         """Rows `ids` of an embedding table, or of a tied lm_head that holds it (`Linear`)."""
         if isinstance(table, Linear):
+            if table.layout in LOWP_PLAIN:
+                return plain_rows(table, ids).to(self.dtype)
             if table.layout != "plain":
                 raise ValueError(f"{self.name} ops cannot read rows of a {table.layout!r} weight")
             table = table.weight
-        return F.embedding(ids, table)
+        return F.embedding(ids, table).to(self.dtype)  # a bf16 table under fp32 compute: converted
 
     def can_share_embedding(self, lm_head: Linear) -> bool:
         """Whether `embedding` can read a tied input embedding out of this packed lm_head."""
-        return lm_head.layout == "plain"
+        return lm_head.layout in ("plain", *LOWP_PLAIN)
 
     # ---- batched multi-LoRA ---------------------------------------------------------------------
     def lora_batch(self, token_slots: list[tuple[int, int, int]]) -> LoraBatch | None:
@@ -85,6 +103,12 @@ class TorchOps:
         slot_rank: torch.Tensor | None = None,
     ) -> None:
         """ys[j] += LoRA delta of member j of a group that reads `x` (see layers/lora.py)."""
+        if a.dtype != x.dtype:  # a bf16 slot table under fp32 compute: the delta in the adapter dtype
+            deltas = [torch.zeros(y.shape, dtype=a.dtype, device=y.device) for y in ys]
+            lora.apply_lora(deltas, x.to(a.dtype), a, bs, lb)
+            for y, d in zip(ys, deltas):
+                y += d
+            return
         lora.apply_lora(ys, x, a, bs, lb)
 
     # ---- attention ------------------------------------------------------------------------------
@@ -123,14 +147,23 @@ class TorchOps:
         return rotary.apply_rotary(x, cos, sin)
 
 
-def select_ops(device: torch.device, dtype: torch.dtype, native: bool = True, pack: bool = True) -> TorchOps:
-    """The fastest backend for this device and dtype; `native=False` is the one off-switch."""
+def select_ops(
+    device: torch.device, dtype: torch.dtype, native: bool = True, pack: bool = True, precision: Precision | None = None
+) -> TorchOps:
+    """The fastest backend for this device and dtype (the compute dtype; `precision` says how
+    weights and adapters are held, layers/precision.py); `native=False` is the one off-switch."""
+    weights = precision.weights if precision else "plain"
+    adapter_dtype = precision.adapter if precision else dtype
     if native and device.type == "cpu":
         from loraserve.layers.native_cpu import cpu_kernels
         from loraserve.layers.ops_cpu import CpuNativeOps
 
         kernels = cpu_kernels(device, dtype)  # None: not built, or not for this dtype
+        if kernels and (weights != "plain" or adapter_dtype != dtype):
+            from loraserve.layers.ops_lowp_cpu import LowpCpuOps
+
+            return LowpCpuOps(device, dtype, kernels, pack, weights, adapter_dtype)
         if kernels:
             return CpuNativeOps(device, dtype, kernels, pack)
     # CUDA: a TritonOps will be chosen here when one exists
-    return TorchOps(device, dtype, pack)
+    return TorchOps(device, dtype, pack, weights, adapter_dtype)

@@ -125,12 +125,22 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     ),
     Flag(
         "--dtype",
-        "Weights and activations dtype.",
+        "Weights dtype; on CPU activations and the KV cache stay float32 under bfloat16 (native kernels "
+        "convert the weights in registers).",
         default="float32",
         choices=("float32", "float16", "bfloat16"),
     ),
     Flag("--device", "Torch device, e.g. cpu, cuda, cuda:1.", default="cpu"),
-    Flag("--quantize", "Weight quantization (not supported yet)."),
+    Flag(
+        "--quantize",
+        "int8: 8-bit weight-only, per output channel, quantised at load (LoRAX's bitsandbytes and eetq mean "
+        "the same); other LoRAX methods (gptq, awq, fp8, bitsandbytes-nf4, ...) are refused at start.",
+    ),
+    Flag(
+        "--adapter-dtype",
+        "dtype of the LoRA adapters' weights and deltas (default: --dtype).",
+        choices=("float32", "bfloat16"),
+    ),
     Flag("--compile", "torch.compile the model (not supported yet).", kind="bool"),
     Flag(
         "--trust-remote-code",

@@ -1,0 +1,70 @@
+"""`LowpCpuOps`: the native CPU backend with bf16 or int8 weights (`--dtype bfloat16`,
+`--quantize int8`) or a LoRA table in another dtype than the activations (`--adapter-dtype`).
+
+Projections run `lowp_panel_linear` (csrc/gemm_lowp_cpu.cpp) over panels packed once at load
+(layers/quantized_linear.py): the weights are converted to fp32 in registers, activations and
+sums stay fp32, so every other native kernel (attention, norms, LoRA, rotary) runs unchanged.
+A bf16 slot table computes its deltas with PyTorch in bf16 (`TorchOps.lora`); an fp32 one
+keeps the native LoRA kernel.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from loraserve.layers.linear import Linear
+from loraserve.layers.lora import LoraBatch
+from loraserve.layers.ops import TorchOps
+from loraserve.layers.ops_cpu import CpuNativeOps
+from loraserve.layers.quantized_linear import LOWP_PANELS, pack_lowp_panels, panel_rows_lowp
+
+
+class LowpCpuOps(CpuNativeOps):
+    name = "cpu-native-lowp"
+
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernels: ModuleType,
+        pack: bool = True,
+        weights: str = "plain",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(device, dtype, kernels, pack)
+        self.weights, self.adapter_dtype = weights, adapter_dtype or dtype
+        # a library built before the low-precision kernel existed has no `lowp_panel_linear`
+        self.lowp_panels = hasattr(kernels, "lowp_panel_linear")
+
+    def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        if self.weights == "plain":
+            return super().make_linear(weight, bias)
+        if self.pack and self.lowp_panels and weight.device.type == "cpu":
+            return pack_lowp_panels(weight, bias, self.weights)
+        return TorchOps.make_linear(self, weight, bias)  # never CpuNativeOps' fp32 panels
+
+    def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
+        if w.layout not in LOWP_PANELS:
+            return super().linear(x, w)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, w.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = self.kernels.lowp_panel_linear(x2, w.weight, w.out_features, w.scale, w.bias)
+        return y.view(*lead, w.out_features)
+
+    def embedding(self, ids: torch.Tensor, table: torch.Tensor | Linear) -> torch.Tensor:
+        if isinstance(table, Linear) and table.layout in LOWP_PANELS:
+            return panel_rows_lowp(table, ids)
+        return super().embedding(ids, table)
+
+    def can_share_embedding(self, lm_head: Linear) -> bool:
+        return lm_head.layout in LOWP_PANELS or super().can_share_embedding(lm_head)
+
+    def lora_batch(self, token_slots: list[tuple[int, int, int]]) -> LoraBatch | None:
+        """A table in another dtype takes PyTorch's layout (the native LoRA kernel reads fp32)."""
+        if self.adapter_dtype != self.dtype:
+            return TorchOps.lora_batch(self, token_slots)
+        return super().lora_batch(token_slots)

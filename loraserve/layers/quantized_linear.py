@@ -1,0 +1,109 @@
+"""Low-precision dense weights: bf16, and int8 weight-only with per-output-channel scales.
+
+What the model is, whatever runs it: a bf16 weight is the checkpoint's matrix rounded to bf16;
+an int8 weight is `q * scale[:, None]` with `scale = max|row| / 127` and `q = round(row / scale)`
+(symmetric, one fp32 scale per output channel, quantised once at load). Activations, sums,
+norms, the KV cache and the logits stay fp32 on CPU (`layers/precision.py` says why), so the
+reference (`TorchOps`: `F.linear` on the matrix converted per call) and the native kernel
+(`csrc/gemm_lowp_cpu.cpp`: converted in registers) compute the same numbers up to fp32
+summation order.
+
+Layouts, each read only by the backend that made it (layers/linear.py's `Linear.layout`):
+- "bf16" [out, in] bf16 and "int8" [out, in] int8 + `scale` [out]: plain, for `TorchOps`;
+- "bf16-panel" [ceil(out/32), ceil(in/2), 32, 2] and "int8-panel" [ceil(out/32), in, 32] +
+  `scale` [ceil(out/32) * 32]: 32-column panels like the fp32 ones (layers/linear.py), for the
+  native kernel. bf16 keeps each column's two k-steps side by side in one 32-bit lane, so a
+  shift or a mask turns a loaded register into fp32 values (vdpbf16ps reads the same layout).
+
+Why not oneDNN's bf16 GEMM (`F.linear` on bf16 tensors, vdpbf16ps/AMX where the CPU has them):
+it needs bf16 activations (rounded at every projection) and, measured side by side on the
+135M shape (bench/lowp.py), it is slower than converting in registers wherever a step is
+memory-bound — which is every decode step; see the README's table.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraserve.host_allocator import zeros_on_huge_pages
+from loraserve.layers.linear import PANEL, Linear
+
+INT8_MAX = 127.0
+LOWP_PLAIN = ("bf16", "int8")  # TorchOps' layouts
+LOWP_PANELS = ("bf16-panel", "int8-panel")  # the native kernel's
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: (q [out, in] int8, scale [out] fp32), weight ≈ q * scale.
+
+    An all-zero row gets scale 1 (its q is all zero either way), so nothing divides by zero."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize(w: Linear) -> torch.Tensor:
+    """The fp32 [out, in] matrix a low-precision `Linear` computes with (the oracle's weights)."""
+    if w.layout in ("bf16", "int8"):
+        plain = w.weight.float()
+        return plain * w.scale[:, None] if w.scale is not None else plain
+    rows = panel_rows_lowp(w, torch.arange(w.out_features))
+    return rows
+
+
+def make_plain(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> Linear:
+    """`TorchOps`' layouts: the matrix as it will be computed with, unpacked."""
+    out_f, in_f = weight.shape
+    if fmt == "int8":
+        q, scale = quantize_int8(weight)
+        return Linear(q, bias, out_f, in_f, layout="int8", scale=scale)
+    return Linear(weight.to(torch.bfloat16).contiguous(), bias, out_f, in_f, layout="bf16")
+
+
+def plain_linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
+    """Reference math for "bf16"/"int8": the matrix converted to x's dtype for this call (a
+    transient copy: this is the fallback, the native kernel never materialises it)."""
+    if w.layout == "int8":
+        y = F.linear(x, w.weight.to(x.dtype)) * w.scale.to(x.dtype)
+        return y + w.bias if w.bias is not None else y
+    return F.linear(x, w.weight.to(x.dtype), w.bias)
+
+
+def pack_lowp_panels(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> Linear:
+    """The native kernel's layouts ("bf16-panel" / "int8-panel") of `weight` [out, in]."""
+    out_f, in_f = weight.shape
+    p = -(-out_f // PANEL)
+    cols = torch.zeros(p * PANEL, in_f, dtype=weight.dtype)
+    cols[:out_f] = weight
+    b = bias.float().contiguous() if bias is not None else None
+    if fmt == "int8":
+        q, scale = quantize_int8(cols)
+        packed = zeros_on_huge_pages((p, in_f, PANEL), torch.int8, weight.device)
+        packed.copy_(q.view(p, PANEL, in_f).transpose(1, 2))
+        return Linear(packed, b, out_f, in_f, layout="int8-panel", scale=scale)
+    k2 = -(-in_f // 2)
+    src = torch.zeros(p * PANEL, 2 * k2, dtype=torch.bfloat16)
+    src[:, :in_f] = cols.to(torch.bfloat16)
+    packed = zeros_on_huge_pages((p, k2, PANEL, 2), torch.bfloat16, weight.device)
+    # [p*32, 2*k2] -> [p, 32, k2, 2] -> [p, k2, 32, 2]
+    packed.copy_(src.view(p, PANEL, k2, 2).permute(0, 2, 1, 3))
+    return Linear(packed, b, out_f, in_f, layout="bf16-panel")
+
+
+def panel_rows_lowp(w: Linear, idx: torch.Tensor) -> torch.Tensor:
+    """fp32 rows `idx` of the matrix a lowp panel `Linear` holds: a tied input embedding reads
+    them out of the packed lm_head (the same values the lm_head computes with)."""
+    p, c = idx // PANEL, idx % PANEL
+    if w.layout == "int8-panel":
+        return w.weight[p, :, c].float() * w.scale[idx].unsqueeze(-1)
+    rows = w.weight[p, :, c, :]  # [..., k2, 2]
+    return rows.reshape(*rows.shape[:-2], -1)[..., : w.in_features].float()
+
+
+def plain_rows(w: Linear, idx: torch.Tensor) -> torch.Tensor:
+    """fp32 rows `idx` of a plain "bf16"/"int8" `Linear` (a tied embedding under `TorchOps`)."""
+    rows = w.weight[idx].float()
+    return rows * w.scale[idx].unsqueeze(-1) if w.scale is not None else rows
