@@ -205,6 +205,39 @@ def test_tokens_never_reach_ray_logs_or_metrics(ray_app: RayApp) -> None:
             assert secret.encode() not in data and bearer.encode() not in data, path
 
 
+def _engine_totals(app: RayApp) -> dict[str, float]:
+    """Sums over replicas of the engine's `running` gauge and generated-token counter."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {"running": 0.0, "tokens": 0.0}
+    for family in text_string_to_metric_families(httpx.get(app.url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "loraserve_engine_running":
+                out["running"] += sample.value
+            elif sample.name == "loraserve_engine_tokens_generated_total":
+                out["tokens"] += sample.value
+    return out
+
+
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(ray_app: RayApp) -> None:
+    long = {"adapter_id": ADAPTERS["reverse"], "max_new_tokens": 480, "ignore_eos_token": True}
+    time.sleep(1.5)
+    before = _engine_totals(ray_app)
+    with httpx.stream(
+        "POST", ray_app.url + "/generate_stream", json={"inputs": PROMPT, "parameters": long}
+    ) as r:
+        next(line for line in r.iter_lines() if line.startswith("data:"))  # then hang up
+    with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
+        httpx.post(ray_app.url + "/generate", json={"inputs": PROMPT, "parameters": long}, timeout=0.3)
+    deadline = time.monotonic() + 60
+    time.sleep(1.5)
+    while (after := _engine_totals(ray_app))["running"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert after["running"] == 0
+    # Run to the end, the two requests would have generated 960 tokens.
+    assert after["tokens"] - before["tokens"] < 480, (before, after)
+
+
 def test_a_killed_replica_fails_its_request_retryably_and_is_replaced(ray_app: RayApp) -> None:
     import ray
     from ray import serve
