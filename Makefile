@@ -53,6 +53,7 @@ run: install
 bench: install
 	$(PY) -m bench.run_all
 	$(PY) -m bench.structured
+	$(PY) -m bench.prefix_cache
 
 # Ray Serve: adapter-aware (multiplexed) routing vs Ray's plain routing, Zipf over 200 adapters.
 bench-ray: install $(VENV)/.installed-ray
