@@ -77,18 +77,23 @@ def _fresh(rng: random.Random) -> ResponseFormat:
     )
 
 
-def mask_fill_ms(engine: Engine, compiler: Any, rows: int, repeats: int = 30) -> float:
-    """Median time to fill the bitmask of `rows` matchers, each at its own prefix of DOCUMENT."""
+def mask_fill_ms(engine: Engine, compiler: Any, rows: int, steps: int = 30) -> float:
+    """Median time to fill the bitmask of `rows` matchers as a decode step does: each row at its
+    own place in DOCUMENT, every matcher advanced by one token (a state whose mask is not computed
+    yet: both libraries remember the last one) before each timed fill."""
     ids = engine.tokenizer.encode(DOCUMENT, add_special_tokens=False)
-    matchers = []
-    for r in range(rows):
-        m = compiler.matcher(ResponseFormat("json_schema", SCHEMA))
-        for t in ids[: r * (len(ids) - 1) // max(rows - 1, 1)]:
+    spread = len(ids) - steps - 1
+    assert spread >= 0, "DOCUMENT is too short for that many steps"
+    starts = [r * spread // max(rows - 1, 1) for r in range(rows)]
+    matchers = [compiler.matcher(ResponseFormat("json_schema", SCHEMA)) for _ in range(rows)]
+    for m, start in zip(matchers, starts):
+        for t in ids[:start]:
             m.consume_token(t)
-        assert not m.is_error(), r
-        matchers.append(m)
     times = []
-    for _ in range(repeats):
+    for step in range(steps):
+        for m, start in zip(matchers, starts):
+            m.consume_token(ids[start + step])
+            assert not m.is_error()
         t0 = time.perf_counter()
         fill_bitmask(matchers, engine.runner.vocab_size)
         times.append(1000 * (time.perf_counter() - t0))
