@@ -135,9 +135,23 @@ def run(args: argparse.Namespace) -> int:
     """`loraserve serve-ray`: start (or join) Ray, serve the app on --hostname:--port until a signal."""
     import ray
 
-    ray.init(address=args.ray_address or None, include_dashboard=False)
+    if args.ray_address:  # a running cluster keeps its own settings
+        ray.init(address=args.ray_address)
+    else:
+        ray.init(include_dashboard=False)
+    # After ray.init, whose C++ core installs a handler that aborts the process on SIGTERM.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.hostname, "port": args.port})
-    app = _application(args, serve_argv(args), args.replicas, args.routing, args.num_cpus_per_replica)
+    app = _application(
+        args,
+        serve_argv(args),
+        args.replicas,
+        args.routing,
+        args.num_cpus_per_replica,
+        args.max_adapters_per_replica,
+    )
     serve.run(app, name="loraserve", route_prefix="/")
     log.info(
         "loraserve on Ray Serve: %d replicas of %s on http://%s:%d (adapter routing: %s)",
@@ -147,9 +161,6 @@ def run(args: argparse.Namespace) -> int:
         args.port,
         args.routing,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     serve.shutdown()
     ray.shutdown()
