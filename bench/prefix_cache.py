@@ -74,10 +74,10 @@ QUICK = Sizes(
     chat_answer=16,
     streams=7,
     long_prompt=1024,
-    hostile_requests=8,
+    hostile_requests=16,
     hostile_prompt=256,
     hostile_new=16,
-    repeats=1,
+    repeats=2,
     kv_gib=0.5,
 )
 
@@ -308,8 +308,10 @@ def run(
     vocab: int,
     s: Sizes,
     done: Callable[[str, dict], None] | None = None,
+    only: list[str] | None = None,
 ) -> dict:
-    """Every pair; `done(name, figures)` is called as each finishes (the full run is long)."""
+    """The pairs named in `only` (default: all); `done(name, figures)` is called as each
+    finishes (the full run is long)."""
     adapters = [parse_peft_adapter(p, key=str(p)) for p in adapter_dirs[: s.adapters]]
     pairs = {
         "shared_prefix": lambda: shared_prefix(model, adapters, vocab, s),
@@ -319,6 +321,8 @@ def run(
     }
     results: dict = {}
     for name, measure in pairs.items():
+        if only and name not in only:
+            continue
         results[name] = measure()
         if done is not None:
             done(name, results[name])
@@ -355,6 +359,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--chunk-tokens", type=int, help="prompt tokens per step with chunked prefill")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument(
+        "--pairs", help="comma-separated subset: shared_prefix,multi_turn,long_prompt_arrival,cache_hostile"
+    )
     args = ap.parse_args()
     s = QUICK if args.quick else Sizes()
     if args.chunk_tokens:
@@ -373,9 +380,11 @@ def main() -> None:
         print(f"{name}: {json.dumps(figures)}  (load average {os.getloadavg()})", flush=True)
         path.write_text(json.dumps({"sizes": asdict(s), "results": partial, "started": started}, indent=1))
 
-    results = run(model, adapter_dirs, vocab, s, done)
+    only = args.pairs.split(",") if args.pairs else None
+    results = run(model, adapter_dirs, vocab, s, done, only)
     print(f"bench.prefix_cache {'--quick ' if args.quick else ''}{started}, load average {os.getloadavg()}")
-    print(report(results, s))
+    if only is None:
+        print(report(results, s))
     print(f"wrote {path}")
 
 

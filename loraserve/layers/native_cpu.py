@@ -3,7 +3,13 @@
 (`csrc/attention_cpu.cpp`), RMSNorm fused with the residual add
 (`csrc/norm_cpu.cpp`), SwiGLU's silu*mul and rotary embedding as one pass
 each (`csrc/activation_cpu.cpp`), and dense projections over panel-packed
-weights (`csrc/gemm_cpu.cpp`, AVX-512 builds).
+weights (`csrc/gemm_cpu.cpp`).
+
+Every kernel has an AVX-512 and an AVX2+FMA path (`csrc/simd.h`: one vector type, 16 or 8
+floats), chosen when the library is compiled by its `-march`: `native` by default (whatever the
+host has), or `LORASERVE_NATIVE_MARCH` / `build-kernels --march` (`x86-64-v3` or `haswell`: the
+AVX2 build, also on an AVX-512 host, which is how it is tested and benchmarked here). A build with
+neither keeps portable loops and oneDNN for projections.
 
 Why compile on the host instead of shipping a wheel: the kernels are a few dozen lines
 of loops that only pay off when the compiler may use every vector instruction
@@ -16,7 +22,7 @@ build leaves behind, after which every later start waits on it forever without a
 So the server only ever *loads* a finished library (`cpu_kernels`), and says in one log
 line when there is none.
 
-The library is named after a hash of everything that makes it valid here: the sources
+The library is named after its target and a hash of everything that makes it valid here: the sources
 and headers, the compile flags, the target (`-march`, and for `native` the CPU's feature
 flags), the CPU architecture, the Python ABI and the torch version. It lives in
 `$LORASERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraserve/kernels`, else
@@ -70,10 +76,14 @@ SOURCE_NAMES = (
 SOURCES = [CSRC / f for f in SOURCE_NAMES]
 ENV_SWITCH = "LORASERVE_NATIVE_KERNELS"
 # -march for the build: "native" by default; e.g. x86-64-v3 to build one library for a fleet of
-# AVX2 machines (the kernels then take their portable paths instead of AVX-512)
+# AVX2 machines (the kernels then take their AVX2+FMA paths instead of AVX-512)
 ENV_MARCH = "LORASERVE_NATIVE_MARCH"
 ENV_CACHE = "LORASERVE_KERNEL_CACHE"
 BUILD_COMMAND = "loraserve build-kernels"
+MARCH_HELP = (
+    f"Compile for this -march instead of ${ENV_MARCH} (default: native), e.g. x86-64-v3 for the AVX2 "
+    f"build; servers load it when ${ENV_MARCH} names it."
+)
 _CFLAGS = ("-O3", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _BUILD_PREFIX = ".build-"
@@ -143,7 +153,11 @@ def build_key(
 
 
 def module_name(march: str | None = None) -> str:
-    return f"loraserve_cpu_{build_key(march or target_march())}"
+    """`loraserve_cpu_<march>_<key>`: builds for two targets (the host's AVX-512 and an AVX2 one)
+    sit side by side in the cache, and a listing says which file is which."""
+    march = march or target_march()
+    tag = "".join(c if c.isalnum() else "_" for c in march)
+    return f"loraserve_cpu_{tag}_{build_key(march)}"
 
 
 def library_path(march: str | None = None) -> Path:
@@ -161,19 +175,19 @@ def _import_library(path: Path) -> ModuleType:
 
 
 @functools.cache
-def _load() -> ModuleType | None:
-    """Load the finished library for this machine, never build it: a start or a request must not
+def _load(march: str) -> ModuleType | None:
+    """Load the finished library for `march`, never build it: a start or a request must not
     wait minutes for a compiler (or forever on a lock). One log line says why when there is none."""
     if not enabled():
         log.info("native CPU kernels disabled by %s", ENV_SWITCH)
         return None
-    path = library_path()
+    path = library_path(march)
     if not path.is_file():
         log.warning(
             "native CPU kernels are not built for this machine, torch and source version (no %s); "
             "running the PyTorch fallbacks (same results, slower). Build them with `%s`.",
             path,
-            BUILD_COMMAND,
+            BUILD_COMMAND if march == "native" else f"{BUILD_COMMAND} --march {march}",
         )
         return None
     try:
@@ -188,17 +202,24 @@ def _load() -> ModuleType | None:
             BUILD_COMMAND,
         )
         return None
-    log.info("native CPU kernels loaded from %s", path)
+    log.info("native CPU kernels loaded from %s (-march=%s, %s)", path, march, isa(mod))
     return mod
 
 
-def cpu_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+def isa(kernels: ModuleType) -> str:
+    """What the library's vector code was compiled for (its -march decided): avx512, avx2 or portable."""
+    bits = kernels.simd_bits() if hasattr(kernels, "simd_bits") else 0
+    return {512: "avx512", 256: "avx2"}.get(bits, "portable")
+
+
+def cpu_kernels(device: torch.device, dtype: torch.dtype, march: str | None = None) -> ModuleType | None:
     """The module (`lora_rows`, `paged_decode_attention`, `rms_norm`, `add_rms_norm_`,
     `silu_mul`, `rotary`, `panel_linear`), when it can serve this device and dtype and has been
-    built (`loraserve build-kernels`)."""
+    built (`loraserve build-kernels`) for `march`, by default the one `LORASERVE_NATIVE_MARCH` names
+    (else native)."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
-    return _load()
+    return _load(march or target_march())
 
 
 @dataclass(frozen=True)
@@ -255,11 +276,12 @@ def _with_ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
-def build(force: bool = False) -> BuildResult:
-    """Compile the kernels for this machine into the cache, unless that exact build is already there.
+def build(force: bool = False, march: str | None = None) -> BuildResult:
+    """Compile the kernels for `march` (default: `target_march()`) into the cache, unless that exact
+    build is already there.
 
     A killed build leaves nothing that a later build or start waits on (see `compile_into`)."""
-    march = target_march()
+    march = march or target_march()
     target = library_path(march)
     if not enabled():
         return BuildResult("disabled", target, detail=f"{ENV_SWITCH}=0")
@@ -317,10 +339,12 @@ def compile_into(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def build_command(force: bool = False) -> int:
+def build_command(force: bool = False, march: str | None = None) -> int:
     """`loraserve build-kernels`: always exits 0 (the kernels are optional and `make install` must
-    not fail for want of a compiler), but always says what happened and what the server will run."""
-    march = target_march()
+    not fail for want of a compiler), but always says what happened and what the server will run.
+    `march` builds another target than `LORASERVE_NATIVE_MARCH` (a server loads it when that
+    variable names it)."""
+    march = march or target_march()
     target = library_path(march)
     if enabled() and (force or not target.is_file()) and compiler() is not None:
         print(
@@ -328,7 +352,7 @@ def build_command(force: bool = False) -> int:
             "this takes a minute or more...",
             flush=True,
         )
-    result = build(force)
+    result = build(force, march)
     fallback = "the server will run the PyTorch fallbacks (same results, slower)"
     if result.status == "built":
         print(f"native CPU kernels: built {result.path} in {result.seconds:.1f} s")
@@ -340,6 +364,8 @@ def build_command(force: bool = False) -> int:
         print(f"native CPU kernels: not built: {result.detail}; {fallback}")
     else:
         print(f"native CPU kernels: build FAILED after {result.seconds:.1f} s: {result.detail}; {fallback}")
+    if result.ok and march != target_march():
+        print(f"(a server loads this build when {ENV_MARCH}={march})")
     return 0
 
 
@@ -351,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="Rebuild even when a build for this machine is already cached."
     )
+    parser.add_argument("--march", help=MARCH_HELP)
     args = parser.parse_args(argv)
-    return build_command(args.force)
+    return build_command(args.force, args.march)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 #include <optional>
 #include <vector>
 
+#include "simd.h"
+
 void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
@@ -36,7 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rotary", &rotary, "rotary embedding, HF half-split layout",
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("panel_gemm_available", &panel_gemm_available, "whether panel_linear is compiled in (AVX-512)");
+  m.def("panel_gemm_available", &panel_gemm_available, "whether panel_linear is compiled in (AVX-512 or AVX2)");
+  m.def("simd_bits", [] { return LORASERVE_SIMD; }, "vector width the kernels were compiled for: 512, 256 or 0");
   m.def("panel_linear", &panel_linear, "x @ W.T + b over 32-column weight panels", pybind11::arg("x"),
         pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
