@@ -71,6 +71,7 @@ SOURCE_NAMES = (
     "norm_cpu.cpp",
     "activation_cpu.cpp",
     "gemm_cpu.cpp",
+    "gemm_lowp_cpu.cpp",
     "bindings.cpp",
 )
 SOURCES = [CSRC / f for f in SOURCE_NAMES]

@@ -6,7 +6,8 @@ an int8 weight is `q * scale[:, None]` with `scale = max|row| / 127` and `q = ro
 norms, the KV cache and the logits stay fp32 on CPU (`layers/precision.py` says why), so the
 reference (`TorchOps`: `F.linear` on the matrix converted per call) and the native kernel
 (`csrc/gemm_lowp_cpu.cpp`: converted in registers) compute the same numbers up to fp32
-summation order.
+summation order — except bf16 batches of `AMX_MIN_ROWS` rows or more on AMX CPUs, whose
+activations are rounded to bf16 for the tile multiplies (as oneDNN and transformers do).
 
 Layouts, each read only by the backend that made it (layers/linear.py's `Linear.layout`):
 - "bf16" [out, in] bf16 and "int8" [out, in] int8 + `scale` [out]: plain, for `TorchOps`;
@@ -15,10 +16,24 @@ Layouts, each read only by the backend that made it (layers/linear.py's `Linear.
   native kernel. bf16 keeps each column's two k-steps side by side in one 32-bit lane, so a
   shift or a mask turns a loaded register into fp32 values (vdpbf16ps reads the same layout).
 
-Why not oneDNN's bf16 GEMM (`F.linear` on bf16 tensors, vdpbf16ps/AMX where the CPU has them):
-it needs bf16 activations (rounded at every projection) and, measured side by side on the
-135M shape (bench/lowp.py), it is slower than converting in registers wherever a step is
-memory-bound — which is every decode step; see the README's table.
+Why our kernel and not oneDNN's bf16 GEMM (`F.linear` on bf16 tensors; vdpbf16ps or AMX where
+the CPU has them), measured per projection on the 135M shape, one thread, 2-core Sapphire Rapids
+VM (avx512_bf16 + AMX), machine shared (load average ~20), best of 5, one sample (the README
+has the end-to-end figures):
+
+| rows | gate_up 3072x576: oneDNN bf16 packed | ours bf16 | ours int8 | lm_head 49152x576: oneDNN | ours bf16 |
+|---|---|---|---|---|---|
+| 1 | 505 us | 117 us | 59 us | 8.0 ms | 9.8 ms |
+| 32 | 434 us | 437 us (AMX) | 2,973 us | 12.8 ms | 16.4 ms (AMX) |
+| 128 | 1,423 us | 3,628 us (AMX) | 13,252 us | 29.5 ms | 77.8 ms (AMX) |
+
+At decode sizes (memory-bound) converting in registers wins (the lm_head's 1-row figure is
+within this box's noise) and keeps fp32 activations; from
+`AMX_MIN_ROWS` rows our AMX tiles read the same panels (vs oneDNN: level at 32 rows, 2-2.6x
+slower at 128: no L2 blocking of the activations yet) — one copy of the weights serves both,
+where taking oneDNN for prefill would need a second, opaque copy. int8 at prefill sizes runs
+the fp32 FMA kernel (compute-bound, like fp32 panels). vdpbf16ps alone (avx512_bf16 without
+AMX) is not used: the FMA kernel serves those CPUs.
 """
 
 from __future__ import annotations
@@ -32,6 +47,9 @@ from loraserve.layers.linear import PANEL, Linear
 INT8_MAX = 127.0
 LOWP_PLAIN = ("bf16", "int8")  # TorchOps' layouts
 LOWP_PANELS = ("bf16-panel", "int8-panel")  # the native kernel's
+# bf16 panels with this many rows or more run AMX where the CPU has it (kAmxMinRows in
+# csrc/gemm_lowp_cpu.cpp), with the activations rounded to bf16
+AMX_MIN_ROWS = 8
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

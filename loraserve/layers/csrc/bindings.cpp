@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "simd.h"
@@ -24,7 +25,16 @@ bool panel_gemm_available();
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                            const std::optional<torch::Tensor>& bias);
 
+// bf16 / int8 weight panels (csrc/gemm_lowp_cpu.cpp)
+std::string lowp_gemm_isa();
+torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lowp_gemm_isa", &lowp_gemm_isa, "vector code of the low-precision GEMM: avx512, avx2 or scalar");
+  m.def("lowp_panel_linear", &lowp_panel_linear, "x @ W.T (* scale) + b over bf16 or int8 weight panels",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("scale") = pybind11::none(),
+        pybind11::arg("bias") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   // the step thread keeps the GIL free while a kernel runs, so the event loop is never stalled
   m.def("lora_rows", &lora_rows, "multi-LoRA shrink + expand into strided outputs", pybind11::arg("x"),
         pybind11::arg("rows"), pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("ys"),

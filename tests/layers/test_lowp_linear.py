@@ -1,0 +1,102 @@
+"""Low-precision projections (bf16, int8 weight-only): the quantiser, and every backend's GEMM
+(PyTorch, the native kernel in its host and AVX2 builds) against fp32 `F.linear` on the
+dequantised matrix: each must compute exactly the quantised model, up to fp32 summation order."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraserve.layers.ops import TorchOps
+from loraserve.layers.ops_lowp_cpu import LowpCpuOps
+from loraserve.layers.quantized_linear import AMX_MIN_ROWS, dequantize, quantize_int8
+from tests.fixtures import native as native_fixture
+
+CPU = torch.device("cpu")
+# the fp32 kernels' builds (host, AVX2) where the fixture knows them
+BUILDS = getattr(native_fixture, "BUILDS", ("native",))
+# (out, in): a partial last panel, odd K (bf16 pairs), one panel, the 135M shape's down_proj
+SHAPES = [(70, 33), (32, 64), (48, 7), (576, 1536)]
+ROWS = [1, 2, 5, 13, 40, 100, 200]
+
+
+def backend(kind: str, fmt: str) -> TorchOps:
+    if kind == "torch":
+        return TorchOps(CPU, torch.float32, weights=fmt)
+    march = kind.split(":", 1)[1]
+    kernels: ModuleType = (
+        native_fixture.native_kernel_or_skip(march)
+        if march != "native"
+        else native_fixture.native_kernel_or_skip()
+    )
+    assert hasattr(kernels, "lowp_panel_linear"), "the native library has no low-precision GEMM"
+    return LowpCpuOps(CPU, torch.float32, kernels, weights=fmt)
+
+
+BACKENDS = ["torch", *(f"native:{m}" for m in BUILDS)]
+
+
+def test_int8_quantiser_is_per_channel_symmetric() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 96, generator=gen) * torch.logspace(-3, 1, 40)[:, None]
+    w[7] = 0.0  # an all-zero row must not divide by zero
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (40,)
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    assert torch.equal(q.abs().amax(dim=1)[torch.arange(40) != 7], torch.full((39,), 127, dtype=torch.int8))
+    err = (q.float() * scale[:, None] - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-7).all()), "rounding error over half a step"
+    assert bool((q[7] == 0).all())
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_lowp_linear_computes_the_dequantised_matrix(kind: str, fmt: str) -> None:
+    ops = backend(kind, fmt)
+    amx = kind != "torch" and fmt == "bf16" and "amx" in ops.kernels.lowp_gemm_isa()
+    gen = torch.Generator().manual_seed(1)
+    for out_f, in_f in SHAPES:
+        w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
+        b = torch.randn(out_f, generator=gen)
+        for bias in (None, b):
+            lin = ops.make_linear(w, bias)
+            if kind != "torch":
+                assert lin.layout == f"{fmt}-panel"
+            deq = dequantize(lin)
+            assert deq.shape == (out_f, in_f)
+            # the format's rounding really happened (not an fp32 copy), and only that much of it
+            step = 2**-8 if fmt == "bf16" else 1 / 127
+            rel = (deq - w).abs().amax(dim=1) / w.abs().amax(dim=1)
+            assert 0 < float(rel.max()) <= step
+            for m in ROWS:
+                x = torch.randn(m, in_f, generator=gen)
+                y = ops.linear(x, lin)
+                # AMX multiplies bf16 activations: from AMX_MIN_ROWS rows on, x is rounded first
+                xr = x.bfloat16().double() if amx and m >= AMX_MIN_ROWS else x.double()
+                ref = F.linear(xr, deq.double(), None if bias is None else bias.double()).float()
+                torch.testing.assert_close(y, ref, atol=2e-5 * in_f**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_tied_embedding_rows_read_from_the_lowp_lm_head(kind: str, fmt: str) -> None:
+    ops = backend(kind, fmt)
+    w = torch.randn(100, 24, generator=torch.Generator().manual_seed(2))
+    head = ops.make_linear(w)
+    assert ops.can_share_embedding(head)
+    ids = torch.tensor([0, 31, 32, 99, 5, 5])
+    rows = ops.embedding(ids, head)
+    assert rows.dtype == torch.float32
+    torch.testing.assert_close(rows, dequantize(head)[ids], atol=0, rtol=0)
+
+
+def test_native_kernel_rejects_mismatched_operands() -> None:
+    ops = backend("native:native", "int8")
+    lin = ops.make_linear(torch.randn(40, 16))
+    with pytest.raises(RuntimeError, match="scale"):
+        ops.kernels.lowp_panel_linear(torch.randn(2, 16), lin.weight, 40, None, None)
+    with pytest.raises(RuntimeError, match="K = 17"):
+        ops.kernels.lowp_panel_linear(torch.randn(2, 17), lin.weight, 40, lin.scale, None)
