@@ -1,6 +1,7 @@
 """`CpuNativeOps`: loraserve's own CPU kernels (layers/native_cpu.py) behind the `Ops` seam.
 
-What they buy on the 135M shape (2-core EPYC, fp32; bench/README.md has the runs):
+What they buy on the 135M shape (2-core EPYC, fp32, AVX-512 builds; bench/README.md has the
+runs, and the AVX2 build's figures):
 panel-packed projections 1.6-2x oneDNN at 1 row; the multi-LoRA row kernel
 1.3x per decode step with 32 adapters and 2x per prefill over the padded
 `bmm`; decode attention reads the paged cache in place instead of gathering
@@ -31,7 +32,7 @@ class CpuNativeOps(TorchOps):
     ) -> None:
         super().__init__(device, dtype, pack)
         self.kernels = kernels
-        self.panels = bool(kernels.panel_gemm_available())  # an AVX-512 build
+        self.panels = bool(kernels.panel_gemm_available())  # an AVX-512 or AVX2+FMA build
 
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         if self.pack and self.panels and weight.dtype == torch.float32 and weight.device.type == "cpu":

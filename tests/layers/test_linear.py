@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from loraserve.layers.linear import EXACT_ROWS, PANEL, Linear, pack_panels, packing_supported, row_bucket
 from loraserve.layers.ops import TorchOps
 from loraserve.layers.ops_cpu import CpuNativeOps
-from tests.fixtures.native import panel_kernels_or_skip
+from tests.fixtures.native import BUILDS, panel_kernels_or_skip
 
 CPU = torch.device("cpu")
 
@@ -84,9 +84,10 @@ def test_row_buckets_are_few_and_cover_every_count() -> None:
     assert all(row_bucket(b) == b for b in buckets)
 
 
-@pytest.fixture
-def panel_kernels():
-    return panel_kernels_or_skip()
+@pytest.fixture(params=BUILDS)
+def panel_kernels(request: pytest.FixtureRequest) -> ModuleType:
+    """The panel GEMM of each build: AVX-512 (12 x 32 and 6 x 64 register blocks) and AVX2 (6 x 16)."""
+    return panel_kernels_or_skip(request.param)
 
 
 def test_panels_hold_the_weight_columnwise_zero_padded() -> None:
@@ -99,8 +100,9 @@ def test_panels_hold_the_weight_columnwise_zero_padded() -> None:
 
 
 # rows: one-row streaming, every register-block height, uneven splits, several row chunks;
-# (12 x 32 blocks; 6 x 64 over 96 rows, with leftover rows), outs: whole panels in pairs, an
-# odd panel count, a partial last panel (both halves, paired or not), less than one panel
+# (12 x 32 blocks; 6 x 64 over 96 rows, with leftover rows; AVX2: 2 x 32, 3-6 x 16), outs: whole
+# panels in pairs, an odd panel count, a partial last panel (both halves, paired or not; AVX2: 6,
+# 8, 17 and 24 columns of 32), less than one panel
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 11, 12, 13, 24, 32, 37, 64, 96, 97, 101, 250])
 @pytest.mark.parametrize("out_f,in_f", [(96, 80), (128, 16), (70, 7), (17, 1), (40, 33), (120, 9)])
 @pytest.mark.parametrize("with_bias", [False, True])

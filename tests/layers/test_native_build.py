@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from loraserve.layers import native_cpu
+from tests.fixtures.native import AVX2, native_kernel_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -73,6 +74,24 @@ def test_build_key_follows_sources_headers_target_and_torch(tmp_path: Path) -> N
     assert edited != native_cpu.build_key("native", csrc, "2.13.0", "flags: avx2")
 
 
+def test_builds_for_two_targets_sit_side_by_side_under_names_that_say_which() -> None:
+    native, avx2 = native_cpu.module_name("native"), native_cpu.module_name(AVX2)
+    assert native.startswith("loraserve_cpu_native_") and avx2.startswith("loraserve_cpu_x86_64_v3_")
+    assert native.isidentifier() and avx2.isidentifier()  # Python module names
+    assert native_cpu.library_path("native") != native_cpu.library_path(AVX2)
+
+
+def test_each_build_uses_the_widest_vectors_its_target_has() -> None:
+    """-march=native on this host compiles the AVX-512 paths where the CPU has AVX-512F, the AVX2
+    ones where it has AVX2+FMA only; x86-64-v3 compiles the AVX2 ones on any host."""
+    if native_cpu.target_march() != "native":
+        pytest.skip(f"{native_cpu.ENV_MARCH} names another target")
+    flags = set(native_cpu._cpu_features().split())
+    want = 512 if "avx512f" in flags else 256 if {"avx2", "fma"} <= flags else 0
+    assert native_kernel_or_skip().simd_bits() == want
+    assert native_kernel_or_skip(AVX2).simd_bits() == 256
+
+
 def test_a_start_without_a_build_never_compiles_and_says_so_once(
     fresh_load: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -104,7 +123,12 @@ def test_a_corrupt_library_is_reported_and_the_fallback_runs(
 
 
 @pytest.mark.parametrize(
-    "entry", [["-m", "loraserve.cli", "build-kernels"], ["-m", "loraserve.layers.native_cpu"]]
+    "entry",
+    [
+        ["-m", "loraserve.cli", "build-kernels"],
+        ["-m", "loraserve.cli", "build-kernels", "--march", AVX2],
+        ["-m", "loraserve.layers.native_cpu", "--march", AVX2],
+    ],
 )
 def test_build_without_a_compiler_exits_0_and_says_so(entry: list[str], tmp_path: Path) -> None:
     proc = subprocess.run(

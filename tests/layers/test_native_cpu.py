@@ -1,19 +1,21 @@
 """The native CPU kernels against their PyTorch formulations: multi-LoRA (wide ranks, odd
-widths, blocking) and paged decode attention (GQA, batch 1, odd head sizes), and bad input."""
+widths, blocking) and paged decode attention (GQA, batch 1, odd head sizes), and bad input;
+each in both builds (`kernel`: the host's own and the AVX2 one, tests/layers/conftest.py)."""
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import pytest
 import torch
 
 from loraserve.layers import native_cpu
-from tests.fixtures.native import native_kernel_or_skip, ops_for
+from tests.fixtures.native import ops_for
 
 
-def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots() -> None:
+def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots(kernel: ModuleType) -> None:
     """Rank 64 x 3 members (12 register chunks), widths that are not multiples of 16, a
     37-token segment (blocks of 8 plus a tail), one slot in two places, rows without adapters."""
-    kernel = native_kernel_or_skip()
     g = torch.Generator().manual_seed(0)
     slots, fin, outs, r = 5, 72, (100, 36, 36), 64
     a = torch.randn(slots, fin, len(outs) * r, generator=g)
@@ -32,11 +34,10 @@ def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots(
     assert torch.equal(results[1][untouched], results[0][untouched])
 
 
-def test_kernel_reads_only_each_slots_loaded_rank() -> None:
+def test_kernel_reads_only_each_slots_loaded_rank(kernel: ModuleType) -> None:
     """Slots of rank 3, 8, 21 and 0 (cleared) in a rank-32 table: with `slot_rank` the kernel
     skips the zero padding (and any garbage there, which this test plants) and gives the
     full-rank answer of the zero-padded table."""
-    kernel = native_kernel_or_skip()
     g = torch.Generator().manual_seed(3)
     fin, outs, r, ranks = 40, (24, 40), 32, [3, 8, 21, 0]
     a = torch.randn(4, fin, 2 * r, generator=g)
@@ -64,8 +65,7 @@ def test_kernel_reads_only_each_slots_loaded_rank() -> None:
     assert torch.equal(results[1][12], torch.zeros(sum(outs)))  # rank 0: untouched
 
 
-def test_kernel_refuses_bad_operands_with_a_clear_error() -> None:
-    kernel = native_kernel_or_skip()
+def test_kernel_refuses_bad_operands_with_a_clear_error(kernel: ModuleType) -> None:
     x, a, b = torch.randn(4, 8), torch.randn(2, 8, 4), torch.randn(2, 4, 6)
     y = torch.zeros(4, 6)
     rows = torch.arange(4)
@@ -103,9 +103,8 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
     [(1, 9, 3, 64), (5, 9, 3, 64), (3, 4, 4, 32), (4, 6, 2, 40)],  # batch-1 split, GQA, MHA, odd D
 )
 def test_paged_decode_attention_matches_sdpa_on_gathered_context(
-    batch: int, hq: int, hkv: int, d: int
+    kernel: ModuleType, batch: int, hq: int, hkv: int, d: int
 ) -> None:
-    kernel = native_kernel_or_skip()
     g = torch.Generator().manual_seed(batch + d)
     blocks, bs = 40, 4
     k_cache = torch.randn(blocks, bs, hkv, d, generator=g)
@@ -121,8 +120,7 @@ def test_paged_decode_attention_matches_sdpa_on_gathered_context(
     )
 
 
-def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_cache() -> None:
-    kernel = native_kernel_or_skip()
+def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_cache(kernel: ModuleType) -> None:
     k_cache = torch.zeros(4, 2, 1, 16)
     q = torch.zeros(1, 1, 16)
     with pytest.raises(RuntimeError, match="context length"):
@@ -132,8 +130,7 @@ def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_cache() -
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])  # 300 x 576 takes the parallel path
-def test_rms_norm_kernels_match_torch_and_update_the_residual_in_place(rows: int) -> None:
-    kernel = native_kernel_or_skip()
+def test_rms_norm_kernels_match_torch_and_update_the_residual_in_place(kernel: ModuleType, rows: int) -> None:
     g = torch.Generator().manual_seed(rows)
     x, delta, w = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g), torch.randn(576)
     want = torch.nn.functional.rms_norm(x, (576,), w, 1e-5)
@@ -146,15 +143,15 @@ def test_rms_norm_kernels_match_torch_and_update_the_residual_in_place(rows: int
     )
 
 
-@pytest.mark.parametrize("rows", [1, 5, 200])  # 200 x 1536 takes the parallel path
-def test_silu_mul_and_rotary_kernels_match_their_pytorch_twins(rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 5, 200])  # 200 x 1539 takes the parallel path
+def test_silu_mul_and_rotary_kernels_match_their_pytorch_twins(kernel: ModuleType, rows: int) -> None:
     from loraserve.layers.activation import silu_mul
     from loraserve.layers.rotary import apply_rotary
 
-    kernel = native_kernel_or_skip()
     g = torch.Generator().manual_seed(rows)
-    gu = torch.randn(rows, 2 * 1536, generator=g) * 8  # wide range: both branches of silu, large |x|
-    torch.testing.assert_close(ops_for(kernel).silu_mul(gu, 1536), silu_mul(gu, 1536), atol=1e-5, rtol=1e-5)
+    inter = 1539  # whole vectors of 16 (8 with AVX2) and a scalar tail
+    gu = torch.randn(rows, 2 * inter, generator=g) * 8  # wide range: both branches of silu, large |x|
+    torch.testing.assert_close(ops_for(kernel).silu_mul(gu, inter), silu_mul(gu, inter), atol=1e-5, rtol=1e-5)
     qkv = torch.randn(rows, (9 + 3 + 3) * 64, generator=g)
     x = qkv[:, : 12 * 64].view(rows, 12, 64)  # q|k heads of a fused q|k|v output: strided rows
     angles = torch.rand(rows, 32, generator=g) * 100

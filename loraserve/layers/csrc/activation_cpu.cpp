@@ -1,7 +1,8 @@
 // Elementwise steps of a decoder layer that PyTorch runs as several ops each: SwiGLU's
 // silu(gate) * up (slice, slice, silu, mul) and rotary embedding of the fused q|k heads
 // (two slices, four muls, a sub, an add and a cat). At one row per step each op costs
-// more to dispatch than to compute, so each becomes one call, one pass over the data.
+// more to dispatch than to compute, so each becomes one call, one pass over the data. SiLU is
+// written with simd.h (AVX-512 or AVX2 by the build); rotary's loop vectorises as it stands.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -10,6 +11,7 @@
 
 #include "fast_exp.h"
 #include "over_rows.h"
+#include "simd.h"
 
 // gu: [T, 2*I] (gate | up, rows contiguous) -> [T, I] = silu(gate) * up
 torch::Tensor silu_mul(const torch::Tensor& gu) {
@@ -25,8 +27,16 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
       const float* g = gp + t * ld;
       const float* u = g + I;
       float* o = op + t * I;
-#pragma omp simd
-      for (int64_t i = 0; i < I; ++i) {  // silu(x) = x / (1 + e^-x), from e = e^-|x| <= 1
+      int64_t i = 0;
+#if LORASERVE_SIMD  // the scalar loop below does not vectorise (its select and exp bit tricks)
+      for (; i + simd::W <= I; i += simd::W) {
+        const simd::V x = simd::load(g + i);
+        const simd::V e = simd::exp_nonpositive(simd::sub(simd::zero(), simd::abs(x)));
+        const simd::V num = simd::select_nonneg(x, x, simd::mul(x, e));
+        simd::store(o + i, simd::mul(simd::div(num, simd::add(simd::set1(1.f), e)), simd::load(u + i)));
+      }
+#endif
+      for (; i < I; ++i) {  // silu(x) = x / (1 + e^-x), from e = e^-|x| <= 1
         const float x = g[i], e = exp_nonpositive(-std::fabs(x));
         o[i] = (x >= 0.f ? x : x * e) / (1.f + e) * u[i];
       }

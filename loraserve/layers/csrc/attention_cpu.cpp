@@ -10,9 +10,6 @@
 // together, so GQA never repeats K/V either.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -22,20 +19,58 @@
 #include <vector>
 
 #include "fast_exp.h"
+#include "simd.h"
 
 namespace {
 
 inline float dot(const float* a, const float* b, int64_t n) {
-#if defined(__AVX512F__)
-  if (n % 16 == 0) {  // head sizes are multiples of 16 in practice: 4 FMAs and one reduction at D=64
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    return _mm512_reduce_add_ps(acc);
+#if LORASERVE_SIMD
+  if (n % simd::W == 0) {  // head sizes are multiples of 16 in practice: 4 (AVX2: 8) FMAs and one sum at D=64
+    simd::V acc = simd::zero();
+    for (int64_t i = 0; i < n; i += simd::W) acc = simd::fma(simd::load(a + i), simd::load(b + i), acc);
+    return simd::sum(acc);
   }
 #endif
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline float max_of(const float* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t t = 0;
+#if LORASERVE_SIMD
+  if (n >= simd::W) {
+    simd::V mv = simd::load(s);
+    for (t = simd::W; t + simd::W <= n; t += simd::W) mv = simd::max(mv, simd::load(s + t));
+    alignas(64) float lanes[simd::W];
+    simd::store(lanes, mv);
+    for (float v : lanes) m = std::max(m, v);
+  }
+#endif
+  for (; t < n; ++t) m = std::max(m, s[t]);
+  return m;
+}
+
+// s[t] = exp(s[t] - m), returns their sum
+inline float exp_shifted(float* s, int64_t n, float m) {
+  float sum = 0.f;
+  int64_t t = 0;
+#if LORASERVE_SIMD
+  simd::V acc = simd::zero();
+  const simd::V mv = simd::set1(m);
+  for (; t + simd::W <= n; t += simd::W) {
+    const simd::V e = simd::exp_nonpositive(simd::sub(simd::load(s + t), mv));
+    simd::store(s + t, e);
+    acc = simd::add(acc, e);
+  }
+  sum = simd::sum(acc);
+#endif
+  for (; t < n; ++t) {
+    s[t] = exp_nonpositive(s[t] - m);
+    sum += s[t];
+  }
   return sum;
 }
 
@@ -101,15 +136,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
       }
       for (int64_t r = 0; r < rows; ++r) {  // softmax per query head
         float* sr = s + r * max_ctx;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < n; ++t) m = std::max(m, sr[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; ++t) {
-          sr[t] = exp_nonpositive(sr[t] - m);
-          sum += sr[t];
-        }
-        const float inv = 1.f / sum;
+        const float inv = 1.f / exp_shifted(sr, n, max_of(sr, n));
         for (int64_t t = 0; t < n; ++t) sr[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);

@@ -7,18 +7,17 @@
 // exactly once, straight from the slot table, and accumulates into the (L1-resident)
 // output row: no padding, no gathers, no temporaries, one parallel region. Prefill
 // segments go through the same entry point in blocks of 8 tokens that share each
-// pass over A and B (register-blocked with AVX-512), which also writes straight into
+// pass over A and B (register-blocked with AVX-512 or AVX2), which also writes straight into
 // the column slices of the fused q/k/v and gate/up outputs where `baddbmm_` on those
 // strided views falls back to one small GEMM per slot.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <optional>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
@@ -78,28 +77,53 @@ void row_kernel(const Group& g, const float* xr, int64_t slot, int64_t row, floa
 }
 
 constexpr int kBlock = 8;  // tokens of one segment that share each pass over A and B
-constexpr int kW = 16;     // floats per column chunk (one AVX-512 register)
 
-// TB tokens of one slot (prefill segments, drafts): each 16-wide column chunk of A and B is
+// TB tokens of one slot (prefill segments, drafts): each W-wide column chunk of A and B is
 // read once for all TB tokens while their TB partial sums stay in registers, so the thin
-// rank-R matmuls run at compute speed instead of one token's memory speed.
-#if defined(__AVX512F__)
+// rank-R matmuls run at compute speed instead of one token's memory speed. W is 16 floats
+// with AVX-512 and 8 with AVX2 (simd.h); a chunk past a member's loaded rank or an output's
+// width is masked. Without AVX2 each token runs the row kernel.
+#if LORASERVE_SIMD
+constexpr int64_t kW = simd::W;
+
+// acc[t] = sum over i of x_t[i] * A[i, c0 : c0 + W]
+template <int TB, bool Full>
+inline void shrink_chunk(const float* __restrict__ A, int64_t ld, int64_t in, simd::M m, const float* const* xr,
+                         simd::V* acc) {
+  for (int64_t i = 0; i < in; ++i) {
+    const simd::V av = Full ? simd::load(A + i * ld) : simd::load(A + i * ld, m);
+    for (int t = 0; t < TB; ++t) acc[t] = simd::fma(simd::set1(xr[t][i]), av, acc[t]);
+  }
+}
+
+// acc[t] += sum over k < rs of h_t[k] * B[k, o0 : o0 + W]
+template <int TB, bool Full>
+inline void expand_chunk(const float* __restrict__ B, int64_t ld, int64_t rs, simd::M m, const float* h,
+                         int64_t h_ld, simd::V* acc) {
+  for (int64_t k = 0; k < rs; ++k) {
+    const simd::V bv = Full ? simd::load(B + k * ld) : simd::load(B + k * ld, m);
+    for (int t = 0; t < TB; ++t) acc[t] = simd::fma(simd::set1(h[t * h_ld + k]), bv, acc[t]);
+  }
+}
+
 template <int TB>
 void block_kernel(const Group& g, const float* const* xr, int64_t slot, const int64_t* rows, float* __restrict__ h) {
   const float* __restrict__ A = g.a + slot * g.a_slot;
   const int64_t GR = g.gr, rs = g.rank(slot);
   if (rs == 0) return;
   const int64_t G = static_cast<int64_t>(g.b.size());
-  for (int64_t j = 0; j < G; ++j) {  // each member's loaded columns, 16 at a time
+  for (int64_t j = 0; j < G; ++j) {  // each member's loaded columns, W at a time
     for (int64_t c0 = j * g.r; c0 < j * g.r + rs; c0 += kW) {
-      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(kW, j * g.r + rs - c0)) - 1);
-      __m512 acc[TB];
-      for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < g.in; ++i) {
-        const __m512 av = _mm512_maskz_loadu_ps(m, A + i * GR + c0);
-        for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(xr[t][i]), av, acc[t]);
+      const int64_t width = std::min<int64_t>(kW, j * g.r + rs - c0);
+      const simd::M m = simd::mask(width);
+      simd::V acc[TB];
+      for (int t = 0; t < TB; ++t) acc[t] = simd::zero();
+      if (width == kW) {
+        shrink_chunk<TB, true>(A + c0, GR, g.in, m, xr, acc);
+      } else {
+        shrink_chunk<TB, false>(A + c0, GR, g.in, m, xr, acc);
       }
-      for (int t = 0; t < TB; ++t) _mm512_mask_storeu_ps(h + t * GR + c0, m, acc[t]);
+      for (int t = 0; t < TB; ++t) simd::store(h + t * GR + c0, acc[t], m);
     }
   }
   for (size_t j = 0; j < g.b.size(); ++j) {
@@ -107,14 +131,16 @@ void block_kernel(const Group& g, const float* const* xr, int64_t slot, const in
     const int64_t O = g.out[j];
     const float* hj = h + j * g.r;
     for (int64_t o0 = 0; o0 < O; o0 += kW) {
-      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(kW, O - o0)) - 1);
-      __m512 acc[TB];
-      for (int t = 0; t < TB; ++t) acc[t] = _mm512_maskz_loadu_ps(m, g.y[j] + rows[t] * g.y_row[j] + o0);
-      for (int64_t k = 0; k < rs; ++k) {
-        const __m512 bv = _mm512_maskz_loadu_ps(m, B + k * O + o0);
-        for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(hj[t * GR + k]), bv, acc[t]);
+      const int64_t width = std::min<int64_t>(kW, O - o0);
+      const simd::M m = simd::mask(width);
+      simd::V acc[TB];
+      for (int t = 0; t < TB; ++t) acc[t] = simd::load(g.y[j] + rows[t] * g.y_row[j] + o0, m);
+      if (width == kW) {
+        expand_chunk<TB, true>(B + o0, O, rs, m, hj, GR, acc);
+      } else {
+        expand_chunk<TB, false>(B + o0, O, rs, m, hj, GR, acc);
       }
-      for (int t = 0; t < TB; ++t) _mm512_mask_storeu_ps(g.y[j] + rows[t] * g.y_row[j] + o0, m, acc[t]);
+      for (int t = 0; t < TB; ++t) simd::store(g.y[j] + rows[t] * g.y_row[j] + o0, acc[t], m);
     }
   }
 }
