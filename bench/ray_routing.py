@@ -33,11 +33,36 @@ from typing import Any
 import httpx
 
 from bench.metrics import percentile
-from bench.shapes import build_adapters
 from bench.workloads import zipf_indices
 
 MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
+TEMPLATE = MODEL.parent / "adapters" / "upper"  # a PEFT adapter of the demo model: names and shapes
 PROMPT = "<|user|>hello there<|assistant|>"
+
+
+def make_adapters(out: Path, count: int, rank: int) -> list[Path]:
+    """`count` random PEFT LoRA adapters shaped like the demo's, written with safetensors only
+    (no transformers/peft: `make bench-ray` needs just the `ray` extra), seeded by index."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((TEMPLATE / "adapter_config.json").read_text()) | {"r": rank, "lora_alpha": 2 * rank}
+    with safe_open(str(TEMPLATE / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    paths = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        tensors = {}
+        for name, (rows, cols) in shapes.items():
+            shape = (rank, cols) if ".lora_A." in name else (rows, rank)
+            tensors[name] = torch.randn(shape, generator=g) * (0.5 / shape[-1] ** 0.5)
+        path = out / f"adapter-{i:03d}"
+        path.mkdir(parents=True)
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        paths.append(path)
+    return paths
 
 
 async def _one(client: httpx.AsyncClient, adapter: str, new_tokens: int) -> float | None:
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     with tempfile.TemporaryDirectory(prefix="loraserve-ray-bench-") as tmp:
-        paths = build_adapters(MODEL, args.rank, range(args.adapters), cache_dir=Path(tmp))
+        paths = make_adapters(Path(tmp), args.adapters, args.rank)
         adapter_bytes = (paths[0] / "adapter_model.safetensors").stat().st_size
         picks = zipf_indices(random.Random(args.seed), args.requests, args.adapters, args.alpha)
         sequence = [str(paths[i]) for i in picks]
