@@ -56,9 +56,9 @@ def weight_quantization(quantize: str | None) -> str | None:
     q = quantize.strip().lower()
     if q in INT8_NAMES:
         return "int8"
-    what = "is a LoRAX method loraserve does not implement" if q in OTHER_LORAX_QUANTIZE else "is unknown"
+    what = "a LoRAX method loraserve does not implement" if q in OTHER_LORAX_QUANTIZE else "unknown"
     raise PrecisionError(
-        f"--quantize {quantize} {what}; supported: int8 (8-bit weight-only, per-channel; "
+        f"--quantize {quantize} is not supported ({what}); supported: int8 (8-bit weight-only, per-channel; "
         f"LoRAX's {', '.join(INT8_NAMES[1:])} mean the same)"
     )
 

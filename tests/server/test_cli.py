@@ -73,7 +73,7 @@ def test_native_kernels_flag_reaches_the_engine_config() -> None:
     assert _engine_config(on).native_kernels and not _engine_config(off).native_kernels
 
 
-@pytest.mark.parametrize("extra", [["--quantize", "bitsandbytes"], ["--num-shard", "2"], ["--compile"]])
+@pytest.mark.parametrize("extra", [["--quantize", "gptq"], ["--num-shard", "2"], ["--compile"]])
 def test_unimplemented_features_refuse_to_start(extra: list[str], capsys: pytest.CaptureFixture) -> None:
     assert main(["serve", "--model-id", "m", *extra]) == 2
     assert "not supported" in capsys.readouterr().err
