@@ -24,8 +24,8 @@ class EngineConfig:
     adapter_dtype: str | None = None  # LoRA slot table: float32 | bfloat16 (default: dtype)
     device: str = "cpu"
     block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # default: sized from the device's memory
-    max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens (caps the memory budget)
+    kv_cache_memory_bytes: int | None = None  # a KV byte budget to fill (default: from the workload)
+    max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens (engine/memory_plan.py)
     max_batch_prefill_tokens: int = 4096
     max_input_length: int | None = None  # default: min(1024, model context - 1)
     max_total_tokens: int | None = None  # default: min(2048, model context)

@@ -8,12 +8,14 @@ report and enforce.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from loraserve.engine.config import EngineConfig, device_memory
+from loraserve.host_allocator import return_freed_memory
 from loraserve.layers.lora import LoraTable
 from loraserve.models.config import ModelConfig
 
@@ -43,34 +45,67 @@ def resolve_lengths(cfg: EngineConfig, mc: ModelConfig) -> tuple[int, int, int]:
     return inp, total, max(cfg.max_batch_prefill_tokens, inp)
 
 
+# Sequences of full length (--max-total-tokens) the default KV cache holds at once. Why a count of
+# sequences and not a share of free memory: on CPU "device memory" is the whole host, and a cache
+# sized from it (5.5 GB for a 135M model) is memory nobody's batch ever uses. Blocks are paged,
+# so this also holds many more short sequences (the benchmark's 32 x 192 tokens fit in 2 x 2048
+# + 4096); a batch that outgrows it preempts its newest sequence, which is recomputed later.
+DEFAULT_FULL_SEQUENCES = 2
+
+
+def default_batch_total_tokens(cfg: EngineConfig, max_total_tokens: int) -> int:
+    """LoRAX's `--max-batch-total-tokens` when it is not given: room for a few full-length
+    sequences (max batch size x max total tokens, the batch size capped at
+    DEFAULT_FULL_SEQUENCES) and for the largest prefill step, whichever is more."""
+    full = min(cfg.max_num_seqs, DEFAULT_FULL_SEQUENCES) * max_total_tokens
+    return max(full, cfg.max_batch_prefill_tokens)
+
+
+def kv_bytes_per_token(mc: ModelConfig, dtype: torch.dtype) -> int:
+    elt = torch.empty((), dtype=dtype).element_size()
+    return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elt
+
+
 def kv_cache_blocks(
     cfg: EngineConfig, mc: ModelConfig, max_total_tokens: int, dtype: torch.dtype, device: torch.device
 ) -> int:
-    """Blocks (null block included) that fit the KV budget, never more than the batch could use."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elt
-    budget = cfg.kv_cache_memory_bytes
-    if budget is None:
-        avail = device_memory(device)
-        budget = int(avail * (0.8 if device.type == "cuda" else 0.25))
-        budget = min(budget, 8 << 30) if device.type == "cpu" else budget
-    # never more than the batch could ever use, so small models start fast
-    tokens = min(budget // per_token, cfg.max_num_seqs * max_total_tokens)
-    if cfg.max_batch_total_tokens:
-        tokens = min(tokens, cfg.max_batch_total_tokens)
-    num_blocks = max(tokens // cfg.block_size, -(-max_total_tokens // cfg.block_size)) + 1
+    """Blocks (null block included) for `--max-batch-total-tokens` tokens (default:
+    `default_batch_total_tokens`), never fewer than one full-length sequence needs. An explicit
+    `kv_cache_memory_bytes` (the Python API's byte budget) is filled instead, up to the flag.
+    Logged, so an operator sees what the cache reserved."""
+    return_freed_memory()  # the loader's temporaries, freed but kept by malloc: not ours to keep
+    per_token = kv_bytes_per_token(mc, dtype)
+    if cfg.kv_cache_memory_bytes is not None:  # a byte budget (Python API): as much as it holds
+        tokens = min(cfg.kv_cache_memory_bytes // per_token, cfg.max_num_seqs * max_total_tokens)
+        tokens = min(tokens, cfg.max_batch_total_tokens or tokens)
+    else:
+        tokens = cfg.max_batch_total_tokens or default_batch_total_tokens(cfg, max_total_tokens)
+    num_blocks = max(-(-tokens // cfg.block_size), -(-max_total_tokens // cfg.block_size)) + 1
+    capacity = (num_blocks - 1) * cfg.block_size
     log.info(
-        "KV cache: %d blocks x %d tokens (%.1f MiB)",
-        num_blocks,
+        "KV cache: %d tokens (%s) in %d blocks of %d, %.1f MiB (%s, %d bytes per token)",
+        capacity,
+        "--max-batch-total-tokens"
+        if cfg.max_batch_total_tokens
+        else "default"
+        if cfg.kv_cache_memory_bytes is None
+        else "kv_cache_memory_bytes",
+        num_blocks - 1,
         cfg.block_size,
         num_blocks * cfg.block_size * per_token / 2**20,
+        str(dtype).replace("torch.", ""),
+        per_token,
     )
     return num_blocks
 
 
 def adapter_slots(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """Device slots for active adapters at the maximum rank, within the adapter memory budget."""
-    per_slot = LoraTable.bytes_per_slot(mc.linear_shapes(), mc.num_hidden_layers, cfg.max_lora_rank, dtype)
+    """Device slots for active adapters at the maximum rank, within the adapter memory budget.
+
+    The table is allocated at a small rank and widens only when a higher-rank adapter arrives
+    (layers/lora.py), so the log gives both what is reserved now and what the slots may grow to."""
+    shapes, layers = mc.linear_shapes(), mc.num_hidden_layers
+    per_slot = LoraTable.bytes_per_slot(shapes, layers, cfg.max_lora_rank, dtype)
     budget = cfg.adapter_memory_bytes or int(device_memory(device) * 0.1)
     num_slots = max(1, min(cfg.max_active_adapters, budget // per_slot))
     if num_slots < cfg.max_active_adapters:
@@ -79,4 +114,13 @@ def adapter_slots(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device
             num_slots,
             cfg.max_active_adapters,
         )
+    start_rank = min(inspect.signature(LoraTable).parameters["rank"].default, cfg.max_lora_rank)
+    log.info(
+        "adapter slots: %d, %.1f MiB at rank %d (up to %.1f MiB at --max-lora-rank %d)",
+        num_slots,
+        num_slots * LoraTable.bytes_per_slot(shapes, layers, start_rank, dtype) / 2**20,
+        start_rank,
+        num_slots * per_slot / 2**20,
+        cfg.max_lora_rank,
+    )
     return num_slots

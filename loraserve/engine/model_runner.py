@@ -93,7 +93,7 @@ class ModelRunner:
 
     @property
     def capacity_tokens(self) -> int:
-        return (self.blocks.capacity - 1) * self.block_size if self.blocks.capacity else 0
+        return self.blocks.capacity * self.block_size  # `capacity` already leaves out the null block
 
     def prepare(self, decodes: list[Sequence], prefills: list[Sequence]) -> tuple[ForwardBatch, StepLayout]:
         return build_forward_batch(
