@@ -239,7 +239,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--max-batch-prefill-tokens", "Most prompt tokens prefilled in one step.", type=int, default=4096),
     Flag(
         "--max-batch-total-tokens",
-        "KV-cache capacity in tokens (default: sized from device memory).",
+        "KV-cache capacity in tokens, reserved at start (default: two sequences of --max-total-tokens, "
+        "at least --max-batch-prefill-tokens; never sized from free memory).",
         type=int,
     ),
     Flag("--max-waiting-tokens", _SCHED_HINT, type=int, default=20),
