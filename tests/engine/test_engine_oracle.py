@@ -10,7 +10,8 @@ import torch
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
-from tests.fixtures.native import native_kernel_or_skip
+from loraserve.layers.native_cpu import ENV_MARCH
+from tests.fixtures.native import AVX2, native_kernel_or_skip
 from tests.fixtures.tiny_models import hf_greedy, load_hf_model
 
 PROMPTS = [
@@ -46,18 +47,23 @@ def test_logits_and_greedy_match_transformers(tiny_model_dirs: dict[str, Path], 
     assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
 
 
-@pytest.mark.parametrize("lora_path", ["native", "torch"])
+@pytest.mark.parametrize("lora_path", ["native", AVX2, "torch"])
 def test_mixed_adapter_batch_matches_peft_per_row(
-    llama_dir: Path, llama_adapters: list[Path], lora_path: str
+    llama_dir: Path, llama_adapters: list[Path], lora_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both LoRA paths (the native CPU kernel and PyTorch `bmm`) against PEFT."""
+    """Every path (the native CPU kernels of the host's build and of the AVX2 one, and PyTorch)
+    against PEFT."""
     from peft import PeftModel
 
-    native = lora_path == "native"
+    native = lora_path != "torch"
     if native:
-        native_kernel_or_skip()
+        kernels = native_kernel_or_skip(lora_path)
+    if lora_path == AVX2:  # an engine loads the build LORASERVE_NATIVE_MARCH names
+        monkeypatch.setenv(ENV_MARCH, AVX2)
     engine = make_engine(llama_dir, max_active_adapters=8, max_lora_rank=16, native_kernels=native)
     assert (engine.ops_name == "cpu-native") == native
+    if native:
+        assert engine.runner.ops.kernels is kernels
     adapters = [parse_peft_adapter(p) for p in llama_adapters]
     # 8 adapter rows + 2 base rows, prompts of different lengths, all in one continuous batch
     rows = [(PROMPTS[i % len(PROMPTS)], adapters[i], llama_adapters[i]) for i in range(8)]
