@@ -1,0 +1,178 @@
+"""Our engine with each build of the native CPU kernels side by side in one run: the host's own
+(`-march=native`, AVX-512 on the CI box) and the AVX2+FMA one (`-march=x86-64-v3`, what an AMD
+Zen 2/3 or an older Xeon runs), plus transformers+peft once as the common baseline.
+
+Why a separate script instead of a flag on `run_all`: the figures that matter per build are few
+(workload (a) at N = 32 on the base model and with 32 distinct adapters, and batch-1 decode), and
+comparing builds is only fair within one run on this shared machine. The builds are selected
+the way a server selects them, by `LORASERVE_NATIVE_MARCH` in the runner's environment.
+
+    python -m bench.kernel_builds [--marches native,x86-64-v3] [--ns 32] [--repeats 2] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from bench.metrics import RunResult
+from bench.roofline import roofline
+from bench.run_all import Bench
+from bench.shapes import DEFAULT_CACHE, REPO_ROOT, build_model
+from bench.workloads import Model, concurrency_runs
+from loraserve.layers import native_cpu
+
+# What an AVX2 machine gives torch's own kernels (oneDNN, MKL, ATen's vectorised ops): the runs of
+# the AVX2 build, ours and transformers', are held to it so neither borrows this host's AVX-512.
+AVX2_TORCH_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
+def build_env(build: dict) -> dict[str, str]:
+    env = {native_cpu.ENV_MARCH: build["march"]}
+    return env | (AVX2_TORCH_ENV if build["isa"] == "avx2" else {})
+
+
+@contextmanager
+def patched_env(env: dict[str, str]) -> Iterator[None]:
+    """The runner subprocesses inherit this environment: their engine loads that build."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def build_info(march: str) -> dict:
+    """Build `march` if missing (a bench may compile; a server never does) and say what it is."""
+    result = native_cpu.build(march=march)
+    if not result.ok:
+        raise SystemExit(f"kernels for -march={march} did not build: {result.detail}")
+    kernels = native_cpu.cpu_kernels(torch.device("cpu"), torch.float32, march)
+    assert kernels is not None
+    return {"march": march, "isa": native_cpu.isa(kernels), "library": str(result.path)}
+
+
+def cpu_flags() -> str:
+    """The SIMD flags of the host, for the tables (an AVX2 build here still runs on this CPU)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            keep = ("avx", "fma", "amx", "f16c")
+            return " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(keep))
+    return platform.processor()
+
+
+def _f(v: float | None, fmt: str = "{:8.1f}") -> str:
+    return fmt.format(v) if v is not None else "       -"
+
+
+def table(results: list[RunResult], isas: list[str], ns: list[int], roof: float) -> str:
+    """Per build: ours and transformers+peft (held to the same ISA) on the same requests."""
+    by = {(r.system, r.run): r.tok_s for r in results}
+    lines = []
+    for n in ns:
+        base, dist = f"a/N={n}/base", f"a/N={n}/distinct"
+        lines.append(
+            f"\nN = {n}, tok/s       base  distinct  distinct/base  x hf+peft distinct  batch-1  b1/roofline"
+        )
+        for isa in isas:
+            for system in ("ours", "hf"):
+                label = f"{system}-{isa}"
+                b, d, b1 = by.get((label, base)), by.get((label, dist)), by.get((label, "batch1_decode"))
+                hf = by.get((f"hf-{isa}", dist)) if system == "ours" else None
+                lines.append(
+                    f"{label:16s} {_f(b)}  {_f(d)}       {_f(d / b if b and d else None, '{:8.2f}')}"
+                    f"            {_f(d / hf if d and hf else None, '{:8.2f}')}  {_f(b1)}"
+                    f"     {_f(b1 / roof if b1 else None, '{:8.2f}')}"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--marches", default="native,x86-64-v3", help="comma list of -march builds to compare")
+    ap.add_argument("--ns", default="32", help="comma list of workload (a) N values")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="timed repetitions per run; best kept")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers+peft baseline")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    marches = args.marches.split(",")
+    ns = [int(x) for x in args.ns.split(",")]
+    builds = [build_info(m) for m in marches]
+    model_dir = build_model("smollm", args.cache)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    bench = Bench(Model(model_dir, vocab, args.cache), ["ours", "hf"], args.repeats)
+    runs = [
+        r
+        for r in concurrency_runs(bench.model, ns, args.prompt_len, args.new_tokens)
+        if r.name.endswith(("/base", "/distinct"))
+    ]
+    spec = bench.spec(runs, batch1={"prompt_len": args.prompt_len, "new_tokens": args.new_tokens})
+    t0 = time.time()
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_flags": cpu_flags(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_start": os.getloadavg(),
+        "builds": builds,
+        "ns": ns,
+        "repeats": args.repeats,
+        "command": " ".join(["python -m bench.kernel_builds", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    roof = roofline(model_dir)
+    out = args.out or REPO_ROOT / "bench" / "results" / f"kernel-builds-{int(t0)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> dict:
+        """Written after every system, so a run cut short keeps what it measured."""
+        meta.update(duration_s=time.time() - t0, loadavg_end=os.getloadavg())
+        text = table(bench.results, [b["isa"] for b in builds], ns, roof["roofline_tok_s"])
+        text += (
+            f"\nbatch-1 roofline: {roof['roofline_tok_s']:.1f} tok/s ({roof['bandwidth_gbs']:.1f} GB/s read)"
+        )
+        report = {
+            "meta": meta,
+            "roofline": roof,
+            "results": [r.to_json() for r in bench.results],
+            "notes": bench.notes,
+            "table": text,
+        }
+        out.write_text(json.dumps(report, indent=1))
+        return report
+
+    # ours on every build first (the figures compared), then the baseline on each
+    for system in ["ours"] if args.no_hf else ["ours", "hf"]:
+        for b in builds:
+            b["env"] = build_env(b)
+            with patched_env(b["env"]):
+                for r in bench.run(f"{system} with the {b['isa']} build ({b['env']})", spec, [system]):
+                    r.system = f"{system}-{b['isa']}"
+            save()
+    report = save()
+    print(f"host flags: {meta['cpu_flags']}\n{report['table']}\n\nwritten to {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
