@@ -30,7 +30,9 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--greedy-tokens", type=int, default=32, help="tokens compared in the greedy check")
     ap.add_argument("--no-t1", action="store_true", help="skip the 1-thread batch-1 reading")
     ap.add_argument("--out", type=Path, help="also write the report here (and its JSON beside it)")
     args = ap.parse_args(argv)
@@ -190,7 +193,10 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
     res: dict = {"rounds": []}
     if prec.name == "fp32" and ours is not None:
         trained = [str(ctx["trained"][0])] if ctx["trained"] else []
-        res["greedy"] = greedy_check(ours, lserver, [None, *trained, mixed[0]])
+        res["greedy"] = greedy_check(ours, lserver, [None, *trained, mixed[0]], n=args.greedy_tokens)
+        print(
+            "  greedy equal: " + ", ".join(f"{r['adapter']}={r['equal']}" for r in res["greedy"]), flush=True
+        )
     # warm-up: every adapter once on both servers, and one batch-1 request
     for s in (ours, lserver):
         if s is not None:
@@ -212,6 +218,7 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
                 "pp_tok_s": len(p_prompt) / pp.ttft,
                 "tokens": st.tokens,
             }
+        print(f"  {prec.name} round {r + 1} servers: {json.dumps(_short(row))}", flush=True)
         bench_rows = sy.llama_bench(ctx["llama"], ctx["models"][prec.gguf], threads)
         row["llama_bench"] = {f"{k[0]}_t{k[1]}": v for k, v in bench_rows.items()}
         res["rounds"].append(row)
@@ -279,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if llama is None:
         print(NOT_BUILT)
         return 0
+    # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop the servers this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from bench import llamacpp_setup as su
     from bench.roofline import measure_bandwidth_gbs, weight_bytes_per_token
 
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_dir = su.hf_base_dir(models["F32"])
     mixed = su.random_adapters(hf_dir, min(args.concurrent, 32))
     trained = trained_adapters(args.adapters)
-    loras = {a: su.lora_gguf(llama, a, hf_dir) for a in [*mixed, *trained]}
+    loras = su.lora_ggufs(llama, [*mixed, *trained], hf_dir)
     config = json.loads((hf_dir / "config.json").read_text())
     params = weight_bytes_per_token(hf_dir, "float32") // 4
     env = environment(llama, args, loadavg=os.getloadavg())

@@ -121,16 +121,33 @@ def random_adapters(hf_dir: Path, n: int, rank: int = 16, cache: Path = CACHE) -
     return build_adapters(hf_dir, rank, range(n), cache_dir=cache)
 
 
-def lora_gguf(llama: LlamaCpp, adapter: Path, hf_dir: Path, cache: Path = CACHE) -> Path:
-    """The adapter converted by llama.cpp's own converter (f32, so no precision is lost)."""
-    out = cache / "lora-gguf" / (adapter.resolve().as_posix().strip("/").replace("/", "_") + ".gguf")
-    if out.is_file() and out.stat().st_mtime >= (adapter / "adapter_model.safetensors").stat().st_mtime:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    cmd = [sys.executable, str(llama.convert_lora), str(adapter), "--base", str(hf_dir)]
-    cmd += ["--outfile", str(tmp), "--outtype", "f32"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    _run(cmd, cache / "prepare.log", env=env)
-    tmp.rename(out)
+def lora_ggufs(llama: LlamaCpp, adapters: list[Path], hf_dir: Path, cache: Path = CACHE) -> dict[Path, Path]:
+    """Each adapter converted by llama.cpp's own converter (f32, so no precision is lost), all in
+    one Python process (its torch/transformers imports take longer than a conversion)."""
+    out = {
+        a: cache / "lora-gguf" / (a.resolve().as_posix().strip("/").replace("/", "_") + ".gguf")
+        for a in adapters
+    }
+
+    def fresh(a: Path) -> bool:
+        return (
+            out[a].is_file() and out[a].stat().st_mtime >= (a / "adapter_model.safetensors").stat().st_mtime
+        )
+
+    todo = [(str(a), str(out[a].with_suffix(".tmp"))) for a in adapters if not fresh(a)]
+    if todo:
+        (cache / "lora-gguf").mkdir(parents=True, exist_ok=True)
+        driver = (
+            "import runpy, sys\n"
+            "conv, base, todo = sys.argv[1], sys.argv[2], sys.argv[3:]\n"
+            "sys.path.insert(0, conv.rsplit('/', 1)[0])  # its `conversion` package\n"
+            "for src, dst in zip(todo[::2], todo[1::2]):\n"
+            "    sys.argv = [conv, src, '--base', base, '--outfile', dst, '--outtype', 'f32']\n"
+            "    runpy.run_path(conv, run_name='__main__')\n"
+        )
+        cmd = [sys.executable, "-c", driver, str(llama.convert_lora), str(hf_dir)]
+        cmd += [x for pair in todo for x in pair]
+        _run(cmd, cache / "prepare.log", env=dict(os.environ, OMP_NUM_THREADS="1"))
+        for _, tmp in todo:
+            Path(tmp).rename(Path(tmp).with_suffix(".gguf"))
     return out
