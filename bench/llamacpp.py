@@ -229,10 +229,13 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
         for tag, s in (("ours", ours), ("llama_server", lserver)):
             if s is None:
                 continue
-            row[tag] = {
-                "mixed": asyncio.run(sy.concurrent(s, batch, args.new_tokens, mixed)),
-                "base": asyncio.run(sy.concurrent(s, batch, args.new_tokens, [None] * len(batch))),
-            }
+            row[tag] = {"mixed": asyncio.run(sy.concurrent(s, batch, args.new_tokens, mixed))}
+            print(
+                f"  {prec.name} {tag} {len(batch)} adapters: {row[tag]['mixed']['tok_s']:.1f} tok/s",
+                flush=True,
+            )
+            row[tag]["base"] = asyncio.run(sy.concurrent(s, batch, args.new_tokens, [None] * len(batch)))
+            print(f"  {prec.name} {tag} {len(batch)} base: {row[tag]['base']['tok_s']:.1f} tok/s", flush=True)
         res["concurrent_rounds"].append(row)
         print(f"  {prec.name} concurrent round {r + 1}: {json.dumps(_short(row))}", flush=True)
     return res
