@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.engine.config import EngineConfig, device_memory
-from loraserve.host_allocator import return_freed_memory
 from loraserve.layers.lora import LoraTable
 from loraserve.models.config import ModelConfig
 
@@ -73,7 +72,6 @@ def kv_cache_blocks(
     `default_batch_total_tokens`), never fewer than one full-length sequence needs. An explicit
     `kv_cache_memory_bytes` (the Python API's byte budget) is filled instead, up to the flag.
     Logged, so an operator sees what the cache reserved."""
-    return_freed_memory()  # the loader's temporaries, freed but kept by malloc: not ours to keep
     per_token = kv_bytes_per_token(mc, dtype)
     if cfg.kv_cache_memory_bytes is not None:  # a byte budget (Python API): as much as it holds
         tokens = min(cfg.kv_cache_memory_bytes // per_token, cfg.max_num_seqs * max_total_tokens)

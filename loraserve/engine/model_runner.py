@@ -22,7 +22,7 @@ from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.memory_plan import adapter_slots, kv_cache_blocks
 from loraserve.engine.sequence import Sequence
-from loraserve.host_allocator import zeros_on_huge_pages
+from loraserve.host_allocator import return_freed_memory, zeros_on_huge_pages
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.lora import LoraTable
 from loraserve.layers.ops import select_ops
@@ -88,6 +88,7 @@ class ModelRunner:
         self.slots = AdapterSlots(self.lora)
         self.model = cls(mc, weights, self.ops, self.lora, self.kv_caches)
         del weights  # what the model did not keep is released here
+        return_freed_memory()  # and the loader's and packing's temporaries go back to the OS
         self.vocab_size = self.model.vocab_size
         self.group_size = mc.num_attention_heads // mc.num_key_value_heads
 
