@@ -116,6 +116,8 @@ def greedy_check(ours, llama, adapters: list[str | None], n: int = 32) -> list[d
         for text in GREEDY_PROMPTS:
             p_ours, g_ours = greedy_ids(ours, text, n, adapter)
             p_llama, g_llama = greedy_ids(llama, text, n, adapter)
+            if len(g_ours) == len(g_llama) + 1 and g_ours[:-1] == g_llama:
+                g_ours = g_ours[:-1]  # ours lists the EOS token it stopped at, llama.cpp does not
             first = next((i for i, (a, b) in enumerate(zip(g_ours, g_llama)) if a != b), None)
             rows.append(
                 {

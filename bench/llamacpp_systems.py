@@ -229,14 +229,16 @@ def greedy_ids(server: Server, text: str, n: int, adapter: str | None) -> tuple[
     """(prompt ids, greedy generated ids) for a text prompt, each server tokenising it itself."""
     if server.kind == "ours":
         toks = httpx.post(server.url + "/tokenize", json={"inputs": text}, timeout=60).json()
-        params = {"max_new_tokens": n, "details": True, "ignore_eos_token": True}
+        params = {"max_new_tokens": n, "details": True}
         if adapter:
             params["adapter_id"] = adapter
         out = httpx.post(server.url + "/generate", json={"inputs": text, "parameters": params}, timeout=600)
         out.raise_for_status()
         return [t["id"] for t in toks], [t["id"] for t in out.json()["details"]["tokens"]]
     toks = httpx.post(server.url + "/tokenize", json={"content": text, "add_special": True}, timeout=60)
-    body = {"prompt": text, "n_predict": n, "temperature": 0, "top_k": 1, "ignore_eos": True}
+    # EOS not ignored: llama.cpp's ignore_eos masks EOS out while LoRAX's ignore_eos_token emits it
+    # and goes on, so past a greedy EOS the two would differ by design, not by arithmetic.
+    body = {"prompt": text, "n_predict": n, "temperature": 0, "top_k": 1}
     body.update(return_tokens=True, cache_prompt=False)
     if adapter:
         body["lora"] = [{"id": server.lora_ids[adapter], "scale": 1.0}]
