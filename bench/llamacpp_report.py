@@ -140,10 +140,10 @@ def _mem(m: dict | None) -> str:
     return "—" if not m else f"{m['rss_mb']:.0f} / {m['peak_rss_mb']:.0f}"
 
 
-def _greedy_lines(rows: list[dict]) -> list[str]:
+def _greedy_lines(rows: list[dict], n: int) -> list[str]:
     out = [
         "",
-        "Greedy tokens, ours fp32 vs llama-server F32 (32 new tokens, text prompts tokenised by each):",
+        f"Greedy tokens, ours fp32 vs llama-server F32 (at most {n} new tokens, stopping at EOS):",
     ]
     for r in rows:
         verdict = "EQUAL" if r["equal"] else f"DIFFER from token {r['first_mismatch']}"
@@ -180,5 +180,5 @@ def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> st
             lines.append("")
         lines += _table(b, args.threads)
         if b.get("greedy"):
-            lines += _greedy_lines(b["greedy"])
+            lines += _greedy_lines(b["greedy"], getattr(args, "greedy_tokens", 32))
     return "\n".join(lines)
