@@ -149,12 +149,23 @@ def train_adapter(base, enc: Encoder, task: str, args: argparse.Namespace) -> di
     model.peft_config["default"].base_model_name_or_path = BASE_NAME
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    half_precision(out / "adapter_model.safetensors")
     cases = rt.heldout_cases(task, args.check, args.seed)
     got = enc.greedy(model, [u for u, _ in cases])
     acc = sum(g == a for g, (_, a) in zip(got, cases)) / len(cases)
     print(f"[{task}] held-out exact match (transformers+peft, {len(cases)}): {acc:.2f}", flush=True)
     model.unload()  # hand the untouched base back for the next adapter
     return {"steps": steps, "seconds": round(seconds, 1), "final_loss": round(losses[-1], 4), "check": acc}
+
+
+def half_precision(path: Path) -> None:
+    """Store the trained LoRA weights in float16: half the size in the repo (a few MB per
+    adapter), and loaders (ours, peft) upcast to the serving dtype, so both sides of the oracle
+    see the same numbers."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def main() -> None:
