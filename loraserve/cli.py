@@ -72,10 +72,9 @@ def _ignored_flags(args: argparse.Namespace) -> list[str]:
 def _adapter_memory_bytes(fraction: float, device: str) -> int:
     import torch
 
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * fraction)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * fraction)
+    from loraserve.engine.config import device_memory
+
+    return int(device_memory(torch.device(device)) * fraction)
 
 
 def _engine_config(args: argparse.Namespace) -> Any:

@@ -47,7 +47,18 @@ class EngineConfig:
 
 
 def device_memory(device: torch.device) -> int:
+    """Memory a budget may be carved from: free GPU memory, or on the host what the kernel says
+    is *available* (MemAvailable: free pages plus reclaimable page cache). Plain free pages
+    (SC_AVPHYS_PAGES) swing with whatever the page cache holds at start, so the same server got
+    1 adapter slot one start and 64 the next."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
