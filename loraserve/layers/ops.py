@@ -148,7 +148,11 @@ class TorchOps:
 
 
 def select_ops(
-    device: torch.device, dtype: torch.dtype, native: bool = True, pack: bool = True, precision: Precision | None = None
+    device: torch.device,
+    dtype: torch.dtype,
+    native: bool = True,
+    pack: bool = True,
+    precision: Precision | None = None,
 ) -> TorchOps:
     """The fastest backend for this device and dtype (the compute dtype; `precision` says how
     weights and adapters are held, layers/precision.py); `native=False` is the one off-switch."""
