@@ -77,8 +77,10 @@ bench: $(VENV)/.installed-test
 	$(PY) -m bench.prefix_cache
 
 # Ray Serve: adapter-aware (multiplexed) routing vs Ray's plain routing, Zipf over 200 adapters.
+# Steady state (first 1,000 requests warm the caches, uncounted); each replica's routing LRU as
+# large as its host adapter cache, so Ray remembers every adapter a replica can serve from memory.
 bench-ray: install $(VENV)/.installed-ray
-	$(PY) -m bench.ray_routing
+	$(PY) -m bench.ray_routing --requests 4000 --warmup 1000 --host-cache-adapters 100 --lru-adapters 100
 
 # Medusa on the demo model: tokens per step and speedup vs the same server without speculation.
 bench-medusa: install
