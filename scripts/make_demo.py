@@ -26,6 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_tasks as dt  # noqa: E402
 
+
+def pad_batch(rows: list[tuple[list[int], int]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded training batch from (token ids, first labelled position) rows: the loss
+    covers only positions from that start (the answer), padding is masked out."""
+    width = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), width), pad)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, start) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, start : len(row)] = torch.tensor(row[start:])
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|' + message['role'] + '|>' + message['content'] }}"
@@ -113,15 +128,7 @@ class Encoder:
         return p + a, (0 if loss_on_prompt else len(p))
 
     def batch(self, rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        width = max(len(r) for r, _ in rows)
-        ids = torch.full((len(rows), width), self.pad)
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, start) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, start : len(row)] = torch.tensor(row[start:])
-            mask[i, : len(row)] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return pad_batch(rows, self.pad)
 
 
 def train(model, params, steps: int, lr: float, next_batch, label: str) -> None:

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_tasks as rt  # noqa: E402
+from make_demo import pad_batch  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the adapters' base, as PEFT names it
@@ -72,15 +73,7 @@ class Encoder:
         return p + a, len(p)
 
     def batch(self, rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        width = max(len(r) for r, _ in rows)
-        ids = torch.full((len(rows), width), self.eos)
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, start) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, start : len(row)] = torch.tensor(row[start:])
-            mask[i, : len(row)] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return pad_batch(rows, self.eos)
 
     def greedy(self, model, users: list[str], max_new_tokens: int = 48) -> list[str]:
         """Batched greedy answers (left padding), cut at `<|im_end|>`."""
