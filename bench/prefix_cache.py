@@ -240,8 +240,8 @@ def multi_turn(model: Path, adapters: list[LoraAdapter], vocab: int, s: Sizes) -
 
 
 def long_arrival(model: Path, vocab: int, s: Sizes) -> dict:
-    """Steady-state ITL of the streams (steps before the arrival) against their ITL while the
-    long prompt is prefilled (from its arrival to its first token)."""
+    """Steady-state ITL of the streams (steps after all of them decode, before the arrival)
+    against their ITL while the long prompt is prefilled (from its arrival to its first token)."""
     rng = random.Random(3)
     streams = [random_prompt(rng, s.stream_prompt, vocab) for _ in range(s.streams)]
     long_prompt = random_prompt(rng, s.long_prompt, vocab)
@@ -265,7 +265,15 @@ def long_arrival(model: Path, vocab: int, s: Sizes) -> dict:
                 if rid not in t.done:
                     e.abort(rid)
                     t.done.add(rid)
-        steady = [b - a for i in ids for a, b in zip(t.times[i][2:], t.times[i][3:]) if b <= arrival]
+        # steady state: every stream decoding, no prompt being fed (with chunking the streams' own
+        # prompts are fed over many steps, and those steps must not count as steady)
+        all_decoding = max(t.times[i][0] for i in ids)
+        steady = [
+            b - a
+            for i in ids
+            for a, b in zip(t.times[i], t.times[i][1:])
+            if a >= all_decoding and b <= arrival
+        ]
         during = [b - a for i in ids for a, b in zip(t.times[i], t.times[i][1:]) if arrival < b <= first]
         tag = f"chunk{chunk}" if chunk else "whole"
         p50, p99 = percentile(steady, 50), percentile(during, 99)
@@ -274,6 +282,9 @@ def long_arrival(model: Path, vocab: int, s: Sizes) -> dict:
         out[f"itl_ratio_{tag}"] = p99 / p50
         out[f"long_ttft_s_{tag}"] = first - arrival
         del e
+    # the stricter reading: chunked steps against the unchunked engine's steady decode step
+    c = f"chunk{s.chunk_tokens}"
+    out[f"itl_ratio_{c}_vs_whole_steady"] = out[f"prefill_itl_p99_ms_{c}"] / out["steady_itl_p50_ms_whole"]
     return out
 
 
@@ -345,7 +356,8 @@ def report(results: dict, s: Sizes) -> str:
         f"on {mt['total_s_on']:.1f} s = {mt['time_ratio']:.2f}x lower (target >= 2x); identical: {mt['identical']}",
         f"long prompt arrival ({s.streams} streams, a {s.long_prompt}-token prompt): chunked ({s.chunk_tokens} "
         f"tokens/step) p99 ITL during its prefill {la[f'prefill_itl_p99_ms_{c}']:.0f} ms vs steady p50 "
-        f"{la[f'steady_itl_p50_ms_{c}']:.0f} ms = {la[f'itl_ratio_{c}']:.2f}x (target <= 2x), its TTFT "
+        f"{la[f'steady_itl_p50_ms_{c}']:.0f} ms = {la[f'itl_ratio_{c}']:.2f}x (target <= 2x; "
+        f"{la[f'itl_ratio_{c}_vs_whole_steady']:.2f}x the unchunked engine's steady p50), its TTFT "
         f"{la[f'long_ttft_s_{c}']:.1f} s; whole prefill: {la['prefill_itl_p99_ms_whole']:.0f} ms vs "
         f"{la['steady_itl_p50_ms_whole']:.0f} ms = {la['itl_ratio_whole']:.1f}x, its TTFT "
         f"{la['long_ttft_s_whole']:.1f} s",

@@ -99,6 +99,7 @@ class Engine:
             cfg.adapter_cycle_time_s,
             prefix_caching=cfg.prefix_caching,
             chunked_prefill=cfg.chunked_prefill,
+            context_cost=mc.attention_cost_context(),
         )
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, max_total)
         self.speculators = Speculators(

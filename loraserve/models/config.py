@@ -136,3 +136,10 @@ class ModelConfig:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every LoRA-targetable projection; adapters are validated against it."""
         return linear_shapes(self.projections())
+
+    def attention_cost_context(self) -> int:
+        """The context length at which one prompt token's attention (QK and PV over that many
+        keys, every query head) costs as many FLOPs as its projections: the chunked-prefill
+        scheduler sizes chunks by it, so a chunk deep into a long prompt takes fewer tokens."""
+        per_layer = sum(i * o for i, o in self.linear_shapes().values())
+        return max(1, per_layer // (2 * self.num_attention_heads * self.head_dim))

@@ -65,7 +65,8 @@ def test_chunks_start_after_a_cached_prefix(llama_dir: Path, llama_adapters: lis
 
 def test_decodes_continue_while_a_long_prompt_is_chunked(llama_dir: Path) -> None:
     """Every step while a long prompt is admitted: each running stream gets its token, and the
-    step feeds at most the chunk budget of prompt tokens."""
+    step's prompt tokens cost at most the chunk budget, counting their attention context (so
+    chunks shrink as the prompt goes deeper)."""
     e = engine(llama_dir, 16)
     params = SamplingParams(max_new_tokens=40, ignore_eos_token=True)
     running = [e.add_request(p, params) for p in shared_prompts(4, prefix_len=10, seed=6)]
@@ -73,13 +74,17 @@ def test_decodes_continue_while_a_long_prompt_is_chunked(llama_dir: Path) -> Non
         e.step()
     long_prompt = shared_prompts(1, prefix_len=150, seed=7)[0]
     rid = e.add_request(long_prompt, params)
-    steps = 0
-    while not e._seqs[rid].output_ids:
+    seq, cost_ctx = e._seqs[rid], e.scheduler.context_cost
+    chunks = []
+    while not seq.output_ids:
+        ctx = seq.num_cached
         outs = {o.request_id for o in e.step()}
         assert set(running) <= outs  # nobody stalls for the long prompt
         assert e.last_batch_size == 5
-        steps += 1
-    assert steps == -(-len(long_prompt) // 16)
+        chunks.append(seq.num_cached - ctx if seq.num_cached < len(long_prompt) else len(long_prompt) - ctx)
+        assert chunks[-1] == 1 or chunks[-1] * (1 + ctx / cost_ctx) <= 16 + 1e-9
+    assert sum(chunks) == len(long_prompt)
+    assert chunks[0] == 16 and chunks[-2] < chunks[0]  # deeper chunks take fewer tokens
     while e.has_unfinished():
         e.step()
     assert_no_leak(e)

@@ -124,3 +124,28 @@ def test_unknown_architecture_is_refused_with_the_supported_list(tmp_path: Path)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
     with pytest.raises(ValueError, match="unsupported architecture 'FalconForCausalLM'.*Gemma2ForCausalLM"):
         ModelConfig.from_dir(tmp_path)
+
+
+def test_attention_cost_context_of_known_shapes(tmp_path: Path) -> None:
+    """SmolLM-135M: 3.54M projection weights per layer over 2 x 9 heads x 64 = 3,072 keys; a
+    7B Llama: ~24.7k. The chunked-prefill scheduler sizes chunks by it."""
+    import json
+
+    shapes = {
+        "smollm": (576, 1536, 9, 3, 3072),
+        "llama7b": (4096, 11008, 32, 32, 24704),
+    }
+    for name, (hidden, inter, heads, kv, expected) in shapes.items():
+        d = tmp_path / name
+        d.mkdir()
+        cfg = dict(
+            architectures=["LlamaForCausalLM"],
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            vocab_size=1000,
+        )
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert ModelConfig.from_dir(d).attention_cost_context() == expected
