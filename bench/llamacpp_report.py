@@ -170,6 +170,14 @@ def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> st
         "Shared-machine caveat: llama.cpp at -t 2 stalls at every barrier when another process holds a core; "
         "the 1-thread rows are the fair reading on a busy box.",
     ]
+    from bench.llamacpp_setup import REPACK_WORKS
+
+    off = [os.path.basename(m) for (_, m), ok in REPACK_WORKS.items() if not ok]
+    if off:
+        lines.append(
+            f"llama.cpp weight repacking (AMX/interleaved buffers) crashes here on {', '.join(off)}: "
+            "run with --repack 0 / --no-repack (its plain CPU kernels) for those."
+        )
     if env.get("trained_adapters"):
         lines.append(f"Trained adapters (greedy check): {', '.join(env['trained_adapters'])}")
     for b in blocks:

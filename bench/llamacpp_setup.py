@@ -45,6 +45,20 @@ class LlamaCpp:
     def convert_lora(self) -> Path:
         return self.root / "convert_lora_to_gguf.py"
 
+    def repack_works(self, model: Path) -> bool:
+        """Whether llama.cpp's weight repacking (its AMX / interleaved buffers, on by default)
+        runs on this CPU. On the project's Sapphire Rapids VMs it crashes (SIGSEGV in
+        llama-bench, SIGILL in llama-server once LoRAs are loaded) on a Q8_0 model, so the
+        harness turns it off there (`--repack 0` / `--no-repack`) and says so in the report."""
+        key = (str(self.root), str(model))
+        if key not in REPACK_WORKS:
+            cmd = [self.exe("llama-bench"), "-m", str(model), "-p", "8", "-n", "2", "-r", "1", "-t", "1"]
+            REPACK_WORKS[key] = subprocess.run(cmd, capture_output=True).returncode == 0
+        return REPACK_WORKS[key]
+
+
+REPACK_WORKS: dict[tuple[str, str], bool] = {}
+
 
 def find_llamacpp(root: str | Path | None = None) -> LlamaCpp | None:
     """The built llama.cpp tree, or None when any of its binaries is missing."""

@@ -121,6 +121,8 @@ def llama_server(
     none); every adapter loaded with scale 0 so each request picks its own."""
     cmd = [llama.exe("llama-server"), "-m", str(model), "--host", "127.0.0.1", "-t", str(threads)]
     cmd += ["-tb", str(threads), "-np", "32", "-c", "8192", "-cb", "--cache-ram", "0", "--no-webui"]
+    if not llama.repack_works(model):
+        cmd += ["--no-repack"]
     if loras:
         cmd += ["--lora", ",".join(map(str, loras.values())), "--lora-init-without-apply"]
     ids = {str(a): i for i, a in enumerate(loras)}
@@ -256,6 +258,8 @@ def llama_bench(
     """{("pp128"|"tg64", threads): tok/s} from one llama-bench invocation."""
     cmd = [llama.exe("llama-bench"), "-m", str(model), "-p", "128", "-n", "64"]
     cmd += ["-t", ",".join(map(str, threads)), "-r", str(reps), "-o", "json"]
+    if not llama.repack_works(model):
+        cmd += ["--repack", "0"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     res: dict[tuple[str, int], float] = {}
     for row in json.loads(out):
