@@ -8,9 +8,8 @@ tensors from `iter_gguf_weights`, one at a time, dequantised (F32, F16, BF16, Q8
 ... : whatever `gguf.quants.dequantize` knows) and renamed to Hugging Face names, with the q/k
 projections un-permuted from llama.cpp's rotary layout; the loader then casts to the serving dtype.
 
-Supported: `general.architecture` llama (Llama, Mistral) and qwen2, with a byte-level BPE
-tokenizer (`tokenizer.ggml.model` gpt2, as SmolLM2, Llama 3 and Qwen2 ship) whose pre-tokenizer
-(`tokenizer.ggml.pre`) is one of `PRE_TOKENIZERS`. Anything else is a
+Supported: `general.architecture` llama (Llama, Mistral) and qwen2, with the tokenizers
+`models/gguf_tokenizer.py` rebuilds (byte-level BPE and SentencePiece). Anything else is a
 `ModelLoadError` saying what is missing.
 """
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from loraserve.models.config import ModelLoadError
+from loraserve.models.gguf_tokenizer import gguf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +52,6 @@ _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-}
-_CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType
-
-# tokenizer.ggml.pre -> the regexes llama.cpp splits text with, in order (llama-vocab.cpp), before
-# byte-level BPE; applied here as `tokenizers` Split pre-tokenizers (each refines the last's pieces).
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
-    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"),
-    "gpt-2": (_GPT2,),
-    "mpt": (_GPT2,),
-    "olmo": (_GPT2,),
-    "llama3": (_LLAMA3,),
-    "llama-v3": (_LLAMA3,),
-    "llama-bpe": (_LLAMA3,),
-    "dbrx": (_LLAMA3,),
-    "smaug-bpe": (_LLAMA3,),
-    "qwen2": (_QWEN2,),
-    "stablelm2": (_QWEN2,),
-    "smollm": (r"\p{N}", _GPT2),
-    "starcoder": (r"\p{N}", _GPT2),
-    "refact": (r"\p{N}", _GPT2),
-    "command-r": (r"\p{N}", _GPT2),
-    "codeshell": (r"\p{N}", _GPT2),
 }
 
 
@@ -156,49 +125,6 @@ def _hf_config(meta: dict, path: Path, tensor_names: set[str]) -> tuple[dict, di
     return cfg, gen
 
 
-def _tokenizer(meta: dict, path: Path) -> tuple[str, dict]:
-    """(tokenizer.json text, tokenizer_config.json) from the GGUF vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelLoadError(
-            f"{path}: GGUF tokenizer {kind!r} is not supported yet (only byte-level BPE, tokenizer.ggml.model gpt2)"
-        )
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    pre = meta.get("tokenizer.ggml.pre") or "default"
-    if pre not in PRE_TOKENIZERS:
-        raise ModelLoadError(
-            f"{path}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported yet "
-            f"(supported: {', '.join(PRE_TOKENIZERS)})"
-        )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    special = [t for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    cfg: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    for key in ("bos", "eos", "unknown", "padding"):
-        idx = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if idx is not None and 0 <= int(idx) < len(tokens):
-            name = {"unknown": "unk", "padding": "pad"}.get(key, key)
-            cfg[f"{name}_token"] = tokens[int(idx)]
-    bos = cfg.get("bos_token")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
-        )
-    template = meta.get("tokenizer.chat_template")
-    if isinstance(template, str):
-        cfg["chat_template"] = template
-    return tok.to_str(), cfg
-
-
 def gguf_model_dir(path: str | Path, cache_dir: str | Path) -> Path:
     """The Hugging Face-layout directory serving `path` (written once per GGUF file version)."""
     path = Path(path).expanduser().resolve()
@@ -214,7 +140,7 @@ def gguf_model_dir(path: str | Path, cache_dir: str | Path) -> Path:
     meta = _fields(reader)
     names = {t.name for t in reader.tensors}
     cfg, gen = _hf_config(meta, path, names)
-    tokenizer_json, tokenizer_cfg = _tokenizer(meta, path)
+    tokenizer_json, tokenizer_cfg = gguf_tokenizer(meta, path)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))

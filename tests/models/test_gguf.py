@@ -40,7 +40,28 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2") -> Path:
+def sentencepiece_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-BPE vocabulary laid out as llama.cpp's converter writes Llama 2's: <unk>,
+    <s>, </s>, the 256 byte tokens, then the learned pieces scored by merge order, padded to `size`."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    words = ["hello", "world", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "the", "token"]
+    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + " 123 4.5!" for i in range(200)]
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(corpus, vocab_size=size - 259 - 8, special_tokens=["<unk>", "<s>", "</s>"])
+    learned = [
+        t
+        for t, _ in sorted(sp.get_vocab().items(), key=lambda kv: kv[1])
+        if t not in ("<unk>", "<s>", "</s>")
+    ]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + learned
+    scores = [0.0] * 259 + [-float(i) for i in range(len(learned))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(learned)
+    pad = size - len(tokens)
+    return tokens + [f"<pad{i}>" for i in range(pad)], scores + [-1e9] * pad, types + [4] * pad
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2", tokenizer: str = "gpt2") -> Path:
     from safetensors.numpy import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -63,14 +84,22 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2") -> Path:
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     tokens += [f"<pad{i}>" for i in range(len(tokens), cfg["vocab_size"])]
     special = {a["content"] for a in tok["added_tokens"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in special else 1 for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    if tokenizer == "llama":  # SentencePiece, as Llama 2 / Mistral / TinyLlama GGUFs ship
+        tokens, scores, types = sentencepiece_vocab(cfg["vocab_size"])
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(0)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t in special else 1 for t in tokens])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+        w.add_add_bos_token(False)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
     kind = gguf.GGMLQuantizationType[qtype]
     for name, t in load_file(str(hf_dir / "model.safetensors")).items():
         if name.startswith("model.layers."):
@@ -222,3 +251,38 @@ def test_generate_command_serves_a_gguf_file(tiny, tmp_path: Path, capsys: pytes
     )
     err = capsys.readouterr().err
     assert "broken.gguf is not a readable GGUF file" in err and "Traceback" not in err
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tiny, tmp_path: Path) -> None:
+    """A `tokenizer.ggml.model` llama (SentencePiece BPE, no merges stored: they come from the
+    scores) tokenizes exactly as transformers' GGUF loading does: BOS added, spaces as "▁",
+    unknown characters as byte tokens, and decodes back to the text."""
+    import transformers
+
+    path = write_gguf(tiny, tmp_path / "spm.gguf", "F32", tokenizer="llama")
+    model_dir = resolve_model(str(path), cache_dir=tmp_path / "cache")
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_memory_bytes=16 << 20))
+    texts = (
+        "hello world",
+        "the quick brown fox jumps over the lazy dog",
+        "  two spaces, ünïcode ☃ and 12345.6!",
+        "line one\nline two\ttab",
+        "hellohello worldworld",
+    )
+    for text in texts:
+        ids = engine.tokenizer.encode(text)
+        assert ids == theirs(text)["input_ids"], text
+        assert ids[0] == 1  # BOS: llama.cpp adds it to SentencePiece vocabularies by default
+        assert engine.tokenizer.decode(ids[1:]) == theirs.decode(ids[1:])
+        assert text.startswith(" ") or engine.tokenizer.decode(ids[1:]) == text
+    assert len(engine.tokenizer.encode("hello world")) <= 4  # learned pieces, not characters
+    assert "<0xE2>" in [theirs.convert_ids_to_tokens(i) for i in engine.tokenizer.encode("☃")]
+    torch.testing.assert_close(_ours(path, tmp_path / "cache"), _transformers(path), rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_gguf_tokenizer_model_is_refused(tmp_path: Path) -> None:
+    from loraserve.models.gguf_tokenizer import gguf_tokenizer
+
+    with pytest.raises(ModelLoadError, match="GGUF tokenizer 'rwkv' .* is not supported yet"):
+        gguf_tokenizer({"tokenizer.ggml.model": "rwkv"}, tmp_path / "x.gguf")
