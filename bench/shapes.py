@@ -37,6 +37,21 @@ SHAPES: dict[str, dict] = {
         rope_theta=10000.0,
         tie_word_embeddings=True,
     ),
+    # TinyLlama/TinyLlama-1.1B-Chat-v1.0: the ~1B shape (untied 32k vocabulary, 4 KV heads)
+    "tinyllama": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
     # Qwen/Qwen2.5-0.5B
     "qwen05": dict(
         architectures=["Qwen2ForCausalLM"],
