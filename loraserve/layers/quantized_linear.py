@@ -52,7 +52,7 @@ LOWP_PANELS = ("bf16-panel", "int8-panel")  # the native kernel's
 AMX_MIN_ROWS = 8
 # int8 panels from this many rows (kAmxMinRowsInt8): converted to bf16 (exactly) for the tiles,
 # the activations split in two bf16 parts (hi + lo), so they keep 16 bits of mantissa
-AMX_MIN_ROWS_INT8 = 13
+AMX_MIN_ROWS_INT8 = 6
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

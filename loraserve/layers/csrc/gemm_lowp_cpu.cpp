@@ -398,9 +398,9 @@ constexpr int64_t kAmxRows = 16;   // rows of an A / C tile
 constexpr int64_t kAmxPairs = 16;  // k-pairs of a tile: a group of 32 k
 // from this many rows on, panels go through AMX (below, the FMA kernels are memory-bound)
 constexpr int64_t kAmxMinRows = 8;      // bf16: the activations are rounded to bf16 from here
-// int8: past the in-register kernel's 12 rows (up to there it is level with AMX, whose panel
-// conversion to bf16 costs about as much as 12 rows of FMAs)
-constexpr int64_t kAmxMinRowsInt8 = 13;
+// int8: from here the panel's conversion to bf16 (overlapped with the tile multiplies) costs less
+// than the in-register kernel's FMAs (gate_up: 118 us at 4 rows, 210 at 8 by FMA; ~165 by AMX)
+constexpr int64_t kAmxMinRowsInt8 = 6;
 // activation rows per work item: their bf16 copy (K * 2 bytes a row, twice for int8) stays in L2
 constexpr int64_t kAmxChunkBytes = 1 << 20;
 
@@ -461,12 +461,12 @@ void amx_activations(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t 
   }
 }
 
-// an int8 panel [K, 32] as a bf16 one [groups * 16 pairs, 32, 2], zero past K: exact, since the
-// fp32 of an integer in -127..127 has 16 zero low bits, so its high half is its bf16
-void int8_panel_bf16(const int8_t* w, int64_t K, int64_t groups, uint16_t* out) {
-  const int64_t pairs = groups * kAmxPairs;
-  for (int64_t kk = 0; kk < pairs; ++kk) {
-    const int64_t k0 = 2 * kk, k1 = 2 * kk + 1;
+// group g (16 k-pairs) of an int8 panel [K, 32] as bf16 [16 pairs, 32, 2], zero past K: exact,
+// since the fp32 of an integer in -127..127 has 16 zero low bits, so its high half is its bf16
+LS_INLINE void int8_group_bf16(const int8_t* w, int64_t K, int64_t g, uint16_t* out) {
+  for (int64_t i = 0; i < kAmxPairs; ++i) {
+    const int64_t k0 = 2 * (g * kAmxPairs + i), k1 = k0 + 1;
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const __m512i e = k0 < K ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0 * kNR + 16 * h)))))
@@ -474,17 +474,25 @@ void int8_panel_bf16(const int8_t* w, int64_t K, int64_t groups, uint16_t* out) 
       const __m512i o = k1 < K ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k1 * kNR + 16 * h)))))
                                : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + kk * 2 * kNR + 32 * h, _mm512_or_si512(_mm512_srli_epi32(e, 16), o));
+      _mm512_storeu_si512(out + i * 2 * kNR + 32 * h, _mm512_or_si512(_mm512_srli_epi32(e, 16), o));
     }
   }
+}
+
+// the whole panel, for chunks of more than one row block (converted once, read by every block)
+void int8_panel_bf16(const int8_t* w, int64_t K, int64_t groups, uint16_t* out) {
+  for (int64_t g = 0; g < groups; ++g) int8_group_bf16(w, K, g, out + g * kAmxPairs * 2 * kNR);
 }
 
 // RT row tiles (16 or 32 rows) x one panel over `groups` groups of 16 k-pairs: A rows at a (lda
 // elements apart; `parts` activation parts, part elements apart), B group g at b + g * 1024
 // elements, or at `tail` for the last group when given. Rows [0, rows) of the result go to y.
-template <int RT, int PARTS>
-void amx_block(const uint16_t* a, int64_t lda, int64_t part, const uint16_t* b, const uint16_t* tail,
-               int64_t groups, const Panel& t, int64_t rows, float* y, int64_t ldy) {
+// CONV: b is an int8 panel, converted group by group into `ring` (two groups, alternately) just
+// before its tiles load, so the conversion overlaps the previous group's tile multiplies (one
+// block of rows: nothing to share a whole converted panel with).
+template <int RT, int PARTS, bool CONV = false>
+void amx_block(const uint16_t* a, int64_t lda, int64_t part, const void* b, const uint16_t* tail,
+               int64_t groups, const Panel& t, int64_t rows, float* y, int64_t ldy, uint16_t* ring = nullptr) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (RT == 2) {
@@ -492,7 +500,13 @@ void amx_block(const uint16_t* a, int64_t lda, int64_t part, const uint16_t* b, 
     _tile_zero(3);
   }
   for (int64_t g = 0; g < groups; ++g) {
-    const uint16_t* bg = tail && g + 1 == groups ? tail : b + g * kAmxPairs * 2 * kNR;
+    const uint16_t* bg;
+    if constexpr (CONV) {
+      bg = ring + (g & 1) * kAmxPairs * 2 * kNR;
+      int8_group_bf16(static_cast<const int8_t*>(b), t.k, g, const_cast<uint16_t*>(bg));
+    } else {
+      bg = tail && g + 1 == groups ? tail : static_cast<const uint16_t*>(b) + g * kAmxPairs * 2 * kNR;
+    }
     _tile_loadd(6, bg, 2 * kNR * 2);
     _tile_loadd(7, bg + 32, 2 * kNR * 2);
 #pragma GCC unroll 2
@@ -542,16 +556,26 @@ void amx_linear(bool bf16, const float* xp, int64_t ldx, int64_t M, int64_t K, c
   // one work item: a chunk of rows x one panel; chunk-major, so a chunk's activations stay in L2
   at::parallel_for(0, chunks * P, 1, [&](int64_t lo, int64_t hi) {
     _tile_loadconfig(&cfg);  // tile state is per thread
-    std::vector<uint16_t> scratch(bf16 ? 0 : static_cast<size_t>(groups * kAmxPairs * 2 * kNR));
+    std::vector<uint16_t> scratch;  // a whole converted int8 panel, for chunks of several row blocks
     alignas(64) uint16_t tail[kAmxPairs * 2 * kNR];
+    alignas(64) uint16_t ring[2 * kAmxPairs * 2 * kNR];
     int64_t converted = -1;
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t c = it / P, p = it % P;
       const Panel t{wp + p * panel_bytes, K, sp ? sp + p * kNR : nullptr, bp ? bp + p * kNR : nullptr,
                     std::min(kNR, n - p * kNR)};
+      const int64_t r0 = c * per, rows = std::min(per, M - r0);
+      const uint16_t* a = xa.data() + c * cstride;
+      float* yc = yp + r0 * n + p * kNR;
+      if (!bf16 && rows <= 2 * kAmxRows) {  // one block of rows: converted as the groups go
+        if (rows > kAmxRows) amx_block<2, 2, true>(a, kpad, per * kpad, t.w, nullptr, groups, t, rows, yc, n, ring);
+        else amx_block<1, 2, true>(a, kpad, per * kpad, t.w, nullptr, groups, t, rows, yc, n, ring);
+        continue;
+      }
       const uint16_t* b = static_cast<const uint16_t*>(t.w);
       const uint16_t* tp = nullptr;
       if (!bf16) {
+        scratch.resize(static_cast<size_t>(groups * kAmxPairs * 2 * kNR));
         if (converted != p) int8_panel_bf16(static_cast<const int8_t*>(t.w), K, groups, scratch.data());
         converted = p;
         b = scratch.data();
@@ -561,8 +585,6 @@ void amx_linear(bool bf16, const float* xp, int64_t ldx, int64_t M, int64_t K, c
         std::memcpy(tail, b + done * 2 * kNR, (pairs - done) * 2 * kNR * 2);
         tp = tail;
       }
-      const int64_t r0 = c * per, rows = std::min(per, M - r0);
-      const uint16_t* a = xa.data() + c * cstride;
       for (int64_t r = 0; r < rows; r += 2 * kAmxRows) {
         const int64_t left = std::min(2 * kAmxRows, rows - r);
         float* yr = yp + (r0 + r) * n + p * kNR;
