@@ -20,11 +20,13 @@
 //   fp32 register-blocked kernel then reads for every row block, instead of re-converting every
 //   weight once per block of rows (the AVX2 int8 path converted each weight once per 3 rows);
 // - AMX (compiler targets it, the kernel grants it), bf16 from kAmxMinRows rows and int8 from
-//   kAmxMinRowsInt8: tile multiplies (tdpbf16ps), 32 rows x 32 columns per 2 x 2 tiles. bf16
-//   rounds the activations to bf16 (as oneDNN does). int8 panels are converted once per call to
-//   bf16 (exact: -127..127 are bf16 integers) and the activations split into two bf16 parts,
-//   x = hi + lo with |x - hi - lo| <= 2^-16 |x|, so int8 keeps (nearly) fp32 activations: twice
-//   the tile multiplies, which at these sizes cost less than the conversion.
+//   kAmxMinRowsInt8: tile multiplies (tdpbf16ps), 32 rows x 32 columns per 2 x 2 tiles, over
+//   chunks of rows whose bf16 copy stays in L2. bf16 rounds the activations to bf16 (as oneDNN
+//   does). int8 panels are converted to bf16 (exact: -127..127 are bf16 integers), group by group
+//   just before their tiles load (up to 32 rows: the conversion overlaps the tile multiplies) or
+//   once per panel (more rows), and the activations split into two bf16 parts, x = hi + lo with
+//   |x - hi - lo| <= 2^-16 |x|, so int8 keeps (nearly) fp32 activations for twice the tile
+//   multiplies, which cost less than the conversion.
 // The portable build (neither AVX2 nor AVX-512) keeps a scalar loop of the same sums.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
