@@ -43,15 +43,17 @@ decode step (the model is 135-270 MB): all 121 projections of a token, kernel ca
 
 End to end on the real SmolLM2-135M-Instruct (`python -m bench.lowp --model
 bench/.cache/llamacpp/hf-base --rounds 2`, same box, 1 thread; llama.cpp: `llama-bench -t 1
--p 128 -n 64 -r 3` on the F32 / BF16 / Q8_0 GGUFs, Q8_0 with `--repack 0`: its AMX repacking
-dies of SIGILL on this VM), before -> after:
+-p 128 -n 64 -r 3` on the F32 / BF16 / Q8_0 GGUFs just before and after ours, Q8_0 with
+`--repack 0`: its AMX repacking dies of SIGILL on this VM), before -> after:
 
 | weights | batch-1 decode tok/s | llama.cpp tg64 | 128-token prompt ms (tok/s) | llama.cpp pp128 tok/s | 32 requests tok/s |
 |---|---|---|---|---|---|
-| fp32 | 23.0 -> 21.7 (not this file) | 22.2 | 80 -> 85 | 402 | 187 -> 184 |
-| bf16 | 34.3 -> 38.8 | 33.1 | 37 -> 36 (3,550) | 344 | 374 -> 384 |
-| int8 | 50.5 -> 65.2 | 50.7 | 51 -> 30 (4,270) | 350 | 231 -> 391 |
+| fp32 | 23.0 -> 22.3 (not this file) | 21.6-21.7 | 80 -> 86 | 397-398 | 187 -> 177 |
+| bf16 | 34.3 -> 40.1 (1.24x) | 31.8-32.4 | 37 -> 36 (3,560; 10.6x) | 331-334 | 374 -> 377 |
+| int8 | 50.5 -> 63.6 (1.39x) | 44.8-45.8 | 51 -> 30 (4,270; 12x) | 350-351 | 231 -> 376 |
 
+Of the weight-read roofline (14.0 GB/s by `torch.sum` in that run; 12.3-14.0 over the day):
+bf16 77%, int8 61%.
 A batch-1 int8 step (16.6 ms in a profile of the same run) is 12.2 ms of projections, 1.2 ms
 of attention, 0.3 ms of other kernels and 2.8 ms of Python and framework work outside the
 kernels; at 32 requests (73.6 ms a step) attention (29 ms) is as long as the projections.
