@@ -4,6 +4,7 @@ bytes each precision actually reads per token.
 
     python -m bench.lowp                       # SmolLM-135M shape, random weights (bench/shapes.py)
     python -m bench.lowp --shape qwen05 --rounds 2
+    python -m bench.lowp --kernels             # per projection: our kernels vs oneDNN, by rows
 
 Every round runs each precision once in turn (same process, same prompts), and the best round of
 each is kept: on a shared box slow rounds are other people's load, and interleaving keeps the
@@ -63,18 +64,119 @@ def measure(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[s
     }
 
 
+# (name, out, in) of the SmolLM-135M projections (q|k|v and gate|up fused, as the engine runs them)
+SMOLLM_PROJECTIONS = [
+    ("qkv", 960, 576),
+    ("o", 576, 576),
+    ("gate_up", 3072, 576),
+    ("down", 576, 1536),
+    ("lm_head", 49152, 576),
+]
+
+
+def _best_us(fn, calls: int, budget_s: float = 0.5) -> float:
+    fn()
+    best, t_end = float("inf"), time.perf_counter() + budget_s
+    for i in range(calls):
+        t0 = time.perf_counter()
+        fn(i)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() > t_end and i >= 3:
+            break
+    return best * 1e6
+
+
+def _row_times(kernels, x, n: int, fp32: list, bf: list, i8: list, wb: list, calls: int) -> dict[str, float]:
+    import torch.nn.functional as F
+
+    c = len(bf)
+    row = {}
+    if fp32:
+        row["fp32_us"] = _best_us(lambda i=0: kernels.panel_linear(x, fp32[i % c], n, None), calls)
+    row["bf16_us"] = _best_us(
+        lambda i=0: kernels.lowp_panel_linear(x, bf[i % c].weight, n, None, None), calls
+    )
+    row["int8_us"] = _best_us(
+        lambda i=0: kernels.lowp_panel_linear(x, i8[i % c].weight, n, i8[i % c].scale, None), calls
+    )
+    row["onednn_bf16_us"] = _best_us(lambda i=0: F.linear(x.to(torch.bfloat16), wb[i % c]), calls)
+    return row
+
+
+def kernel_table(
+    kernels, rows_list: list[int], projections=SMOLLM_PROJECTIONS, calls: int = 30
+) -> list[dict]:
+    """Best-of-`calls` microseconds per projection call: fp32 panels (`panel_linear`), our bf16
+    and int8 panels (`lowp_panel_linear`) and oneDNN's bf16 `F.linear` (x converted per call).
+    Several copies of each weight are cycled so that a call reads its weights from L3, as a
+    decode step does, not from the L2 the previous call left them in."""
+    from loraserve.layers.linear import pack_panels
+    from loraserve.layers.quantized_linear import pack_lowp_panels
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for name, n, k in projections:
+        w = torch.randn(n, k, generator=gen) / k**0.5
+        copies = max(1, min(8, (32 << 20) // (n * k * 4)))  # >= 32 MB of fp32 in flight
+        fp32 = [pack_panels(w.clone()) for _ in range(copies)] if hasattr(kernels, "panel_linear") else []
+        bf = [pack_lowp_panels(w, None, "bf16") for _ in range(copies)]
+        i8 = [pack_lowp_panels(w, None, "int8") for _ in range(copies)]
+        wb = [w.to(torch.bfloat16) for _ in range(copies)]
+        for rows in rows_list:
+            if name == "lm_head" and rows > 32:  # logits: decode rows and prompts' last rows only
+                continue
+            x = torch.randn(rows, k, generator=gen)
+            row = {
+                "proj": f"{name} {n}x{k}",
+                "rows": rows,
+                **_row_times(kernels, x, n, fp32, bf, i8, wb, calls),
+            }
+            out.append(row)
+            print(
+                f"| {row['proj']} | {rows} | "
+                + " | ".join(
+                    f"{row[c]:,.0f}" for c in ("fp32_us", "bf16_us", "int8_us", "onednn_bf16_us") if c in row
+                )
+                + " |",
+                flush=True,
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="smollm")
+    ap.add_argument(
+        "--model", type=Path, help="a model directory (e.g. the real SmolLM2 checkpoint) instead of --shape"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    ap.add_argument(
+        "--kernels", action="store_true", help="per-projection kernel times instead (SmolLM shapes)"
+    )
+    ap.add_argument("--rows", default="1,4,8,32,128", help="--kernels: rows per call")
     args = ap.parse_args()
+    if args.kernels:
+        from loraserve.layers.native_cpu import cpu_kernels, isa
 
-    model_dir = build_model(args.shape)
+        kernels = cpu_kernels(torch.device("cpu"), torch.float32)
+        assert kernels is not None, "no native kernels: run `loraserve build-kernels`"
+        print(
+            f"{isa(kernels)}, lowp {kernels.lowp_gemm_isa()}; {torch.get_num_threads()} threads; us per call"
+        )
+        print(
+            "| projection | rows | fp32 panels | ours bf16 | ours int8 | oneDNN bf16 |\n|---|---|---|---|---|---|"
+        )
+        rows = kernel_table(kernels, [int(r) for r in args.rows.split(",")])
+        if args.out:
+            args.out.write_text(json.dumps({"cpu_flags": cpu_flags(), "rows": rows}, indent=1))
+        return
+
+    model_dir = args.model or build_model(args.shape)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     rng = random.Random(0)
     prompts = [random_prompt(rng, args.prompt_tokens, vocab) for _ in range(args.requests)]
@@ -104,7 +206,7 @@ def main() -> None:
     params = weight_bytes_per_token(model_dir, "float32") // 4
     base = best[names[0]]
     print(
-        f"\n{args.shape}, {args.requests} x {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens; "
+        f"\n{args.model or args.shape}, {args.requests} x {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens; "
         f"best of {args.rounds} interleaved rounds; {torch.get_num_threads()} threads; machine shared, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
@@ -126,7 +228,12 @@ def main() -> None:
             f"| {b['throughput_tok_s'] / base['throughput_tok_s']:.2f}x |"
         )
     if args.out:
-        meta = dict(shape=args.shape, cpu_flags=cpu_flags(), bandwidth_gbs=bw, load_avg=os.getloadavg()[0])
+        meta = dict(
+            shape=str(args.model or args.shape),
+            cpu_flags=cpu_flags(),
+            bandwidth_gbs=bw,
+            load_avg=os.getloadavg()[0],
+        )
         args.out.write_text(json.dumps({"meta": meta, "results": best}, indent=1))
 
 

@@ -2,8 +2,10 @@
 `--quantize int8`) or a LoRA table in another dtype than the activations (`--adapter-dtype`).
 
 Projections run `lowp_panel_linear` (csrc/gemm_lowp_cpu.cpp) over panels packed once at load
-(layers/quantized_linear.py): the weights are converted to fp32 in registers, activations and
-sums stay fp32, so every other native kernel (attention, norms, LoRA, rotary) runs unchanged.
+(layers/quantized_linear.py): at decode sizes the weights are converted to fp32 in registers;
+from AMX_MIN_ROWS (bf16) / AMX_MIN_ROWS_INT8 (int8) rows on AMX CPUs they run as bf16 tiles
+(quantized_linear.py says what that does to the activations). Outputs stay fp32, so every other
+native kernel (attention, norms, LoRA, rotary) runs unchanged.
 A bf16 slot table computes its deltas with PyTorch in bf16 (`TorchOps.lora`); an fp32 one
 keeps the native LoRA kernel.
 """
@@ -48,6 +50,8 @@ class LowpCpuOps(CpuNativeOps):
     def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
         if w.layout not in LOWP_PANELS:
             return super().linear(x, w)
+        if x.dim() == 2 and x.stride(-1) == 1:  # every projection of a step: no reshape, no view
+            return self.kernels.lowp_panel_linear(x, w.weight, w.out_features, w.scale, w.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, w.in_features)
         if x2.stride(-1) != 1:

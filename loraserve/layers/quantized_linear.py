@@ -6,8 +6,10 @@ an int8 weight is `q * scale[:, None]` with `scale = max|row| / 127` and `q = ro
 norms, the KV cache and the logits stay fp32 on CPU (`layers/precision.py` says why), so the
 reference (`TorchOps`: `F.linear` on the matrix converted per call) and the native kernel
 (`csrc/gemm_lowp_cpu.cpp`: converted in registers) compute the same numbers up to fp32
-summation order — except bf16 batches of `AMX_MIN_ROWS` rows or more on AMX CPUs, whose
-activations are rounded to bf16 for the tile multiplies (as oneDNN and transformers do).
+summation order — except on AMX CPUs: bf16 batches of `AMX_MIN_ROWS` rows or more round the
+activations to bf16 for the tile multiplies (as oneDNN and transformers do), and int8 batches
+of `AMX_MIN_ROWS_INT8` rows or more split them into two bf16 parts, x = hi + lo, exact to
+2^-16 of each value (the int8 weights are exact in bf16), within the int8 oracle's tolerance.
 
 Layouts, each read only by the backend that made it (layers/linear.py's `Linear.layout`):
 - "bf16" [out, in] bf16 and "int8" [out, in] int8 + `scale` [out]: plain, for `TorchOps`;
@@ -16,24 +18,49 @@ Layouts, each read only by the backend that made it (layers/linear.py's `Linear.
   native kernel. bf16 keeps each column's two k-steps side by side in one 32-bit lane, so a
   shift or a mask turns a loaded register into fp32 values (vdpbf16ps reads the same layout).
 
-Why our kernel and not oneDNN's bf16 GEMM (`F.linear` on bf16 tensors; vdpbf16ps or AMX where
-the CPU has them), measured per projection on the 135M shape, one thread, 2-core Sapphire Rapids
-VM (avx512_bf16 + AMX), machine shared (load average ~20), best of 5, one sample (the README
-has the end-to-end figures):
+Why our kernel and not oneDNN's bf16 GEMM (`F.linear` on bf16 tensors, the activations rounded
+per call): per projection of the 135M shape, 1 thread pinned to one core of a 2-core Sapphire
+Rapids VM (avx512_bf16, AMX), the other core busy with another session, best of up to 30 calls
+cycling 8 copies of the weights so they come from L3 (`python -m bench.lowp --kernels`), us per
+call, before -> after this revision of csrc/gemm_lowp_cpu.cpp:
 
-| rows | gate_up 3072x576: oneDNN bf16 packed | ours bf16 | ours int8 | lm_head 49152x576: oneDNN | ours bf16 |
+| rows | gate_up 3072x576: oneDNN bf16 | ours bf16 | ours int8 | lm_head 49152x576: oneDNN | ours bf16 | ours int8 |
+|---|---|---|---|---|---|---|
+| 1 | 269 | 122 -> 125 | 70 -> 63 | 4,510 | 1,971 -> 1,942 | 1,037 -> 979 |
+| 4 | 293 | 138 -> 145 | 126 -> 121 | 4,848 | 2,435 -> 2,484 | 1,927 -> 1,895 |
+| 8 | 297 | 148 -> 151 (AMX) | 214 -> 172 (AMX) | 4,747 | 2,309 -> 2,275 | 3,523 -> 2,476 |
+| 32 | 349 | 227 -> 187 | 790 -> 305 | 7,266 | 3,543 -> 3,175 | 13,936 -> 5,167 |
+| 128 | 680 | 700 -> 546 | 3,271 -> 863 | | | |
+
+What changed: AMX runs 2 x 2 tiles (32 rows x 32 columns: four tile multiplies per four tile
+loads, against two per three) over chunks of rows whose bf16 copy stays in L2; int8 takes AMX
+from `AMX_MIN_ROWS_INT8` rows (before: the FMA kernel at every size, converting each weight
+once per 12 rows); the register blocks no longer spill (one broadcast live at a time); and
+the 1-row stream prefetches 4 KB ahead. At one row the weights come from DRAM in a real
+decode step (the model is 135-270 MB): all 121 projections of a token, kernel calls only
+(batch-1 read bandwidth of this box: 12.7 GB/s by `torch.sum`): int8 14.2 -> 9.3-10.4 ms
+(9.5 -> 13-14.5 GB/s), bf16 23.7 -> 21.1 ms (11.3 -> 12.8 GB/s).
+
+End to end on the real SmolLM2-135M-Instruct (`python -m bench.lowp --model
+bench/.cache/llamacpp/hf-base --rounds 2`, same box, 1 thread; llama.cpp: `llama-bench -t 1
+-p 128 -n 64 -r 3` on the F32 / BF16 / Q8_0 GGUFs just before and after ours, Q8_0 with
+`--repack 0`: its AMX repacking dies of SIGILL on this VM), before -> after:
+
+| weights | batch-1 decode tok/s | llama.cpp tg64 | 128-token prompt ms (tok/s) | llama.cpp pp128 tok/s | 32 requests tok/s |
 |---|---|---|---|---|---|
-| 1 | 505 us | 117 us | 59 us | 8.0 ms | 9.8 ms |
-| 32 | 434 us | 437 us (AMX) | 2,973 us | 12.8 ms | 16.4 ms (AMX) |
-| 128 | 1,423 us | 3,628 us (AMX) | 13,252 us | 29.5 ms | 77.8 ms (AMX) |
+| fp32 | 23.0 -> 22.3 (not this file) | 21.6-21.7 | 80 -> 86 | 397-398 | 187 -> 177 |
+| bf16 | 34.3 -> 40.1 (1.24x) | 31.8-32.4 | 37 -> 36 (3,560; 10.6x) | 331-334 | 374 -> 377 |
+| int8 | 50.5 -> 63.6 (1.39x) | 44.8-45.8 | 51 -> 30 (4,270; 12x) | 350-351 | 231 -> 376 |
 
-At decode sizes (memory-bound) converting in registers wins (the lm_head's 1-row figure is
-within this box's noise) and keeps fp32 activations; from
-`AMX_MIN_ROWS` rows our AMX tiles read the same panels (vs oneDNN: level at 32 rows, 2-2.6x
-slower at 128: no L2 blocking of the activations yet) — one copy of the weights serves both,
-where taking oneDNN for prefill would need a second, opaque copy. int8 at prefill sizes runs
-the fp32 FMA kernel (compute-bound, like fp32 panels). vdpbf16ps alone (avx512_bf16 without
-AMX) is not used: the FMA kernel serves those CPUs.
+Of the weight-read roofline (14.0 GB/s by `torch.sum` in that run; 12.3-14.0 over the day):
+bf16 77%, int8 61%.
+A batch-1 int8 step (16.6 ms in a profile of the same run) is 12.2 ms of projections, 1.2 ms
+of attention, 0.3 ms of other kernels and 2.8 ms of Python and framework work outside the
+kernels; at 32 requests (73.6 ms a step) attention (29 ms) is as long as the projections.
+One copy of the weights serves both the FMA and the AMX paths (oneDNN would need a second,
+opaque one). vdpbf16ps alone (avx512_bf16 without AMX) is not used: the FMA kernel serves those
+CPUs, and without AMX many rows convert each panel once into an fp32 scratch copy for an fp32
+register-blocked kernel.
 """
 
 from __future__ import annotations
@@ -50,6 +77,9 @@ LOWP_PANELS = ("bf16-panel", "int8-panel")  # the native kernel's
 # bf16 panels with this many rows or more run AMX where the CPU has it (kAmxMinRows in
 # csrc/gemm_lowp_cpu.cpp), with the activations rounded to bf16
 AMX_MIN_ROWS = 8
+# int8 panels from this many rows (kAmxMinRowsInt8): converted to bf16 (exactly) for the tiles,
+# the activations split in two bf16 parts (hi + lo), so they keep 16 bits of mantissa
+AMX_MIN_ROWS_INT8 = 6
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,10 @@ CPU = torch.device("cpu")
 BUILDS = getattr(native_fixture, "BUILDS", ("native",))
 # (out, in): a partial last panel, odd K (bf16 pairs), one panel, the 135M shape's down_proj
 SHAPES = [(70, 33), (32, 64), (48, 7), (576, 1536)]
-ROWS = [1, 2, 5, 13, 40, 100, 200]
+# every path: 1-row stream, in-register blocks, AMX from AMX_MIN_ROWS_INT8 (6) / AMX_MIN_ROWS (8)
+# rows, 32-row tile pairs and a 16-row tail, the AVX2 build's in-register limits (8 int8, 16 bf16)
+# and fp32-scratch path, and int8 AMX chunks of rows (200 rows at K = 1536)
+ROWS = [1, 2, 5, 6, 13, 17, 40, 100, 200]
 
 
 def backend(kind: str, fmt: str) -> TorchOps:

@@ -1,32 +1,39 @@
 // Dense projections y = x @ W.T (* scale) + b over low-precision weight panels: bf16, or int8
-// with one fp32 scale per output column, dequantised in registers; x, y and every sum are fp32.
+// with one fp32 scale per output column; x, y and every sum are fp32.
 //
-// Why in registers and not oneDNN: a decode step reads every weight once for a few rows, so the
-// bytes of the weights are the time. Converting a bf16 or int8 panel to fp32 costs one or two
-// register operations per 16 values loaded, far below the load's own cost, so the GEMM reads half
-// (bf16) or a quarter (int8) of the fp32 bytes at the same instruction budget per column, with
-// fp32 activations and fp32 accumulation (no rounding of the activations at all). Measured on
-// the 135M shape (bench/lowp.py, bench/results/lowp-*.txt) against oneDNN's bf16 GEMM through
-// torch, which rounds the activations to bf16 and runs vdpbf16ps: see loraserve/layers/quantized_linear.py.
+// Why our own kernel and not oneDNN: a decode step reads every weight once for a few rows, so the
+// bytes of the weights are the time. Converting a bf16 or int8 panel to fp32 in registers costs
+// one or two register operations per 16 values loaded, so the GEMM reads half (bf16) or a quarter
+// (int8) of the fp32 bytes at the same instruction budget per column, with fp32 activations and
+// fp32 accumulation. Figures: loraserve/layers/quantized_linear.py.
 //
 // Layouts (packed by loraserve/layers/quantized_linear.py), P = ceil(N / 32) panels, zero-padded:
 // - bf16: [P, ceil(K / 2), 32, 2]: for each pair of k-steps the 32 columns' two values side by
 //   side, so one 32-bit lane holds (k even, k odd) of one column: `v << 16` is the even k in
-//   fp32, `v & 0xffff0000` the odd one (vdpbf16ps' own operand layout, should it be used).
+//   fp32, `v & 0xffff0000` the odd one. This is also AMX's B operand layout.
 // - int8: [P, K, 32] plus scale [P * 32] (fp32): a column's sum is scaled once, at the end.
 //
-// AVX-512 (16 columns a register, 12 rows a block), AVX2 (8 columns, 3 rows) and a scalar loop,
-// chosen at compile time (-march, LORASERVE_NATIVE_MARCH). Where the compiler targets AMX and the
-// kernel grants it, bf16 panels with 8 or more rows (prompt processing, big batches) run AMX
-// tile multiplies instead, with the activations rounded to bf16: compute-bound there, the FMA
-// kernel would be several times slower than oneDNN's AMX GEMM.
+// Three ways through a panel, by rows (M) and CPU:
+// - up to one register block of rows (12 with AVX-512, 3 with AVX2): the panel is converted in
+//   registers as it streams (decode);
+// - more rows, no AMX: each panel is converted once into an fp32 scratch copy (L1/L2) that an
+//   fp32 register-blocked kernel then reads for every row block, instead of re-converting every
+//   weight once per block of rows (the AVX2 int8 path converted each weight once per 3 rows);
+// - AMX (compiler targets it, the kernel grants it), bf16 from kAmxMinRows rows and int8 from
+//   kAmxMinRowsInt8: tile multiplies (tdpbf16ps), 32 rows x 32 columns per 2 x 2 tiles, over
+//   chunks of rows whose bf16 copy stays in L2. bf16 rounds the activations to bf16 (as oneDNN
+//   does). int8 panels are converted to bf16 (exact: -127..127 are bf16 integers), group by group
+//   just before their tiles load (up to 32 rows: the conversion overlaps the tile multiplies) or
+//   once per panel (more rows), and the activations split into two bf16 parts, x = hi + lo with
+//   |x - hi - lo| <= 2^-16 |x|, so int8 keeps (nearly) fp32 activations for twice the tile
+//   multiplies, which cost less than the conversion.
+// The portable build (neither AVX2 nor AVX-512) keeps a scalar loop of the same sums.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "simd.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define LORASERVE_AMX 1
@@ -37,11 +44,18 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <vector>
+
+#define LS_INLINE __attribute__((always_inline)) inline
 
 namespace {
 
 constexpr int64_t kNR = 32;  // columns per panel (as the fp32 panels of gemm_cpu.cpp)
-constexpr int64_t kMC = 96;  // most rows per work item: they stay in L2 while panels pass by
+constexpr int64_t kMC = 96;  // most rows per work item of the FMA paths: they stay in L2
+// One row streams the weights from DRAM: prefetching this many bytes ahead keeps more line fills
+// in flight than the hardware prefetcher alone (135M shape, 1 thread, all layers' weights per
+// token: int8 14.2 -> 9.3-10.4 ms, bf16 23.7 -> 21.1 ms; 2 KB and 8 KB ahead measured slower).
+constexpr int64_t kPrefetch = 4096;
 
 struct Panel {
   const void* w;       // this panel
@@ -51,166 +65,205 @@ struct Panel {
   int64_t cols;        // columns that exist (the last panel may be partial)
 };
 
-inline void finish(float* y, const Panel& t, const float* acc) {
-  for (int64_t c = 0; c < t.cols; ++c) {
-    float v = acc[c];
-    if (t.scale) v *= t.scale[c];
-    if (t.bias) v += t.bias[c];
-    y[c] = v;
-  }
-}
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-#if defined(__AVX512F__)
-constexpr int kL = 16;  // fp32 lanes
-constexpr int kMR = 12; // rows per block: 2 x 12 accumulators + weights + broadcasts fit 32 registers
-using VF = __m512;
-inline VF vzero() { return _mm512_setzero_ps(); }
-inline VF vset1(float v) { return _mm512_set1_ps(v); }
-inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
-inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
-inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
-inline void bf16_pair(const uint16_t* p, VF& even, VF& odd) {
+#if LORASERVE_SIMD
+using simd::V;
+constexpr int kL = simd::W;         // fp32 lanes
+constexpr int kJ = kNR / kL;        // registers per panel row
+#if LORASERVE_SIMD == 512
+constexpr int kMR = 12;  // rows of an in-register block: 2 x 12 accumulators + weights fit 32 registers
+constexpr int64_t kInRegRowsBf16 = kMR, kInRegRowsInt8 = kMR;  // one block; more: scratch (or AMX)
+constexpr int kFR = 12;  // rows x registers of the fp32-scratch block (whole panel: 2 registers)
+constexpr int kFV = 2;
+LS_INLINE void bf16_pair(const uint16_t* p, V& even, V& odd) {
   const __m512i v = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
   odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
-inline VF int8_cols(const int8_t* p) {
+LS_INLINE V int8_cols(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #else
-constexpr int kL = 8;
-constexpr int kMR = 3;  // 4 x 3 accumulators + 2 weights + broadcasts fit 16 registers
-using VF = __m256;
-inline VF vzero() { return _mm256_setzero_ps(); }
-inline VF vset1(float v) { return _mm256_set1_ps(v); }
-inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
-inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
-inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
-inline void bf16_pair(const uint16_t* p, VF& even, VF& odd) {
+constexpr int kMR = 3;  // 4 x 3 accumulators + weights + a broadcast fit 16 registers
+// up to this many rows the in-register blocks (3 rows each) beat converting the panel once into
+// the fp32 scratch; 135M gate_up, us, in registers vs scratch: bf16 8 rows 405 vs 523, 16 rows
+// 764 vs ~790; int8 8 rows 410 vs 427, 16 rows 805 vs ~690, 32 rows 1,310 vs 1,217
+constexpr int64_t kInRegRowsBf16 = 16, kInRegRowsInt8 = 8;
+constexpr int kFR = 6;  // 6 rows x half a panel (2 registers): 12 accumulators, 2 weights, 1 broadcast
+constexpr int kFV = 2;
+LS_INLINE void bf16_pair(const uint16_t* p, V& even, V& odd) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
-inline VF int8_cols(const int8_t* p) {
+LS_INLINE V int8_cols(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 #endif
-constexpr int kJ = kNR / kL;  // registers per panel row
 
-inline void store_rows(int mr, float* y, int64_t ldy, const Panel& t, VF (*acc)[kJ]) {
-  alignas(64) float buf[kNR];
-  for (int m = 0; m < mr; ++m) {
-    for (int j = 0; j < kJ; ++j) vstore(buf + j * kL, acc[m][j]);
-    finish(y + m * ldy, t, buf);
+// y[0, valid) = v (* scale) (+ bias), valid <= kL lanes of one register
+LS_INLINE void put(float* y, V v, const float* scale, const float* bias, int64_t valid) {
+  if (valid >= kL) {
+    if (scale) v = simd::mul(v, simd::load(scale));
+    if (bias) v = simd::add(v, simd::load(bias));
+    simd::store(y, v);
+  } else if (valid > 0) {
+    const simd::M m = simd::mask(valid);
+    if (scale) v = simd::mul(v, simd::load(scale, m));
+    if (bias) v = simd::add(v, simd::load(bias, m));
+    simd::store(y, v, m);
   }
 }
 
-// MR rows x one bf16 panel: each pair of k-steps loads the panel's 32 columns once for all rows.
+// register j of a panel row: columns [j * kL, (j + 1) * kL) (+ c0)
+LS_INLINE void put_reg(float* y, const Panel& t, int64_t c, V v) {
+  put(y + c, v, t.scale ? t.scale + c : nullptr, t.bias ? t.bias + c : nullptr, t.cols - c);
+}
+
+// MR rows x one bf16 panel, converted in registers: each pair of k-steps loads the panel's 32
+// columns once for all rows. Loops fully unrolled so the accumulators stay in registers.
 template <int MR>
 void bf16_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float* __restrict__ y, int64_t ldy) {
-  VF acc[MR][kJ];
+  V acc[MR][kJ];
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < kJ; ++j) acc[m][j] = vzero();
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) acc[m][j] = simd::zero();
   const uint16_t* __restrict__ w = static_cast<const uint16_t*>(t.w);
   const int64_t full = t.k / 2;
+  // the whole k-pair's weights first, then one row at a time: two broadcasts live, not 2 * MR
   for (int64_t kk = 0; kk < full; ++kk) {
-    for (int j = 0; j < kJ; ++j) {
-      VF e, o;
-      bf16_pair(w + kk * 2 * kNR + j * 2 * kL, e, o);
-      for (int m = 0; m < MR; ++m) {
-        acc[m][j] = vfma(vset1(x[m * ldx + 2 * kk]), e, acc[m][j]);
-        acc[m][j] = vfma(vset1(x[m * ldx + 2 * kk + 1]), o, acc[m][j]);
-      }
+    V e[kJ], o[kJ];
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) bf16_pair(w + kk * 2 * kNR + j * 2 * kL, e[j], o[j]);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V xe = simd::set1(x[m * ldx + 2 * kk]), xo = simd::set1(x[m * ldx + 2 * kk + 1]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kJ; ++j) acc[m][j] = simd::fma(xo, o[j], simd::fma(xe, e[j], acc[m][j]));
     }
   }
   if (t.k & 1) {  // odd K: the last pair's odd half is padding (x has no such column)
+#pragma GCC unroll 4
     for (int j = 0; j < kJ; ++j) {
-      VF e, o;
+      V e, o;
       bf16_pair(w + full * 2 * kNR + j * 2 * kL, e, o);
-      for (int m = 0; m < MR; ++m) acc[m][j] = vfma(vset1(x[m * ldx + 2 * full]), e, acc[m][j]);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) acc[m][j] = simd::fma(simd::set1(x[m * ldx + 2 * full]), e, acc[m][j]);
     }
   }
-  store_rows(MR, y, ldy, t, acc);
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) put_reg(y + m * ldy, t, j * kL, acc[m][j]);
 }
 
 // One row: even and odd k-steps in separate accumulators, two pairs in flight, so four FMA
 // chains per register keep the loads streaming instead of waiting on FMA latency.
 void bf16_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y) {
-  VF acc[4][kJ];
+  V acc[4][kJ];
+#pragma GCC unroll 4
   for (int u = 0; u < 4; ++u)
-    for (int j = 0; j < kJ; ++j) acc[u][j] = vzero();
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) acc[u][j] = simd::zero();
   const uint16_t* __restrict__ w = static_cast<const uint16_t*>(t.w);
   const int64_t full = t.k / 2;
   int64_t kk = 0;
   for (; kk + 2 <= full; kk += 2) {
+    if (kPrefetch) {  // two pairs of k-steps: 256 bytes, four lines
+#pragma GCC unroll 4
+      for (int l = 0; l < 4; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(w + kk * 2 * kNR) + kPrefetch + 64 * l, _MM_HINT_T0);
+    }
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
-      const VF xe = vset1(x[2 * (kk + h)]), xo = vset1(x[2 * (kk + h) + 1]);
+      const V xe = simd::set1(x[2 * (kk + h)]), xo = simd::set1(x[2 * (kk + h) + 1]);
+#pragma GCC unroll 4
       for (int j = 0; j < kJ; ++j) {
-        VF e, o;
+        V e, o;
         bf16_pair(w + (kk + h) * 2 * kNR + j * 2 * kL, e, o);
-        acc[2 * h][j] = vfma(xe, e, acc[2 * h][j]);
-        acc[2 * h + 1][j] = vfma(xo, o, acc[2 * h + 1][j]);
+        acc[2 * h][j] = simd::fma(xe, e, acc[2 * h][j]);
+        acc[2 * h + 1][j] = simd::fma(xo, o, acc[2 * h + 1][j]);
       }
     }
   }
   for (; kk < full; ++kk) {
-    const VF xe = vset1(x[2 * kk]), xo = vset1(x[2 * kk + 1]);
+    const V xe = simd::set1(x[2 * kk]), xo = simd::set1(x[2 * kk + 1]);
+#pragma GCC unroll 4
     for (int j = 0; j < kJ; ++j) {
-      VF e, o;
+      V e, o;
       bf16_pair(w + kk * 2 * kNR + j * 2 * kL, e, o);
-      acc[0][j] = vfma(xe, e, acc[0][j]);
-      acc[1][j] = vfma(xo, o, acc[1][j]);
+      acc[0][j] = simd::fma(xe, e, acc[0][j]);
+      acc[1][j] = simd::fma(xo, o, acc[1][j]);
     }
   }
   if (t.k & 1) {
-    const VF xe = vset1(x[2 * full]);
+    const V xe = simd::set1(x[2 * full]);
+#pragma GCC unroll 4
     for (int j = 0; j < kJ; ++j) {
-      VF e, o;
+      V e, o;
       bf16_pair(w + full * 2 * kNR + j * 2 * kL, e, o);
-      acc[0][j] = vfma(xe, e, acc[0][j]);
+      acc[0][j] = simd::fma(xe, e, acc[0][j]);
     }
   }
-  VF sum[1][kJ];
-  for (int j = 0; j < kJ; ++j) sum[0][j] = vadd(vadd(acc[0][j], acc[1][j]), vadd(acc[2][j], acc[3][j]));
-  store_rows(1, y, 0, t, sum);
+#pragma GCC unroll 4
+  for (int j = 0; j < kJ; ++j)
+    put_reg(y, t, j * kL, simd::add(simd::add(acc[0][j], acc[1][j]), simd::add(acc[2][j], acc[3][j])));
 }
 
-// MR rows x one int8 panel; the column scales are applied once, when the sums are stored.
+// MR rows x one int8 panel, converted in registers; the column scales are applied at the store.
 template <int MR>
 void int8_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float* __restrict__ y, int64_t ldy) {
-  VF acc[MR][kJ];
+  V acc[MR][kJ];
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < kJ; ++j) acc[m][j] = vzero();
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) acc[m][j] = simd::zero();
   const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w);
   for (int64_t k = 0; k < t.k; ++k) {
-    for (int j = 0; j < kJ; ++j) {
-      const VF wv = int8_cols(w + k * kNR + j * kL);
-      for (int m = 0; m < MR; ++m) acc[m][j] = vfma(vset1(x[m * ldx + k]), wv, acc[m][j]);
+    V wv[kJ];
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) wv[j] = int8_cols(w + k * kNR + j * kL);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V xv = simd::set1(x[m * ldx + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kJ; ++j) acc[m][j] = simd::fma(xv, wv[j], acc[m][j]);
     }
   }
-  store_rows(MR, y, ldy, t, acc);
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) put_reg(y + m * ldy, t, j * kL, acc[m][j]);
 }
 
 void int8_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y) {
-  VF acc[4][kJ];
+  V acc[4][kJ];
+#pragma GCC unroll 4
   for (int u = 0; u < 4; ++u)
-    for (int j = 0; j < kJ; ++j) acc[u][j] = vzero();
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) acc[u][j] = simd::zero();
   const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w);
   int64_t k = 0;
   for (; k + 4 <= t.k; k += 4) {
+    if (kPrefetch) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch + 64, _MM_HINT_T0);
+    }
+#pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) {
-      const VF xv = vset1(x[k + u]);
-      for (int j = 0; j < kJ; ++j) acc[u][j] = vfma(xv, int8_cols(w + (k + u) * kNR + j * kL), acc[u][j]);
+      const V xv = simd::set1(x[k + u]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kJ; ++j) acc[u][j] = simd::fma(xv, int8_cols(w + (k + u) * kNR + j * kL), acc[u][j]);
     }
   }
   for (; k < t.k; ++k) {
-    const VF xv = vset1(x[k]);
-    for (int j = 0; j < kJ; ++j) acc[0][j] = vfma(xv, int8_cols(w + k * kNR + j * kL), acc[0][j]);
+    const V xv = simd::set1(x[k]);
+#pragma GCC unroll 4
+    for (int j = 0; j < kJ; ++j) acc[0][j] = simd::fma(xv, int8_cols(w + k * kNR + j * kL), acc[0][j]);
   }
-  VF sum[1][kJ];
-  for (int j = 0; j < kJ; ++j) sum[0][j] = vadd(vadd(acc[0][j], acc[1][j]), vadd(acc[2][j], acc[3][j]));
-  store_rows(1, y, 0, t, sum);
+#pragma GCC unroll 4
+  for (int j = 0; j < kJ; ++j)
+    put_reg(y, t, j * kL, simd::add(simd::add(acc[0][j], acc[1][j]), simd::add(acc[2][j], acc[3][j])));
 }
 
 template <bool BF16, int MR>
@@ -225,18 +278,99 @@ void rows_block(int mr, const float* x, int64_t ldx, const Panel& t, float* y, i
   }
 }
 
-template <bool BF16>
-void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy) {
-  // rows spread evenly over register blocks (7 rows on AVX2: 3 + 2 + 2, not 3 + 3 + 1)
-  const int64_t nb = (rows + kMR - 1) / kMR;
+// The panel as fp32 [K, 32] (the scales stay out: they are applied at the store)
+void dequant_panel(bool bf16, const Panel& t, float* __restrict__ out) {
+  if (bf16) {
+    const uint16_t* w = static_cast<const uint16_t*>(t.w);
+    const int64_t pairs = (t.k + 1) / 2;
+    for (int64_t kk = 0; kk < pairs; ++kk) {
+      const bool odd = 2 * kk + 1 < t.k;
+#pragma GCC unroll 4
+      for (int j = 0; j < kJ; ++j) {
+        V e, o;
+        bf16_pair(w + kk * 2 * kNR + j * 2 * kL, e, o);
+        simd::store(out + 2 * kk * kNR + j * kL, e);
+        if (odd) simd::store(out + (2 * kk + 1) * kNR + j * kL, o);
+      }
+    }
+  } else {
+    const int8_t* w = static_cast<const int8_t*>(t.w);
+    for (int64_t k = 0; k < t.k; ++k)
+#pragma GCC unroll 4
+      for (int j = 0; j < kJ; ++j) simd::store(out + k * kNR + j * kL, int8_cols(w + k * kNR + j * kL));
+  }
+}
+
+// MR rows x NV registers of an fp32 panel [K, 32] from column c0 (gemm_cpu.cpp's register block)
+template <int MR, int NV>
+void f32_block(const float* __restrict__ x, int64_t ldx, const float* __restrict__ w, const Panel& t, int64_t c0,
+               float* __restrict__ y, int64_t ldy) {
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[m][j] = simd::zero();
+  w += c0;
+  for (int64_t k = 0; k < t.k; ++k) {
+    V wv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) wv[j] = simd::load(w + k * kNR + j * kL);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V xv = simd::set1(x[m * ldx + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[m][j] = simd::fma(xv, wv[j], acc[m][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) put_reg(y + m * ldy, t, c0 + j * kL, acc[m][j]);
+}
+
+template <int MR>
+void f32_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& t, float* y, int64_t ldy) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return f32_rows<MR - 1>(mr, x, ldx, w, t, y, ldy);
+  }
+  for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) f32_block<MR, kFV>(x, ldx, w, t, c0, y, ldy);
+}
+
+// `rows` evenly over blocks of at most MR rows (7 rows on AVX2: 3 + 2 + 2, not 3 + 3 + 1)
+template <typename F>
+LS_INLINE void over_blocks(int64_t rows, int64_t most, const F& f) {
+  const int64_t nb = (rows + most - 1) / most;
   for (int64_t b = 0, r = 0; b < nb; ++b) {
     const int mr = static_cast<int>((rows * (b + 1)) / nb - (rows * b) / nb);
-    rows_block<BF16, kMR>(mr, x + r * ldx, ldx, t, y + r * ldy, ldy);
+    f(r, mr);
     r += mr;
   }
 }
+
+template <bool BF16>
+void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy,
+                std::vector<float>& scratch) {
+  if (rows <= (BF16 ? kInRegRowsBf16 : kInRegRowsInt8)) {  // converted in registers as the panel streams, once per block of rows
+    over_blocks(rows, kMR, [&](int64_t r, int mr) { rows_block<BF16, kMR>(mr, x + r * ldx, ldx, t, y + r * ldy, ldy); });
+    return;
+  }
+  scratch.resize(static_cast<size_t>(t.k * kNR));
+  dequant_panel(BF16, t, scratch.data());
+  over_blocks(rows, kFR, [&](int64_t r, int mr) {
+    f32_rows<kFR>(mr, x + r * ldx, ldx, scratch.data(), t, y + r * ldy, ldy);
+  });
+}
 #else
 // Portable build: one column at a time, the same sums in the same fp32 arithmetic.
+inline void finish(float* y, const Panel& t, const float* acc) {
+  for (int64_t c = 0; c < t.cols; ++c) {
+    float v = acc[c];
+    if (t.scale) v *= t.scale[c];
+    if (t.bias) v += t.bias[c];
+    y[c] = v;
+  }
+}
+
 inline float bf16_at(const uint16_t* w, int64_t k, int64_t c) {
   const uint32_t bits = static_cast<uint32_t>(w[(k / 2) * 2 * kNR + c * 2 + (k & 1)]) << 16;
   float f;
@@ -245,7 +379,8 @@ inline float bf16_at(const uint16_t* w, int64_t k, int64_t c) {
 }
 
 template <bool BF16>
-void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy) {
+void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy,
+                std::vector<float>&) {
   float acc[kNR];
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t c = 0; c < t.cols; ++c) {
@@ -263,15 +398,18 @@ void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float
 #endif
 
 #if defined(LORASERVE_AMX)
-// AMX (tdpbf16ps) for bf16 panels at prefill sizes: 16 rows x 32 columns per pair of tile
-// multiplies, 16 k-pairs deep. The bf16 panel layout is already AMX's B operand (rows of k-pairs,
-// each column's pair side by side): a B tile is 16 k-pairs x 16 columns, read with a 128-byte
-// stride out of the 32-column panel. The activations are rounded to bf16 for it (as oneDNN does).
-constexpr int64_t kAmxRows = 16;  // rows of an A / C tile
-constexpr int64_t kAmxPairs = 16;  // k-pairs of a tile (64 bytes of bf16 per row)
-// from this many rows on, bf16 panels go through AMX (below, the FMA kernels are memory-bound
-// anyway and keep the activations in fp32)
-constexpr int64_t kAmxMinRows = 8;
+// AMX: tiles of 16 rows x 64 bytes; a tdpbf16ps multiplies A (16 rows x 16 k-pairs, bf16) by B
+// (16 k-pairs x 16 columns, each column's pair side by side: the bf16 panel layout, read with a
+// 128-byte stride out of the 32-column panel) into C (16 x 16 fp32).
+constexpr int64_t kAmxRows = 16;   // rows of an A / C tile
+constexpr int64_t kAmxPairs = 16;  // k-pairs of a tile: a group of 32 k
+// from this many rows on, panels go through AMX (below, the FMA kernels are memory-bound)
+constexpr int64_t kAmxMinRows = 8;      // bf16: the activations are rounded to bf16 from here
+// int8: from here the panel's conversion to bf16 (overlapped with the tile multiplies) costs less
+// than the in-register kernel's FMAs (gate_up: 118 us at 4 rows, 210 at 8 by FMA; ~165 by AMX)
+constexpr int64_t kAmxMinRowsInt8 = 6;
+// activation rows per work item: their bf16 copy (K * 2 bytes a row, twice for int8) stays in L2
+constexpr int64_t kAmxChunkBytes = 1 << 20;
 
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
@@ -287,54 +425,188 @@ bool amx_enabled() {
   return ok;
 }
 
-// tiles 0/1: C (two 16-column halves), 2: A, 3/4: B halves; 5/6/7: A and B for the last,
-// partial, group of k-pairs
-TileConfig tile_config(int64_t rem_pairs) {
+// tiles 0-3: C (2 row tiles x 2 column halves), 4/5: A (the two row tiles), 6/7: B (the halves)
+TileConfig tile_config() {
   TileConfig c;
-  for (int t = 0; t < 5; ++t) {
-    c.rows[t] = 16;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = kAmxRows;
     c.colsb[t] = 64;
-  }
-  if (rem_pairs) {
-    c.rows[5] = 16;
-    c.colsb[5] = static_cast<uint16_t>(4 * rem_pairs);
-    c.rows[6] = c.rows[7] = static_cast<uint8_t>(rem_pairs);
-    c.colsb[6] = c.colsb[7] = 64;
   }
   return c;
 }
 
-// 16 rows (xb: bf16, row stride ldb elements, zero-padded) x one panel -> y rows [0, rows)
-void amx_block(const uint16_t* xb, int64_t ldb, const Panel& t, int64_t rows, float* y, int64_t ldy) {
-  const uint16_t* w = static_cast<const uint16_t*>(t.w);
-  const int64_t pairs = (t.k + 1) / 2, full = pairs / kAmxPairs, rem = pairs % kAmxPairs;
+LS_INLINE __m512i round_bf16(__m512i bits) {  // round to nearest even; result in each lane's low half
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
+}
+
+// rows [r0, r0 + rows) of x as bf16 tiles' rows (kpad columns, zeros past K and past M): part 0
+// is x rounded to bf16; with two parts, part 1 is the rounded remainder x - part 0.
+void amx_activations(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t r0, int64_t rows, int64_t kpad,
+                     int parts, uint16_t* out) {
+  const int64_t part = rows * kpad;
+  for (int64_t m = 0; m < rows; ++m) {
+    uint16_t* hi = out + m * kpad;
+    uint16_t* lo = out + part + m * kpad;
+    if (r0 + m >= M) {
+      std::memset(hi, 0, kpad * 2);
+      if (parts > 1) std::memset(lo, 0, kpad * 2);
+      continue;
+    }
+    const float* xr = x + (r0 + m) * ldx;
+    for (int64_t k = 0; k < kpad; k += 16) {
+      const __mmask16 mk = simd::mask(K - k);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
+      const __m512i h = round_bf16(_mm512_castps_si512(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + k), _mm512_cvtepi32_epi16(h));
+      if (parts > 1) {
+        const __m512 rest = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + k),
+                            _mm512_cvtepi32_epi16(round_bf16(_mm512_castps_si512(rest))));
+      }
+    }
+  }
+}
+
+// group g (16 k-pairs) of an int8 panel [K, 32] as bf16 [16 pairs, 32, 2], zero past K: exact,
+// since the fp32 of an integer in -127..127 has 16 zero low bits, so its high half is its bf16
+LS_INLINE void int8_group_bf16(const int8_t* w, int64_t K, int64_t g, uint16_t* out) {
+  for (int64_t i = 0; i < kAmxPairs; ++i) {
+    const int64_t k0 = 2 * (g * kAmxPairs + i), k1 = k0 + 1;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m512i e = k0 < K ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0 * kNR + 16 * h)))))
+                               : _mm512_setzero_si512();
+      const __m512i o = k1 < K ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k1 * kNR + 16 * h)))))
+                               : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + i * 2 * kNR + 32 * h, _mm512_or_si512(_mm512_srli_epi32(e, 16), o));
+    }
+  }
+}
+
+// the whole panel, for chunks of more than one row block (converted once, read by every block)
+void int8_panel_bf16(const int8_t* w, int64_t K, int64_t groups, uint16_t* out) {
+  for (int64_t g = 0; g < groups; ++g) int8_group_bf16(w, K, g, out + g * kAmxPairs * 2 * kNR);
+}
+
+// RT row tiles (16 or 32 rows) x one panel over `groups` groups of 16 k-pairs: A rows at a (lda
+// elements apart; `parts` activation parts, part elements apart), B group g at b + g * 1024
+// elements, or at `tail` for the last group when given. Rows [0, rows) of the result go to y.
+// CONV: b is an int8 panel, converted group by group into `ring` (two groups, alternately) just
+// before its tiles load, so the conversion overlaps the previous group's tile multiplies (one
+// block of rows: nothing to share a whole converted panel with).
+template <int RT, int PARTS, bool CONV = false>
+void amx_block(const uint16_t* a, int64_t lda, int64_t part, const void* b, const uint16_t* tail,
+               int64_t groups, const Panel& t, int64_t rows, float* y, int64_t ldy, uint16_t* ring = nullptr) {
   _tile_zero(0);
   _tile_zero(1);
-  for (int64_t g = 0; g < full; ++g) {
-    const int64_t kk = g * kAmxPairs;
-    _tile_loadd(2, xb + 2 * kk, ldb * 2);
-    _tile_loadd(3, w + kk * 2 * kNR, 2 * kNR * 2);
-    _tile_loadd(4, w + kk * 2 * kNR + 32, 2 * kNR * 2);
-    _tile_dpbf16ps(0, 2, 3);
-    _tile_dpbf16ps(1, 2, 4);
+  if constexpr (RT == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
   }
-  if (rem) {
-    const int64_t kk = full * kAmxPairs;
-    _tile_loadd(5, xb + 2 * kk, ldb * 2);
-    _tile_loadd(6, w + kk * 2 * kNR, 2 * kNR * 2);
-    _tile_loadd(7, w + kk * 2 * kNR + 32, 2 * kNR * 2);
-    _tile_dpbf16ps(0, 5, 6);
-    _tile_dpbf16ps(1, 5, 7);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint16_t* bg;
+    if constexpr (CONV) {
+      bg = ring + (g & 1) * kAmxPairs * 2 * kNR;
+      int8_group_bf16(static_cast<const int8_t*>(b), t.k, g, const_cast<uint16_t*>(bg));
+    } else {
+      bg = tail && g + 1 == groups ? tail : static_cast<const uint16_t*>(b) + g * kAmxPairs * 2 * kNR;
+    }
+    _tile_loadd(6, bg, 2 * kNR * 2);
+    _tile_loadd(7, bg + 32, 2 * kNR * 2);
+#pragma GCC unroll 2
+    for (int p = 0; p < PARTS; ++p) {
+      const uint16_t* ag = a + p * part + g * 2 * kAmxPairs;
+      _tile_loadd(4, ag, lda * 2);
+      if constexpr (RT == 2) _tile_loadd(5, ag + kAmxRows * lda, lda * 2);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (RT == 2) {
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
   }
-  alignas(64) float c[2][kAmxRows][16];
+  alignas(64) float c[2 * RT][kAmxRows][16];
   _tile_stored(0, c[0], 64);
   _tile_stored(1, c[1], 64);
-  alignas(64) float row[kNR];
-  for (int64_t m = 0; m < rows; ++m) {
-    std::memcpy(row, c[0][m], sizeof(float) * 16);
-    std::memcpy(row + 16, c[1][m], sizeof(float) * 16);
-    finish(y + m * ldy, t, row);
+  if constexpr (RT == 2) {
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
   }
+  for (int64_t m = 0; m < rows; ++m) {
+    const int64_t rt = m / kAmxRows, r = m % kAmxRows;
+    put_reg(y + m * ldy, t, 0, _mm512_load_ps(c[2 * rt][r]));
+    put_reg(y + m * ldy, t, 16, _mm512_load_ps(c[2 * rt + 1][r]));
+  }
+}
+
+void amx_linear(bool bf16, const float* xp, int64_t ldx, int64_t M, int64_t K, const char* wp, int64_t panel_bytes,
+                int64_t P, int64_t n, const float* sp, const float* bp, float* yp) {
+  const int parts = bf16 ? 1 : 2;
+  const int64_t pairs = (K + 1) / 2, groups = (pairs + kAmxPairs - 1) / kAmxPairs, kpad = groups * 2 * kAmxPairs;
+  // rows per chunk: a multiple of 32 whose activations fit kAmxChunkBytes; chunks of equal size
+  const int64_t fit = std::max<int64_t>(32, kAmxChunkBytes / (kpad * 2 * parts) / 32 * 32);
+  const int64_t chunks = (M + fit - 1) / fit;
+  const int64_t per = ((M + chunks - 1) / chunks + 31) / 32 * 32;
+  // every chunk's activations, converted once up front: [chunks][parts][per][kpad]
+  std::vector<uint16_t> xa(static_cast<size_t>(chunks * parts * per * kpad));
+  const int64_t cstride = parts * per * kpad;
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c)
+      amx_activations(xp, ldx, M, K, c * per, per, kpad, parts, xa.data() + c * cstride);
+  });
+  const bool tail_group = pairs % kAmxPairs != 0;
+  const TileConfig cfg = tile_config();
+  // one work item: a chunk of rows x one panel; chunk-major, so a chunk's activations stay in L2
+  at::parallel_for(0, chunks * P, 1, [&](int64_t lo, int64_t hi) {
+    _tile_loadconfig(&cfg);  // tile state is per thread
+    std::vector<uint16_t> scratch;  // a whole converted int8 panel, for chunks of several row blocks
+    alignas(64) uint16_t tail[kAmxPairs * 2 * kNR];
+    alignas(64) uint16_t ring[2 * kAmxPairs * 2 * kNR];
+    int64_t converted = -1;
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t c = it / P, p = it % P;
+      const Panel t{wp + p * panel_bytes, K, sp ? sp + p * kNR : nullptr, bp ? bp + p * kNR : nullptr,
+                    std::min(kNR, n - p * kNR)};
+      const int64_t r0 = c * per, rows = std::min(per, M - r0);
+      const uint16_t* a = xa.data() + c * cstride;
+      float* yc = yp + r0 * n + p * kNR;
+      if (!bf16 && rows <= 2 * kAmxRows) {  // one block of rows: converted as the groups go
+        if (rows > kAmxRows) amx_block<2, 2, true>(a, kpad, per * kpad, t.w, nullptr, groups, t, rows, yc, n, ring);
+        else amx_block<1, 2, true>(a, kpad, per * kpad, t.w, nullptr, groups, t, rows, yc, n, ring);
+        continue;
+      }
+      const uint16_t* b = static_cast<const uint16_t*>(t.w);
+      const uint16_t* tp = nullptr;
+      if (!bf16) {
+        scratch.resize(static_cast<size_t>(groups * kAmxPairs * 2 * kNR));
+        if (converted != p) int8_panel_bf16(static_cast<const int8_t*>(t.w), K, groups, scratch.data());
+        converted = p;
+        b = scratch.data();
+      } else if (tail_group) {  // the last group's pairs past K read zeros, not the next panel
+        const int64_t done = (groups - 1) * kAmxPairs;
+        std::memset(tail, 0, sizeof tail);
+        std::memcpy(tail, b + done * 2 * kNR, (pairs - done) * 2 * kNR * 2);
+        tp = tail;
+      }
+      for (int64_t r = 0; r < rows; r += 2 * kAmxRows) {
+        const int64_t left = std::min(2 * kAmxRows, rows - r);
+        float* yr = yp + (r0 + r) * n + p * kNR;
+        const uint16_t* ar = a + r * kpad;
+        if (left > kAmxRows) {
+          if (bf16) amx_block<2, 1>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
+          else amx_block<2, 2>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
+        } else {
+          if (bf16) amx_block<1, 1>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
+          else amx_block<1, 2>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
+        }
+      }
+    }
+    _tile_release();
+  });
 }
 #endif
 
@@ -343,9 +615,9 @@ void amx_block(const uint16_t* xb, int64_t ldb, const Panel& t, int64_t rows, fl
 std::string lowp_gemm_isa() {
 #if defined(LORASERVE_AMX)
   return amx_enabled() ? "avx512+amx" : "avx512";
-#elif defined(__AVX512F__)
+#elif LORASERVE_SIMD == 512
   return "avx512";
-#elif defined(__AVX2__)
+#elif LORASERVE_SIMD == 256
   return "avx2";
 #else
   return "scalar";
@@ -386,38 +658,24 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
   const float* sp = scale ? scale->data_ptr<float>() : nullptr;
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
 #if defined(LORASERVE_AMX)
-  if (bf16 && M >= kAmxMinRows && amx_enabled()) {
-    // x in bf16, rows padded to whole tiles and K to whole pairs (zeros: they add nothing)
-    const int64_t pairs = (K + 1) / 2, mpad = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
-    auto xb = torch::zeros({mpad, 2 * pairs}, x.options().dtype(torch::kBFloat16));
-    xb.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
-    const uint16_t* xbp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
-    const int64_t blocks = mpad / kAmxRows, ldb = 2 * pairs;
-    const TileConfig cfg = tile_config(pairs % kAmxPairs);
-    at::parallel_for(0, P * blocks, 1, [&](int64_t lo, int64_t hi) {
-      _tile_loadconfig(&cfg);  // tile state is per thread
-      for (int64_t it = lo; it < hi; ++it) {
-        const int64_t p = it / blocks, b = it % blocks;
-        const Panel t{wp + p * panel_bytes, K, nullptr, bp ? bp + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
-        const int64_t r0 = b * kAmxRows;
-        amx_block(xbp + r0 * ldb, ldb, t, std::min(kAmxRows, M - r0), yp + r0 * n + p * kNR, n);
-      }
-      _tile_release();
-    });
+  if (M >= (bf16 ? kAmxMinRows : kAmxMinRowsInt8) && amx_enabled()) {
+    amx_linear(bf16, xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
     return y;
   }
 #endif
-  const int64_t ldx = x.stride(0), chunks = (M + kMC - 1) / kMC;
+  const int64_t chunks = (M + kMC - 1) / kMC;
   // one work item: a chunk of rows x one panel; panel-major, so a panel is read once per chunk
   at::parallel_for(0, P * chunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scratch;
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t p = it / chunks, c = it % chunks;
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;
       const Panel t{wp + p * panel_bytes, K, sp ? sp + p * kNR : nullptr, bp ? bp + p * kNR : nullptr,
                     std::min(kNR, n - p * kNR)};
-      if (bf16) panel_rows<true>(rows, xp + r0 * ldx, ldx, t, yp + r0 * n + p * kNR, n);
-      else panel_rows<false>(rows, xp + r0 * ldx, ldx, t, yp + r0 * n + p * kNR, n);
+      if (bf16) panel_rows<true>(rows, xp + r0 * ldx, ldx, t, yp + r0 * n + p * kNR, n, scratch);
+      else panel_rows<false>(rows, xp + r0 * ldx, ldx, t, yp + r0 * n + p * kNR, n, scratch);
     }
   });
   return y;
