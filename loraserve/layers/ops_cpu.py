@@ -12,6 +12,7 @@ window or logit soft-capping) runs `TorchOps`' PyTorch path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -23,6 +24,12 @@ from loraserve.layers.linear import Linear, pack_panels, panel_rows
 from loraserve.layers.lora import LoraBatch
 from loraserve.layers.ops import TorchOps
 
+# `panel_lora_linear` (csrc/gemm_cpu.cpp) takes decode-sized inputs: one chunk of rows, whose
+# LoRA rows run between the panels; bigger inputs (prefills) keep panel_linear + lora_rows.
+FUSED_LORA_MAX_ROWS = 96
+FUSED_LORA_MAX_MEMBERS = 4
+ENV_FUSED_LORA = "LORASERVE_FUSED_LORA"  # "0": always the two separate passes (for comparisons)
+
 
 class CpuNativeOps(TorchOps):
     name = "cpu-native"
@@ -33,6 +40,12 @@ class CpuNativeOps(TorchOps):
         super().__init__(device, dtype, pack)
         self.kernels = kernels
         self.panels = bool(kernels.panel_gemm_available())  # an AVX-512 or AVX2+FMA build
+        # a library built before the fused kernel existed has no `panel_lora_linear`
+        self.fused_lora = (
+            self.panels
+            and hasattr(kernels, "panel_lora_linear")
+            and os.environ.get(ENV_FUSED_LORA, "1").strip().lower() not in ("0", "false", "no", "off")
+        )
 
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         if self.pack and self.panels and weight.dtype == torch.float32 and weight.device.type == "cpu":
@@ -81,6 +94,32 @@ class CpuNativeOps(TorchOps):
         if lb.rows is None:  # a batch laid out for the bmm path
             return super().lora(ys, x, a, bs, lb, slot_rank)
         self.kernels.lora_rows(x, lb.rows, lb.row_slots, a, list(bs), list(ys), slot_rank)
+
+    def linear_lora(
+        self,
+        x: torch.Tensor,
+        w: Linear,
+        a: torch.Tensor,
+        bs: Sequence[torch.Tensor],
+        lb: LoraBatch,
+        slot_rank: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """`linear(x, w)` with every row's LoRA delta added (the members' outputs side by side),
+        in one pass that streams the adapters while the panels compute; None where it does not
+        apply (then the caller runs `linear` and `lora`)."""
+        if (
+            not self.fused_lora
+            or w.layout != "panel"
+            or lb.rows is None
+            or x.dim() != 2
+            or x.shape[0] > FUSED_LORA_MAX_ROWS
+            or x.stride(-1) != 1
+            or not 0 < len(bs) <= FUSED_LORA_MAX_MEMBERS
+        ):
+            return None
+        return self.kernels.panel_lora_linear(
+            x, w.weight, w.out_features, w.bias, lb.rows, lb.row_slots, a, list(bs), slot_rank
+        )
 
     def paged_attention(
         self,
