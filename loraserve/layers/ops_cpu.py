@@ -8,6 +8,18 @@ panel-packed projections 1.6-2x oneDNN at 1 row; the multi-LoRA row kernel
 a copy; RMSNorm folds in the residual add; SwiGLU and rotary are one pass
 each. Whatever a kernel cannot do (other dtypes, attention with a sliding
 window or logit soft-capping) runs `TorchOps`' PyTorch path.
+
+Decode-sized steps with adapters (up to 96 rows) run each projection and its LoRA as one call,
+`panel_lora_linear` (`linear_lora`): every row's shrink/expand runs between two weight panels with
+its A and B prefetched into L2 while the panel before computes, so the adapter stream (~625 MB per
+step with 32 distinct rank-16 adapters on the 135M shape, more than the base weights) overlaps
+the FMA-bound panel loop instead of following it. Measured at 1 thread on one Sapphire Rapids
+core (~12.5 GB/s): a 30-layer step of projections, 32 rows on 32 adapters, 148 -> 131-136 ms
+with the AVX-512 build (base alone 80 ms) and 199 -> 186 ms with the AVX2 one (base 130 ms);
+end to end (bench/kernel_builds.py, 32 x 128-token prompts, 64 new tokens) distinct 98.6 -> 100.9
+tok/s (0.79 -> 0.81 of base) and 70.4 -> 72.1 tok/s (0.84 -> 0.86). The core's fill bandwidth is
+the limit: base weights plus adapters are ~1.05 GB a step, 84 ms at 12.5 GB/s.
+`LORASERVE_FUSED_LORA=0` keeps the two separate passes (for comparisons).
 """
 
 from __future__ import annotations
