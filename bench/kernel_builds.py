@@ -8,6 +8,11 @@ comparing builds is only fair within one run on this shared machine. The builds 
 the way a server selects them, by `LORASERVE_NATIVE_MARCH` in the runner's environment.
 
     python -m bench.kernel_builds [--marches native,x86-64-v3] [--ns 32] [--repeats 2] [--no-hf]
+                                  [--threads 1] [--no-batch1] [--fused-lora both]
+
+`--threads` sets the runners' OMP_NUM_THREADS (pin the whole run with `taskset` for quiet figures);
+`--fused-lora both` runs ours twice per build, with the fused base + LoRA decode pass
+(csrc/gemm_cpu.cpp `panel_lora_linear`) and with the two separate passes (`ours-<isa>-2pass`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from bench.run_all import Bench
 from bench.shapes import DEFAULT_CACHE, REPO_ROOT, build_model
 from bench.workloads import Model, concurrency_runs
 from loraserve.layers import native_cpu
+from loraserve.layers.ops_cpu import ENV_FUSED_LORA
 
 # What an AVX2 machine gives torch's own kernels (oneDNN, MKL, ATen's vectorised ops): the runs of
 # the AVX2 build, ours and transformers', are held to it so neither borrows this host's AVX-512.
@@ -93,10 +99,12 @@ def table(results: list[RunResult], isas: list[str], ns: list[int], roof: float)
             f"\nN = {n}, tok/s       base  distinct  distinct/base  x hf+peft distinct  batch-1  b1/roofline"
         )
         for isa in isas:
-            for system in ("ours", "hf"):
-                label = f"{system}-{isa}"
+            for system in ("ours", "ours-2pass", "hf"):
+                label = f"{system}-{isa}" if system != "ours-2pass" else f"ours-{isa}-2pass"
+                if not any(r.system == label for r in results):
+                    continue
                 b, d, b1 = by.get((label, base)), by.get((label, dist)), by.get((label, "batch1_decode"))
-                hf = by.get((f"hf-{isa}", dist)) if system == "ours" else None
+                hf = by.get((f"hf-{isa}", dist)) if system != "hf" else None
                 lines.append(
                     f"{label:16s} {_f(b)}  {_f(d)}       {_f(d / b if b and d else None, '{:8.2f}')}"
                     f"            {_f(d / hf if d and hf else None, '{:8.2f}')}  {_f(b1)}"
@@ -113,9 +121,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="timed repetitions per run; best kept")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers+peft baseline")
+    ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 decode run")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every runner")
+    ap.add_argument(
+        "--fused-lora",
+        choices=["on", "off", "both"],
+        default="on",
+        help="ours with the fused base + LoRA decode pass, the two separate passes, or both",
+    )
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the runner subprocesses inherit it
     marches = args.marches.split(",")
     ns = [int(x) for x in args.ns.split(",")]
     builds = [build_info(m) for m in marches]
@@ -127,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         for r in concurrency_runs(bench.model, ns, args.prompt_len, args.new_tokens)
         if r.name.endswith(("/base", "/distinct"))
     ]
-    spec = bench.spec(runs, batch1={"prompt_len": args.prompt_len, "new_tokens": args.new_tokens})
+    batch1 = None if args.no_batch1 else {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    spec = bench.spec(runs, batch1=batch1)
     t0 = time.time()
     meta = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "builds": builds,
         "ns": ns,
         "repeats": args.repeats,
+        "threads": os.environ.get("OMP_NUM_THREADS"),
         "command": " ".join(["python -m bench.kernel_builds", *(argv if argv is not None else sys.argv[1:])]),
     }
     roof = roofline(model_dir)
@@ -162,13 +182,17 @@ def main(argv: list[str] | None = None) -> dict:
         return report
 
     # ours on every build first (the figures compared), then the baseline on each
+    fused = {"on": [True], "off": [False], "both": [True, False]}[args.fused_lora]
     for system in ["ours"] if args.no_hf else ["ours", "hf"]:
         for b in builds:
-            b["env"] = build_env(b)
-            with patched_env(b["env"]):
-                for r in bench.run(f"{system} with the {b['isa']} build ({b['env']})", spec, [system]):
-                    r.system = f"{system}-{b['isa']}"
-            save()
+            for on in fused if system == "ours" else [True]:
+                b["env"] = build_env(b)
+                env = b["env"] if on else b["env"] | {ENV_FUSED_LORA: "0"}
+                suffix = "" if on or args.fused_lora == "off" else "-2pass"
+                with patched_env(env):
+                    for r in bench.run(f"{system} with the {b['isa']} build ({env})", spec, [system]):
+                        r.system = f"{system}-{b['isa']}{suffix}"
+                save()
     report = save()
     print(f"host flags: {meta['cpu_flags']}\n{report['table']}\n\nwritten to {out}")
     return report

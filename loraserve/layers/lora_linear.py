@@ -28,6 +28,8 @@ class LoraLinear:
     ) -> None:
         """members: (module name, output columns) of each projection fused in `base`, in order."""
         self.base, self.ops, self.table, self.layer, self.group = base, ops, table, layer, group
+        # the backend's fused base + LoRA pass, where it has one (CpuNativeOps.linear_lora)
+        self.fused = getattr(ops, "linear_lora", None)
         self.names = [name for name, _ in members]
         self.bounds: list[tuple[int, int]] = []
         start = 0
@@ -42,10 +44,15 @@ class LoraLinear:
         return self.base.out_features
 
     def __call__(self, x: torch.Tensor, lb: LoraBatch | None) -> torch.Tensor:
+        if lb is None or self.table is None:
+            return self.ops.linear(x, self.base)
+        t, i = self.table, self.layer
+        a, bs = t.a_layers[self.group][i], [t.b_layers[name][i] for name in self.names]
+        if self.fused is not None:
+            y = self.fused(x, self.base, a, bs, lb, t.slot_rank)
+            if y is not None:
+                return y
         y = self.ops.linear(x, self.base)
-        if lb is not None and self.table is not None:
-            t, i = self.table, self.layer
-            ys = [y if (s, e) == (0, y.shape[-1]) else y[:, s:e] for s, e in self.bounds]
-            bs = [t.b_layers[name][i] for name in self.names]
-            self.ops.lora(ys, x, t.a_layers[self.group][i], bs, lb, t.slot_rank)
+        ys = [y if (s, e) == (0, y.shape[-1]) else y[:, s:e] for s, e in self.bounds]
+        self.ops.lora(ys, x, a, bs, lb, t.slot_rank)
         return y

@@ -8,10 +8,23 @@ panel-packed projections 1.6-2x oneDNN at 1 row; the multi-LoRA row kernel
 a copy; RMSNorm folds in the residual add; SwiGLU and rotary are one pass
 each. Whatever a kernel cannot do (other dtypes, attention with a sliding
 window or logit soft-capping) runs `TorchOps`' PyTorch path.
+
+Decode-sized steps with adapters (up to 96 rows) run each projection and its LoRA as one call,
+`panel_lora_linear` (`linear_lora`): every row's shrink/expand runs between two weight panels with
+its A and B prefetched into L2 while the panel before computes, so the adapter stream (~625 MB per
+step with 32 distinct rank-16 adapters on the 135M shape, more than the base weights) overlaps
+the FMA-bound panel loop instead of following it. Measured at 1 thread on one Sapphire Rapids
+core (~12.5 GB/s): a 30-layer step of projections, 32 rows on 32 adapters, 148 -> 131-136 ms
+with the AVX-512 build (base alone 80 ms) and 199 -> 186 ms with the AVX2 one (base 130 ms);
+end to end (bench/kernel_builds.py, 32 x 128-token prompts, 64 new tokens) distinct 98.6 -> 100.9
+tok/s (0.79 -> 0.81 of base) and 70.4 -> 72.1 tok/s (0.84 -> 0.86). The core's fill bandwidth is
+the limit: base weights plus adapters are ~1.05 GB a step, 84 ms at 12.5 GB/s.
+`LORASERVE_FUSED_LORA=0` keeps the two separate passes (for comparisons).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -23,6 +36,12 @@ from loraserve.layers.linear import Linear, pack_panels, panel_rows
 from loraserve.layers.lora import LoraBatch
 from loraserve.layers.ops import TorchOps
 
+# `panel_lora_linear` (csrc/gemm_cpu.cpp) takes decode-sized inputs: one chunk of rows, whose
+# LoRA rows run between the panels; bigger inputs (prefills) keep panel_linear + lora_rows.
+FUSED_LORA_MAX_ROWS = 96
+FUSED_LORA_MAX_MEMBERS = 4
+ENV_FUSED_LORA = "LORASERVE_FUSED_LORA"  # "0": always the two separate passes (for comparisons)
+
 
 class CpuNativeOps(TorchOps):
     name = "cpu-native"
@@ -33,6 +52,12 @@ class CpuNativeOps(TorchOps):
         super().__init__(device, dtype, pack)
         self.kernels = kernels
         self.panels = bool(kernels.panel_gemm_available())  # an AVX-512 or AVX2+FMA build
+        # a library built before the fused kernel existed has no `panel_lora_linear`
+        self.fused_lora = (
+            self.panels
+            and hasattr(kernels, "panel_lora_linear")
+            and os.environ.get(ENV_FUSED_LORA, "1").strip().lower() not in ("0", "false", "no", "off")
+        )
 
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         if self.pack and self.panels and weight.dtype == torch.float32 and weight.device.type == "cpu":
@@ -81,6 +106,32 @@ class CpuNativeOps(TorchOps):
         if lb.rows is None:  # a batch laid out for the bmm path
             return super().lora(ys, x, a, bs, lb, slot_rank)
         self.kernels.lora_rows(x, lb.rows, lb.row_slots, a, list(bs), list(ys), slot_rank)
+
+    def linear_lora(
+        self,
+        x: torch.Tensor,
+        w: Linear,
+        a: torch.Tensor,
+        bs: Sequence[torch.Tensor],
+        lb: LoraBatch,
+        slot_rank: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """`linear(x, w)` with every row's LoRA delta added (the members' outputs side by side),
+        in one pass that streams the adapters while the panels compute; None where it does not
+        apply (then the caller runs `linear` and `lora`)."""
+        if (
+            not self.fused_lora
+            or w.layout != "panel"
+            or lb.rows is None
+            or x.dim() != 2
+            or x.shape[0] > FUSED_LORA_MAX_ROWS
+            or x.stride(-1) != 1
+            or not 0 < len(bs) <= FUSED_LORA_MAX_MEMBERS
+        ):
+            return None
+        return self.kernels.panel_lora_linear(
+            x, w.weight, w.out_features, w.bias, lb.rows, lb.row_slots, a, list(bs), slot_rank
+        )
 
     def paged_attention(
         self,

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from loraserve.layers import native_cpu
+from loraserve.layers.linear import pack_panels
+from loraserve.layers.lora import LoraTable
+from loraserve.layers.lora_linear import LoraLinear
 from tests.fixtures.native import ops_for
 
 
@@ -76,6 +79,65 @@ def test_kernel_refuses_bad_operands_with_a_clear_error(kernel: ModuleType) -> N
     with pytest.raises(RuntimeError, match="float32"):
         kernel.lora_rows(x.double(), rows, torch.zeros(4, dtype=torch.long), a, [b], [y])
     assert torch.equal(y, torch.zeros(4, 6))  # refused before touching the output
+
+
+@pytest.mark.parametrize("m", [1, 2, 11, 40])
+def test_fused_panel_lora_linear_is_base_plus_each_rows_delta(kernel: ModuleType, m: int) -> None:
+    """panel_lora_linear (decode sizes: each row's LoRA runs between the panels) against
+    x @ W.T + b plus every row's delta: three members of odd widths (a partial last panel), slots
+    of full, partial and zero rank (garbage planted past each rank), rows without an adapter, one
+    slot on several rows; 1 and 2 rows take the streaming kernels, 11 and 40 the register blocks."""
+    g = torch.Generator().manual_seed(5)
+    fin, outs, r, slots = 72, (100, 36, 36), 16, 5
+    ranks = torch.tensor([16, 5, 0, 16, 9])
+    a = torch.randn(slots, fin, 3 * r, generator=g)
+    bs = [torch.randn(slots, r, o, generator=g) for o in outs]
+    n = sum(outs)
+    wt, bias = torch.randn(n, fin, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(m, fin, generator=g)
+    rows = [i for i in range(m) if i % 4 != 2]
+    row_slots = [(3 * i) % slots for i in rows]
+    want = x @ wt.t() + bias
+    for i, s in zip(rows, row_slots, strict=True):
+        rs = int(ranks[s])
+        want[i] += torch.cat([(x[i] @ a[s, :, j * r : j * r + rs]) @ bs[j][s, :rs] for j in range(3)])
+    got = kernel.panel_lora_linear(
+        x, pack_panels(wt), n, bias, torch.tensor(rows), torch.tensor(row_slots), a, bs, ranks
+    )
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="cover"):  # the members must span the output
+        kernel.panel_lora_linear(
+            x, pack_panels(wt), n, None, torch.tensor(rows), torch.tensor(row_slots), a, bs[:1] * 3
+        )
+
+
+def test_lora_linear_fuses_decode_sizes_only_and_agrees_with_two_passes(kernel: ModuleType) -> None:
+    """A q/k/v LoraLinear on the native backend: up to 96 rows one fused call, a prefill-sized
+    input (and the fused path switched off) panel_linear + lora_rows; all give the same answer."""
+    g = torch.Generator().manual_seed(6)
+    ops = ops_for(kernel)
+    shapes = {"q": (24, 40), "k": (24, 8), "v": (24, 8)}
+    table = LoraTable(
+        shapes, 1, 4, 16, torch.float32, torch.device("cpu"), rank=8, groups={"qkv": ("q", "k", "v")}
+    )
+    for slot in range(3):
+        for m, (fin, fout) in shapes.items():
+            table.write(slot, 0, m, torch.randn(8, fin, generator=g), torch.randn(fout, 8, generator=g), 0.5)
+    base = ops.make_linear(torch.randn(56, 24, generator=g))
+    assert base.layout == "panel"
+    lin = LoraLinear(base, ops, table, 0, "qkv", [(m, shapes[m][1]) for m in "qkv"])
+    a, bs = table.a_layers["qkv"][0], [table.b_layers[m][0] for m in "qkv"]
+    for tokens in (5, 120):
+        x = torch.randn(tokens, 24, generator=g)
+        lb = ops.lora_batch([(0, 1, 2), (1, 2, 0), (3, tokens, 1)])
+        assert (ops.linear_lora(x, base, a, bs, lb, table.slot_rank) is None) == (tokens > 96)
+        fused = lin(x, lb)
+        ops.fused_lora = False
+        try:
+            two = lin(x, lb)
+        finally:
+            ops.fused_lora = True
+        torch.testing.assert_close(fused, two, atol=1e-4, rtol=1e-4)
 
 
 def test_kernel_is_only_offered_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,10 @@ torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const tor
 bool panel_gemm_available();
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                            const std::optional<torch::Tensor>& bias);
+torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
+                                const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                                const std::optional<torch::Tensor>& slot_rank);
 
 // bf16 / int8 weight panels (csrc/gemm_lowp_cpu.cpp)
 std::string lowp_gemm_isa();
@@ -52,5 +56,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_bits", [] { return LORASERVE_SIMD; }, "vector width the kernels were compiled for: 512, 256 or 0");
   m.def("panel_linear", &panel_linear, "x @ W.T + b over 32-column weight panels", pybind11::arg("x"),
         pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("panel_lora_linear", &panel_lora_linear,
+        "panel_linear plus every row's LoRA delta, the adapters streamed while the panels compute (decode sizes)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias"), pybind11::arg("rows"),
+        pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("slot_rank") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
