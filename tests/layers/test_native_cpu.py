@@ -162,7 +162,8 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
 
 @pytest.mark.parametrize(
     ("batch", "hq", "hkv", "d"),
-    [(1, 9, 3, 64), (5, 9, 3, 64), (3, 4, 4, 32), (4, 6, 2, 40)],  # batch-1 split, GQA, MHA, odd D
+    # batch-1 split, GQA, MHA, odd D; register paths: 8 rows per KV head (blocks + a tail), D = 128
+    [(1, 9, 3, 64), (5, 9, 3, 64), (3, 4, 4, 32), (4, 6, 2, 40), (5, 8, 1, 64), (4, 4, 2, 128)],
 )
 def test_paged_decode_attention_matches_sdpa_on_gathered_context(
     kernel: ModuleType, batch: int, hq: int, hkv: int, d: int

@@ -98,7 +98,12 @@ def test_soak(stack: Stack, oracle: dict) -> None:
     rss: dict[str, float] = {"start": rss_mib(pid)}
 
     async def run() -> float:
-        limits = httpx.Limits(max_connections=CONCURRENCY + 8, max_keepalive_connections=CONCURRENCY)
+        # The client drops idle connections before the server's 5 s keep-alive timeout does: with both
+        # at 5 s a request can go out on a connection the server is closing (a ReadError, seen when
+        # the box was loaded), the race every HTTP client must avoid by expiring first.
+        limits = httpx.Limits(
+            max_connections=CONCURRENCY + 8, max_keepalive_connections=CONCURRENCY, keepalive_expiry=2.0
+        )
         async with httpx.AsyncClient(base_url=stack.url, timeout=120, limits=limits) as client:
             sem = asyncio.Semaphore(CONCURRENCY)
             done = 0

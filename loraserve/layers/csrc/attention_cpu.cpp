@@ -74,6 +74,75 @@ inline float exp_shifted(float* s, int64_t n, float m) {
   return sum;
 }
 
+#if LORASERVE_SIMD
+// Scores and weighted sum of RB query rows that share one KV head, for head sizes of NV
+// vectors: the rows' queries and output accumulators stay in registers for the whole pass, so
+// each cached K and V row is loaded once per block of rows and no partial sum goes through
+// memory (the generic loop reloads and stores every row's accumulator once per token; at 32
+// decode rows that made attention cost as much as all the projections of an int8 step).
+template <int NV, int RB>
+inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t n, const float* kp,
+                      const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc) {
+  constexpr int64_t D = NV * simd::W;
+  simd::V qv[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
+  for (int64_t t = 0; t < n; ++t) {  // scores: one pass over K
+    const float* k = kp + (tb[t / BS] * BS + t % BS) * row;
+    simd::V acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = simd::zero();
+    for (int j = 0; j < NV; ++j) {
+      const simd::V kv = simd::load(k + j * simd::W);
+      for (int r = 0; r < RB; ++r) acc[r] = simd::fma(qv[r][j], kv, acc[r]);
+    }
+    for (int r = 0; r < RB; ++r) s[r * s_stride + t] = simd::sum(acc[r]) * sc;
+  }
+  for (int r = 0; r < RB; ++r) {  // softmax per query row
+    float* sr = s + r * s_stride;
+    const float inv = 1.f / exp_shifted(sr, n, max_of(sr, n));
+    for (int64_t t = 0; t < n; ++t) sr[t] *= inv;
+  }
+  simd::V o[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) o[r][j] = simd::zero();
+  for (int64_t t = 0; t < n; ++t) {  // weighted sum: one pass over V
+    const float* v = vp + (tb[t / BS] * BS + t % BS) * row;
+    simd::V w[RB];
+    for (int r = 0; r < RB; ++r) w[r] = simd::set1(s[r * s_stride + t]);
+    for (int j = 0; j < NV; ++j) {
+      const simd::V vv = simd::load(v + j * simd::W);
+      for (int r = 0; r < RB; ++r) o[r][j] = simd::fma(w[r], vv, o[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) simd::store(out + r * D + j * simd::W, o[r][j]);
+}
+
+// The G rows of one KV head, in blocks of as many rows as the registers hold.
+template <int NV>
+void head_all_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t G, int64_t n, const float* kp,
+                   const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc) {
+  constexpr int RB = NV <= 2 ? 4 : NV <= 4 ? 3 : 1;  // RB * NV accumulators + NV loads fit the registers
+  constexpr int64_t D = NV * simd::W;
+  int64_t r = 0;
+  for (; r + RB <= G; r += RB)
+    head_rows<NV, RB>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc);
+  for (; r < G; ++r)
+    head_rows<NV, 1>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc);
+}
+
+// false when the head size has no register path (the generic loop runs instead)
+inline bool head_fast(int64_t D, const float* q, float* out, float* s, int64_t s_stride, int64_t G, int64_t n,
+                      const float* kp, const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc) {
+  switch (D) {
+    case 2 * simd::W: head_all_rows<2>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc); return true;
+    case 4 * simd::W: head_all_rows<4>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc); return true;
+    case 8 * simd::W: head_all_rows<8>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc); return true;
+    default: return false;
+  }
+}
+#endif
+
 }  // namespace
 
 // q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
@@ -130,6 +199,15 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
       const float* qh = qp + b * q_row + h0 * G * D;  // the per*G query heads of KV heads h0..
       float* s = scores.data();
       const int64_t rows = per * G;  // query heads in this item; row r reads KV head h0 + r / G
+#if LORASERVE_SIMD
+      {
+        bool done = true;
+        for (int64_t hh = 0; hh < per && done; ++hh)
+          done = head_fast(D, qh + hh * G * D, op + (b * Hq + (h0 + hh) * G) * D, s + hh * G * max_ctx, max_ctx, G,
+                           n, kp + (h0 + hh) * D, vp + (h0 + hh) * D, tb, BS, row, sc);
+        if (done) continue;
+      }
+#endif
       for (int64_t t = 0; t < n; ++t) {  // scores: one pass over K
         const float* k = kp + (tb[t / BS] * BS + t % BS) * row + h0 * D;
         for (int64_t r = 0; r < rows; ++r) s[r * max_ctx + t] = dot(qh + r * D, k + (r / G) * D, D) * sc;
