@@ -421,20 +421,28 @@ bool panel_gemm_available() {
   return LORASERVE_SIMD != 0;  // a build without AVX2+FMA keeps oneDNN (layers/ops_cpu.py decides)
 }
 
-// x [M, K] (rows contiguous, any row stride), w [P, K, 32] -> [M, n]
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                           const std::optional<torch::Tensor>& bias) {
+// The arguments both panel entry points share: x [M, K] with contiguous rows, w [P, K, 32]
+// panels covering n columns, an optional bias [n].
+static void check_panel_args(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                             const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU float32 [M, K] tensor with contiguous rows");
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 3 && w.is_contiguous() && w.size(2) == kNR,
               "w must be a contiguous float32 [P, K, 32] panel tensor");
-  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
+  const int64_t K = x.size(1), P = w.size(0);
   TORCH_CHECK(w.size(1) == K, "x has ", K, " columns, the weight ", w.size(1));
   TORCH_CHECK(n > (P - 1) * kNR && n <= P * kNR, "n = ", n, " does not match ", P, " panels");
   if (bias) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n,
                 "bias must be a contiguous float32 [n] tensor");
   }
+}
+
+// x [M, K] (rows contiguous, any row stride), w [P, K, 32] -> [M, n]
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                           const std::optional<torch::Tensor>& bias) {
+  check_panel_args(x, w, n, bias);
+  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
   auto y = torch::empty({M, n}, x.options());
 #if LORASERVE_SIMD
   if (M == 0) return y;
@@ -476,18 +484,9 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
                                 const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
                                 const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                                 const std::optional<torch::Tensor>& slot_rank) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
-              "x must be a CPU float32 [M, K] tensor with contiguous rows");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 3 && w.is_contiguous() && w.size(2) == kNR,
-              "w must be a contiguous float32 [P, K, 32] panel tensor");
+  check_panel_args(x, w, n, bias);
   const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
-  TORCH_CHECK(w.size(1) == K, "x has ", K, " columns, the weight ", w.size(1));
-  TORCH_CHECK(n > (P - 1) * kNR && n <= P * kNR, "n = ", n, " does not match ", P, " panels");
   TORCH_CHECK(M <= kMC, "panel_lora_linear takes at most ", kMC, " rows, got ", M);
-  if (bias) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n,
-                "bias must be a contiguous float32 [n] tensor");
-  }
   TORCH_CHECK(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, "rows/slots must be int64");
   TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
   TORCH_CHECK(a.dim() == 3 && a.is_contiguous() && a.scalar_type() == torch::kFloat32, "a must be contiguous [S, in, G*R]");
