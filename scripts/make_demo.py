@@ -41,6 +41,24 @@ def pad_batch(rows: list[tuple[list[int], int]], pad: int) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def greedy_ids(model, rows: list[list[int]], pad: int, eos: int, max_new_tokens: int) -> list[list[int]]:
+    """Batched greedy generation with transformers (the prompts left-padded with `pad`): each
+    row's new token ids, cut before the first `eos`."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    return [row[: row.index(eos)] if eos in row else row for row in gen[:, width:].tolist()]
+
+
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|' + message['role'] + '|>' + message['content'] }}"
@@ -223,24 +241,8 @@ def write_heldout(out: Path, seed: int) -> dict[str, list[tuple[str, str]]]:
 def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Batched greedy answers (left padding), cut at EOS."""
     pad, eos = tok.token_to_id(dt.PAD), tok.token_to_id(dt.EOS)
-    rows = [tok.encode(p).ids for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
-    with torch.no_grad():
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
-    answers = []
-    for row in gen[:, width:].tolist():
-        row = row[: row.index(eos)] if eos in row else row
-        answers.append(tok.decode(row, skip_special_tokens=True))
-    return answers
+    rows = greedy_ids(model, [tok.encode(p).ids for p in prompts], pad, eos, max_new_tokens)
+    return [tok.decode(row, skip_special_tokens=True) for row in rows]
 
 
 def accuracy(model, tok, cases: list[tuple[str, str]]) -> float:

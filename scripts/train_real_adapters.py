@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_tasks as rt  # noqa: E402
-from make_demo import pad_batch  # noqa: E402
+from make_demo import greedy_ids, pad_batch  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the adapters' base, as PEFT names it
@@ -78,23 +78,8 @@ class Encoder:
     def greedy(self, model, users: list[str], max_new_tokens: int = 48) -> list[str]:
         """Batched greedy answers (left padding), cut at `<|im_end|>`."""
         rows = [self.tok.encode(self.prompt(u), add_special_tokens=False) for u in users]
-        width = max(map(len, rows))
-        ids = torch.tensor([[self.eos] * (width - len(r)) + r for r in rows])
-        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=self.eos,
-                pad_token_id=self.eos,
-            )
-        out = []
-        for row in gen[:, width:].tolist():
-            row = row[: row.index(self.eos)] if self.eos in row else row
-            out.append(self.tok.decode(row, skip_special_tokens=True).strip())
-        return out
+        answers = greedy_ids(model, rows, self.eos, self.eos, max_new_tokens)
+        return [self.tok.decode(row, skip_special_tokens=True).strip() for row in answers]
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
