@@ -47,6 +47,7 @@
 #include <vector>
 
 #define LS_INLINE __attribute__((always_inline)) inline
+#define LS_LAMBDA_INLINE __attribute__((always_inline))  // on a lambda: after its parameters
 
 namespace {
 
@@ -117,6 +118,34 @@ LS_INLINE void put(float* y, V v, const float* scale, const float* bias, int64_t
 // register j of a panel row: columns [j * kL, (j + 1) * kL) (+ c0)
 LS_INLINE void put_reg(float* y, const Panel& t, int64_t c, V v) {
   put(y + c, v, t.scale ? t.scale + c : nullptr, t.bias ? t.bias + c : nullptr, t.cols - c);
+}
+
+// MR rows x NV registers of a panel from column c0, its weights as `load(k, j)` gives them (fp32
+// values: int8 converted in registers, or fp32 scratch): the register block int8 and the scratch
+// path share. Loops fully unrolled so the accumulators stay in registers.
+template <int MR, int NV, typename Load>
+LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& t, int64_t c0, float* __restrict__ y,
+                         int64_t ldy, const Load& load) {
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[m][j] = simd::zero();
+  for (int64_t k = 0; k < t.k; ++k) {
+    V wv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) wv[j] = load(k, j);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V xv = simd::set1(x[m * ldx + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[m][j] = simd::fma(xv, wv[j], acc[m][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) put_reg(y + m * ldy, t, c0 + j * kL, acc[m][j]);
 }
 
 // MR rows x one bf16 panel, converted in registers: each pair of k-steps loads the panel's 32
@@ -213,27 +242,8 @@ void bf16_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y
 // MR rows x one int8 panel, converted in registers; the column scales are applied at the store.
 template <int MR>
 void int8_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float* __restrict__ y, int64_t ldy) {
-  V acc[MR][kJ];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < kJ; ++j) acc[m][j] = simd::zero();
   const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w);
-  for (int64_t k = 0; k < t.k; ++k) {
-    V wv[kJ];
-#pragma GCC unroll 4
-    for (int j = 0; j < kJ; ++j) wv[j] = int8_cols(w + k * kNR + j * kL);
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      const V xv = simd::set1(x[m * ldx + k]);
-#pragma GCC unroll 4
-      for (int j = 0; j < kJ; ++j) acc[m][j] = simd::fma(xv, wv[j], acc[m][j]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < kJ; ++j) put_reg(y + m * ldy, t, j * kL, acc[m][j]);
+  fma_block<MR, kJ>(x, ldx, t, 0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return int8_cols(w + k * kNR + j * kL); });
 }
 
 void int8_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y) {
@@ -305,27 +315,8 @@ void dequant_panel(bool bf16, const Panel& t, float* __restrict__ out) {
 template <int MR, int NV>
 void f32_block(const float* __restrict__ x, int64_t ldx, const float* __restrict__ w, const Panel& t, int64_t c0,
                float* __restrict__ y, int64_t ldy) {
-  V acc[MR][NV];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[m][j] = simd::zero();
   w += c0;
-  for (int64_t k = 0; k < t.k; ++k) {
-    V wv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) wv[j] = simd::load(w + k * kNR + j * kL);
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      const V xv = simd::set1(x[m * ldx + k]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[m][j] = simd::fma(xv, wv[j], acc[m][j]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) put_reg(y + m * ldy, t, c0 + j * kL, acc[m][j]);
+  fma_block<MR, NV>(x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return simd::load(w + k * kNR + j * kL); });
 }
 
 template <int MR>
