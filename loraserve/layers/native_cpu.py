@@ -72,6 +72,7 @@ SOURCE_NAMES = (
     "activation_cpu.cpp",
     "gemm_cpu.cpp",
     "gemm_lowp_cpu.cpp",
+    "gemm_bf16dp_cpu.cpp",
     "bindings.cpp",
 )
 SOURCES = [CSRC / f for f in SOURCE_NAMES]

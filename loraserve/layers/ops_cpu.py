@@ -123,6 +123,7 @@ class CpuNativeOps(TorchOps):
             not self.fused_lora
             or w.layout != "panel"
             or lb.rows is None
+            or a.dtype != torch.float32  # the fused pass reads fp32 tables only
             or x.dim() != 2
             or x.shape[0] > FUSED_LORA_MAX_ROWS
             or x.stride(-1) != 1

@@ -6,8 +6,8 @@ Projections run `lowp_panel_linear` (csrc/gemm_lowp_cpu.cpp) over panels packed 
 from AMX_MIN_ROWS (bf16) / AMX_MIN_ROWS_INT8 (int8) rows on AMX CPUs they run as bf16 tiles
 (quantized_linear.py says what that does to the activations). Outputs stay fp32, so every other
 native kernel (attention, norms, LoRA, rotary) runs unchanged.
-A bf16 slot table computes its deltas with PyTorch in bf16 (`TorchOps.lora`); an fp32 one
-keeps the native LoRA kernel.
+The native LoRA kernel reads an fp32 or a bf16 slot table (bf16 widened to fp32 in registers,
+fp32 sums); the fused base + LoRA decode pass stays fp32-only.
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ class LowpCpuOps(CpuNativeOps):
         return lm_head.layout in LOWP_PANELS or super().can_share_embedding(lm_head)
 
     def lora_batch(self, token_slots: list[tuple[int, int, int]]) -> LoraBatch | None:
-        """A table in another dtype takes PyTorch's layout (the native LoRA kernel reads fp32)."""
-        if self.adapter_dtype != self.dtype:
+        """The native LoRA kernel reads fp32 and bf16 tables (bf16 widened in registers); a table
+        in any other dtype, or a library that predates bf16 tables, takes PyTorch's layout."""
+        if self.adapter_dtype != self.dtype and not (
+            self.adapter_dtype == torch.bfloat16 and hasattr(self.kernels, "lora_rows_bf16")
+        ):
             return TorchOps.lora_batch(self, token_slots)
         return super().lora_batch(token_slots)

@@ -80,6 +80,8 @@ def test_bf16_with_lora_matches_peft_in_bf16(
 
     engine = make_engine(llama_dir, backend, dtype="bfloat16", adapter_dtype=adapter_dtype)
     assert engine.runner.lora.dtype == (torch.float32 if adapter_dtype else torch.bfloat16)
+    # the native backend runs both table dtypes through its own LoRA kernel (the row layout)
+    assert (engine.runner.ops.lora_batch([(0, 1, 0)]).rows is not None) == (backend == "native")
     chosen = [llama_adapters[1], llama_adapters[3]]  # attention-only, and all seven rsLoRA
     adapters = [parse_peft_adapter(p) for p in chosen]
     rows = [(PROMPTS[i], adapters[i % 2], chosen[i % 2]) for i in range(3)] + [(PROMPTS[3], None, None)]

@@ -59,7 +59,9 @@ def test_int8_quantiser_is_per_channel_symmetric() -> None:
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_lowp_linear_computes_the_dequantised_matrix(kind: str, fmt: str) -> None:
     ops = backend(kind, fmt)
-    amx = kind != "torch" and fmt == "bf16" and "amx" in ops.kernels.lowp_gemm_isa()
+    # AMX and AVX512_BF16's vdpbf16ps (lowp_gemm_isa "avx512+bf16dp") multiply bf16 activations
+    isa = "" if kind == "torch" else ops.kernels.lowp_gemm_isa()
+    amx = fmt == "bf16" and ("amx" in isa or "bf16dp" in isa)
     gen = torch.Generator().manual_seed(1)
     for out_f, in_f in SHAPES:
         w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
@@ -77,7 +79,7 @@ def test_lowp_linear_computes_the_dequantised_matrix(kind: str, fmt: str) -> Non
             for m in ROWS:
                 x = torch.randn(m, in_f, generator=gen)
                 y = ops.linear(x, lin)
-                # AMX multiplies bf16 activations: from AMX_MIN_ROWS rows on, x is rounded first
+                # from AMX_MIN_ROWS rows on those paths round x to bf16 first
                 xr = x.bfloat16().double() if amx and m >= AMX_MIN_ROWS else x.double()
                 ref = F.linear(xr, deq.double(), None if bias is None else bias.double()).float()
                 torch.testing.assert_close(y, ref, atol=2e-5 * in_f**0.5, rtol=1e-5)

@@ -37,6 +37,33 @@ def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots(
     assert torch.equal(results[1][untouched], results[0][untouched])
 
 
+def test_kernel_reads_a_bf16_table_as_its_exact_fp32_widening(kernel: ModuleType) -> None:
+    """A bf16 slot table (the default when serving bf16) must give what the fp32 kernel gives on
+    the same values widened to fp32: row and block paths, masked tails (widths 100 and 36, rank
+    20 chunks) and loaded ranks below the table's."""
+    g = torch.Generator().manual_seed(3)
+    slots, fin, outs, r = 4, 40, (100, 36), 24
+    a = torch.randn(slots, fin, len(outs) * r, generator=g).bfloat16()
+    bs = [torch.randn(slots, r, o, generator=g).bfloat16() for o in outs]
+    x = torch.randn(30, fin, generator=g)
+    token_slots = [(0, 1, 2), (1, 2, 0), (2, 13, 1), (13, 14, 3), (14, 30, 2)]
+    for ranks in (None, torch.tensor([24, 20, 5, 0])):
+        got, want = torch.zeros(30, sum(outs)), torch.zeros(30, sum(outs))
+        for table, out in (((a, bs), got), ((a.float(), [b.float() for b in bs]), want)):
+            ys = [out[:, :100], out[:, 100:]]
+            kernel.lora_rows(x, *_rows_slots(token_slots), table[0], table[1], ys, ranks)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="dtype"):  # A and B must agree
+        kernel.lora_rows(x, *_rows_slots(token_slots), a, [bs[0].float(), bs[1]], [got[:, :100], got[:, 100:]])
+
+
+def _rows_slots(token_slots: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [t for s, e, _ in token_slots for t in range(s, e)]
+    slots = [slot for s, e, slot in token_slots for _ in range(s, e)]
+    return torch.tensor(rows), torch.tensor(slots)
+
+
 def test_kernel_reads_only_each_slots_loaded_rank(kernel: ModuleType) -> None:
     """Slots of rank 3, 8, 21 and 0 (cleared) in a rank-32 table: with `slot_rank` the kernel
     skips the zero padding (and any garbage there, which this test plants) and gives the

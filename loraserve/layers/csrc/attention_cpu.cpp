@@ -75,6 +75,17 @@ inline float exp_shifted(float* s, int64_t n, float m) {
 }
 
 #if LORASERVE_SIMD
+// The cache is cold at every layer (a whole step's weights streamed through since it was last
+// read), and one head's slice of a position is a few lines out of each cache row, a stride the
+// hardware prefetcher follows late: the passes below ask for the lines this many positions ahead
+// (batch 1 on one Zen 4 core, ctx 229: 55 -> 49 us per layer in a real step; hot, 10 us).
+constexpr int64_t kPrefetchTokens = 8;
+
+inline void prefetch_head(const float* base, const int64_t* tb, int64_t BS, int64_t row, int64_t t, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(base + (tb[t / BS] * BS + t % BS) * row);
+  for (int64_t off = 0; off < D * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 // Scores and weighted sum of RB query rows that share one KV head, for head sizes of NV
 // vectors: the rows' queries and output accumulators stay in registers for the whole pass, so
 // each cached K and V row is loaded once per block of rows and no partial sum goes through
@@ -89,6 +100,7 @@ inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, in
     for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
   for (int64_t t = 0; t < n; ++t) {  // scores: one pass over K
     const float* k = kp + (tb[t / BS] * BS + t % BS) * row;
+    if (t + kPrefetchTokens < n) prefetch_head(kp, tb, BS, row, t + kPrefetchTokens, D);
     simd::V acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = simd::zero();
     for (int j = 0; j < NV; ++j) {
@@ -107,6 +119,7 @@ inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, in
     for (int j = 0; j < NV; ++j) o[r][j] = simd::zero();
   for (int64_t t = 0; t < n; ++t) {  // weighted sum: one pass over V
     const float* v = vp + (tb[t / BS] * BS + t % BS) * row;
+    if (t + kPrefetchTokens < n) prefetch_head(vp, tb, BS, row, t + kPrefetchTokens, D);
     simd::V w[RB];
     for (int r = 0; r < RB; ++r) w[r] = simd::set1(s[r * s_stride + t]);
     for (int j = 0; j < NV; ++j) {

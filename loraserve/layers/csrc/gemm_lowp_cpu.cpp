@@ -603,11 +603,19 @@ void amx_linear(bool bf16, const float* xp, int64_t ldx, int64_t M, int64_t K, c
 
 }  // namespace
 
+// bf16 panels x many rows with vdpbf16ps (csrc/gemm_bf16dp_cpu.cpp), where the build has AVX512_BF16
+bool bf16dp_available();
+void bf16dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, int64_t panel_bytes, int64_t P,
+                   int64_t n, const float* bias, float* y);
+// from this many rows bf16 panels multiply bf16 activations (as AMX does from kAmxMinRows)
+constexpr int64_t kBf16DpMinRows = 8;
+
 std::string lowp_gemm_isa() {
 #if defined(LORASERVE_AMX)
-  return amx_enabled() ? "avx512+amx" : "avx512";
-#elif LORASERVE_SIMD == 512
-  return "avx512";
+  if (amx_enabled()) return "avx512+amx";
+#endif
+#if LORASERVE_SIMD == 512
+  return bf16dp_available() ? "avx512+bf16dp" : "avx512";
 #elif LORASERVE_SIMD == 256
   return "avx2";
 #else
@@ -656,6 +664,10 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
     return y;
   }
 #endif
+  if (bf16 && M >= kBf16DpMinRows && bf16dp_available()) {
+    bf16dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, bp, yp);
+    return y;
+  }
   const int64_t chunks = (M + kMC - 1) / kMC;
   // one work item: a chunk of rows x one panel; panel-major, so a panel is read once per chunk
   at::parallel_for(0, P * chunks, 1, [&](int64_t lo, int64_t hi) {
