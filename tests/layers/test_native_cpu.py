@@ -55,7 +55,9 @@ def test_kernel_reads_a_bf16_table_as_its_exact_fp32_widening(kernel: ModuleType
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert got.abs().sum() > 0
     with pytest.raises(RuntimeError, match="dtype"):  # A and B must agree
-        kernel.lora_rows(x, *_rows_slots(token_slots), a, [bs[0].float(), bs[1]], [got[:, :100], got[:, 100:]])
+        kernel.lora_rows(
+            x, *_rows_slots(token_slots), a, [bs[0].float(), bs[1]], [got[:, :100], got[:, 100:]]
+        )
 
 
 def _rows_slots(token_slots: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
