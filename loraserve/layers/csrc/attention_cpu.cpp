@@ -77,13 +77,16 @@ inline float exp_shifted(float* s, int64_t n, float m) {
 #if LORASERVE_SIMD
 // The cache is cold at every layer (a whole step's weights streamed through since it was last
 // read), and one head's slice of a position is a few lines out of each cache row, a stride the
-// hardware prefetcher follows late: the passes below ask for the lines this many positions ahead
-// (batch 1 on one Zen 4 core, ctx 229: 55 -> 49 us per layer in a real step; hot, 10 us).
+// hardware prefetcher follows late: the first head's passes ask for the lines of every head the
+// work item will read (`pf` bytes from the slice) this many positions ahead, so the later heads'
+// passes find them in L2 (16 positions ahead measured no better). 2-core Zen 4, real steps:
+// batch 1 (ctx 229, 1 thread) 55 -> 39 us a layer (hot: 10); 32 rows (ctx ~230, 2 threads)
+// 1,068 -> 760 us.
 constexpr int64_t kPrefetchTokens = 8;
 
-inline void prefetch_head(const float* base, const int64_t* tb, int64_t BS, int64_t row, int64_t t, int64_t D) {
+inline void prefetch_rows(const float* base, const int64_t* tb, int64_t BS, int64_t row, int64_t t, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(base + (tb[t / BS] * BS + t % BS) * row);
-  for (int64_t off = 0; off < D * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
 // Scores and weighted sum of RB query rows that share one KV head, for head sizes of NV
@@ -93,14 +96,14 @@ inline void prefetch_head(const float* base, const int64_t* tb, int64_t BS, int6
 // decode rows that made attention cost as much as all the projections of an int8 step).
 template <int NV, int RB>
 inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t n, const float* kp,
-                      const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc) {
+                      const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf) {
   constexpr int64_t D = NV * simd::W;
   simd::V qv[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
   for (int64_t t = 0; t < n; ++t) {  // scores: one pass over K
     const float* k = kp + (tb[t / BS] * BS + t % BS) * row;
-    if (t + kPrefetchTokens < n) prefetch_head(kp, tb, BS, row, t + kPrefetchTokens, D);
+    if (pf && t + kPrefetchTokens < n) prefetch_rows(kp, tb, BS, row, t + kPrefetchTokens, pf);
     simd::V acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = simd::zero();
     for (int j = 0; j < NV; ++j) {
@@ -119,7 +122,7 @@ inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, in
     for (int j = 0; j < NV; ++j) o[r][j] = simd::zero();
   for (int64_t t = 0; t < n; ++t) {  // weighted sum: one pass over V
     const float* v = vp + (tb[t / BS] * BS + t % BS) * row;
-    if (t + kPrefetchTokens < n) prefetch_head(vp, tb, BS, row, t + kPrefetchTokens, D);
+    if (pf && t + kPrefetchTokens < n) prefetch_rows(vp, tb, BS, row, t + kPrefetchTokens, pf);
     simd::V w[RB];
     for (int r = 0; r < RB; ++r) w[r] = simd::set1(s[r * s_stride + t]);
     for (int j = 0; j < NV; ++j) {
@@ -134,23 +137,24 @@ inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, in
 // The G rows of one KV head, in blocks of as many rows as the registers hold.
 template <int NV>
 void head_all_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t G, int64_t n, const float* kp,
-                   const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc) {
+                   const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf) {
   constexpr int RB = NV <= 2 ? 4 : NV <= 4 ? 3 : 1;  // RB * NV accumulators + NV loads fit the registers
   constexpr int64_t D = NV * simd::W;
   int64_t r = 0;
   for (; r + RB <= G; r += RB)
-    head_rows<NV, RB>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc);
+    head_rows<NV, RB>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc, r ? 0 : pf);
   for (; r < G; ++r)
-    head_rows<NV, 1>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc);
+    head_rows<NV, 1>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc, r ? 0 : pf);
 }
 
 // false when the head size has no register path (the generic loop runs instead)
 inline bool head_fast(int64_t D, const float* q, float* out, float* s, int64_t s_stride, int64_t G, int64_t n,
-                      const float* kp, const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc) {
+                      const float* kp, const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc,
+                      int64_t pf) {
   switch (D) {
-    case 2 * simd::W: head_all_rows<2>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc); return true;
-    case 4 * simd::W: head_all_rows<4>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc); return true;
-    case 8 * simd::W: head_all_rows<8>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc); return true;
+    case 2 * simd::W: head_all_rows<2>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc, pf); return true;
+    case 4 * simd::W: head_all_rows<4>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc, pf); return true;
+    case 8 * simd::W: head_all_rows<8>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc, pf); return true;
     default: return false;
   }
 }
@@ -217,7 +221,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
         bool done = true;
         for (int64_t hh = 0; hh < per && done; ++hh)
           done = head_fast(D, qh + hh * G * D, op + (b * Hq + (h0 + hh) * G) * D, s + hh * G * max_ctx, max_ctx, G,
-                           n, kp + (h0 + hh) * D, vp + (h0 + hh) * D, tb, BS, row, sc);
+                           n, kp + (h0 + hh) * D, vp + (h0 + hh) * D, tb, BS, row, sc,
+                           hh ? 0 : per * D * 4);  // the first head prefetches the item's heads
         if (done) continue;
       }
 #endif
