@@ -35,6 +35,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# what the server logs when it has to run the PyTorch fallbacks (layers/native_cpu.py)
+NO_KERNELS = "native CPU kernels are not built for this machine"
+
+
 @dataclass
 class Server:
     """A server process on a loopback port; `kind` is "ours" or "llama"."""
@@ -68,11 +72,19 @@ class Server:
                 return " / ".join(tail) or "exited"
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return None
+                    return self._fallback_note()
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
         return f"not healthy after {timeout:.0f} s"
+
+    def _fallback_note(self) -> str | None:
+        """Ours without its native kernels (none built for these sources, e.g. a kernel edited
+        since the last `loraserve build-kernels`) serves the PyTorch fallbacks at a fraction of
+        the speed: not a figure to publish, so the run reports ours as unavailable instead."""
+        if self.kind == "ours" and NO_KERNELS in self.log.read_text(errors="replace"):
+            return "no native CPU kernels for these sources: run `loraserve build-kernels` first"
+        return None
 
     def rss_mb(self) -> dict[str, float]:
         """Current and peak resident memory of the process tree (MB)."""
