@@ -96,3 +96,16 @@ def test_summary_takes_medians_and_report_prints_ratios() -> None:
     assert "| 32 requests, each its own rank-16 adapter, tok/s, -t 2 | 150.0 | 30.0 | 5.00× | ≥ 3× |" in text
     assert "| server RSS MB, now / peak | 900 / 1000 | 400 / 500 | 2.00× | |" in text
     assert "ours: not available (--quantize int8 is not supported)" in text
+
+
+def test_ours_without_native_kernels_is_reported_not_measured(tmp_path: Path) -> None:
+    """A kernel edited since the last build leaves the server on the PyTorch fallbacks; the
+    harness must not publish that as our figure."""
+    from bench.llamacpp_systems import NO_KERNELS, Server
+
+    log = tmp_path / "ours.log"
+    log.write_text(f"WARNING loraserve.layers.native_cpu: {NO_KERNELS}, torch and source version (...)\n")
+    assert "build-kernels" in (Server("ours", "ours", [], log)._fallback_note() or "")
+    assert Server("llama", "llama", [], log)._fallback_note() is None
+    log.write_text("INFO loraserve.layers.native_cpu: native CPU kernels loaded from /x.so\n")
+    assert Server("ours", "ours", [], log)._fallback_note() is None
