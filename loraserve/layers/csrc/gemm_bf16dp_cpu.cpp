@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "over_rows.h"
 #include "simd.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -99,12 +100,9 @@ void bf16dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char
       const uint16_t* wp = reinterpret_cast<const uint16_t*>(w + p * panel_bytes);
       const int64_t cols = std::min(kNR, n - p * kNR);
       const float* bp = bias ? bias + p * kNR : nullptr;
-      const int64_t nb = (rows + kMR - 1) / kMR;  // blocks as even as possible (13 rows: 7 + 6)
-      for (int64_t b = 0, r = 0; b < nb; ++b) {
-        const int mr = static_cast<int>((rows * (b + 1)) / nb - (rows * b) / nb);
+      over_blocks(rows, kMR, [&](int64_t r, int mr) {
         dp_rows<kMR>(mr, xp + (r0 + r) * ldp, ldp, wp, pairs, y + (r0 + r) * n + p * kNR, n, bp, cols);
-        r += mr;
-      }
+      });
     }
   });
 }

@@ -23,6 +23,7 @@
 #include <optional>
 #include <vector>
 
+#include "over_rows.h"
 #include "simd.h"
 
 namespace {
@@ -177,12 +178,9 @@ void panel_rows(const float* x, int64_t ldx, const Tile* t, int64_t np, int64_t 
   }
   for (int64_t q = 0; q < np; ++q) {
     // the rest spread evenly over register blocks (32 rows: 11 + 11 + 10, not 12 + 12 + 8)
-    const int64_t left = rows - done, nb = (left + kMR - 1) / kMR;
-    for (int64_t b = 0, r = done; b < nb; ++b) {
-      const int mr = static_cast<int>((left * (b + 1)) / nb - (left * b) / nb);
-      rows_block<kMR>(mr, x + r * ldx, ldx, t[q], y + r * ldy + q * kNR, ldy, pf);
-      r += mr;
-    }
+    const float* xd = x + done * ldx;
+    float* yd = y + done * ldy + q * kNR;
+    over_blocks(rows - done, kMR, [&](int64_t r, int mr) { rows_block<kMR>(mr, xd + r * ldx, ldx, t[q], yd + r * ldy, ldy, pf); });
   }
 }
 
@@ -273,14 +271,8 @@ void rows_block(int mr, const float* x, int64_t ldx, const Tile& t, float* y, in
 template <class PF = NoPf>
 void panel_rows(const float* x, int64_t ldx, const Tile* t, int64_t np, int64_t rows, float* y, int64_t ldy,
                 PF& pf = no_pf) {
-  const int64_t nb = (rows + kMR - 1) / kMR;  // evenly: 16 rows are 6 + 5 + 5, not 6 + 6 + 4
-  for (int64_t q = 0; q < np; ++q) {
-    for (int64_t b = 0, r = 0; b < nb; ++b) {
-      const int mr = static_cast<int>((rows * (b + 1)) / nb - (rows * b) / nb);
-      rows_block<kMR>(mr, x + r * ldx, ldx, t[q], y + r * ldy + q * kNR, ldy, pf);
-      r += mr;
-    }
-  }
+  for (int64_t q = 0; q < np; ++q)  // evenly: 16 rows are 6 + 5 + 5, not 6 + 6 + 4
+    over_blocks(rows, kMR, [&](int64_t r, int mr) { rows_block<kMR>(mr, x + r * ldx, ldx, t[q], y + r * ldy + q * kNR, ldy, pf); });
 }
 #endif
 

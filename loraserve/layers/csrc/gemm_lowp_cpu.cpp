@@ -31,6 +31,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "over_rows.h"
 #include "simd.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
@@ -325,17 +326,6 @@ void f32_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& 
     if (mr < MR) return f32_rows<MR - 1>(mr, x, ldx, w, t, y, ldy);
   }
   for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) f32_block<MR, kFV>(x, ldx, w, t, c0, y, ldy);
-}
-
-// `rows` evenly over blocks of at most MR rows (7 rows on AVX2: 3 + 2 + 2, not 3 + 3 + 1)
-template <typename F>
-LS_INLINE void over_blocks(int64_t rows, int64_t most, const F& f) {
-  const int64_t nb = (rows + most - 1) / most;
-  for (int64_t b = 0, r = 0; b < nb; ++b) {
-    const int mr = static_cast<int>((rows * (b + 1)) / nb - (rows * b) / nb);
-    f(r, mr);
-    r += mr;
-  }
 }
 
 template <bool BF16>
