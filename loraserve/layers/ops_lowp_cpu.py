@@ -39,6 +39,11 @@ class LowpCpuOps(CpuNativeOps):
         self.weights, self.adapter_dtype = weights, adapter_dtype or dtype
         # a library built before the low-precision kernel existed has no `lowp_panel_linear`
         self.lowp_panels = hasattr(kernels, "lowp_panel_linear")
+        # the native LoRA kernel reads fp32 and bf16 tables (bf16 widened in registers); a table
+        # in any other dtype, or a library that predates bf16 tables, takes PyTorch's layout
+        self.native_lora = self.adapter_dtype == dtype or (
+            self.adapter_dtype == torch.bfloat16 and hasattr(kernels, "lora_rows_bf16")
+        )
 
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         if self.weights == "plain":
@@ -68,10 +73,6 @@ class LowpCpuOps(CpuNativeOps):
         return lm_head.layout in LOWP_PANELS or super().can_share_embedding(lm_head)
 
     def lora_batch(self, token_slots: list[tuple[int, int, int]]) -> LoraBatch | None:
-        """The native LoRA kernel reads fp32 and bf16 tables (bf16 widened in registers); a table
-        in any other dtype, or a library that predates bf16 tables, takes PyTorch's layout."""
-        if self.adapter_dtype != self.dtype and not (
-            self.adapter_dtype == torch.bfloat16 and hasattr(self.kernels, "lora_rows_bf16")
-        ):
+        if not self.native_lora:
             return TorchOps.lora_batch(self, token_slots)
         return super().lora_batch(token_slots)
