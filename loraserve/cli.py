@@ -84,6 +84,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         quantize=args.quantize,
         adapter_dtype=args.adapter_dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         max_batch_total_tokens=args.max_batch_total_tokens,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,

@@ -22,6 +22,7 @@ class EngineConfig:
     dtype: str = "float32"
     quantize: str | None = None  # "int8" (or LoRAX's bitsandbytes/eetq): int8 weights (layers/precision.py)
     adapter_dtype: str | None = None  # LoRA slot table: float32 | bfloat16 (default: dtype)
+    kv_cache_dtype: str | None = None  # auto | float32 | bfloat16 | float16 (layers/precision.py)
     device: str = "cpu"
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # a KV byte budget to fill (default: from the workload)

@@ -53,8 +53,10 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        # weights in the serving dtype (or int8), activations and KV cache in `dtype` (layers/precision.py)
-        self.precision = prec = resolve_precision(dtype, device, cfg.quantize, cfg.adapter_dtype)
+        # weights in the serving dtype (or int8), activations in `dtype`, KV cache in `prec.kv` (layers/precision.py)
+        self.precision = prec = resolve_precision(
+            dtype, device, cfg.quantize, cfg.adapter_dtype, cfg.kv_cache_dtype
+        )
         dtype = prec.compute
         self.mc, self.dtype, self.device, self.block_size = mc, dtype, device, cfg.block_size
         cls = model_class(mc.architecture)
@@ -68,10 +70,10 @@ class ModelRunner:
             str(prec.adapter).replace("torch.", ""),
         )
         weights = prec.to_compute(load_checkpoint(model_dir, mc.num_hidden_layers, prec.load, device))
-        num_blocks = kv_cache_blocks(cfg, mc, max_total_tokens, dtype, device)
+        num_blocks = kv_cache_blocks(cfg, mc, max_total_tokens, prec.kv, device)
         shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
         self.kv_caches = [
-            (zeros_on_huge_pages(shape, dtype, device), zeros_on_huge_pages(shape, dtype, device))
+            (zeros_on_huge_pages(shape, prec.kv, device), zeros_on_huge_pages(shape, prec.kv, device))
             for _ in range(mc.num_hidden_layers)
         ]
         self.blocks = BlockManager(num_blocks, cfg.block_size)

@@ -64,9 +64,10 @@ class AttentionMeta:
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
+    """New keys and values into their slots, rounded to the cache's dtype (`--kv-cache-dtype`)."""
     nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _fold_gqa(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -88,16 +89,17 @@ def _all_single_decodes(grp: PagedGroup, num_tokens: int) -> bool:
 
 
 def _gather_context(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, grp: PagedGroup
+    k_cache: torch.Tensor, v_cache: torch.Tensor, grp: PagedGroup, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, Hkv, max_ctx, D] views of each sequence's K and V, copied out of its blocks."""
+    """[B, Hkv, max_ctx, D] views of each sequence's K and V, copied out of its blocks, in the
+    queries' `dtype` (a 16-bit cache under fp32 activations is widened here)."""
     b, nb = grp.block_tables.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     # index_select copies whole contiguous blocks (much faster than advanced indexing on CPU)
     flat = grp.block_tables.view(-1)
     kg = k_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, : grp.max_ctx].transpose(1, 2)
     vg = v_cache.index_select(0, flat).view(b, nb * bs, hkv, -1)[:, : grp.max_ctx].transpose(1, 2)
-    return kg, vg
+    return kg.to(dtype), vg.to(dtype)
 
 
 def _kernel_decode(
@@ -178,7 +180,7 @@ def paged_attention(
             return _kernel_decode(q, k_cache, v_cache, grp, scale, decode)
         # one query per sequence: folding GQA heads is a plain view and the output needs no scatter
         b, hq, d = q.shape
-        kg, vg = _gather_context(k_cache, v_cache, grp)
+        kg, vg = _gather_context(k_cache, v_cache, grp, q.dtype)
         o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), kg, vg, attn_mask=grp.mask, scale=scale)
         return o.reshape(b, hq, d)
     out = torch.empty_like(q)
@@ -206,7 +208,7 @@ def paged_attention(
             qg = q.new_zeros(b * lq, *q.shape[1:])
             qg.index_copy_(0, grp.pad_rows, q.index_select(0, grp.q_rows))
             qg = qg.view(b, lq, *q.shape[1:])
-        kg, vg = _gather_context(k_cache, v_cache, grp)
+        kg, vg = _gather_context(k_cache, v_cache, grp, q.dtype)
         mask = grp.mask if window is None else _window_mask(grp, g, window)
         o = _attend(_fold_gqa(qg, hkv), kg, vg, mask, scale, softcap)
         o = _unfold_gqa(o, lq).reshape(b * lq, *q.shape[1:])

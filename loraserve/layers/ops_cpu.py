@@ -58,6 +58,13 @@ class CpuNativeOps(TorchOps):
             and hasattr(kernels, "panel_lora_linear")
             and os.environ.get(ENV_FUSED_LORA, "1").strip().lower() not in ("0", "false", "no", "off")
         )
+        # cache dtypes the decode attention kernel reads: bf16 only from the build that widens it
+        self.decode_dtypes = {torch.float32}
+        if hasattr(kernels, "decode_attention_bf16"):
+            self.decode_dtypes.add(torch.bfloat16)
+
+    def decode_reads(self, cache_dtype: torch.dtype) -> bool:
+        return cache_dtype in self.decode_dtypes
 
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         if self.pack and self.panels and weight.dtype == torch.float32 and weight.device.type == "cpu":
@@ -146,7 +153,8 @@ class CpuNativeOps(TorchOps):
         window: int | None = None,
         softcap: float | None = None,
     ) -> torch.Tensor:
-        if window is not None or softcap is not None:  # the decode kernel does neither
+        if window is not None or softcap is not None or not self.decode_reads(k_cache.dtype):
+            # the decode kernel does neither, nor an fp16 cache (nor bf16, if built before it could)
             return super().paged_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
         return attention.paged_attention(
             q, k, v, k_cache, v_cache, meta, scale, decode=self.kernels.paged_decode_attention

@@ -141,6 +141,14 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         "dtype of the LoRA adapters' weights and deltas (default: --dtype).",
         choices=("float32", "bfloat16"),
     ),
+    Flag(
+        "--kv-cache-dtype",
+        "dtype of the KV cache. auto: bf16 for low-precision weights on CPU (--dtype bfloat16, --quantize int8), "
+        "else the activations' dtype; "
+        "bfloat16 halves the cache's memory and the bytes attention reads, at bf16 rounding of keys and values.",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    ),
     Flag("--compile", "torch.compile the model (not supported yet).", kind="bool"),
     Flag(
         "--trust-remote-code",

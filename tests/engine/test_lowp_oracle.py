@@ -131,7 +131,8 @@ def test_int8_computes_exactly_the_dequantised_model(
     oracle = make_engine(
         dequantised_checkpoint(path, tmp_path_factory.getbasetemp() / f"deq-{arch}"), "torch"
     )
-    engine = make_engine(path, backend, quantize="int8")
+    # the oracle runs an fp32 cache (int8's default is bf16: tests/engine/test_kv_cache_dtype.py)
+    engine = make_engine(path, backend, quantize="int8", kv_cache_dtype="float32")
     assert engine.runner.precision.weights == "int8"
     fp32 = make_engine(path, "torch")
     for ids in PROMPTS:

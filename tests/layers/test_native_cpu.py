@@ -194,22 +194,25 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
     # batch-1 split, GQA, MHA, odd D; register paths: 8 rows per KV head (blocks + a tail), D = 128
     [(1, 9, 3, 64), (5, 9, 3, 64), (3, 4, 4, 32), (4, 6, 2, 40), (5, 8, 1, 64), (4, 4, 2, 128)],
 )
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_attention_matches_sdpa_on_gathered_context(
-    kernel: ModuleType, batch: int, hq: int, hkv: int, d: int
+    kernel: ModuleType, batch: int, hq: int, hkv: int, d: int, cache_dtype: torch.dtype
 ) -> None:
+    """A bf16 cache is read as its exact fp32 widening: the reference gets the widened copy, so
+    the tolerance stays fp32's."""
     g = torch.Generator().manual_seed(batch + d)
     blocks, bs = 40, 4
-    k_cache = torch.randn(blocks, bs, hkv, d, generator=g)
-    v_cache = torch.randn(blocks, bs, hkv, d, generator=g)
+    k_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(cache_dtype)
+    v_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(cache_dtype)
     lens = [1, 13, 32, 7, 30][:batch]
     tables = torch.stack([torch.randperm(blocks, generator=g)[:8] for _ in range(batch)])
     # q as the model passes it: a head slice of the rotated q|k tensor (strided rows)
     qk = torch.randn(batch, hq + hkv, d, generator=g)
     q = qk[:, :hq]
     got = kernel.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens), 0.3)
-    torch.testing.assert_close(
-        got, _reference_decode(q, k_cache, v_cache, tables, lens, 0.3), atol=1e-5, rtol=1e-5
-    )
+    assert got.dtype == torch.float32
+    want = _reference_decode(q, k_cache.float(), v_cache.float(), tables, lens, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_cache(kernel: ModuleType) -> None:
@@ -219,6 +222,14 @@ def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_cache(ker
         kernel.paged_decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]), torch.tensor([5]), 1.0)
     with pytest.raises(RuntimeError, match="block id"):
         kernel.paged_decode_attention(q, k_cache, k_cache, torch.tensor([[0, 9]]), torch.tensor([3]), 1.0)
+    assert kernel.decode_attention_bf16()
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        kernel.paged_decode_attention(
+            q, k_cache, k_cache.bfloat16(), torch.tensor([[0, 1]]), torch.tensor([3]), 1.0
+        )
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        half = k_cache.half()
+        kernel.paged_decode_attention(q, half, half, torch.tensor([[0, 1]]), torch.tensor([3]), 1.0)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])  # 300 x 576 takes the parallel path

@@ -73,6 +73,17 @@ def test_native_kernels_flag_reaches_the_engine_config() -> None:
     assert _engine_config(on).native_kernels and not _engine_config(off).native_kernels
 
 
+def test_kv_cache_dtype_flag_reaches_the_engine_config() -> None:
+    from loraserve.cli import _engine_config
+
+    default = build_parser().parse_args(["serve", "--model-id", "m"])
+    bf16 = build_parser().parse_args(["serve", "--model-id", "m", "--kv-cache-dtype", "bfloat16"])
+    assert _engine_config(default).kv_cache_dtype == "auto"
+    assert _engine_config(bf16).kv_cache_dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model-id", "m", "--kv-cache-dtype", "fp8"])
+
+
 @pytest.mark.parametrize("extra", [["--quantize", "gptq"], ["--num-shard", "2"], ["--compile"]])
 def test_unimplemented_features_refuse_to_start(extra: list[str], capsys: pytest.CaptureFixture) -> None:
     assert main(["serve", "--model-id", "m", *extra]) == 2

@@ -8,6 +8,10 @@
 // once for V (weighted sum), so the cache is read exactly once and nothing is allocated
 // but one score row per thread. The G query heads that share a KV head are handled
 // together, so GQA never repeats K/V either.
+//
+// The cache may be bf16 (`--kv-cache-dtype bfloat16`, the default when serving bf16): each value
+// is widened to fp32 in registers as it streams (widen.h), so the pass reads half the bytes and the
+// scores, softmax and sums stay fp32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -20,20 +24,25 @@
 
 #include "fast_exp.h"
 #include "simd.h"
+#include "widen.h"
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+using widen::bf16_t;
+using widen::to_f;
+
+template <typename T>  // the cache's element: float or bf16_t
+inline float dot(const float* a, const T* b, int64_t n) {
 #if LORASERVE_SIMD
   if (n % simd::W == 0) {  // head sizes are multiples of 16 in practice: 4 (AVX2: 8) FMAs and one sum at D=64
     simd::V acc = simd::zero();
-    for (int64_t i = 0; i < n; i += simd::W) acc = simd::fma(simd::load(a + i), simd::load(b + i), acc);
+    for (int64_t i = 0; i < n; i += simd::W) acc = simd::fma(simd::load(a + i), widen::wload(b + i), acc);
     return simd::sum(acc);
   }
 #endif
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * to_f(b[i]);
   return sum;
 }
 
@@ -84,7 +93,8 @@ inline float exp_shifted(float* s, int64_t n, float m) {
 // 1,068 -> 760 us.
 constexpr int64_t kPrefetchTokens = 8;
 
-inline void prefetch_rows(const float* base, const int64_t* tb, int64_t BS, int64_t row, int64_t t, int64_t bytes) {
+template <typename T>
+inline void prefetch_rows(const T* base, const int64_t* tb, int64_t BS, int64_t row, int64_t t, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(base + (tb[t / BS] * BS + t % BS) * row);
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
@@ -94,20 +104,20 @@ inline void prefetch_rows(const float* base, const int64_t* tb, int64_t BS, int6
 // each cached K and V row is loaded once per block of rows and no partial sum goes through
 // memory (the generic loop reloads and stores every row's accumulator once per token; at 32
 // decode rows that made attention cost as much as all the projections of an int8 step).
-template <int NV, int RB>
-inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t n, const float* kp,
-                      const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf) {
+template <int NV, int RB, typename T>
+inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t n, const T* kp,
+                      const T* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf) {
   constexpr int64_t D = NV * simd::W;
   simd::V qv[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
   for (int64_t t = 0; t < n; ++t) {  // scores: one pass over K
-    const float* k = kp + (tb[t / BS] * BS + t % BS) * row;
+    const T* k = kp + (tb[t / BS] * BS + t % BS) * row;
     if (pf && t + kPrefetchTokens < n) prefetch_rows(kp, tb, BS, row, t + kPrefetchTokens, pf);
     simd::V acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = simd::zero();
     for (int j = 0; j < NV; ++j) {
-      const simd::V kv = simd::load(k + j * simd::W);
+      const simd::V kv = widen::wload(k + j * simd::W);
       for (int r = 0; r < RB; ++r) acc[r] = simd::fma(qv[r][j], kv, acc[r]);
     }
     for (int r = 0; r < RB; ++r) s[r * s_stride + t] = simd::sum(acc[r]) * sc;
@@ -121,12 +131,12 @@ inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, in
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < NV; ++j) o[r][j] = simd::zero();
   for (int64_t t = 0; t < n; ++t) {  // weighted sum: one pass over V
-    const float* v = vp + (tb[t / BS] * BS + t % BS) * row;
+    const T* v = vp + (tb[t / BS] * BS + t % BS) * row;
     if (pf && t + kPrefetchTokens < n) prefetch_rows(vp, tb, BS, row, t + kPrefetchTokens, pf);
     simd::V w[RB];
     for (int r = 0; r < RB; ++r) w[r] = simd::set1(s[r * s_stride + t]);
     for (int j = 0; j < NV; ++j) {
-      const simd::V vv = simd::load(v + j * simd::W);
+      const simd::V vv = widen::wload(v + j * simd::W);
       for (int r = 0; r < RB; ++r) o[r][j] = simd::fma(w[r], vv, o[r][j]);
     }
   }
@@ -135,21 +145,22 @@ inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, in
 }
 
 // The G rows of one KV head, in blocks of as many rows as the registers hold.
-template <int NV>
-void head_all_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t G, int64_t n, const float* kp,
-                   const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf) {
+template <int NV, typename T>
+void head_all_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t G, int64_t n, const T* kp,
+                   const T* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf) {
   constexpr int RB = NV <= 2 ? 4 : NV <= 4 ? 3 : 1;  // RB * NV accumulators + NV loads fit the registers
   constexpr int64_t D = NV * simd::W;
   int64_t r = 0;
   for (; r + RB <= G; r += RB)
-    head_rows<NV, RB>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc, r ? 0 : pf);
+    head_rows<NV, RB, T>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc, r ? 0 : pf);
   for (; r < G; ++r)
-    head_rows<NV, 1>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc, r ? 0 : pf);
+    head_rows<NV, 1, T>(q + r * D, out + r * D, s + r * s_stride, s_stride, n, kp, vp, tb, BS, row, sc, r ? 0 : pf);
 }
 
 // false when the head size has no register path (the generic loop runs instead)
+template <typename T>
 inline bool head_fast(int64_t D, const float* q, float* out, float* s, int64_t s_stride, int64_t G, int64_t n,
-                      const float* kp, const float* vp, const int64_t* tb, int64_t BS, int64_t row, float sc,
+                      const T* kp, const T* vp, const int64_t* tb, int64_t BS, int64_t row, float sc,
                       int64_t pf) {
   switch (D) {
     case 2 * simd::W: head_all_rows<2>(q, out, s, s_stride, G, n, kp, vp, tb, BS, row, sc, pf); return true;
@@ -160,46 +171,12 @@ inline bool head_fast(int64_t D, const float* q, float* out, float* s, int64_t s
 }
 #endif
 
-}  // namespace
-
-// q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
-// ctx_lens: [B] int64 (positions 0..ctx-1 are attended). Returns [B, Hq, D].
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& ctx_lens, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 &&
-                  q.stride(1) == q.size(2),
-              "q must be a CPU float32 [B, Hq, D] tensor with contiguous heads");
-  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && k_cache.dim() == 4 && k_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
-                  v_cache.scalar_type() == torch::kFloat32,
-              "k_cache/v_cache must be contiguous float32 [NB, BS, Hkv, D]");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.dim() == 2 && block_tables.is_contiguous(),
-              "block_tables must be contiguous int64 [B, nblk]");
-  TORCH_CHECK(ctx_lens.scalar_type() == torch::kInt64 && ctx_lens.is_contiguous(), "ctx_lens must be int64");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2);
-  const int64_t nblk = block_tables.size(1);
-  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "head shapes do not match");
-  TORCH_CHECK(block_tables.size(0) == B && ctx_lens.numel() == B, "one block table and length per row");
-  const int64_t G = Hq / Hkv;
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
-  int64_t max_ctx = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lens[b] > 0 && lens[b] <= nblk * BS, "context length out of range for its block table");
-    for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; ++i)
-      TORCH_CHECK(tables[b * nblk + i] >= 0 && tables[b * nblk + i] < NB, "block id out of range");
-    max_ctx = std::max(max_ctx, lens[b]);
-  }
-  auto out = torch::empty({B, Hq, D}, q.options());
-  const int64_t q_row = q.stride(0);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  const int64_t row = Hkv * D;  // floats between consecutive positions of one head in a block
+// The work of paged_decode_attention over a cache of T (float, or bf16 widened in registers).
+template <typename T>
+void decode_items(const float* qp, int64_t q_row, const T* kp, const T* vp, float* op, const int64_t* tables,
+                  const int64_t* lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t G, int64_t BS,
+                  int64_t nblk, int64_t max_ctx, float sc) {
+  const int64_t row = Hkv * D;  // elements between consecutive positions of one head in a block
   // Work items are (sequence, range of KV heads). With at least as many sequences as
   // threads, an item takes all heads of its sequence, so each pass reads whole contiguous
   // cache rows (all heads of a position) in block order, which the prefetcher follows;
@@ -222,12 +199,13 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
         for (int64_t hh = 0; hh < per && done; ++hh)
           done = head_fast(D, qh + hh * G * D, op + (b * Hq + (h0 + hh) * G) * D, s + hh * G * max_ctx, max_ctx, G,
                            n, kp + (h0 + hh) * D, vp + (h0 + hh) * D, tb, BS, row, sc,
-                           hh ? 0 : per * D * 4);  // the first head prefetches the item's heads
+                           // the first head prefetches the item's heads
+                           hh ? 0 : per * D * static_cast<int64_t>(sizeof(T)));
         if (done) continue;
       }
 #endif
       for (int64_t t = 0; t < n; ++t) {  // scores: one pass over K
-        const float* k = kp + (tb[t / BS] * BS + t % BS) * row + h0 * D;
+        const T* k = kp + (tb[t / BS] * BS + t % BS) * row + h0 * D;
         for (int64_t r = 0; r < rows; ++r) s[r * max_ctx + t] = dot(qh + r * D, k + (r / G) * D, D) * sc;
       }
       for (int64_t r = 0; r < rows; ++r) {  // softmax per query head
@@ -237,17 +215,65 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < n; ++t) {  // weighted sum: one pass over V
-        const float* v = vp + (tb[t / BS] * BS + t % BS) * row + h0 * D;
+        const T* v = vp + (tb[t / BS] * BS + t % BS) * row + h0 * D;
         for (int64_t r = 0; r < rows; ++r) {
           const float w = s[r * max_ctx + t];
-          const float* vr = v + (r / G) * D;
+          const T* vr = v + (r / G) * D;
           float* a = acc.data() + r * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += w * vr[d];
+          for (int64_t d = 0; d < D; ++d) a[d] += w * to_f(vr[d]);
         }
       }
       std::copy(acc.begin(), acc.end(), op + (b * Hq + h0 * G) * D);
     }
   });
+}
+
+}  // namespace
+
+// q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
+// ctx_lens: [B] int64 (positions 0..ctx-1 are attended). Returns [B, Hq, D].
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                     const torch::Tensor& ctx_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 &&
+                  q.stride(1) == q.size(2),
+              "q must be a CPU float32 [B, Hq, D] tensor with contiguous heads");
+  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || k_cache.scalar_type() == torch::kFloat32) && k_cache.dim() == 4 && k_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "k_cache/v_cache must be contiguous [NB, BS, Hkv, D], both float32 or both bfloat16");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              "block_tables must be contiguous int64 [B, nblk]");
+  TORCH_CHECK(ctx_lens.scalar_type() == torch::kInt64 && ctx_lens.is_contiguous(), "ctx_lens must be int64");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t nblk = block_tables.size(1);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "head shapes do not match");
+  TORCH_CHECK(block_tables.size(0) == B && ctx_lens.numel() == B, "one block table and length per row");
+  const int64_t G = Hq / Hkv;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
+  int64_t max_ctx = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] > 0 && lens[b] <= nblk * BS, "context length out of range for its block table");
+    for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; ++i)
+      TORCH_CHECK(tables[b * nblk + i] >= 0 && tables[b * nblk + i] < NB, "block id out of range");
+    max_ctx = std::max(max_ctx, lens[b]);
+  }
+  auto out = torch::empty({B, Hq, D}, q.options());
+  const float sc = static_cast<float>(scale);
+  if (bf16) {
+    decode_items<bf16_t>(q.data_ptr<float>(), q.stride(0), static_cast<const bf16_t*>(k_cache.data_ptr()),
+                         static_cast<const bf16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), tables, lens, B, Hq,
+                         Hkv, D, G, BS, nblk, max_ctx, sc);
+  } else {
+    decode_items<float>(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                        out.data_ptr<float>(), tables, lens, B, Hq, Hkv, D, G, BS, nblk, max_ctx, sc);
+  }
   return out;
 }
+
+// whether paged_decode_attention reads a bf16 cache (a library built before it could did not)
+bool decode_attention_bf16() { return true; }

@@ -11,6 +11,7 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
 bool lora_rows_bf16();
+bool decode_attention_bf16();
 
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
@@ -45,6 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("rows"), pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("ys"),
         pybind11::arg("slot_rank") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows_bf16", &lora_rows_bf16, "whether lora_rows reads bf16 slot tables");
+  m.def("decode_attention_bf16", &decode_attention_bf16, "whether paged_decode_attention reads a bf16 KV cache");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim", pybind11::call_guard<pybind11::gil_scoped_release>());
