@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from loraserve import __version__
@@ -20,6 +20,7 @@ from loraserve.server.config import ServerConfig
 from loraserve.server.errors import install_error_handlers
 from loraserve.server.generation import GenerationService
 from loraserve.server.metrics import ServerMetrics
+from loraserve.server.request_counter import RequestCounter
 from loraserve.server.request_guard import RequestGuard
 from loraserve.server.state import ServerState
 
@@ -84,14 +85,7 @@ def create_app(state: ServerState) -> FastAPI:
             allow_headers=["*"],
         )
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        state.metrics.requests.labels(route=path, status=str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(RequestCounter, counter=state.metrics.requests)
     state.metrics.install(app, state.aengine.engine)  # LoRAX's request metrics; times forward passes
     # Added last, so it runs first: oversized or non-UTF-8 bodies never reach FastAPI.
     app.add_middleware(

@@ -278,6 +278,27 @@ def test_metrics_exposes_the_serving_signals(server: ServerProcess) -> None:
     assert 'route="/generate",status="200"' in text
 
 
+def _request_count(server: ServerProcess, route: str, status: int) -> float:
+    want = f'loraserve_request_total{{route="{route}",status="{status}"}} '
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(want):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_request_counter_counts_streams_errors_and_unmatched_routes(server: ServerProcess) -> None:
+    """Each request once, by its matched route and the status it got (a stream when it ends)."""
+    cases = [("/generate_stream", 200), ("/generate", 422), ("unmatched", 404)]
+    before = {c: _request_count(server, *c) for c in cases}
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}
+    with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as r:
+        assert sum(1 for line in r.iter_lines() if line.startswith("data:")) == 3
+    bad = {"inputs": PROMPT, "parameters": {"max_new_tokens": -1}}
+    assert httpx.post(server.url + "/generate", json=bad, timeout=60).status_code == 422
+    assert httpx.get(server.url + "/no-such-route", timeout=60).status_code == 404
+    assert {c: _request_count(server, *c) - before[c] for c in cases} == dict.fromkeys(cases, 1.0)
+
+
 def _gauge(server: ServerProcess, name: str) -> float:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
         if line.startswith(name + " "):
