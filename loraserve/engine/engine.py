@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
-from loraserve.engine.config import DTYPES, EngineConfig
+from loraserve.engine.config import EngineConfig
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.errors import RequestError
 from loraserve.engine.grammar import cut_drafts, draft_masks, grammar_compiler
@@ -39,6 +39,7 @@ from loraserve.engine.speculators import Speculators
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
 from loraserve.host_allocator import keep_freed_memory
+from loraserve.layers.precision import DTYPES
 from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,8 @@ OTHER_LORAX_QUANTIZE = (
     "hqq-3bit",
     "hqq-2bit",
 )
-KV_CACHE_DTYPES = {
+# every dtype name a flag accepts (`--dtype`, `--kv-cache-dtype`)
+DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -51,6 +52,7 @@ KV_CACHE_DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+KV_CACHE_DTYPES = DTYPES
 ADAPTER_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
