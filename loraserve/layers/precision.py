@@ -52,7 +52,6 @@ DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
-KV_CACHE_DTYPES = DTYPES
 ADAPTER_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -114,16 +113,16 @@ def resolve_precision(
     quant = weight_quantization(quantize)
     if adapter_dtype is not None and adapter_dtype not in ADAPTER_DTYPES:
         raise PrecisionError(f"--adapter-dtype {adapter_dtype} is not one of float32, bfloat16")
-    if kv_cache_dtype not in (None, "auto") and kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise PrecisionError(
-            f"--kv-cache-dtype {kv_cache_dtype} is not one of auto, float32, bfloat16, float16"
-        )
     adapter = ADAPTER_DTYPES[adapter_dtype] if adapter_dtype else dtype
     cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16
     compute = torch.float32 if cpu_bf16 else dtype
-    # low-precision weights on CPU (bf16 or int8): a bf16 cache, as llama.cpp's F16 one beside Q8_0
-    auto = torch.bfloat16 if device.type == "cpu" and (cpu_bf16 or quant) else compute
-    kv = KV_CACHE_DTYPES[kv_cache_dtype] if kv_cache_dtype not in (None, "auto") else auto
-    if cpu_bf16:
-        return Precision(compute, torch.bfloat16, quant or "bf16", adapter, kv)
-    return Precision(compute, dtype, quant or "plain", adapter, kv)
+    if kv_cache_dtype in (None, "auto"):
+        # low-precision weights on CPU (bf16 or int8): a bf16 cache, as llama.cpp's F16 one beside Q8_0
+        kv = torch.bfloat16 if device.type == "cpu" and (cpu_bf16 or quant) else compute
+    elif kv_cache_dtype in DTYPES:
+        kv = DTYPES[kv_cache_dtype]
+    else:
+        raise PrecisionError(
+            f"--kv-cache-dtype {kv_cache_dtype} is not one of auto, float32, bfloat16, float16"
+        )
+    return Precision(compute, dtype, quant or ("bf16" if cpu_bf16 else "plain"), adapter, kv)
