@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from loraserve.adapters.peft_format import parse_peft_adapter
-from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.engine.engine import Engine
 from loraserve.engine.memory_plan import kv_bytes_per_token
 from loraserve.engine.params import SamplingParams
 from loraserve.layers.precision import PrecisionError, resolve_precision
-from tests.fixtures.native import native_kernel_or_skip
+from tests.fixtures.engines import cpu_engine
 
 PROMPTS = [
     [1, 17, 33, 90, 5, 61, 7],
@@ -29,20 +29,7 @@ NEW_TOKENS = 24  # past a 16-token block: the decode reads several blocks
 
 
 def make_engine(path: Path, backend: str, **kw) -> Engine:
-    if backend == "native":
-        native_kernel_or_skip()
-    return Engine.from_pretrained(
-        path,
-        EngineConfig(
-            kv_cache_memory_bytes=16 << 20,
-            adapter_memory_bytes=32 << 20,
-            native_kernels=backend == "native",
-            max_active_adapters=4,
-            max_lora_rank=16,
-            prefix_caching=False,
-            **kw,
-        ),
-    )
+    return cpu_engine(path, backend, kv_cache_memory_bytes=16 << 20, prefix_caching=False, **kw)
 
 
 def run(engine: Engine, adapters: list | None = None) -> tuple[list[list[int]], list[list[float]]]:

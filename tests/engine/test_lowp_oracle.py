@@ -13,11 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraserve.adapters.peft_format import parse_peft_adapter
-from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
 from loraserve.layers.precision import PrecisionError, resolve_precision, weight_quantization
 from loraserve.layers.quantized_linear import quantize_int8
-from tests.fixtures.native import native_kernel_or_skip
+from tests.fixtures.engines import cpu_engine
 from tests.fixtures.tiny_models import hf_greedy, load_hf_model
 
 PROMPTS = [
@@ -30,24 +29,6 @@ NEW_TOKENS = 12
 BACKENDS = ["native", "torch"]
 
 
-def make_engine(path: Path, backend: str, **kw) -> Engine:
-    if backend == "native":
-        native_kernel_or_skip()
-    engine = Engine.from_pretrained(
-        path,
-        EngineConfig(
-            kv_cache_memory_bytes=32 << 20,
-            adapter_memory_bytes=32 << 20,
-            native_kernels=backend == "native",
-            max_active_adapters=4,
-            max_lora_rank=16,
-            **kw,
-        ),
-    )
-    assert engine.ops_name.startswith("cpu-native") == (backend == "native")
-    return engine
-
-
 def bf16_tolerance(ref: torch.Tensor) -> float:
     """bf16 keeps 8 bits: transformers rounds every activation to it, we only the weights."""
     return 0.03 * float(ref.abs().max())
@@ -58,7 +39,7 @@ def bf16_tolerance(ref: torch.Tensor) -> float:
 def test_bf16_matches_transformers_in_bf16(tiny_model_dirs: dict[str, Path], arch: str, backend: str) -> None:
     path = tiny_model_dirs[arch]
     hf = load_hf_model(path).to(torch.bfloat16)
-    engine = make_engine(path, backend, dtype="bfloat16")
+    engine = cpu_engine(path, backend, dtype="bfloat16")
     assert engine.runner.precision.weights == "bf16" and engine.runner.dtype == torch.float32
     for ids in PROMPTS:
         with torch.no_grad():
@@ -78,7 +59,7 @@ def test_bf16_with_lora_matches_peft_in_bf16(
 ) -> None:
     from peft import PeftModel
 
-    engine = make_engine(llama_dir, backend, dtype="bfloat16", adapter_dtype=adapter_dtype)
+    engine = cpu_engine(llama_dir, backend, dtype="bfloat16", adapter_dtype=adapter_dtype)
     assert engine.runner.lora.dtype == (torch.float32 if adapter_dtype else torch.bfloat16)
     # the native backend runs both table dtypes through its own LoRA kernel (the row layout)
     assert (engine.runner.ops.lora_batch([(0, 1, 0)]).rows is not None) == (backend == "native")
@@ -128,13 +109,11 @@ def test_int8_computes_exactly_the_dequantised_model(
     tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, arch: str, backend: str
 ) -> None:
     path = tiny_model_dirs[arch]
-    oracle = make_engine(
-        dequantised_checkpoint(path, tmp_path_factory.getbasetemp() / f"deq-{arch}"), "torch"
-    )
+    oracle = cpu_engine(dequantised_checkpoint(path, tmp_path_factory.getbasetemp() / f"deq-{arch}"), "torch")
     # the oracle runs an fp32 cache (int8's default is bf16: tests/engine/test_kv_cache_dtype.py)
-    engine = make_engine(path, backend, quantize="int8", kv_cache_dtype="float32")
+    engine = cpu_engine(path, backend, quantize="int8", kv_cache_dtype="float32")
     assert engine.runner.precision.weights == "int8"
-    fp32 = make_engine(path, "torch")
+    fp32 = cpu_engine(path, "torch")
     for ids in PROMPTS:
         ref = oracle.prompt_logits(ids)
         ours = engine.prompt_logits(ids)
@@ -151,8 +130,8 @@ def test_int8_with_lora_adds_the_fp32_delta(
 ) -> None:
     """LoRA deltas stay in the adapter dtype (fp32 here) on top of the int8 base: the same as the
     dequantised model with the same adapter."""
-    oracle = make_engine(dequantised_checkpoint(llama_dir, tmp_path / "deq"), "torch")
-    engine = make_engine(llama_dir, "native", quantize="bitsandbytes")  # LoRAX's name for 8-bit
+    oracle = cpu_engine(dequantised_checkpoint(llama_dir, tmp_path / "deq"), "torch")
+    engine = cpu_engine(llama_dir, "native", quantize="bitsandbytes")  # LoRAX's name for 8-bit
     adapter = parse_peft_adapter(llama_adapters[3])
     for ids in PROMPTS[:2]:
         ref = oracle.prompt_logits(ids, adapter)
