@@ -33,6 +33,7 @@
 
 #include "over_rows.h"
 #include "simd.h"
+#include "widen.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
 #include <sys/syscall.h>
@@ -352,11 +353,9 @@ inline void finish(float* y, const Panel& t, const float* acc) {
   }
 }
 
+// weight (k, c) of a bf16 panel ([K/2][32][2]: k-pairs side by side), widened exactly
 inline float bf16_at(const uint16_t* w, int64_t k, int64_t c) {
-  const uint32_t bits = static_cast<uint32_t>(w[(k / 2) * 2 * kNR + c * 2 + (k & 1)]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+  return widen::to_f(w[(k / 2) * 2 * kNR + c * 2 + (k & 1)]);
 }
 
 template <bool BF16>
