@@ -311,7 +311,9 @@ class Engine:
         if not plain:
             return {}
         last = torch.tensor([res.starts[i] + len(rows[i]) - 1 for i in plain], device=self.device)
-        result = sample(res.logits[last], [self._sampling_row(seqs[i]) for i in plain])
+        result = sample(
+            res.logits[last], [self._sampling_row(seqs[i]) for i in plain], self.runner.ops.argmax_logsumexp
+        )
         out: dict[int, Emitted] = {}
         for j, i in enumerate(plain):
             alts = result.alternatives[j] if result.alternatives is not None else None

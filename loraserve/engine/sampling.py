@@ -22,12 +22,14 @@ temperature, as HF greedy decoding does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from loraserve.engine import logits_pipeline
 from loraserve.engine.logits_pipeline import SamplingRow, is_sampling
+from loraserve.layers.ops import TorchOps
 
 __all__ = ["SampleOutput", "SamplingRow", "draw", "is_sampling", "make_generator", "sample"]
 
@@ -48,26 +50,31 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
-    """Choose one token per row of `logits` [B, V]; computed in float32 whatever the input dtype."""
+RowStats = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], stats: RowStats | None = None) -> SampleOutput:
+    """Choose one token per row of `logits` [B, V]; computed in float32 whatever the input dtype.
+
+    `stats` is the backend's `Ops.argmax_logsumexp` (per row: first argmax, logsumexp): a greedy
+    token and every logprob come from it, log p(t) = score(t) - lse, with no [B, V] log_softmax
+    (on CPU its native kernel is one pass where torch's argmax alone cost more than attention)."""
     b, _ = logits.shape
     if b != len(rows):
         raise ValueError(f"{b} logit rows but {len(rows)} sampling rows")
     scaled = logits_pipeline.scores(logits, rows)
     samplers = [i for i, r in enumerate(rows) if is_sampling(r.params)]
-    tokens = scaled.argmax(dim=-1)
+    tokens, lse, _ = (stats or TorchOps.argmax_logsumexp)(scaled)
     if samplers:
         tokens = _sample_rows(scaled, rows, samplers, tokens)
 
-    # The fused log_softmax kernel beats logsumexp + gather several times over on CPU.
-    logp = torch.log_softmax(scaled, dim=-1)
-    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+    chosen = scaled.gather(1, tokens[:, None]).squeeze(1) - lse
     n_alt = [max(r.params.top_n_alternatives, 0) for r in rows]
     n_max = min(max(n_alt), scaled.shape[-1])
     parts = [tokens.double(), chosen.double()]
     if n_max > 0:
-        top = torch.topk(logp, n_max, dim=-1)
-        parts += [top.indices.double().reshape(-1), top.values.double().reshape(-1)]
+        top = torch.topk(scaled, n_max, dim=-1)
+        parts += [top.indices.double().reshape(-1), (top.values - lse[:, None]).double().reshape(-1)]
     # One device->host copy (one sync) for everything the engine reads.
     host = torch.cat(parts).cpu()
     token_ids = host[:b].long()

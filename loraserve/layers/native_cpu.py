@@ -70,6 +70,7 @@ SOURCE_NAMES = (
     "attention_cpu.cpp",
     "norm_cpu.cpp",
     "activation_cpu.cpp",
+    "logits_cpu.cpp",
     "gemm_cpu.cpp",
     "gemm_lowp_cpu.cpp",
     "gemm_bf16dp_cpu.cpp",

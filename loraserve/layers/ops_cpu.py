@@ -174,3 +174,13 @@ class CpuNativeOps(TorchOps):
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self.kernels.rotary(x, cos, sin)
+
+    def argmax_logsumexp(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if (
+            scores.dtype != torch.float32
+            or scores.dim() != 2
+            or scores.stride(-1) != 1
+            or scores.shape[1] == 0
+        ):
+            return super().argmax_logsumexp(scores)
+        return self.kernels.argmax_logsumexp(scores)

@@ -3,8 +3,9 @@
 
 Projections run `lowp_panel_linear` (csrc/gemm_lowp_cpu.cpp) over panels packed once at load
 (layers/quantized_linear.py): at decode sizes the weights are converted to fp32 in registers;
-from AMX_MIN_ROWS (bf16) / AMX_MIN_ROWS_INT8 (int8) rows on AMX CPUs they run as bf16 tiles
-(quantized_linear.py says what that does to the activations). Outputs stay fp32, so every other
+from AMX_MIN_ROWS (bf16) / AMX_MIN_ROWS_INT8 (int8) rows on AMX CPUs they run as bf16 tiles, and
+on AVX512_BF16 CPUs bf16 panels (and int8 ones of a `--dtype bfloat16` model) as vdpbf16ps from
+AMX_MIN_ROWS (quantized_linear.py says what that does to the activations). Outputs stay fp32, so every other
 native kernel (attention, norms, LoRA, rotary) runs unchanged.
 The native LoRA kernel reads an fp32 or a bf16 slot table (bf16 widened to fp32 in registers,
 fp32 sums); the fused base + LoRA decode pass stays fp32-only.
@@ -34,9 +35,14 @@ class LowpCpuOps(CpuNativeOps):
         pack: bool = True,
         weights: str = "plain",
         adapter_dtype: torch.dtype | None = None,
+        bf16_activations: bool = False,
     ) -> None:
         super().__init__(device, dtype, kernels, pack)
         self.weights, self.adapter_dtype = weights, adapter_dtype or dtype
+        # int8 panels of a bf16 model (`--dtype bfloat16 --quantize int8`) multiply bf16-rounded
+        # activations from as many rows as bf16 panels do (vdpbf16ps or AMX: twice the fp32 FMA's
+        # multiply-adds where prefill and many-row decode are compute-bound); fp32 otherwise
+        self.bf16_activations = bf16_activations
         # a library built before the low-precision kernel existed has no `lowp_panel_linear`
         self.lowp_panels = hasattr(kernels, "lowp_panel_linear")
         # the native LoRA kernel reads fp32 and bf16 tables (bf16 widened in registers); a table
@@ -56,12 +62,16 @@ class LowpCpuOps(CpuNativeOps):
         if w.layout not in LOWP_PANELS:
             return super().linear(x, w)
         if x.dim() == 2 and x.stride(-1) == 1:  # every projection of a step: no reshape, no view
-            return self.kernels.lowp_panel_linear(x, w.weight, w.out_features, w.scale, w.bias)
+            return self.kernels.lowp_panel_linear(
+                x, w.weight, w.out_features, w.scale, w.bias, self.bf16_activations
+            )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, w.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        y = self.kernels.lowp_panel_linear(x2, w.weight, w.out_features, w.scale, w.bias)
+        y = self.kernels.lowp_panel_linear(
+            x2, w.weight, w.out_features, w.scale, w.bias, self.bf16_activations
+        )
         return y.view(*lead, w.out_features)
 
     def embedding(self, ids: torch.Tensor, table: torch.Tensor | Linear) -> torch.Tensor:

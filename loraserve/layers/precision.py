@@ -9,8 +9,11 @@
   weights, not by arithmetic, so fp32 activations cost nothing measurable while keeping every
   existing fp32 kernel (attention, norms, LoRA, rotary) and their accuracy; CPUs without
   bf16 instructions (AVX2, most cloud VMs) would otherwise emulate bf16 arithmetic (PyTorch's
-  bf16 path: 2.4 tok/s against 15.7 in fp32 on a 2-core AVX2 box). On CUDA compute follows
-  `--dtype`.
+  bf16 path: 2.4 tok/s against 15.7 in fp32 on a 2-core AVX2 box). The exception is where
+  arithmetic does bind: GEMMs of many rows (prefill, a full decode batch) of a `--dtype bfloat16`
+  model, bf16 or int8 weights alike, round their activations to bf16 on CPUs with bf16 dot
+  products (AVX512_BF16, AMX), as transformers in bf16 does (quantized_linear.py). On CUDA compute
+  follows `--dtype`.
 - **KV cache**: `--kv-cache-dtype`; `auto` is bf16 when CPU weights are low precision (bf16, as
   vLLM's `auto` and Hugging Face in bf16 keep it; int8, as llama.cpp keeps an F16 cache beside
   Q8_0 weights), else the compute dtype (fp32 serving keeps an fp32 cache, the oracle's). Why

@@ -6,10 +6,13 @@ an int8 weight is `q * scale[:, None]` with `scale = max|row| / 127` and `q = ro
 norms, the KV cache and the logits stay fp32 on CPU (`layers/precision.py` says why), so the
 reference (`TorchOps`: `F.linear` on the matrix converted per call) and the native kernel
 (`csrc/gemm_lowp_cpu.cpp`: converted in registers) compute the same numbers up to fp32
-summation order — except on AMX CPUs: bf16 batches of `AMX_MIN_ROWS` rows or more round the
-activations to bf16 for the tile multiplies (as oneDNN and transformers do), and int8 batches
-of `AMX_MIN_ROWS_INT8` rows or more split them into two bf16 parts, x = hi + lo, exact to
-2^-16 of each value (the int8 weights are exact in bf16), within the int8 oracle's tolerance.
+summation order — except on AMX or AVX512_BF16 CPUs: bf16 batches of `AMX_MIN_ROWS` rows or
+more round the activations to bf16 for the tile multiplies or vdpbf16ps (as oneDNN and
+transformers do), as do int8 batches of a model served `--dtype bfloat16 --quantize int8` (int8
+weights are exact in bf16, so only the activations round, and a column's scale multiplies its
+fp32 sum); int8 batches served with fp32 activations (the default) of `AMX_MIN_ROWS_INT8` rows or
+more on AMX split them into two bf16 parts, x = hi + lo, exact to 2^-16 of each value, within
+the int8 oracle's tolerance.
 
 Layouts, each read only by the backend that made it (layers/linear.py's `Linear.layout`):
 - "bf16" [out, in] bf16 and "int8" [out, in] int8 + `scale` [out]: plain, for `TorchOps`;

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.params import SamplingParams
 from loraserve.layers.precision import PrecisionError, resolve_precision, weight_quantization
-from loraserve.layers.quantized_linear import quantize_int8
+from loraserve.layers.quantized_linear import AMX_MIN_ROWS, quantize_int8
 from tests.fixtures.engines import cpu_engine
 from tests.fixtures.tiny_models import hf_greedy, load_hf_model
 
@@ -136,6 +136,31 @@ def test_int8_with_lora_adds_the_fp32_delta(
     for ids in PROMPTS[:2]:
         ref = oracle.prompt_logits(ids, adapter)
         assert float((engine.prompt_logits(ids, adapter) - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_of_a_bf16_model_rounds_only_the_activations_of_many_row_gemms(
+    tiny_model_dirs: dict[str, Path], arch: str
+) -> None:
+    """`--dtype bfloat16 --quantize int8`: the same int8 weights as PyTorch's run of that model
+    (fp32 activations); a prompt of AMX_MIN_ROWS tokens or more multiplies bf16-rounded
+    activations where the CPU has bf16 dot products (within bf16 tolerance), a shorter one and
+    every decode step of a few rows keep fp32 ones (within the int8 oracle's 1e-3)."""
+    path = tiny_model_dirs[arch]
+    oracle = cpu_engine(path, "torch", dtype="bfloat16", quantize="int8")
+    engine = cpu_engine(path, "native", dtype="bfloat16", quantize="int8")
+    assert engine.runner.ops.bf16_activations and engine.runner.precision.weights == "int8"
+    isa = engine.runner.ops.kernels.lowp_gemm_isa()
+    for ids in PROMPTS:
+        ref = oracle.prompt_logits(ids)
+        err = float((engine.prompt_logits(ids) - ref).abs().max()) / float(ref.abs().max())
+        if len(ids) < AMX_MIN_ROWS or not ("bf16dp" in isa or "amx" in isa):
+            assert err <= 1e-3
+        else:
+            assert 1e-5 < err <= 0.03, "bf16 activations: rounded, and only that much"
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
+    got = [[t.id for t in r.tokens] for r in engine.generate(PROMPTS, params)]
+    assert got == [[t.id for t in r.tokens] for r in oracle.generate(PROMPTS, params)]
 
 
 def test_quantize_names() -> None:

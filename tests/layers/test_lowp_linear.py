@@ -85,6 +85,37 @@ def test_lowp_linear_computes_the_dequantised_matrix(kind: str, fmt: str) -> Non
                 torch.testing.assert_close(y, ref, atol=2e-5 * in_f**0.5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("march", BUILDS)
+def test_int8_panels_of_a_bf16_model_round_only_the_activations(march: str) -> None:
+    """`--dtype bfloat16 --quantize int8`: from AMX_MIN_ROWS rows, where the build has bf16 dot
+    products, the int8 weights (exact in bf16) multiply bf16-rounded activations and nothing else
+    rounds; below that, and on builds without them (AVX2), activations stay fp32."""
+    kernels = (
+        native_fixture.native_kernel_or_skip(march)
+        if march != "native"
+        else native_fixture.native_kernel_or_skip()
+    )
+    ops = LowpCpuOps(CPU, torch.float32, kernels, weights="int8", bf16_activations=True)
+    isa = kernels.lowp_gemm_isa()
+    rounds = "amx" in isa or "bf16dp" in isa
+    gen = torch.Generator().manual_seed(3)
+    for out_f, in_f in SHAPES:
+        w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
+        b = torch.randn(out_f, generator=gen)
+        lin = ops.make_linear(w, b)
+        deq = dequantize(lin).double()
+        for m in ROWS:
+            x = torch.randn(m, in_f, generator=gen) * 3
+            y = ops.linear(x, lin)
+            rounded = rounds and m >= AMX_MIN_ROWS
+            xr = x.bfloat16().double() if rounded else x.double()
+            ref = F.linear(xr, deq, b.double()).float()
+            torch.testing.assert_close(y, ref, atol=2e-5 * in_f**0.5, rtol=1e-5)
+            if rounded and in_f > 8:  # the rounding really happened: fp32 activations differ by more
+                full = F.linear(x.double(), deq, b.double()).float()
+                assert float((y - full).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_tied_embedding_rows_read_from_the_lowp_lm_head(kind: str, fmt: str) -> None:

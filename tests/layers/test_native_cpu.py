@@ -13,6 +13,7 @@ from loraserve.layers import native_cpu
 from loraserve.layers.linear import pack_panels
 from loraserve.layers.lora import LoraTable
 from loraserve.layers.lora_linear import LoraLinear
+from loraserve.layers.ops import TorchOps
 from tests.fixtures.native import ops_for
 
 
@@ -262,3 +263,30 @@ def test_silu_mul_and_rotary_kernels_match_their_pytorch_twins(kernel: ModuleTyp
     torch.testing.assert_close(
         ops_for(kernel).rotary(x, cos, sin), apply_rotary(x, cos, sin), atol=1e-6, rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("vocab", [1, 37, 49152])  # a lone entry, a scalar tail, the SmolLM2 vocabulary
+def test_argmax_logsumexp_kernel_matches_torch_first_max_and_flags_non_finite_rows(
+    kernel: ModuleType, vocab: int
+) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g) * 10
+    x[1] = x[1].round()  # many ties: the first index of the max must win
+    x[1, vocab // 2 :] = x[1].max()
+    x[2, vocab // 3] = float("nan")  # never the max; the row is flagged
+    x[3, : vocab - 1] = float("-inf")  # a grammar mask: -inf entries are allowed, but not finite
+    x[4, -1] = float("inf")
+    rows = x[:, :]  # the kernel also reads rows of a wider buffer
+    wide = torch.full((6, vocab + 5), 7.0)
+    wide[:, :vocab] = x
+    for scores in (rows, wide[:, :vocab]):
+        arg, lse, finite = ops_for(kernel).argmax_logsumexp(scores)
+        assert arg.dtype == torch.int64 and lse.dtype == torch.float32 and finite.dtype == torch.bool
+        want_arg, want_lse, want_finite = TorchOps.argmax_logsumexp(scores)
+        assert finite.tolist() == want_finite.tolist()
+        ok = [0, 1, 3, 5] if vocab > 1 else [0, 1, 5]
+        assert arg[ok].tolist() == want_arg[ok].tolist()
+        torch.testing.assert_close(lse[ok], want_lse[ok], atol=1e-5, rtol=1e-6)
+        if vocab > 1:
+            assert int(arg[2]) == int(torch.nan_to_num(scores[2], nan=-1e9).argmax())
+    assert ops_for(kernel).argmax_logsumexp(torch.zeros(0, 5))[0].shape == (0,)

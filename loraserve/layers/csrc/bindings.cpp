@@ -23,6 +23,8 @@ torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, 
 torch::Tensor silu_mul(const torch::Tensor& gu);
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> argmax_logsumexp(const torch::Tensor& x);
+
 bool panel_gemm_available();
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                            const std::optional<torch::Tensor>& bias);
@@ -34,13 +36,15 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
 // bf16 / int8 weight panels (csrc/gemm_lowp_cpu.cpp)
 std::string lowp_gemm_isa();
 torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias);
+                                const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
+                                bool bf16_activations);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowp_gemm_isa", &lowp_gemm_isa, "vector code of the low-precision GEMM: avx512, avx2 or scalar");
   m.def("lowp_panel_linear", &lowp_panel_linear, "x @ W.T (* scale) + b over bf16 or int8 weight panels",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("scale") = pybind11::none(),
-        pybind11::arg("bias") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("bf16_activations") = false, pybind11::call_guard<pybind11::gil_scoped_release>());
   // the step thread keeps the GIL free while a kernel runs, so the event loop is never stalled
   m.def("lora_rows", &lora_rows, "multi-LoRA shrink + expand into strided outputs", pybind11::arg("x"),
         pybind11::arg("rows"), pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("ys"),
@@ -55,6 +59,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] gate|up output",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rotary", &rotary, "rotary embedding, HF half-split layout",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("argmax_logsumexp", &argmax_logsumexp, "per row: first argmax, logsumexp, all finite",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("panel_gemm_available", &panel_gemm_available, "whether panel_linear is compiled in (AVX-512 or AVX2)");
   m.def("simd_bits", [] { return LORASERVE_SIMD; }, "vector width the kernels were compiled for: 512, 256 or 0");

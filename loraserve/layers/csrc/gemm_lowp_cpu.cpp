@@ -448,27 +448,14 @@ void amx_activations(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t 
   }
 }
 
-// group g (16 k-pairs) of an int8 panel [K, 32] as bf16 [16 pairs, 32, 2], zero past K: exact,
-// since the fp32 of an integer in -127..127 has 16 zero low bits, so its high half is its bf16
+// group g (16 k-pairs) of an int8 panel [K, 32] as bf16 [16 pairs, 32, 2], zero past K
 LS_INLINE void int8_group_bf16(const int8_t* w, int64_t K, int64_t g, uint16_t* out) {
-  for (int64_t i = 0; i < kAmxPairs; ++i) {
-    const int64_t k0 = 2 * (g * kAmxPairs + i), k1 = k0 + 1;
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const __m512i e = k0 < K ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0 * kNR + 16 * h)))))
-                               : _mm512_setzero_si512();
-      const __m512i o = k1 < K ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k1 * kNR + 16 * h)))))
-                               : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + i * 2 * kNR + 32 * h, _mm512_or_si512(_mm512_srli_epi32(e, 16), o));
-    }
-  }
+  widen::int8_pairs_bf16(w, K, g * kAmxPairs, kAmxPairs, out);
 }
 
 // the whole panel, for chunks of more than one row block (converted once, read by every block)
 void int8_panel_bf16(const int8_t* w, int64_t K, int64_t groups, uint16_t* out) {
-  for (int64_t g = 0; g < groups; ++g) int8_group_bf16(w, K, g, out + g * kAmxPairs * 2 * kNR);
+  widen::int8_pairs_bf16(w, K, 0, groups * kAmxPairs, out);
 }
 
 // RT row tiles (16 or 32 rows) x one panel over `groups` groups of 16 k-pairs: A rows at a (lda
@@ -523,9 +510,11 @@ void amx_block(const uint16_t* a, int64_t lda, int64_t part, const void* b, cons
   }
 }
 
-void amx_linear(bool bf16, const float* xp, int64_t ldx, int64_t M, int64_t K, const char* wp, int64_t panel_bytes,
-                int64_t P, int64_t n, const float* sp, const float* bp, float* yp) {
-  const int parts = bf16 ? 1 : 2;
+// bf16_act: the activations as one bf16 part (always for bf16 panels); else int8 panels keep
+// (nearly) fp32 activations as two parts
+void amx_linear(bool bf16, bool bf16_act, const float* xp, int64_t ldx, int64_t M, int64_t K, const char* wp,
+                int64_t panel_bytes, int64_t P, int64_t n, const float* sp, const float* bp, float* yp) {
+  const int parts = bf16_act ? 1 : 2;
   const int64_t pairs = (K + 1) / 2, groups = (pairs + kAmxPairs - 1) / kAmxPairs, kpad = groups * 2 * kAmxPairs;
   // rows per chunk: a multiple of 32 whose activations fit kAmxChunkBytes; chunks of equal size
   const int64_t fit = std::max<int64_t>(32, kAmxChunkBytes / (kpad * 2 * parts) / 32 * 32);
@@ -555,8 +544,13 @@ void amx_linear(bool bf16, const float* xp, int64_t ldx, int64_t M, int64_t K, c
       const uint16_t* a = xa.data() + c * cstride;
       float* yc = yp + r0 * n + p * kNR;
       if (!bf16 && rows <= 2 * kAmxRows) {  // one block of rows: converted as the groups go
-        if (rows > kAmxRows) amx_block<2, 2, true>(a, kpad, per * kpad, t.w, nullptr, groups, t, rows, yc, n, ring);
-        else amx_block<1, 2, true>(a, kpad, per * kpad, t.w, nullptr, groups, t, rows, yc, n, ring);
+        if (parts == 1) {
+          if (rows > kAmxRows) amx_block<2, 1, true>(a, kpad, 0, t.w, nullptr, groups, t, rows, yc, n, ring);
+          else amx_block<1, 1, true>(a, kpad, 0, t.w, nullptr, groups, t, rows, yc, n, ring);
+        } else {
+          if (rows > kAmxRows) amx_block<2, 2, true>(a, kpad, per * kpad, t.w, nullptr, groups, t, rows, yc, n, ring);
+          else amx_block<1, 2, true>(a, kpad, per * kpad, t.w, nullptr, groups, t, rows, yc, n, ring);
+        }
         continue;
       }
       const uint16_t* b = static_cast<const uint16_t*>(t.w);
@@ -577,10 +571,10 @@ void amx_linear(bool bf16, const float* xp, int64_t ldx, int64_t M, int64_t K, c
         float* yr = yp + (r0 + r) * n + p * kNR;
         const uint16_t* ar = a + r * kpad;
         if (left > kAmxRows) {
-          if (bf16) amx_block<2, 1>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
+          if (parts == 1) amx_block<2, 1>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
           else amx_block<2, 2>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
         } else {
-          if (bf16) amx_block<1, 1>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
+          if (parts == 1) amx_block<1, 1>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
           else amx_block<1, 2>(ar, kpad, per * kpad, b, tp, groups, t, left, yr, n);
         }
       }
@@ -595,7 +589,7 @@ void amx_linear(bool bf16, const float* xp, int64_t ldx, int64_t M, int64_t K, c
 // bf16 panels x many rows with vdpbf16ps (csrc/gemm_bf16dp_cpu.cpp), where the build has AVX512_BF16
 bool bf16dp_available();
 void bf16dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, int64_t panel_bytes, int64_t P,
-                   int64_t n, const float* bias, float* y);
+                   int64_t n, const float* scale, const float* bias, float* y);
 // from this many rows bf16 panels multiply bf16 activations (as AMX does from kAmxMinRows)
 constexpr int64_t kBf16DpMinRows = 8;
 
@@ -613,10 +607,12 @@ std::string lowp_gemm_isa() {
 }
 
 // x [M, K] fp32 (contiguous rows, any row stride); w: bf16 [P, ceil(K/2), 32, 2] or int8 [P, K, 32]
-// with scale [P * 32]; bias [n] -> y [M, n] fp32
+// with scale [P * 32]; bias [n] -> y [M, n] fp32. bf16 panels multiply bf16-rounded activations
+// from kBf16DpMinRows / kAmxMinRows rows where the CPU has bf16 dot products or AMX; int8 panels
+// do so only with `bf16_activations` (serving `--dtype bfloat16`), else keep fp32 activations.
 torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                                 const std::optional<torch::Tensor>& scale,
-                                const std::optional<torch::Tensor>& bias) {
+                                const std::optional<torch::Tensor>& bias, bool bf16_activations) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU float32 [M, K] tensor with contiguous rows");
   const bool bf16 = w.scalar_type() == torch::kBFloat16;
@@ -649,12 +645,12 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
   const int64_t ldx = x.stride(0);
 #if defined(LORASERVE_AMX)
   if (M >= (bf16 ? kAmxMinRows : kAmxMinRowsInt8) && amx_enabled()) {
-    amx_linear(bf16, xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
+    amx_linear(bf16, bf16 || bf16_activations, xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
     return y;
   }
 #endif
-  if (bf16 && M >= kBf16DpMinRows && bf16dp_available()) {
-    bf16dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, bp, yp);
+  if ((bf16 || bf16_activations) && M >= kBf16DpMinRows && bf16dp_available()) {
+    bf16dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
     return y;
   }
   const int64_t chunks = (M + kMC - 1) / kMC;

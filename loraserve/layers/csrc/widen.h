@@ -51,4 +51,26 @@ inline simd::V wload(const bf16_t* p, simd::M m) {  // AVX2 has no 16-bit masked
 #endif
 #endif
 
+#if LORASERVE_SIMD == 512
+// k-pairs [pair0, pair0 + npairs) of an int8 weight panel [K, 32] as bf16 pairs [npairs, 32, 2]
+// (the bf16 panel layout: each 32-bit lane holds one column's even k low, odd k high), zero past K.
+// Exact: the fp32 of an integer in -127..127 has 16 zero low bits, so its high half is its bf16.
+// Lets int8 panels feed bf16 dot products (AMX tiles, vdpbf16ps), a column's scale applied after.
+inline void int8_pairs_bf16(const int8_t* w, int64_t K, int64_t pair0, int64_t npairs, uint16_t* out) {
+  for (int64_t i = 0; i < npairs; ++i) {
+    const int64_t k0 = 2 * (pair0 + i), k1 = k0 + 1;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m512i e = k0 < K ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0 * 32 + 16 * h)))))
+                               : _mm512_setzero_si512();
+      const __m512i o = k1 < K ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k1 * 32 + 16 * h)))))
+                               : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + i * 64 + 32 * h, _mm512_or_si512(_mm512_srli_epi32(e, 16), o));
+    }
+  }
+}
+#endif
+
 }  // namespace widen
