@@ -264,6 +264,16 @@ def greedy_ids(server: Server, text: str, n: int, adapter: str | None) -> tuple[
 # ---- llama-bench ------------------------------------------------------------------------------
 
 
+def engine_decode(model: Path, threads: int, flags: tuple[str, ...], new_tokens: int, seed: int) -> dict:
+    """Our engine's batch-1 decode in a fresh process with no server (bench/engine_decode.py):
+    the reading that compares with llama-bench's tg64."""
+    cmd = [sys.executable, "-m", "bench.engine_decode", "--model", str(model), "--threads", str(threads)]
+    cmd += [*flags, "--new-tokens", str(new_tokens), "--seed", str(seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def llama_bench(
     llama: LlamaCpp, model: Path, threads: list[int], reps: int = 3
 ) -> dict[tuple[str, int], float]:

@@ -201,7 +201,10 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, not supported"
             ) from e
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        arr = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+        if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map
+            arr = arr.copy()
+        w = torch.from_numpy(arr)
         if permuted and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = _unpermute(w, heads)
         elif permuted and t.name.endswith(("attn_k.weight", "attn_k.bias")):

@@ -1,0 +1,81 @@
+"""Our engine's batch-1 decode in-process, with no server: the counterpart of llama-bench's tg64.
+
+bench/llamacpp.py compares our *server* (one streamed request over HTTP) with both llama-server
+and llama-bench; llama-bench runs llama.cpp's engine with no HTTP, no tokenizer and no event
+loop, so only this figure is the engine-to-engine reading. Run as a subprocess per round (as
+llama-bench is), so each reading gets a fresh process with the same thread settings, and its
+memory is gone before the servers are measured again.
+
+    python -m bench.engine_decode --model M.gguf [--threads 2] [--dtype bfloat16] [--quantize int8]
+        [--prompt-tokens 128] [--new-tokens 64] [--reps 3] [--seed 0]
+
+Prints one JSON line: {"decode_tok_s": median over reps, "runs": [...], "step_ms": median step}.
+Each rep decodes `new_tokens` greedy tokens after its own random prompt (no prefix cache); the
+rate is (tokens - 1) / time from the first token to the last, as the server bench measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a model directory or a .gguf file")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from loraserve.engine.engine import Engine, EngineConfig
+    from loraserve.engine.params import SamplingParams
+    from loraserve.models.source import DEFAULT_MODEL_CACHE, resolve_model
+
+    path = resolve_model(args.model, cache_dir=DEFAULT_MODEL_CACHE)
+    cfg = EngineConfig(
+        dtype=args.dtype,
+        quantize=args.quantize,
+        num_threads=args.threads,
+        prefix_caching=False,
+        max_batch_total_tokens=args.prompt_tokens + args.new_tokens + 64,
+    )
+    engine = Engine.from_pretrained(path, cfg)
+    rng = random.Random(args.seed)
+    vocab = engine.runner.mc.vocab_size
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos_token=True)
+    runs: list[float] = []
+    steps: list[float] = []
+    for rep in range(args.reps + 1):  # the first one warms up
+        engine.add_request([rng.randrange(100, vocab) for _ in range(args.prompt_tokens)], params)
+        marks: list[float] = []
+        while engine.has_unfinished():
+            t0 = time.perf_counter()
+            out = engine.step()
+            if any(o.tokens for o in out):
+                marks.append(time.perf_counter())
+                if len(marks) > 1:
+                    steps.append(marks[-1] - t0)
+        if rep > 0 and len(marks) > 1:
+            runs.append((len(marks) - 1) / (marks[-1] - marks[0]))
+    print(
+        json.dumps(
+            {
+                "decode_tok_s": statistics.median(runs),
+                "runs": [round(r, 2) for r in runs],
+                "step_ms": round(statistics.median(steps) * 1e3, 3),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
