@@ -41,7 +41,13 @@ ASKS = [
     "Explain {} to a child.",
     "Name three things related to {}.",
 ]
-PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8")}
+PRECISIONS = {
+    "fp32": ("float32", None),
+    "bf16": ("bfloat16", None),
+    "int8": ("float32", "int8"),
+    # int8 weights of a bf16 model: prompts (and batches of 8+ rows) multiply bf16 activations
+    "int8-bf16": ("bfloat16", "int8"),
+}
 
 
 def smollm2_gguf() -> Path:
@@ -76,13 +82,25 @@ def perplexity(logits: list[torch.Tensor], ids: list[int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    ap.add_argument(
+        "--precisions",
+        default=",".join(PRECISIONS),
+        help="comma-separated subset (fp32, the reference, always runs)",
+    )
     args = ap.parse_args()
+    wanted = {"fp32", *args.precisions.split(",")}
+    if wanted - set(PRECISIONS):
+        ap.error(
+            f"--precisions: unknown {sorted(wanted - set(PRECISIONS))} (choose from {sorted(PRECISIONS)})"
+        )
     model_dir = gguf_model_dir(smollm2_gguf(), CACHE / "models")
     cfg = dict(max_total_tokens=1024, kv_cache_memory_bytes=512 << 20, adapter_memory_bytes=16 << 20)
     runs: dict[str, dict] = {}
     chat: list[list[int]] = []
     text_ids: list[int] = []
     for name, (dtype, quantize) in PRECISIONS.items():
+        if name not in wanted:
+            continue
         engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=dtype, quantize=quantize, **cfg))
         if not chat:
             chat = prompts(engine)

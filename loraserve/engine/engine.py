@@ -310,9 +310,15 @@ class Engine:
         plain = [i for i, seq in enumerate(seqs) if rows[i] and not seq.drafts and not poisoned[i]]
         if not plain:
             return {}
-        last = torch.tensor([res.starts[i] + len(rows[i]) - 1 for i in plain], device=self.device)
+        last = [res.starts[i] + len(rows[i]) - 1 for i in plain]
+        # every row, in order (a decode step): the logits as they are, no gathered copy
+        picked = (
+            res.logits
+            if last == list(range(res.logits.shape[0]))
+            else res.logits.index_select(0, torch.tensor(last, device=self.device))
+        )
         result = sample(
-            res.logits[last], [self._sampling_row(seqs[i]) for i in plain], self.runner.ops.argmax_logsumexp
+            picked, [self._sampling_row(seqs[i]) for i in plain], self.runner.ops.argmax_logsumexp
         )
         out: dict[int, Emitted] = {}
         for j, i in enumerate(plain):

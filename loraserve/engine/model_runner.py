@@ -115,7 +115,10 @@ class ModelRunner:
         hidden = self.model.forward(fb)
         rows = [r for rs in layout.logit_rows for r in rs]
         if rows:
-            logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+            picked = hidden  # rows are ascending and distinct: all of them is hidden as it is
+            if len(rows) < hidden.shape[0]:
+                picked = hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device))
+            logits = self.model.logits(picked)
         else:  # every row is a chunk of a prompt that continues next step (chunked prefill)
             logits = torch.empty(0, self.vocab_size, device=self.device)
         starts, offset = [], 0

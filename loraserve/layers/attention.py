@@ -52,6 +52,7 @@ class PagedGroup:
 
 # (queries [N, Hq, D], k_cache, v_cache, block_tables, ctx_lens, scale) -> [N, Hq, D]
 DecodeKernel = Callable[..., torch.Tensor]
+KVWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -164,13 +165,14 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
     decode: DecodeKernel | None = None,
+    write: KVWriter = write_kv,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D].
 
     `window`: sliding-window size (keys at most window - 1 positions back); `softcap`:
     attention-logit soft-capping; `decode`: a kernel for single-token rows (only passed when
-    neither of the two is set)."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    neither of the two is set); `write`: a backend's `write_kv`."""
+    write(k_cache, v_cache, k, v, meta.slot_mapping)
     hkv = k.shape[1]
     g = q.shape[1] // hkv
     plain = window is None and softcap is None

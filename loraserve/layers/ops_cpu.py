@@ -157,7 +157,15 @@ class CpuNativeOps(TorchOps):
             # the decode kernel does neither, nor an fp16 cache (nor bf16, if built before it could)
             return super().paged_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
         return attention.paged_attention(
-            q, k, v, k_cache, v_cache, meta, scale, decode=self.kernels.paged_decode_attention
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            meta,
+            scale,
+            decode=self.kernels.paged_decode_attention,
+            write=self.kernels.write_kv,
         )
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

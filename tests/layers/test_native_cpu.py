@@ -290,3 +290,27 @@ def test_argmax_logsumexp_kernel_matches_torch_first_max_and_flags_non_finite_ro
         if vocab > 1:
             assert int(arg[2]) == int(torch.nan_to_num(scores[2], nan=-1e9).argmax())
     assert ops_for(kernel).argmax_logsumexp(torch.zeros(0, 5))[0].shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_kernel_writes_what_pytorch_writes(kernel: ModuleType, dtype: torch.dtype) -> None:
+    """Views into a fused q|k|v output (strided rows), bf16 rounded to nearest even as `.to` does,
+    NaN kept NaN, and a slot outside the cache refused before anything is written."""
+    from loraserve.layers.attention import write_kv
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, (9 + 3 + 3) * 64, generator=g) * 100
+    qkv[2, 9 * 64 + 7] = float("nan")
+    k, v = qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64), qkv[:, 12 * 64 :].view(5, 3, 64)
+    slots = torch.tensor([0, 17, 5, 63, 31])
+    want_k, want_v = torch.zeros(4, 16, 3, 64, dtype=dtype), torch.zeros(4, 16, 3, 64, dtype=dtype)
+    write_kv(want_k, want_v, k, v, slots)
+    got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
+    kernel.write_kv(got_k, got_v, k, v, slots)
+    # bit-exact but for the NaN's payload (PyTorch's vector conversion may set its sign)
+    torch.testing.assert_close(got_k, want_k, atol=0, rtol=0, equal_nan=True)
+    assert torch.equal(got_v, want_v)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernel.write_kv(got_k, got_v, k, v, torch.tensor([0, 1, 2, 3, 64]))
+    with pytest.raises(RuntimeError, match="contiguous heads"):
+        kernel.write_kv(got_k, got_v, k.transpose(1, 2).contiguous().transpose(1, 2), v, slots)

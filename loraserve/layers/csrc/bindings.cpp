@@ -12,6 +12,8 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
                const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
 bool lora_rows_bf16();
 bool decode_attention_bf16();
+void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k,
+              const torch::Tensor& v, const torch::Tensor& slots);
 
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
@@ -59,6 +61,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] gate|up output",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rotary", &rotary, "rotary embedding, HF half-split layout",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("write_kv", &write_kv, "new keys and values into their cache slots (fp32 or bf16 cache)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("argmax_logsumexp", &argmax_logsumexp, "per row: first argmax, logsumexp, all finite",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -14,6 +14,13 @@ namespace widen {
 using bf16_t = uint16_t;  // bf16 bits (at::BFloat16's storage)
 
 inline float to_f(float v) { return v; }
+// fp32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN): what PyTorch's .to(bfloat16) does
+inline bf16_t to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<bf16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 inline float to_f(bf16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
