@@ -261,8 +261,11 @@ class Engine:
         if sched.empty:
             return []
         res = self._execute(sched.decodes, sched.prefills)
-        poisoned = self._poisoned_rows(res)
-        sampled = self._sample_plain_rows(res, poisoned)
+        # per logits row: first argmax, logsumexp, all finite; one pass that the NaN check and
+        # (for rows no logits processor changes) sampling share
+        stats = self.runner.ops.argmax_logsumexp(res.logits)
+        poisoned = self._poisoned_rows(res, stats[2])
+        sampled = self._sample_plain_rows(res, poisoned, stats)
         outputs, draft_rows = self._emit_step(res, poisoned, sampled)
         if draft_rows:
             self.speculators.propose(
@@ -297,14 +300,16 @@ class Engine:
         observer(record)
         return res
 
-    def _poisoned_rows(self, res: StepResult) -> list[bool]:
-        """Per sequence: did any of its logits come out NaN/inf? One cheap check for the whole
-        step (a row's sum is non-finite iff an entry is); a poisoned sequence fails alone."""
-        bad = (~torch.isfinite(res.logits.sum(dim=-1))).tolist()
+    def _poisoned_rows(self, res: StepResult, finite: torch.Tensor) -> list[bool]:
+        """Per sequence: did any of its logits come out NaN/inf (`finite`: per logits row)? A
+        poisoned sequence fails alone."""
+        bad = (~finite).tolist()
         rows = res.layout.logit_rows
         return [any(bad[res.starts[i] : res.starts[i] + len(rs)]) for i, rs in enumerate(rows)]
 
-    def _sample_plain_rows(self, res: StepResult, poisoned: list[bool]) -> dict[int, Emitted]:
+    def _sample_plain_rows(
+        self, res: StepResult, poisoned: list[bool], stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> dict[int, Emitted]:
         """One token for every healthy sequence without drafts, all rows in one pass."""
         seqs, rows = res.layout.seqs, res.layout.logit_rows
         plain = [i for i, seq in enumerate(seqs) if rows[i] and not seq.drafts and not poisoned[i]]
@@ -317,9 +322,13 @@ class Engine:
             if last == list(range(res.logits.shape[0]))
             else res.logits.index_select(0, torch.tensor(last, device=self.device))
         )
-        result = sample(
-            picked, [self._sampling_row(seqs[i]) for i in plain], self.runner.ops.argmax_logsumexp
-        )
+        ops = self.runner.ops
+
+        def row_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # the step's logits untouched by any processor: the pass already made
+            return stats if scores is res.logits else ops.argmax_logsumexp(scores)
+
+        result = sample(picked, [self._sampling_row(seqs[i]) for i in plain], row_stats)
         out: dict[int, Emitted] = {}
         for j, i in enumerate(plain):
             alts = result.alternatives[j] if result.alternatives is not None else None
