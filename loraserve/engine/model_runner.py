@@ -61,12 +61,15 @@ class ModelRunner:
         self.mc, self.dtype, self.device, self.block_size = mc, dtype, device, cfg.block_size
         cls = model_class(mc.architecture)
         self.ops = select_ops(device, dtype, cfg.native_kernels, cfg.pack_weights, prec)
+        held = str(prec.load).replace("torch.", "") if prec.weights == "plain" else prec.weights
+        if prec.weights == "int8" and prec.load == torch.bfloat16:
+            held += " of a bfloat16 model"  # many-row GEMMs take bf16 activations (layers/precision.py)
         log.info(
             "compute backend: %s (%s, %s; weights %s, adapters %s)",
             self.ops.name,
             device,
             str(dtype).replace("torch.", ""),
-            str(prec.load).replace("torch.", "") if prec.weights == "plain" else prec.weights,
+            held,
             str(prec.adapter).replace("torch.", ""),
         )
         weights = prec.to_compute(load_checkpoint(model_dir, mc.num_hidden_layers, prec.load, device))
