@@ -125,8 +125,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     ),
     Flag(
         "--dtype",
-        "Weights dtype; on CPU activations and the KV cache stay float32 under bfloat16 (native kernels "
-        "convert the weights in registers).",
+        "Weights dtype. On CPU under bfloat16 activations stay float32 (native kernels convert the weights "
+        "in registers) except in GEMMs of 8+ rows on CPUs with bf16 dot products, which round them to bf16; "
+        "with --quantize int8 it makes the int8 weights those of a bf16 model, the same way.",
         default="float32",
         choices=("float32", "float16", "bfloat16"),
     ),
@@ -134,7 +135,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(
         "--quantize",
         "int8: 8-bit weight-only, per output channel, quantised at load (LoRAX's bitsandbytes and eetq mean "
-        "the same); other LoRAX methods (gptq, awq, fp8, bitsandbytes-nf4, ...) are refused at start.",
+        "the same), float32 activations unless --dtype bfloat16; other LoRAX methods (gptq, awq, fp8, "
+        "bitsandbytes-nf4, ...) are refused at start.",
     ),
     Flag(
         "--adapter-dtype",
