@@ -232,6 +232,10 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
             row["ours_engine"] = sy.engine_decode(
                 ctx["models"][prec.gguf], args.threads, prec.flags, args.new_tokens, seed=r
             )
+            if ours1 is not None:
+                row["ours_engine_t1"] = sy.engine_decode(
+                    ctx["models"][prec.gguf], 1, prec.flags, args.new_tokens, seed=r
+                )
         print(f"  {prec.name} round {r + 1} servers: {json.dumps(_short(row))}", flush=True)
         bench_rows = sy.llama_bench(ctx["llama"], ctx["models"][prec.gguf], threads)
         row["llama_bench"] = {f"{k[0]}_t{k[1]}": v for k, v in bench_rows.items()}
@@ -284,6 +288,7 @@ def summarise(block: dict, roofline_bw: float, params: int, threads: int) -> dic
         "llama_server_pp": med("llama_server", "pp_tok_s"),
         "llama_pp128": bench(f"pp128_t{threads}"),
         "ours_t1_decode": med("ours_t1", "decode_tok_s"),
+        "ours_engine_t1_decode": med("ours_engine_t1", "decode_tok_s"),
         "ours_t1_pp": med("ours_t1", "pp_tok_s"),
         "llama_tg64_t1": bench("tg64_t1"),
         "llama_pp128_t1": bench("pp128_t1"),

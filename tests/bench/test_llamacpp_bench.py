@@ -44,6 +44,7 @@ def _block(ours_decode: float, llama_tg: float) -> dict:
         {
             "ours": {"decode_tok_s": ours_decode + d, "pp_tok_s": 300.0},
             "ours_engine": {"decode_tok_s": ours_decode + 10 + d},
+            "ours_engine_t1": {"decode_tok_s": 22.0 + d},
             "llama_server": {"decode_tok_s": 30.0, "pp_tok_s": 250.0},
             "llama_bench": {"tg64_t2": llama_tg + d, "pp128_t2": 320.0, "tg64_t1": 20.0, "pp128_t1": 160.0},
         }
@@ -73,7 +74,7 @@ def test_summary_takes_medians_and_report_prints_ratios() -> None:
     block = _block(ours_decode=20.0, llama_tg=40.0)
     block["summary"] = s = llamacpp.summarise(block, roofline_bw=27.0, params=135_000_000, threads=2)
     assert (s["ours_decode"], s["llama_tg64"], s["ours_mixed"], s["llama_mixed"]) == (20.0, 40.0, 150.0, 30.0)
-    assert s["ours_engine_decode"] == 30.0
+    assert s["ours_engine_decode"] == 30.0 and s["ours_engine_t1_decode"] == 22.0
     assert s["ours_t1_decode"] is None and s["llama_tg64_t1"] == 20.0
     assert s["roofline_ours"] == pytest.approx(27e9 / (135e6 * 4))
     unavailable = {**_block(1, 1), "precision": "int8", "gguf": "Q8_0", "ours_flags": ["--quantize", "int8"]}
@@ -108,6 +109,10 @@ def test_summary_takes_medians_and_report_prints_ratios() -> None:
         in text
     )
     assert "| batch-1 decode tok/s, -t 2, our server vs llama-bench tg64 | 20.0 | 40.0 | 0.50× |  |" in text
+    assert (
+        "| batch-1 decode tok/s, 1 thread, engines: ours in-process vs llama-bench tg64 -t 1 | 22.0 | 20.0 | 1.10× | ≥ 1.0× |"
+        in text
+    )
     assert "| 32 requests, each its own rank-16 adapter, tok/s, -t 2 | 150.0 | 30.0 | 5.00× | ≥ 3× |" in text
     assert "| server RSS MB, now / peak | 900 / 1000 | 400 / 500 | 2.00× | |" in text
     assert "ours: not available (--quantize int8 is not supported)" in text
