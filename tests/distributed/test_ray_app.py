@@ -221,6 +221,14 @@ def _engine_totals(app: RayApp) -> dict[str, float]:
 
 def test_a_client_that_leaves_aborts_its_request_on_the_replica(ray_app: RayApp) -> None:
     long = {"adapter_id": ADAPTERS["reverse"], "max_new_tokens": 480, "ignore_eos_token": True}
+    # How long the whole request takes here: the client below gives up after a quarter of it, so
+    # it leaves mid-generation however fast the machine is (a fixed 0.3 s outlived the request
+    # once decode steps got faster).
+    start = time.monotonic()
+    httpx.post(
+        ray_app.url + "/generate", json={"inputs": PROMPT, "parameters": long}, timeout=60
+    ).raise_for_status()
+    give_up = (time.monotonic() - start) / 4
     time.sleep(1.5)
     before = _engine_totals(ray_app)
     with httpx.stream(
@@ -228,7 +236,7 @@ def test_a_client_that_leaves_aborts_its_request_on_the_replica(ray_app: RayApp)
     ) as r:
         next(line for line in r.iter_lines() if line.startswith("data:"))  # then hang up
     with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
-        httpx.post(ray_app.url + "/generate", json={"inputs": PROMPT, "parameters": long}, timeout=0.3)
+        httpx.post(ray_app.url + "/generate", json={"inputs": PROMPT, "parameters": long}, timeout=give_up)
     deadline = time.monotonic() + 60
     time.sleep(1.5)
     while (after := _engine_totals(ray_app))["running"] and time.monotonic() < deadline:
