@@ -211,7 +211,7 @@ def _load(march: str) -> ModuleType | None:
 
 def isa(kernels: ModuleType) -> str:
     """What the library's vector code was compiled for (its -march decided): avx512, avx2 or portable."""
-    bits = kernels.simd_bits() if hasattr(kernels, "simd_bits") else 0
+    bits = kernels.simd_bits()
     return {512: "avx512", 256: "avx2"}.get(bits, "portable")
 
 

@@ -52,19 +52,15 @@ class CpuNativeOps(TorchOps):
         super().__init__(device, dtype, pack)
         self.kernels = kernels
         self.panels = bool(kernels.panel_gemm_available())  # an AVX-512 or AVX2+FMA build
-        # a library built before the fused kernel existed has no `panel_lora_linear`
-        self.fused_lora = (
-            self.panels
-            and hasattr(kernels, "panel_lora_linear")
-            and os.environ.get(ENV_FUSED_LORA, "1").strip().lower() not in ("0", "false", "no", "off")
-        )
-        # cache dtypes the decode attention kernel reads: bf16 only from the build that widens it
-        self.decode_dtypes = {torch.float32}
-        if hasattr(kernels, "decode_attention_bf16"):
-            self.decode_dtypes.add(torch.bfloat16)
+        switch = os.environ.get(ENV_FUSED_LORA, "1").strip().lower()
+        self.fused_lora = self.panels and switch not in ("0", "false", "no", "off")
 
     def decode_reads(self, cache_dtype: torch.dtype) -> bool:
-        return cache_dtype in self.decode_dtypes
+        """The cache dtypes the decode attention kernel reads (fp16 takes PyTorch's path).
+
+        No probe of the library is needed: it is named after a hash of its sources
+        (layers/native_cpu.py), so the loaded one always has every kernel this code calls."""
+        return cache_dtype in (torch.float32, torch.bfloat16)
 
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         if self.pack and self.panels and weight.dtype == torch.float32 and weight.device.type == "cpu":

@@ -43,18 +43,14 @@ class LowpCpuOps(CpuNativeOps):
         # activations from as many rows as bf16 panels do (vdpbf16ps or AMX: twice the fp32 FMA's
         # multiply-adds where prefill and many-row decode are compute-bound); fp32 otherwise
         self.bf16_activations = bf16_activations
-        # a library built before the low-precision kernel existed has no `lowp_panel_linear`
-        self.lowp_panels = hasattr(kernels, "lowp_panel_linear")
         # the native LoRA kernel reads fp32 and bf16 tables (bf16 widened in registers); a table
-        # in any other dtype, or a library that predates bf16 tables, takes PyTorch's layout
-        self.native_lora = self.adapter_dtype == dtype or (
-            self.adapter_dtype == torch.bfloat16 and hasattr(kernels, "lora_rows_bf16")
-        )
+        # in any other dtype takes PyTorch's layout
+        self.native_lora = self.adapter_dtype in (dtype, torch.bfloat16)
 
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         if self.weights == "plain":
             return super().make_linear(weight, bias)
-        if self.pack and self.lowp_panels and weight.device.type == "cpu":
+        if self.pack and weight.device.type == "cpu":
             return pack_lowp_panels(weight, bias, self.weights)
         return TorchOps.make_linear(self, weight, bias)  # never CpuNativeOps' fp32 panels
 

@@ -314,6 +314,3 @@ void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const 
     }
   }
 }
-
-// whether paged_decode_attention reads a bf16 cache (a library built before it could did not)
-bool decode_attention_bf16() { return true; }

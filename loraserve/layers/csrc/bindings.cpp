@@ -10,8 +10,6 @@
 void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
-bool lora_rows_bf16();
-bool decode_attention_bf16();
 void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k,
               const torch::Tensor& v, const torch::Tensor& slots);
 
@@ -51,8 +49,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_rows", &lora_rows, "multi-LoRA shrink + expand into strided outputs", pybind11::arg("x"),
         pybind11::arg("rows"), pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("ys"),
         pybind11::arg("slot_rank") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("lora_rows_bf16", &lora_rows_bf16, "whether lora_rows reads bf16 slot tables");
-  m.def("decode_attention_bf16", &decode_attention_bf16, "whether paged_decode_attention reads a bf16 KV cache");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim", pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -249,5 +249,3 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
   }
 }
 
-// whether lora_rows reads bf16 slot tables (a library built before it could did not)
-bool lora_rows_bf16() { return true; }
