@@ -316,17 +316,19 @@ class Engine:
         if not plain:
             return {}
         last = [res.starts[i] + len(rows[i]) - 1 for i in plain]
-        # every row, in order (a decode step): the logits as they are, no gathered copy
-        picked = (
-            res.logits
-            if last == list(range(res.logits.shape[0]))
-            else res.logits.index_select(0, torch.tensor(last, device=self.device))
-        )
+        # every row, in order (a decode step): the logits and their stats as they are, no copy
+        if last == list(range(res.logits.shape[0])):
+            picked, picked_stats = res.logits, stats
+        else:
+            idx = torch.tensor(last, device=self.device)
+            picked = res.logits.index_select(0, idx)
+            arg, lse, finite = stats
+            picked_stats = (arg.index_select(0, idx), lse.index_select(0, idx), finite.index_select(0, idx))
         ops = self.runner.ops
 
         def row_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            # the step's logits untouched by any processor: the pass already made
-            return stats if scores is res.logits else ops.argmax_logsumexp(scores)
+            # logits no processor changed: the rows of the pass already made over the step's logits
+            return picked_stats if scores is picked else ops.argmax_logsumexp(scores)
 
         result = sample(picked, [self._sampling_row(seqs[i]) for i in plain], row_stats)
         out: dict[int, Emitted] = {}

@@ -150,7 +150,7 @@ class CpuNativeOps(TorchOps):
         softcap: float | None = None,
     ) -> torch.Tensor:
         if window is not None or softcap is not None or not self.decode_reads(k_cache.dtype):
-            # the decode kernel does neither, nor an fp16 cache (nor bf16, if built before it could)
+            # the decode kernel does neither, nor an fp16 cache
             return super().paged_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
         return attention.paged_attention(
             q,
