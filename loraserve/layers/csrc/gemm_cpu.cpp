@@ -76,13 +76,16 @@ struct LinePf {
   }
 };
 
-// one k-step's share: two lines while any are left (pi: the cursor, kept in a register by the caller)
+// one k-step's share: two lines while any are left. The kernels copy the list and its end into
+// locals and keep the cursor pi in a register: read through the PF reference, GCC 12 at
+// -march=znver4 kept them in memory and spilled the accumulators of the inlined blocks around them
+// (the fused pass's panels ran 2.3x slower than panel_linear's on a Zen 4 EPYC).
 template <class PF>
-__attribute__((always_inline)) inline void prefetch_step(const PF& pf, int64_t& pi) {
+__attribute__((always_inline)) inline void prefetch_step(const char* const* lines, int64_t end, int64_t& pi) {
   if constexpr (PF::kOn) {
-    if (pi < pf.end) {
-      _mm_prefetch(pf.lines[pi], _MM_HINT_T1);
-      _mm_prefetch(pf.lines[pi + 1], _MM_HINT_T1);
+    if (pi < end) {
+      _mm_prefetch(lines[pi], _MM_HINT_T1);
+      _mm_prefetch(lines[pi + 1], _MM_HINT_T1);
       pi += 2;
     }
   }
@@ -108,14 +111,16 @@ inline void store_row(float* y, const Tile& t, __m512 a0, __m512 a1) {
 // prefill-sized inputs (over 96 rows), where each broadcast then feeds four FMAs instead of two
 // (10 loads per 24 FMAs instead of 14): at 4,032 rows 4-7% faster than 12 x 32, level with oneDNN.
 template <int MR, int NT, class PF = NoPf>
-void block(const float* __restrict__ x, int64_t ldx, const Tile* t, float* __restrict__ y, int64_t ldy,
+__attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, const Tile* t, float* __restrict__ y, int64_t ldy,
            PF& pf = no_pf) {
   __m512 acc[MR][2 * NT];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < 2 * NT; ++c) acc[m][c] = _mm512_setzero_ps();
   int64_t pi = pf.pos;
+  const char* const* pl = pf.lines;
+  const int64_t pe = pf.end;
   for (int64_t k = 0; k < t[0].k; ++k) {
-    prefetch_step(pf, pi);
+    prefetch_step<PF>(pl, pe, pi);
     __m512 w[2 * NT];
     for (int j = 0; j < NT; ++j) {
       w[2 * j] = _mm512_loadu_ps(t[j].w + k * kNR);
@@ -134,13 +139,15 @@ void block(const float* __restrict__ x, int64_t ldx, const Tile* t, float* __res
 // One row (batch-1 decode, the lm_head of one sequence): a pure stream of the panel, four
 // k-steps in flight so the FMA latency never throttles the loads.
 template <class PF = NoPf>
-void stream_row(const float* __restrict__ x, const Tile& t, float* __restrict__ y, PF& pf = no_pf) {
+__attribute__((noinline)) void stream_row(const float* __restrict__ x, const Tile& t, float* __restrict__ y, PF& pf = no_pf) {
   __m512 a[4], c[4];
   for (int u = 0; u < 4; ++u) a[u] = c[u] = _mm512_setzero_ps();
   const float* __restrict__ w = t.w;
   int64_t k = 0, pi = pf.pos;
+  const char* const* pl = pf.lines;
+  const int64_t pe = pf.end;
   for (; k + 4 <= t.k; k += 4) {
-    prefetch_step(pf, pi);
+    prefetch_step<PF>(pl, pe, pi);
     for (int u = 0; u < 4; ++u) {
       const __m512 xv = _mm512_set1_ps(x[k + u]);
       a[u] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + (k + u) * kNR), a[u]);
@@ -208,15 +215,17 @@ __attribute__((always_inline)) inline void store8(float* y, const float* bias, i
 
 // MR rows x NV registers: the 8 * NV columns of the panel from column c0
 template <int MR, int NV, class PF>
-void block(const float* __restrict__ x, int64_t ldx, const Tile& t, int64_t c0, float* __restrict__ y,
+__attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, const Tile& t, int64_t c0, float* __restrict__ y,
            int64_t ldy, PF& pf) {
   __m256 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_setzero_ps();
   const float* __restrict__ w = t.w + c0;
   int64_t pi = pf.pos;
+  const char* const* pl = pf.lines;
+  const int64_t pe = pf.end;
   for (int64_t k = 0; k < t.k; ++k) {
-    prefetch_step(pf, pi);
+    prefetch_step<PF>(pl, pe, pi);
     __m256 wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = _mm256_loadu_ps(w + k * kNR + 8 * j);
     for (int m = 0; m < MR; ++m) {
@@ -233,14 +242,16 @@ void block(const float* __restrict__ x, int64_t ldx, const Tile& t, int64_t c0, 
 }
 
 template <class PF>
-void stream_row(const float* __restrict__ x, const Tile& t, float* __restrict__ y, PF& pf) {
+__attribute__((noinline)) void stream_row(const float* __restrict__ x, const Tile& t, float* __restrict__ y, PF& pf) {
   __m256 a[2][4];
   for (int u = 0; u < 2; ++u)
     for (int j = 0; j < 4; ++j) a[u][j] = _mm256_setzero_ps();
   const float* __restrict__ w = t.w;
   int64_t k = 0, pi = pf.pos;
+  const char* const* pl = pf.lines;
+  const int64_t pe = pf.end;
   for (; k + 2 <= t.k; k += 2) {
-    prefetch_step(pf, pi);
+    prefetch_step<PF>(pl, pe, pi);
     for (int u = 0; u < 2; ++u) {
       const __m256 xv = _mm256_broadcast_ss(x + k + u);
       for (int j = 0; j < 4; ++j) a[u][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + (k + u) * kNR + 8 * j), a[u][j]);
