@@ -216,6 +216,32 @@ def test_paged_decode_attention_matches_sdpa_on_gathered_context(
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("threads", "lens", "hq", "hkv", "d"),
+    # fewer sequences than threads and 64+ positions: the context is split into parts merged by their
+    # score maxima; (8, [3, 300]): 4 parts each, so the 3-position sequence has empty parts
+    [(2, [100], 9, 3, 64), (4, [257], 9, 3, 64), (8, [3, 300], 8, 2, 128), (3, [64, 65], 4, 4, 32)],
+)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_splits_long_contexts_over_idle_threads(
+    kernel: ModuleType, threads: int, lens: list[int], hq: int, hkv: int, d: int, cache_dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(sum(lens) + d)
+    blocks, bs = 100, 4
+    k_cache = (torch.randn(blocks, bs, hkv, d, generator=g) * 2).to(cache_dtype)
+    v_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(cache_dtype)
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:80] for _ in lens])
+    q = torch.randn(len(lens), hq, d, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens), 0.3)
+    finally:
+        torch.set_num_threads(old)
+    want = _reference_decode(q, k_cache.float(), v_cache.float(), tables, lens, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_cache(kernel: ModuleType) -> None:
     k_cache = torch.zeros(4, 2, 1, 16)
     q = torch.zeros(1, 1, 16)
