@@ -9,7 +9,10 @@ memory is gone before the servers are measured again.
     python -m bench.engine_decode --model M.gguf [--threads 2] [--dtype bfloat16] [--quantize int8]
         [--prompt-tokens 128] [--new-tokens 64] [--reps 3] [--seed 0]
 
-Prints one JSON line: {"decode_tok_s": median over reps, "runs": [...], "step_ms": median step}.
+Prints one JSON line: {"decode_tok_s": median over reps, "runs": [...], "step_ms": median step,
+"bandwidth_gbs": read bandwidth measured in this process just before and just after the reps (the
+higher of the two)}. The host's bandwidth drifts by tens of percent within minutes, so a roofline
+share is only meaningful against a reading taken beside the tokens it divides.
 Each rep decodes `new_tokens` greedy tokens after its own random prompt (no prefix cache); the
 rate is (tokens - 1) / time from the first token to the last, as the server bench measures it.
 """
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
+    from bench.roofline import measure_bandwidth_gbs
     from loraserve.engine.engine import Engine, EngineConfig
     from loraserve.engine.params import SamplingParams
     from loraserve.models.source import DEFAULT_MODEL_CACHE, resolve_model
@@ -53,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos_token=True)
     runs: list[float] = []
     steps: list[float] = []
+    bandwidth: list[float] = []
     for rep in range(args.reps + 1):  # the first one warms up
+        if rep == 1:
+            bandwidth.append(measure_bandwidth_gbs())
         engine.add_request([rng.randrange(100, vocab) for _ in range(args.prompt_tokens)], params)
         marks: list[float] = []
         while engine.has_unfinished():
@@ -65,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
                     steps.append(marks[-1] - t0)
         if rep > 0 and len(marks) > 1:
             runs.append((len(marks) - 1) / (marks[-1] - marks[0]))
+    bandwidth.append(measure_bandwidth_gbs())
     print(
         json.dumps(
             {
                 "decode_tok_s": statistics.median(runs),
                 "runs": [round(r, 2) for r in runs],
                 "step_ms": round(statistics.median(steps) * 1e3, 3),
+                "bandwidth_gbs": round(max(bandwidth), 2),
             }
         )
     )

@@ -111,8 +111,9 @@ def _max_rank(adapters: list[Path]) -> int:
     return max(ranks)
 
 
-def _med(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x == x]
+def _med(xs: list[float | None]) -> float | None:
+    """Median of the readings that exist (None: not measured; NaN: failed)."""
+    xs = [x for x in xs if x is not None and x == x]
     return statistics.median(xs) if xs else None
 
 
@@ -237,8 +238,12 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
                     ctx["models"][prec.gguf], 1, prec.flags, args.new_tokens, seed=r
                 )
         print(f"  {prec.name} round {r + 1} servers: {json.dumps(_short(row))}", flush=True)
+        from bench.roofline import measure_bandwidth_gbs  # torch only once llama.cpp is found
+
+        bw_before = measure_bandwidth_gbs()
         bench_rows = sy.llama_bench(ctx["llama"], ctx["models"][prec.gguf], threads)
         row["llama_bench"] = {f"{k[0]}_t{k[1]}": v for k, v in bench_rows.items()}
+        row["llama_bench_bw"] = max(bw_before, measure_bandwidth_gbs())
         res["rounds"].append(row)
         print(f"  {prec.name} round {r + 1}: {json.dumps(_short(row))}", flush=True)
     res["concurrent_rounds"] = []
@@ -300,6 +305,38 @@ def summarise(block: dict, roofline_bw: float, params: int, threads: int) -> dic
     prec = PRECISIONS[block["precision"]]
     s["roofline_ours"] = roofline_bw * 1e9 / (params * prec.bytes_per_weight)
     s["roofline_llama"] = roofline_bw * 1e9 / (params * prec.llama_bytes_per_weight)
+    # Shares against the bandwidth read beside each measurement (in the engine's own process, and
+    # around each llama-bench call): the start-of-run reading alone put shares above 100 % once the
+    # host's bandwidth rose mid-run. Our server's share uses its round's engine reading.
+    ours_b, llama_b = params * prec.bytes_per_weight, params * prec.llama_bytes_per_weight
+
+    def share(tok_s: float | None, bw: float | None, nbytes: float) -> float | None:
+        return tok_s * nbytes / (bw * 1e9) if tok_s and bw else None
+
+    eng_bw = [r["ours_engine"].get("bandwidth_gbs") for r in rounds if "ours_engine" in r]
+    s["bandwidth_engine_gbs"] = _med([b for b in eng_bw if b])
+    s["bandwidth_llama_gbs"] = _med([r["llama_bench_bw"] for r in rounds if "llama_bench_bw" in r])
+    s["share_ours_engine"] = _med(
+        [
+            share(r["ours_engine"]["decode_tok_s"], r["ours_engine"].get("bandwidth_gbs"), ours_b)
+            for r in rounds
+            if "ours_engine" in r
+        ]
+    )
+    s["share_ours_server"] = _med(
+        [
+            share(r["ours"]["decode_tok_s"], r.get("ours_engine", {}).get("bandwidth_gbs"), ours_b)
+            for r in rounds
+            if "ours" in r
+        ]
+    )
+    s["share_llama"] = _med(
+        [
+            share(r["llama_bench"].get(f"tg64_t{threads}"), r.get("llama_bench_bw"), llama_b)
+            for r in rounds
+            if "llama_bench" in r
+        ]
+    )
     return s
 
 
@@ -311,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop the servers this run started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    import torch
+
     from bench import llamacpp_setup as su
     from bench.roofline import measure_bandwidth_gbs, weight_bytes_per_token
 
@@ -325,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((hf_dir / "config.json").read_text())
     params = weight_bytes_per_token(hf_dir, "float32") // 4
     env = environment(llama, args, loadavg=os.getloadavg())
+    torch.set_num_threads(args.threads)  # bandwidth is read with the engines' thread count
     bw = measure_bandwidth_gbs()
     ctx = {
         "llama": llama,

@@ -129,3 +129,33 @@ def test_ours_without_native_kernels_is_reported_not_measured(tmp_path: Path) ->
     assert Server("llama", "llama", [], log)._fallback_note() is None
     log.write_text("INFO loraserve.layers.native_cpu: native CPU kernels loaded from /x.so\n")
     assert Server("ours", "ours", [], log)._fallback_note() is None
+
+
+def test_roofline_shares_use_the_bandwidth_read_beside_each_round() -> None:
+    """A host whose bandwidth doubles mid-run: each round's share divides by its own reading, so
+    no share goes above 100 % because the start-of-run reading was low."""
+    block = _block(ours_decode=20.0, llama_tg=40.0)
+    for r, bw in zip(block["rounds"], (10.0, 20.0, 40.0), strict=True):
+        r["ours_engine"]["bandwidth_gbs"] = bw
+        r["llama_bench_bw"] = bw * 1.1
+    s = llamacpp.summarise(block, roofline_bw=5.0, params=100_000_000, threads=2)
+    nbytes = 100e6 * 4  # fp32
+    want_engine = sorted(t * nbytes / (bw * 1e9) for t, bw in ((29.0, 10.0), (30.0, 20.0), (35.0, 40.0)))[1]
+    assert s["share_ours_engine"] == pytest.approx(want_engine)
+    assert s["share_llama"] == pytest.approx(
+        sorted(t * nbytes / (bw * 1.1e9) for t, bw in ((39.0, 10.0), (40.0, 20.0), (45.0, 40.0)))[1]
+    )
+    assert s["bandwidth_engine_gbs"] == 20.0
+    line = next(x for x in llamacpp_report_lines(block, s) if "roofline" in x)
+    assert "bandwidth read beside each measurement, median 20.0 / 22.0 GB/s" in line
+    assert f"| {100 * want_engine:.0f}% (" in line
+    # a JSON from before the readings existed: the start-of-run figure, as those reports printed it
+    old = llamacpp.summarise(_block(20.0, 40.0), roofline_bw=27.0, params=135_000_000, threads=2)
+    assert old["share_ours_engine"] is None
+    assert any("tok/s): engine (our server)" in x for x in llamacpp_report_lines(_block(20.0, 40.0), old))
+
+
+def llamacpp_report_lines(block: dict, summary: dict) -> list[str]:
+    from bench import llamacpp_report
+
+    return llamacpp_report._table(block | {"summary": summary}, threads=2)
