@@ -6,7 +6,8 @@ interleaved rounds (ours, then llama.cpp, in every round; medians over rounds):
 
 * batch-1 decode: one streamed request (128-token prompt, 64 new tokens) to each server, and
   engine to engine: ours in a fresh process with no server (bench/engine_decode.py) against
-  llama-bench's tg64;
+  llama-bench's tg64 at depth 128 (`-d`: the same context as ours after its prompt, so both
+  attentions read the same cache; its usual empty-context tg64 is reported beside it);
 * prompt processing: time to the first token of one 128-token prompt, and llama-bench's pp128;
 * 32 concurrent requests (128-token prompts, 64 new tokens, EOS ignored), each with its own
   rank-16 adapter — llama-server with per-request LoRA (`-np 32 -cb`, every adapter loaded at
@@ -231,17 +232,27 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
             }
         if ours is not None:
             row["ours_engine"] = sy.engine_decode(
-                ctx["models"][prec.gguf], args.threads, prec.flags, args.new_tokens, seed=r
+                ctx["models"][prec.gguf],
+                args.threads,
+                prec.flags,
+                args.new_tokens,
+                seed=r,
+                prompt_tokens=args.prompt_tokens,
             )
             if ours1 is not None:
                 row["ours_engine_t1"] = sy.engine_decode(
-                    ctx["models"][prec.gguf], 1, prec.flags, args.new_tokens, seed=r
+                    ctx["models"][prec.gguf],
+                    1,
+                    prec.flags,
+                    args.new_tokens,
+                    seed=r,
+                    prompt_tokens=args.prompt_tokens,
                 )
         print(f"  {prec.name} round {r + 1} servers: {json.dumps(_short(row))}", flush=True)
         from bench.roofline import measure_bandwidth_gbs  # torch only once llama.cpp is found
 
         bw_before = measure_bandwidth_gbs()
-        bench_rows = sy.llama_bench(ctx["llama"], ctx["models"][prec.gguf], threads)
+        bench_rows = sy.llama_bench(ctx["llama"], ctx["models"][prec.gguf], threads, depth=args.prompt_tokens)
         row["llama_bench"] = {f"{k[0]}_t{k[1]}": v for k, v in bench_rows.items()}
         row["llama_bench_bw"] = max(bw_before, measure_bandwidth_gbs())
         res["rounds"].append(row)
@@ -296,6 +307,7 @@ def summarise(block: dict, roofline_bw: float, params: int, threads: int) -> dic
         "ours_engine_t1_decode": med("ours_engine_t1", "decode_tok_s"),
         "ours_t1_pp": med("ours_t1", "pp_tok_s"),
         "llama_tg64_t1": bench("tg64_t1"),
+        "llama_tg64_d0": bench(f"tg64_d0_t{threads}"),
         "llama_pp128_t1": bench("pp128_t1"),
         "ours_mixed": cmed("ours", "mixed"),
         "llama_mixed": cmed("llama_server", "mixed"),

@@ -264,27 +264,49 @@ def greedy_ids(server: Server, text: str, n: int, adapter: str | None) -> tuple[
 # ---- llama-bench ------------------------------------------------------------------------------
 
 
-def engine_decode(model: Path, threads: int, flags: tuple[str, ...], new_tokens: int, seed: int) -> dict:
+def engine_decode(
+    model: Path, threads: int, flags: tuple[str, ...], new_tokens: int, seed: int, prompt_tokens: int = 128
+) -> dict:
     """Our engine's batch-1 decode in a fresh process with no server (bench/engine_decode.py):
     the reading that compares with llama-bench's tg64."""
     cmd = [sys.executable, "-m", "bench.engine_decode", "--model", str(model), "--threads", str(threads)]
-    cmd += [*flags, "--new-tokens", str(new_tokens), "--seed", str(seed)]
+    cmd += [
+        *flags,
+        "--new-tokens",
+        str(new_tokens),
+        "--prompt-tokens",
+        str(prompt_tokens),
+        "--seed",
+        str(seed),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def llama_bench(
-    llama: LlamaCpp, model: Path, threads: list[int], reps: int = 3
+    llama: LlamaCpp, model: Path, threads: list[int], reps: int = 3, depth: int = 0
 ) -> dict[tuple[str, int], float]:
-    """{("pp128"|"tg64", threads): tok/s} from one llama-bench invocation."""
+    """{("pp128"|"tg64"|"tg64_d0", threads): tok/s} from one llama-bench invocation.
+
+    tg64 runs at `depth` tokens of context (llama-bench `-d`), the context our decode reading has
+    after its prompt, so both engines' attention reads the same cache; "tg64_d0" is llama-bench's
+    usual empty-context figure beside it. pp128 is always from an empty context."""
     cmd = [llama.exe("llama-bench"), "-m", str(model), "-p", "128", "-n", "64"]
     cmd += ["-t", ",".join(map(str, threads)), "-r", str(reps), "-o", "json"]
+    if depth:
+        cmd += ["-d", f"0,{depth}"]
     if not llama.repack_works(model):
         cmd += ["--repack", "0"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     res: dict[tuple[str, int], float] = {}
     for row in json.loads(out):
-        test = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
-        res[(test, int(row["n_threads"]))] = float(row["avg_ts"])
+        d, t = int(row.get("n_depth", 0)), int(row["n_threads"])
+        if row["n_gen"] == 0:
+            if d == 0:
+                res[(f"pp{row['n_prompt']}", t)] = float(row["avg_ts"])
+        elif d == depth:
+            res[(f"tg{row['n_gen']}", t)] = float(row["avg_ts"])
+        if row["n_gen"] and d == 0 and depth:
+            res[(f"tg{row['n_gen']}_d0", t)] = float(row["avg_ts"])
     return res

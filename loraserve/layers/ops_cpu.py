@@ -19,9 +19,9 @@ with the AVX-512 build (base alone 80 ms) and 199 -> 186 ms with the AVX2 one (b
 end to end (bench/kernel_builds.py, 32 x 128-token prompts, 64 new tokens) distinct 98.6 -> 100.9
 tok/s (0.79 -> 0.81 of base) and 70.4 -> 72.1 tok/s (0.84 -> 0.86). The core's fill bandwidth is
 the limit: base weights plus adapters are ~1.05 GB a step, 84 ms at 12.5 GB/s.
-On a 2-core Zen 4 EPYC (AVX-512 build, 2 threads) the same end-to-end run gives 0.70 of base fused
+On a 2-core Zen 5 EPYC (AVX-512 build, 2 threads) the same end-to-end run gives 0.70 of base fused
 against 0.66 two-pass, and the AVX2 build 0.90 against 0.85 (before the register kernels took the
-prefetch list as locals, GCC spilled around it there and the fused pass ran at 0.54).
+prefetch list as locals, GCC 12 spilled around it and the fused pass ran at 0.54).
 `LORASERVE_FUSED_LORA=0` keeps the two separate passes (for comparisons).
 """
 

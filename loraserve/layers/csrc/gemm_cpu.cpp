@@ -78,8 +78,8 @@ struct LinePf {
 
 // one k-step's share: two lines while any are left. The kernels copy the list and its end into
 // locals and keep the cursor pi in a register: read through the PF reference, GCC 12 at
-// -march=znver4 kept them in memory and spilled the accumulators of the inlined blocks around them
-// (the fused pass's panels ran 2.3x slower than panel_linear's on a Zen 4 EPYC).
+// -march=native on a Zen 5 (znver3 with AVX-512 to GCC 12) kept them in memory and spilled the accumulators of the inlined blocks around them
+// (the fused pass's panels ran 2.3x slower than panel_linear's on a Zen 5 EPYC).
 template <class PF>
 __attribute__((always_inline)) inline void prefetch_step(const char* const* lines, int64_t end, int64_t& pi) {
   if constexpr (PF::kOn) {
