@@ -192,6 +192,7 @@ def run_block(prec: Precision, ctx: dict, args: argparse.Namespace) -> dict:
 
 def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, lserver) -> dict:
     from bench import llamacpp_systems as sy
+    from bench.roofline import measure_bandwidth_gbs  # torch only once llama.cpp is found
 
     rng = random.Random(0)
     vocab = ctx["vocab"]
@@ -249,8 +250,6 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
                     prompt_tokens=args.prompt_tokens,
                 )
         print(f"  {prec.name} round {r + 1} servers: {json.dumps(_short(row))}", flush=True)
-        from bench.roofline import measure_bandwidth_gbs  # torch only once llama.cpp is found
-
         bw_before = measure_bandwidth_gbs()
         bench_rows = sy.llama_bench(ctx["llama"], ctx["models"][prec.gguf], threads, depth=args.prompt_tokens)
         row["llama_bench"] = {f"{k[0]}_t{k[1]}": v for k, v in bench_rows.items()}
@@ -325,8 +324,9 @@ def summarise(block: dict, roofline_bw: float, params: int, threads: int) -> dic
     def share(tok_s: float | None, bw: float | None, nbytes: float) -> float | None:
         return tok_s * nbytes / (bw * 1e9) if tok_s and bw else None
 
-    eng_bw = [r["ours_engine"].get("bandwidth_gbs") for r in rounds if "ours_engine" in r]
-    s["bandwidth_engine_gbs"] = _med([b for b in eng_bw if b])
+    s["bandwidth_engine_gbs"] = _med(
+        [r["ours_engine"].get("bandwidth_gbs") for r in rounds if "ours_engine" in r]
+    )
     s["bandwidth_llama_gbs"] = _med([r["llama_bench_bw"] for r in rounds if "llama_bench_bw" in r])
     s["share_ours_engine"] = _med(
         [
