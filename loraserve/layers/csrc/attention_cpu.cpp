@@ -237,8 +237,8 @@ void decode_items(const float* qp, int64_t q_row, const T* kp, const T* vp, floa
                   const int64_t* lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t G, int64_t BS,
                   int64_t nblk, int64_t max_ctx, float sc) {
   const int64_t row = Hkv * D;  // elements between consecutive positions of one head in a block
-#if LORASERVE_SIMD
   const int64_t threads = at::get_num_threads();
+#if LORASERVE_SIMD
   if (B < threads && (D == 2 * simd::W || D == 4 * simd::W || D == 8 * simd::W)) {
     const int64_t S = std::min((threads + B - 1) / B, max_ctx / kMinSplitPositions);
     if (S > 1) return decode_split(qp, q_row, kp, vp, op, tables, lens, B, S, Hq, Hkv, D, G, BS, nblk, max_ctx, sc);
@@ -250,7 +250,7 @@ void decode_items(const float* qp, int64_t q_row, const T* kp, const T* vp, floa
   // splitting heads across threads left every pass reading a third of each row from DRAM.
   // Fewer sequences than threads and a context too short to split (decode_split, above): one
   // head per item, so every core has work.
-  const int64_t per = B >= at::get_num_threads() ? Hkv : 1;
+  const int64_t per = B >= threads ? Hkv : 1;
   const int64_t items_per_seq = Hkv / per;
   at::parallel_for(0, B * items_per_seq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(per * G * max_ctx);
@@ -299,6 +299,16 @@ void decode_items(const float* qp, int64_t q_row, const T* kp, const T* vp, floa
 
 }  // namespace
 
+// The checks both entry points make of a layer's cache pair; true for a bf16 cache, false for fp32.
+static bool cache_is_bf16(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || k_cache.scalar_type() == torch::kFloat32) && k_cache.dim() == 4 && k_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "k_cache/v_cache must be contiguous [NB, BS, Hkv, D], both float32 or both bfloat16");
+  return bf16;
+}
+
 // q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
 // ctx_lens: [B] int64 (positions 0..ctx-1 are attended). Returns [B, Hq, D].
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -307,11 +317,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 &&
                   q.stride(1) == q.size(2),
               "q must be a CPU float32 [B, Hq, D] tensor with contiguous heads");
-  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK((bf16 || k_cache.scalar_type() == torch::kFloat32) && k_cache.dim() == 4 && k_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
-                  v_cache.scalar_type() == k_cache.scalar_type(),
-              "k_cache/v_cache must be contiguous [NB, BS, Hkv, D], both float32 or both bfloat16");
+  const bool bf16 = cache_is_bf16(k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [B, nblk]");
   TORCH_CHECK(ctx_lens.scalar_type() == torch::kInt64 && ctx_lens.is_contiguous(), "ctx_lens must be int64");
@@ -349,11 +355,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 // conversions and two index_copy_ (~14 us a layer at one decode row, 0.4 ms of a 30-layer step).
 void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k,
               const torch::Tensor& v, const torch::Tensor& slots) {
-  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK((bf16 || k_cache.scalar_type() == torch::kFloat32) && k_cache.dim() == 4 && k_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
-                  v_cache.scalar_type() == k_cache.scalar_type(),
-              "k_cache/v_cache must be contiguous [NB, BS, Hkv, D], both float32 or both bfloat16");
+  const bool bf16 = cache_is_bf16(k_cache, v_cache);
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), H = k_cache.size(2), D = k_cache.size(3);
   for (const torch::Tensor* x : {&k, &v}) {
     TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == torch::kFloat32 && x->dim() == 3 && x->size(1) == H &&

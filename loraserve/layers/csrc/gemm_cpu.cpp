@@ -78,8 +78,9 @@ struct LinePf {
 
 // one k-step's share: two lines while any are left. The kernels copy the list and its end into
 // locals and keep the cursor pi in a register: read through the PF reference, GCC 12 at
-// -march=native on a Zen 5 (znver3 with AVX-512 to GCC 12) kept them in memory and spilled the accumulators of the inlined blocks around them
-// (the fused pass's panels ran 2.3x slower than panel_linear's on a Zen 5 EPYC).
+// -march=native on a Zen 5 EPYC (znver3 plus AVX-512 to GCC 12) kept them in memory and spilled
+// the accumulators of the blocks inlined around them: the fused pass's panels ran 2.3x slower
+// than panel_linear's. The register kernels are never inlined for the same reason.
 template <class PF>
 __attribute__((always_inline)) inline void prefetch_step(const char* const* lines, int64_t end, int64_t& pi) {
   if constexpr (PF::kOn) {
@@ -111,8 +112,8 @@ inline void store_row(float* y, const Tile& t, __m512 a0, __m512 a1) {
 // prefill-sized inputs (over 96 rows), where each broadcast then feeds four FMAs instead of two
 // (10 loads per 24 FMAs instead of 14): at 4,032 rows 4-7% faster than 12 x 32, level with oneDNN.
 template <int MR, int NT, class PF = NoPf>
-__attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, const Tile* t, float* __restrict__ y, int64_t ldy,
-           PF& pf = no_pf) {
+__attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, const Tile* t,
+                                     float* __restrict__ y, int64_t ldy, PF& pf = no_pf) {
   __m512 acc[MR][2 * NT];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < 2 * NT; ++c) acc[m][c] = _mm512_setzero_ps();
@@ -139,7 +140,8 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
 // One row (batch-1 decode, the lm_head of one sequence): a pure stream of the panel, four
 // k-steps in flight so the FMA latency never throttles the loads.
 template <class PF = NoPf>
-__attribute__((noinline)) void stream_row(const float* __restrict__ x, const Tile& t, float* __restrict__ y, PF& pf = no_pf) {
+__attribute__((noinline)) void stream_row(const float* __restrict__ x, const Tile& t, float* __restrict__ y,
+                                          PF& pf = no_pf) {
   __m512 a[4], c[4];
   for (int u = 0; u < 4; ++u) a[u] = c[u] = _mm512_setzero_ps();
   const float* __restrict__ w = t.w;
@@ -215,8 +217,8 @@ __attribute__((always_inline)) inline void store8(float* y, const float* bias, i
 
 // MR rows x NV registers: the 8 * NV columns of the panel from column c0
 template <int MR, int NV, class PF>
-__attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, const Tile& t, int64_t c0, float* __restrict__ y,
-           int64_t ldy, PF& pf) {
+__attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, const Tile& t, int64_t c0,
+                                     float* __restrict__ y, int64_t ldy, PF& pf) {
   __m256 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_setzero_ps();
@@ -242,7 +244,8 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
 }
 
 template <class PF>
-__attribute__((noinline)) void stream_row(const float* __restrict__ x, const Tile& t, float* __restrict__ y, PF& pf) {
+__attribute__((noinline)) void stream_row(const float* __restrict__ x, const Tile& t, float* __restrict__ y,
+                                          PF& pf) {
   __m256 a[2][4];
   for (int u = 0; u < 2; ++u)
     for (int j = 0; j < 4; ++j) a[u][j] = _mm256_setzero_ps();
@@ -287,9 +290,12 @@ void panel_rows(const float* x, int64_t ldx, const Tile* t, int64_t np, int64_t 
 }
 #endif
 
+// projections fused in one output (q/k/v: 3); outside the SIMD block because panel_lora_linear's
+// argument checks use it in every build (a portable one only refuses the call)
+constexpr int kMaxMembers = 4;
+
 #if LORASERVE_SIMD
 // ---- The fused decode path: panel GEMM + every row's own LoRA (panel_lora_linear) ----
-constexpr int kMaxMembers = 4;  // projections fused in one output (q/k/v: 3)
 
 struct LoraRows {
   const float* x;
