@@ -135,3 +135,57 @@ def test_native_kernel_rejects_mismatched_operands() -> None:
         ops.kernels.lowp_panel_linear(torch.randn(2, 16), lin.weight, 40, None, None)
     with pytest.raises(RuntimeError, match="K = 17"):
         ops.kernels.lowp_panel_linear(torch.randn(2, 17), lin.weight, 40, lin.scale, None)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def test_host_build_takes_integer_dot_products_where_the_cpu_has_them() -> None:
+    """The int8dp path (csrc/gemm_int8dp_cpu.cpp) must really be the one the tests above check on
+    a host with AVX512-VNNI and AVX512-VBMI, not silently left out of the build."""
+    kernels = native_fixture.native_kernel_or_skip()
+    if not {"avx512_vnni", "avx512vbmi"} <= _cpu_flags() or kernels.simd_bits() != 512:
+        pytest.skip("this host's build has no AVX512-VNNI/VBMI")
+    assert "int8dp" in kernels.lowp_gemm_isa()
+
+
+@pytest.mark.parametrize("march", BUILDS)
+def test_int8_keeps_fp32_activations_through_outliers_and_edge_rows(march: str) -> None:
+    """int8 panels with fp32 activations: the int8dp path scales each row to 24-bit integers under
+    its largest value, so a row with a 1000x outlier must still meet the fp32 tolerance; an
+    all-zero row gives the bias exactly; a non-finite activation gives non-finite outputs; and a
+    K past the int32 sums' limit (65,536) still computes (on the FMA path)."""
+    kernels = (
+        native_fixture.native_kernel_or_skip(march)
+        if march != "native"
+        else native_fixture.native_kernel_or_skip()
+    )
+    ops = LowpCpuOps(CPU, torch.float32, kernels, weights="int8")
+    gen = torch.Generator().manual_seed(4)
+    for out_f, in_f in [(96, 1536), (40, 70_001)]:
+        w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
+        b = torch.randn(out_f, generator=gen)
+        lin = ops.make_linear(w, b)
+        deq = dequantize(lin).double()
+        for m in (1, 3, 7):
+            x = torch.randn(m, in_f, generator=gen)
+            x[0, 5] = 1000.0
+            x[-1] = 0.0
+            y = ops.linear(x, lin)
+            ref = F.linear(x.double(), deq, b.double()).float()
+            torch.testing.assert_close(y, ref, atol=2e-5 * in_f**0.5, rtol=1e-5)
+            torch.testing.assert_close(y[-1], b, atol=0, rtol=0)
+        if in_f > 5000:
+            continue
+        x = torch.randn(2, in_f, generator=gen)
+        x[0, 3] = float("inf")
+        y = ops.linear(x, lin)
+        assert not bool(torch.isfinite(y[0]).any())
+        torch.testing.assert_close(
+            y[1], F.linear(x[1:].double(), deq, b.double()).float()[0], atol=1e-3, rtol=1e-5
+        )

@@ -592,13 +592,18 @@ void bf16dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char
                    int64_t n, const float* scale, const float* bias, float* y);
 // from this many rows bf16 panels multiply bf16 activations (as AMX does from kAmxMinRows)
 constexpr int64_t kBf16DpMinRows = 8;
+// int8 panels x fp32 activations by integer dot products (csrc/gemm_int8dp_cpu.cpp), where the
+// build has AVX512-VNNI and AVX512-VBMI, for K up to int8dp_max_k() (0: not in this build)
+int64_t int8dp_max_k();
+void int8dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, int64_t panel_bytes, int64_t P,
+                   int64_t n, const float* scale, const float* bias, float* y);
 
 std::string lowp_gemm_isa() {
 #if defined(LORASERVE_AMX)
   if (amx_enabled()) return "avx512+amx";
 #endif
 #if LORASERVE_SIMD == 512
-  return bf16dp_available() ? "avx512+bf16dp" : "avx512";
+  return std::string("avx512") + (bf16dp_available() ? "+bf16dp" : "") + (int8dp_max_k() > 0 ? "+int8dp" : "");
 #elif LORASERVE_SIMD == 256
   return "avx2";
 #else
@@ -651,6 +656,10 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
 #endif
   if ((bf16 || bf16_activations) && M >= kBf16DpMinRows && bf16dp_available()) {
     bf16dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
+    return y;
+  }
+  if (!bf16 && K <= int8dp_max_k()) {  // fp32 activations as 24-bit integers
+    int8dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
     return y;
   }
   const int64_t chunks = (M + kMC - 1) / kMC;
