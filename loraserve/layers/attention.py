@@ -85,7 +85,7 @@ def _unfold_gqa(o: torch.Tensor, lq: int) -> torch.Tensor:
     return o.view(b, hkv, lq, g, d).permute(0, 2, 1, 3, 4).reshape(b, lq, hkv * g, d)
 
 
-def _all_single_decodes(grp: PagedGroup, num_tokens: int) -> bool:
+def all_single_decodes(grp: PagedGroup, num_tokens: int) -> bool:
     return grp.dense and grp.max_q == 1 and grp.tok_start == 0 and grp.num_seqs == num_tokens
 
 
@@ -176,7 +176,7 @@ def paged_attention(
     hkv = k.shape[1]
     g = q.shape[1] // hkv
     plain = window is None and softcap is None
-    if plain and not meta.fresh and len(meta.paged) == 1 and _all_single_decodes(meta.paged[0], q.shape[0]):
+    if plain and not meta.fresh and len(meta.paged) == 1 and all_single_decodes(meta.paged[0], q.shape[0]):
         grp = meta.paged[0]
         if decode is not None:
             return _kernel_decode(q, k_cache, v_cache, grp, scale, decode)

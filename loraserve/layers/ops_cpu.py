@@ -35,6 +35,7 @@ import torch
 
 from loraserve.layers import attention
 from loraserve.layers.attention import AttentionMeta
+from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear, pack_panels, panel_rows
 from loraserve.layers.lora import LoraBatch
 from loraserve.layers.ops import TorchOps
@@ -165,6 +166,45 @@ class CpuNativeOps(TorchOps):
             scale,
             decode=self.kernels.paged_decode_attention,
             write=self.kernels.write_kv,
+        )
+
+    def rope_decode_attention(
+        self,
+        qkv: torch.Tensor,
+        n_heads: int,
+        n_kv: int,
+        fb: ForwardBatch,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        scale: float,
+    ) -> torch.Tensor | None:
+        """A decode step's attention of one layer in one native call (rotary, cache write, decode
+        attention over the fused q|k|v output): [B, Hq * D], or None where the step is not only
+        single-token rows (prefills, drafts) or the cache is one the kernel does not read. The
+        caller (a model's attention without per-head norms, windows or soft-capping) then takes
+        the separate ops."""
+        meta = fb.attn
+        k_cache, v_cache = kv_cache
+        if (
+            meta.fresh
+            or len(meta.paged) != 1
+            or not attention.all_single_decodes(meta.paged[0], qkv.shape[0])
+            or qkv.dtype != torch.float32
+            or not self.decode_reads(k_cache.dtype)
+        ):
+            return None
+        grp = meta.paged[0]
+        return self.kernels.rope_decode_attention(
+            qkv,
+            n_heads,
+            n_kv,
+            fb.cos,
+            fb.sin,
+            k_cache,
+            v_cache,
+            meta.slot_mapping,
+            grp.block_tables,
+            grp.ctx_lens,
+            scale,
         )
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

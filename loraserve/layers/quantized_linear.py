@@ -12,7 +12,9 @@ transformers do), as do int8 batches of a model served `--dtype bfloat16 --quant
 weights are exact in bf16, so only the activations round, and a column's scale multiplies its
 fp32 sum); int8 batches served with fp32 activations (the default) of `AMX_MIN_ROWS_INT8` rows or
 more on AMX split them into two bf16 parts, x = hi + lo, exact to 2^-16 of each value, within
-the int8 oracle's tolerance.
+the int8 oracle's tolerance; and int8 panels with fp32 activations on AVX512-VNNI + VBMI CPUs
+(`csrc/gemm_int8dp_cpu.cpp`, any row count without AMX) scale each activation row to 24-bit
+integers, within 2^-24 of its largest value, for integer dot products.
 
 Layouts, each read only by the backend that made it (layers/linear.py's `Linear.layout`):
 - "bf16" [out, in] bf16 and "int8" [out, in] int8 + `scale` [out]: plain, for `TorchOps`;

@@ -57,10 +57,22 @@ class LlamaLayer:
         self.k_end = self.q_size + cfg.num_key_value_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.softcap: float | None = None  # attention-logit soft-capping (Gemma 2)
+        # the backend's one-call decode attention (CpuNativeOps.rope_decode_attention), if any
+        self.fused_attention = getattr(ops, "rope_decode_attention", None)
 
     def attention(self, h: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         ops, cfg, hd = self.ops, self.cfg, self.cfg.head_dim
         qkv = self.qkv(h, fb.lora)
+        if (
+            self.fused_attention is not None
+            and self.q_norm is None
+            and self.window is None
+            and self.softcap is None
+        ):
+            heads = (cfg.num_attention_heads, cfg.num_key_value_heads)
+            o = self.fused_attention(qkv, *heads, fb, self.kv_cache, self.scale)
+            if o is not None:
+                return self.o(o, fb.lora)
         t = qkv.shape[0]
         if self.q_norm is None:
             # q and k sit side by side in the fused output: rotate all their heads in one go

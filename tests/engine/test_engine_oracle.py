@@ -11,6 +11,7 @@ from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
 from loraserve.layers.native_cpu import ENV_MARCH
+from loraserve.layers.ops_cpu import CpuNativeOps
 from tests.fixtures.native import AVX2, native_kernel_or_skip
 from tests.fixtures.tiny_models import hf_greedy, load_hf_model
 
@@ -60,6 +61,16 @@ def test_mixed_adapter_batch_matches_peft_per_row(
         kernels = native_kernel_or_skip(lora_path)
     if lora_path == AVX2:  # an engine loads the build LORASERVE_NATIVE_MARCH names
         monkeypatch.setenv(ENV_MARCH, AVX2)
+    fused_calls: list[bool] = []  # decode steps take the one-call attention (CpuNativeOps)
+    if native:
+        one_call = CpuNativeOps.rope_decode_attention
+
+        def counted(self: CpuNativeOps, *args: object) -> torch.Tensor | None:
+            out = one_call(self, *args)
+            fused_calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr(CpuNativeOps, "rope_decode_attention", counted)
     engine = make_engine(llama_dir, max_active_adapters=8, max_lora_rank=16, native_kernels=native)
     assert (engine.ops_name == "cpu-native") == native
     if native:
@@ -82,6 +93,8 @@ def test_mixed_adapter_batch_matches_peft_per_row(
         torch.testing.assert_close(engine.prompt_logits(ids, adapter), ref, atol=1e-4, rtol=1e-4)
     assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
     assert engine.stats()["adapter_slots_in_use"] == 0
+    if native:  # prefill steps fell back to the separate ops, decode steps did not
+        assert any(fused_calls) and not all(fused_calls)
 
 
 def test_lora_actually_changes_output(llama_dir: Path, llama_adapters: list[Path]) -> None:

@@ -339,3 +339,40 @@ def test_write_kv_kernel_writes_what_pytorch_writes(kernel: ModuleType, dtype: t
         kernel.write_kv(got_k, got_v, k, v, torch.tensor([0, 1, 2, 3, 64]))
     with pytest.raises(RuntimeError, match="contiguous heads"):
         kernel.write_kv(got_k, got_v, k.transpose(1, 2).contiguous().transpose(1, 2), v, slots)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_rope_decode_attention_is_rotary_cache_write_and_decode_in_one_call(
+    kernel: ModuleType, cache_dtype: torch.dtype
+) -> None:
+    """The one-call decode attention equals its three kernels' PyTorch twins: rotary on q and k of
+    the fused q|k|v rows, the rotated k and plain v written to their slots, then attention over
+    each context (which includes the new token)."""
+    from loraserve.layers.attention import write_kv
+    from loraserve.layers.rotary import apply_rotary
+
+    g = torch.Generator().manual_seed(7)
+    hq, hkv, d, blocks, bs = 9, 3, 64, 40, 4
+    lens = [1, 6, 37]
+    k_cache = (torch.randn(blocks, bs, hkv, d, generator=g)).to(cache_dtype)
+    v_cache = torch.randn(blocks, bs, hkv, d, generator=g).to(cache_dtype)
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:10] for _ in lens])
+    slots = torch.tensor([int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)])
+    qkv = torch.randn(len(lens), (hq + 2 * hkv) * d, generator=g)
+    angles = torch.rand(len(lens), d // 2, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    qk = apply_rotary(qkv[:, : (hq + hkv) * d].view(len(lens), hq + hkv, d), cos, sin)
+    write_kv(want_k, want_v, qk[:, hq:], qkv[:, (hq + hkv) * d :].view(len(lens), hkv, d), slots)
+    want = _reference_decode(qk[:, :hq], want_k.float(), want_v.float(), tables, lens, 0.125)
+    got = kernel.rope_decode_attention(
+        qkv, hq, hkv, cos, sin, k_cache, v_cache, slots, tables, torch.tensor(lens), 0.125
+    )
+    assert got.shape == (len(lens), hq * d)
+    torch.testing.assert_close(k_cache, want_k, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+    torch.testing.assert_close(got.view(len(lens), hq, d), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        kernel.rope_decode_attention(
+            qkv[:, 1:], hq, hkv, cos, sin, k_cache, v_cache, slots, tables, torch.tensor(lens), 1.0
+        )

@@ -384,3 +384,23 @@ void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const 
     }
   }
 }
+
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+// A decode step's whole attention of one layer in one call: qkv [B, (Hq + 2 Hkv) * D] (one row per
+// sequence, the fused q|k|v projection), cos/sin [B, D/2]: rotary on q and k, the new k and v into
+// their cache slots, decode attention over each context -> [B, Hq * D]. The same kernels as the
+// separate calls; what it saves is Python: seven views and three calls through the Ops seam per
+// layer (~8 us each at batch 1, where a 30-layer int8 step of the 135M model is ~5 ms).
+torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
+                                    const torch::Tensor& sin, const torch::Tensor& k_cache,
+                                    const torch::Tensor& v_cache, const torch::Tensor& slots,
+                                    const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale) {
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [NB, BS, Hkv, D]");
+  const int64_t B = qkv.size(0), D = k_cache.size(3);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (hq + 2 * hkv) * D && qkv.stride(1) == 1,
+              "qkv must be [B, (Hq + 2 * Hkv) * D] with contiguous rows");
+  const torch::Tensor qk = rotary(qkv.narrow(1, 0, (hq + hkv) * D).view({B, hq + hkv, D}), cos, sin);
+  write_kv(k_cache, v_cache, qk.narrow(1, hq, hkv), qkv.narrow(1, (hq + hkv) * D, hkv * D).view({B, hkv, D}), slots);
+  return paged_decode_attention(qk.narrow(1, 0, hq), k_cache, v_cache, block_tables, ctx_lens, scale).view({B, hq * D});
+}

@@ -17,6 +17,11 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                      const torch::Tensor& ctx_lens, double scale);
 
+torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
+                                    const torch::Tensor& sin, const torch::Tensor& k_cache,
+                                    const torch::Tensor& v_cache, const torch::Tensor& slots,
+                                    const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale);
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps);
 
@@ -50,6 +55,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("rows"), pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("ys"),
         pybind11::arg("slot_rank") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rope_decode_attention", &rope_decode_attention,
+        "a decode step's attention of one layer: rotary, cache write and decode attention over a fused q|k|v",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("add_rms_norm_", &add_rms_norm_, "x += delta, then RMSNorm",
