@@ -31,15 +31,20 @@ class StepLayout:
 def _paged_group(
     seqs: list[Sequence], spans: list[tuple[int, int]], block_size: int, group_size: int, device: torch.device
 ) -> PagedGroup:
+    """Every step builds one of these, after the weights of the step before streamed through the
+    caches, so each tensor op here runs cold (~10x its hot cost: a batch-1 int8 step's whole
+    Python share was ~10 % of it); hence one `torch.tensor` per table and no mask work for
+    single-token rows of equal context (batch 1), whose mask is all True."""
     b = len(seqs)
     q_lens = [e - s for s, e in spans]
     max_q = max(q_lens)
     ctx = [seq.num_cached + q for seq, q in zip(seqs, q_lens)]  # cached tokens + this step's
     max_ctx = max(ctx)
     nblk = -(-max_ctx // block_size)
-    tables = torch.zeros(b, nblk, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        tables[i, : len(seq.block_table[:nblk])] = torch.tensor(seq.block_table[:nblk], dtype=torch.long)
+    tables = torch.tensor(
+        [seq.block_table[:nblk] + [0] * (nblk - len(seq.block_table[:nblk])) for seq in seqs],
+        dtype=torch.long,
+    )
     contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(b - 1))
     dense = contiguous and all(q == max_q for q in q_lens)
     q_rows = pad_rows = None
@@ -52,10 +57,19 @@ def _paged_group(
         )
     # query j of sequence i sits at position ctx_i - q_i + j and may see cache positions <= it
     ctx_t = torch.tensor(ctx, dtype=torch.long)
-    qpos = (ctx_t - torch.tensor(q_lens)).unsqueeze(1) + torch.arange(max_q).unsqueeze(0)  # [b, max_q]
-    qpos = torch.minimum(qpos, ctx_t.unsqueeze(1) - 1)  # padded query rows: see the whole context, no NaN
-    mask = torch.arange(max_ctx).view(1, 1, max_ctx) <= qpos.unsqueeze(2)  # [b, max_q, max_ctx]
-    mask = mask.repeat_interleave(group_size, dim=1).unsqueeze(1)
+    mask: torch.Tensor | None = None
+    if max_q == 1:
+        qpos = (ctx_t - 1).unsqueeze(1)  # [b, 1]
+        if min(ctx) != max_ctx:  # [b, 1, G, max_ctx]: each row's GQA group shares its row's mask
+            seen = torch.arange(max_ctx).view(1, max_ctx) < ctx_t.unsqueeze(1)
+            mask = seen.view(b, 1, 1, max_ctx).expand(b, 1, group_size, max_ctx)
+    else:
+        qpos = (ctx_t - torch.tensor(q_lens)).unsqueeze(1) + torch.arange(max_q).unsqueeze(0)  # [b, max_q]
+        qpos = torch.minimum(qpos, ctx_t.unsqueeze(1) - 1)  # padded query rows: see the whole context, no NaN
+        full = torch.arange(max_ctx).view(1, 1, max_ctx) <= qpos.unsqueeze(2)  # [b, max_q, max_ctx]
+        full = full.repeat_interleave(group_size, dim=1).unsqueeze(1)
+        # all-True (every query sees its whole context) needs no mask: SDPA is faster without
+        mask = None if bool(full.all()) else full
     return PagedGroup(
         num_seqs=b,
         max_q=max_q,
@@ -66,8 +80,7 @@ def _paged_group(
         block_tables=tables.to(device),
         max_ctx=max_ctx,
         ctx_lens=ctx_t.to(device),
-        # all-True (single-token decodes of equal context) needs no mask: SDPA is faster without
-        mask=None if bool(mask.all()) else mask.to(device),
+        mask=None if mask is None else mask.to(device),
         q_pos=qpos.to(device),
     )
 
@@ -105,7 +118,9 @@ def build_forward_batch(
             logit_rows.append([])  # a chunk short of the prompt's end: nothing is sampled from it
         else:
             logit_rows.append(list(range(start, end)) if wants_all else [end - 1])
-    attn = AttentionMeta(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+    # ids, positions and slots in one tensor (one cold op instead of three); rows are views
+    ids_t, pos_t, slots_t = torch.tensor([ids, positions, slots], dtype=torch.long, device=device).unbind(0)
+    attn = AttentionMeta(slot_mapping=slots_t)
     paged_seqs, paged_spans = [], []
     for seq, span in zip(seqs, spans):
         if seq.num_cached == 0:
@@ -123,10 +138,9 @@ def build_forward_batch(
                     _paged_group([g[0] for g in grp], [g[1] for g in grp], block_size, group_size, device)
                 )
     token_slots = [(s, e, seq.slot) for seq, (s, e) in zip(seqs, spans) if seq.slot is not None]
-    pos_t = torch.tensor(positions, dtype=torch.long, device=device)
     cos, sin = rotary.lookup(pos_t)
     fb = ForwardBatch(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        input_ids=ids_t,
         positions=pos_t,
         cos=cos,
         sin=sin,
