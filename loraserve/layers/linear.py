@@ -17,7 +17,8 @@ chosen once at start-up, best first:
 
 On CUDA, or where neither is available, weights stay plain and `F.linear` is
 used. Anything that needs the raw matrix keeps its own plain tensor, except a
-tied input embedding, which reads its rows out of the panels (`panel_rows`);
+tied input embedding, which reads its rows out of the panels (`panel_rows`, and the native
+kernel `panel_embedding` that returns the same values);
 oneDNN's opaque copy is only ever used through `linear`.
 """
 

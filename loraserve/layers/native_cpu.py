@@ -75,6 +75,7 @@ SOURCE_NAMES = (
     "gemm_lowp_cpu.cpp",
     "gemm_bf16dp_cpu.cpp",
     "gemm_int8dp_cpu.cpp",
+    "embedding_cpu.cpp",
     "bindings.cpp",
 )
 SOURCES = [CSRC / f for f in SOURCE_NAMES]

@@ -36,7 +36,7 @@ import torch
 from loraserve.layers import attention
 from loraserve.layers.attention import AttentionMeta
 from loraserve.layers.forward_batch import ForwardBatch
-from loraserve.layers.linear import Linear, pack_panels, panel_rows
+from loraserve.layers.linear import Linear, pack_panels
 from loraserve.layers.lora import LoraBatch
 from loraserve.layers.ops import TorchOps
 
@@ -84,7 +84,7 @@ class CpuNativeOps(TorchOps):
 
     def embedding(self, ids: torch.Tensor, table: torch.Tensor | Linear) -> torch.Tensor:
         if isinstance(table, Linear) and table.layout == "panel":
-            return panel_rows(table, ids)
+            return self.kernels.panel_embedding(table.weight, ids, table.in_features)
         return super().embedding(ids, table)
 
     def can_share_embedding(self, lm_head: Linear) -> bool:

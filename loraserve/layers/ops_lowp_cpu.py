@@ -21,7 +21,7 @@ from loraserve.layers.linear import Linear
 from loraserve.layers.lora import LoraBatch
 from loraserve.layers.ops import TorchOps
 from loraserve.layers.ops_cpu import CpuNativeOps
-from loraserve.layers.quantized_linear import LOWP_PANELS, pack_lowp_panels, panel_rows_lowp
+from loraserve.layers.quantized_linear import LOWP_PANELS, pack_lowp_panels
 
 
 class LowpCpuOps(CpuNativeOps):
@@ -72,7 +72,7 @@ class LowpCpuOps(CpuNativeOps):
 
     def embedding(self, ids: torch.Tensor, table: torch.Tensor | Linear) -> torch.Tensor:
         if isinstance(table, Linear) and table.layout in LOWP_PANELS:
-            return panel_rows_lowp(table, ids)
+            return self.kernels.panel_embedding(table.weight, ids, table.in_features, table.scale)
         return super().embedding(ids, table)
 
     def can_share_embedding(self, lm_head: Linear) -> bool:

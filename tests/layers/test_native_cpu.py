@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loraserve.layers import native_cpu
-from loraserve.layers.linear import pack_panels
+from loraserve.layers.linear import Linear, pack_panels
 from loraserve.layers.lora import LoraTable
 from loraserve.layers.lora_linear import LoraLinear
 from loraserve.layers.ops import TorchOps
@@ -376,3 +376,31 @@ def test_rope_decode_attention_is_rotary_cache_write_and_decode_in_one_call(
         kernel.rope_decode_attention(
             qkv[:, 1:], hq, hkv, cos, sin, k_cache, v_cache, slots, tables, torch.tensor(lens), 1.0
         )
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_panel_embedding_reads_exactly_the_rows_pythons_gather_reads(kernel: ModuleType, fmt: str) -> None:
+    """Rows of a tied embedding out of the packed lm_head (all three panel layouts, odd K for
+    bf16's k-pairs, a partial last panel): bit for bit the values PyTorch's indexing gives."""
+    from loraserve.layers.linear import panel_rows
+    from loraserve.layers.quantized_linear import pack_lowp_panels, panel_rows_lowp
+
+    g = torch.Generator().manual_seed(11)
+    for vocab, k in [(100, 24), (70, 33), (49152 // 64, 576)]:
+        w = torch.randn(vocab, k, generator=g)
+        ids = torch.tensor([0, 31, 32, vocab - 1, 5, 5, vocab // 2])
+        if fmt == "fp32":
+            lin = Linear(pack_panels(w), None, vocab, k, layout="panel")
+            want = panel_rows(lin, ids)
+            got = kernel.panel_embedding(lin.weight, ids, k)
+        else:
+            lin = pack_lowp_panels(w, None, fmt)
+            want = panel_rows_lowp(lin, ids)
+            got = kernel.panel_embedding(lin.weight, ids, k, lin.scale)
+        assert got.dtype == torch.float32 and got.shape == (len(ids), k)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="token id out of range"):
+        kernel.panel_embedding(pack_panels(torch.randn(40, 8)), torch.tensor([64]), 8)
+    with pytest.raises(RuntimeError, match="scale"):
+        lin = pack_lowp_panels(torch.randn(40, 8), None, "int8")
+        kernel.panel_embedding(lin.weight, torch.tensor([1]), 8)

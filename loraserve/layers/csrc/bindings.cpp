@@ -22,6 +22,9 @@ torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_
                                     const torch::Tensor& v_cache, const torch::Tensor& slots,
                                     const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale);
 
+torch::Tensor panel_embedding(const torch::Tensor& w, const torch::Tensor& ids, int64_t k,
+                              const std::optional<torch::Tensor>& scale);
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps);
 
@@ -58,6 +61,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rope_decode_attention", &rope_decode_attention,
         "a decode step's attention of one layer: rotary, cache write and decode attention over a fused q|k|v",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("panel_embedding", &panel_embedding, "rows of a tied embedding out of the packed lm_head (fp32, bf16, int8)",
+        pybind11::arg("w"), pybind11::arg("ids"), pybind11::arg("k"), pybind11::arg("scale") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("add_rms_norm_", &add_rms_norm_, "x += delta, then RMSNorm",
