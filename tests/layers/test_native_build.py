@@ -348,3 +348,39 @@ def test_killing_the_real_build_kernels_does_not_block_the_next(tmp_path: Path) 
         [sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert start.stdout.startswith("LOADED"), start.stdout + start.stderr
+
+
+#: what marks a source whose code depends on the target's vector ISA
+ISA_MARKS = ("simd.h", "widen.h", "__AVX", "_mm")
+
+
+def test_every_vector_kernel_source_compiles_for_a_cpu_without_avx2() -> None:
+    """The portable target (`--march x86-64`: SSE2 only, the fallback build for a CPU without
+    AVX2) must still compile, though no machine of ours builds it: a constant or helper that
+    lives inside one ISA's block broke it once unnoticed. A syntax-only pass of every source
+    with the build's own flags and headers finds that without linking a library (the sources
+    with vector code, i.e. those that ISA blocks can break; two minutes on 2 cores)."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = native_cpu.compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    flags = ["-std=c++17", "-fsyntax-only", "-march=x86-64", *native_cpu._CFLAGS, *includes]
+    procs = [
+        (
+            src.name,
+            subprocess.Popen([cxx, *flags, str(src)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
+        )
+        for src in native_cpu.SOURCES
+        if any(mark in src.read_text() for mark in ISA_MARKS)
+    ]
+    assert len(procs) >= 5, "the sources with vector code are the ones this test is for"
+    failed = {}
+    for name, proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            failed[name] = out.decode(errors="replace")[-2000:]
+    assert not failed, failed
