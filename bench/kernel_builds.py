@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench.isa_env import AVX2_TORCH_ENV
 from bench.metrics import RunResult
 from bench.roofline import roofline
 from bench.run_all import Bench
@@ -36,14 +37,6 @@ from bench.shapes import DEFAULT_CACHE, REPO_ROOT, build_model
 from bench.workloads import Model, concurrency_runs
 from loraserve.layers import native_cpu
 from loraserve.layers.ops_cpu import ENV_FUSED_LORA
-
-# What an AVX2 machine gives torch's own kernels (oneDNN, MKL, ATen's vectorised ops): the runs of
-# the AVX2 build, ours and transformers', are held to it so neither borrows this host's AVX-512.
-AVX2_TORCH_ENV = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-}
 
 
 def build_env(build: dict) -> dict[str, str]:

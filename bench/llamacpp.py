@@ -20,7 +20,12 @@ It also checks that greedy tokens equal llama.cpp's F32 output, with and without
 Without a built llama.cpp it says so and exits 0. Never part of `make bench` or CI.
 
     python -m bench.llamacpp [--adapters demo/smollm2/adapters/*] [--precisions fp32,bf16,int8]
-        [--rounds 3] [--concurrent-rounds 2] [--threads 2] [--no-t1] [--out report.txt]
+        [--rounds 3] [--concurrent-rounds 2] [--threads 2] [--no-t1] [--isa native|avx2]
+        [--out report.txt]
+
+`--isa avx2` measures both engines as an AVX2-only CPU runs them, on any x86 host: ours with the
+`-march=x86-64-v3` kernels and torch capped at AVX2 (bench/isa_env.py), llama.cpp from its AVX2
+build (`LLAMACPP_ISA=avx2 scripts/build_llamacpp.sh`: GGML_NATIVE off, AVX2/FMA/F16C on).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.isa_env import avx2_env
 from bench.llamacpp_report import environment, format_report
 from bench.llamacpp_setup import NOT_BUILT, REPO, find_llamacpp
 
@@ -87,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--greedy-tokens", type=int, default=32, help="tokens compared in the greedy check")
     ap.add_argument("--no-t1", action="store_true", help="skip the 1-thread batch-1 reading")
+    ap.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: both engines as on an AVX2-only CPU (our x86-64-v3 kernels and torch capped at "
+        "AVX2; llama.cpp's AVX2 build, LLAMACPP_ISA=avx2 scripts/build_llamacpp.sh)",
+    )
     ap.add_argument("--out", type=Path, help="also write the report here (and its JSON beside it)")
     args = ap.parse_args(argv)
     unknown = set(args.precisions.split(",")) - set(PRECISIONS)
@@ -354,10 +367,13 @@ def summarise(block: dict, roofline_bw: float, params: int, threads: int) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    llama = find_llamacpp(args.llamacpp)
+    llama = find_llamacpp(args.llamacpp, args.isa)
     if llama is None:
-        print(NOT_BUILT)
+        print(NOT_BUILT + (" (LLAMACPP_ISA=avx2 for --isa avx2)" if args.isa == "avx2" else ""))
         return 0
+    if args.isa == "avx2":
+        # every engine process of ours (servers, bench/engine_decode.py) inherits it
+        os.environ.update(avx2_env())
     # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop the servers this run started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch

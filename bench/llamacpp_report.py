@@ -208,6 +208,12 @@ def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> st
         "Shared-machine caveat: llama.cpp at -t 2 stalls at every barrier when another process holds a core; "
         "the 1-thread rows are the fair reading on a busy box.",
     ]
+    if getattr(args, "isa", "native") == "avx2":
+        lines.append(
+            "ISA: AVX2 only on both sides, whatever this host has: ours with the -march=x86-64-v3 kernels and "
+            "torch capped at AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, "
+            "MKL_ENABLE_INSTRUCTIONS=AVX2); llama.cpp's AVX2 build (GGML_NATIVE=OFF, AVX/AVX2/FMA/F16C/BMI2)."
+        )
     from bench.llamacpp_setup import REPACK_WORKS
 
     off = [os.path.basename(m) for (_, m), ok in REPACK_WORKS.items() if not ok]

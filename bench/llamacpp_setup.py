@@ -30,13 +30,19 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
 NOT_BUILT = "llama.cpp not built: run scripts/build_llamacpp.sh"
 
 
+#: llama.cpp build directory per ISA: scripts/build_llamacpp.sh builds the host's (GGML_NATIVE)
+#: into build/, and with LLAMACPP_ISA=avx2 an AVX2+FMA one (no AVX-512) into build-avx2/.
+BUILD_DIRS = {"native": "build", "avx2": "build-avx2"}
+
+
 @dataclass
 class LlamaCpp:
     root: Path
+    build: str = "build"
 
     @property
     def bin(self) -> Path:
-        return self.root / "build" / "bin"
+        return self.root / self.build / "bin"
 
     def exe(self, name: str) -> str:
         return str(self.bin / name)
@@ -60,9 +66,9 @@ class LlamaCpp:
 REPACK_WORKS: dict[tuple[str, str], bool] = {}
 
 
-def find_llamacpp(root: str | Path | None = None) -> LlamaCpp | None:
-    """The built llama.cpp tree, or None when any of its binaries is missing."""
-    tree = LlamaCpp(Path(root or DEFAULT_LLAMACPP).expanduser())
+def find_llamacpp(root: str | Path | None = None, isa: str = "native") -> LlamaCpp | None:
+    """The built llama.cpp tree (its `isa` build), or None when any of its binaries is missing."""
+    tree = LlamaCpp(Path(root or DEFAULT_LLAMACPP).expanduser(), BUILD_DIRS[isa])
     ok = all((tree.bin / b).is_file() for b in BINARIES) and tree.convert_lora.is_file()
     return tree if ok else None
 

@@ -6,6 +6,8 @@
 # Outside the repo (default ~/.cache/loraserve/peers/llama.cpp) because it is a peer, not ours, and
 # takes ~15 minutes on 2 cores: build once, reuse. Idempotent: exits at once when the binaries exist.
 # Never run by CI. Usage: scripts/build_llamacpp.sh [DEST]   (env: JOBS=2, PYTHON=.venv/bin/python)
+# LLAMACPP_ISA=avx2 builds a second copy into DEST/build-avx2 with AVX2+FMA and no AVX-512
+# (GGML_NATIVE off), the peer of `python -m bench.llamacpp --isa avx2` on any x86 host.
 set -euo pipefail
 
 VERSION=0.3.36
@@ -13,12 +15,19 @@ DEST=${1:-${LORASERVE_LLAMACPP_DIR:-$HOME/.cache/loraserve/peers/llama.cpp}}
 JOBS=${JOBS:-2}
 PYTHON=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 TARGETS=(llama-bench llama-quantize llama-server)
+case "${LLAMACPP_ISA:-native}" in
+    native) BUILD=build; ISA_FLAGS=(-DGGML_NATIVE=ON) ;;
+    avx2) BUILD=build-avx2
+          ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                     -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF) ;;
+    *) echo "LLAMACPP_ISA must be native or avx2" >&2; exit 2 ;;
+esac
 
 built() {
-    for t in "${TARGETS[@]}"; do [ -x "$DEST/build/bin/$t" ] || return 1; done
+    for t in "${TARGETS[@]}"; do [ -x "$DEST/$BUILD/bin/$t" ] || return 1; done
 }
 if built; then
-    echo "llama.cpp already built in $DEST/build/bin"
+    echo "llama.cpp already built in $DEST/$BUILD/bin"
     exit 0
 fi
 
@@ -44,7 +53,7 @@ fi
 cd "$DEST"
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
-cmake -B build "${generator[@]}" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+cmake -B "$BUILD" "${generator[@]}" "${ISA_FLAGS[@]}" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release
-cmake --build build -j "$JOBS" --target "${TARGETS[@]}"
-built && echo "llama.cpp built in $DEST/build/bin"
+cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}"
+built && echo "llama.cpp built in $DEST/$BUILD/bin"

@@ -24,6 +24,24 @@ def test_not_built_says_how_and_exits_zero(tmp_path: Path, capsys: pytest.Captur
     )
 
 
+def test_avx2_peer_is_its_own_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--isa avx2` needs llama.cpp's AVX2 build (build-avx2/), not the host's: a tree with only the
+    native build is "not built" for it, and the message says which build to make."""
+    from bench.isa_env import avx2_env
+
+    for name in ("llama-bench", "llama-quantize", "llama-server"):
+        exe = tmp_path / "build" / "bin" / name
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        exe.write_text("")
+    (tmp_path / "convert_lora_to_gguf.py").write_text("")
+    assert find_llamacpp(tmp_path) is not None and find_llamacpp(tmp_path, "avx2") is None
+    assert llamacpp.main(["--llamacpp", str(tmp_path), "--isa", "avx2"]) == 0
+    assert capsys.readouterr().out.strip() == NOT_BUILT + " (LLAMACPP_ISA=avx2 for --isa avx2)"
+    assert avx2_env()["LORASERVE_NATIVE_MARCH"] == "x86-64-v3" and avx2_env()["ATEN_CPU_CAPABILITY"] == "avx2"
+    with pytest.raises(SystemExit):
+        llamacpp.parse_args(["--isa", "avx512"])
+
+
 def test_arguments_defaults_and_refusals(capsys: pytest.CaptureFixture[str]) -> None:
     args = llamacpp.parse_args([])
     assert (args.precisions, args.rounds, args.concurrent, args.threads) == (
@@ -116,6 +134,11 @@ def test_summary_takes_medians_and_report_prints_ratios() -> None:
     assert "| 32 requests, each its own rank-16 adapter, tok/s, -t 2 | 150.0 | 30.0 | 5.00× | ≥ 3× |" in text
     assert "| server RSS MB, now / peak | 900 / 1000 | 400 / 500 | 2.00× | |" in text
     assert "ours: not available (--quantize int8 is not supported)" in text
+    assert "ISA: AVX2 only" not in text
+    avx2 = argparse.Namespace(
+        rounds=3, concurrent_rounds=1, prompt_tokens=128, new_tokens=64, threads=2, isa="avx2"
+    )
+    assert "ISA: AVX2 only on both sides" in format_report(env, [block], avx2)
 
 
 def test_ours_without_native_kernels_is_reported_not_measured(tmp_path: Path) -> None:
