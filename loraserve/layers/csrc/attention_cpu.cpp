@@ -309,19 +309,15 @@ static bool cache_is_bf16(const torch::Tensor& k_cache, const torch::Tensor& v_c
   return bf16;
 }
 
-// q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
-// ctx_lens: [B] int64 (positions 0..ctx-1 are attended). Returns [B, Hq, D].
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& ctx_lens, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 &&
-                  q.stride(1) == q.size(2),
-              "q must be a CPU float32 [B, Hq, D] tensor with contiguous heads");
+// The checked core of both entry points: q rows `q_row` floats apart, each [Hq, D] contiguous;
+// out [B, Hq, D] contiguous. Checks the tables against the cache before anything is read.
+static void decode_checked(const float* qp, int64_t q_row, int64_t B, int64_t Hq, int64_t D,
+                           const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale, float* op) {
   const bool bf16 = cache_is_bf16(k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [B, nblk]");
   TORCH_CHECK(ctx_lens.scalar_type() == torch::kInt64 && ctx_lens.is_contiguous(), "ctx_lens must be int64");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t nblk = block_tables.size(1);
   TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "head shapes do not match");
@@ -336,16 +332,29 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
       TORCH_CHECK(tables[b * nblk + i] >= 0 && tables[b * nblk + i] < NB, "block id out of range");
     max_ctx = std::max(max_ctx, lens[b]);
   }
-  auto out = torch::empty({B, Hq, D}, q.options());
   const float sc = static_cast<float>(scale);
   if (bf16) {
-    decode_items<bf16_t>(q.data_ptr<float>(), q.stride(0), static_cast<const bf16_t*>(k_cache.data_ptr()),
-                         static_cast<const bf16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), tables, lens, B, Hq,
-                         Hkv, D, G, BS, nblk, max_ctx, sc);
+    decode_items<bf16_t>(qp, q_row, static_cast<const bf16_t*>(k_cache.data_ptr()),
+                         static_cast<const bf16_t*>(v_cache.data_ptr()), op, tables, lens, B, Hq, Hkv, D, G, BS, nblk,
+                         max_ctx, sc);
   } else {
-    decode_items<float>(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                        out.data_ptr<float>(), tables, lens, B, Hq, Hkv, D, G, BS, nblk, max_ctx, sc);
+    decode_items<float>(qp, q_row, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), op, tables, lens, B, Hq,
+                        Hkv, D, G, BS, nblk, max_ctx, sc);
   }
+}
+
+// q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
+// ctx_lens: [B] int64 (positions 0..ctx-1 are attended). Returns [B, Hq, D].
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                     const torch::Tensor& ctx_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 &&
+                  q.stride(1) == q.size(2),
+              "q must be a CPU float32 [B, Hq, D] tensor with contiguous heads");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  auto out = torch::empty({B, Hq, D}, q.options());
+  decode_checked(q.data_ptr<float>(), q.stride(0), B, Hq, D, k_cache, v_cache, block_tables, ctx_lens, scale,
+                 out.data_ptr<float>());
   return out;
 }
 
@@ -385,22 +394,61 @@ void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const 
   }
 }
 
-torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
-
 // A decode step's whole attention of one layer in one call: qkv [B, (Hq + 2 Hkv) * D] (one row per
 // sequence, the fused q|k|v projection), cos/sin [B, D/2]: rotary on q and k, the new k and v into
-// their cache slots, decode attention over each context -> [B, Hq * D]. The same kernels as the
-// separate calls; what it saves is Python: seven views and three calls through the Ops seam per
-// layer (~8 us each at batch 1, where a 30-layer int8 step of the 135M model is ~5 ms).
+// their cache slots, decode attention over each context -> [B, Hq * D]. What it saves is dispatch:
+// through the Ops seam, seven views and three calls per layer (~8 us each at batch 1, where a
+// 30-layer int8 step of the 135M model is ~5 ms); inside, it touches raw pointers only (rotated q in
+// a local buffer, rotated k and v written straight into their slots), because each ATen op (narrow,
+// view, empty) costs ~1 us cold after a step's weight stream, as much as rotating a row.
 torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
                                     const torch::Tensor& sin, const torch::Tensor& k_cache,
                                     const torch::Tensor& v_cache, const torch::Tensor& slots,
                                     const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale) {
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [NB, BS, Hkv, D]");
-  const int64_t B = qkv.size(0), D = k_cache.size(3);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (hq + 2 * hkv) * D && qkv.stride(1) == 1,
-              "qkv must be [B, (Hq + 2 * Hkv) * D] with contiguous rows");
-  const torch::Tensor qk = rotary(qkv.narrow(1, 0, (hq + hkv) * D).view({B, hq + hkv, D}), cos, sin);
-  write_kv(k_cache, v_cache, qk.narrow(1, hq, hkv), qkv.narrow(1, (hq + hkv) * D, hkv * D).view({B, hkv, D}), slots);
-  return paged_decode_attention(qk.narrow(1, 0, hq), k_cache, v_cache, block_tables, ctx_lens, scale).view({B, hq * D});
+  const bool bf16 = cache_is_bf16(k_cache, v_cache);
+  const int64_t B = qkv.size(0), NB = k_cache.size(0), BS = k_cache.size(1), D = k_cache.size(3), half = D / 2;
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 2 &&
+                  qkv.size(1) == (hq + 2 * hkv) * D && qkv.stride(1) == 1 && D % 2 == 0,
+              "qkv must be CPU float32 [B, (Hq + 2 * Hkv) * D] with contiguous rows");
+  TORCH_CHECK(k_cache.size(2) == hkv, "the cache holds ", k_cache.size(2), " KV heads, qkv ", hkv);
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == B * half && sin.numel() == B * half,
+              "cos/sin must be contiguous float32 [B, D/2]");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == B,
+              "slots must be a contiguous int64 [B]");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sp[b] >= 0 && sp[b] < NB * BS, "cache slot out of range");
+  const float* xp = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* snp = sin.data_ptr<float>();
+  const int64_t ld = qkv.stride(0), row = hkv * D;
+  std::vector<float> q(B * hq * D), kr(row);
+  for (int64_t b = 0; b < B; ++b) {  // HF's half-split rotary, as rotary() computes it
+    const float* x = xp + b * ld;
+    const float* c = cp + b * half;
+    const float* s = snp + b * half;
+    for (int64_t h = 0; h < hq + hkv; ++h) {
+      const float* x1 = x + h * D;
+      const float* x2 = x1 + half;
+      float* o = h < hq ? q.data() + (b * hq + h) * D : kr.data() + (h - hq) * D;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        o[i] = x1[i] * c[i] - x2[i] * s[i];
+        o[half + i] = x2[i] * c[i] + x1[i] * s[i];
+      }
+    }
+    const float* v = x + (hq + hkv) * D;
+    if (bf16) {
+      bf16_t* kd = static_cast<bf16_t*>(k_cache.data_ptr()) + sp[b] * row;
+      bf16_t* vd = static_cast<bf16_t*>(v_cache.data_ptr()) + sp[b] * row;
+      for (int64_t i = 0; i < row; ++i) kd[i] = widen::to_bf16(kr[i]);
+      for (int64_t i = 0; i < row; ++i) vd[i] = widen::to_bf16(v[i]);
+    } else {
+      std::memcpy(k_cache.data_ptr<float>() + sp[b] * row, kr.data(), row * sizeof(float));
+      std::memcpy(v_cache.data_ptr<float>() + sp[b] * row, v, row * sizeof(float));
+    }
+  }
+  auto out = torch::empty({B, hq * D}, qkv.options());
+  decode_checked(q.data(), hq * D, B, hq, D, k_cache, v_cache, block_tables, ctx_lens, scale, out.data_ptr<float>());
+  return out;
 }
