@@ -378,10 +378,14 @@ def test_rope_decode_attention_is_rotary_cache_write_and_decode_in_one_call(
         )
     before = k_cache.clone()
     with pytest.raises(RuntimeError, match="cache holds 3 KV heads, qkv 2"):  # same width, other split
-        kernel.rope_decode_attention(qkv, 11, 2, cos, sin, k_cache, v_cache, slots, tables, torch.tensor(lens), 1.0)
+        kernel.rope_decode_attention(
+            qkv, 11, 2, cos, sin, k_cache, v_cache, slots, tables, torch.tensor(lens), 1.0
+        )
     with pytest.raises(RuntimeError, match="slot out of range"):
         bad = torch.tensor([0, 1, blocks * bs])
-        kernel.rope_decode_attention(qkv, hq, hkv, cos, sin, k_cache, v_cache, bad, tables, torch.tensor(lens), 1.0)
+        kernel.rope_decode_attention(
+            qkv, hq, hkv, cos, sin, k_cache, v_cache, bad, tables, torch.tensor(lens), 1.0
+        )
     assert torch.equal(k_cache, before)  # refused before anything was written
 
 

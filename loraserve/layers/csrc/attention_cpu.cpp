@@ -358,6 +358,20 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   return out;
 }
 
+// One position's keys and values (`row` floats each) into cache slot `slot`, rounded to the cache's dtype.
+static void store_slot(const torch::Tensor& k_cache, const torch::Tensor& v_cache, bool bf16, int64_t slot,
+                       int64_t row, const float* ks, const float* vs) {
+  if (bf16) {
+    bf16_t* kd = static_cast<bf16_t*>(k_cache.data_ptr()) + slot * row;
+    bf16_t* vd = static_cast<bf16_t*>(v_cache.data_ptr()) + slot * row;
+    for (int64_t i = 0; i < row; ++i) kd[i] = widen::to_bf16(ks[i]);
+    for (int64_t i = 0; i < row; ++i) vd[i] = widen::to_bf16(vs[i]);
+  } else {
+    std::memcpy(k_cache.data_ptr<float>() + slot * row, ks, row * sizeof(float));
+    std::memcpy(v_cache.data_ptr<float>() + slot * row, vs, row * sizeof(float));
+  }
+}
+
 // New keys and values into their cache slots, rounded to the cache's dtype: k, v [T, Hkv, D] fp32
 // (rows any stride, heads D apart: views into the fused q|k|v output) into k_cache, v_cache
 // [NB, BS, Hkv, D] (fp32 or bf16) at flat slots [T]. One call per layer instead of PyTorch's two
@@ -379,19 +393,8 @@ void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const 
   const int64_t row = H * D;
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* ks = kp + t * k.stride(0);
-    const float* vs = vp + t * v.stride(0);
-    if (bf16) {
-      bf16_t* kd = static_cast<bf16_t*>(k_cache.data_ptr()) + sp[t] * row;
-      bf16_t* vd = static_cast<bf16_t*>(v_cache.data_ptr()) + sp[t] * row;
-      for (int64_t i = 0; i < row; ++i) kd[i] = widen::to_bf16(ks[i]);
-      for (int64_t i = 0; i < row; ++i) vd[i] = widen::to_bf16(vs[i]);
-    } else {
-      std::memcpy(k_cache.data_ptr<float>() + sp[t] * row, ks, row * sizeof(float));
-      std::memcpy(v_cache.data_ptr<float>() + sp[t] * row, vs, row * sizeof(float));
-    }
-  }
+  for (int64_t t = 0; t < T; ++t)
+    store_slot(k_cache, v_cache, bf16, sp[t], row, kp + t * k.stride(0), vp + t * v.stride(0));
 }
 
 // A decode step's whole attention of one layer in one call: qkv [B, (Hq + 2 Hkv) * D] (one row per
@@ -437,16 +440,7 @@ torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_
         o[half + i] = x2[i] * c[i] + x1[i] * s[i];
       }
     }
-    const float* v = x + (hq + hkv) * D;
-    if (bf16) {
-      bf16_t* kd = static_cast<bf16_t*>(k_cache.data_ptr()) + sp[b] * row;
-      bf16_t* vd = static_cast<bf16_t*>(v_cache.data_ptr()) + sp[b] * row;
-      for (int64_t i = 0; i < row; ++i) kd[i] = widen::to_bf16(kr[i]);
-      for (int64_t i = 0; i < row; ++i) vd[i] = widen::to_bf16(v[i]);
-    } else {
-      std::memcpy(k_cache.data_ptr<float>() + sp[b] * row, kr.data(), row * sizeof(float));
-      std::memcpy(v_cache.data_ptr<float>() + sp[b] * row, v, row * sizeof(float));
-    }
+    store_slot(k_cache, v_cache, bf16, sp[b], row, kr.data(), x + (hq + hkv) * D);
   }
   auto out = torch::empty({B, hq * D}, qkv.options());
   decode_checked(q.data(), hq * D, B, hq, D, k_cache, v_cache, block_tables, ctx_lens, scale, out.data_ptr<float>());
