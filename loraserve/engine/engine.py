@@ -332,9 +332,10 @@ class Engine:
 
         result = sample(picked, [self._sampling_row(seqs[i]) for i in plain], row_stats)
         out: dict[int, Emitted] = {}
+        token_ids, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
         for j, i in enumerate(plain):
             alts = result.alternatives[j] if result.alternatives is not None else None
-            out[i] = (int(result.token_ids[j]), float(result.logprobs[j]), alts, False)
+            out[i] = (token_ids[j], logprobs[j], alts, False)
         return out
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:

@@ -71,6 +71,10 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], stats: RowStats | None
     chosen = scaled.gather(1, tokens[:, None]).squeeze(1) - lse
     n_alt = [max(r.params.top_n_alternatives, 0) for r in rows]
     n_max = min(max(n_alt), scaled.shape[-1])
+    if n_max == 0 and scaled.device.type == "cpu":
+        # already host tensors: the one-copy packing below is for accelerators, and each of its
+        # six small ops costs microseconds on CPU, cold after a decode step's weight stream
+        return SampleOutput(token_ids=tokens.long(), logprobs=chosen, alternatives=None)
     parts = [tokens.double(), chosen.double()]
     if n_max > 0:
         top = torch.topk(scaled, n_max, dim=-1)
