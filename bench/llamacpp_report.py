@@ -209,10 +209,13 @@ def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> st
         "the 1-thread rows are the fair reading on a busy box.",
     ]
     if getattr(args, "isa", "native") == "avx2":
+        from bench.isa_env import AVX2_MARCH, AVX2_TORCH_ENV
+
+        torch_env = ", ".join(f"{k}={v}" for k, v in AVX2_TORCH_ENV.items())
         lines.append(
-            "ISA: AVX2 only on both sides, whatever this host has: ours with the -march=x86-64-v3 kernels and "
-            "torch capped at AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, "
-            "MKL_ENABLE_INSTRUCTIONS=AVX2); llama.cpp's AVX2 build (GGML_NATIVE=OFF, AVX/AVX2/FMA/F16C/BMI2)."
+            f"ISA: AVX2 only on both sides, whatever this host has: ours with the -march={AVX2_MARCH} kernels "
+            f"and torch capped at AVX2 ({torch_env}); llama.cpp's AVX2 build (GGML_NATIVE=OFF, "
+            "AVX/AVX2/FMA/F16C/BMI2)."
         )
     from bench.llamacpp_setup import REPACK_WORKS
 

@@ -11,6 +11,7 @@
 
 #include "fast_exp.h"
 #include "over_rows.h"
+#include "rotary.h"
 #include "simd.h"
 
 // gu: [T, 2*I] (gate | up, rows contiguous) -> [T, I] = silu(gate) * up
@@ -65,16 +66,7 @@ torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const tor
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cp + t * half;
       const float* s = sp + t * half;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* x1 = xp + t * ld + h * D;
-        const float* x2 = x1 + half;
-        float* o = op + (t * H + h) * D;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
-          o[i] = x1[i] * c[i] - x2[i] * s[i];
-          o[half + i] = x2[i] * c[i] + x1[i] * s[i];
-        }
-      }
+      for (int64_t h = 0; h < H; ++h) rotate_head(xp + t * ld + h * D, c, s, op + (t * H + h) * D, half);
     }
   });
   return out;

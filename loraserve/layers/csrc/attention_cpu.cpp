@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "fast_exp.h"
+#include "rotary.h"
 #include "simd.h"
 #include "widen.h"
 
@@ -426,20 +427,11 @@ torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_
   const float* snp = sin.data_ptr<float>();
   const int64_t ld = qkv.stride(0), row = hkv * D;
   std::vector<float> q(B * hq * D), kr(row);
-  for (int64_t b = 0; b < B; ++b) {  // HF's half-split rotary, as rotary() computes it
+  for (int64_t b = 0; b < B; ++b) {
     const float* x = xp + b * ld;
-    const float* c = cp + b * half;
-    const float* s = snp + b * half;
-    for (int64_t h = 0; h < hq + hkv; ++h) {
-      const float* x1 = x + h * D;
-      const float* x2 = x1 + half;
-      float* o = h < hq ? q.data() + (b * hq + h) * D : kr.data() + (h - hq) * D;
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        o[i] = x1[i] * c[i] - x2[i] * s[i];
-        o[half + i] = x2[i] * c[i] + x1[i] * s[i];
-      }
-    }
+    for (int64_t h = 0; h < hq + hkv; ++h)
+      rotate_head(x + h * D, cp + b * half, snp + b * half,
+                  h < hq ? q.data() + (b * hq + h) * D : kr.data() + (h - hq) * D, half);
     store_slot(k_cache, v_cache, bf16, sp[b], row, kr.data(), x + (hq + hkv) * D);
   }
   auto out = torch::empty({B, hq * D}, qkv.options());
