@@ -6,7 +6,9 @@ the batch can change every step without copying anyone's cache.
 
 Two kinds of work share one step:
 - *fresh prefills* (no earlier context) attend only to their own new tokens,
-  so they use causal SDPA on views of the new K/V, with no gather and no mask;
+  so they use causal SDPA on views of the new K/V, with no gather; or, when the
+  backend passes a `prefill` kernel (the native CPU one), all of a step's fresh
+  prompts in one call that computes no score past the diagonal;
 - everything else (decode, recompute after preemption with context, draft
   verification) gathers its context from the cache through the block tables,
   padded to the longest context in its group, with a boolean mask; except
@@ -53,6 +55,8 @@ class PagedGroup:
 # (queries [N, Hq, D], k_cache, v_cache, block_tables, ctx_lens, scale) -> [N, Hq, D]
 DecodeKernel = Callable[..., torch.Tensor]
 KVWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# (q [T, Hq, D], k, v [T, Hkv, D], spans [(start, end)], scale, out [T, Hq, D]) -> None: fills the spans' rows
+PrefillKernel = Callable[..., None]
 
 
 @dataclass
@@ -166,12 +170,14 @@ def paged_attention(
     softcap: float | None = None,
     decode: DecodeKernel | None = None,
     write: KVWriter = write_kv,
+    prefill: PrefillKernel | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already rotated). Returns [T, Hq, D].
 
     `window`: sliding-window size (keys at most window - 1 positions back); `softcap`:
     attention-logit soft-capping; `decode`: a kernel for single-token rows (only passed when
-    neither of the two is set); `write`: a backend's `write_kv`."""
+    neither of the two is set); `write`: a backend's `write_kv`; `prefill`: a kernel for the fresh
+    prefills (likewise only without window or soft-capping)."""
     write(k_cache, v_cache, k, v, meta.slot_mapping)
     hkv = k.shape[1]
     g = q.shape[1] // hkv
@@ -186,7 +192,11 @@ def paged_attention(
         o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), kg, vg, attn_mask=grp.mask, scale=scale)
         return o.reshape(b, hq, d)
     out = torch.empty_like(q)
-    for s, e in meta.fresh:
+    fresh = meta.fresh
+    if fresh and prefill is not None and plain:
+        prefill(q, k, v, fresh, scale, out)
+        fresh = []
+    for s, e in fresh:
         qs = _fold_gqa(q[s:e].unsqueeze(0), hkv)
         ks = k[s:e].unsqueeze(0).transpose(1, 2)
         vs = v[s:e].unsqueeze(0).transpose(1, 2)

@@ -166,6 +166,7 @@ class CpuNativeOps(TorchOps):
             scale,
             decode=self.kernels.paged_decode_attention,
             write=self.kernels.write_kv,
+            prefill=self.kernels.prefill_attention if _kernel_layout(q, k, v) else None,
         )
 
     def rope_decode_attention(
@@ -231,3 +232,8 @@ class CpuNativeOps(TorchOps):
         ):
             return super().argmax_logsumexp(scores)
         return self.kernels.argmax_logsumexp(scores)
+
+
+def _kernel_layout(*xs: torch.Tensor) -> bool:
+    """fp32 [T, H, D] with contiguous heads (rows any stride): what the native attention kernels read."""
+    return all(x.dtype == torch.float32 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in xs)

@@ -22,9 +22,9 @@
 #include <limits>
 #include <vector>
 
-#include "fast_exp.h"
 #include "rotary.h"
 #include "simd.h"
+#include "softmax_row.h"
 #include "widen.h"
 
 namespace {
@@ -44,43 +44,6 @@ inline float dot(const float* a, const T* b, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * to_f(b[i]);
-  return sum;
-}
-
-inline float max_of(const float* s, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  int64_t t = 0;
-#if LORASERVE_SIMD
-  if (n >= simd::W) {
-    simd::V mv = simd::load(s);
-    for (t = simd::W; t + simd::W <= n; t += simd::W) mv = simd::max(mv, simd::load(s + t));
-    alignas(64) float lanes[simd::W];
-    simd::store(lanes, mv);
-    for (float v : lanes) m = std::max(m, v);
-  }
-#endif
-  for (; t < n; ++t) m = std::max(m, s[t]);
-  return m;
-}
-
-// s[t] = exp(s[t] - m), returns their sum
-inline float exp_shifted(float* s, int64_t n, float m) {
-  float sum = 0.f;
-  int64_t t = 0;
-#if LORASERVE_SIMD
-  simd::V acc = simd::zero();
-  const simd::V mv = simd::set1(m);
-  for (; t + simd::W <= n; t += simd::W) {
-    const simd::V e = simd::exp_nonpositive(simd::sub(simd::load(s + t), mv));
-    simd::store(s + t, e);
-    acc = simd::add(acc, e);
-  }
-  sum = simd::sum(acc);
-#endif
-  for (; t < n; ++t) {
-    s[t] = exp_nonpositive(s[t] - m);
-    sum += s[t];
-  }
   return sum;
 }
 

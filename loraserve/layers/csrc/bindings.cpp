@@ -22,6 +22,9 @@ torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_
                                     const torch::Tensor& v_cache, const torch::Tensor& slots,
                                     const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale);
 
+void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                       const std::vector<std::pair<int64_t, int64_t>>& spans, double scale, const torch::Tensor& out);
+
 torch::Tensor panel_embedding(const torch::Tensor& w, const torch::Tensor& ids, int64_t k,
                               const std::optional<torch::Tensor>& scale);
 
@@ -62,6 +65,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_decode_attention", &rope_decode_attention,
         "a decode step's attention of one layer: rotary, cache write and decode attention over a fused q|k|v",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("prefill_attention", &prefill_attention,
+        "causal attention of fresh prefills over their own keys, into out's rows of each span",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("spans"), pybind11::arg("scale"),
+        pybind11::arg("out"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("panel_embedding", &panel_embedding, "rows of a tied embedding out of the packed lm_head (fp32, bf16, int8)",
         pybind11::arg("w"), pybind11::arg("ids"), pybind11::arg("k"), pybind11::arg("scale") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
