@@ -41,6 +41,7 @@ constexpr int kRB = 1;
 
 struct Span {
   int64_t start, len;  // rows of the prompt in q/k/v/out
+  int64_t lp;          // len rounded up to whole score tiles: the row length of its transposed keys
 };
 
 struct Item {
@@ -57,12 +58,12 @@ struct Geometry {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// kt [D, lp]: one prompt's keys of one KV head, transposed and zero-padded to a whole score tile
-void pack_keys(const Geometry& g, const Span& sp, int64_t h, float* kt, int64_t lp) {
+// kt [D, sp.lp]: one prompt's keys of one KV head, transposed and zero-padded to a whole score tile
+void pack_keys(const Geometry& g, const Span& sp, int64_t h, float* kt) {
   for (int64_t d = 0; d < g.D; ++d) {
-    float* row = kt + d * lp;
+    float* row = kt + d * sp.lp;
     for (int64_t j = 0; j < sp.len; ++j) row[j] = g.k[(sp.start + j) * g.ldk + h * g.D + d];
-    std::fill(row + sp.len, row + lp, 0.f);
+    std::fill(row + sp.len, row + sp.lp, 0.f);
   }
 }
 
@@ -109,21 +110,22 @@ inline void weighted_sum(const float* s, int64_t lds, int64_t n, const float* v,
 }
 #endif
 
-// Per-thread buffers, grown to the largest item a thread meets.
+// Per-thread buffers, grown to the largest item a thread meets; `zero` is the query row of the
+// padding rows of a register block (D zeros).
 struct Scratch {
+  explicit Scratch(int64_t D) : zero(D, 0.f) {}
   std::vector<float> s, inv, zero;
   std::vector<const float*> q;
   std::vector<float*> o;
 };
 
-void run_item(const Geometry& g, const Span& sp, const Item& it, const float* kt, int64_t lp, Scratch& w) {
-  const int64_t G = g.G, D = g.D, R = (it.p1 - it.p0) * G, Rp = round_up(R, kRB);
+void run_item(const Geometry& g, const Span& sp, const Item& it, const float* kt, Scratch& w) {
+  const int64_t G = g.G, D = g.D, R = (it.p1 - it.p0) * G, Rp = round_up(R, kRB), lp = sp.lp;
   const int64_t lds = round_up(it.p1, kKT);
   w.s.resize(Rp * lds);
   w.inv.resize(Rp);
   w.o.resize(Rp);
   w.q.resize(Rp);
-  w.zero.assign(D, 0.f);
   auto pos = [&](int64_t r) { return it.p0 + r / G; };  // row r: position p0 + r / G, head h * G + r % G
   for (int64_t r = 0; r < Rp; ++r) {
     const bool real = r < R;
@@ -163,7 +165,7 @@ void run_item(const Geometry& g, const Span& sp, const Item& it, const float* kt
   }
   const float* vh = g.v + sp.start * g.ldv + it.head * D;
 #if LORASERVE_SIMD
-  if (D % (kNV * simd::W) == 0 || D % simd::W == 0) {
+  if (D % simd::W == 0) {
     for (int64_t b = 0; b < R; b += kRB2) {
       const int rows = static_cast<int>(std::min<int64_t>(kRB2, R - b));
       const int64_t n = pos(b + rows - 1) + 1;
@@ -216,7 +218,7 @@ void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const tor
   std::vector<Span> sp;
   for (const auto& [s, e] : spans) {
     TORCH_CHECK(0 <= s && s < e && e <= T, "prefill span out of range");
-    sp.push_back({s, e - s});
+    sp.push_back({s, e - s, round_up(e - s, kKT)});
   }
   if (sp.empty()) return;
   const Geometry g{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
@@ -224,17 +226,16 @@ void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const tor
   // transposed keys of every (prompt, KV head)
   std::vector<int64_t> kt_off(sp.size() * Hkv + 1, 0);
   for (size_t i = 0; i < sp.size(); ++i)
-    for (int64_t h = 0; h < Hkv; ++h) kt_off[i * Hkv + h + 1] = kt_off[i * Hkv + h] + D * round_up(sp[i].len, kKT);
+    for (int64_t h = 0; h < Hkv; ++h) kt_off[i * Hkv + h + 1] = kt_off[i * Hkv + h] + D * sp[i].lp;
   std::vector<float> kt(kt_off.back());
   at::parallel_for(0, static_cast<int64_t>(sp.size()) * Hkv, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
-      pack_keys(g, sp[i / Hkv], i % Hkv, kt.data() + kt_off[i], round_up(sp[i / Hkv].len, kKT));
+      pack_keys(g, sp[i / Hkv], i % Hkv, kt.data() + kt_off[i]);
   });
   // work items, dealt to threads largest first onto the least loaded (causal rows cost their position)
   std::vector<Item> items;
   for (size_t i = 0; i < sp.size(); ++i) {
-    const int64_t lp = round_up(sp[i].len, kKT);
-    const int64_t qb = std::clamp<int64_t>(kScratchFloats / (g.G * lp), 1, kMaxBlockPositions);
+    const int64_t qb = std::clamp<int64_t>(kScratchFloats / (g.G * sp[i].lp), 1, kMaxBlockPositions);
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t p = 0; p < sp[i].len; p += qb)
         items.push_back({static_cast<int64_t>(i), h, p, std::min(p + qb, sp[i].len)});
@@ -249,9 +250,8 @@ void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const tor
     load[t] += it.cost();
   }
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-    Scratch w;
+    Scratch w(D);
     for (int64_t t = b; t < e; ++t)
-      for (const Item& it : bins[t])
-        run_item(g, sp[it.span], it, kt.data() + kt_off[it.span * Hkv + it.head], round_up(sp[it.span].len, kKT), w);
+      for (const Item& it : bins[t]) run_item(g, sp[it.span], it, kt.data() + kt_off[it.span * Hkv + it.head], w);
   });
 }
