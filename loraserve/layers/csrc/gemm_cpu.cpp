@@ -23,6 +23,7 @@
 #include <optional>
 #include <vector>
 
+#include "lora_row.h"
 #include "over_rows.h"
 #include "simd.h"
 
@@ -323,88 +324,6 @@ struct LoraRows {
   }
 };
 
-// h[0:w] = x[0:K] @ A[:, 0:w] (rows ld apart): NV vectors of columns in registers, two k-steps
-// in flight when NV is small so at least 6-8 FMA chains run
-template <int NV, bool Full>
-__attribute__((always_inline)) inline void shrink_cols(const float* __restrict__ A, int64_t ld, int64_t K, int64_t w, const float* __restrict__ x,
-                        float* __restrict__ h) {
-  constexpr int U = NV <= 4 ? 2 : 1;
-  simd::M m[NV];
-  simd::V acc[U][NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    m[v] = simd::mask(w - v * simd::W);
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) acc[u][v] = simd::zero();
-  }
-  int64_t i = 0;
-  for (; i + U <= K; i += U) {
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) {
-      const simd::V xv = simd::set1(x[i + u]);
-      const float* Ai = A + (i + u) * ld;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v)
-        acc[u][v] = simd::fma(xv, Full ? simd::load(Ai + v * simd::W) : simd::load(Ai + v * simd::W, m[v]), acc[u][v]);
-    }
-  }
-  for (; i < K; ++i) {
-    const simd::V xv = simd::set1(x[i]);
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)
-      acc[0][v] = simd::fma(xv, Full ? simd::load(A + i * ld + v * simd::W) : simd::load(A + i * ld + v * simd::W, m[v]),
-                            acc[0][v]);
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    simd::V t = acc[0][v];
-    if constexpr (U == 2) t = simd::add(t, acc[1][v]);
-    if (Full) {
-      simd::store(h + v * simd::W, t);
-    } else {
-      simd::store(h + v * simd::W, t, m[v]);
-    }
-  }
-}
-
-template <int NV>
-void shrink_any(const float* A, int64_t ld, int64_t K, int64_t w, const float* x, float* h) {
-  if constexpr (NV > 1) {
-    if (w <= (NV - 1) * simd::W) return shrink_any<NV - 1>(A, ld, K, w, x, h);
-  }
-  if (w == NV * simd::W) {
-    shrink_cols<NV, true>(A, ld, K, w, x, h);
-  } else {
-    shrink_cols<NV, false>(A, ld, K, w, x, h);
-  }
-}
-
-// h[0:w] = x @ A[:, 0:w] for any w, 8 vectors of columns at a time
-void shrink(const float* A, int64_t ld, int64_t K, int64_t w, const float* x, float* h) {
-  constexpr int64_t kG = 8 * simd::W;
-  for (int64_t c0 = 0; c0 < w; c0 += kG) shrink_any<8>(A + c0, ld, K, std::min(kG, w - c0), x, h + c0);
-}
-
-// d[0:O] = h[0:rs] @ B[0:rs, 0:O]: B read row after row, one sequential stream (what the hardware
-// prefetcher follows best when a row's B was not prefetched), the output row staying in L1
-void expand(const float* __restrict__ B, int64_t O, int64_t rs, const float* __restrict__ h, float* __restrict__ d) {
-  const int64_t full = O / simd::W * simd::W;
-  const simd::M tail = simd::mask(O - full);
-  {
-    const simd::V hv = simd::set1(h[0]);
-    for (int64_t o = 0; o < full; o += simd::W) simd::store(d + o, simd::mul(hv, simd::load(B + o)));
-    if (full < O) simd::store(d + full, simd::mul(hv, simd::load(B + full, tail)), tail);
-  }
-  for (int64_t k = 1; k < rs; ++k) {
-    const simd::V hv = simd::set1(h[k]);
-    const float* __restrict__ Bk = B + k * O;
-    for (int64_t o = 0; o < full; o += simd::W) simd::store(d + o, simd::fma(hv, simd::load(Bk + o), simd::load(d + o)));
-    if (full < O) {
-      simd::store(d + full, simd::fma(hv, simd::load(Bk + full, tail), simd::load(d + full, tail)), tail);
-    }
-  }
-}
-
 // entry e: d[e] = the delta of its row under its slot's adapter, every member side by side
 void lora_unit(const LoraRows& L, int64_t e, float* h) {
   const int64_t s = L.slots[e], rs = L.rank(s);
@@ -416,11 +335,13 @@ void lora_unit(const LoraRows& L, int64_t e, float* h) {
   const float* x = L.x + L.rows[e] * L.ldx;
   const float* A = L.a + s * L.a_slot;
   if (rs == L.r) {
-    shrink(A, L.gr, L.k, L.gr, x, h);
+    lora_row::shrink(A, L.gr, L.k, L.gr, x, h);
   } else {
-    for (int j = 0; j < L.g; ++j) shrink(A + j * L.r, L.gr, L.k, rs, x, h + j * L.r);
+    for (int j = 0; j < L.g; ++j) lora_row::shrink(A + j * L.r, L.gr, L.k, rs, x, h + j * L.r);
   }
-  for (int j = 0; j < L.g; ++j) expand(L.b[j] + s * L.b_slot[j], L.out[j], rs, h + j * L.r, de + L.off[j]);
+  for (int j = 0; j < L.g; ++j) {
+    lora_row::expand<false>(L.b[j] + s * L.b_slot[j], L.out[j], rs, h + j * L.r, de + L.off[j]);
+  }
 }
 #endif
 

@@ -23,6 +23,7 @@
 #include <optional>
 #include <vector>
 
+#include "lora_row.h"
 #include "simd.h"
 #include "widen.h"
 
@@ -54,28 +55,30 @@ struct Group {
 };
 
 // One row at a time (decodes): stream A and B sequentially, once, the output row stays in L1.
+// SIMD builds keep the shrink's columns in registers (lora_row.h says why).
 template <typename T>
 void row_kernel(const Group<T>& g, const float* xr, int64_t slot, int64_t row, float* __restrict__ h) {
   const T* __restrict__ A = g.a + slot * g.a_slot;
   const int64_t GR = g.gr, R = g.r, rs = g.rank(slot);
   if (rs == 0) return;
+#if LORASERVE_SIMD
+  if (rs == R) {
+    lora_row::shrink(A, GR, g.in, GR, xr, h);
+  } else {
+    for (size_t j = 0; j < g.b.size(); ++j) lora_row::shrink(A + j * R, GR, g.in, rs, xr, h + j * R);
+  }
+  for (size_t j = 0; j < g.b.size(); ++j) {
+    lora_row::expand<true>(g.b[j] + slot * g.b_slot[j], g.out[j], rs, h + j * R, g.y[j] + row * g.y_row[j]);
+  }
+#else
   for (int64_t c = 0; c < GR; ++c) h[c] = 0.f;
-  if (rs == R) {  // full rank: one contiguous run of G*R columns per row of A
-    for (int64_t i = 0; i < g.in; ++i) {
-      const float xv = xr[i];
-      const T* __restrict__ Ai = A + i * GR;
+  for (int64_t i = 0; i < g.in; ++i) {  // the first rs columns of each member
+    const float xv = xr[i];
+    for (size_t j = 0; j < g.b.size(); ++j) {
+      const T* __restrict__ Ai = A + i * GR + j * R;
+      float* __restrict__ hj = h + j * R;
 #pragma omp simd
-      for (int64_t c = 0; c < GR; ++c) h[c] += xv * to_f(Ai[c]);
-    }
-  } else {  // the first rs columns of each member only
-    for (int64_t i = 0; i < g.in; ++i) {
-      const float xv = xr[i];
-      for (size_t j = 0; j < g.b.size(); ++j) {
-        const T* __restrict__ Ai = A + i * GR + j * R;
-        float* __restrict__ hj = h + j * R;
-#pragma omp simd
-        for (int64_t c = 0; c < rs; ++c) hj[c] += xv * to_f(Ai[c]);
-      }
+      for (int64_t c = 0; c < rs; ++c) hj[c] += xv * to_f(Ai[c]);
     }
   }
   for (size_t j = 0; j < g.b.size(); ++j) {
@@ -83,12 +86,13 @@ void row_kernel(const Group<T>& g, const float* xr, int64_t slot, int64_t row, f
     float* __restrict__ y = g.y[j] + row * g.y_row[j];
     const int64_t O = g.out[j];
     for (int64_t k = 0; k < rs; ++k) {
-      const float hv = h[j * g.r + k];
+      const float hv = h[j * R + k];
       const T* __restrict__ Bk = B + k * O;
 #pragma omp simd
       for (int64_t o = 0; o < O; ++o) y[o] += hv * to_f(Bk[o]);
     }
   }
+#endif
 }
 
 constexpr int kBlock = 8;  // tokens of one segment that share each pass over A and B
