@@ -63,6 +63,28 @@ inline void prefetch_rows(const T* base, const int64_t* tb, int64_t BS, int64_t 
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
+// Scaled scores of RB query rows that share one KV head over positions t0..n-1, for head sizes
+// whose queries do not fit the registers beside the V pass's accumulators (D = 64 with AVX2: 8
+// vectors a row): the queries are read from L1 as FMA operands, so one pass over K serves RB rows
+// instead of one pass per row. Each pass over K starts cold from DRAM (latency-bound at 32 decode
+// rows); three rows to a pass give each cold line three times the work.
+template <int NV, int RB, typename T>
+inline void score_rows(const float* q, float* s, int64_t s_stride, int64_t t0, int64_t n, const T* kp,
+                       const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf) {
+  constexpr int64_t D = NV * simd::W;
+  for (int64_t t = t0; t < n; ++t) {
+    const T* k = kp + (tb[t / BS] * BS + t % BS) * row;
+    if (pf && t + kPrefetchTokens < n) prefetch_rows(kp, tb, BS, row, t + kPrefetchTokens, pf);
+    simd::V acc[RB][2];
+    for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = simd::zero();
+    for (int j = 0; j < NV; ++j) {
+      const simd::V kv = widen::wload(k + j * simd::W);
+      for (int r = 0; r < RB; ++r) acc[r][j & 1] = simd::fma(simd::load(q + r * D + j * simd::W), kv, acc[r][j & 1]);
+    }
+    for (int r = 0; r < RB; ++r) s[r * s_stride + t - t0] = simd::sum(simd::add(acc[r][0], acc[r][1])) * sc;
+  }
+}
+
 // Scores and weighted sum of RB query rows that share one KV head, for head sizes of NV
 // vectors, over positions t0..n-1: the rows' queries and output accumulators stay in registers
 // for the whole pass, so each cached K and V row is loaded once per block of rows and no partial
@@ -70,14 +92,16 @@ inline void prefetch_rows(const T* base, const int64_t* tb, int64_t BS, int64_t 
 // token; at 32 decode rows that made attention cost as much as all the projections of an int8
 // step). ml null: out is the attention output; else the part of a split context (decode_split):
 // out unnormalised, each row's score max and sum of exponentials in ml[2r], ml[2r + 1].
-template <int NV, int RB, typename T>
+// Scored: the K pass was done already (score_rows), s holds the rows' scaled scores.
+template <int NV, int RB, typename T, bool Scored = false>
 inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t t0, int64_t n, const T* kp,
                       const T* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf, float* ml) {
   constexpr int64_t D = NV * simd::W;
   simd::V qv[RB][NV];
-  for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
-  for (int64_t t = t0; t < n; ++t) {  // scores: one pass over K
+  if constexpr (!Scored)
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
+  for (int64_t t = t0; t < n && !Scored; ++t) {  // scores: one pass over K
     const T* k = kp + (tb[t / BS] * BS + t % BS) * row;
     if (pf && t + kPrefetchTokens < n) prefetch_rows(kp, tb, BS, row, t + kPrefetchTokens, pf);
     simd::V acc[RB];
@@ -124,6 +148,15 @@ void head_all_rows(const float* q, float* out, float* s, int64_t s_stride, int64
   constexpr int RB = NV <= 2 ? 4 : NV <= 4 ? 3 : 1;  // RB * NV accumulators + NV loads fit the registers
   constexpr int64_t D = NV * simd::W;
   int64_t r = 0;
+  if constexpr (RB == 1) {  // scores of up to 3 rows per pass over K, then one V pass per row
+    for (; r + 3 <= G; r += 3)
+      score_rows<NV, 3, T>(q + r * D, s + r * s_stride, s_stride, t0, n, kp, tb, BS, row, sc, r ? 0 : pf);
+    for (; r < G; ++r) score_rows<NV, 1, T>(q + r * D, s + r * s_stride, s_stride, t0, n, kp, tb, BS, row, sc, r ? 0 : pf);
+    for (r = 0; r < G; ++r)
+      head_rows<NV, 1, T, true>(q + r * D, out + r * D, s + r * s_stride, s_stride, t0, n, kp, vp, tb, BS, row, sc,
+                                r ? 0 : pf, ml ? ml + 2 * r : nullptr);
+    return;
+  }
   for (; r + RB <= G; r += RB)
     head_rows<NV, RB, T>(q + r * D, out + r * D, s + r * s_stride, s_stride, t0, n, kp, vp, tb, BS, row, sc,
                          r ? 0 : pf, ml ? ml + 2 * r : nullptr);
