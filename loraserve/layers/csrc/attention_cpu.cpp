@@ -97,20 +97,21 @@ template <int NV, int RB, typename T, bool Scored = false>
 inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t t0, int64_t n, const T* kp,
                       const T* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf, float* ml) {
   constexpr int64_t D = NV * simd::W;
-  simd::V qv[RB][NV];
-  if constexpr (!Scored)
+  if constexpr (!Scored) {  // scores: one pass over K
+    simd::V qv[RB][NV];
     for (int r = 0; r < RB; ++r)
       for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
-  for (int64_t t = t0; t < n && !Scored; ++t) {  // scores: one pass over K
-    const T* k = kp + (tb[t / BS] * BS + t % BS) * row;
-    if (pf && t + kPrefetchTokens < n) prefetch_rows(kp, tb, BS, row, t + kPrefetchTokens, pf);
-    simd::V acc[RB];
-    for (int r = 0; r < RB; ++r) acc[r] = simd::zero();
-    for (int j = 0; j < NV; ++j) {
-      const simd::V kv = widen::wload(k + j * simd::W);
-      for (int r = 0; r < RB; ++r) acc[r] = simd::fma(qv[r][j], kv, acc[r]);
+    for (int64_t t = t0; t < n; ++t) {
+      const T* k = kp + (tb[t / BS] * BS + t % BS) * row;
+      if (pf && t + kPrefetchTokens < n) prefetch_rows(kp, tb, BS, row, t + kPrefetchTokens, pf);
+      simd::V acc[RB];
+      for (int r = 0; r < RB; ++r) acc[r] = simd::zero();
+      for (int j = 0; j < NV; ++j) {
+        const simd::V kv = widen::wload(k + j * simd::W);
+        for (int r = 0; r < RB; ++r) acc[r] = simd::fma(qv[r][j], kv, acc[r]);
+      }
+      for (int r = 0; r < RB; ++r) s[r * s_stride + t - t0] = simd::sum(acc[r]) * sc;
     }
-    for (int r = 0; r < RB; ++r) s[r * s_stride + t - t0] = simd::sum(acc[r]) * sc;
   }
   for (int r = 0; r < RB; ++r) {  // softmax per query row (a split part keeps its max and sum instead)
     float* sr = s + r * s_stride;

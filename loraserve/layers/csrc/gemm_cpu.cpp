@@ -334,11 +334,7 @@ void lora_unit(const LoraRows& L, int64_t e, float* h) {
   }
   const float* x = L.x + L.rows[e] * L.ldx;
   const float* A = L.a + s * L.a_slot;
-  if (rs == L.r) {
-    lora_row::shrink(A, L.gr, L.k, L.gr, x, h);
-  } else {
-    for (int j = 0; j < L.g; ++j) lora_row::shrink(A + j * L.r, L.gr, L.k, rs, x, h + j * L.r);
-  }
+  lora_row::shrink_members(A, L.k, L.r, int64_t{L.g}, rs, x, h);
   for (int j = 0; j < L.g; ++j) {
     lora_row::expand<false>(L.b[j] + s * L.b_slot[j], L.out[j], rs, h + j * L.r, de + L.off[j]);
   }

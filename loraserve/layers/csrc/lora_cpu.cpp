@@ -59,18 +59,15 @@ struct Group {
 template <typename T>
 void row_kernel(const Group<T>& g, const float* xr, int64_t slot, int64_t row, float* __restrict__ h) {
   const T* __restrict__ A = g.a + slot * g.a_slot;
-  const int64_t GR = g.gr, R = g.r, rs = g.rank(slot);
+  const int64_t R = g.r, rs = g.rank(slot);
   if (rs == 0) return;
 #if LORASERVE_SIMD
-  if (rs == R) {
-    lora_row::shrink(A, GR, g.in, GR, xr, h);
-  } else {
-    for (size_t j = 0; j < g.b.size(); ++j) lora_row::shrink(A + j * R, GR, g.in, rs, xr, h + j * R);
-  }
+  lora_row::shrink_members(A, g.in, R, static_cast<int64_t>(g.b.size()), rs, xr, h);
   for (size_t j = 0; j < g.b.size(); ++j) {
     lora_row::expand<true>(g.b[j] + slot * g.b_slot[j], g.out[j], rs, h + j * R, g.y[j] + row * g.y_row[j]);
   }
 #else
+  const int64_t GR = g.gr;
   for (int64_t c = 0; c < GR; ++c) h[c] = 0.f;
   for (int64_t i = 0; i < g.in; ++i) {  // the first rs columns of each member
     const float xv = xr[i];

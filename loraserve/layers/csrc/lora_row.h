@@ -86,6 +86,18 @@ void shrink(const T* A, int64_t ld, int64_t K, int64_t w, const float* x, float*
   for (int64_t c0 = 0; c0 < w; c0 += kG) shrink_any<8>(A + c0, ld, K, std::min(kG, w - c0), x, h + c0);
 }
 
+// h[j*R : j*R + rs] = x @ A[:, j*R : j*R + rs] for each of the G members whose A sit side by side in
+// one [K, G*R] block: the slot's loaded rank rs of each. Full rank reads the block as one run of
+// G*R columns; a lower rank reads only each member's first rs columns.
+template <typename T>
+void shrink_members(const T* A, int64_t K, int64_t R, int64_t G, int64_t rs, const float* x, float* h) {
+  if (rs == R) {
+    shrink(A, G * R, K, G * R, x, h);
+  } else {
+    for (int64_t j = 0; j < G; ++j) shrink(A + j * R, G * R, K, rs, x, h + j * R);
+  }
+}
+
 // d[0:O] (+)= h[0:rs] @ B[0:rs, 0:O] (Add: onto d's values; else d is overwritten). B is read row
 // after row, one sequential stream (what the hardware prefetcher follows best), d stays in L1; the
 // O / W output vectors of a row are independent, so no chain waits on another.
