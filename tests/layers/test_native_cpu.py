@@ -19,7 +19,7 @@ from tests.fixtures.native import ops_for
 
 def test_kernel_matches_bmm_path_on_wide_ranks_odd_widths_and_interleaved_slots(kernel: ModuleType) -> None:
     """Rank 64 x 3 members (12 register chunks), widths that are not multiples of 16, a
-    37-token segment (blocks of 8 plus a tail), one slot in two places, rows without adapters."""
+    37-token segment (blocks of 12 or 6 plus a tail), one slot in two places, rows without adapters."""
     g = torch.Generator().manual_seed(0)
     slots, fin, outs, r = 5, 72, (100, 36, 36), 64
     a = torch.randn(slots, fin, len(outs) * r, generator=g)

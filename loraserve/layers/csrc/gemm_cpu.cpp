@@ -31,10 +31,6 @@ namespace {
 
 constexpr int64_t kNR = 32;      // columns per panel: two AVX-512 registers, four AVX2 ones
 constexpr int64_t kMC = 96;      // most rows per work item: they stay in L2 while panels pass by
-// Weights up to this size are walked once per row chunk (re-read from L3, the rows stay in L2:
-// 15-25% faster than panel-major at 4,096 rows; an extra pass that interleaves each block's
-// rows for sequential broadcasts measured slower); bigger ones (an lm_head) once in all, panel-major.
-constexpr int64_t kL3Weights = 8 << 20;
 
 struct Tile {
   const float* w;  // one panel [K, 32]
@@ -383,7 +379,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
   // one work item: a chunk of rows x one panel (or, AVX-512 prefill, two adjacent ones)
   at::parallel_for(0, groups * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t it = lo; it < hi; ++it) {
-      const int64_t g = chunk_major ? it % groups : it / chunks, c = chunk_major ? it / groups : it % chunks;
+      const auto [g, c] = grid_item(it, groups, chunks, chunk_major);
       const int64_t p0 = per * g, np = std::min(per, P - p0);
       // chunks of equal size (64 rows: one chunk; 100 rows: 50 + 50, not 96 + 4)
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;

@@ -6,8 +6,8 @@
 // whose GEMV-shaped batches reach ~24 GB/s. Here each row streams its own A and B
 // exactly once, straight from the slot table, and accumulates into the (L1-resident)
 // output row: no padding, no gathers, no temporaries, one parallel region. Prefill
-// segments go through the same entry point in blocks of 8 tokens that share each
-// pass over A and B (register-blocked with AVX-512 or AVX2), which also writes straight into
+// segments go through the same entry point in blocks of tokens (12 with AVX-512, 6 with AVX2)
+// that share each pass over A and B, register-blocked like the panel GEMM, which also writes straight into
 // the column slices of the fused q/k/v and gate/up outputs where `baddbmm_` on those
 // strided views falls back to one small GEMM per slot.
 //
@@ -26,6 +26,8 @@
 #include "lora_row.h"
 #include "simd.h"
 #include "widen.h"
+
+#define LS_INLINE __attribute__((always_inline)) inline
 
 namespace {
 
@@ -92,33 +94,100 @@ void row_kernel(const Group<T>& g, const float* xr, int64_t slot, int64_t row, f
 #endif
 }
 
-constexpr int kBlock = 8;  // tokens of one segment that share each pass over A and B
-
-// TB tokens of one slot (prefill segments, drafts): each W-wide column chunk of A and B is
-// read once for all TB tokens while their TB partial sums stay in registers, so the thin
-// rank-R matmuls run at compute speed instead of one token's memory speed. W is 16 floats
-// with AVX-512 and 8 with AVX2 (simd.h); a chunk past a member's loaded rank or an output's
-// width is masked. Without AVX2 each token runs the row kernel.
+// TB tokens of one slot (prefill segments, drafts): each chunk of NV registers' columns of A
+// and B is read once for all TB tokens while their TB x NV partial sums stay in registers, so
+// the thin rank-R matmuls run at compute speed instead of one token's memory speed. The block
+// is the panel GEMM's (gemm_cpu.cpp): 12 x 2 registers with AVX-512, 6 x 2 with AVX2 (12
+// accumulators, 2 weights, 1 broadcast); it replaced 8 tokens x 1 register, which needed a
+// broadcast per FMA (32 segments of 128 tokens, one layer's four groups hot, AVX2 build:
+// 84 GFLOP/s). A chunk past a member's loaded rank or an output's width is masked. Without
+// AVX2 each token runs the row kernel.
 #if LORASERVE_SIMD
 constexpr int64_t kW = simd::W;
+constexpr int kNV = 2;  // registers per chunk
+#if LORASERVE_SIMD == 512
+constexpr int kBlock = 12;
+#else
+constexpr int kBlock = 6;
+#endif
+#else
+constexpr int kBlock = 8;
+#endif
 
-// acc[t] = sum over i of x_t[i] * A[i, c0 : c0 + W]
-template <int TB, bool Full, typename T>
-inline void shrink_chunk(const T* __restrict__ A, int64_t ld, int64_t in, simd::M m, const float* const* xr,
-                         simd::V* acc) {
+#if LORASERVE_SIMD
+// NV registers of columns from p: all full, or the last one masked (`m`)
+template <int NV, bool Full, typename T>
+LS_INLINE void load_chunk(const T* p, simd::M m, simd::V* v) {
+  for (int r = 0; r < NV; ++r) v[r] = (Full || r < NV - 1) ? wload(p + r * kW) : wload(p + r * kW, m);
+}
+
+// acc[t][r] = sum over i of x_t[i] * A[i, c0 + r W : c0 + (r + 1) W]
+template <int TB, int NV, bool Full, typename T>
+LS_INLINE void shrink_chunk(const T* __restrict__ A, int64_t ld, int64_t in, simd::M m, const float* const* xr,
+                            simd::V (&acc)[TB][NV]) {
   for (int64_t i = 0; i < in; ++i) {
-    const simd::V av = Full ? wload(A + i * ld) : wload(A + i * ld, m);
-    for (int t = 0; t < TB; ++t) acc[t] = simd::fma(simd::set1(xr[t][i]), av, acc[t]);
+    simd::V av[NV];
+    load_chunk<NV, Full>(A + i * ld, m, av);
+    for (int t = 0; t < TB; ++t) {
+      const simd::V xv = simd::set1(xr[t][i]);
+      for (int r = 0; r < NV; ++r) acc[t][r] = simd::fma(xv, av[r], acc[t][r]);
+    }
   }
 }
 
-// acc[t] += sum over k < rs of h_t[k] * B[k, o0 : o0 + W]
-template <int TB, bool Full, typename T>
-inline void expand_chunk(const T* __restrict__ B, int64_t ld, int64_t rs, simd::M m, const float* h,
-                         int64_t h_ld, simd::V* acc) {
+// acc[t][r] += sum over k < rs of h_t[k] * B[k, o0 + r W : o0 + (r + 1) W]
+template <int TB, int NV, bool Full, typename T>
+LS_INLINE void expand_chunk(const T* __restrict__ B, int64_t ld, int64_t rs, simd::M m, const float* h,
+                            int64_t h_ld, simd::V (&acc)[TB][NV]) {
   for (int64_t k = 0; k < rs; ++k) {
-    const simd::V bv = Full ? wload(B + k * ld) : wload(B + k * ld, m);
-    for (int t = 0; t < TB; ++t) acc[t] = simd::fma(simd::set1(h[t * h_ld + k]), bv, acc[t]);
+    simd::V bv[NV];
+    load_chunk<NV, Full>(B + k * ld, m, bv);
+    for (int t = 0; t < TB; ++t) {
+      const simd::V hv = simd::set1(h[t * h_ld + k]);
+      for (int r = 0; r < NV; ++r) acc[t][r] = simd::fma(hv, bv[r], acc[t][r]);
+    }
+  }
+}
+
+// h[t, c0 : c0 + width) = x_t @ A[:, c0 : c0 + width), width <= NV W
+template <int TB, int NV, typename T>
+void shrink_cols(const T* A, int64_t ld, int64_t in, int64_t c0, int64_t width, const float* const* xr, float* h,
+                 int64_t h_ld) {
+  if constexpr (NV > 1) {
+    if (width <= (NV - 1) * kW) return shrink_cols<TB, NV - 1>(A, ld, in, c0, width, xr, h, h_ld);
+  }
+  const int64_t last = width - (NV - 1) * kW;
+  const simd::M m = simd::mask(last);
+  simd::V acc[TB][NV];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < NV; ++r) acc[t][r] = simd::zero();
+  if (last == kW) shrink_chunk<TB, NV, true>(A + c0, ld, in, m, xr, acc);
+  else shrink_chunk<TB, NV, false>(A + c0, ld, in, m, xr, acc);
+  for (int t = 0; t < TB; ++t) {
+    for (int r = 0; r < NV - 1; ++r) simd::store(h + t * h_ld + c0 + r * kW, acc[t][r]);
+    simd::store(h + t * h_ld + c0 + (NV - 1) * kW, acc[t][NV - 1], m);
+  }
+}
+
+// y_t[o0 : o0 + width) += h_t[:rs] @ B[:rs, o0 : o0 + width), width <= NV W
+template <int TB, int NV, typename T>
+void expand_cols(const T* B, int64_t ld, int64_t rs, int64_t o0, int64_t width, const float* h, int64_t h_ld,
+                 float* const* y) {
+  if constexpr (NV > 1) {
+    if (width <= (NV - 1) * kW) return expand_cols<TB, NV - 1>(B, ld, rs, o0, width, h, h_ld, y);
+  }
+  const int64_t last = width - (NV - 1) * kW;
+  const simd::M m = simd::mask(last);
+  simd::V acc[TB][NV];
+  for (int t = 0; t < TB; ++t) {
+    for (int r = 0; r < NV - 1; ++r) acc[t][r] = simd::load(y[t] + o0 + r * kW);
+    acc[t][NV - 1] = simd::load(y[t] + o0 + (NV - 1) * kW, m);
+  }
+  if (last == kW) expand_chunk<TB, NV, true>(B + o0, ld, rs, m, h, h_ld, acc);
+  else expand_chunk<TB, NV, false>(B + o0, ld, rs, m, h, h_ld, acc);
+  for (int t = 0; t < TB; ++t) {
+    for (int r = 0; r < NV - 1; ++r) simd::store(y[t] + o0 + r * kW, acc[t][r]);
+    simd::store(y[t] + o0 + (NV - 1) * kW, acc[t][NV - 1], m);
   }
 }
 
@@ -128,36 +197,21 @@ void block_kernel(const Group<T>& g, const float* const* xr, int64_t slot, const
   const int64_t GR = g.gr, rs = g.rank(slot);
   if (rs == 0) return;
   const int64_t G = static_cast<int64_t>(g.b.size());
-  for (int64_t j = 0; j < G; ++j) {  // each member's loaded columns, W at a time
-    for (int64_t c0 = j * g.r; c0 < j * g.r + rs; c0 += kW) {
-      const int64_t width = std::min<int64_t>(kW, j * g.r + rs - c0);
-      const simd::M m = simd::mask(width);
-      simd::V acc[TB];
-      for (int t = 0; t < TB; ++t) acc[t] = simd::zero();
-      if (width == kW) {
-        shrink_chunk<TB, true>(A + c0, GR, g.in, m, xr, acc);
-      } else {
-        shrink_chunk<TB, false>(A + c0, GR, g.in, m, xr, acc);
-      }
-      for (int t = 0; t < TB; ++t) simd::store(h + t * GR + c0, acc[t], m);
+  constexpr int64_t kC = kNV * kW;
+  // each member's loaded columns; at full rank the members' columns are one contiguous run
+  const int64_t runs = rs == g.r ? 1 : G, run_len = rs == g.r ? GR : rs;
+  for (int64_t j = 0; j < runs; ++j) {
+    const int64_t end = j * g.r + run_len;
+    for (int64_t c0 = j * g.r; c0 < end; c0 += kC) {
+      shrink_cols<TB, kNV>(A, GR, g.in, c0, std::min(kC, end - c0), xr, h, GR);
     }
   }
-  for (size_t j = 0; j < g.b.size(); ++j) {
+  float* y[TB];
+  for (int64_t j = 0; j < G; ++j) {
+    for (int t = 0; t < TB; ++t) y[t] = g.y[j] + rows[t] * g.y_row[j];
     const T* __restrict__ B = g.b[j] + slot * g.b_slot[j];
     const int64_t O = g.out[j];
-    const float* hj = h + j * g.r;
-    for (int64_t o0 = 0; o0 < O; o0 += kW) {
-      const int64_t width = std::min<int64_t>(kW, O - o0);
-      const simd::M m = simd::mask(width);
-      simd::V acc[TB];
-      for (int t = 0; t < TB; ++t) acc[t] = simd::load(g.y[j] + rows[t] * g.y_row[j] + o0, m);
-      if (width == kW) {
-        expand_chunk<TB, true>(B + o0, O, rs, m, hj, GR, acc);
-      } else {
-        expand_chunk<TB, false>(B + o0, O, rs, m, hj, GR, acc);
-      }
-      for (int t = 0; t < TB; ++t) simd::store(g.y[j] + rows[t] * g.y_row[j] + o0, acc[t], m);
-    }
+    for (int64_t o0 = 0; o0 < O; o0 += kC) expand_cols<TB, kNV>(B, O, rs, o0, std::min(kC, O - o0), h + j * g.r, GR, y);
   }
 }
 #else
@@ -232,7 +286,7 @@ void run_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Te
 
 // For every n: h = x[rows[n]] @ a[slots[n]]  (a: [S, in, G*R], the G members' A side by side)
 //              ys[j][rows[n]] += h[j*R:(j+1)*R] @ bs[j][slots[n]]  (bs[j]: [S, R, out_j])
-// Runs of up to 8 consecutive entries with the same slot are computed together. a and bs are
+// Runs of up to kBlock consecutive entries with the same slot are computed together. a and bs are
 // fp32 or bf16 (all the same); x and ys are fp32.
 void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,

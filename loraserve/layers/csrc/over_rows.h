@@ -29,3 +29,21 @@ __attribute__((always_inline)) inline void over_blocks(int64_t rows, int64_t mos
     r += mr;
   }
 }
+
+// A GEMM's work items are (row chunk, panel group) pairs, split in contiguous ranges over the
+// threads. Weights up to kL3Weights bytes are walked chunk-major: a thread keeps one chunk of
+// rows in L2 while every panel passes by (re-read from L3); bigger ones (an lm_head) panel-major,
+// each panel read once from DRAM for all chunks. Panel-major with weights that fit L3 streams
+// all M rows from L3 once per panel: fp32 chunk-major measured 15-25% faster at 4,096 rows (an
+// extra pass that interleaves each block's rows for sequential broadcasts measured slower); the
+// low-precision panels, still panel-major, ran 4,096 rows x 576 x 3072 int8 at 131-139 GFLOP/s
+// against 183-205 at 128 rows (AVX2 build, 2 Zen 5 cores).
+constexpr int64_t kL3Weights = 8 << 20;
+
+struct GridItem {
+  int64_t group, chunk;
+};
+
+inline GridItem grid_item(int64_t it, int64_t groups, int64_t chunks, bool chunk_major) {
+  return chunk_major ? GridItem{it % groups, it / groups} : GridItem{it / chunks, it % chunks};
+}
