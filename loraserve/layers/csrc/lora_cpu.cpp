@@ -27,8 +27,6 @@
 #include "simd.h"
 #include "widen.h"
 
-#define LS_INLINE __attribute__((always_inline)) inline
-
 namespace {
 
 using widen::bf16_t;
@@ -99,8 +97,8 @@ void row_kernel(const Group<T>& g, const float* xr, int64_t slot, int64_t row, f
 // the thin rank-R matmuls run at compute speed instead of one token's memory speed. The block
 // is the panel GEMM's (gemm_cpu.cpp): 12 x 2 registers with AVX-512, 6 x 2 with AVX2 (12
 // accumulators, 2 weights, 1 broadcast); it replaced 8 tokens x 1 register, which needed a
-// broadcast per FMA (32 segments of 128 tokens, one layer's four groups hot, AVX2 build:
-// 84 GFLOP/s). A chunk past a member's loaded rank or an output's width is masked. Without
+// broadcast per FMA (32 segments of 128 tokens, one layer's four groups in cache, AVX2 build:
+// 82 -> 95-141 GFLOP/s; AVX-512 97 -> 167). A chunk past a member's loaded rank or an output's width is masked. Without
 // AVX2 each token runs the row kernel.
 #if LORASERVE_SIMD
 constexpr int64_t kW = simd::W;
@@ -119,6 +117,13 @@ constexpr int kBlock = 8;
 template <int NV, bool Full, typename T>
 LS_INLINE void load_chunk(const T* p, simd::M m, simd::V* v) {
   for (int r = 0; r < NV; ++r) v[r] = (Full || r < NV - 1) ? wload(p + r * kW) : wload(p + r * kW, m);
+}
+
+// NV registers to p, the last one masked
+template <int NV>
+LS_INLINE void store_chunk(float* p, simd::M m, const simd::V* v) {
+  for (int r = 0; r < NV - 1; ++r) simd::store(p + r * kW, v[r]);
+  simd::store(p + (NV - 1) * kW, v[NV - 1], m);
 }
 
 // acc[t][r] = sum over i of x_t[i] * A[i, c0 + r W : c0 + (r + 1) W]
@@ -163,10 +168,7 @@ void shrink_cols(const T* A, int64_t ld, int64_t in, int64_t c0, int64_t width, 
     for (int r = 0; r < NV; ++r) acc[t][r] = simd::zero();
   if (last == kW) shrink_chunk<TB, NV, true>(A + c0, ld, in, m, xr, acc);
   else shrink_chunk<TB, NV, false>(A + c0, ld, in, m, xr, acc);
-  for (int t = 0; t < TB; ++t) {
-    for (int r = 0; r < NV - 1; ++r) simd::store(h + t * h_ld + c0 + r * kW, acc[t][r]);
-    simd::store(h + t * h_ld + c0 + (NV - 1) * kW, acc[t][NV - 1], m);
-  }
+  for (int t = 0; t < TB; ++t) store_chunk<NV>(h + t * h_ld + c0, m, acc[t]);
 }
 
 // y_t[o0 : o0 + width) += h_t[:rs] @ B[:rs, o0 : o0 + width), width <= NV W
@@ -179,16 +181,10 @@ void expand_cols(const T* B, int64_t ld, int64_t rs, int64_t o0, int64_t width, 
   const int64_t last = width - (NV - 1) * kW;
   const simd::M m = simd::mask(last);
   simd::V acc[TB][NV];
-  for (int t = 0; t < TB; ++t) {
-    for (int r = 0; r < NV - 1; ++r) acc[t][r] = simd::load(y[t] + o0 + r * kW);
-    acc[t][NV - 1] = simd::load(y[t] + o0 + (NV - 1) * kW, m);
-  }
+  for (int t = 0; t < TB; ++t) load_chunk<NV, false>(y[t] + o0, m, acc[t]);
   if (last == kW) expand_chunk<TB, NV, true>(B + o0, ld, rs, m, h, h_ld, acc);
   else expand_chunk<TB, NV, false>(B + o0, ld, rs, m, h, h_ld, acc);
-  for (int t = 0; t < TB; ++t) {
-    for (int r = 0; r < NV - 1; ++r) simd::store(y[t] + o0 + r * kW, acc[t][r]);
-    simd::store(y[t] + o0 + (NV - 1) * kW, acc[t][NV - 1], m);
-  }
+  for (int t = 0; t < TB; ++t) store_chunk<NV>(y[t] + o0, m, acc[t]);
 }
 
 template <int TB, typename T>
@@ -198,14 +194,11 @@ void block_kernel(const Group<T>& g, const float* const* xr, int64_t slot, const
   if (rs == 0) return;
   const int64_t G = static_cast<int64_t>(g.b.size());
   constexpr int64_t kC = kNV * kW;
-  // each member's loaded columns; at full rank the members' columns are one contiguous run
-  const int64_t runs = rs == g.r ? 1 : G, run_len = rs == g.r ? GR : rs;
-  for (int64_t j = 0; j < runs; ++j) {
-    const int64_t end = j * g.r + run_len;
-    for (int64_t c0 = j * g.r; c0 < end; c0 += kC) {
-      shrink_cols<TB, kNV>(A, GR, g.in, c0, std::min(kC, end - c0), xr, h, GR);
+  lora_row::member_runs(g.r, G, rs, [&](int64_t start, int64_t w) {
+    for (int64_t c0 = start; c0 < start + w; c0 += kC) {
+      shrink_cols<TB, kNV>(A, GR, g.in, c0, std::min(kC, start + w - c0), xr, h, GR);
     }
-  }
+  });
   float* y[TB];
   for (int64_t j = 0; j < G; ++j) {
     for (int t = 0; t < TB; ++t) y[t] = g.y[j] + rows[t] * g.y_row[j];

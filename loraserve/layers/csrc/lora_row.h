@@ -86,16 +86,21 @@ void shrink(const T* A, int64_t ld, int64_t K, int64_t w, const float* x, float*
   for (int64_t c0 = 0; c0 < w; c0 += kG) shrink_any<8>(A + c0, ld, K, std::min(kG, w - c0), x, h + c0);
 }
 
-// h[j*R : j*R + rs] = x @ A[:, j*R : j*R + rs] for each of the G members whose A sit side by side in
-// one [K, G*R] block: the slot's loaded rank rs of each. Full rank reads the block as one run of
-// G*R columns; a lower rank reads only each member's first rs columns.
+// f(c0, width) for each run of columns of a [K, G*R] block of G members' A that holds a slot's
+// loaded rank rs: full rank is one run of G*R columns; a lower rank, each member's first rs.
+template <typename F>
+void member_runs(int64_t R, int64_t G, int64_t rs, const F& f) {
+  if (rs == R) {
+    f(int64_t{0}, G * R);
+  } else {
+    for (int64_t j = 0; j < G; ++j) f(j * R, rs);
+  }
+}
+
+// h[j*R : j*R + rs] = x @ A[:, j*R : j*R + rs] for each of the G members (member_runs)
 template <typename T>
 void shrink_members(const T* A, int64_t K, int64_t R, int64_t G, int64_t rs, const float* x, float* h) {
-  if (rs == R) {
-    shrink(A, G * R, K, G * R, x, h);
-  } else {
-    for (int64_t j = 0; j < G; ++j) shrink(A + j * R, G * R, K, rs, x, h + j * R);
-  }
+  member_runs(R, G, rs, [&](int64_t c0, int64_t w) { shrink(A + c0, G * R, K, w, x, h + c0); });
 }
 
 // d[0:O] (+)= h[0:rs] @ B[0:rs, 0:O] (Add: onto d's values; else d is overwritten). B is read row

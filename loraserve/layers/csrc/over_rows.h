@@ -36,14 +36,16 @@ __attribute__((always_inline)) inline void over_blocks(int64_t rows, int64_t mos
 // each panel read once from DRAM for all chunks. Panel-major with weights that fit L3 streams
 // all M rows from L3 once per panel: fp32 chunk-major measured 15-25% faster at 4,096 rows (an
 // extra pass that interleaves each block's rows for sequential broadcasts measured slower); the
-// low-precision panels, still panel-major, ran 4,096 rows x 576 x 3072 int8 at 131-139 GFLOP/s
-// against 183-205 at 128 rows (AVX2 build, 2 Zen 5 cores).
+// low-precision panels, panel-major until they took this order too, ran 4,096 x 576 x 576 and
+// 1536 x 576 int8 at ~180 GFLOP/s against ~204 chunk-major (AVX2 build, 2 Zen 5 cores).
 constexpr int64_t kL3Weights = 8 << 20;
 
 struct GridItem {
   int64_t group, chunk;
 };
 
-inline GridItem grid_item(int64_t it, int64_t groups, int64_t chunks, bool chunk_major) {
-  return chunk_major ? GridItem{it % groups, it / groups} : GridItem{it / chunks, it % chunks};
+// work item `it` of `groups` panel groups x `chunks` row chunks over weights of `weight_bytes`
+inline GridItem grid_item(int64_t it, int64_t groups, int64_t chunks, int64_t weight_bytes) {
+  if (weight_bytes <= kL3Weights) return GridItem{it % groups, it / groups};
+  return GridItem{it / chunks, it % chunks};
 }

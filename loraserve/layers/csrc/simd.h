@@ -10,6 +10,9 @@
 
 #include <cstdint>
 
+// on a function the kernels need inlined for their accumulators to stay in registers
+#define LS_INLINE __attribute__((always_inline)) inline
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
