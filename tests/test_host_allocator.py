@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
 import torch
 
-from loraserve.host_allocator import keep_freed_memory, zeros_on_huge_pages
+from loraserve.host_allocator import HUGE_PAGE, POOL_CHUNK, keep_freed_memory, zeros_on_huge_pages
 
 
 def test_zeros_on_huge_pages_is_zeros() -> None:
@@ -31,7 +32,42 @@ def test_big_tensor_is_advised_for_huge_pages_on_linux() -> None:
     assert not small.any()
 
 
-def _vm_flags(address: int) -> list[str]:
+def test_big_tensor_gets_whole_huge_pages_and_is_unmapped_with_its_last_view() -> None:
+    """A fresh private mapping starting on a 2 MiB boundary, not heap memory that earlier tensors
+    already faulted in as 4 KiB pages; the mapping goes away with the tensor (no leak)."""
+    if not sys.platform.startswith("linux") or not Path("/proc/self/smaps").exists():
+        return
+    t = zeros_on_huge_pages((4, 1024, 1024), torch.float32, torch.device("cpu"))  # 16 MiB
+    assert t.data_ptr() % HUGE_PAGE == 0
+    view = t[1:3]
+    address = view.data_ptr()
+    del t
+    gc.collect()
+    assert "hg" in _vm_flags(address)  # a view keeps the mapping
+    del view
+    gc.collect()
+    assert _vm_flags(address, missing_ok=True) is None
+
+
+def test_pooled_small_tensors_share_advised_chunks_without_overlapping() -> None:
+    """Packed weights (`pooled`): many small tensors of any dtype out of shared huge-page chunks,
+    each zero, cache-line aligned, writable without touching its neighbours."""
+    cpu = torch.device("cpu")
+    shapes = [((3, 70, 32), torch.int8), ((5, 33, 32, 2), torch.bfloat16), ((7, 9), torch.float32)] * 40
+    ts = [zeros_on_huge_pages(shape, dtype, cpu, pooled=True) for shape, dtype in shapes]
+    for i, t in enumerate(ts):
+        assert not t.any() and t.is_contiguous() and t.data_ptr() % 64 == 0
+        t.fill_(i % 100 + 1)
+    for i, t in enumerate(ts):
+        assert bool((t == i % 100 + 1).all()), f"tensor {i} was overwritten by a neighbour"
+    if sys.platform.startswith("linux") and Path("/proc/self/smaps").exists():
+        assert all("hg" in _vm_flags(t.data_ptr()) for t in ts)
+        # a tensor too big to pool has a mapping of its own, not a share of a chunk
+        big = zeros_on_huge_pages((POOL_CHUNK // 2,), torch.uint8, cpu, pooled=True)
+        assert not big.any()
+
+
+def _vm_flags(address: int, missing_ok: bool = False) -> list[str] | None:
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
@@ -40,6 +76,8 @@ def _vm_flags(address: int) -> list[str]:
             inside = lo <= address < hi
         elif inside and line.startswith("VmFlags:"):
             return line.split()[1:]
+    if missing_ok:
+        return None
     raise AssertionError("address not mapped")
 
 

@@ -99,7 +99,7 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     step streams every panel once, so TLB misses would be paid on every 4 KiB otherwise."""
     out_f, in_f = weight.shape
     p = -(-out_f // PANEL)
-    packed = zeros_on_huge_pages((p, in_f, PANEL), weight.dtype, weight.device)
+    packed = zeros_on_huge_pages((p, in_f, PANEL), weight.dtype, weight.device, pooled=True)
     full = out_f // PANEL
     if full:
         packed[:full].copy_(weight[: full * PANEL].view(full, PANEL, in_f).transpose(1, 2))

@@ -134,13 +134,13 @@ def pack_lowp_panels(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) 
     b = bias.float().contiguous() if bias is not None else None
     if fmt == "int8":
         q, scale = quantize_int8(cols)
-        packed = zeros_on_huge_pages((p, in_f, PANEL), torch.int8, weight.device)
+        packed = zeros_on_huge_pages((p, in_f, PANEL), torch.int8, weight.device, pooled=True)
         packed.copy_(q.view(p, PANEL, in_f).transpose(1, 2))
         return Linear(packed, b, out_f, in_f, layout="int8-panel", scale=scale)
     k2 = -(-in_f // 2)
     src = torch.zeros(p * PANEL, 2 * k2, dtype=torch.bfloat16)
     src[:, :in_f] = cols.to(torch.bfloat16)
-    packed = zeros_on_huge_pages((p, k2, PANEL, 2), torch.bfloat16, weight.device)
+    packed = zeros_on_huge_pages((p, k2, PANEL, 2), torch.bfloat16, weight.device, pooled=True)
     # [p*32, 2*k2] -> [p, 32, k2, 2] -> [p, k2, 32, 2]
     packed.copy_(src.view(p, PANEL, k2, 2).permute(0, 2, 1, 3))
     return Linear(packed, b, out_f, in_f, layout="bf16-panel")
