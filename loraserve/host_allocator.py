@@ -20,6 +20,7 @@ import functools
 import math
 import mmap
 import threading
+import weakref
 
 import torch
 
@@ -64,9 +65,10 @@ def return_freed_memory() -> bool:
 HUGE_PAGE = 2 << 20
 
 
-def _fresh_huge(nbytes: int) -> torch.Tensor | None:
-    """`nbytes` of fresh anonymous memory (uint8, zero, untouched) starting on a 2 MiB boundary,
-    asked to be backed by huge pages; None where the OS has no such request (not Linux).
+def _huge_mapping(nbytes: int) -> tuple[mmap.mmap, int] | None:
+    """A fresh anonymous mapping for `nbytes` asked to be backed by huge pages, and where in it
+    a 2 MiB boundary starts; None where the OS has no such request (not Linux). `_fresh_huge`:
+    those bytes as a uint8 tensor (zero, untouched).
 
     Why a private mapping of its own and not `malloc` + `madvise`: glibc hands out blocks under
     its mmap threshold (32 MiB here, `keep_freed_memory`) from a heap whose pages were already
@@ -79,30 +81,42 @@ def _fresh_huge(nbytes: int) -> torch.Tensor | None:
         return None
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=flags)
     m.madvise(mmap.MADV_HUGEPAGE)
-    t = torch.frombuffer(m, dtype=torch.uint8)
-    off = -t.data_ptr() % HUGE_PAGE
-    return t[off : off + nbytes]
+    return m, -torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
 
 
-# Small tensors that live as long as the model (a layer's packed weights: 0.3-2 MB each at int8
-# on the 135M shape) cannot get a huge page of their own; they are carved out of shared chunks.
-POOL_CHUNK = 16 * HUGE_PAGE
+def _fresh_huge(nbytes: int) -> torch.Tensor | None:
+    mapping = _huge_mapping(nbytes)
+    if mapping is None:
+        return None
+    m, start = mapping
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start)
+
+
+# Small tensors that live as long as the model (a layer's packed weights: 0.3-7 MB each on the
+# 135M shape) cannot get a huge page of their own; they are carved out of shared chunks. A chunk
+# costs only the huge pages its tensors touch (plus the one its last tensor ends in), so chunks are
+# large (fewer half-used pages: 32 MiB chunks added ~35 MB to the 135M server's RSS); the pool
+# holds its chunk weakly, so a chunk is unmapped with the last tensor carved out of it.
+POOL_CHUNK = 64 * HUGE_PAGE
 POOL_ALIGN = 64  # a cache line: every dtype's alignment, and the kernels' loads never straddle two
 _pool_lock = threading.Lock()
-_pool: list = [None, 0]  # [the chunk being carved (uint8), bytes of it handed out]
+# the chunk being carved: a weak reference to its mapping (which every tensor carved out of it
+# keeps alive), where its 2 MiB-aligned start is, and how many bytes are handed out
+_pool: list = [None, 0, 0]
 
 
 def _pooled_empty(nbytes: int) -> torch.Tensor:
     with _pool_lock:
-        chunk, used = _pool
+        ref, start, used = _pool
+        m = ref() if ref is not None else None
         used = -(-used // POOL_ALIGN) * POOL_ALIGN
-        if chunk is None or used + nbytes > chunk.numel():
-            # the chunk before stays alive exactly as long as tensors carved out of it
-            chunk = _fresh_huge(POOL_CHUNK)
-            assert chunk is not None  # the caller checked that huge pages can be asked for
+        if m is None or used + nbytes > POOL_CHUNK:
+            mapping = _huge_mapping(POOL_CHUNK)
+            assert mapping is not None  # the caller checked that huge pages can be asked for
+            m, start = mapping
             used = 0
-        _pool[0], _pool[1] = chunk, used + nbytes
-    return chunk[used : used + nbytes]
+        _pool[0], _pool[1], _pool[2] = weakref.ref(m), start, used + nbytes
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start + used)
 
 
 def zeros_on_huge_pages(
@@ -118,9 +132,9 @@ def zeros_on_huge_pages(
     panels were too small to be advised and the lm_head came from already-faulted heap), batch-1
     decode of SmolLM2-135M on a 2-core Zen 5, alternated runs, fastest step: int8 4.76-5.08 ->
     4.27-4.43 ms, fp32 12.2-12.3 -> 10.9-11.7 ms.
-    `pooled`: a tensor smaller than a few huge pages that lives as long as the process or the
-    model (packed weights) shares POOL_CHUNK chunks with others, which are freed once every tensor
-    carved out of them is (at most one chunk, the one being carved, outlives them). Best effort:
+    `pooled`: a tensor smaller than a few huge pages that lives as long as the model (packed
+    weights) shares POOL_CHUNK chunks with others, which are unmapped once every tensor carved
+    out of them is. Best effort:
     no effect on CUDA, on other OSes, or where huge pages are off.
     """
     nbytes = dtype.itemsize * math.prod(shape)

@@ -62,9 +62,24 @@ def test_pooled_small_tensors_share_advised_chunks_without_overlapping() -> None
         assert bool((t == i % 100 + 1).all()), f"tensor {i} was overwritten by a neighbour"
     if sys.platform.startswith("linux") and Path("/proc/self/smaps").exists():
         assert all("hg" in _vm_flags(t.data_ptr()) for t in ts)
+        # shared: ~1 MB of tensors is one chunk's mapping, not a mapping (and a huge page) each
+        assert len({_mapping(t.data_ptr()) for t in ts}) == 1
         # a tensor too big to pool has a mapping of its own, not a share of a chunk
         big = zeros_on_huge_pages((POOL_CHUNK // 2,), torch.uint8, cpu, pooled=True)
         assert not big.any()
+        # the chunks go with the last tensors carved out of them (the model's weights): no leak
+        address = ts[-1].data_ptr()
+        del ts, t
+        gc.collect()
+        assert _vm_flags(address, missing_ok=True) is None
+
+
+def _mapping(address: int) -> tuple[int, int]:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= address < hi:
+            return lo, hi
+    raise AssertionError("address not mapped")
 
 
 def _vm_flags(address: int, missing_ok: bool = False) -> list[str] | None:
