@@ -6,8 +6,10 @@ import gc
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from loraserve import host_allocator
 from loraserve.host_allocator import HUGE_PAGE, POOL_CHUNK, keep_freed_memory, zeros_on_huge_pages
 
 
@@ -49,9 +51,13 @@ def test_big_tensor_gets_whole_huge_pages_and_is_unmapped_with_its_last_view() -
     assert _vm_flags(address, missing_ok=True) is None
 
 
-def test_pooled_small_tensors_share_advised_chunks_without_overlapping() -> None:
+def test_pooled_small_tensors_share_advised_chunks_without_overlapping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Packed weights (`pooled`): many small tensors of any dtype out of shared huge-page chunks,
-    each zero, cache-line aligned, writable without touching its neighbours."""
+    each zero, cache-line aligned, writable without touching its neighbours; their chunk goes
+    with them. A fresh pool, so weights of other tests' models do not share (and pin) the chunk."""
+    monkeypatch.setattr(host_allocator, "_pool", [None, 0, 0])
     cpu = torch.device("cpu")
     shapes = [((3, 70, 32), torch.int8), ((5, 33, 32, 2), torch.bfloat16), ((7, 9), torch.float32)] * 40
     ts = [zeros_on_huge_pages(shape, dtype, cpu, pooled=True) for shape, dtype in shapes]
