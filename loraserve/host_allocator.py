@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import math
 import mmap
@@ -95,28 +96,36 @@ def _fresh_huge(nbytes: int) -> torch.Tensor | None:
 # Small tensors that live as long as the model (a layer's packed weights: 0.3-7 MB each on the
 # 135M shape) cannot get a huge page of their own; they are carved out of shared chunks. A chunk
 # costs only the huge pages its tensors touch (plus the one its last tensor ends in), so chunks are
-# large (fewer half-used pages: 32 MiB chunks added ~35 MB to the 135M server's RSS); the pool
-# holds its chunk weakly, so a chunk is unmapped with the last tensor carved out of it.
+# large (fewer half-used pages: 32 MiB chunks added ~35 MB to the 135M server's RSS).
 POOL_CHUNK = 64 * HUGE_PAGE
 POOL_ALIGN = 64  # a cache line: every dtype's alignment, and the kernels' loads never straddle two
-_pool_lock = threading.Lock()
-# the chunk being carved: a weak reference to its mapping (which every tensor carved out of it
-# keeps alive), where its 2 MiB-aligned start is, and how many bytes are handed out
-_pool: list = [None, 0, 0]
 
 
-def _pooled_empty(nbytes: int) -> torch.Tensor:
-    with _pool_lock:
-        ref, start, used = _pool
-        m = ref() if ref is not None else None
-        used = -(-used // POOL_ALIGN) * POOL_ALIGN
-        if m is None or used + nbytes > POOL_CHUNK:
-            mapping = _huge_mapping(POOL_CHUNK)
-            assert mapping is not None  # the caller checked that huge pages can be asked for
-            m, start = mapping
-            used = 0
-        _pool[0], _pool[1], _pool[2] = weakref.ref(m), start, used + nbytes
-    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start + used)
+@dataclasses.dataclass
+class _ChunkPool:
+    """The chunk being carved. It holds the chunk's mapping weakly (every tensor carved out of it
+    keeps the mapping alive), so a chunk is unmapped with the last tensor carved out of it."""
+
+    mapping: weakref.ref | None = None
+    start: int = 0  # where the 2 MiB-aligned chunk starts in the mapping
+    used: int = 0  # bytes of it handed out
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        with self.lock:
+            m = self.mapping() if self.mapping is not None else None
+            used = -(-self.used // POOL_ALIGN) * POOL_ALIGN
+            if m is None or used + nbytes > POOL_CHUNK:
+                fresh = _huge_mapping(POOL_CHUNK)
+                if fresh is None:
+                    return None
+                m, self.start = fresh
+                used = 0
+            self.mapping, self.used = weakref.ref(m), used + nbytes
+        return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=self.start + used)
+
+
+_pool = _ChunkPool()
 
 
 def zeros_on_huge_pages(
@@ -134,18 +143,14 @@ def zeros_on_huge_pages(
     4.27-4.43 ms, fp32 12.2-12.3 -> 10.9-11.7 ms.
     `pooled`: a tensor smaller than a few huge pages that lives as long as the model (packed
     weights) shares POOL_CHUNK chunks with others, which are unmapped once every tensor carved
-    out of them is. Best effort:
-    no effect on CUDA, on other OSes, or where huge pages are off.
+    out of them is. Best effort: no effect on CUDA, on other OSes, or where huge pages are off.
     """
     nbytes = dtype.itemsize * math.prod(shape)
-    if device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    if nbytes >= 4 * HUGE_PAGE:
+    raw = None
+    if device.type == "cpu" and nbytes >= 4 * HUGE_PAGE:
         raw = _fresh_huge(nbytes)
-    elif pooled and nbytes <= POOL_CHUNK // 4:
-        raw = _pooled_empty(nbytes)
-    else:
-        return torch.zeros(shape, dtype=dtype, device=device)
+    elif device.type == "cpu" and pooled and nbytes <= POOL_CHUNK // 4:
+        raw = _pool.take(nbytes)
     if raw is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     return raw.view(dtype).view(shape).zero_()  # zero already: this faults the pages in now

@@ -57,7 +57,7 @@ def test_pooled_small_tensors_share_advised_chunks_without_overlapping(
     """Packed weights (`pooled`): many small tensors of any dtype out of shared huge-page chunks,
     each zero, cache-line aligned, writable without touching its neighbours; their chunk goes
     with them. A fresh pool, so weights of other tests' models do not share (and pin) the chunk."""
-    monkeypatch.setattr(host_allocator, "_pool", [None, 0, 0])
+    monkeypatch.setattr(host_allocator, "_pool", host_allocator._ChunkPool())
     cpu = torch.device("cpu")
     shapes = [((3, 70, 32), torch.int8), ((5, 33, 32, 2), torch.bfloat16), ((7, 9), torch.float32)] * 40
     ts = [zeros_on_huge_pages(shape, dtype, cpu, pooled=True) for shape, dtype in shapes]
