@@ -72,7 +72,9 @@ class ModelRunner:
             held,
             str(prec.adapter).replace("torch.", ""),
         )
-        weights = prec.to_compute(load_checkpoint(model_dir, mc.num_hidden_layers, prec.load, device))
+        weights = load_checkpoint(
+            model_dir, mc.num_hidden_layers, prec.load, device, vector_dtype=prec.compute
+        )
         num_blocks = kv_cache_blocks(cfg, mc, max_total_tokens, prec.kv, device)
         shape = (num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
         self.kv_caches = [

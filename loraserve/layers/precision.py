@@ -89,20 +89,6 @@ class Precision:
     adapter: torch.dtype  # the LoRA slot table
     kv: torch.dtype = torch.float32  # the KV cache
 
-    def to_compute(
-        self, weights: tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-        """Vectors (norms, biases) in the compute dtype; matrices stay as loaded for packing.
-        Loaded in `load` first, so a bf16 model's norms are the bf16 values, exactly."""
-        if self.compute == self.load:
-            return weights
-        per_layer, top = weights
-
-        def conv(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {k: v.to(self.compute) if v.dim() < 2 else v for k, v in d.items()}
-
-        return [conv(d) for d in per_layer], conv(top)
-
 
 def resolve_precision(
     dtype: torch.dtype,

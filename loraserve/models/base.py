@@ -8,6 +8,8 @@ forward reads and nobody sets attributes on it from outside.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from loraserve.layers.linear import Linear
@@ -23,7 +25,7 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 def build_projections(
     projections: list[Projection],
-    w: dict[str, torch.Tensor],
+    w: Mapping[str, torch.Tensor],
     ops: TorchOps,
     table: LoraTable | None,
     layer: int,
@@ -51,7 +53,7 @@ class DecoderModel:
     def __init__(
         self,
         cfg: ModelConfig,
-        top: dict[str, torch.Tensor],
+        top: Mapping[str, torch.Tensor],
         ops: TorchOps,
         kv_caches: KVCaches,
         embed_scale: float | None = None,

@@ -6,6 +6,8 @@ on alternating layers (ModelConfig.layer_windows)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from loraserve.layers.forward_batch import ForwardBatch
@@ -28,7 +30,7 @@ class Gemma2Layer(LlamaLayer):
     def __init__(
         self,
         i: int,
-        w: dict[str, torch.Tensor],
+        w: Mapping[str, torch.Tensor],
         cfg: ModelConfig,
         ops: TorchOps,
         table: LoraTable | None,
@@ -53,7 +55,7 @@ class Gemma2Model(DecoderModel):
     def __init__(
         self,
         cfg: ModelConfig,
-        weights: tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        weights: tuple[list[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
         ops: TorchOps,
         lora: LoraTable | None,
         kv_caches: KVCaches,

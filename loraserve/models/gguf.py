@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +175,13 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, float32 tensor) for every GGUF tensor, dequantised one at a time."""
-    from gguf.quants import dequantize
+    for name, read in gguf_weight_readers(path).items():
+        yield name, read()
 
+
+def gguf_weight_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Hugging Face name -> a reader of that tensor, dequantised to float32 (and un-permuted)
+    when called; the names and types are checked here, before anything is read."""
     reader = _reader(path)
     meta = _fields(reader)
     arch = meta.get("general.architecture")
@@ -184,6 +190,7 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     permuted = ARCHITECTURES[arch][2]
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
+    out: dict[str, Callable[[], torch.Tensor]] = {}
     for t in reader.tensors:
         if t.name in _TOP_NAMES:
             name = _TOP_NAMES[t.name]
@@ -194,19 +201,27 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             name = f"model.layers.{idx}.{_LAYER_NAMES[part]}.{suffix}"
         else:
             raise ModelLoadError(f"{path}: unexpected GGUF tensor {t.name}")
-        try:
-            values = dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ModelLoadError(
-                f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, not supported"
-            ) from e
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        arr = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
-        if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map
-            arr = arr.copy()
-        w = torch.from_numpy(arr)
+        n_head = None
         if permuted and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = _unpermute(w, heads)
+            n_head = heads
         elif permuted and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = _unpermute(w, kv_heads)
-        yield name, w
+            n_head = kv_heads
+        out[name] = partial(_read_tensor, path, t, n_head)
+    return out
+
+
+def _read_tensor(path: Path, t, n_head: int | None) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise ModelLoadError(
+            f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, not supported"
+        ) from e
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    arr = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+    if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map
+        arr = arr.copy()
+    w = torch.from_numpy(arr)
+    return w if n_head is None else _unpermute(w, n_head)

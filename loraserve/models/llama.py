@@ -10,6 +10,8 @@ Weight names follow HF checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from loraserve.layers.forward_batch import ForwardBatch
@@ -38,7 +40,7 @@ class LlamaLayer:
     def __init__(
         self,
         i: int,
-        w: dict[str, torch.Tensor],
+        w: Mapping[str, torch.Tensor],
         cfg: ModelConfig,
         ops: TorchOps,
         table: LoraTable | None,
@@ -99,7 +101,7 @@ class LlamaModel(DecoderModel):
     def __init__(
         self,
         cfg: ModelConfig,
-        weights: tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        weights: tuple[list[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
         ops: TorchOps,
         lora: LoraTable | None,
         kv_caches: KVCaches,

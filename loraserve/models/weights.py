@@ -1,15 +1,16 @@
 """Memory-mapped reading of Hugging Face safetensors checkpoints.
 
-`safe_open` maps the file; tensors are materialised one at a time directly in
-the target dtype/device, so peak host memory stays near one tensor, and no
-`transformers` model is ever built. A directory made for a GGUF file (models/gguf.py)
-is read from that file instead.
+`safe_open` maps the file; each tensor is read when the model asks for it, directly in the
+target dtype/device, and not kept here (`LazyWeights`), so while a model is built host memory
+holds what it has packed plus the tensor it is packing, and no `transformers` model is ever
+built. A directory made for a GGUF file (models/gguf.py) is read from that file instead.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,31 +33,75 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from loraserve.models.gguf import gguf_pointer, iter_gguf_weights
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors by name, each read from its file (and converted) when asked for,
+    and never kept here.
+
+    Why: a model packs each matrix into its own layout (panels, int8, bf16) as it is built, so
+    a loaded tensor is needed once, for as long as packing it takes. Reading the whole checkpoint
+    first held every matrix in the load dtype at once: 2.4-3.5 x the memory the server then keeps
+    (a ~1B Llama shape, 2-core Zen 5: a Q8_0 GGUF with `--quantize int8` peaked at 7.1 GB for a
+    2.1 GB server, its F32 GGUF at 10.1 GB for 5.2 GB), which is what decides whether a model
+    fits a machine at all. Asking twice reads twice: models read each tensor once.
+    """
+
+    def __init__(
+        self,
+        readers: dict[str, Callable[[], torch.Tensor]],
+        convert: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self._readers, self._convert = readers, convert
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._convert(self._readers[name]())
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._readers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def weight_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every tensor's name and how to read it (GGUF: dequantised to fp32, Hugging Face names)."""
+    from loraserve.models.gguf import gguf_pointer, gguf_weight_readers
 
     gguf_file = gguf_pointer(path)
-    if gguf_file is not None:  # a GGUF checkpoint (models/gguf.py): dequantised tensor by tensor
-        yield from iter_gguf_weights(gguf_file)
-        return
+    if gguf_file is not None:
+        return gguf_weight_readers(gguf_file)
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
     for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        f = safe_open(str(file), framework="pt", device="cpu")  # open while a reader needs it
+        for name in f.keys():
+            readers[name] = partial(f.get_tensor, name)
+    return readers
 
 
 def load_checkpoint(
-    path: Path, num_layers: int, dtype: torch.dtype, device: torch.device
-) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(per decoder layer: {name inside the layer: tensor}, everything else by full name), in the
-    serving dtype on the device; on CPU in the checkpoint's dtype these are views of the mapping."""
-    per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
-    top: dict[str, torch.Tensor] = {}
-    for name, t in iter_weights(Path(path)):
-        t = t.to(device=device, dtype=dtype)
+    path: Path,
+    num_layers: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    vector_dtype: torch.dtype | None = None,
+) -> tuple[list[LazyWeights], LazyWeights]:
+    """(per decoder layer: {name inside the layer: tensor}, everything else by full name), read
+    on demand in `dtype` on the device (on CPU in the checkpoint's dtype: views of the mapping).
+    Vectors (norms, biases) then go to `vector_dtype` when given: read in `dtype` first, so a
+    bf16 model's norms served in fp32 are the bf16 values, exactly."""
+    per_layer: list[dict[str, Callable[[], torch.Tensor]]] = [{} for _ in range(num_layers)]
+    top: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, read in weight_readers(Path(path)).items():
         if name.startswith("model.layers."):
             idx, rest = name[len("model.layers.") :].split(".", 1)
-            per_layer[int(idx)][rest] = t
+            per_layer[int(idx)][rest] = read
         else:
-            top[name] = t
-    return per_layer, top
+            top[name] = read
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device=device, dtype=dtype)
+        return t.to(vector_dtype) if vector_dtype is not None and t.dim() < 2 else t
+
+    return [LazyWeights(r, convert) for r in per_layer], LazyWeights(top, convert)
