@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from loraserve.models.gguf_tokenizer import gguf_tokenizer
 log = logging.getLogger(__name__)
 
 POINTER = "gguf_checkpoint.json"
+READ_CHUNK_BYTES = 16 << 20  # fp32 rows dequantised at a time (_read_tensor)
 # general.architecture -> (HF architecture, HF model_type, q/k stored permuted for llama.cpp's rope)
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama", True),
@@ -211,17 +213,27 @@ def gguf_weight_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
 
 
 def _read_tensor(path: Path, t, n_head: int | None) -> torch.Tensor:
+    """One tensor in fp32, dequantised READ_CHUNK_BYTES of rows at a time: gguf's numpy
+    dequantisers make a few fp32 temporaries of what they are given, which for a whole 49k-row
+    embedding doubled the load-time peak."""
     from gguf.quants import dequantize
 
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    data = t.data
     try:
-        values = dequantize(t.data, t.tensor_type)
+        if len(shape) >= 2 and data.ndim == 2 and data.shape[0] == math.prod(shape[:-1]):
+            arr = np.empty((data.shape[0], shape[-1]), dtype=np.float32)
+            step = max(1, READ_CHUNK_BYTES // (shape[-1] * 4))
+            for r0 in range(0, data.shape[0], step):
+                arr[r0 : r0 + step] = dequantize(data[r0 : r0 + step], t.tensor_type).reshape(-1, shape[-1])
+            arr = arr.reshape(shape)
+        else:
+            arr = np.ascontiguousarray(dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
+            if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map
+                arr = arr.copy()
     except NotImplementedError as e:
         raise ModelLoadError(
             f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, not supported"
         ) from e
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    arr = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
-    if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map
-        arr = arr.copy()
     w = torch.from_numpy(arr)
     return w if n_head is None else _unpermute(w, n_head)

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loraserve.host_allocator import return_freed_memory
+
 
 def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
@@ -31,6 +33,13 @@ def checkpoint_files(path: Path) -> list[Path]:
 
         raise ModelLoadError(f"no *.safetensors weights in {path} (only safetensors checkpoints are read)")
     return files
+
+
+# malloc hands freed memory back every this many bytes read: a load's temporaries leave holes
+# between the packed weights that only a trim returns (the ~1B shape's Q8_0 GGUF with
+# `--quantize int8`: peak 3.75 -> 2.76 GB for 2.0 GB after load; trimming before every tensor,
+# 2.38 GB, cost ~40 % more load time re-faulting the pages; every GiB cost none measurable)
+TRIM_EVERY = 1 << 30
 
 
 class LazyWeights(Mapping[str, torch.Tensor]):
@@ -100,7 +109,13 @@ def load_checkpoint(
         else:
             top[name] = read
 
+    read = [0]  # bytes read since malloc last handed freed memory back
+
     def convert(t: torch.Tensor) -> torch.Tensor:
+        read[0] += t.nbytes
+        if read[0] > TRIM_EVERY:
+            return_freed_memory()
+            read[0] = 0
         t = t.to(device=device, dtype=dtype)
         return t.to(vector_dtype) if vector_dtype is not None and t.dim() < 2 else t
 

@@ -189,3 +189,19 @@ def test_int8_keeps_fp32_activations_through_outliers_and_edge_rows(march: str) 
         torch.testing.assert_close(
             y[1], F.linear(x[1:].double(), deq, b.double()).float()[0], atol=1e-3, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_packing_in_chunks_is_packing_at_once(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pack_lowp_panels packs PACK_CHUNK_BYTES of rows at a time (to bound load-time memory):
+    chunks of two panels, the last one padded, give the bytes one chunk does."""
+    from loraserve.layers import quantized_linear as ql
+
+    w = torch.randn(170, 33)  # 6 panels, the last with 10 rows
+    whole = ql.pack_lowp_panels(w, None, fmt)
+    monkeypatch.setattr(ql, "PACK_CHUNK_BYTES", 2 * ql.PANEL * 33 * 4)
+    chunked = ql.pack_lowp_panels(w, None, fmt)
+    assert torch.equal(chunked.weight.view(torch.uint8), whole.weight.view(torch.uint8))
+    if fmt == "int8":
+        assert torch.equal(chunked.scale, whole.scale)
+    torch.testing.assert_close(dequantize(chunked), dequantize(whole), rtol=0, atol=0)

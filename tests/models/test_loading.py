@@ -68,3 +68,25 @@ def test_packed_model_lets_go_of_the_checkpoint_mapping(llama_dir: Path, tmp_pat
     gc.collect()
     assert str(own / "model.safetensors") not in maps.read_text()
     torch.testing.assert_close(engine.prompt_logits(PROMPT), small_engine(llama_dir).prompt_logits(PROMPT))
+
+
+def test_loading_hands_freed_memory_back_as_it_reads(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint is read tensor by tensor as the model asks (LazyWeights), and malloc is
+    told to return freed memory every TRIM_EVERY bytes read, so a load's temporaries do not pile
+    up between the packed weights."""
+    from loraserve.models import weights
+
+    trims: list[int] = []
+    monkeypatch.setattr(weights, "return_freed_memory", lambda: trims.append(1) or True)
+    per_layer, top = weights.load_checkpoint(llama_dir, 3, torch.float32, torch.device("cpu"))
+    assert not trims and "model.embed_tokens.weight" in top  # nothing read yet
+    total = sum(top[k].nbytes for k in top) + sum(w[k].nbytes for w in per_layer for k in w)
+    assert not trims  # under TRIM_EVERY
+    monkeypatch.setattr(weights, "TRIM_EVERY", total // 4)
+    per_layer, top = weights.load_checkpoint(llama_dir, 3, torch.float32, torch.device("cpu"))
+    for w in [top, *per_layer]:
+        for k in w:
+            w[k]
+    assert 3 <= len(trims) <= 4
