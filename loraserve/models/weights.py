@@ -109,13 +109,13 @@ def load_checkpoint(
         else:
             top[name] = read
 
-    read = [0]  # bytes read since malloc last handed freed memory back
+    since_trim = [0]  # bytes read since malloc last handed freed memory back
 
     def convert(t: torch.Tensor) -> torch.Tensor:
-        read[0] += t.nbytes
-        if read[0] > TRIM_EVERY:
+        since_trim[0] += t.nbytes
+        if since_trim[0] > TRIM_EVERY:
             return_freed_memory()
-            read[0] = 0
+            since_trim[0] = 0
         t = t.to(device=device, dtype=dtype)
         return t.to(vector_dtype) if vector_dtype is not None and t.dim() < 2 else t
 
