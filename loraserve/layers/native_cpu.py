@@ -3,8 +3,9 @@
 (`csrc/attention_cpu.cpp`), causal attention of fresh prompts
 (`csrc/prefill_attention_cpu.cpp`), RMSNorm fused with the residual add
 (`csrc/norm_cpu.cpp`), SwiGLU's silu*mul and rotary embedding as one pass
-each (`csrc/activation_cpu.cpp`), and dense projections over panel-packed
-weights (`csrc/gemm_cpu.cpp`).
+each (`csrc/activation_cpu.cpp`), dense projections over panel-packed
+weights (`csrc/gemm_cpu.cpp`), and a decode step's layer stack in one call
+(`csrc/decode_stack_cpu.cpp`).
 
 Every kernel has an AVX-512 and an AVX2+FMA path (`csrc/simd.h`: one vector type, 16 or 8
 floats), chosen when the library is compiled by its `-march`: `native` by default (whatever the
@@ -78,6 +79,7 @@ SOURCE_NAMES = (
     "gemm_bf16dp_cpu.cpp",
     "gemm_int8dp_cpu.cpp",
     "embedding_cpu.cpp",
+    "decode_stack_cpu.cpp",
     "bindings.cpp",
 )
 SOURCES = [CSRC / f for f in SOURCE_NAMES]

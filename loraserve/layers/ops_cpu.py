@@ -35,6 +35,7 @@ import torch
 
 from loraserve.layers import attention
 from loraserve.layers.attention import AttentionMeta
+from loraserve.layers.decode_stack import DecodeLayerSpec, DecodeStack, single_decode_rows
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear, pack_panels
 from loraserve.layers.lora import LoraBatch
@@ -186,9 +187,7 @@ class CpuNativeOps(TorchOps):
         meta = fb.attn
         k_cache, v_cache = kv_cache
         if (
-            meta.fresh
-            or len(meta.paged) != 1
-            or not attention.all_single_decodes(meta.paged[0], qkv.shape[0])
+            not single_decode_rows(fb, qkv.shape[0])
             or qkv.dtype != torch.float32
             or not self.decode_reads(k_cache.dtype)
         ):
@@ -207,6 +206,35 @@ class CpuNativeOps(TorchOps):
             grp.ctx_lens,
             scale,
         )
+
+    # layouts `decode_stack` runs, each with the kernel it takes (csrc/decode_stack_cpu.cpp)
+    stack_layouts: tuple[str, ...] = ("panel",)
+    bf16_activations = False
+
+    def decode_stack(self, layers: Sequence[DecodeLayerSpec], eps: float) -> DecodeStack | None:
+        if self.dtype != torch.float32 or not layers:
+            return None
+        for spec in layers:
+            linears = (spec.qkv, spec.o, spec.gate_up, spec.down)
+            if any(w.layout not in self.stack_layouts for w in linears):
+                return None
+            if not self.decode_reads(spec.kv_cache[0].dtype):
+                return None
+        native = self.kernels.DecodeStack(eps, self.bf16_activations)
+        for spec in layers:
+            args: list[object] = []
+            for w in (spec.qkv, spec.o, spec.gate_up, spec.down):
+                args += [w.weight, w.out_features, w.scale, w.bias]
+            native.add_layer(
+                *args,
+                spec.post_norm,
+                spec.next_norm,
+                *spec.kv_cache,
+                spec.n_heads,
+                spec.n_kv_heads,
+                spec.scale,
+            )
+        return DecodeStack(native)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.kernels.rms_norm(x, weight, eps)

@@ -26,6 +26,7 @@ from loraserve.layers.quantized_linear import LOWP_PANELS, pack_lowp_panels
 
 class LowpCpuOps(CpuNativeOps):
     name = "cpu-native-lowp"
+    stack_layouts = ("panel", *LOWP_PANELS)
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+from loraserve.layers.decode_stack import DecodeLayerSpec
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.lora import LoraBatch, LoraTable
 from loraserve.layers.ops import TorchOps
@@ -94,6 +95,15 @@ class LlamaLayer:
         act = self.ops.silu_mul(self.gate_up(h, lb), self.cfg.intermediate_size)
         return self.down(act, lb)
 
+    def stack_spec(self, next_norm: torch.Tensor) -> DecodeLayerSpec | None:
+        """This layer for the backend's one-call decode stack; None if it has parts the stack
+        does not run (per-head q/k norms, a sliding window, soft-capping)."""
+        if self.q_norm is not None or self.window is not None or self.softcap is not None:
+            return None
+        heads = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
+        parts = (self.qkv.base, self.o.base, self.gate_up.base, self.down.base)
+        return DecodeLayerSpec(*parts, self.post_norm, next_norm, self.kv_cache, *heads, self.scale)
+
 
 class LlamaModel(DecoderModel):
     projections = staticmethod(llama_projections)
@@ -113,12 +123,22 @@ class LlamaModel(DecoderModel):
             LlamaLayer(i, w, cfg, ops, lora, kv_caches[i], projections) for i, w in enumerate(per_layer)
         ]
         self.own_tensors(self.layers)
+        # decode steps' layers in one native call where the backend has one (layers/decode_stack.py)
+        norms = [layer.in_norm for layer in self.layers[1:]] + [self.norm]
+        specs = [layer.stack_spec(nxt) for layer, nxt in zip(self.layers, norms)]
+        self.decode_stack = (
+            None if any(s is None for s in specs) else ops.decode_stack(specs, cfg.rms_norm_eps)
+        )
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, hidden] for every new token."""
         ops, eps = self.ops, self.cfg.rms_norm_eps
         x = self.embed_tokens(fb.input_ids)  # the residual stream
         h = ops.rms_norm(x, self.layers[0].in_norm, eps)
+        if self.decode_stack is not None:
+            out = self.decode_stack(x, h, fb)
+            if out is not None:
+                return out
         for i, layer in enumerate(self.layers):
             x, h = ops.add_rms_norm(x, layer.attention(h, fb), layer.post_norm, eps)
             # the residual add folds into the next norm: the next layer's input norm, or the final one

@@ -12,6 +12,7 @@ from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
 from loraserve.layers.native_cpu import ENV_MARCH
 from loraserve.layers.ops_cpu import CpuNativeOps
+from tests.fixtures.call_counter import count_taken
 from tests.fixtures.native import AVX2, native_kernel_or_skip
 from tests.fixtures.tiny_models import hf_greedy, load_hf_model
 
@@ -63,14 +64,7 @@ def test_mixed_adapter_batch_matches_peft_per_row(
         monkeypatch.setenv(ENV_MARCH, AVX2)
     fused_calls: list[bool] = []  # decode steps take the one-call attention (CpuNativeOps)
     if native:
-        one_call = CpuNativeOps.rope_decode_attention
-
-        def counted(self: CpuNativeOps, *args: object) -> torch.Tensor | None:
-            out = one_call(self, *args)
-            fused_calls.append(out is not None)
-            return out
-
-        monkeypatch.setattr(CpuNativeOps, "rope_decode_attention", counted)
+        fused_calls = count_taken(monkeypatch, CpuNativeOps, "rope_decode_attention")
     engine = make_engine(llama_dir, max_active_adapters=8, max_lora_rank=16, native_kernels=native)
     assert (engine.ops_name == "cpu-native") == native
     if native:

@@ -50,7 +50,11 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
                                 const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
                                 bool bf16_activations);
 
+// a model's decoder layers in one call per decode step (csrc/decode_stack_cpu.cpp)
+void bind_decode_stack(pybind11::module_& m);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_decode_stack(m);
   m.def("lowp_gemm_isa", &lowp_gemm_isa, "vector code of the low-precision GEMM: avx512, avx2 or scalar");
   m.def("lowp_panel_linear", &lowp_panel_linear, "x @ W.T (* scale) + b over bf16 or int8 weight panels",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("scale") = pybind11::none(),

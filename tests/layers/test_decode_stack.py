@@ -1,0 +1,87 @@
+"""The one-call decode stack (layers/decode_stack.py, csrc/decode_stack_cpu.cpp) against the
+model's own Python loop over the same kernels: bit for bit, in every precision and build, and
+only on the steps it covers. (The engine oracles against transformers run it too: their decode
+steps without adapters go through it.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraserve.adapters.peft_format import parse_peft_adapter
+from loraserve.engine.engine import Engine
+from loraserve.engine.params import SamplingParams
+from loraserve.layers.decode_stack import DecodeStack
+from loraserve.layers.native_cpu import ENV_MARCH
+from tests.fixtures.call_counter import count_taken
+from tests.fixtures.engines import cpu_engine
+from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
+
+PROMPTS = [[1, 17, 33, 90, 5, 61, 7], [1, 200, 3, 44], [1, 9, 9, 9, 120, 77, 31, 18, 250, 11, 42, 5, 6]]
+NEW_TOKENS = 10
+PRECISIONS = {  # engine flags
+    "fp32": {},
+    "bf16": {"dtype": "bfloat16"},
+    "int8": {"quantize": "int8"},
+    "int8-bf16": {"dtype": "bfloat16", "quantize": "int8"},
+    "bf16-kv": {"kv_cache_dtype": "bfloat16"},
+}
+
+
+def greedy(engine: Engine, adapters: list | None = None) -> list[list[tuple[int, float | None]]]:
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
+    results = engine.generate(PROMPTS, params, adapters)
+    return [[(t.id, t.logprob) for t in res.tokens] for res in results]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, tied embedding
+def test_stack_equals_the_python_loop(
+    tiny_model_dirs: dict[str, Path], arch: str, precision: str, build: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    native_kernel_or_skip(build)
+    if build == AVX2:
+        monkeypatch.setenv(ENV_MARCH, AVX2)
+    engine = cpu_engine(tiny_model_dirs[arch], "native", **PRECISIONS[precision])
+    model = engine.runner.model
+    assert model.decode_stack is not None
+    ran = count_taken(monkeypatch, DecodeStack, "__call__")
+    with_stack = greedy(engine)
+    # every decode step of the three rows ran the stack, the prefill did not
+    assert ran.count(True) == NEW_TOKENS - 1 and ran.count(False) >= 1
+    stack, model.decode_stack = model.decode_stack, None
+    try:
+        assert greedy(engine) == with_stack  # token ids and logprobs, exactly
+    finally:
+        model.decode_stack = stack
+    assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+
+
+def test_steps_with_adapter_rows_take_the_python_loop(
+    llama_dir: Path, llama_adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = cpu_engine(llama_dir, "native")
+    ran = count_taken(monkeypatch, DecodeStack, "__call__")
+    adapter = parse_peft_adapter(llama_adapters[3])
+    mixed = greedy(engine, [adapter, None, None])
+    assert ran and not any(ran)  # one adapter row in every step: never the stack
+    model = engine.runner.model
+    stack, model.decode_stack = model.decode_stack, None
+    try:
+        assert greedy(engine, [adapter, None, None]) == mixed
+    finally:
+        model.decode_stack = stack
+    assert engine.stats()["adapter_slots_in_use"] == 0
+
+
+def test_layers_the_stack_cannot_run_keep_the_python_loop(tiny_model_dirs: dict[str, Path]) -> None:
+    """A sliding-window layer (Mistral's, when the context could exceed it) is not the stack's:
+    the model keeps its own loop for every step instead of running part of the stack."""
+    engine = cpu_engine(tiny_model_dirs["llama"], "torch")
+    assert engine.runner.model.decode_stack is None  # the PyTorch backend has no stack
+    native = cpu_engine(tiny_model_dirs["llama"], "native")
+    layer = native.runner.model.layers[0]
+    layer.window = 16
+    assert layer.stack_spec(layer.post_norm) is None
