@@ -74,6 +74,7 @@ constexpr int kJ = kNR / kL;        // registers per panel row
 #if LORASERVE_SIMD == 512
 constexpr int kMR = 12;  // rows of an in-register block: 2 x 12 accumulators + weights fit 32 registers
 constexpr int64_t kInRegRowsBf16 = kMR, kInRegRowsInt8 = kMR;  // one block; more: scratch (or AMX)
+constexpr int kMRBf16 = kMR;
 constexpr int kFR = 12;  // rows x registers of the fp32-scratch block (whole panel: 2 registers)
 constexpr int kFV = 2;
 LS_INLINE void bf16_pair(const uint16_t* p, V& even, V& odd) {
@@ -90,6 +91,9 @@ constexpr int kMR = 3;  // 4 x 3 accumulators + weights + a broadcast fit 16 reg
 // the fp32 scratch; 135M gate_up, us, in registers vs scratch: bf16 8 rows 405 vs 523, 16 rows
 // 764 vs ~790; int8 8 rows 410 vs 427, 16 rows 805 vs ~690, 32 rows 1,310 vs 1,217
 constexpr int64_t kInRegRowsBf16 = 16, kInRegRowsInt8 = 8;
+// bf16 blocks of 2 rows, not 3: 2 x 4 accumulators beside a pair's two weight registers (8 MB of
+// panels in L3, 2 Zen 5 cores: 3 rows 166 us, 2 rows 90 us; 16 rows 977 -> 720 us)
+constexpr int kMRBf16 = 2;
 constexpr int kFR = 6;  // 6 rows x half a panel (2 registers): 12 accumulators, 2 weights, 1 broadcast
 constexpr int kFV = 2;
 LS_INLINE void bf16_pair(const uint16_t* p, V& even, V& odd) {
@@ -101,6 +105,17 @@ LS_INLINE V int8_cols(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 #endif
+
+// Independent sums a one-row stream keeps per panel register, so the FMA latency never throttles
+// the loads: four with AVX-512 (a panel row is 2 registers: 8 accumulators); two with AVX2, whose
+// panel row is 4 of its 16 registers (four sets spilled two accumulators to the stack: a
+// store-to-load chain every four k-steps)
+constexpr int kRowSets = kJ <= 2 ? 4 : 2;
+
+LS_INLINE V row_sum(const V (&acc)[kRowSets][kJ], int j) {
+  if constexpr (kRowSets == 4) return simd::add(simd::add(acc[0][j], acc[1][j]), simd::add(acc[2][j], acc[3][j]));
+  return simd::add(acc[0][j], acc[1][j]);
+}
 
 // y[0, valid) = v (* scale) (+ bias), valid <= kL lanes of one register
 LS_INLINE void put(float* y, V v, const float* scale, const float* bias, int64_t valid) {
@@ -160,16 +175,30 @@ void bf16_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float*
     for (int j = 0; j < kJ; ++j) acc[m][j] = simd::zero();
   const uint16_t* __restrict__ w = static_cast<const uint16_t*>(t.w);
   const int64_t full = t.k / 2;
-  // the whole k-pair's weights first, then one row at a time: two broadcasts live, not 2 * MR
   for (int64_t kk = 0; kk < full; ++kk) {
-    V e[kJ], o[kJ];
+    if constexpr (kJ <= 2) {
+      // the whole k-pair's weights first, then one row at a time: two broadcasts live, not 2 * MR
+      V e[kJ], o[kJ];
 #pragma GCC unroll 4
-    for (int j = 0; j < kJ; ++j) bf16_pair(w + kk * 2 * kNR + j * 2 * kL, e[j], o[j]);
+      for (int j = 0; j < kJ; ++j) bf16_pair(w + kk * 2 * kNR + j * 2 * kL, e[j], o[j]);
 #pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      const V xe = simd::set1(x[m * ldx + 2 * kk]), xo = simd::set1(x[m * ldx + 2 * kk + 1]);
+      for (int m = 0; m < MR; ++m) {
+        const V xe = simd::set1(x[m * ldx + 2 * kk]), xo = simd::set1(x[m * ldx + 2 * kk + 1]);
 #pragma GCC unroll 4
-      for (int j = 0; j < kJ; ++j) acc[m][j] = simd::fma(xo, o[j], simd::fma(xe, e[j], acc[m][j]));
+        for (int j = 0; j < kJ; ++j) acc[m][j] = simd::fma(xo, o[j], simd::fma(xe, e[j], acc[m][j]));
+      }
+    } else {
+      // AVX2: a k-pair's weights are 8 of the 16 registers, which beside 12 accumulators spilled;
+      // one register's pair at a time, the rows' broadcasts re-read from L1 for each
+#pragma GCC unroll 4
+      for (int j = 0; j < kJ; ++j) {
+        V e, o;
+        bf16_pair(w + kk * 2 * kNR + j * 2 * kL, e, o);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m)
+          acc[m][j] = simd::fma(simd::set1(x[m * ldx + 2 * kk + 1]), o,
+                                simd::fma(simd::set1(x[m * ldx + 2 * kk]), e, acc[m][j]));
+      }
     }
   }
   if (t.k & 1) {  // odd K: the last pair's odd half is padding (x has no such column)
@@ -187,12 +216,13 @@ void bf16_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float*
     for (int j = 0; j < kJ; ++j) put_reg(y + m * ldy, t, j * kL, acc[m][j]);
 }
 
-// One row: even and odd k-steps in separate accumulators, two pairs in flight, so four FMA
-// chains per register keep the loads streaming instead of waiting on FMA latency.
+// One row: even and odd k-steps in separate accumulators, two pairs in flight (AVX-512; one with
+// AVX2, kRowSets), so four FMA chains per register keep the loads streaming instead of waiting on
+// FMA latency.
 void bf16_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y) {
-  V acc[4][kJ];
+  V acc[kRowSets][kJ];
 #pragma GCC unroll 4
-  for (int u = 0; u < 4; ++u)
+  for (int u = 0; u < kRowSets; ++u)
 #pragma GCC unroll 4
     for (int j = 0; j < kJ; ++j) acc[u][j] = simd::zero();
   const uint16_t* __restrict__ w = static_cast<const uint16_t*>(t.w);
@@ -207,12 +237,13 @@ void bf16_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const V xe = simd::set1(x[2 * (kk + h)]), xo = simd::set1(x[2 * (kk + h) + 1]);
+      const int s = 2 * (h % (kRowSets / 2));
 #pragma GCC unroll 4
       for (int j = 0; j < kJ; ++j) {
         V e, o;
         bf16_pair(w + (kk + h) * 2 * kNR + j * 2 * kL, e, o);
-        acc[2 * h][j] = simd::fma(xe, e, acc[2 * h][j]);
-        acc[2 * h + 1][j] = simd::fma(xo, o, acc[2 * h + 1][j]);
+        acc[s][j] = simd::fma(xe, e, acc[s][j]);
+        acc[s + 1][j] = simd::fma(xo, o, acc[s + 1][j]);
       }
     }
   }
@@ -236,8 +267,7 @@ void bf16_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y
     }
   }
 #pragma GCC unroll 4
-  for (int j = 0; j < kJ; ++j)
-    put_reg(y, t, j * kL, simd::add(simd::add(acc[0][j], acc[1][j]), simd::add(acc[2][j], acc[3][j])));
+  for (int j = 0; j < kJ; ++j) put_reg(y, t, j * kL, row_sum(acc, j));
 }
 
 // MR rows x one int8 panel, converted in registers; the column scales are applied at the store.
@@ -248,9 +278,9 @@ void int8_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float*
 }
 
 void int8_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y) {
-  V acc[4][kJ];
+  V acc[kRowSets][kJ];
 #pragma GCC unroll 4
-  for (int u = 0; u < 4; ++u)
+  for (int u = 0; u < kRowSets; ++u)
 #pragma GCC unroll 4
     for (int j = 0; j < kJ; ++j) acc[u][j] = simd::zero();
   const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w);
@@ -264,7 +294,8 @@ void int8_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y
     for (int u = 0; u < 4; ++u) {
       const V xv = simd::set1(x[k + u]);
 #pragma GCC unroll 4
-      for (int j = 0; j < kJ; ++j) acc[u][j] = simd::fma(xv, int8_cols(w + (k + u) * kNR + j * kL), acc[u][j]);
+      for (int j = 0; j < kJ; ++j)
+        acc[u % kRowSets][j] = simd::fma(xv, int8_cols(w + (k + u) * kNR + j * kL), acc[u % kRowSets][j]);
     }
   }
   for (; k < t.k; ++k) {
@@ -273,8 +304,7 @@ void int8_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y
     for (int j = 0; j < kJ; ++j) acc[0][j] = simd::fma(xv, int8_cols(w + k * kNR + j * kL), acc[0][j]);
   }
 #pragma GCC unroll 4
-  for (int j = 0; j < kJ; ++j)
-    put_reg(y, t, j * kL, simd::add(simd::add(acc[0][j], acc[1][j]), simd::add(acc[2][j], acc[3][j])));
+  for (int j = 0; j < kJ; ++j) put_reg(y, t, j * kL, row_sum(acc, j));
 }
 
 template <bool BF16, int MR>
@@ -332,7 +362,8 @@ template <bool BF16>
 void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy,
                 std::vector<float>& scratch) {
   if (rows <= (BF16 ? kInRegRowsBf16 : kInRegRowsInt8)) {  // converted in registers as the panel streams, once per block of rows
-    over_blocks(rows, kMR, [&](int64_t r, int mr) { rows_block<BF16, kMR>(mr, x + r * ldx, ldx, t, y + r * ldy, ldy); });
+    constexpr int most = BF16 ? kMRBf16 : kMR;
+    over_blocks(rows, most, [&](int64_t r, int mr) { rows_block<BF16, most>(mr, x + r * ldx, ldx, t, y + r * ldy, ldy); });
     return;
   }
   scratch.resize(static_cast<size_t>(t.k * kNR));
