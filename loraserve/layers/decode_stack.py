@@ -5,20 +5,29 @@ kernel costs a few microseconds of interpreter, argument conversion and output a
 240 times a token on SmolLM2-135M (csrc/decode_stack_cpu.cpp has the figures). A model declares
 its layers once (`DecodeLayerSpec`); the backend (`Ops.decode_stack`) turns them into a
 `DecodeStack` that runs the same kernels in the same order, so its output equals the Python
-loop's bit for bit. Steps it does not cover (prefills, speculative drafts, rows with adapters)
-get None back and take the model's own forward.
+loop's bit for bit. Rows with adapters take each projection's LoRA as `LoraLinear` does, from
+per-layer views of the slot table handed to the native side again whenever the table is
+re-allocated (`LoraTable.generation`). Steps it does not cover (prefills, speculative drafts, a
+slot table in PyTorch's layout) get None back and take the model's own forward.
+
+Batch-1 decode on SmolLM2-135M in-process, alternated with the Python loop (2-core Zen 5, AVX-512
+build): int8 186 vs 169 tok/s, bf16 86 vs 79, fp32 47 vs 45; with an adapter on the request int8
+191 vs 157, fp32 78 vs 74.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loraserve.layers.attention import all_single_decodes
 from loraserve.layers.forward_batch import ForwardBatch
-from loraserve.layers.linear import Linear
+
+if TYPE_CHECKING:  # lora_linear imports the Ops backends, which build stacks
+    from loraserve.layers.lora_linear import LoraLinear
 
 
 @dataclass
@@ -26,10 +35,10 @@ class DecodeLayerSpec:
     """One Llama-family layer as the stack runs it: pre-norm attention (q|k|v, rotary, paged
     attention, o), residual + norm, SwiGLU MLP (gate|up, silu * up, down), residual + norm."""
 
-    qkv: Linear
-    o: Linear
-    gate_up: Linear
-    down: Linear
+    qkv: LoraLinear
+    o: LoraLinear
+    gate_up: LoraLinear
+    down: LoraLinear
     post_norm: torch.Tensor  # after attention
     next_norm: torch.Tensor  # after the MLP: the next layer's input norm, or the final one
     kv_cache: tuple[torch.Tensor, torch.Tensor]
@@ -47,13 +56,42 @@ def single_decode_rows(fb: ForwardBatch, num_tokens: int) -> bool:
 class DecodeStack:
     """The native stack (`kernels.DecodeStack`) with the step checks in front of it."""
 
-    def __init__(self, native: Any) -> None:
-        self.native = native
+    def __init__(self, native: Any, layers: Sequence[DecodeLayerSpec]) -> None:
+        self.native, self.layers = native, list(layers)
+        self.table = self.layers[0].qkv.table  # None: the model serves no adapters
+        self.generation = -1  # of the table whose views the native side holds
 
     def __call__(self, x: torch.Tensor, h: torch.Tensor, fb: ForwardBatch) -> torch.Tensor | None:
         """The final norm of the residual stream `x` (updated in place) after every layer, from
         `h`, the first layer's normed input; None where the step is not the stack's to run."""
-        if fb.lora is not None or not single_decode_rows(fb, x.shape[0]):
+        if not single_decode_rows(fb, x.shape[0]):
             return None
-        grp = fb.attn.paged[0]
-        return self.native.run(x, h, fb.cos, fb.sin, fb.attn.slot_mapping, grp.block_tables, grp.ctx_lens)
+        grp, lb = fb.attn.paged[0], fb.lora
+        if lb is None:
+            return self.native.run(x, h, fb.cos, fb.sin, fb.attn.slot_mapping, grp.block_tables, grp.ctx_lens)
+        if self.table is None or lb.rows is None:  # no table, or rows laid out for PyTorch's bmm
+            return None
+        if self.table.generation != self.generation:
+            self._hand_over_table()
+        return self.native.run(
+            x,
+            h,
+            fb.cos,
+            fb.sin,
+            fb.attn.slot_mapping,
+            grp.block_tables,
+            grp.ctx_lens,
+            lb.rows,
+            lb.row_slots,
+            self.table.slot_rank,
+        )
+
+    def _hand_over_table(self) -> None:
+        t = self.table
+        assert t is not None
+        for i, spec in enumerate(self.layers):
+            for g, p in enumerate((spec.qkv, spec.o, spec.gate_up, spec.down)):
+                a = t.a_layers[p.group][p.layer]
+                bs = [t.b_layers[name][p.layer] for name in p.names]
+                self.native.set_lora(i, g, a, bs, [e - s for s, e in p.bounds])
+        self.generation = t.generation

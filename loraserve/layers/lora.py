@@ -192,6 +192,9 @@ class LoraTable:
             for j, m in enumerate(members):
                 self.member_of[m] = (g, j)
         self.rank = 0
+        # bumped whenever `a`/`b` are re-allocated, so holders of per-layer views (the native decode
+        # stack, layers/decode_stack.py) know to take the new ones
+        self.generation = 0
         # largest rank loaded into each slot: the native kernel reads only that much of the
         # slot's (zero-padded) A columns and B rows, so mixed ranks don't all pay for the largest
         self.slot_rank = torch.zeros(num_slots, dtype=torch.long)
@@ -228,6 +231,7 @@ class LoraTable:
         # per-layer views, indexed in Python: the forward pass then issues no select ops for them
         self.a_layers = {g: list(t.unbind(0)) for g, t in self.a.items()}
         self.b_layers = {m: list(t.unbind(0)) for m, t in self.b.items()}
+        self.generation += 1
 
     def clear_slot(self, slot: int) -> None:
         for t in (*self.a.values(), *self.b.values()):

@@ -216,15 +216,15 @@ class CpuNativeOps(TorchOps):
             return None
         for spec in layers:
             linears = (spec.qkv, spec.o, spec.gate_up, spec.down)
-            if any(w.layout not in self.stack_layouts for w in linears):
+            if any(p.base.layout not in self.stack_layouts for p in linears):
                 return None
             if not self.decode_reads(spec.kv_cache[0].dtype):
                 return None
-        native = self.kernels.DecodeStack(eps, self.bf16_activations)
+        native = self.kernels.DecodeStack(eps, self.bf16_activations, self.fused_lora)
         for spec in layers:
             args: list[object] = []
-            for w in (spec.qkv, spec.o, spec.gate_up, spec.down):
-                args += [w.weight, w.out_features, w.scale, w.bias]
+            for p in (spec.qkv, spec.o, spec.gate_up, spec.down):
+                args += [p.base.weight, p.base.out_features, p.base.scale, p.base.bias]
             native.add_layer(
                 *args,
                 spec.post_norm,
@@ -234,7 +234,7 @@ class CpuNativeOps(TorchOps):
                 spec.n_kv_heads,
                 spec.scale,
             )
-        return DecodeStack(native)
+        return DecodeStack(native, layers)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.kernels.rms_norm(x, weight, eps)

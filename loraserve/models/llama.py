@@ -101,7 +101,7 @@ class LlamaLayer:
         if self.q_norm is not None or self.window is not None or self.softcap is not None:
             return None
         heads = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
-        parts = (self.qkv.base, self.o.base, self.gate_up.base, self.down.base)
+        parts = (self.qkv, self.o, self.gate_up, self.down)
         return DecodeLayerSpec(*parts, self.post_norm, next_norm, self.kv_cache, *heads, self.scale)
 
 

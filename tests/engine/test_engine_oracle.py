@@ -10,8 +10,8 @@ import torch
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
+from loraserve.layers.decode_stack import DecodeStack
 from loraserve.layers.native_cpu import ENV_MARCH
-from loraserve.layers.ops_cpu import CpuNativeOps
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.native import AVX2, native_kernel_or_skip
 from tests.fixtures.tiny_models import hf_greedy, load_hf_model
@@ -62,9 +62,9 @@ def test_mixed_adapter_batch_matches_peft_per_row(
         kernels = native_kernel_or_skip(lora_path)
     if lora_path == AVX2:  # an engine loads the build LORASERVE_NATIVE_MARCH names
         monkeypatch.setenv(ENV_MARCH, AVX2)
-    fused_calls: list[bool] = []  # decode steps take the one-call attention (CpuNativeOps)
+    stack_calls: list[bool] = []  # decode steps take the one-call layer stack (layers/decode_stack.py)
     if native:
-        fused_calls = count_taken(monkeypatch, CpuNativeOps, "rope_decode_attention")
+        stack_calls = count_taken(monkeypatch, DecodeStack, "__call__")
     engine = make_engine(llama_dir, max_active_adapters=8, max_lora_rank=16, native_kernels=native)
     assert (engine.ops_name == "cpu-native") == native
     if native:
@@ -87,8 +87,8 @@ def test_mixed_adapter_batch_matches_peft_per_row(
         torch.testing.assert_close(engine.prompt_logits(ids, adapter), ref, atol=1e-4, rtol=1e-4)
     assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
     assert engine.stats()["adapter_slots_in_use"] == 0
-    if native:  # prefill steps fell back to the separate ops, decode steps did not
-        assert any(fused_calls) and not all(fused_calls)
+    if native:  # prefill steps fell back to the model's loop, decode steps did not
+        assert any(stack_calls) and not all(stack_calls)
 
 
 def test_lora_actually_changes_output(llama_dir: Path, llama_adapters: list[Path]) -> None:

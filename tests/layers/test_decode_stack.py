@@ -14,6 +14,7 @@ from loraserve.engine.engine import Engine
 from loraserve.engine.params import SamplingParams
 from loraserve.layers.decode_stack import DecodeStack
 from loraserve.layers.native_cpu import ENV_MARCH
+from loraserve.layers.ops_cpu import ENV_FUSED_LORA
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.engines import cpu_engine
 from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
@@ -59,21 +60,51 @@ def test_stack_equals_the_python_loop(
     assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
 
 
-def test_steps_with_adapter_rows_take_the_python_loop(
-    llama_dir: Path, llama_adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+LORA_CASES = {  # engine flags; fp32 runs the fused base + LoRA pass, the others base then row kernel
+    "fp32": {},
+    "fp32-two-pass": {},
+    "int8": {"quantize": "int8"},
+    "bf16": {"dtype": "bfloat16"},
+    "bf16-fp32-adapters": {"dtype": "bfloat16", "adapter_dtype": "float32"},
+}
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_adapter_rows_equal_the_python_loop(
+    llama_dir: Path, llama_adapters: list[Path], case: str, build: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = cpu_engine(llama_dir, "native")
-    ran = count_taken(monkeypatch, DecodeStack, "__call__")
-    adapter = parse_peft_adapter(llama_adapters[3])
-    mixed = greedy(engine, [adapter, None, None])
-    assert ran and not any(ran)  # one adapter row in every step: never the stack
-    model = engine.runner.model
-    stack, model.decode_stack = model.decode_stack, None
-    try:
-        assert greedy(engine, [adapter, None, None]) == mixed
-    finally:
-        model.decode_stack = stack
-    assert engine.stats()["adapter_slots_in_use"] == 0
+    """Rows on adapters of ranks 8 (every module, rsLoRA) and 4 beside a base row, then a rank-16
+    one: the slot table is re-allocated between the two, so the stack must take its new views."""
+    native_kernel_or_skip(build)
+    if build == AVX2:
+        monkeypatch.setenv(ENV_MARCH, AVX2)
+    if case == "fp32-two-pass":
+        monkeypatch.setenv(ENV_FUSED_LORA, "0")
+    adapters = [parse_peft_adapter(llama_adapters[i]) for i in (3, 0, 2)]  # ranks 8, 4, 16
+    runs = []
+    for stack_on in (True, False):
+        engine = cpu_engine(llama_dir, "native", max_lora_rank=16, **LORA_CASES[case])
+        model = engine.runner.model
+        assert model.decode_stack is not None
+        if not stack_on:
+            model.decode_stack = None
+        ran = count_taken(monkeypatch, DecodeStack, "__call__")
+        first = greedy(engine, [adapters[0], None, adapters[1]])  # rank 8 and 4: the table's 8
+        rank_before = engine.runner.lora.rank
+        second = greedy(engine, [adapters[2], adapters[0], None])
+        assert engine.runner.lora.rank == 16 > rank_before  # the table grew between the two
+        assert engine.stats()["adapter_slots_in_use"] == 0
+        assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+        if stack_on:  # every decode step ran it, adapter rows and all
+            assert ran.count(True) == 2 * (NEW_TOKENS - 1)
+        runs.append((first, second))
+        monkeypatch.undo()  # the counter, and the environment for the next engine
+        if build == AVX2:
+            monkeypatch.setenv(ENV_MARCH, AVX2)
+        if case == "fp32-two-pass":
+            monkeypatch.setenv(ENV_FUSED_LORA, "0")
+    assert runs[0] == runs[1]  # token ids and logprobs, exactly
 
 
 def test_layers_the_stack_cannot_run_keep_the_python_loop(tiny_model_dirs: dict[str, Path]) -> None:

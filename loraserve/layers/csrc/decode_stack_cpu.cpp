@@ -11,9 +11,11 @@
 // test_decode_stack.py); only the trips through Python are gone. The stack is built once per
 // model from the layers' packed weights and KV caches, which never move after start-up.
 //
-// Scope (the Python side checks it, layers/decode_stack.py): single-token decode rows only, no
-// adapter rows (their tables are re-allocated as ranks grow; those steps take the Python path),
-// and layers without per-head q/k norms, sliding windows or soft-capping.
+// Scope (the Python side checks it, layers/decode_stack.py): single-token decode rows only, and
+// layers without per-head q/k norms, sliding windows or soft-capping. Rows with adapters take each
+// projection's LoRA as `LoraLinear` does (the fused base + LoRA pass where it applies, else the
+// base and then the row kernel into the members' column slices), from per-layer views of the slot
+// table that the Python side hands over again whenever the table is re-allocated.
 #include <torch/extension.h>
 
 #include <memory>
@@ -31,6 +33,23 @@ torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_
                                     const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale);
 torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps);
 torch::Tensor silu_mul(const torch::Tensor& gu);
+torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
+                                const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                                const std::optional<torch::Tensor>& slot_rank);
+void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
+               const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+               const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
+
+// This step's adapter rows (LoraBatch.rows / row_slots) and the table's per-slot ranks
+struct LoraRows {
+  torch::Tensor rows, slots;
+  std::optional<torch::Tensor> slot_rank;
+};
+
+// as layers/ops_cpu.py: the fused base + LoRA pass takes decode-sized inputs and up to 4 members
+constexpr int64_t kFusedLoraMaxRows = 96;
+constexpr size_t kFusedLoraMaxMembers = 4;
 
 // One packed projection: fp32 panels (gemm_cpu.cpp) or bf16 / int8 panels (gemm_lowp_cpu.cpp).
 struct NativeLinear {
@@ -39,9 +58,28 @@ struct NativeLinear {
   std::optional<torch::Tensor> scale, bias;
   bool lowp;
 
+  // adapters of this projection group in one layer: A [S, in, members * R] and each member's B
+  // [S, R, out] (views of the slot table), and each member's output columns [start, end)
+  torch::Tensor lora_a;
+  std::vector<torch::Tensor> lora_bs;
+  std::vector<std::pair<int64_t, int64_t>> bounds;
+
   torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations) const {
     if (lowp) return lowp_panel_linear(x, w, n, scale, bias, bf16_activations);
     return panel_linear(x, w, n, bias);
+  }
+
+  // with every adapter row's delta, as LoraLinear.__call__ computes it
+  torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations, const LoraRows* lr, bool fused) const {
+    if (lr == nullptr) return (*this)(x, bf16_activations);
+    if (fused && !lowp && lora_a.scalar_type() == torch::kFloat32 && x.size(0) <= kFusedLoraMaxRows &&
+        !lora_bs.empty() && lora_bs.size() <= kFusedLoraMaxMembers)
+      return panel_lora_linear(x, w, n, bias, lr->rows, lr->slots, lora_a, lora_bs, lr->slot_rank);
+    torch::Tensor y = (*this)(x, bf16_activations);
+    std::vector<torch::Tensor> ys;
+    for (const auto& [s, e] : bounds) ys.push_back(s == 0 && e == y.size(1) ? y : y.narrow(1, s, e - s));
+    lora_rows(x, lr->rows, lr->slots, lora_a, lora_bs, ys, lr->slot_rank);
+    return y;
   }
 };
 
@@ -55,7 +93,8 @@ struct DecodeLayer {
 
 class DecodeStack {
  public:
-  DecodeStack(double eps, bool bf16_activations) : eps_(eps), bf16_act_(bf16_activations) {}
+  DecodeStack(double eps, bool bf16_activations, bool fused_lora)
+      : eps_(eps), bf16_act_(bf16_activations), fused_lora_(fused_lora) {}
 
   void add_layer(const torch::Tensor& qkv_w, int64_t qkv_n, const std::optional<torch::Tensor>& qkv_scale,
                  const std::optional<torch::Tensor>& qkv_bias, const torch::Tensor& o_w, int64_t o_n,
@@ -76,18 +115,49 @@ class DecodeStack {
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
 
+  // projection group g (0 q|k|v, 1 o, 2 gate|up, 3 down) of `layer`: its members' output widths
+  // (once) and its slot-table views (again after every re-allocation of the table)
+  void set_lora(int64_t layer, int64_t group, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                const std::vector<int64_t>& widths) {
+    TORCH_CHECK(layer >= 0 && layer < size() && group >= 0 && group < 4, "no projection group ", group,
+                " in layer ", layer);
+    TORCH_CHECK(bs.size() == widths.size(), "one B per member");
+    DecodeLayer& l = layers_[layer];
+    NativeLinear* g[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
+    g[group]->lora_a = a;
+    g[group]->lora_bs = bs;
+    g[group]->bounds.clear();
+    int64_t start = 0;
+    for (int64_t w : widths) {
+      g[group]->bounds.emplace_back(start, start + w);
+      start += w;
+    }
+    TORCH_CHECK(start == g[group]->n, "members cover ", start, " of ", g[group]->n, " output columns");
+  }
+
   // x: the residual stream [B, hidden] (updated in place); h: the first layer's normed input.
   // Returns the final norm of the residual stream, as the model's forward does.
+  // lora_rows / lora_slots: this step's adapter rows and their slots (none: no row has an adapter)
   torch::Tensor run(const torch::Tensor& x, torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
-                    const torch::Tensor& slots, const torch::Tensor& block_tables,
-                    const torch::Tensor& ctx_lens) const {
+                    const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& ctx_lens,
+                    const std::optional<torch::Tensor>& lora_rows, const std::optional<torch::Tensor>& lora_slots,
+                    const std::optional<torch::Tensor>& slot_rank) const {
+    TORCH_CHECK(lora_rows.has_value() == lora_slots.has_value(), "adapter rows need their slots");
+    std::optional<LoraRows> lr;
+    if (lora_rows) {
+      for (const DecodeLayer& l : layers_)
+        for (const NativeLinear* g : {&l.qkv, &l.o, &l.gate_up, &l.down})
+          TORCH_CHECK(g->lora_a.defined(), "adapter rows but no slot table (set_lora)");
+      lr = LoraRows{*lora_rows, *lora_slots, slot_rank};
+    }
+    const LoraRows* lp = lr ? &*lr : nullptr;
     for (const DecodeLayer& l : layers_) {
-      const torch::Tensor qkv = l.qkv(h, bf16_act_);
+      const torch::Tensor qkv = l.qkv(h, bf16_act_, lp, fused_lora_);
       const torch::Tensor attn = rope_decode_attention(qkv, l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
                                                        block_tables, ctx_lens, l.scale);
-      h = add_rms_norm_(x, l.o(attn, bf16_act_), l.post_norm, eps_);
-      const torch::Tensor act = silu_mul(l.gate_up(h, bf16_act_));
-      h = add_rms_norm_(x, l.down(act, bf16_act_), l.next_norm, eps_);
+      h = add_rms_norm_(x, l.o(attn, bf16_act_, lp, fused_lora_), l.post_norm, eps_);
+      const torch::Tensor act = silu_mul(l.gate_up(h, bf16_act_, lp, fused_lora_));
+      h = add_rms_norm_(x, l.down(act, bf16_act_, lp, fused_lora_), l.next_norm, eps_);
     }
     return h;
   }
@@ -95,7 +165,7 @@ class DecodeStack {
  private:
   std::vector<DecodeLayer> layers_;
   double eps_;
-  bool bf16_act_;
+  bool bf16_act_, fused_lora_;
 };
 
 // module_local: the AVX2 and the host's build load side by side in one process (the tests do), and
@@ -103,8 +173,13 @@ class DecodeStack {
 void bind_decode_stack(pybind11::module_& m) {
   pybind11::class_<DecodeStack, std::shared_ptr<DecodeStack>>(
       m, "DecodeStack", "a model's decoder layers run by one native call per decode step", pybind11::module_local())
-      .def(pybind11::init<double, bool>(), pybind11::arg("eps"), pybind11::arg("bf16_activations"))
+      .def(pybind11::init<double, bool, bool>(), pybind11::arg("eps"), pybind11::arg("bf16_activations"),
+           pybind11::arg("fused_lora"))
       .def("add_layer", &DecodeStack::add_layer)
+      .def("set_lora", &DecodeStack::set_lora)
       .def("__len__", &DecodeStack::size)
-      .def("run", &DecodeStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("run", &DecodeStack::run, pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("cos"),
+           pybind11::arg("sin"), pybind11::arg("slots"), pybind11::arg("block_tables"), pybind11::arg("ctx_lens"),
+           pybind11::arg("lora_rows") = pybind11::none(), pybind11::arg("lora_slots") = pybind11::none(),
+           pybind11::arg("slot_rank") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
 }
