@@ -46,6 +46,11 @@ class DecodeLayerSpec:
     n_kv_heads: int
     scale: float
 
+    @property
+    def projections(self) -> tuple[LoraLinear, LoraLinear, LoraLinear, LoraLinear]:
+        """In the native stack's group order (csrc/decode_stack_cpu.cpp `set_lora`)."""
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 def single_decode_rows(fb: ForwardBatch, num_tokens: int) -> bool:
     """Whether every row of the step is one new token of a sequence that reads the paged cache."""
@@ -90,7 +95,7 @@ class DecodeStack:
         t = self.table
         assert t is not None
         for i, spec in enumerate(self.layers):
-            for g, p in enumerate((spec.qkv, spec.o, spec.gate_up, spec.down)):
+            for g, p in enumerate(spec.projections):
                 a = t.a_layers[p.group][p.layer]
                 bs = [t.b_layers[name][p.layer] for name in p.names]
                 self.native.set_lora(i, g, a, bs, [e - s for s, e in p.bounds])

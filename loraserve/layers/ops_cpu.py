@@ -215,15 +215,16 @@ class CpuNativeOps(TorchOps):
         if self.dtype != torch.float32 or not layers:
             return None
         for spec in layers:
-            linears = (spec.qkv, spec.o, spec.gate_up, spec.down)
-            if any(p.base.layout not in self.stack_layouts for p in linears):
+            if any(p.base.layout not in self.stack_layouts for p in spec.projections):
                 return None
             if not self.decode_reads(spec.kv_cache[0].dtype):
                 return None
-        native = self.kernels.DecodeStack(eps, self.bf16_activations, self.fused_lora)
+        # the fused base + LoRA pass on the limits `linear_lora` applies
+        fused_rows = FUSED_LORA_MAX_ROWS if self.fused_lora else 0
+        native = self.kernels.DecodeStack(eps, self.bf16_activations, fused_rows, FUSED_LORA_MAX_MEMBERS)
         for spec in layers:
             args: list[object] = []
-            for p in (spec.qkv, spec.o, spec.gate_up, spec.down):
+            for p in spec.projections:
                 args += [p.base.weight, p.base.out_features, p.base.scale, p.base.bias]
             native.add_layer(
                 *args,

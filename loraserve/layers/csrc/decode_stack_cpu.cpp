@@ -3,10 +3,8 @@
 // Why: at batch 1 on a small model a layer is eight short native calls (q|k|v, attention, o,
 // residual + norm, gate|up, SwiGLU, down, residual + norm) of 3-40 us each, and every call from
 // Python pays its own toll: the interpreter between calls, pybind11's argument conversion, the
-// `Ops` method's checks, an output tensor: 240 calls a token on SmolLM2-135M (30 layers). Batch-1
-// decode in-process, alternated with the Python loop (2-core Zen 5, AVX-512 build, a slow phase of
-// the host at a 28 GB/s probe): int8 185.9 vs 169.1 tok/s, bf16 85.8 vs 79.3, fp32 47.0 vs 45.0.
-// Here the same kernels run in the same order with the same
+// `Ops` method's checks, an output tensor: 240 calls a token on SmolLM2-135M (30 layers; figures in
+// layers/decode_stack.py). Here the same kernels run in the same order with the same
 // arguments, so the result is bitwise what the Python loop computes (tests/layers/
 // test_decode_stack.py); only the trips through Python are gone. The stack is built once per
 // model from the layers' packed weights and KV caches, which never move after start-up.
@@ -47,10 +45,6 @@ struct LoraRows {
   std::optional<torch::Tensor> slot_rank;
 };
 
-// as layers/ops_cpu.py: the fused base + LoRA pass takes decode-sized inputs and up to 4 members
-constexpr int64_t kFusedLoraMaxRows = 96;
-constexpr size_t kFusedLoraMaxMembers = 4;
-
 // One packed projection: fp32 panels (gemm_cpu.cpp) or bf16 / int8 panels (gemm_lowp_cpu.cpp).
 struct NativeLinear {
   torch::Tensor w;
@@ -69,11 +63,15 @@ struct NativeLinear {
     return panel_linear(x, w, n, bias);
   }
 
-  // with every adapter row's delta, as LoraLinear.__call__ computes it
-  torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations, const LoraRows* lr, bool fused) const {
+  // with every adapter row's delta, as LoraLinear.__call__ computes it: the fused base + LoRA pass
+  // for up to `fused_rows` rows (0: never) of fp32 panels and table with up to `fused_members`
+  // members, as CpuNativeOps.linear_lora decides (its limits, handed over by the Python side)
+  torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations, const LoraRows* lr, int64_t fused_rows,
+                           int64_t fused_members) const {
     if (lr == nullptr) return (*this)(x, bf16_activations);
-    if (fused && !lowp && lora_a.scalar_type() == torch::kFloat32 && x.size(0) <= kFusedLoraMaxRows &&
-        !lora_bs.empty() && lora_bs.size() <= kFusedLoraMaxMembers)
+    const int64_t members = static_cast<int64_t>(lora_bs.size());
+    if (!lowp && lora_a.scalar_type() == torch::kFloat32 && x.size(0) <= fused_rows && members > 0 &&
+        members <= fused_members)
       return panel_lora_linear(x, w, n, bias, lr->rows, lr->slots, lora_a, lora_bs, lr->slot_rank);
     torch::Tensor y = (*this)(x, bf16_activations);
     std::vector<torch::Tensor> ys;
@@ -93,8 +91,8 @@ struct DecodeLayer {
 
 class DecodeStack {
  public:
-  DecodeStack(double eps, bool bf16_activations, bool fused_lora)
-      : eps_(eps), bf16_act_(bf16_activations), fused_lora_(fused_lora) {}
+  DecodeStack(double eps, bool bf16_activations, int64_t fused_lora_rows, int64_t fused_lora_members)
+      : eps_(eps), bf16_act_(bf16_activations), fused_rows_(fused_lora_rows), fused_members_(fused_lora_members) {}
 
   void add_layer(const torch::Tensor& qkv_w, int64_t qkv_n, const std::optional<torch::Tensor>& qkv_scale,
                  const std::optional<torch::Tensor>& qkv_bias, const torch::Tensor& o_w, int64_t o_n,
@@ -152,12 +150,12 @@ class DecodeStack {
     }
     const LoraRows* lp = lr ? &*lr : nullptr;
     for (const DecodeLayer& l : layers_) {
-      const torch::Tensor qkv = l.qkv(h, bf16_act_, lp, fused_lora_);
+      const torch::Tensor qkv = l.qkv(h, bf16_act_, lp, fused_rows_, fused_members_);
       const torch::Tensor attn = rope_decode_attention(qkv, l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
                                                        block_tables, ctx_lens, l.scale);
-      h = add_rms_norm_(x, l.o(attn, bf16_act_, lp, fused_lora_), l.post_norm, eps_);
-      const torch::Tensor act = silu_mul(l.gate_up(h, bf16_act_, lp, fused_lora_));
-      h = add_rms_norm_(x, l.down(act, bf16_act_, lp, fused_lora_), l.next_norm, eps_);
+      h = add_rms_norm_(x, l.o(attn, bf16_act_, lp, fused_rows_, fused_members_), l.post_norm, eps_);
+      const torch::Tensor act = silu_mul(l.gate_up(h, bf16_act_, lp, fused_rows_, fused_members_));
+      h = add_rms_norm_(x, l.down(act, bf16_act_, lp, fused_rows_, fused_members_), l.next_norm, eps_);
     }
     return h;
   }
@@ -165,7 +163,8 @@ class DecodeStack {
  private:
   std::vector<DecodeLayer> layers_;
   double eps_;
-  bool bf16_act_, fused_lora_;
+  bool bf16_act_;
+  int64_t fused_rows_, fused_members_;
 };
 
 // module_local: the AVX2 and the host's build load side by side in one process (the tests do), and
@@ -173,8 +172,8 @@ class DecodeStack {
 void bind_decode_stack(pybind11::module_& m) {
   pybind11::class_<DecodeStack, std::shared_ptr<DecodeStack>>(
       m, "DecodeStack", "a model's decoder layers run by one native call per decode step", pybind11::module_local())
-      .def(pybind11::init<double, bool, bool>(), pybind11::arg("eps"), pybind11::arg("bf16_activations"),
-           pybind11::arg("fused_lora"))
+      .def(pybind11::init<double, bool, int64_t, int64_t>(), pybind11::arg("eps"),
+           pybind11::arg("bf16_activations"), pybind11::arg("fused_lora_rows"), pybind11::arg("fused_lora_members"))
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_lora", &DecodeStack::set_lora)
       .def("__len__", &DecodeStack::size)
