@@ -46,6 +46,8 @@ from loraserve.layers.ops import TorchOps
 FUSED_LORA_MAX_ROWS = 96
 FUSED_LORA_MAX_MEMBERS = 4
 ENV_FUSED_LORA = "LORASERVE_FUSED_LORA"  # "0": always the two separate passes (for comparisons)
+# "0": the decode stack never runs a step in one parallel region (for comparisons)
+ENV_DECODE_REGION = "LORASERVE_DECODE_REGION"
 
 
 class CpuNativeOps(TorchOps):
@@ -222,6 +224,8 @@ class CpuNativeOps(TorchOps):
         # the fused base + LoRA pass on the limits `linear_lora` applies
         fused_rows = FUSED_LORA_MAX_ROWS if self.fused_lora else 0
         native = self.kernels.DecodeStack(eps, self.bf16_activations, fused_rows, FUSED_LORA_MAX_MEMBERS)
+        region = os.environ.get(ENV_DECODE_REGION, "1").strip().lower()
+        native.set_region(region not in ("0", "false", "no", "off"))
         for spec in layers:
             args: list[object] = []
             for p in spec.projections:

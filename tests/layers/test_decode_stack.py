@@ -8,13 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine
 from loraserve.engine.params import SamplingParams
 from loraserve.layers.decode_stack import DecodeStack
 from loraserve.layers.native_cpu import ENV_MARCH
-from loraserve.layers.ops_cpu import ENV_FUSED_LORA
+from loraserve.layers.ops_cpu import ENV_DECODE_REGION, ENV_FUSED_LORA
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.engines import cpu_engine
 from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
@@ -50,8 +51,10 @@ def test_stack_equals_the_python_loop(
     assert model.decode_stack is not None
     ran = count_taken(monkeypatch, DecodeStack, "__call__")
     with_stack = greedy(engine)
-    # every decode step of the three rows ran the stack, the prefill did not
+    # every decode step of the three rows ran the stack, the prefill did not; with more than one
+    # thread, each of those steps (three rows) in one parallel region
     assert ran.count(True) == NEW_TOKENS - 1 and ran.count(False) >= 1
+    assert model.decode_stack.native.region_runs() == (NEW_TOKENS - 1 if torch.get_num_threads() > 1 else 0)
     stack, model.decode_stack = model.decode_stack, None
     try:
         assert greedy(engine) == with_stack  # token ids and logprobs, exactly
@@ -103,6 +106,74 @@ def test_adapter_rows_equal_the_python_loop(
         assert taken.count(False) >= (2 if stack_on else 0)  # each call's prefill declined
         runs.append((first, second))
     assert runs[0] == runs[1]  # token ids and logprobs, exactly
+
+
+MANY_PROMPTS = PROMPTS + [[1, 2, 3], [1, 50, 60, 70, 80], [1, 300]]  # 6 rows: past the region's 4
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_one_region_equals_the_per_kernel_stack(
+    llama_dir: Path, precision: str, build: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps of up to 4 rows run in one parallel region (csrc/decode_stack_cpu.cpp
+    `run_region`): the same tokens and logprobs, bit for bit, as the stack's per-kernel path
+    (`LORASERVE_DECODE_REGION=0`), at 1 and 3 rows; at 6 rows the region declines."""
+    native_kernel_or_skip(build)
+    if build == AVX2:
+        monkeypatch.setenv(ENV_MARCH, AVX2)
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: the region is never taken")
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
+    runs, regions = [], []
+    for region in ("1", "0"):
+        monkeypatch.setenv(ENV_DECODE_REGION, region)
+        engine = cpu_engine(llama_dir, "native", **PRECISIONS[precision])
+        native = engine.runner.model.decode_stack.native
+        out = []
+        for prompts in (PROMPTS[:1], PROMPTS, MANY_PROMPTS):
+            before = native.region_runs()
+            res = engine.generate(prompts, params)
+            out.append([[(t.id, t.logprob) for t in r.tokens] for r in res])
+            regions.append(native.region_runs() - before)
+        runs.append(out)
+        assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+    assert runs[0] == runs[1]
+    steps = NEW_TOKENS - 1
+    assert regions == [steps, steps, 0, 0, 0, 0]
+
+
+def test_an_error_inside_the_region_reaches_the_caller(llama_dir: Path) -> None:
+    """A kernel that refuses its input inside the region (here attention, a cache slot out of
+    range) raises in the caller, with every thread out of the region: the next step runs."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: the region is never taken")
+    engine = cpu_engine(llama_dir, "native")
+    stack = engine.runner.model.decode_stack
+    calls: list[tuple] = []
+    real = stack.native
+
+    class Recorder:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def run(self, *args: object, **kwargs: object) -> torch.Tensor:
+            calls.append((args, kwargs))
+            return real.run(*args, **kwargs)
+
+    stack.native = Recorder()
+    try:
+        engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3, ignore_eos_token=True))
+    finally:
+        stack.native = real
+    args, kwargs = calls[0]
+    x, h, cos, sin, slots = (a.clone() for a in args[:5])
+    before = real.region_runs()
+    with pytest.raises(RuntimeError, match="cache slot out of range"):
+        real.run(x, h, cos, sin, torch.full_like(slots, -1), *args[5:], **kwargs)
+    assert real.region_runs() == before + 1
+    y = real.run(x.clone(), h, cos, sin, slots, *args[5:], **kwargs)
+    assert torch.isfinite(y).all()
 
 
 def test_layers_the_stack_cannot_run_keep_the_python_loop(tiny_model_dirs: dict[str, Path]) -> None:

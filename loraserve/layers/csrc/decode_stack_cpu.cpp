@@ -16,6 +16,15 @@
 // table that the Python side hands over again whenever the table is re-allocated.
 #include <torch/extension.h>
 
+#include <immintrin.h>
+#include <omp.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+
+#include <exception>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -39,6 +48,53 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
 
+void panel_linear_range(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
+                        const float* bias, int64_t p0, int64_t p1, float* y);
+void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, bool bf16, int64_t n,
+                      const float* scale, const float* bias, int64_t p0, int64_t p1, float* y,
+                      std::vector<int8_t>& digits, std::vector<float>& scratch);
+int64_t lowp_range_rows();
+void norm_row(float* xr, const float* dr, const float* wp, int64_t H, float e, float* yr);
+void silu_mul_cols(const float* g, const float* u, float* o, int64_t n);
+
+// Lines of a thread's next weight slice fetched into L2 while the thread has nothing else to do
+struct SlicePrefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  void start(const char* b, int64_t bytes, int64_t budget) {
+    p = b;
+    end = b + std::min(bytes, budget);
+  }
+  void step(int lines) {
+    for (int i = 0; i < lines && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
+  }
+};
+
+// A sense-reversing spin barrier whose waiters prefetch their next slice instead of only spinning
+struct SpinBarrier {
+  std::atomic<int> count{0};
+  std::atomic<int> gen{0};
+  int threads = 1;
+  void wait(SlicePrefetch& pf) {
+    const int g = gen.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {
+      count.store(0, std::memory_order_relaxed);
+      gen.store(g + 1, std::memory_order_release);
+      return;
+    }
+    while (gen.load(std::memory_order_acquire) == g) {
+      pf.step(2);
+      _mm_pause();
+    }
+  }
+};
+
+// a thread's buffers for the panel-range kernels, kept across the layers of a step
+struct RangeScratch {
+  std::vector<int8_t> digits;
+  std::vector<float> f32;
+};
+
 // This step's adapter rows (LoraBatch.rows / row_slots) and the table's per-slot ranks
 struct LoraRows {
   torch::Tensor rows, slots;
@@ -57,6 +113,32 @@ struct NativeLinear {
   torch::Tensor lora_a;
   std::vector<torch::Tensor> lora_bs;
   std::vector<std::pair<int64_t, int64_t>> bounds;
+
+  // panels [p0, p1) for M rows of x (K columns, rows ldx apart) into y [M, n]: what operator()
+  // computes for those columns, bit for bit
+  void panels(const float* x, int64_t ldx, int64_t M, int64_t K, float* y, int64_t p0, int64_t p1,
+              RangeScratch& s) const {
+    const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+    if (lowp) {
+      lowp_panel_range(x, ldx, M, K, static_cast<const char*>(w.data_ptr()), w.scalar_type() == torch::kBFloat16, n,
+                       scale ? scale->data_ptr<float>() : nullptr, bp, p0, p1, y, s.digits, s.f32);
+    } else {
+      panel_linear_range(x, ldx, M, K, w.data_ptr<float>(), n, bp, p0, p1, y);
+    }
+  }
+
+  // thread t of T's share of the panels, [P t / T, P (t + 1) / T)
+  void range(const float* x, int64_t ldx, int64_t M, int64_t K, float* y, int t, int T, RangeScratch& s) const {
+    const int64_t P = w.size(0);
+    panels(x, ldx, M, K, y, P * t / T, P * (t + 1) / T, s);
+  }
+
+  // where thread t of T's panels start, and their bytes
+  std::pair<const char*, int64_t> slice(int t, int T) const {
+    const int64_t P = w.size(0), p0 = P * t / T, p1 = P * (t + 1) / T;
+    const int64_t pb = w.numel() * w.element_size() / P;
+    return {static_cast<const char*>(w.data_ptr()) + p0 * pb, (p1 - p0) * pb};
+  }
 
   torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations) const {
     if (lowp) return lowp_panel_linear(x, w, n, scale, bias, bf16_activations);
@@ -89,6 +171,28 @@ struct DecodeLayer {
   double scale;
 };
 
+// the lines of a layer's KV cache the rows' attention will read (every position but the new one)
+inline void prefetch_kv(const DecodeLayer& l, int64_t M, const torch::Tensor& block_tables, const torch::Tensor& ctx_lens) {
+  const int64_t* tb = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
+  const int64_t nblk = block_tables.size(1), BS = l.k_cache.size(1);
+  const int64_t row = l.k_cache.size(2) * l.k_cache.size(3) * l.k_cache.element_size();
+  const char* kc = static_cast<const char*>(l.k_cache.data_ptr());
+  const char* vc = static_cast<const char*>(l.v_cache.data_ptr());
+  for (int64_t b = 0; b < M; ++b) {
+    const int64_t n = lens[b] - 1;
+    for (int64_t j = 0; j * BS < n; ++j) {
+      const int64_t bytes = std::min(BS, n - j * BS) * row, off = tb[b * nblk + j] * BS * row;
+      for (int64_t q = 0; q < bytes; q += 64) {
+        _mm_prefetch(kc + off + q, _MM_HINT_T0);
+        _mm_prefetch(vc + off + q, _MM_HINT_T0);
+      }
+    }
+  }
+}
+// the most of its next projection's weights a waiting thread prefetches into L2
+constexpr int64_t kSlicePrefetch = 256 << 10;
+
 class DecodeStack {
  public:
   DecodeStack(double eps, bool bf16_activations, int64_t fused_lora_rows, int64_t fused_lora_members)
@@ -106,6 +210,8 @@ class DecodeStack {
                   const std::optional<torch::Tensor>& b) {
       return NativeLinear{w, n, s, b, w.scalar_type() != torch::kFloat32};
     };
+    // the region splits gate|up at a panel boundary and keeps the residual stream [M, o's width]
+    region_ok_ = region_ok_ && gu_n % 64 == 0 && o_n == down_n && qkv_w.dim() >= 2;
     layers_.push_back(DecodeLayer{lin(qkv_w, qkv_n, qkv_scale, qkv_bias), lin(o_w, o_n, o_scale, o_bias),
                                   lin(gu_w, gu_n, gu_scale, gu_bias), lin(down_w, down_n, down_scale, down_bias),
                                   post_norm, next_norm, k_cache, v_cache, hq, hkv, scale});
@@ -149,6 +255,9 @@ class DecodeStack {
       lr = LoraRows{*lora_rows, *lora_slots, slot_rank};
     }
     const LoraRows* lp = lr ? &*lr : nullptr;
+    if (lp == nullptr && x.size(0) <= lowp_range_rows() && at::get_num_threads() > 1 && region_ && region_ok_ &&
+        x.size(1) == layers_[0].o.n)
+      return run_region(x, h, cos, sin, slots, block_tables, ctx_lens);
     for (const DecodeLayer& l : layers_) {
       const torch::Tensor qkv = l.qkv(h, bf16_act_, lp, fused_rows_, fused_members_);
       const torch::Tensor attn = rope_decode_attention(qkv, l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
@@ -160,11 +269,114 @@ class DecodeStack {
     return h;
   }
 
+  // LORASERVE_DECODE_REGION=0 (read by the Python side): every step takes the per-kernel path
+  void set_region(bool on) { region_ = on; }
+  // steps run in one parallel region so far (the tests check which path a step took)
+  int64_t region_runs() const { return region_runs_.load(); }
+
  private:
+  // The same step in one parallel region. Each projection's panels split over the threads as the
+  // kernels split them; SwiGLU runs on the columns a thread computed (its gate panels and the
+  // matching up panels); every thread keeps its own copy of the residual stream and its norms
+  // (the same arithmetic on the same inputs, so the copies agree bit for bit), so only
+  // attention is left to one thread; a barrier wherever a thread reads what others wrote: five a
+  // layer. Waiting threads prefetch their share of the next projection's weights, and thread 0
+  // prefetches the KV cache its attention reads while its q|k|v share computes. Why: the
+  // per-kernel path runs four parallel regions a layer (120 a token on SmolLM2-135M), each with
+  // a start, an end barrier and a cold start of the weight stream, and its serial norm, SwiGLU
+  // and attention read their inputs from the other core's cache with the memory bus idle.
+  torch::Tensor run_region(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& cos,
+                           const torch::Tensor& sin, const torch::Tensor& slots, const torch::Tensor& block_tables,
+                           const torch::Tensor& ctx_lens) const {
+    const int64_t M = x.size(0), H = x.size(1);
+    ++region_runs_;
+    int64_t most = 0;
+    for (const DecodeLayer& l : layers_)
+      for (const NativeLinear* g : {&l.qkv, &l.o, &l.gate_up, &l.down}) most = std::max(most, g->n);
+    // one output buffer per projection kind, reused layer after layer: [M, n] at the front of it
+    const torch::Tensor bufs = torch::empty({4, M * most}, x.options());
+    auto out = [&](int64_t i, const NativeLinear& g) { return bufs[i].narrow(0, 0, M * g.n).view({M, g.n}); };
+    float* buf[4];
+    for (int64_t i = 0; i < 4; ++i) buf[i] = bufs.data_ptr<float>() + i * M * most;
+    const torch::Tensor hx = x.contiguous(), hh = h.contiguous();
+    torch::Tensor attn, y = torch::empty_like(hh);
+    std::exception_ptr err;
+    bool failed = false;
+    const int threads = static_cast<int>(at::get_num_threads());
+    SpinBarrier bar;
+    bar.threads = threads;
+    const float e = static_cast<float>(eps_);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      RangeScratch s;
+      SlicePrefetch pf;
+      // this thread's residual stream and normed input, at the same offsets from a 64-byte line as
+      // x's and h's (norm_row's vector loop is the loop path's only where the alignment is too)
+      std::vector<float> mem(2 * (M * H + 16));
+      auto aligned_like = [&](float* base, const float* like) {
+        const int64_t lag = (reinterpret_cast<uintptr_t>(like) % 64) / 4;
+        return base + ((16 - (reinterpret_cast<uintptr_t>(base) % 64) / 4) % 16) + lag;
+      };
+      float* res = aligned_like(mem.data(), hx.data_ptr<float>());
+      float* hn = aligned_like(mem.data() + M * H + 16, hh.data_ptr<float>());
+      std::copy_n(hx.data_ptr<float>(), M * H, res);
+      std::copy_n(hh.data_ptr<float>(), M * H, hn);
+      auto next = [&](const NativeLinear& g) {
+        const auto [b, n] = g.slice(t, T);
+        pf.start(b, n, kSlicePrefetch);
+      };
+      for (size_t i = 0; i < layers_.size(); ++i) {
+        const DecodeLayer& l = layers_[i];
+        if (t == 0) prefetch_kv(l, M, block_tables, ctx_lens);
+        l.qkv.range(hn, H, M, H, buf[0], t, T, s);
+        next(l.o);
+        bar.wait(pf);
+        if (t == 0 && !failed) {
+          try {
+            attn = rope_decode_attention(out(0, l.qkv), l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
+                                         block_tables, ctx_lens, l.scale);
+          } catch (...) {
+            err = std::current_exception();
+            failed = true;
+          }
+        }
+        bar.wait(pf);
+        if (failed) break;
+        l.o.range(attn.data_ptr<float>(), attn.stride(0), M, attn.size(1), buf[1], t, T, s);
+        next(l.gate_up);
+        bar.wait(pf);
+        for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm.data_ptr<float>(), H, e, hn + m * H);
+        // gate panels [G t / T, G (t + 1) / T) and the up panels of the same columns, then SwiGLU on them
+        const int64_t I = l.gate_up.n / 2, G = I / 32, g0 = G * t / T, g1 = G * (t + 1) / T;
+        l.gate_up.panels(hn, H, M, H, buf[2], g0, g1, s);
+        l.gate_up.panels(hn, H, M, H, buf[2], G + g0, G + g1, s);
+        for (int64_t m = 0; m < M; ++m)
+          silu_mul_cols(buf[2] + m * 2 * I + 32 * g0, buf[2] + m * 2 * I + I + 32 * g0, buf[0] + m * I + 32 * g0,
+                        32 * (g1 - g0));
+        next(l.down);
+        bar.wait(pf);
+        l.down.range(buf[0], I, M, I, buf[3], t, T, s);
+        if (i + 1 < layers_.size()) next(layers_[i + 1].qkv);
+        bar.wait(pf);
+        for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[3] + m * H, l.next_norm.data_ptr<float>(), H, e, hn + m * H);
+      }
+      if (t == 0 && !failed) {
+        std::copy_n(res, M * H, hx.data_ptr<float>());
+        std::copy_n(hn, M * H, y.data_ptr<float>());
+      }
+    }
+    if (err) std::rethrow_exception(err);
+    if (!x.is_contiguous()) x.copy_(hx);
+    return y;
+  }
+
   std::vector<DecodeLayer> layers_;
   double eps_;
   bool bf16_act_;
   int64_t fused_rows_, fused_members_;
+  bool region_ = true, region_ok_ = true;
+  mutable std::atomic<int64_t> region_runs_{0};
 };
 
 // module_local: the AVX2 and the host's build load side by side in one process (the tests do), and
@@ -176,6 +388,8 @@ void bind_decode_stack(pybind11::module_& m) {
            pybind11::arg("bf16_activations"), pybind11::arg("fused_lora_rows"), pybind11::arg("fused_lora_members"))
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_lora", &DecodeStack::set_lora)
+      .def("set_region", &DecodeStack::set_region)
+      .def("region_runs", &DecodeStack::region_runs)
       .def("__len__", &DecodeStack::size)
       .def("run", &DecodeStack::run, pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("cos"),
            pybind11::arg("sin"), pybind11::arg("slots"), pybind11::arg("block_tables"), pybind11::arg("ctx_lens"),

@@ -397,6 +397,19 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
 }
 
 
+// Panels [p0, p1) of panel_linear's product for at most kMC rows, each panel computed exactly as
+// panel_linear computes it there (one work item per panel): the decode stack's threads each take a
+// range inside one parallel region (decode_stack_cpu.cpp), and the split cannot change a bit.
+void panel_linear_range(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
+                        const float* bias, int64_t p0, int64_t p1, float* y) {
+#if LORASERVE_SIMD
+  for (int64_t p = p0; p < p1; ++p) {
+    const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+    panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);
+  }
+#endif
+}
+
 // y = x @ W.T + b, plus for every n: y[rows[n]] += (x[rows[n]] @ a[slots[n]]) @ [bs[0] | bs[1] | ...][slots[n]]
 // (the members' outputs side by side, as in lora_rows). Decode sizes only (at most 96 rows): each
 // row's LoRA runs between two panels, its A and B prefetched while the panel before computes, so

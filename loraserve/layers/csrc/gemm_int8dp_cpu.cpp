@@ -236,8 +236,33 @@ void int8dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char
     }
   });
 }
+// Panels [p0, p1) of int8dp_linear's product for at most 8 rows, each panel as int8dp_linear
+// computes it: the decode stack's threads each take a range inside one parallel region
+// (decode_stack_cpu.cpp). Every thread turns the rows into digits itself (a few hundred ns at
+// decode sizes), so no barrier waits for one thread to share them.
+void int8dp_range(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, int64_t panel_bytes, int64_t p0,
+                  int64_t p1, int64_t n, const float* scale, const float* bias, float* y, std::vector<int8_t>& digits) {
+  const int64_t kpad = (K + 15) / 16 * 16;
+  digits.resize(static_cast<size_t>(M * kDigits * kpad));
+  RowDigits rows[8];
+  for (int64_t m = 0; m < M && m < 8; ++m) {
+    rows[m].d = digits.data() + m * kDigits * kpad;
+    to_digits(x + m * ldx, K, kpad, digits.data() + m * kDigits * kpad, rows[m].corr, &rows[m].s);
+  }
+  const Perm perm;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int8_t* wp = reinterpret_cast<const int8_t*>(w + p * panel_bytes);
+    const int64_t cols = std::min(kNR, n - p * kNR);
+    const float* bp = bias ? bias + p * kNR : nullptr;
+    over_blocks(M, kMR, [&](int64_t r, int mr) {
+      dp_rows<kMR>(mr, rows + r, kpad, wp, K, perm, y + r * n + p * kNR, n, scale + p * kNR, bp, cols);
+    });
+  }
+}
 #else
 int64_t int8dp_max_k() { return 0; }
+void int8dp_range(const float*, int64_t, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, int64_t,
+                  const float*, const float*, float*, std::vector<int8_t>&) {}
 void int8dp_linear(const float*, int64_t, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, const float*,
                    const float*, float*) {
   TORCH_CHECK(false, "int8dp_linear: this build has no AVX512-VNNI and AVX512-VBMI");

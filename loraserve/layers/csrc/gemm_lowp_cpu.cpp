@@ -641,6 +641,37 @@ std::string lowp_gemm_isa() {
 #endif
 }
 
+void int8dp_range(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, int64_t panel_bytes, int64_t p0,
+                  int64_t p1, int64_t n, const float* scale, const float* bias, float* y, std::vector<int8_t>& digits);
+
+// the most rows lowp_panel_range takes: below every threshold where lowp_panel_linear switches to
+// a kernel that works on all panels at once (AMX, bf16 dot products) or converts rows up front
+constexpr int64_t kRangeRows = 4;
+static_assert(kRangeRows < kBf16DpMinRows, "lowp_panel_range assumes the per-panel kernels");
+#if defined(LORASERVE_AMX)
+static_assert(kRangeRows < kAmxMinRowsInt8 && kRangeRows < kAmxMinRows, "lowp_panel_range assumes no AMX");
+#endif
+int64_t lowp_range_rows() { return kRangeRows; }
+
+// Panels [p0, p1) of lowp_panel_linear's product for at most kRangeRows rows, each panel as
+// lowp_panel_linear computes it: the decode stack's threads each take a range inside one parallel
+// region (decode_stack_cpu.cpp), and the split cannot change a bit.
+void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, bool bf16, int64_t n,
+                      const float* scale, const float* bias, int64_t p0, int64_t p1, float* y,
+                      std::vector<int8_t>& digits, std::vector<float>& scratch) {
+  const int64_t panel_bytes = bf16 ? (K + 1) / 2 * 2 * kNR * 2 : K * kNR;
+  if (!bf16 && K <= int8dp_max_k()) {
+    int8dp_range(x, ldx, M, K, w, panel_bytes, p0, p1, n, scale, bias, y, digits);
+    return;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const Panel t{w + p * panel_bytes, K, scale ? scale + p * kNR : nullptr, bias ? bias + p * kNR : nullptr,
+                  std::min(kNR, n - p * kNR)};
+    if (bf16) panel_rows<true>(M, x, ldx, t, y + p * kNR, n, scratch);
+    else panel_rows<false>(M, x, ldx, t, y + p * kNR, n, scratch);
+  }
+}
+
 // x [M, K] fp32 (contiguous rows, any row stride); w: bf16 [P, ceil(K/2), 32, 2] or int8 [P, K, 32]
 // with scale [P * 32]; bias [n] -> y [M, n] fp32. bf16 panels multiply bf16-rounded activations
 // from kBf16DpMinRows / kAmxMinRows rows where the CPU has bf16 dot products or AMX; int8 panels

@@ -12,6 +12,26 @@
 
 #include "over_rows.h"
 
+// One row: xr += dr (when dr is given), then yr = rms_norm(xr) * w. Out of line so that the decode
+// stack's threads (decode_stack_cpu.cpp), which each keep their own copy of the residual stream,
+// run the very instructions norm_rows runs: the same sums in the same order.
+__attribute__((noinline)) void norm_row(float* xr, const float* dr, const float* wp, int64_t H, float e, float* yr) {
+  float ss = 0.f;
+  if (dr) {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < H; ++i) {
+      xr[i] += dr[i];
+      ss += xr[i] * xr[i];
+    }
+  } else {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + e);
+#pragma omp simd
+  for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * r * wp[i];
+}
+
 namespace {
 
 void check_rows(const torch::Tensor& t, const char* name) {
@@ -34,25 +54,7 @@ torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, double e
   float* yp = y.data_ptr<float>();
   const float e = static_cast<float>(eps);
   auto body = [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      float* xr = xp + t * H;
-      float ss = 0.f;
-      if (dp) {
-        const float* dr = dp + t * H;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < H; ++i) {
-          xr[i] += dr[i];
-          ss += xr[i] * xr[i];
-        }
-      } else {
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
-      }
-      const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + e);
-      float* yr = yp + t * H;
-#pragma omp simd
-      for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * r * wp[i];
-    }
+    for (int64_t t = begin; t < end; ++t) norm_row(xp + t * H, dp ? dp + t * H : nullptr, wp, H, e, yp + t * H);
   };
   over_rows(T, H, 65536, body);
   return y;
