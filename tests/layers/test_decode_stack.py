@@ -31,6 +31,16 @@ PRECISIONS = {  # engine flags
 }
 
 
+@pytest.fixture
+def two_threads() -> object:
+    """Two OpenMP threads on this thread, whatever earlier tests left (`use_one_omp_thread` sets
+    one for the thread that calls it): the one-region path runs only with more than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def greedy(engine: Engine, adapters: list | None = None) -> list[list[tuple[int, float | None]]]:
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
     results = engine.generate(PROMPTS, params, adapters)
@@ -41,7 +51,12 @@ def greedy(engine: Engine, adapters: list | None = None) -> list[list[tuple[int,
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, tied embedding
 def test_stack_equals_the_python_loop(
-    tiny_model_dirs: dict[str, Path], arch: str, precision: str, build: str, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dirs: dict[str, Path],
+    arch: str,
+    precision: str,
+    build: str,
+    monkeypatch: pytest.MonkeyPatch,
+    two_threads: object,
 ) -> None:
     native_kernel_or_skip(build)
     if build == AVX2:
@@ -51,10 +66,9 @@ def test_stack_equals_the_python_loop(
     assert model.decode_stack is not None
     ran = count_taken(monkeypatch, DecodeStack, "__call__")
     with_stack = greedy(engine)
-    # every decode step of the three rows ran the stack, the prefill did not; with more than one
-    # thread, each of those steps (three rows) in one parallel region
+    # every decode step of the three rows ran the stack, each in one parallel region; the prefill did not
     assert ran.count(True) == NEW_TOKENS - 1 and ran.count(False) >= 1
-    assert model.decode_stack.native.region_runs() == (NEW_TOKENS - 1 if torch.get_num_threads() > 1 else 0)
+    assert model.decode_stack.native.region_runs() == NEW_TOKENS - 1
     stack, model.decode_stack = model.decode_stack, None
     try:
         assert greedy(engine) == with_stack  # token ids and logprobs, exactly
@@ -114,7 +128,7 @@ MANY_PROMPTS = PROMPTS + [[1, 2, 3], [1, 50, 60, 70, 80], [1, 300]]  # 6 rows: p
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_one_region_equals_the_per_kernel_stack(
-    llama_dir: Path, precision: str, build: str, monkeypatch: pytest.MonkeyPatch
+    llama_dir: Path, precision: str, build: str, monkeypatch: pytest.MonkeyPatch, two_threads: object
 ) -> None:
     """Decode steps of up to 4 rows run in one parallel region (csrc/decode_stack_cpu.cpp
     `run_region`): the same tokens and logprobs, bit for bit, as the stack's per-kernel path
@@ -122,8 +136,6 @@ def test_one_region_equals_the_per_kernel_stack(
     native_kernel_or_skip(build)
     if build == AVX2:
         monkeypatch.setenv(ENV_MARCH, AVX2)
-    if torch.get_num_threads() < 2:
-        pytest.skip("one thread: the region is never taken")
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
     runs, regions = [], []
     for region in ("1", "0"):
@@ -143,11 +155,9 @@ def test_one_region_equals_the_per_kernel_stack(
     assert regions == [steps, steps, 0, 0, 0, 0]
 
 
-def test_an_error_inside_the_region_reaches_the_caller(llama_dir: Path) -> None:
+def test_an_error_inside_the_region_reaches_the_caller(llama_dir: Path, two_threads: object) -> None:
     """A kernel that refuses its input inside the region (here attention, a cache slot out of
     range) raises in the caller, with every thread out of the region: the next step runs."""
-    if torch.get_num_threads() < 2:
-        pytest.skip("one thread: the region is never taken")
     engine = cpu_engine(llama_dir, "native")
     stack = engine.runner.model.decode_stack
     calls: list[tuple] = []

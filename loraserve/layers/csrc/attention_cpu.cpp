@@ -22,6 +22,7 @@
 #include <limits>
 #include <vector>
 
+#include "decode_job.h"
 #include "rotary.h"
 #include "simd.h"
 #include "softmax_row.h"
@@ -187,39 +188,164 @@ inline bool head_fast(int64_t D, const float* q, float* out, float* s, int64_t s
 // 54 -> 22 us with a bf16 cache, 65 -> 56 us fp32; 4,000: 236 -> 124 us, 301 -> 223 us.
 constexpr int64_t kMinSplitPositions = 32;  // shorter parts cost more to merge than they save
 
+// Part (b, c)'s scores and weighted sums: positions [t0, t1) of sequence b, all heads
 template <typename T>
-void decode_split(const float* qp, int64_t q_row, const T* kp, const T* vp, float* op, const int64_t* tables,
-                  const int64_t* lens, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t G, int64_t BS,
-                  int64_t nblk, int64_t max_ctx, float sc) {
-  const int64_t row = Hkv * D, span = (max_ctx + S - 1) / S + 1;
-  std::vector<float> part(B * S * Hq * D), ml(B * S * Hq * 2);
-  at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(Hq * span);
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / S, c = it % S, n = lens[b], t0 = n * c / S, t1 = n * (c + 1) / S;
-      float* pm = ml.data() + it * Hq * 2;
-      if (t1 == t0) {  // a sequence shorter than S positions: an empty part weighs nothing
-        for (int64_t r = 0; r < Hq; ++r) pm[2 * r] = -std::numeric_limits<float>::infinity(), pm[2 * r + 1] = 0.f;
-        continue;
-      }
-      for (int64_t h = 0; h < Hkv; ++h)
-        head_fast(D, qp + b * q_row + h * G * D, part.data() + (it * Hq + h * G) * D, scores.data() + h * G * span,
-                  span, G, t0, t1, kp + h * D, vp + h * D, tables + b * nblk, BS, row, sc,
-                  h ? 0 : row * static_cast<int64_t>(sizeof(T)), pm + h * G * 2);
+void split_item(const DecodeJob& j, int64_t it, float* scores, int64_t span) {
+  const T* kp = static_cast<const T*>(j.k);
+  const T* vp = static_cast<const T*>(j.v);
+  const int64_t row = j.Hkv * j.D, b = it / j.S, c = it % j.S, n = j.lens[b], t0 = n * c / j.S,
+                t1 = n * (c + 1) / j.S;
+  float* pm = j.ml + it * j.Hq * 2;
+  if (t1 == t0) {  // a sequence shorter than S positions: an empty part weighs nothing
+    for (int64_t r = 0; r < j.Hq; ++r) pm[2 * r] = -std::numeric_limits<float>::infinity(), pm[2 * r + 1] = 0.f;
+    return;
+  }
+  for (int64_t h = 0; h < j.Hkv; ++h)
+    head_fast(j.D, j.q + b * j.q_row + h * j.G * j.D, j.part + (it * j.Hq + h * j.G) * j.D, scores + h * j.G * span,
+              span, j.G, t0, t1, kp + h * j.D, vp + h * j.D, j.tables + b * j.nblk, j.BS, row, j.sc,
+              h ? 0 : row * static_cast<int64_t>(sizeof(T)), pm + h * j.G * 2);
+}
+#endif
+
+// Item (sequence, range of `per` KV heads) of the unsplit path
+template <typename T>
+void head_item(const DecodeJob& j, int64_t it, std::vector<float>& scores, std::vector<float>& acc) {
+  const T* kp = static_cast<const T*>(j.k);
+  const T* vp = static_cast<const T*>(j.v);
+  const int64_t per = j.per, G = j.G, D = j.D, max_ctx = j.max_ctx, row = j.Hkv * D;
+  const float sc = j.sc;
+  const int64_t items_per_seq = j.Hkv / per;
+  const int64_t b = it / items_per_seq, h0 = (it % items_per_seq) * per, n = j.lens[b];
+  const int64_t* tb = j.tables + b * j.nblk;
+  const float* qh = j.q + b * j.q_row + h0 * G * D;  // the per*G query heads of KV heads h0..
+  float* s = scores.data();
+  const int64_t rows = per * G;  // query heads in this item; row r reads KV head h0 + r / G
+#if LORASERVE_SIMD
+  {
+    bool done = true;
+    for (int64_t hh = 0; hh < per && done; ++hh)
+      done = head_fast(D, qh + hh * G * D, j.out + (b * j.Hq + (h0 + hh) * G) * D, s + hh * G * max_ctx, max_ctx, G,
+                       0, n, kp + (h0 + hh) * D, vp + (h0 + hh) * D, tb, j.BS, row, sc,
+                       // the first head prefetches the item's heads
+                       hh ? 0 : per * D * static_cast<int64_t>(sizeof(T)));
+    if (done) return;
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t) {  // scores: one pass over K
+    const T* k = kp + (tb[t / j.BS] * j.BS + t % j.BS) * row + h0 * D;
+    for (int64_t r = 0; r < rows; ++r) s[r * max_ctx + t] = dot(qh + r * D, k + (r / G) * D, D) * sc;
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // softmax per query head
+    float* sr = s + r * max_ctx;
+    const float inv = 1.f / exp_shifted(sr, n, max_of(sr, n));
+    for (int64_t t = 0; t < n; ++t) sr[t] *= inv;
+  }
+  std::fill(acc.begin(), acc.end(), 0.f);
+  for (int64_t t = 0; t < n; ++t) {  // weighted sum: one pass over V
+    const T* v = vp + (tb[t / j.BS] * j.BS + t % j.BS) * row + h0 * D;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = s[r * max_ctx + t];
+      const T* vr = v + (r / G) * D;
+      float* a = acc.data() + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += w * to_f(vr[d]);
     }
-  });
+  }
+  std::copy(acc.begin(), acc.end(), j.out + (b * j.Hq + h0 * G) * D);
+}
+
+template <typename T>
+void job_items(const DecodeJob& j, int64_t begin, int64_t end) {
+#if LORASERVE_SIMD
+  if (j.S > 1) {
+    const int64_t span = (j.max_ctx + j.S - 1) / j.S + 1;
+    std::vector<float> scores(j.Hq * span);
+    for (int64_t it = begin; it < end; ++it) split_item<T>(j, it, scores.data(), span);
+    return;
+  }
+#endif
+  std::vector<float> scores(j.per * j.G * j.max_ctx), acc(j.per * j.G * j.D);
+  for (int64_t it = begin; it < end; ++it) head_item<T>(j, it, scores, acc);
+}
+
+}  // namespace
+
+// How the work splits for `threads` threads. Fewer sequences than threads and a context long
+// enough: each sequence's positions in S parts (split_item, merged by decode_job_finish). Else
+// work items are (sequence, range of KV heads). With at least as many sequences as threads, an
+// item takes all heads of its sequence, so each pass reads whole contiguous cache rows (all heads
+// of a position) in block order, which the prefetcher follows; splitting heads across threads
+// left every pass reading a third of each row from DRAM. Fewer sequences than threads and a
+// context too short to split: one head per item, so every core has work.
+void decode_job_plan(DecodeJob& j, int64_t threads) {
+  j.S = 1;
+#if LORASERVE_SIMD
+  if (j.B < threads && (j.D == 2 * simd::W || j.D == 4 * simd::W || j.D == 8 * simd::W))
+    j.S = std::max<int64_t>(1, std::min((threads + j.B - 1) / j.B, j.max_ctx / kMinSplitPositions));
+#endif
+  j.per = j.B >= threads ? j.Hkv : 1;
+  j.items = j.S > 1 ? j.B * j.S : j.B * (j.Hkv / j.per);
+  if (j.S > 1) {
+    j.scratch.resize(static_cast<size_t>(j.B * j.S * j.Hq * (j.D + 2)));
+    j.part = j.scratch.data();
+    j.ml = j.part + j.B * j.S * j.Hq * j.D;
+  }
+}
+
+// items [begin, end) of a planned job: each computed the same whichever thread runs it
+void decode_job_items(const DecodeJob& j, int64_t begin, int64_t end) {
+  if (j.bf16) job_items<bf16_t>(j, begin, end);
+  else job_items<float>(j, begin, end);
+}
+
+// Prefetch (into L1) the cache lines items [begin, end) of a planned job will read from the cache
+// pair k, v (one layer's; the job's own are ignored), issued before the layer's q|k|v projection
+// so they arrive while it streams its weights: a context's cache of ~100 KB a layer is read cold
+// after the step's weights have passed through every cache (at 128 positions, 8 -> 5 us a layer).
+void decode_job_prefetch(const DecodeJob& j, const void* k, const void* v, int64_t begin, int64_t end) {
+  const int64_t el = j.bf16 ? 2 : 4, row = j.Hkv * j.D * el;
+  const char* kc = static_cast<const char*>(k);
+  const char* vc = static_cast<const char*>(v);
+  for (int64_t it = begin; it < end; ++it) {
+    int64_t b, t0, t1, h0 = 0, h1 = j.Hkv;
+    if (j.S > 1) {
+      b = it / j.S;
+      const int64_t c = it % j.S, n = j.lens[b];
+      t0 = n * c / j.S, t1 = n * (c + 1) / j.S;
+    } else {
+      const int64_t items_per_seq = j.Hkv / j.per;
+      b = it / items_per_seq, h0 = (it % items_per_seq) * j.per, h1 = h0 + j.per;
+      t0 = 0, t1 = j.lens[b];
+    }
+    const int64_t* tb = j.tables + b * j.nblk;
+    t1 = std::min(t1, j.nblk * j.BS);  // unchecked input (the checks come later): stay in the table
+    const int64_t first = h0 * j.D * el, bytes = (h1 - h0) * j.D * el;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t off = (tb[t / j.BS] * j.BS + t % j.BS) * row + first;
+      for (int64_t q = 0; q < bytes; q += 64) {
+        __builtin_prefetch(kc + off + q, 0, 3);
+        __builtin_prefetch(vc + off + q, 0, 3);
+      }
+    }
+  }
+}
+
+// a split job's parts merged by their score maxima into op [B, Hq, D] (nothing to do unsplit)
+void decode_job_finish(const DecodeJob& j, float* op) {
+  if (j.S <= 1) return;
+  const int64_t B = j.B, S = j.S, Hq = j.Hq, D = j.D;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t r = 0; r < Hq; ++r) {
       float m = -std::numeric_limits<float>::infinity(), den = 0.f;
-      for (int64_t c = 0; c < S; ++c) m = std::max(m, ml[((b * S + c) * Hq + r) * 2]);
+      for (int64_t c = 0; c < S; ++c) m = std::max(m, j.ml[((b * S + c) * Hq + r) * 2]);
       float* o = op + (b * Hq + r) * D;
       std::fill(o, o + D, 0.f);
       for (int64_t c = 0; c < S; ++c) {
-        const float* pm = ml.data() + ((b * S + c) * Hq + r) * 2;
+        const float* pm = j.ml + ((b * S + c) * Hq + r) * 2;
         if (pm[1] == 0.f) continue;
         const float w = std::exp(pm[0] - m);
         den += w * pm[1];
-        const float* pp = part.data() + ((b * S + c) * Hq + r) * D;
+        const float* pp = j.part + ((b * S + c) * Hq + r) * D;
         for (int64_t d = 0; d < D; ++d) o[d] += w * pp[d];
       }
       const float inv = 1.f / den;
@@ -227,75 +353,6 @@ void decode_split(const float* qp, int64_t q_row, const T* kp, const T* vp, floa
     }
   }
 }
-#endif
-
-// The work of paged_decode_attention over a cache of T (float, or bf16 widened in registers).
-template <typename T>
-void decode_items(const float* qp, int64_t q_row, const T* kp, const T* vp, float* op, const int64_t* tables,
-                  const int64_t* lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t G, int64_t BS,
-                  int64_t nblk, int64_t max_ctx, float sc) {
-  const int64_t row = Hkv * D;  // elements between consecutive positions of one head in a block
-  const int64_t threads = at::get_num_threads();
-#if LORASERVE_SIMD
-  if (B < threads && (D == 2 * simd::W || D == 4 * simd::W || D == 8 * simd::W)) {
-    const int64_t S = std::min((threads + B - 1) / B, max_ctx / kMinSplitPositions);
-    if (S > 1) return decode_split(qp, q_row, kp, vp, op, tables, lens, B, S, Hq, Hkv, D, G, BS, nblk, max_ctx, sc);
-  }
-#endif
-  // Work items are (sequence, range of KV heads). With at least as many sequences as
-  // threads, an item takes all heads of its sequence, so each pass reads whole contiguous
-  // cache rows (all heads of a position) in block order, which the prefetcher follows;
-  // splitting heads across threads left every pass reading a third of each row from DRAM.
-  // Fewer sequences than threads and a context too short to split (decode_split, above): one
-  // head per item, so every core has work.
-  const int64_t per = B >= threads ? Hkv : 1;
-  const int64_t items_per_seq = Hkv / per;
-  at::parallel_for(0, B * items_per_seq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(per * G * max_ctx);
-    std::vector<float> acc(per * G * D);
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / items_per_seq, h0 = (it % items_per_seq) * per, n = lens[b];
-      const int64_t* tb = tables + b * nblk;
-      const float* qh = qp + b * q_row + h0 * G * D;  // the per*G query heads of KV heads h0..
-      float* s = scores.data();
-      const int64_t rows = per * G;  // query heads in this item; row r reads KV head h0 + r / G
-#if LORASERVE_SIMD
-      {
-        bool done = true;
-        for (int64_t hh = 0; hh < per && done; ++hh)
-          done = head_fast(D, qh + hh * G * D, op + (b * Hq + (h0 + hh) * G) * D, s + hh * G * max_ctx, max_ctx, G,
-                           0, n, kp + (h0 + hh) * D, vp + (h0 + hh) * D, tb, BS, row, sc,
-                           // the first head prefetches the item's heads
-                           hh ? 0 : per * D * static_cast<int64_t>(sizeof(T)));
-        if (done) continue;
-      }
-#endif
-      for (int64_t t = 0; t < n; ++t) {  // scores: one pass over K
-        const T* k = kp + (tb[t / BS] * BS + t % BS) * row + h0 * D;
-        for (int64_t r = 0; r < rows; ++r) s[r * max_ctx + t] = dot(qh + r * D, k + (r / G) * D, D) * sc;
-      }
-      for (int64_t r = 0; r < rows; ++r) {  // softmax per query head
-        float* sr = s + r * max_ctx;
-        const float inv = 1.f / exp_shifted(sr, n, max_of(sr, n));
-        for (int64_t t = 0; t < n; ++t) sr[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < n; ++t) {  // weighted sum: one pass over V
-        const T* v = vp + (tb[t / BS] * BS + t % BS) * row + h0 * D;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float w = s[r * max_ctx + t];
-          const T* vr = v + (r / G) * D;
-          float* a = acc.data() + r * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += w * to_f(vr[d]);
-        }
-      }
-      std::copy(acc.begin(), acc.end(), op + (b * Hq + h0 * G) * D);
-    }
-  });
-}
-
-}  // namespace
 
 // The checks both entry points make of a layer's cache pair; true for a bf16 cache, false for fp32.
 static bool cache_is_bf16(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
@@ -309,9 +366,10 @@ static bool cache_is_bf16(const torch::Tensor& k_cache, const torch::Tensor& v_c
 
 // The checked core of both entry points: q rows `q_row` floats apart, each [Hq, D] contiguous;
 // out [B, Hq, D] contiguous. Checks the tables against the cache before anything is read.
-static void decode_checked(const float* qp, int64_t q_row, int64_t B, int64_t Hq, int64_t D,
-                           const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                           const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale, float* op) {
+static void decode_job_make(const float* qp, int64_t q_row, int64_t B, int64_t Hq, int64_t D,
+                            const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                            const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale, float* op,
+                            DecodeJob& j) {
   const bool bf16 = cache_is_bf16(k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [B, nblk]");
@@ -330,15 +388,16 @@ static void decode_checked(const float* qp, int64_t q_row, int64_t B, int64_t Hq
       TORCH_CHECK(tables[b * nblk + i] >= 0 && tables[b * nblk + i] < NB, "block id out of range");
     max_ctx = std::max(max_ctx, lens[b]);
   }
-  const float sc = static_cast<float>(scale);
-  if (bf16) {
-    decode_items<bf16_t>(qp, q_row, static_cast<const bf16_t*>(k_cache.data_ptr()),
-                         static_cast<const bf16_t*>(v_cache.data_ptr()), op, tables, lens, B, Hq, Hkv, D, G, BS, nblk,
-                         max_ctx, sc);
-  } else {
-    decode_items<float>(qp, q_row, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), op, tables, lens, B, Hq,
-                        Hkv, D, G, BS, nblk, max_ctx, sc);
-  }
+  j.q = qp, j.q_row = q_row, j.k = k_cache.data_ptr(), j.v = v_cache.data_ptr(), j.bf16 = bf16, j.out = op;
+  j.tables = tables, j.lens = lens, j.B = B, j.Hq = Hq, j.Hkv = Hkv, j.D = D, j.G = G, j.BS = BS, j.nblk = nblk;
+  j.max_ctx = max_ctx, j.sc = static_cast<float>(scale);
+}
+
+// a made job planned for torch's threads and run by them
+static void decode_job_run(DecodeJob& j) {
+  decode_job_plan(j, at::get_num_threads());
+  at::parallel_for(0, j.items, 1, [&](int64_t begin, int64_t end) { decode_job_items(j, begin, end); });
+  decode_job_finish(j, j.out);
 }
 
 // q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
@@ -351,8 +410,10 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
               "q must be a CPU float32 [B, Hq, D] tensor with contiguous heads");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   auto out = torch::empty({B, Hq, D}, q.options());
-  decode_checked(q.data_ptr<float>(), q.stride(0), B, Hq, D, k_cache, v_cache, block_tables, ctx_lens, scale,
-                 out.data_ptr<float>());
+  DecodeJob j;
+  decode_job_make(q.data_ptr<float>(), q.stride(0), B, Hq, D, k_cache, v_cache, block_tables, ctx_lens, scale,
+                  out.data_ptr<float>(), j);
+  decode_job_run(j);
   return out;
 }
 
@@ -395,17 +456,12 @@ void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const 
     store_slot(k_cache, v_cache, bf16, sp[t], row, kp + t * k.stride(0), vp + t * v.stride(0));
 }
 
-// A decode step's whole attention of one layer in one call: qkv [B, (Hq + 2 Hkv) * D] (one row per
-// sequence, the fused q|k|v projection), cos/sin [B, D/2]: rotary on q and k, the new k and v into
-// their cache slots, decode attention over each context -> [B, Hq * D]. What it saves is dispatch:
-// through the Ops seam, seven views and three calls per layer (~8 us each at batch 1, where a
-// 30-layer int8 step of the 135M model is ~5 ms); inside, it touches raw pointers only (rotated q in
-// a local buffer, rotated k and v written straight into their slots), because each ATen op (narrow,
-// view, empty) costs ~1 us cold after a step's weight stream, as much as rotating a row.
-torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
-                                    const torch::Tensor& sin, const torch::Tensor& k_cache,
-                                    const torch::Tensor& v_cache, const torch::Tensor& slots,
-                                    const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale) {
+// rope_decode_attention up to its work items: the checks, rotary, the new keys and values into
+// the cache; `job` made (not planned) with the rotated queries in `q` and the output in `out`
+void rope_decode_prepare(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
+                         const torch::Tensor& sin, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                         const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& ctx_lens,
+                         double scale, std::vector<float>& q, const torch::Tensor& out, DecodeJob& job) {
   const bool bf16 = cache_is_bf16(k_cache, v_cache);
   const int64_t B = qkv.size(0), NB = k_cache.size(0), BS = k_cache.size(1), D = k_cache.size(3), half = D / 2;
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 2 &&
@@ -423,7 +479,10 @@ torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_
   const float* cp = cos.data_ptr<float>();
   const float* snp = sin.data_ptr<float>();
   const int64_t ld = qkv.stride(0), row = hkv * D;
-  std::vector<float> q(B * hq * D), kr(row);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() == B * hq * D,
+              "out must be a contiguous float32 [B, Hq * D] tensor");
+  q.resize(static_cast<size_t>(B * hq * D));
+  std::vector<float> kr(row);
   for (int64_t b = 0; b < B; ++b) {
     const float* x = xp + b * ld;
     for (int64_t h = 0; h < hq + hkv; ++h)
@@ -431,7 +490,25 @@ torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_
                   h < hq ? q.data() + (b * hq + h) * D : kr.data() + (h - hq) * D, half);
     store_slot(k_cache, v_cache, bf16, sp[b], row, kr.data(), x + (hq + hkv) * D);
   }
-  auto out = torch::empty({B, hq * D}, qkv.options());
-  decode_checked(q.data(), hq * D, B, hq, D, k_cache, v_cache, block_tables, ctx_lens, scale, out.data_ptr<float>());
+  decode_job_make(q.data(), hq * D, B, hq, D, k_cache, v_cache, block_tables, ctx_lens, scale, out.data_ptr<float>(),
+                  job);
+}
+
+// A decode step's whole attention of one layer in one call: qkv [B, (Hq + 2 Hkv) * D] (one row per
+// sequence, the fused q|k|v projection), cos/sin [B, D/2]: rotary on q and k, the new k and v into
+// their cache slots, decode attention over each context -> [B, Hq * D]. What it saves is dispatch:
+// through the Ops seam, seven views and three calls per layer (~8 us each at batch 1, where a
+// 30-layer int8 step of the 135M model is ~5 ms); inside, it touches raw pointers only (rotated q in
+// a local buffer, rotated k and v written straight into their slots), because each ATen op (narrow,
+// view, empty) costs ~1 us cold after a step's weight stream, as much as rotating a row.
+torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
+                                    const torch::Tensor& sin, const torch::Tensor& k_cache,
+                                    const torch::Tensor& v_cache, const torch::Tensor& slots,
+                                    const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale) {
+  auto out = torch::empty({qkv.size(0), hq * k_cache.size(3)}, qkv.options());
+  std::vector<float> q;
+  DecodeJob job;
+  rope_decode_prepare(qkv, hq, hkv, cos, sin, k_cache, v_cache, slots, block_tables, ctx_lens, scale, q, out, job);
+  decode_job_run(job);
   return out;
 }

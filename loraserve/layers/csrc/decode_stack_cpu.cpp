@@ -16,7 +16,8 @@
 // table that the Python side hands over again whenever the table is re-allocated.
 #include <torch/extension.h>
 
-#include <immintrin.h>
+#include "decode_job.h"
+
 #include <omp.h>
 
 #include <atomic>
@@ -54,6 +55,10 @@ void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const c
                       const float* scale, const float* bias, int64_t p0, int64_t p1, float* y,
                       std::vector<int8_t>& digits, std::vector<float>& scratch);
 int64_t lowp_range_rows();
+void rope_decode_prepare(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
+                         const torch::Tensor& sin, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                         const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& ctx_lens,
+                         double scale, std::vector<float>& q, const torch::Tensor& out, DecodeJob& job);
 void norm_row(float* xr, const float* dr, const float* wp, int64_t H, float e, float* yr);
 void silu_mul_cols(const float* g, const float* u, float* o, int64_t n);
 
@@ -66,7 +71,7 @@ struct SlicePrefetch {
     end = b + std::min(bytes, budget);
   }
   void step(int lines) {
-    for (int i = 0; i < lines && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
+    for (int i = 0; i < lines && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 2);
   }
 };
 
@@ -84,7 +89,9 @@ struct SpinBarrier {
     }
     while (gen.load(std::memory_order_acquire) == g) {
       pf.step(2);
-      _mm_pause();
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
     }
   }
 };
@@ -171,25 +178,6 @@ struct DecodeLayer {
   double scale;
 };
 
-// the lines of a layer's KV cache the rows' attention will read (every position but the new one)
-inline void prefetch_kv(const DecodeLayer& l, int64_t M, const torch::Tensor& block_tables, const torch::Tensor& ctx_lens) {
-  const int64_t* tb = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
-  const int64_t nblk = block_tables.size(1), BS = l.k_cache.size(1);
-  const int64_t row = l.k_cache.size(2) * l.k_cache.size(3) * l.k_cache.element_size();
-  const char* kc = static_cast<const char*>(l.k_cache.data_ptr());
-  const char* vc = static_cast<const char*>(l.v_cache.data_ptr());
-  for (int64_t b = 0; b < M; ++b) {
-    const int64_t n = lens[b] - 1;
-    for (int64_t j = 0; j * BS < n; ++j) {
-      const int64_t bytes = std::min(BS, n - j * BS) * row, off = tb[b * nblk + j] * BS * row;
-      for (int64_t q = 0; q < bytes; q += 64) {
-        _mm_prefetch(kc + off + q, _MM_HINT_T0);
-        _mm_prefetch(vc + off + q, _MM_HINT_T0);
-      }
-    }
-  }
-}
 // the most of its next projection's weights a waiting thread prefetches into L2
 constexpr int64_t kSlicePrefetch = 256 << 10;
 
@@ -299,10 +287,24 @@ class DecodeStack {
     float* buf[4];
     for (int64_t i = 0; i < 4; ++i) buf[i] = bufs.data_ptr<float>() + i * M * most;
     const torch::Tensor hx = x.contiguous(), hh = h.contiguous();
-    torch::Tensor attn, y = torch::empty_like(hh);
+    torch::Tensor y = torch::empty_like(hh);
+    // attention's output [M, Hq * D] (the unsplit items write it) and the rotated queries
+    int64_t attn_most = 0;
+    for (const DecodeLayer& l : layers_) attn_most = std::max(attn_most, l.hq * l.k_cache.size(3));
+    const torch::Tensor attn_buf = torch::empty({M * attn_most}, x.options());
+    std::vector<float> q;
     std::exception_ptr err;
     bool failed = false;
     const int threads = static_cast<int>(at::get_num_threads());
+    // how attention's items split: the same plan for every layer (one shape, one context), known
+    // before the region so each thread can prefetch the cache lines of its own items
+    DecodeJob plan, job;
+    plan.B = M, plan.Hq = layers_[0].hq, plan.Hkv = layers_[0].hkv, plan.D = layers_[0].k_cache.size(3);
+    plan.BS = layers_[0].k_cache.size(1), plan.nblk = block_tables.size(1);
+    plan.bf16 = layers_[0].k_cache.scalar_type() == torch::kBFloat16;
+    plan.tables = block_tables.data_ptr<int64_t>(), plan.lens = ctx_lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < M; ++b) plan.max_ctx = std::max(plan.max_ctx, plan.lens[b]);
+    decode_job_plan(plan, threads);
     SpinBarrier bar;
     bar.threads = threads;
     const float e = static_cast<float>(eps_);
@@ -311,6 +313,7 @@ class DecodeStack {
       const int t = omp_get_thread_num(), T = omp_get_num_threads();
       RangeScratch s;
       SlicePrefetch pf;
+      std::vector<float> mine;  // this thread's merge of a split attention
       // this thread's residual stream and normed input, at the same offsets from a 64-byte line as
       // x's and h's (norm_row's vector loop is the loop path's only where the alignment is too)
       std::vector<float> mem(2 * (M * H + 16));
@@ -328,14 +331,17 @@ class DecodeStack {
       };
       for (size_t i = 0; i < layers_.size(); ++i) {
         const DecodeLayer& l = layers_[i];
-        if (t == 0) prefetch_kv(l, M, block_tables, ctx_lens);
+        const int64_t i0 = plan.items * t / T, i1 = plan.items * (t + 1) / T;
+        decode_job_prefetch(plan, l.k_cache.data_ptr(), l.v_cache.data_ptr(), i0, i1);
         l.qkv.range(hn, H, M, H, buf[0], t, T, s);
         next(l.o);
         bar.wait(pf);
-        if (t == 0 && !failed) {
+        const int64_t width = l.hq * l.k_cache.size(3);
+        if (t == 0 && !failed) {  // rotary, the new keys and values into the cache: one thread
           try {
-            attn = rope_decode_attention(out(0, l.qkv), l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
-                                         block_tables, ctx_lens, l.scale);
+            rope_decode_prepare(out(0, l.qkv), l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots, block_tables,
+                                ctx_lens, l.scale, q, attn_buf.narrow(0, 0, M * width).view({M, width}), job);
+            decode_job_plan(job, T);
           } catch (...) {
             err = std::current_exception();
             failed = true;
@@ -343,7 +349,17 @@ class DecodeStack {
         }
         bar.wait(pf);
         if (failed) break;
-        l.o.range(attn.data_ptr<float>(), attn.stride(0), M, attn.size(1), buf[1], t, T, s);
+        decode_job_items(job, job.items * t / T, job.items * (t + 1) / T);
+        bar.wait(pf);
+        // a split context: every thread merges the parts into its own copy (no barrier, no
+        // reads from the other core's cache); else the items wrote the shared buffer
+        const float* attn = job.out;
+        if (job.S > 1) {
+          mine.resize(static_cast<size_t>(M * width));
+          decode_job_finish(job, mine.data());
+          attn = mine.data();
+        }
+        l.o.range(attn, width, M, width, buf[1], t, T, s);
         next(l.gate_up);
         bar.wait(pf);
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm.data_ptr<float>(), H, e, hn + m * H);
