@@ -89,10 +89,16 @@ LORA_CASES = {  # engine flags; fp32 runs the fused base + LoRA pass, the others
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("case", list(LORA_CASES))
 def test_adapter_rows_equal_the_python_loop(
-    llama_dir: Path, llama_adapters: list[Path], case: str, build: str, monkeypatch: pytest.MonkeyPatch
+    llama_dir: Path,
+    llama_adapters: list[Path],
+    case: str,
+    build: str,
+    monkeypatch: pytest.MonkeyPatch,
+    two_threads: object,
 ) -> None:
     """Rows on adapters of ranks 8 (every module, rsLoRA) and 4 beside a base row, then a rank-16
-    one: the slot table is re-allocated between the two, so the stack must take its new views."""
+    one: the slot table is re-allocated between the two, so the stack must take its new views.
+    Three rows: every decode step runs in one parallel region, adapter deltas and all."""
     native_kernel_or_skip(build)
     if build == AVX2:
         monkeypatch.setenv(ENV_MARCH, AVX2)
@@ -118,6 +124,8 @@ def test_adapter_rows_equal_the_python_loop(
         taken = ran[offered:]
         assert taken.count(True) == (2 * (NEW_TOKENS - 1) if stack_on else 0)
         assert taken.count(False) >= (2 if stack_on else 0)  # each call's prefill declined
+        if stack_on:
+            assert model.decode_stack.native.region_runs() == 2 * (NEW_TOKENS - 1)
         runs.append((first, second))
     assert runs[0] == runs[1]  # token ids and logprobs, exactly
 

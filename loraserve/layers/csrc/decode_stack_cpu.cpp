@@ -45,6 +45,9 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
                                 const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
                                 const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                                 const std::optional<torch::Tensor>& slot_rank);
+void lora_deltas(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& rows, const torch::Tensor& slots,
+                 const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                 const std::optional<torch::Tensor>& slot_rank);
 void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
@@ -158,15 +161,31 @@ struct NativeLinear {
   torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations, const LoraRows* lr, int64_t fused_rows,
                            int64_t fused_members) const {
     if (lr == nullptr) return (*this)(x, bf16_activations);
-    const int64_t members = static_cast<int64_t>(lora_bs.size());
-    if (!lowp && lora_a.scalar_type() == torch::kFloat32 && x.size(0) <= fused_rows && members > 0 &&
-        members <= fused_members)
+    if (fused(x.size(0), fused_rows, fused_members))
       return panel_lora_linear(x, w, n, bias, lr->rows, lr->slots, lora_a, lora_bs, lr->slot_rank);
     torch::Tensor y = (*this)(x, bf16_activations);
+    add_lora(x, y, *lr, fused_rows, fused_members);
+    return y;
+  }
+
+  // whether M rows take the fused base + LoRA pass
+  bool fused(int64_t M, int64_t fused_rows, int64_t fused_members) const {
+    const int64_t members = static_cast<int64_t>(lora_bs.size());
+    return !lowp && lora_a.scalar_type() == torch::kFloat32 && M <= fused_rows && members > 0 &&
+           members <= fused_members;
+  }
+
+  // the adapter rows' deltas onto y, this projection's base output for x: as the fused pass adds
+  // them (each row's delta apart, then added) where it applies, else as the row kernel does
+  void add_lora(const torch::Tensor& x, const torch::Tensor& y, const LoraRows& lr, int64_t fused_rows,
+                int64_t fused_members) const {
+    if (fused(x.size(0), fused_rows, fused_members)) {
+      lora_deltas(x, y, lr.rows, lr.slots, lora_a, lora_bs, lr.slot_rank);
+      return;
+    }
     std::vector<torch::Tensor> ys;
     for (const auto& [s, e] : bounds) ys.push_back(s == 0 && e == y.size(1) ? y : y.narrow(1, s, e - s));
-    lora_rows(x, lr->rows, lr->slots, lora_a, lora_bs, ys, lr->slot_rank);
-    return y;
+    lora_rows(x, lr.rows, lr.slots, lora_a, lora_bs, ys, lr.slot_rank);
   }
 };
 
@@ -243,9 +262,9 @@ class DecodeStack {
       lr = LoraRows{*lora_rows, *lora_slots, slot_rank};
     }
     const LoraRows* lp = lr ? &*lr : nullptr;
-    if (lp == nullptr && x.size(0) <= lowp_range_rows() && at::get_num_threads() > 1 && region_ && region_ok_ &&
+    if (x.size(0) <= lowp_range_rows() && at::get_num_threads() > 1 && region_ && region_ok_ &&
         x.size(1) == layers_[0].o.n)
-      return run_region(x, h, cos, sin, slots, block_tables, ctx_lens);
+      return run_region(x, h, cos, sin, slots, block_tables, ctx_lens, lp);
     for (const DecodeLayer& l : layers_) {
       const torch::Tensor qkv = l.qkv(h, bf16_act_, lp, fused_rows_, fused_members_);
       const torch::Tensor attn = rope_decode_attention(qkv, l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
@@ -266,16 +285,19 @@ class DecodeStack {
   // The same step in one parallel region. Each projection's panels split over the threads as the
   // kernels split them; SwiGLU runs on the columns a thread computed (its gate panels and the
   // matching up panels); every thread keeps its own copy of the residual stream and its norms
-  // (the same arithmetic on the same inputs, so the copies agree bit for bit), so only
-  // attention is left to one thread; a barrier wherever a thread reads what others wrote: five a
-  // layer. Waiting threads prefetch their share of the next projection's weights, and thread 0
-  // prefetches the KV cache its attention reads while its q|k|v share computes. Why: the
-  // per-kernel path runs four parallel regions a layer (120 a token on SmolLM2-135M), each with
-  // a start, an end barrier and a cold start of the weight stream, and its serial norm, SwiGLU
-  // and attention read their inputs from the other core's cache with the memory bus idle.
+  // (the same arithmetic on the same inputs, so the copies agree bit for bit); attention's items
+  // (decode_job.h) split over the threads after one of them rotates q/k and stores the new K/V.
+  // A barrier wherever a thread reads what others wrote: six a layer, and with adapter rows four
+  // more, around each projection's deltas, which one thread adds as the per-kernel path does
+  // (small at decode sizes, and their arithmetic then stays that path's). Waiting threads
+  // prefetch their share of the next projection's weights, and each thread the KV-cache lines of
+  // its attention items while its q|k|v share computes. Why: the per-kernel path runs four
+  // parallel regions a layer (120 a token on SmolLM2-135M), each with a start, an end barrier and
+  // a cold start of the weight stream, and its serial norm and SwiGLU read their inputs from the
+  // other core's cache with the memory bus idle.
   torch::Tensor run_region(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& cos,
                            const torch::Tensor& sin, const torch::Tensor& slots, const torch::Tensor& block_tables,
-                           const torch::Tensor& ctx_lens) const {
+                           const torch::Tensor& ctx_lens, const LoraRows* lp) const {
     const int64_t M = x.size(0), H = x.size(1);
     ++region_runs_;
     int64_t most = 0;
@@ -329,6 +351,22 @@ class DecodeStack {
         const auto [b, n] = g.slice(t, T);
         pf.start(b, n, kSlicePrefetch);
       };
+      // thread 0's piece of serial work, then a barrier; an exception stops every thread there
+      auto serial = [&](const auto& f) {
+        if (t == 0 && !failed) {
+          try {
+            f();
+          } catch (...) {
+            err = std::current_exception();
+            failed = true;
+          }
+        }
+        bar.wait(pf);
+      };
+      // M rows of `cols` floats at p as a tensor (the adapter kernels take tensors)
+      auto rows_of = [&](const float* p, int64_t cols) {
+        return torch::from_blob(const_cast<float*>(p), {M, cols}, x.options());
+      };
       for (size_t i = 0; i < layers_.size(); ++i) {
         const DecodeLayer& l = layers_[i];
         const int64_t i0 = plan.items * t / T, i1 = plan.items * (t + 1) / T;
@@ -337,8 +375,9 @@ class DecodeStack {
         next(l.o);
         bar.wait(pf);
         const int64_t width = l.hq * l.k_cache.size(3);
-        if (t == 0 && !failed) {  // rotary, the new keys and values into the cache: one thread
+        if (t == 0 && !failed) {  // adapter rows, rotary, the new keys and values into the cache: one thread
           try {
+            if (lp) l.qkv.add_lora(rows_of(hn, H), out(0, l.qkv), *lp, fused_rows_, fused_members_);
             rope_decode_prepare(out(0, l.qkv), l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots, block_tables,
                                 ctx_lens, l.scale, q, attn_buf.narrow(0, 0, M * width).view({M, width}), job);
             decode_job_plan(job, T);
@@ -362,11 +401,18 @@ class DecodeStack {
         l.o.range(attn, width, M, width, buf[1], t, T, s);
         next(l.gate_up);
         bar.wait(pf);
+        if (lp) serial([&] { l.o.add_lora(rows_of(attn, width), out(1, l.o), *lp, fused_rows_, fused_members_); });
+        if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm.data_ptr<float>(), H, e, hn + m * H);
         // gate panels [G t / T, G (t + 1) / T) and the up panels of the same columns, then SwiGLU on them
         const int64_t I = l.gate_up.n / 2, G = I / 32, g0 = G * t / T, g1 = G * (t + 1) / T;
         l.gate_up.panels(hn, H, M, H, buf[2], g0, g1, s);
         l.gate_up.panels(hn, H, M, H, buf[2], G + g0, G + g1, s);
+        if (lp) {  // SwiGLU waits for every column's adapter delta
+          bar.wait(pf);
+          serial([&] { l.gate_up.add_lora(rows_of(hn, H), out(2, l.gate_up), *lp, fused_rows_, fused_members_); });
+          if (failed) break;
+        }
         for (int64_t m = 0; m < M; ++m)
           silu_mul_cols(buf[2] + m * 2 * I + 32 * g0, buf[2] + m * 2 * I + I + 32 * g0, buf[0] + m * I + 32 * g0,
                         32 * (g1 - g0));
@@ -375,6 +421,8 @@ class DecodeStack {
         l.down.range(buf[0], I, M, I, buf[3], t, T, s);
         if (i + 1 < layers_.size()) next(layers_[i + 1].qkv);
         bar.wait(pf);
+        if (lp) serial([&] { l.down.add_lora(rows_of(buf[0], I), out(3, l.down), *lp, fused_rows_, fused_members_); });
+        if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[3] + m * H, l.next_norm.data_ptr<float>(), H, e, hn + m * H);
       }
       if (t == 0 && !failed) {

@@ -410,28 +410,21 @@ void panel_linear_range(const float* x, int64_t ldx, int64_t M, int64_t K, const
 #endif
 }
 
-// y = x @ W.T + b, plus for every n: y[rows[n]] += (x[rows[n]] @ a[slots[n]]) @ [bs[0] | bs[1] | ...][slots[n]]
-// (the members' outputs side by side, as in lora_rows). Decode sizes only (at most 96 rows): each
-// row's LoRA runs between two panels, its A and B prefetched while the panel before computes, so
-// streaming the adapters (memory-bound) overlaps the base GEMM (FMA-bound) instead of following it.
-torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
-                                const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                                const std::optional<torch::Tensor>& slot_rank) {
-  check_panel_args(x, w, n, bias);
-  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
-  TORCH_CHECK(M <= kMC, "panel_lora_linear takes at most ", kMC, " rows, got ", M);
+#if LORASERVE_SIMD
+// The adapter rows of a fused pass, checked: x [M, K] rows, a [S, K, G*R], each member's B
+// [S, R, out_j] side by side over n output columns
+static LoraRows lora_rows_args(const torch::Tensor& x, int64_t n, const torch::Tensor& rows, const torch::Tensor& slots,
+                               const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                               const std::optional<torch::Tensor>& slot_rank) {
   TORCH_CHECK(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, "rows/slots must be int64");
   TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
   TORCH_CHECK(a.dim() == 3 && a.is_contiguous() && a.scalar_type() == torch::kFloat32, "a must be contiguous [S, in, G*R]");
   const int64_t G = static_cast<int64_t>(bs.size()), N = rows.numel(), S = a.size(0), GR = a.size(2);
   TORCH_CHECK(G > 0 && G <= kMaxMembers, "1 to ", kMaxMembers, " B matrices");
   const int64_t R = GR / G;
-  TORCH_CHECK(a.size(1) == K && R * G == GR, "a's shape does not match x or the group");
-  auto y = torch::empty({M, n}, x.options());
-#if LORASERVE_SIMD
+  TORCH_CHECK(a.size(1) == x.size(1) && R * G == GR, "a's shape does not match x or the group");
   LoraRows L{x.data_ptr<float>(), x.stride(0), rows.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), a.data_ptr<float>(),
-             a.stride(0), K, GR, R, static_cast<int>(G), {}, {}, {}, {}, nullptr, nullptr, n};
+             a.stride(0), x.size(1), GR, R, static_cast<int>(G), {}, {}, {}, {}, nullptr, nullptr, n};
   if (slot_rank.has_value()) {
     const torch::Tensor& sr = *slot_rank;
     TORCH_CHECK(sr.device().is_cpu() && sr.scalar_type() == torch::kInt64 && sr.is_contiguous() && sr.numel() == S,
@@ -451,8 +444,39 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
   }
   TORCH_CHECK(off == n, "the B matrices cover ", off, " of ", n, " output columns");
   for (int64_t e = 0; e < N; ++e) {
-    TORCH_CHECK(L.rows[e] >= 0 && L.rows[e] < M && L.slots[e] >= 0 && L.slots[e] < S, "row or slot out of range");
+    TORCH_CHECK(L.rows[e] >= 0 && L.rows[e] < x.size(0) && L.slots[e] >= 0 && L.slots[e] < S,
+                "row or slot out of range");
   }
+  return L;
+}
+
+// every panel is stored: add the deltas (in L2 by now)
+static void add_deltas(const LoraRows& L, int64_t N, float* yp) {
+  const int64_t n = L.n;
+  for (int64_t e = 0; e < N; ++e) {
+    float* __restrict__ ye = yp + L.rows[e] * n;
+    const float* __restrict__ de = L.d + e * n;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) ye[c] += de[c];
+  }
+}
+#endif
+
+// y = x @ W.T + b, plus for every n: y[rows[n]] += (x[rows[n]] @ a[slots[n]]) @ [bs[0] | bs[1] | ...][slots[n]]
+// (the members' outputs side by side, as in lora_rows). Decode sizes only (at most 96 rows): each
+// row's LoRA runs between two panels, its A and B prefetched while the panel before computes, so
+// streaming the adapters (memory-bound) overlaps the base GEMM (FMA-bound) instead of following it.
+torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
+                                const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                                const std::optional<torch::Tensor>& slot_rank) {
+  check_panel_args(x, w, n, bias);
+  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
+  TORCH_CHECK(M <= kMC, "panel_lora_linear takes at most ", kMC, " rows, got ", M);
+  auto y = torch::empty({M, n}, x.options());
+#if LORASERVE_SIMD
+  LoraRows L = lora_rows_args(x, n, rows, slots, a, bs, slot_rank);
+  const int64_t N = rows.numel(), GR = L.gr;
   if (M == 0) return y;
   auto d = torch::empty({N, n}, x.options());
   L.d = d.data_ptr<float>();
@@ -483,15 +507,32 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
       for (; e < target; ++e) lora_unit(L, e, h.data());
     }
   });
-  // every panel is stored: add the deltas (in L2 by now)
-  for (int64_t e = 0; e < N; ++e) {
-    float* __restrict__ ye = yp + L.rows[e] * n;
-    const float* __restrict__ de = L.d + e * n;
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) ye[c] += de[c];
-  }
+  add_deltas(L, N, yp);
   return y;
 #else
   TORCH_CHECK(false, "panel_lora_linear needs an AVX-512 or AVX2+FMA build");
+#endif
+}
+
+// y [M, n] (contiguous) += what panel_lora_linear adds to its base product: each adapter row's
+// delta computed apart, then added. The decode stack's one-region step (decode_stack_cpu.cpp)
+// computes the base by panel ranges and then this, so its result is the fused pass's bit for bit.
+void lora_deltas(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& rows, const torch::Tensor& slots,
+                 const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                 const std::optional<torch::Tensor>& slot_rank) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+              "x must be a CPU float32 [M, K] tensor with contiguous rows");
+  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
+              "y must be a contiguous float32 [M, n] tensor");
+#if LORASERVE_SIMD
+  LoraRows L = lora_rows_args(x, y.size(1), rows, slots, a, bs, slot_rank);
+  const int64_t N = rows.numel();
+  auto d = torch::empty({N, y.size(1)}, x.options());
+  L.d = d.data_ptr<float>();
+  std::vector<float> h(L.gr);
+  for (int64_t e = 0; e < N; ++e) lora_unit(L, e, h.data());
+  add_deltas(L, N, y.data_ptr<float>());
+#else
+  TORCH_CHECK(false, "lora_deltas needs an AVX-512 or AVX2+FMA build");
 #endif
 }
