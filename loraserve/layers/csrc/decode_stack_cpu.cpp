@@ -28,6 +28,7 @@
 #include <exception>
 #include <memory>
 #include <optional>
+#include <thread>
 #include <vector>
 
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
@@ -82,19 +83,25 @@ struct SlicePrefetch {
 struct SpinBarrier {
   std::atomic<int> count{0};
   std::atomic<int> gen{0};
-  int threads = 1;
-  void wait(SlicePrefetch& pf) {
+  // threads: the team's size as the region got it (OpenMP may grant fewer than asked for)
+  void wait(SlicePrefetch& pf, int threads) {
     const int g = gen.load(std::memory_order_acquire);
     if (count.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {
       count.store(0, std::memory_order_relaxed);
       gen.store(g + 1, std::memory_order_release);
       return;
     }
-    while (gen.load(std::memory_order_acquire) == g) {
+    // after ~50 us of spinning, yield the core: with more threads than free cores (another
+    // process, an oversubscribed box) a pure spin would hold the core the last thread needs
+    for (int spins = 0; gen.load(std::memory_order_acquire) == g; ++spins) {
       pf.step(2);
+      if (spins > 4096) {
+        std::this_thread::yield();
+      } else {
 #if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
+        __builtin_ia32_pause();
 #endif
+      }
     }
   }
 };
@@ -328,7 +335,6 @@ class DecodeStack {
     for (int64_t b = 0; b < M; ++b) plan.max_ctx = std::max(plan.max_ctx, plan.lens[b]);
     decode_job_plan(plan, threads);
     SpinBarrier bar;
-    bar.threads = threads;
     const float e = static_cast<float>(eps_);
 #pragma omp parallel num_threads(threads)
     {
@@ -361,7 +367,7 @@ class DecodeStack {
             failed = true;
           }
         }
-        bar.wait(pf);
+        bar.wait(pf, T);
       };
       // M rows of `cols` floats at p as a tensor (the adapter kernels take tensors)
       auto rows_of = [&](const float* p, int64_t cols) {
@@ -373,7 +379,7 @@ class DecodeStack {
         decode_job_prefetch(plan, l.k_cache.data_ptr(), l.v_cache.data_ptr(), i0, i1);
         l.qkv.range(hn, H, M, H, buf[0], t, T, s);
         next(l.o);
-        bar.wait(pf);
+        bar.wait(pf, T);
         const int64_t width = l.hq * l.k_cache.size(3);
         if (t == 0 && !failed) {  // adapter rows, rotary, the new keys and values into the cache: one thread
           try {
@@ -386,10 +392,10 @@ class DecodeStack {
             failed = true;
           }
         }
-        bar.wait(pf);
+        bar.wait(pf, T);
         if (failed) break;
         decode_job_items(job, job.items * t / T, job.items * (t + 1) / T);
-        bar.wait(pf);
+        bar.wait(pf, T);
         // a split context: every thread merges the parts into its own copy (no barrier, no
         // reads from the other core's cache); else the items wrote the shared buffer
         const float* attn = job.out;
@@ -400,7 +406,7 @@ class DecodeStack {
         }
         l.o.range(attn, width, M, width, buf[1], t, T, s);
         next(l.gate_up);
-        bar.wait(pf);
+        bar.wait(pf, T);
         if (lp) serial([&] { l.o.add_lora(rows_of(attn, width), out(1, l.o), *lp, fused_rows_, fused_members_); });
         if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm.data_ptr<float>(), H, e, hn + m * H);
@@ -409,7 +415,7 @@ class DecodeStack {
         l.gate_up.panels(hn, H, M, H, buf[2], g0, g1, s);
         l.gate_up.panels(hn, H, M, H, buf[2], G + g0, G + g1, s);
         if (lp) {  // SwiGLU waits for every column's adapter delta
-          bar.wait(pf);
+          bar.wait(pf, T);
           serial([&] { l.gate_up.add_lora(rows_of(hn, H), out(2, l.gate_up), *lp, fused_rows_, fused_members_); });
           if (failed) break;
         }
@@ -417,10 +423,10 @@ class DecodeStack {
           silu_mul_cols(buf[2] + m * 2 * I + 32 * g0, buf[2] + m * 2 * I + I + 32 * g0, buf[0] + m * I + 32 * g0,
                         32 * (g1 - g0));
         next(l.down);
-        bar.wait(pf);
+        bar.wait(pf, T);
         l.down.range(buf[0], I, M, I, buf[3], t, T, s);
         if (i + 1 < layers_.size()) next(layers_[i + 1].qkv);
-        bar.wait(pf);
+        bar.wait(pf, T);
         if (lp) serial([&] { l.down.add_lora(rows_of(buf[0], I), out(3, l.down), *lp, fused_rows_, fused_members_); });
         if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[3] + m * H, l.next_norm.data_ptr<float>(), H, e, hn + m * H);
