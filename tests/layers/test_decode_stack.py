@@ -19,6 +19,7 @@ from loraserve.layers.ops_cpu import ENV_DECODE_REGION, ENV_FUSED_LORA
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.engines import cpu_engine
 from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
+from tests.fixtures.tiny_models import make_tiny_model
 
 PROMPTS = [[1, 17, 33, 90, 5, 61, 7], [1, 200, 3, 44], [1, 9, 9, 9, 120, 77, 31, 18, 250, 11, 42, 5, 6]]
 NEW_TOKENS = 10
@@ -131,16 +132,37 @@ def test_adapter_rows_equal_the_python_loop(
 
 
 MANY_PROMPTS = PROMPTS + [[1, 2, 3], [1, 50, 60, 70, 80], [1, 300]]  # 6 rows: past the region's 4
+# one row with 80 positions of context: attention splits them in two parts (two threads, at
+# least 32 positions a part) that the region's threads merge each into their own copy
+LONG_PROMPT = [[1 + (7 * i) % 380 for i in range(80)]]
+
+
+@pytest.fixture(scope="module")
+def head64_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with 64-wide heads (2 query heads, 1 KV head): the head size the attention
+    kernel keeps in registers and splits by positions (the tiny models' 16 is neither on AVX-512)."""
+    root = tmp_path_factory.mktemp("head64")
+    return make_tiny_model(
+        root / "llama", "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1
+    )
 
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("heads", ["16", "64"])
 def test_one_region_equals_the_per_kernel_stack(
-    llama_dir: Path, precision: str, build: str, monkeypatch: pytest.MonkeyPatch, two_threads: object
+    llama_dir: Path,
+    head64_dir: Path,
+    heads: str,
+    precision: str,
+    build: str,
+    monkeypatch: pytest.MonkeyPatch,
+    two_threads: object,
 ) -> None:
     """Decode steps of up to 4 rows run in one parallel region (csrc/decode_stack_cpu.cpp
     `run_region`): the same tokens and logprobs, bit for bit, as the stack's per-kernel path
-    (`LORASERVE_DECODE_REGION=0`), at 1 and 3 rows; at 6 rows the region declines."""
+    (`LORASERVE_DECODE_REGION=0`), at 1 and 3 rows and with a context long enough to split
+    attention (head size 64); at 6 rows the region declines."""
     native_kernel_or_skip(build)
     if build == AVX2:
         monkeypatch.setenv(ENV_MARCH, AVX2)
@@ -148,10 +170,10 @@ def test_one_region_equals_the_per_kernel_stack(
     runs, regions = [], []
     for region in ("1", "0"):
         monkeypatch.setenv(ENV_DECODE_REGION, region)
-        engine = cpu_engine(llama_dir, "native", **PRECISIONS[precision])
+        engine = cpu_engine(head64_dir if heads == "64" else llama_dir, "native", **PRECISIONS[precision])
         native = engine.runner.model.decode_stack.native
         out = []
-        for prompts in (PROMPTS[:1], PROMPTS, MANY_PROMPTS):
+        for prompts in (PROMPTS[:1], PROMPTS, LONG_PROMPT, MANY_PROMPTS):
             before = native.region_runs()
             res = engine.generate(prompts, params)
             out.append([[(t.id, t.logprob) for t in r.tokens] for r in res])
@@ -160,7 +182,7 @@ def test_one_region_equals_the_per_kernel_stack(
         assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
     assert runs[0] == runs[1]
     steps = NEW_TOKENS - 1
-    assert regions == [steps, steps, 0, 0, 0, 0]
+    assert regions == [steps, steps, steps, 0, 0, 0, 0, 0]
 
 
 def test_an_error_inside_the_region_reaches_the_caller(llama_dir: Path, two_threads: object) -> None:
