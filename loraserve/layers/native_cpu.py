@@ -100,8 +100,13 @@ _BUILD_PREFIX = ".build-"
 _STALE_BUILD_S = 24 * 3600
 
 
+def env_on(name: str) -> bool:
+    """An on/off switch from the environment: on unless set to 0, false, no or off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_on(ENV_SWITCH)
 
 
 def target_march() -> str:

@@ -27,7 +27,6 @@ prefetch list as locals, GCC 12 spilled around it and the fused pass ran at 0.54
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -39,6 +38,7 @@ from loraserve.layers.decode_stack import DecodeLayerSpec, DecodeStack, single_d
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear, pack_panels
 from loraserve.layers.lora import LoraBatch
+from loraserve.layers.native_cpu import env_on
 from loraserve.layers.ops import TorchOps
 
 # `panel_lora_linear` (csrc/gemm_cpu.cpp) takes decode-sized inputs: one chunk of rows, whose
@@ -59,8 +59,7 @@ class CpuNativeOps(TorchOps):
         super().__init__(device, dtype, pack)
         self.kernels = kernels
         self.panels = bool(kernels.panel_gemm_available())  # an AVX-512 or AVX2+FMA build
-        switch = os.environ.get(ENV_FUSED_LORA, "1").strip().lower()
-        self.fused_lora = self.panels and switch not in ("0", "false", "no", "off")
+        self.fused_lora = self.panels and env_on(ENV_FUSED_LORA)
 
     def decode_reads(self, cache_dtype: torch.dtype) -> bool:
         """The cache dtypes the decode attention kernel reads (fp16 takes PyTorch's path).
@@ -224,8 +223,7 @@ class CpuNativeOps(TorchOps):
         # the fused base + LoRA pass on the limits `linear_lora` applies
         fused_rows = FUSED_LORA_MAX_ROWS if self.fused_lora else 0
         native = self.kernels.DecodeStack(eps, self.bf16_activations, fused_rows, FUSED_LORA_MAX_MEMBERS)
-        region = os.environ.get(ENV_DECODE_REGION, "1").strip().lower()
-        native.set_region(region not in ("0", "false", "no", "off"))
+        native.set_region(env_on(ENV_DECODE_REGION))
         for spec in layers:
             args: list[object] = []
             for p in spec.projections:

@@ -21,10 +21,6 @@
 #include <omp.h>
 
 #include <atomic>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
-
 #include <exception>
 #include <memory>
 #include <optional>
@@ -106,6 +102,9 @@ struct SpinBarrier {
   }
 };
 
+// thread t of T's share [begin, end) of n items: how every piece of the region splits its work
+inline std::pair<int64_t, int64_t> share(int64_t n, int t, int T) { return {n * t / T, n * (t + 1) / T}; }
+
 // a thread's buffers for the panel-range kernels, kept across the layers of a step
 struct RangeScratch {
   std::vector<int8_t> digits;
@@ -144,16 +143,15 @@ struct NativeLinear {
     }
   }
 
-  // thread t of T's share of the panels, [P t / T, P (t + 1) / T)
+  // thread t of T's share of the panels
   void range(const float* x, int64_t ldx, int64_t M, int64_t K, float* y, int t, int T, RangeScratch& s) const {
-    const int64_t P = w.size(0);
-    panels(x, ldx, M, K, y, P * t / T, P * (t + 1) / T, s);
+    const auto [p0, p1] = share(w.size(0), t, T);
+    panels(x, ldx, M, K, y, p0, p1, s);
   }
 
-  // where thread t of T's panels start, and their bytes
-  std::pair<const char*, int64_t> slice(int t, int T) const {
-    const int64_t P = w.size(0), p0 = P * t / T, p1 = P * (t + 1) / T;
-    const int64_t pb = w.numel() * w.element_size() / P;
+  // where panels [p0, p1) start, and their bytes
+  std::pair<const char*, int64_t> panel_bytes(int64_t p0, int64_t p1) const {
+    const int64_t pb = w.numel() * w.element_size() / w.size(0);
     return {static_cast<const char*>(w.data_ptr()) + p0 * pb, (p1 - p0) * pb};
   }
 
@@ -225,7 +223,7 @@ class DecodeStack {
       return NativeLinear{w, n, s, b, w.scalar_type() != torch::kFloat32};
     };
     // the region splits gate|up at a panel boundary and keeps the residual stream [M, o's width]
-    region_ok_ = region_ok_ && gu_n % 64 == 0 && o_n == down_n && qkv_w.dim() >= 2;
+    region_ok_ = region_ok_ && gu_n % 64 == 0 && o_n == down_n;
     layers_.push_back(DecodeLayer{lin(qkv_w, qkv_n, qkv_scale, qkv_bias), lin(o_w, o_n, o_scale, o_bias),
                                   lin(gu_w, gu_n, gu_scale, gu_bias), lin(down_w, down_n, down_scale, down_bias),
                                   post_norm, next_norm, k_cache, v_cache, hq, hkv, scale});
@@ -353,10 +351,12 @@ class DecodeStack {
       float* hn = aligned_like(mem.data() + M * H + 16, hh.data_ptr<float>());
       std::copy_n(hx.data_ptr<float>(), M * H, res);
       std::copy_n(hh.data_ptr<float>(), M * H, hn);
-      auto next = [&](const NativeLinear& g) {
-        const auto [b, n] = g.slice(t, T);
+      // the panels [p0, p1) this thread computes next: what it prefetches while it waits
+      auto next = [&](const NativeLinear& g, std::pair<int64_t, int64_t> range) {
+        const auto [b, n] = g.panel_bytes(range.first, range.second);
         pf.start(b, n, kSlicePrefetch);
       };
+      auto next_share = [&](const NativeLinear& g) { next(g, share(g.w.size(0), t, T)); };
       // thread 0's piece of serial work, then a barrier; an exception stops every thread there
       auto serial = [&](const auto& f) {
         if (t == 0 && !failed) {
@@ -375,10 +375,10 @@ class DecodeStack {
       };
       for (size_t i = 0; i < layers_.size(); ++i) {
         const DecodeLayer& l = layers_[i];
-        const int64_t i0 = plan.items * t / T, i1 = plan.items * (t + 1) / T;
+        const auto [i0, i1] = share(plan.items, t, T);
         decode_job_prefetch(plan, l.k_cache.data_ptr(), l.v_cache.data_ptr(), i0, i1);
         l.qkv.range(hn, H, M, H, buf[0], t, T, s);
-        next(l.o);
+        next_share(l.o);
         bar.wait(pf, T);
         const int64_t width = l.hq * l.k_cache.size(3);
         if (t == 0 && !failed) {  // adapter rows, rotary, the new keys and values into the cache: one thread
@@ -394,7 +394,8 @@ class DecodeStack {
         }
         bar.wait(pf, T);
         if (failed) break;
-        decode_job_items(job, job.items * t / T, job.items * (t + 1) / T);
+        const auto [j0, j1] = share(job.items, t, T);
+        decode_job_items(job, j0, j1);
         bar.wait(pf, T);
         // a split context: every thread merges the parts into its own copy (no barrier, no
         // reads from the other core's cache); else the items wrote the shared buffer
@@ -405,13 +406,14 @@ class DecodeStack {
           attn = mine.data();
         }
         l.o.range(attn, width, M, width, buf[1], t, T, s);
-        next(l.gate_up);
+        // gate panels [g0, g1) and the up panels of the same columns (SwiGLU on them, below)
+        const int64_t I = l.gate_up.n / 2, G = I / 32;
+        const auto [g0, g1] = share(G, t, T);
+        next(l.gate_up, {g0, g1});
         bar.wait(pf, T);
         if (lp) serial([&] { l.o.add_lora(rows_of(attn, width), out(1, l.o), *lp, fused_rows_, fused_members_); });
         if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm.data_ptr<float>(), H, e, hn + m * H);
-        // gate panels [G t / T, G (t + 1) / T) and the up panels of the same columns, then SwiGLU on them
-        const int64_t I = l.gate_up.n / 2, G = I / 32, g0 = G * t / T, g1 = G * (t + 1) / T;
         l.gate_up.panels(hn, H, M, H, buf[2], g0, g1, s);
         l.gate_up.panels(hn, H, M, H, buf[2], G + g0, G + g1, s);
         if (lp) {  // SwiGLU waits for every column's adapter delta
@@ -422,10 +424,10 @@ class DecodeStack {
         for (int64_t m = 0; m < M; ++m)
           silu_mul_cols(buf[2] + m * 2 * I + 32 * g0, buf[2] + m * 2 * I + I + 32 * g0, buf[0] + m * I + 32 * g0,
                         32 * (g1 - g0));
-        next(l.down);
+        next_share(l.down);
         bar.wait(pf, T);
         l.down.range(buf[0], I, M, I, buf[3], t, T, s);
-        if (i + 1 < layers_.size()) next(layers_[i + 1].qkv);
+        if (i + 1 < layers_.size()) next_share(layers_[i + 1].qkv);
         bar.wait(pf, T);
         if (lp) serial([&] { l.down.add_lora(rows_of(buf[0], I), out(3, l.down), *lp, fused_rows_, fused_members_); });
         if (failed) break;
