@@ -76,6 +76,7 @@ SOURCE_NAMES = (
     "logits_cpu.cpp",
     "gemm_cpu.cpp",
     "gemm_lowp_cpu.cpp",
+    "gemm_amx_cpu.cpp",
     "gemm_bf16dp_cpu.cpp",
     "gemm_int8dp_cpu.cpp",
     "embedding_cpu.cpp",

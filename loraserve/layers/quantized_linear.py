@@ -81,7 +81,7 @@ LOWP_PLAIN = ("bf16", "int8")  # TorchOps' layouts
 LOWP_PANELS = ("bf16-panel", "int8-panel")  # the native kernel's
 PACK_CHUNK_BYTES = 32 << 20  # fp32 rows packed at a time (pack_lowp_panels)
 # bf16 panels with this many rows or more run AMX where the CPU has it (kAmxMinRows in
-# csrc/gemm_lowp_cpu.cpp), with the activations rounded to bf16
+# csrc/lowp_panel.h; csrc/gemm_amx_cpu.cpp), with the activations rounded to bf16
 AMX_MIN_ROWS = 8
 # int8 panels from this many rows (kAmxMinRowsInt8): converted to bf16 (exactly) for the tiles,
 # the activations split in two bf16 parts (hi + lo), so they keep 16 bits of mantissa

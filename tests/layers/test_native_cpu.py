@@ -381,6 +381,11 @@ def test_rope_decode_attention_is_rotary_cache_write_and_decode_in_one_call(
         kernel.rope_decode_attention(
             qkv, 11, 2, cos, sin, k_cache, v_cache, slots, tables, torch.tensor(lens), 1.0
         )
+    with pytest.raises(RuntimeError, match="k_cache/v_cache must be contiguous"):  # not an index error
+        flat = k_cache.view(blocks * bs, hkv, d)
+        kernel.rope_decode_attention(
+            qkv, hq, hkv, cos, sin, flat, flat, slots, tables, torch.tensor(lens), 1.0
+        )
     with pytest.raises(RuntimeError, match="slot out of range"):
         bad = torch.tensor([0, 1, blocks * bs])
         kernel.rope_decode_attention(

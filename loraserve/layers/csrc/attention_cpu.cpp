@@ -505,6 +505,7 @@ torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_
                                     const torch::Tensor& sin, const torch::Tensor& k_cache,
                                     const torch::Tensor& v_cache, const torch::Tensor& slots,
                                     const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale) {
+  cache_is_bf16(k_cache, v_cache);  // its checks first: the output's size reads the cache's head size
   auto out = torch::empty({qkv.size(0), hq * k_cache.size(3)}, qkv.options());
   std::vector<float> q;
   DecodeJob job;

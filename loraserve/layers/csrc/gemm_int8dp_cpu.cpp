@@ -242,10 +242,13 @@ void int8dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char
 // decode sizes), so no barrier waits for one thread to share them.
 void int8dp_range(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, int64_t panel_bytes, int64_t p0,
                   int64_t p1, int64_t n, const float* scale, const float* bias, float* y, std::vector<int8_t>& digits) {
+  // the region's row counts (lowp_range_rows(): 4) fit; more would need the whole-matrix path
+  constexpr int64_t kMaxRows = 8;
+  TORCH_CHECK(M <= kMaxRows, "int8dp_range takes at most ", kMaxRows, " rows, got ", M);
   const int64_t kpad = (K + 15) / 16 * 16;
   digits.resize(static_cast<size_t>(M * kDigits * kpad));
-  RowDigits rows[8];
-  for (int64_t m = 0; m < M && m < 8; ++m) {
+  RowDigits rows[kMaxRows];
+  for (int64_t m = 0; m < M; ++m) {
     rows[m].d = digits.data() + m * kDigits * kpad;
     to_digits(x + m * ldx, K, kpad, digits.data() + m * kDigits * kpad, rows[m].corr, &rows[m].s);
   }
@@ -262,7 +265,9 @@ void int8dp_range(const float* x, int64_t ldx, int64_t M, int64_t K, const char*
 #else
 int64_t int8dp_max_k() { return 0; }
 void int8dp_range(const float*, int64_t, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, int64_t,
-                  const float*, const float*, float*, std::vector<int8_t>&) {}
+                  const float*, const float*, float*, std::vector<int8_t>&) {
+  TORCH_CHECK(false, "int8dp_range: this build has no AVX512-VNNI and AVX512-VBMI");
+}
 void int8dp_linear(const float*, int64_t, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, const float*,
                    const float*, float*) {
   TORCH_CHECK(false, "int8dp_linear: this build has no AVX512-VNNI and AVX512-VBMI");
