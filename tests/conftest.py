@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,19 @@ import torch
 from tests.fixtures.tiny_models import make_peft_adapter, make_tiny_model
 
 # Two cores on CI: keep each test process from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _test_thread_keeps_its_threads() -> Iterator[None]:
+    """`AsyncEngine.build` leaves the thread that calls it (here: pytest's) at one OpenMP thread
+    (`cpu_threads.use_one_omp_thread`, per thread and kept until it exits): without this, every
+    later test in the process would run its kernels serially, and a test of a parallel path (the
+    one-region decode step, attention split over threads) would pass on the serial one."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
