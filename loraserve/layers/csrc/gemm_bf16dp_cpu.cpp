@@ -99,13 +99,14 @@ void bf16dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(xb.data());
   const int64_t ldp = ld / 2;
   const int64_t chunks = (M + kMC - 1) / kMC;
+  const bool major = grid_chunk_major(P * panel_bytes);
   // one work item: a chunk of rows x one panel (over_rows.h: which order); panel-major, a thread's
   // consecutive items share (and convert once) a panel
   at::parallel_for(0, P * chunks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<uint16_t> conv;  // an int8 panel as bf16 pairs
     int64_t converted = -1;
     for (int64_t it = lo; it < hi; ++it) {
-      const auto [p, c] = grid_item(it, P, chunks, P * panel_bytes);
+      const auto [p, c] = grid_item(it, P, chunks, major);
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;
       const uint16_t* wp = reinterpret_cast<const uint16_t*>(w + p * panel_bytes);
       if (scale) {

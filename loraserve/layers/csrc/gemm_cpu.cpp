@@ -373,12 +373,13 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0), chunks = (M + kMC - 1) / kMC;
+  const bool major = grid_chunk_major_fp32(M, K, chunks, P * K * kNR * 4);
   // decode sizes take panels one by one, which splits 18 or 30 panels evenly over the threads
   const int64_t per = chunks > 1 ? kPanelsPerItem : 1, groups = (P + per - 1) / per;
   // one work item: a chunk of rows x one panel (or, AVX-512 prefill, two adjacent ones)
   at::parallel_for(0, groups * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t it = lo; it < hi; ++it) {
-      const auto [g, c] = grid_item(it, groups, chunks, P * K * kNR * 4);
+      const auto [g, c] = grid_item(it, groups, chunks, major);
       const int64_t p0 = per * g, np = std::min(per, P - p0);
       // chunks of equal size (64 rows: one chunk; 100 rows: 50 + 50, not 96 + 4)
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;

@@ -221,10 +221,11 @@ void int8dp_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const char
   });
   const Perm perm;
   const int64_t chunks = (M + kMC - 1) / kMC;
+  const bool major = grid_chunk_major(P * panel_bytes);
   // one work item: a chunk of rows x one panel (over_rows.h: which order)
   at::parallel_for(0, P * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t it = lo; it < hi; ++it) {
-      const auto [p, c] = grid_item(it, P, chunks, P * panel_bytes);
+      const auto [p, c] = grid_item(it, P, chunks, major);
       const int64_t r0 = M * c / chunks, nrows = M * (c + 1) / chunks - r0;
       const int8_t* wp = reinterpret_cast<const int8_t*>(w + p * panel_bytes);
       const int64_t cols = std::min(kNR, n - p * kNR);

@@ -494,11 +494,12 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
     return y;
   }
   const int64_t chunks = (M + kMC - 1) / kMC;
+  const bool major = grid_chunk_major(P * panel_bytes);
   // one work item: a chunk of rows x one panel (over_rows.h: which order)
   at::parallel_for(0, P * chunks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> scratch;
     for (int64_t it = lo; it < hi; ++it) {
-      const auto [p, c] = grid_item(it, P, chunks, P * panel_bytes);
+      const auto [p, c] = grid_item(it, P, chunks, major);
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;
       const Panel t{wp + p * panel_bytes, K, sp ? sp + p * kNR : nullptr, bp ? bp + p * kNR : nullptr,
                     std::min(kNR, n - p * kNR)};
