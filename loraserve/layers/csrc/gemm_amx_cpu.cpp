@@ -43,7 +43,6 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-
 // tiles 0-3: C (2 row tiles x 2 column halves), 4/5: A (the two row tiles), 6/7: B (the halves)
 TileConfig tile_config() {
   TileConfig c;

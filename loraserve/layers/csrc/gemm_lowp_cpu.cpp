@@ -417,6 +417,8 @@ static_assert(kRangeRows < kBf16DpMinRows, "lowp_panel_range assumes the per-pan
 using lowp::kAmxMinRows;
 using lowp::kAmxMinRowsInt8;
 static_assert(kRangeRows < kAmxMinRowsInt8 && kRangeRows < kAmxMinRows, "lowp_panel_range assumes no AMX");
+// bf16 panels reach AMX only with rounded activations (lowp_panel_linear's round_act)
+static_assert(kAmxMinRows == kBf16DpMinRows, "AMX and vdpbf16ps round activations from the same row count");
 #endif
 int64_t lowp_range_rows() { return kRangeRows; }
 
@@ -476,16 +478,17 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0);
+  // one rule for every path that multiplies bf16: activations are rounded to bf16 from
+  // kBf16DpMinRows rows (bf16 panels, or int8 panels of a bf16 model), never below; int8 tiles
+  // from 6 rows take them as two bf16 parts (fp32) until then
+  const bool round_act = (bf16 || bf16_activations) && M >= kBf16DpMinRows;
 #if defined(LORASERVE_AMX)
   if (M >= (bf16 ? kAmxMinRows : kAmxMinRowsInt8) && lowp::amx_enabled()) {
-    // int8 panels of a bf16 model round their activations from kAmxMinRows rows, as on every
-    // other path; at 6-7 rows the tiles take them as two parts (fp32, as int8 alone does)
-    lowp::amx_linear(bf16, bf16 || (bf16_activations && M >= kAmxMinRows), xp, ldx, M, K, wp, panel_bytes, P, n, sp,
-                     bp, yp);
+    lowp::amx_linear(bf16, round_act, xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
     return y;
   }
 #endif
-  if ((bf16 || bf16_activations) && M >= kBf16DpMinRows && bf16dp_available()) {
+  if (round_act && bf16dp_available()) {
     bf16dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
     return y;
   }
