@@ -100,8 +100,9 @@ def kv_cache_blocks(
 def adapter_slots(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Device slots for active adapters at the maximum rank, within the adapter memory budget.
 
-    The table is allocated at a small rank and widens only when a higher-rank adapter arrives
-    (layers/lora.py), so the log gives both what is reserved now and what the slots may grow to."""
+    The table is allocated at a small rank for its first few slots and grows only when adapters
+    need it (a higher rank, more slots in use: layers/lora.py), so the log gives both what is
+    held now and what the slots may grow to."""
     shapes, layers = mc.linear_shapes(), mc.num_hidden_layers
     per_slot = LoraTable.bytes_per_slot(shapes, layers, cfg.max_lora_rank, dtype)
     budget = cfg.adapter_memory_bytes or int(device_memory(device) * 0.1)
@@ -113,11 +114,16 @@ def adapter_slots(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device
             cfg.max_active_adapters,
         )
     start_rank = min(inspect.signature(LoraTable).parameters["rank"].default, cfg.max_lora_rank)
+    first = min(num_slots, LoraTable.first_capacity)
+    at_start = LoraTable.bytes_per_slot(shapes, layers, start_rank, dtype) / 2**20
     log.info(
-        "adapter slots: %d, %.1f MiB at rank %d (up to %.1f MiB at --max-lora-rank %d)",
+        "adapter slots: %d, allocated as adapters arrive (%.1f MiB now for the first %d at rank %d;"
+        " %.1f MiB with all in use, up to %.1f MiB at --max-lora-rank %d)",
         num_slots,
-        num_slots * LoraTable.bytes_per_slot(shapes, layers, start_rank, dtype) / 2**20,
+        first * at_start,
+        first,
         start_rank,
+        num_slots * at_start,
         num_slots * per_slot / 2**20,
         cfg.max_lora_rank,
     )

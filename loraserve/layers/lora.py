@@ -161,11 +161,17 @@ def apply_lora(
 class LoraTable:
     """Device-resident slot table for every projection of every layer.
 
-    The slot count is fixed at start-up, so activating an adapter is a copy
-    into preallocated memory and a step never allocates or moves adapter
-    weights. The rank dimension grows (a rare, one-off reallocation) when an
-    adapter of higher rank than any before it arrives.
+    The slot count (`num_slots`) is fixed at start-up from the adapter memory budget, and a
+    step never allocates or moves adapter weights: activating an adapter is a copy into
+    allocated memory. What is allocated grows with use, in two rare, one-off reallocations: the
+    rank dimension when an adapter of higher rank than any before it arrives, and the slots
+    themselves (`capacity`, doubling up to `num_slots`) when an adapter needs a slot past them.
+    Why slots grow: the budget is a share of machine memory (hundreds of MB for a 135M model),
+    and a table that size held in RAM before any adapter came doubled the footprint of a
+    server that serves few adapters or none (memory_plan.adapter_slots).
     """
+
+    first_capacity = 4
 
     def __init__(
         self,
@@ -192,12 +198,13 @@ class LoraTable:
             for j, m in enumerate(members):
                 self.member_of[m] = (g, j)
         self.rank = 0
+        self.capacity = min(num_slots, self.first_capacity)  # slots allocated (the leading ones)
         # bumped whenever `a`/`b` are re-allocated, so holders of per-layer views (the native decode
         # stack, layers/decode_stack.py) know to take the new ones
         self.generation = 0
-        # largest rank loaded into each slot: the native kernel reads only that much of the
-        # slot's (zero-padded) A columns and B rows, so mixed ranks don't all pay for the largest
-        self.slot_rank = torch.zeros(num_slots, dtype=torch.long)
+        # largest rank loaded into each allocated slot: the native kernel reads only that much of
+        # the slot's (zero-padded) A columns and B rows, so mixed ranks don't all pay for the largest
+        self.slot_rank = torch.zeros(self.capacity, dtype=torch.long)
         self.a: dict[str, torch.Tensor] = {}  # per group: [L, S, in, members * R]
         self.b: dict[str, torch.Tensor] = {}  # per projection: [L, S, R, out]
         self.ensure_rank(min(rank, max_rank))
@@ -215,34 +222,52 @@ class LoraTable:
             return
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the table's maximum {self.max_rank}")
-        L, S, old = self.num_layers, self.num_slots, self.rank
+        self._allocate(rank, self.capacity)
+
+    def ensure_slots(self, n: int) -> None:
+        """Allocate at least the first `n` slots (at most `num_slots`), keeping those loaded.
+        Slots are claimed lowest first (engine/adapter_slots.py), so the used ones are leading."""
+        if n <= self.capacity:
+            return
+        if n > self.num_slots:
+            raise ValueError(f"slot {n - 1} is past the table's {self.num_slots} slots")
+        self._allocate(self.rank, min(self.num_slots, max(n, 2 * self.capacity)))
+
+    def _allocate(self, rank: int, capacity: int) -> None:
+        """New `a`/`b` tensors of `rank` x `capacity` slots holding what the old ones held."""
+        L, S, old, kept = self.num_layers, capacity, self.rank, min(self.capacity, capacity)
         for g, members in self.groups.items():
             fin = self.shapes[members[0]][0]
             a = zeros_on_huge_pages((L, S, fin, len(members) * rank), self.dtype, self.device)
             for j in range(len(members)) if old else ():
-                a[..., j * rank : j * rank + old] = self.a[g][..., j * old : (j + 1) * old]
+                a[:, :kept, :, j * rank : j * rank + old] = self.a[g][:, :kept, :, j * old : (j + 1) * old]
             self.a[g] = a
         for name, (_fin, fout) in self.shapes.items():
             b = zeros_on_huge_pages((L, S, rank, fout), self.dtype, self.device)
             if old:
-                b[:, :, :old] = self.b[name]
+                b[:, :kept, :old] = self.b[name][:, :kept]
             self.b[name] = b
-        self.rank = rank
+        if capacity != self.capacity:
+            self.slot_rank = torch.cat([self.slot_rank, self.slot_rank.new_zeros(capacity - kept)])
+        self.rank, self.capacity = rank, capacity
         # per-layer views, indexed in Python: the forward pass then issues no select ops for them
         self.a_layers = {g: list(t.unbind(0)) for g, t in self.a.items()}
         self.b_layers = {m: list(t.unbind(0)) for m, t in self.b.items()}
         self.generation += 1
 
     def clear_slot(self, slot: int) -> None:
+        if slot >= self.capacity:
+            return  # never allocated, so still zero
+        self.slot_rank[slot] = 0
         for t in (*self.a.values(), *self.b.values()):
             t[:, slot].zero_()
-        self.slot_rank[slot] = 0
 
     def write(
         self, slot: int, layer: int, module: str, a: torch.Tensor, b: torch.Tensor, scale: float
     ) -> None:
         """a: [r, in] (PEFT lora_A), b: [out, r] (PEFT lora_B)."""
         r = a.shape[0]
+        self.ensure_slots(slot + 1)
         self.slot_rank[slot] = max(int(self.slot_rank[slot]), r)
         group, j = self.member_of[module]
         self.a[group][layer, slot, :, j * self.rank : j * self.rank + r].copy_(a.t())

@@ -154,3 +154,29 @@ def test_group_members_must_share_their_input() -> None:
         LoraTable(
             {"a": (8, 8), "b": (4, 8)}, 1, 2, 8, torch.float32, torch.device("cpu"), groups={"ab": ("a", "b")}
         )
+
+
+def test_slots_are_allocated_as_they_are_used_and_keep_what_they_hold() -> None:
+    """A table of many slots holds only its first few until adapters need more: growth (slots,
+    then rank, then slots again) keeps every loaded adapter, and a slot past the table refuses."""
+    g = torch.Generator().manual_seed(3)
+    t = LoraTable(SHAPES, 2, 20, 32, torch.float32, torch.device("cpu"), rank=4)
+    assert t.capacity == LoraTable.first_capacity == 4 and t.a["q_proj"].shape[1] == 4
+    weights = {}
+    for slot, r in ((0, 4), (5, 4), (6, 16), (13, 8)):
+        a, b = torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g)
+        t.ensure_rank(r)
+        t.write(slot, 1, "q_proj", a, b, 0.5)
+        weights[slot] = (a, b)
+    assert t.capacity == 16 and t.rank == 16 and t.b["q_proj"].shape[:3] == (2, 16, 16)
+    x = torch.randn(3, 24, generator=g)
+    for slot, (a, b) in weights.items():
+        got = (x @ t.a["q_proj"][1, slot]) @ t.b["q_proj"][1, slot]
+        torch.testing.assert_close(got, 0.5 * (x @ a.t()) @ b.t(), atol=1e-4, rtol=1e-4)
+    assert not t.a["q_proj"][0].any() and not t.a["q_proj"][1, 1:5].any()  # nothing else written
+    t.clear_slot(19)  # never allocated: nothing to clear
+    assert t.capacity == 16
+    t.ensure_slots(20)
+    assert t.capacity == 20 and torch.equal(t.b["q_proj"][1, 13, :8], 0.5 * weights[13][1].t())
+    with pytest.raises(ValueError, match="past the table's 20 slots"):
+        t.ensure_slots(21)
