@@ -116,8 +116,9 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
     for (int c = 0; c < 2 * NT; ++c) acc[m][c] = _mm512_setzero_ps();
   int64_t pi = pf.pos;
   const char* const* pl = pf.lines;
-  const int64_t pe = pf.end;
-  for (int64_t k = 0; k < t[0].k; ++k) {
+  const int64_t pe = pf.end, K = t[0].k;
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K; ++k) {
     prefetch_step<PF>(pl, pe, pi);
     __m512 w[2 * NT];
     for (int j = 0; j < NT; ++j) {
@@ -222,8 +223,11 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
   const float* __restrict__ w = t.w + c0;
   int64_t pi = pf.pos;
   const char* const* pl = pf.lines;
-  const int64_t pe = pf.end;
-  for (int64_t k = 0; k < t.k; ++k) {
+  const int64_t pe = pf.end, K = t.k;
+  // unrolled: the loop's own counter, compare and pointer steps were a fifth of its uops
+  // (K x 6 x 16 in-cache micro-benchmark, one thread: 89 -> 97 GFLOP/s)
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K; ++k) {
     prefetch_step<PF>(pl, pe, pi);
     __m256 wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = _mm256_loadu_ps(w + k * kNR + 8 * j);
