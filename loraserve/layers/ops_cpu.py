@@ -22,6 +22,10 @@ the limit: base weights plus adapters are ~1.05 GB a step, 84 ms at 12.5 GB/s.
 On a 2-core Zen 5 EPYC (AVX-512 build, 2 threads) the same end-to-end run gives 0.70 of base fused
 against 0.66 two-pass, and the AVX2 build 0.90 against 0.85 (before the register kernels took the
 prefetch list as locals, GCC 12 spilled around it and the fused pass ran at 0.54).
+Since the plain panel GEMM prefetches its next panel too (csrc/gemm_cpu.cpp `SpanPf`), the two
+passes have caught up on a 2-core Xeon with AMX: a 32-row decode step with 32 adapters, fused
+against two-pass, 123.9 vs 122.6 ms (AVX-512 build) and 153.2 vs 148.2 ms (AVX2); kept fused, as
+the difference is within the host's noise and the Zen 5 figures above favour it.
 `LORASERVE_FUSED_LORA=0` keeps the two separate passes (for comparisons).
 """
 

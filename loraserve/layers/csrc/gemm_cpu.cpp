@@ -31,6 +31,9 @@ namespace {
 
 constexpr int64_t kNR = 32;      // columns per panel: two AVX-512 registers, four AVX2 ones
 constexpr int64_t kMC = 96;      // most rows per work item: they stay in L2 while panels pass by
+// fewest rows whose decode-sized products prefetch their next panel (SpanPf); one row streams
+// its panel at the memory's pace with the hardware prefetcher alone
+constexpr int64_t kSpanPfMinRows = 2;
 
 struct Tile {
   const float* w;  // one panel [K, 32]
@@ -44,17 +47,22 @@ struct Tile {
 // fused decode path's list of the cache lines of the next LoRA rows' A and B (panel_lora_linear).
 struct NoPf {
   static constexpr bool kOn = false;
-  const char* const* lines = nullptr;
+  using Src = const char* const*;
   int64_t pos = 0, end = 0;
+  Src src() const { return nullptr; }
+  static void step(Src, int64_t, int64_t&) {}
 };
 NoPf no_pf;
 
-// Lines fetched into L2 two per k-step: the panel loop is FMA-bound at decode sizes and leaves
+// Lines fetched into L2 one per k-step: the panel loop is FMA-bound at decode sizes and leaves
 // memory idle, so the LoRA rows that run after the panel then read L2 instead of DRAM. A flat list
-// keeps the k-loop's share to a compare and two prefetches (a region walker there made GCC spill
-// the accumulators: 2.2x slower panels).
+// keeps the k-loop's share to a compare and a prefetch (a region walker there made GCC spill the
+// accumulators: 2.2x slower panels). Two lines per k-step asked more of a core than its line fills
+// deliver and stalled the panel's own loads: one measured 5-9 % faster at 32-64 rows (30 layers of
+// the SmolLM projections with 32 adapters, 2-core Xeon, AVX-512 build: 73-75 -> 70 ms at 32 rows).
 struct LinePf {
   static constexpr bool kOn = true;
+  using Src = const char* const*;
   std::vector<const char*> v;
   const char* const* lines = nullptr;
   int64_t pos = 0, end = 0;
@@ -71,22 +79,37 @@ struct LinePf {
     pos = 0;
     end = static_cast<int64_t>(v.size());
   }
+  Src src() const { return lines; }
+  __attribute__((always_inline)) static void step(Src l, int64_t e, int64_t& pi) {
+    if (pi < e) _mm_prefetch(l[pi++], _MM_HINT_T1);
+  }
 };
 
-// one k-step's share: two lines while any are left. The kernels copy the list and its end into
-// locals and keep the cursor pi in a register: read through the PF reference, GCC 12 at
-// -march=native on a Zen 5 EPYC (znver3 plus AVX-512 to GCC 12) kept them in memory and spilled
-// the accumulators of the blocks inlined around them: the fused pass's panels ran 2.3x slower
-// than panel_linear's. The register kernels are never inlined for the same reason.
-template <class PF>
-__attribute__((always_inline)) inline void prefetch_step(const char* const* lines, int64_t end, int64_t& pi) {
-  if constexpr (PF::kOn) {
-    if (pi < end) {
-      _mm_prefetch(lines[pi], _MM_HINT_T1);
-      _mm_prefetch(lines[pi + 1], _MM_HINT_T1);
-      pi += 2;
-    }
+// The next panel of a decode-sized product, one line per k-step from its start: a panel's first
+// register block otherwise waits on DRAM (the hardware prefetcher runs a few lines ahead of a
+// stream that wants ~35 GB/s per core) and its other blocks leave memory idle. 30 layers of the
+// SmolLM projections (425 MB, so from DRAM), 2-core Xeon: AVX-512 build 8 / 32 / 64 rows
+// 28 / 43 / 65 -> 21 / 34 / 55 ms (24.5 ms at 32 rows with the weights in cache); AVX2 build
+// 38 / 63 / 96 -> 25 / 49 / 81 ms. Two lines per k-step measured 10-15 % slower than one from 16 rows.
+struct SpanPf {
+  static constexpr bool kOn = true;
+  using Src = const char*;
+  const char* base = nullptr;  // the next panel
+  int64_t pos = 0, end = 0;    // lines of it fetched so far, and in all
+  Src src() const { return base; }
+  __attribute__((always_inline)) static void step(Src b, int64_t e, int64_t& pi) {
+    if (pi < e) _mm_prefetch(b + 64 * pi++, _MM_HINT_T1);
   }
+};
+
+// The kernels copy the source and its end into locals and keep the cursor pi in a register: read
+// through the PF reference, GCC 12 at -march=native on a Zen 5 EPYC (znver3 plus AVX-512 to GCC 12)
+// kept them in memory and spilled the accumulators of the blocks inlined around them: the fused
+// pass's panels ran 2.3x slower than panel_linear's. The register kernels are never inlined for
+// the same reason.
+template <class PF>
+__attribute__((always_inline)) inline void prefetch_step(typename PF::Src src, int64_t end, int64_t& pi) {
+  if constexpr (PF::kOn) PF::step(src, end, pi);
 }
 #endif
 
@@ -115,7 +138,7 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < 2 * NT; ++c) acc[m][c] = _mm512_setzero_ps();
   int64_t pi = pf.pos;
-  const char* const* pl = pf.lines;
+  const typename PF::Src pl = pf.src();
   const int64_t pe = pf.end, K = t[0].k;
 #pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
@@ -144,7 +167,7 @@ __attribute__((noinline)) void stream_row(const float* __restrict__ x, const Til
   for (int u = 0; u < 4; ++u) a[u] = c[u] = _mm512_setzero_ps();
   const float* __restrict__ w = t.w;
   int64_t k = 0, pi = pf.pos;
-  const char* const* pl = pf.lines;
+  const typename PF::Src pl = pf.src();
   const int64_t pe = pf.end;
   for (; k + 4 <= t.k; k += 4) {
     prefetch_step<PF>(pl, pe, pi);
@@ -222,7 +245,7 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
     for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_setzero_ps();
   const float* __restrict__ w = t.w + c0;
   int64_t pi = pf.pos;
-  const char* const* pl = pf.lines;
+  const typename PF::Src pl = pf.src();
   const int64_t pe = pf.end, K = t.k;
   // unrolled: the loop's own counter, compare and pointer steps were a fifth of its uops
   // (K x 6 x 16 in-cache micro-benchmark, one thread: 89 -> 97 GFLOP/s)
@@ -252,7 +275,7 @@ __attribute__((noinline)) void stream_row(const float* __restrict__ x, const Til
     for (int j = 0; j < 4; ++j) a[u][j] = _mm256_setzero_ps();
   const float* __restrict__ w = t.w;
   int64_t k = 0, pi = pf.pos;
-  const char* const* pl = pf.lines;
+  const typename PF::Src pl = pf.src();
   const int64_t pe = pf.end;
   for (; k + 2 <= t.k; k += 2) {
     prefetch_step<PF>(pl, pe, pi);
@@ -392,7 +415,13 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
         const int64_t p = p0 + q;
         tiles[q] = Tile{wp + p * K * kNR, K, bp ? bp + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
       }
-      panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n);
+      if (chunks == 1 && rows >= kSpanPfMinRows) {  // decode sizes: this thread's next panel meanwhile
+        SpanPf pf;
+        if (it + 1 < hi) pf = SpanPf{reinterpret_cast<const char*>(wp + (p0 + 1) * K * kNR), 0, K * kNR * 4 / 64};
+        panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n, pf);
+      } else {
+        panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n);
+      }
     }
   });
   return y;
@@ -410,7 +439,12 @@ void panel_linear_range(const float* x, int64_t ldx, int64_t M, int64_t K, const
 #if LORASERVE_SIMD
   for (int64_t p = p0; p < p1; ++p) {
     const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
-    panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);
+    if (M >= kSpanPfMinRows && p + 1 < p1) {  // as panel_linear's decode sizes
+      SpanPf pf{reinterpret_cast<const char*>(w + (p + 1) * K * kNR), 0, K * kNR * 4 / 64};
+      panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
+    } else {
+      panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);
+    }
   }
 #endif
 }
@@ -491,7 +525,8 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   // LORASERVE_LORA_PREFETCH=0: no software prefetch (for comparisons). Prefetching the next panel
-  // as well measured no faster (135.6 vs 138.8 ms per 30-layer step of projections, 32 rows).
+  // as well measured no faster (135.6 vs 138.8 ms per 30-layer step of projections, 32 rows, one
+  // thread; 2 threads on the Xeon of SpanPf, appended to the list: 74-76 vs 73-75 ms).
   static const bool prefetch = [] {
     const char* v = std::getenv("LORASERVE_LORA_PREFETCH");
     return !(v && v[0] == '0');
