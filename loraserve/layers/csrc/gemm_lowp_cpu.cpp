@@ -48,8 +48,27 @@ constexpr int64_t kMC = 96;  // most rows per work item of the FMA paths: they s
 // in flight than the hardware prefetcher alone (135M shape, 1 thread, all layers' weights per
 // token: int8 14.2 -> 9.3-10.4 ms, bf16 23.7 -> 21.1 ms; 2 KB and 8 KB ahead measured slower).
 constexpr int64_t kPrefetch = 4096;
-
 #if LORASERVE_SIMD
+// Into L2, not L1: on Intel a prefetch into L1 holds one of the core's ~16 L1 fill buffers until
+// its line arrives, which capped a streaming row at ~7 GB/s a core; L2 prefetches leave the
+// fill buffers to the loads. 30 layers of the SmolLM projections (106 MB int8, 212 MB bf16, from
+// DRAM), one row, 2-core Xeon with AMX: AVX2 build int8 8.0 -> 5.4 ms, bf16 9.6 -> 9.1 ms; AVX-512
+// (int8 dot products) 6.4 -> 4.8-5.1 ms. AMD's cores fill L1 and L2 alike for either hint (the
+// Zen figures above were taken with T0; not re-measured with T1).
+constexpr _mm_hint kPrefetchHint = _MM_HINT_T1;
+
+// Several rows: the first register block of each panel also fetches the next panel into L2,
+// one line per k-step (two per bf16 k-pair), as gemm_cpu.cpp's SpanPf: without it each panel's
+// first block waited on DRAM. Same 30 layers, AVX2 build: int8 2 / 4 / 8 rows 13-15 / 13.3 / 20.0
+// -> 6.5 / 10.1 / 17.1 ms; bf16 11.4 / 15.0 / 21.8 -> 10.4 / 13.6 / 20.2 ms; AVX-512 bf16 2 / 4
+// rows 11.5 / 13.4 -> 9.8 / 10.7 ms.
+LS_INLINE void prefetch_next(const char* next, int64_t bytes, int64_t& at) {
+  if (at < bytes) {
+    _mm_prefetch(next + at, _MM_HINT_T1);
+    at += 64;
+  }
+}
+
 using simd::V;
 constexpr int kL = simd::W;         // fp32 lanes
 constexpr int kJ = kNR / kL;        // registers per panel row
@@ -113,8 +132,12 @@ LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& 
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[m][j] = simd::zero();
   const int64_t K = t.k;
+  const char* const nx = t.next;
+  const int64_t nb = t.next_bytes;
+  int64_t at = 0;
 #pragma GCC unroll 4  // as gemm_cpu.cpp's block: the loop's own uops were a fifth of it
   for (int64_t k = 0; k < K; ++k) {
+    prefetch_next(nx, nb, at);
     V wv[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) wv[j] = load(k, j);
@@ -142,7 +165,12 @@ void bf16_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float*
     for (int j = 0; j < kJ; ++j) acc[m][j] = simd::zero();
   const uint16_t* __restrict__ w = static_cast<const uint16_t*>(t.w);
   const int64_t full = t.k / 2;
+  const char* const nx = t.next;
+  const int64_t nb = t.next_bytes;
+  int64_t at = 0;
   for (int64_t kk = 0; kk < full; ++kk) {
+    prefetch_next(nx, nb, at);
+    prefetch_next(nx, nb, at);
     if constexpr (kJ <= 2) {
       // the whole k-pair's weights first, then one row at a time: two broadcasts live, not 2 * MR
       V e[kJ], o[kJ];
@@ -199,7 +227,7 @@ void bf16_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y
     if (kPrefetch) {  // two pairs of k-steps: 256 bytes, four lines
 #pragma GCC unroll 4
       for (int l = 0; l < 4; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(w + kk * 2 * kNR) + kPrefetch + 64 * l, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + kk * 2 * kNR) + kPrefetch + 64 * l, kPrefetchHint);
     }
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
@@ -254,8 +282,8 @@ void int8_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y
   int64_t k = 0;
   for (; k + 4 <= t.k; k += 4) {
     if (kPrefetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch, kPrefetchHint);
+      _mm_prefetch(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch + 64, kPrefetchHint);
     }
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) {
@@ -322,21 +350,30 @@ void f32_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& 
   if constexpr (MR > 1) {
     if (mr < MR) return f32_rows<MR - 1>(mr, x, ldx, w, t, y, ldy);
   }
-  for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) f32_block<MR, kFV>(x, ldx, w, t, c0, y, ldy);
+  Panel rest = t;
+  rest.next = nullptr;
+  rest.next_bytes = 0;
+  for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) f32_block<MR, kFV>(x, ldx, w, c0 ? rest : t, c0, y, ldy);
 }
 
 template <bool BF16>
 void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy,
                 std::vector<float>& scratch) {
+  // only the first register block fetches the next panel (t.next); one row streams its own ahead
+  Panel rest = t;
+  rest.next = nullptr;
+  rest.next_bytes = 0;
   if (rows <= (BF16 ? kInRegRowsBf16 : kInRegRowsInt8)) {  // converted in registers as the panel streams, once per block of rows
     constexpr int most = BF16 ? kMRBf16 : kMR;
-    over_blocks(rows, most, [&](int64_t r, int mr) { rows_block<BF16, most>(mr, x + r * ldx, ldx, t, y + r * ldy, ldy); });
+    over_blocks(rows, most, [&](int64_t r, int mr) {
+      rows_block<BF16, most>(mr, x + r * ldx, ldx, r == 0 && rows > 1 ? t : rest, y + r * ldy, ldy);
+    });
     return;
   }
   scratch.resize(static_cast<size_t>(t.k * kNR));
   dequant_panel(BF16, t, scratch.data());
   over_blocks(rows, kFR, [&](int64_t r, int mr) {
-    f32_rows<kFR>(mr, x + r * ldx, ldx, scratch.data(), t, y + r * ldy, ldy);
+    f32_rows<kFR>(mr, x + r * ldx, ldx, scratch.data(), r == 0 ? t : rest, y + r * ldy, ldy);
   });
 }
 #else
@@ -436,8 +473,9 @@ void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const c
     return;
   }
   for (int64_t p = p0; p < p1; ++p) {
+    const bool last = p + 1 == p1;
     const Panel t{w + p * panel_bytes, K, scale ? scale + p * kNR : nullptr, bias ? bias + p * kNR : nullptr,
-                  std::min(kNR, n - p * kNR)};
+                  std::min(kNR, n - p * kNR), last ? nullptr : w + (p + 1) * panel_bytes, last ? 0 : panel_bytes};
     if (bf16) panel_rows<true>(M, x, ldx, t, y + p * kNR, n, scratch);
     else panel_rows<false>(M, x, ldx, t, y + p * kNR, n, scratch);
   }
@@ -506,8 +544,10 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
     for (int64_t it = lo; it < hi; ++it) {
       const auto [p, c] = grid_item(it, P, chunks, major);
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;
+      // decode sizes (one chunk: items are panels) fetch this thread's next panel meanwhile
+      const bool ahead = chunks == 1 && it + 1 < hi;
       const Panel t{wp + p * panel_bytes, K, sp ? sp + p * kNR : nullptr, bp ? bp + p * kNR : nullptr,
-                    std::min(kNR, n - p * kNR)};
+                    std::min(kNR, n - p * kNR), ahead ? wp + (p + 1) * panel_bytes : nullptr, ahead ? panel_bytes : 0};
       if (bf16) panel_rows<true>(rows, xp + r0 * ldx, ldx, t, yp + r0 * n + p * kNR, n, scratch);
       else panel_rows<false>(rows, xp + r0 * ldx, ldx, t, yp + r0 * n + p * kNR, n, scratch);
     }

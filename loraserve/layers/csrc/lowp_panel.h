@@ -22,6 +22,10 @@ struct Panel {
   const float* scale;  // int8: this panel's 32 scales; bf16: null
   const float* bias;   // this panel's 32 bias entries, or null
   int64_t cols;        // columns that exist (the last panel may be partial)
+  // the panel this thread computes next, fetched into L2 while this one computes (null: none);
+  // see gemm_lowp_cpu.cpp prefetch_next
+  const char* next = nullptr;
+  int64_t next_bytes = 0;
 };
 
 #if LORASERVE_SIMD
