@@ -100,6 +100,10 @@ struct SpanPf {
   __attribute__((always_inline)) static void step(Src b, int64_t e, int64_t& pi) {
     if (pi < e) _mm_prefetch(b + 64 * pi++, _MM_HINT_T1);
   }
+  // the whole panel at `next` ([K, 32] fp32)
+  static SpanPf panel(const float* next, int64_t K) {
+    return SpanPf{reinterpret_cast<const char*>(next), 0, K * kNR * 4 / 64};
+  }
 };
 
 // The kernels copy the source and its end into locals and keep the cursor pi in a register: read
@@ -417,7 +421,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
       }
       if (chunks == 1 && rows >= kSpanPfMinRows) {  // decode sizes: this thread's next panel meanwhile
         SpanPf pf;
-        if (it + 1 < hi) pf = SpanPf{reinterpret_cast<const char*>(wp + (p0 + 1) * K * kNR), 0, K * kNR * 4 / 64};
+        if (it + 1 < hi) pf = SpanPf::panel(wp + (p0 + 1) * K * kNR, K);
         panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n, pf);
       } else {
         panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n);
@@ -440,7 +444,7 @@ void panel_linear_range(const float* x, int64_t ldx, int64_t M, int64_t K, const
   for (int64_t p = p0; p < p1; ++p) {
     const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
     if (M >= kSpanPfMinRows && p + 1 < p1) {  // as panel_linear's decode sizes
-      SpanPf pf{reinterpret_cast<const char*>(w + (p + 1) * K * kNR), 0, K * kNR * 4 / 64};
+      SpanPf pf = SpanPf::panel(w + (p + 1) * K * kNR, K);
       panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
     } else {
       panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);

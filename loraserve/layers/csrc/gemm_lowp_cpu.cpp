@@ -69,6 +69,13 @@ LS_INLINE void prefetch_next(const char* next, int64_t bytes, int64_t& at) {
   }
 }
 
+// t for the register blocks after a panel's first: the next panel is already on its way
+inline Panel without_next(Panel t) {
+  t.next = nullptr;
+  t.next_bytes = 0;
+  return t;
+}
+
 using simd::V;
 constexpr int kL = simd::W;         // fp32 lanes
 constexpr int kJ = kNR / kL;        // registers per panel row
@@ -350,23 +357,20 @@ void f32_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& 
   if constexpr (MR > 1) {
     if (mr < MR) return f32_rows<MR - 1>(mr, x, ldx, w, t, y, ldy);
   }
-  Panel rest = t;
-  rest.next = nullptr;
-  rest.next_bytes = 0;
+  const Panel rest = without_next(t);
   for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) f32_block<MR, kFV>(x, ldx, w, c0 ? rest : t, c0, y, ldy);
 }
 
 template <bool BF16>
 void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy,
                 std::vector<float>& scratch) {
-  // only the first register block fetches the next panel (t.next); one row streams its own ahead
-  Panel rest = t;
-  rest.next = nullptr;
-  rest.next_bytes = 0;
+  // only the first register block fetches the next panel (t.next; the one-row kernels ignore it
+  // and stream their own panel ahead)
+  const Panel rest = without_next(t);
   if (rows <= (BF16 ? kInRegRowsBf16 : kInRegRowsInt8)) {  // converted in registers as the panel streams, once per block of rows
     constexpr int most = BF16 ? kMRBf16 : kMR;
     over_blocks(rows, most, [&](int64_t r, int mr) {
-      rows_block<BF16, most>(mr, x + r * ldx, ldx, r == 0 && rows > 1 ? t : rest, y + r * ldy, ldy);
+      rows_block<BF16, most>(mr, x + r * ldx, ldx, r == 0 ? t : rest, y + r * ldy, ldy);
     });
     return;
   }
