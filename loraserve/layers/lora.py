@@ -21,8 +21,8 @@ Per step, tokens are grouped by slot (SGMV-style):
   segments run register-blocked, 6 or 12 tokens at a time; measured on the 135M
   shape with 32 adapters, 1.3x faster per decode step and 2x per prefill
   than the `bmm` path below, which stays for CUDA and other dtypes; decode-sized
-  steps (up to 96 rows) run base and LoRA as one call instead, the adapters
-  prefetched while the base panels compute (`CpuNativeOps.linear_lora`);
+  steps (up to 96 rows) run base and LoRA as one call instead, each row's LoRA
+  between two base panels (`CpuNativeOps.linear_lora`);
 - otherwise segments are padded into a ``[slots, max_seg, in]`` buffer and handled by
   two `bmm`s over the contiguous slot range the batch uses — one call per
   projection however many adapters are in the batch; when every slot has the

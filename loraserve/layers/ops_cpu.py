@@ -10,22 +10,19 @@ each. Whatever a kernel cannot do (other dtypes, attention with a sliding
 window or logit soft-capping) runs `TorchOps`' PyTorch path.
 
 Decode-sized steps with adapters (up to 96 rows) run each projection and its LoRA as one call,
-`panel_lora_linear` (`linear_lora`): every row's shrink/expand runs between two weight panels with
-its A and B prefetched into L2 while the panel before computes, so the adapter stream (~625 MB per
-step with 32 distinct rank-16 adapters on the 135M shape, more than the base weights) overlaps
-the FMA-bound panel loop instead of following it. Measured at 1 thread on one Sapphire Rapids
-core (~12.5 GB/s): a 30-layer step of projections, 32 rows on 32 adapters, 148 -> 131-136 ms
-with the AVX-512 build (base alone 80 ms) and 199 -> 186 ms with the AVX2 one (base 130 ms);
-end to end (bench/kernel_builds.py, 32 x 128-token prompts, 64 new tokens) distinct 98.6 -> 100.9
-tok/s (0.79 -> 0.81 of base) and 70.4 -> 72.1 tok/s (0.84 -> 0.86). The core's fill bandwidth is
-the limit: base weights plus adapters are ~1.05 GB a step, 84 ms at 12.5 GB/s.
-On a 2-core Zen 5 EPYC (AVX-512 build, 2 threads) the same end-to-end run gives 0.70 of base fused
-against 0.66 two-pass, and the AVX2 build 0.90 against 0.85 (before the register kernels took the
-prefetch list as locals, GCC 12 spilled around it and the fused pass ran at 0.54).
-Since the plain panel GEMM prefetches its next panel too (csrc/gemm_cpu.cpp `SpanPf`), the two
-passes have caught up on a 2-core Xeon with AMX: a 32-row decode step with 32 adapters, fused
-against two-pass, 123.9 vs 122.6 ms (AVX-512 build) and 153.2 vs 148.2 ms (AVX2); kept fused, as
-the difference is within the host's noise and the Zen 5 figures above favour it.
+`panel_lora_linear` (`linear_lora`): every row's shrink/expand runs between two weight panels,
+each panel fetching the next one into L2 as `panel_linear` does. It used to prefetch the next
+rows' A and B as well, so that the adapter stream (~625 MB per step with 32 distinct rank-16
+adapters on the 135M shape, more than the base weights) would overlap the FMA-bound panel loop.
+On a 2-core Xeon with AMX it never did: at 32 distinct adapters the pass took the base GEMM plus
+the LoRA-only pass, and the list cost each panel's k-steps, most of all when the adapters were
+in cache. Without it (30 layers of the projections, AVX-512 / AVX2 build): 32 rows on 32
+adapters 70.5 -> 66.6 / 91.1 -> 84.5 ms, on one adapter 54.7 -> 41.2 / 75.2 -> 57.1 ms, 8 rows
+34.9 -> 29.0 / 45.6 -> 34.4 ms; 64 rows on 32 adapters 111 -> 114 / 145 -> 148 ms. The fused and
+the two-pass path now measure the same there (within 1-6 % either way). Earlier figures with the
+list: on one Sapphire Rapids core (1 thread) it was 131-136 against 148 ms two-pass, and on a
+2-core Zen 5 EPYC 0.70 of base fused against 0.66 two-pass end to end (bench/kernel_builds.py);
+not re-measured there without it.
 `LORASERVE_FUSED_LORA=0` keeps the two separate passes (for comparisons).
 """
 

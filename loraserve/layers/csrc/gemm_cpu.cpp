@@ -43,47 +43,16 @@ struct Tile {
 };
 
 #if LORASERVE_SIMD
-// What the register kernels prefetch alongside their k-steps: nothing (plain projections), or the
-// fused decode path's list of the cache lines of the next LoRA rows' A and B (panel_lora_linear).
+// What the register kernels prefetch alongside their k-steps: nothing (plain projections and
+// one-row streams), or the next panel of a decode-sized product (SpanPf).
 struct NoPf {
   static constexpr bool kOn = false;
-  using Src = const char* const*;
+  using Src = const char*;
   int64_t pos = 0, end = 0;
   Src src() const { return nullptr; }
   static void step(Src, int64_t, int64_t&) {}
 };
 NoPf no_pf;
-
-// Lines fetched into L2 one per k-step: the panel loop is FMA-bound at decode sizes and leaves
-// memory idle, so the LoRA rows that run after the panel then read L2 instead of DRAM. A flat list
-// keeps the k-loop's share to a compare and a prefetch (a region walker there made GCC spill the
-// accumulators: 2.2x slower panels). Two lines per k-step asked more of a core than its line fills
-// deliver and stalled the panel's own loads: one measured 5-9 % faster at 32-64 rows (30 layers of
-// the SmolLM projections with 32 adapters, 2-core Xeon, AVX-512 build: 73-75 -> 70 ms at 32 rows).
-struct LinePf {
-  static constexpr bool kOn = true;
-  using Src = const char* const*;
-  std::vector<const char*> v;
-  const char* const* lines = nullptr;
-  int64_t pos = 0, end = 0;
-  void clear() { v.clear(); }
-  void add(const void* q, int64_t bytes) {
-    if (bytes <= 0) return;
-    const uintptr_t hi = reinterpret_cast<uintptr_t>(q) + bytes;
-    for (uintptr_t a = reinterpret_cast<uintptr_t>(q) & ~uintptr_t{63}; a < hi; a += 64)
-      v.push_back(reinterpret_cast<const char*>(a));
-  }
-  void start() {
-    if (v.size() % 2) v.push_back(v.back());
-    lines = v.data();
-    pos = 0;
-    end = static_cast<int64_t>(v.size());
-  }
-  Src src() const { return lines; }
-  __attribute__((always_inline)) static void step(Src l, int64_t e, int64_t& pi) {
-    if (pi < e) _mm_prefetch(l[pi++], _MM_HINT_T1);
-  }
-};
 
 // The next panel of a decode-sized product, one line per k-step from its start: a panel's first
 // register block otherwise waits on DRAM (the hardware prefetcher runs a few lines ahead of a
@@ -340,15 +309,6 @@ struct LoraRows {
   int64_t n;
 
   int64_t rank(int64_t s) const { return slot_rank ? std::clamp<int64_t>(slot_rank[s], 0, r) : r; }
-
-  // the bytes entry e will read: its A block (whole when the slot has full rank; a partial one is
-  // left to the hardware prefetcher) and the loaded rows of each member's B
-  void prefetch(LinePf& pf, int64_t e) const {
-    const int64_t s = slots[e], rs = rank(s);
-    if (rs == 0) return;
-    if (rs == r) pf.add(a + s * a_slot, k * gr * 4);
-    for (int j = 0; j < g; ++j) pf.add(b[j] + s * b_slot[j], rs * out[j] * 4);
-  }
 };
 
 // entry e: d[e] = the delta of its row under its slot's adapter, every member side by side
@@ -435,21 +395,28 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
 }
 
 
+#if LORASERVE_SIMD
+// Panel p of a decode-sized product (at most kMC rows, one work item per panel) into y [M, n],
+// fetching panel p + 1 meanwhile when the same thread takes it next (as panel_linear does)
+static void decode_panel(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
+                         const float* bias, int64_t p, bool next, float* y) {
+  const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+  if (M >= kSpanPfMinRows && next) {
+    SpanPf pf = SpanPf::panel(w + (p + 1) * K * kNR, K);
+    panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
+  } else {
+    panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);
+  }
+}
+#endif
+
 // Panels [p0, p1) of panel_linear's product for at most kMC rows, each panel computed exactly as
 // panel_linear computes it there (one work item per panel): the decode stack's threads each take a
 // range inside one parallel region (decode_stack_cpu.cpp), and the split cannot change a bit.
 void panel_linear_range(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
                         const float* bias, int64_t p0, int64_t p1, float* y) {
 #if LORASERVE_SIMD
-  for (int64_t p = p0; p < p1; ++p) {
-    const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
-    if (M >= kSpanPfMinRows && p + 1 < p1) {  // as panel_linear's decode sizes
-      SpanPf pf = SpanPf::panel(w + (p + 1) * K * kNR, K);
-      panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
-    } else {
-      panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);
-    }
-  }
+  for (int64_t p = p0; p < p1; ++p) decode_panel(x, ldx, M, K, w, n, bias, p, p + 1 < p1, y);
 #endif
 }
 
@@ -507,8 +474,16 @@ static void add_deltas(const LoraRows& L, int64_t N, float* yp) {
 
 // y = x @ W.T + b, plus for every n: y[rows[n]] += (x[rows[n]] @ a[slots[n]]) @ [bs[0] | bs[1] | ...][slots[n]]
 // (the members' outputs side by side, as in lora_rows). Decode sizes only (at most 96 rows): each
-// row's LoRA runs between two panels, its A and B prefetched while the panel before computes, so
-// streaming the adapters (memory-bound) overlaps the base GEMM (FMA-bound) instead of following it.
+// row's LoRA runs between two panels, into a delta buffer added once every panel is stored.
+// Each panel fetches only the next base panel (SpanPf), not the next rows' A and B. 30 layers of
+// the SmolLM projections with rank-16 adapters, 2-core Xeon with AMX, AVX-512 build, against the
+// list of the next rows' A and B lines this replaced: 32 rows, 32 distinct adapters 71 -> 68 ms;
+// one adapter for all rows (in cache) 55.8 -> 43 ms; 8 rows 35 -> 31 / 30.7 -> 26.3 ms; 64 rows
+// 114 -> 118 / 87 -> 72 ms. The adapter lines cost the panel's k-steps (a list built per panel,
+// a prefetch each, hits when the adapter is in cache) and never overlapped the GEMM: at 32
+// distinct adapters the fused pass takes the base GEMM plus the LoRA-only pass either way. Also
+// tried and slower: every 2nd / 4th adapter line or the first lines of each 4 KB page (76-79 ms),
+// demand loads instead of prefetches (73-86 ms), two adapter lines per k-step (72-76 ms).
 torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                                 const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
                                 const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
@@ -528,26 +503,14 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0);
-  // LORASERVE_LORA_PREFETCH=0: no software prefetch (for comparisons). Prefetching the next panel
-  // as well measured no faster (135.6 vs 138.8 ms per 30-layer step of projections, 32 rows, one
-  // thread; 2 threads on the Xeon of SpanPf, appended to the list: 74-76 vs 73-75 ms).
-  static const bool prefetch = [] {
-    const char* v = std::getenv("LORASERVE_LORA_PREFETCH");
-    return !(v && v[0] == '0');
-  }();
   at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
     // this thread's share of the LoRA entries, in proportion to its panels, spread evenly between them
     const int64_t e_lo = N * lo / P, e_hi = N * hi / P;
     std::vector<float> h(GR);
-    LinePf pf;
     int64_t e = e_lo;
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t target = e_lo + (e_hi - e_lo) * (p - lo + 1) / (hi - lo);
-      pf.clear();
-      for (int64_t q = e; q < target && prefetch; ++q) L.prefetch(pf, q);
-      pf.start();
-      Tile t{wp + p * K * kNR, K, bp ? bp + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
-      panel_rows(xp, ldx, &t, 1, M, yp + p * kNR, n, pf);
+      decode_panel(xp, ldx, M, K, wp, n, bp, p, p + 1 < hi, yp);
       for (; e < target; ++e) lora_unit(L, e, h.data());
     }
   });
