@@ -19,9 +19,11 @@ the LoRA-only pass, and the list cost each panel's k-steps, most of all when the
 in cache. Without it (30 layers of the projections, AVX-512 / AVX2 build): 32 rows on 32
 adapters 70.5 -> 66.6 / 91.1 -> 84.5 ms, on one adapter 54.7 -> 41.2 / 75.2 -> 57.1 ms, 8 rows
 34.9 -> 29.0 / 45.6 -> 34.4 ms; 64 rows on 32 adapters 111 -> 114 / 145 -> 148 ms. The fused and
-the two-pass path now measure the same there (within 1-6 % either way). Earlier figures with the
-list: on one Sapphire Rapids core (1 thread) it was 131-136 against 148 ms two-pass, and on a
-2-core Zen 5 EPYC 0.70 of base fused against 0.66 two-pass end to end (bench/kernel_builds.py);
+the two-pass path now measure the same there (within 1-6 % either way), at 1 thread too (32 rows
+on 32 adapters 133.9 -> 119.4 ms against 120.4 two-pass). Engine decode step, 32 requests on 32
+adapters: 119.3 -> 111.3 ms (AVX-512 build), 148.5 -> 132.7 ms (AVX2). The list once measured
+faster on another host (one Sapphire Rapids core, 1 thread: 131-136 against 148 ms two-pass; a
+2-core Zen 5 EPYC: 0.70 of base fused against 0.66 two-pass end to end, bench/kernel_builds.py);
 not re-measured there without it.
 `LORASERVE_FUSED_LORA=0` keeps the two separate passes (for comparisons).
 """
