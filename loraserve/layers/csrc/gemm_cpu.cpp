@@ -47,10 +47,8 @@ struct Tile {
 // one-row streams), or the next panel of a decode-sized product (SpanPf).
 struct NoPf {
   static constexpr bool kOn = false;
-  using Src = const char*;
+  const char* base = nullptr;
   int64_t pos = 0, end = 0;
-  Src src() const { return nullptr; }
-  static void step(Src, int64_t, int64_t&) {}
 };
 NoPf no_pf;
 
@@ -62,27 +60,24 @@ NoPf no_pf;
 // 38 / 63 / 96 -> 25 / 49 / 81 ms. Two lines per k-step measured 10-15 % slower than one from 16 rows.
 struct SpanPf {
   static constexpr bool kOn = true;
-  using Src = const char*;
   const char* base = nullptr;  // the next panel
   int64_t pos = 0, end = 0;    // lines of it fetched so far, and in all
-  Src src() const { return base; }
-  __attribute__((always_inline)) static void step(Src b, int64_t e, int64_t& pi) {
-    if (pi < e) _mm_prefetch(b + 64 * pi++, _MM_HINT_T1);
-  }
   // the whole panel at `next` ([K, 32] fp32)
   static SpanPf panel(const float* next, int64_t K) {
     return SpanPf{reinterpret_cast<const char*>(next), 0, K * kNR * 4 / 64};
   }
 };
 
-// The kernels copy the source and its end into locals and keep the cursor pi in a register: read
-// through the PF reference, GCC 12 at -march=native on a Zen 5 EPYC (znver3 plus AVX-512 to GCC 12)
-// kept them in memory and spilled the accumulators of the blocks inlined around them: the fused
-// pass's panels ran 2.3x slower than panel_linear's. The register kernels are never inlined for
-// the same reason.
+// One k-step's share: the next line while any are left. The kernels copy the base and its end
+// into locals and keep the cursor pi in a register: read through the PF reference, GCC 12 at
+// -march=native on a Zen 5 EPYC (znver3 plus AVX-512 to GCC 12) kept them in memory and spilled
+// the accumulators of the blocks inlined around them: the fused pass's panels ran 2.3x slower
+// than panel_linear's. The register kernels are never inlined for the same reason.
 template <class PF>
-__attribute__((always_inline)) inline void prefetch_step(typename PF::Src src, int64_t end, int64_t& pi) {
-  if constexpr (PF::kOn) PF::step(src, end, pi);
+__attribute__((always_inline)) inline void prefetch_step(const char* base, int64_t end, int64_t& pi) {
+  if constexpr (PF::kOn) {
+    if (pi < end) _mm_prefetch(base + 64 * pi++, _MM_HINT_T1);
+  }
 }
 #endif
 
@@ -111,7 +106,7 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < 2 * NT; ++c) acc[m][c] = _mm512_setzero_ps();
   int64_t pi = pf.pos;
-  const typename PF::Src pl = pf.src();
+  const char* const pl = pf.base;
   const int64_t pe = pf.end, K = t[0].k;
 #pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
@@ -140,7 +135,7 @@ __attribute__((noinline)) void stream_row(const float* __restrict__ x, const Til
   for (int u = 0; u < 4; ++u) a[u] = c[u] = _mm512_setzero_ps();
   const float* __restrict__ w = t.w;
   int64_t k = 0, pi = pf.pos;
-  const typename PF::Src pl = pf.src();
+  const char* const pl = pf.base;
   const int64_t pe = pf.end;
   for (; k + 4 <= t.k; k += 4) {
     prefetch_step<PF>(pl, pe, pi);
@@ -218,7 +213,7 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
     for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_setzero_ps();
   const float* __restrict__ w = t.w + c0;
   int64_t pi = pf.pos;
-  const typename PF::Src pl = pf.src();
+  const char* const pl = pf.base;
   const int64_t pe = pf.end, K = t.k;
   // unrolled: the loop's own counter, compare and pointer steps were a fifth of its uops
   // (K x 6 x 16 in-cache micro-benchmark, one thread: 89 -> 97 GFLOP/s)
@@ -248,7 +243,7 @@ __attribute__((noinline)) void stream_row(const float* __restrict__ x, const Til
     for (int j = 0; j < 4; ++j) a[u][j] = _mm256_setzero_ps();
   const float* __restrict__ w = t.w;
   int64_t k = 0, pi = pf.pos;
-  const typename PF::Src pl = pf.src();
+  const char* const pl = pf.base;
   const int64_t pe = pf.end;
   for (; k + 2 <= t.k; k += 2) {
     prefetch_step<PF>(pl, pe, pi);
@@ -351,6 +346,21 @@ static void check_panel_args(const torch::Tensor& x, const torch::Tensor& w, int
   }
 }
 
+#if LORASERVE_SIMD
+// Panel p of a decode-sized product (at most kMC rows, one work item per panel) into y [M, n],
+// fetching panel p + 1 meanwhile when the same thread takes it next
+static void decode_panel(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
+                         const float* bias, int64_t p, bool next, float* y) {
+  const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+  if (M >= kSpanPfMinRows && next) {
+    SpanPf pf = SpanPf::panel(w + (p + 1) * K * kNR, K);
+    panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
+  } else {
+    panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);
+  }
+}
+#endif
+
 // x [M, K] (rows contiguous, any row stride), w [P, K, 32] -> [M, n]
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                            const std::optional<torch::Tensor>& bias) {
@@ -374,18 +384,16 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
       const int64_t p0 = per * g, np = std::min(per, P - p0);
       // chunks of equal size (64 rows: one chunk; 100 rows: 50 + 50, not 96 + 4)
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;
+      if (chunks == 1) {  // decode sizes: items are panels, the next one this thread's next item
+        decode_panel(xp, ldx, M, K, wp, n, bp, p0, it + 1 < hi, yp);
+        continue;
+      }
       Tile tiles[kPanelsPerItem];
       for (int64_t q = 0; q < np; ++q) {
         const int64_t p = p0 + q;
         tiles[q] = Tile{wp + p * K * kNR, K, bp ? bp + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
       }
-      if (chunks == 1 && rows >= kSpanPfMinRows) {  // decode sizes: this thread's next panel meanwhile
-        SpanPf pf;
-        if (it + 1 < hi) pf = SpanPf::panel(wp + (p0 + 1) * K * kNR, K);
-        panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n, pf);
-      } else {
-        panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n);
-      }
+      panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n);
     }
   });
   return y;
@@ -395,20 +403,6 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
 }
 
 
-#if LORASERVE_SIMD
-// Panel p of a decode-sized product (at most kMC rows, one work item per panel) into y [M, n],
-// fetching panel p + 1 meanwhile when the same thread takes it next (as panel_linear does)
-static void decode_panel(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
-                         const float* bias, int64_t p, bool next, float* y) {
-  const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
-  if (M >= kSpanPfMinRows && next) {
-    SpanPf pf = SpanPf::panel(w + (p + 1) * K * kNR, K);
-    panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
-  } else {
-    panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);
-  }
-}
-#endif
 
 // Panels [p0, p1) of panel_linear's product for at most kMC rows, each panel computed exactly as
 // panel_linear computes it there (one work item per panel): the decode stack's threads each take a
@@ -477,9 +471,9 @@ static void add_deltas(const LoraRows& L, int64_t N, float* yp) {
 // row's LoRA runs between two panels, into a delta buffer added once every panel is stored.
 // Each panel fetches only the next base panel (SpanPf), not the next rows' A and B. 30 layers of
 // the SmolLM projections with rank-16 adapters, 2-core Xeon with AMX, AVX-512 build, against the
-// list of the next rows' A and B lines this replaced: 32 rows, 32 distinct adapters 71 -> 68 ms;
-// one adapter for all rows (in cache) 55.8 -> 43 ms; 8 rows 35 -> 31 / 30.7 -> 26.3 ms; 64 rows
-// 114 -> 118 / 87 -> 72 ms. The adapter lines cost the panel's k-steps (a list built per panel,
+// list of the next rows' A and B lines this replaced: 32 rows, 32 distinct adapters 70.5 -> 66.6
+// ms; one adapter for all rows (in cache) 54.7 -> 41.2 ms; 8 rows 34.9 -> 29.0 / 30.9 -> 24.4 ms;
+// 64 rows 111 -> 114 / 86.9 -> 67.7 ms (layers/ops_cpu.py has the AVX2 build's). The adapter lines cost the panel's k-steps (a list built per panel,
 // a prefetch each, hits when the adapter is in cache) and never overlapped the GEMM: at 32
 // distinct adapters the fused pass takes the base GEMM plus the LoRA-only pass either way. Also
 // tried and slower: every 2nd / 4th adapter line or the first lines of each 4 KB page (76-79 ms),
