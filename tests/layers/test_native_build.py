@@ -92,12 +92,26 @@ def test_each_build_uses_the_widest_vectors_its_target_has() -> None:
     assert native_kernel_or_skip(AVX2).simd_bits() == 256
 
 
+@pytest.mark.parametrize(
+    ("march", "command"),
+    [(None, "`loraserve build-kernels`"), (AVX2, f"`loraserve build-kernels --march {AVX2}`")],
+)
 def test_a_start_without_a_build_never_compiles_and_says_so_once(
-    fresh_load: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fresh_load: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    march: str | None,
+    command: str,
 ) -> None:
+    """The hint names the build the server looked for: the host's, or the one its environment picks."""
     cache = tmp_path / "kernels"
     monkeypatch.setenv(native_cpu.ENV_CACHE, str(cache))
     monkeypatch.delenv(native_cpu.ENV_SWITCH, raising=False)
+    if march is None:
+        monkeypatch.delenv(native_cpu.ENV_MARCH, raising=False)
+    else:
+        monkeypatch.setenv(native_cpu.ENV_MARCH, march)
     caplog.set_level(logging.INFO, logger=native_cpu.__name__)
     t0 = time.monotonic()
     assert native_cpu.cpu_kernels(CPU, F32) is None
@@ -107,7 +121,7 @@ def test_a_start_without_a_build_never_compiles_and_says_so_once(
     lines = [r.getMessage() for r in caplog.records if r.name == native_cpu.__name__]
     assert len(lines) == 1, lines
     assert "not built" in lines[0] and "PyTorch fallbacks" in lines[0]
-    assert "`loraserve build-kernels`" in lines[0] and str(cache) in lines[0]
+    assert command in lines[0] and str(cache) in lines[0]
 
 
 def test_a_corrupt_library_is_reported_and_the_fallback_runs(
