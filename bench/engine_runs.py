@@ -54,6 +54,7 @@ def make_engine(spec: BenchSpec) -> Engine:
     )
     cfg = EngineConfig(
         dtype=spec.dtype,
+        adapter_dtype=spec.adapter_dtype,
         device=spec.device,
         max_active_adapters=spec.max_active_adapters,
         max_lora_rank=spec.max_lora_rank,

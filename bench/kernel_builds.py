@@ -9,10 +9,15 @@ the way a server selects them, by `LORASERVE_NATIVE_MARCH` in the runner's envir
 
     python -m bench.kernel_builds [--marches native,x86-64-v3] [--ns 32] [--repeats 2] [--no-hf]
                                   [--threads 1] [--no-batch1] [--fused-lora both]
+                                  [--adapter-dtype both]
 
 `--threads` sets the runners' OMP_NUM_THREADS (pin the whole run with `taskset` for quiet figures);
 `--fused-lora both` runs ours twice per build, with the fused base + LoRA decode pass
-(csrc/gemm_cpu.cpp `panel_lora_linear`) and with the two separate passes (`ours-<isa>-2pass`).
+(csrc/gemm_cpu.cpp `panel_lora_linear`) and with the two separate passes (`ours-<isa>-2pass`);
+`--adapter-dtype both` adds ours with bf16 LoRA tables over the same fp32 model
+(`ours-<isa>-bf16lora`, `--adapter-dtype bfloat16` of the server): the workload's targets are
+for fp32 tables, whose bytes bound the distinct-adapter run on hosts with little bandwidth per core,
+and this row says what halving them buys.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,10 +98,11 @@ def table(results: list[RunResult], isas: list[str], ns: list[int], roof: float)
             f"\nN = {n}, tok/s       base  distinct  distinct/base  x hf+peft distinct  batch-1  b1/roofline"
         )
         for isa in isas:
-            for system in ("ours", "ours-2pass", "hf"):
-                label = f"{system}-{isa}" if system != "ours-2pass" else f"ours-{isa}-2pass"
+            ours = dict.fromkeys(r.system for r in results if r.system.startswith(f"ours-{isa}"))
+            for label in [*ours, f"hf-{isa}"]:
                 if not any(r.system == label for r in results):
                     continue
+                system = label.split("-")[0]
                 b, d, b1 = by.get((label, base)), by.get((label, dist)), by.get((label, "batch1_decode"))
                 hf = by.get((f"hf-{isa}", dist)) if system != "hf" else None
                 lines.append(
@@ -121,6 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
         choices=["on", "off", "both"],
         default="on",
         help="ours with the fused base + LoRA decode pass, the two separate passes, or both",
+    )
+    ap.add_argument(
+        "--adapter-dtype",
+        choices=["float32", "bfloat16", "both"],
+        default="float32",
+        help="our LoRA tables: fp32 (the workload's), bf16 (label -bf16lora), or both",
     )
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=None)
@@ -176,14 +189,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ours on every build first (the figures compared), then the baseline on each
     fused = {"on": [True], "off": [False], "both": [True, False]}[args.fused_lora]
+    tables = {"float32": ["float32"], "bfloat16": ["bfloat16"], "both": ["float32", "bfloat16"]}
     for system in ["ours"] if args.no_hf else ["ours", "hf"]:
         for b in builds:
-            for on in fused if system == "ours" else [True]:
+            ours = [(on, t) for t in tables[args.adapter_dtype] for on in fused]
+            for on, lora_dtype in ours if system == "ours" else [(True, "float32")]:
                 b["env"] = build_env(b)
                 env = b["env"] if on else b["env"] | {ENV_FUSED_LORA: "0"}
                 suffix = "" if on or args.fused_lora == "off" else "-2pass"
+                suffix += "-bf16lora" if lora_dtype == "bfloat16" else ""
+                run_spec = replace(spec, adapter_dtype=lora_dtype if system == "ours" else None)
                 with patched_env(env):
-                    for r in bench.run(f"{system} with the {b['isa']} build ({env})", spec, [system]):
+                    label = f"{system}{suffix} with the {b['isa']} build ({env})"
+                    for r in bench.run(label, run_spec, [system]):
                         r.system = f"{system}-{b['isa']}{suffix}"
                 save()
     report = save()

@@ -35,6 +35,7 @@ class BenchSpec:
     model_dir: str
     runs: list[RunSpec]
     dtype: str = "float32"
+    adapter_dtype: str | None = None  # our LoRA tables (EngineConfig.adapter_dtype; None: dtype)
     device: str = "cpu"
     max_active_adapters: int = 32
     max_lora_rank: int = 16

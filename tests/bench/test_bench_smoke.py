@@ -8,10 +8,12 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.baseline_hf import run_hf
-from bench.engine_runs import run_ours
-from bench.metrics import percentile
+from bench.engine_runs import make_engine, run_ours
+from bench.kernel_builds import table
+from bench.metrics import RunResult, percentile
 from bench.report import compute_ratios, ratios_table, results_table
 from bench.roofline import measure_bandwidth_gbs, weight_bytes_per_token
 from bench.shapes import build_adapters, make_padded_tokenizer, random_prompt
@@ -108,6 +110,32 @@ def test_harness_end_to_end_on_tiny_model(tiny: Model) -> None:
     names = {r.name for r in ratios}
     assert "N=2 ours distinct / hf+peft distinct" in names and "zipf ours / base ours (tok/s)" in names
     assert "| ours |" in results_table(ours) and "| ratio |" in ratios_table(ratios)
+
+
+def test_a_bench_spec_sets_our_lora_table_dtype_over_the_same_model(tiny: Model) -> None:
+    """kernel_builds' `-bf16lora` rows must run bf16 adapter tables on the unchanged fp32 model."""
+    for lora_dtype, want in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        engine = make_engine(BenchSpec(str(tiny.path), [], vocab_size=384, adapter_dtype=lora_dtype))
+        assert engine.runner.precision.adapter == want and engine.runner.dtype == torch.float32
+
+
+def test_kernel_builds_table_has_a_row_per_variant_of_ours() -> None:
+    def res(system: str, run: str, tok_s: float) -> RunResult:
+        return RunResult(system, run, 32, 2048, 2048 / tok_s, tok_s)
+
+    base, dist = "a/N=32/base", "a/N=32/distinct"
+    results = [
+        res("ours-avx2", base, 200.0),
+        res("ours-avx2", dist, 150.0),
+        res("ours-avx2-bf16lora", base, 200.0),
+        res("ours-avx2-bf16lora", dist, 180.0),
+        res("hf-avx2", dist, 50.0),
+    ]
+    rows = {
+        line.split()[0]: line.split()[1:] for line in table(results, ["avx2"], [32], 40.0).splitlines()[2:]
+    }
+    assert list(rows) == ["ours-avx2", "ours-avx2-bf16lora", "hf-avx2"]
+    assert rows["ours-avx2"][2:4] == ["0.75", "3.00"] and rows["ours-avx2-bf16lora"][2:4] == ["0.90", "3.60"]
 
 
 @pytest.mark.slow
