@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     # ours on every build first (the figures compared), then the baseline on each
     fused = {"on": [True], "off": [False], "both": [True, False]}[args.fused_lora]
     tables = {"float32": ["float32"], "bfloat16": ["bfloat16"], "both": ["float32", "bfloat16"]}
+    ours = [(on, t) for t in tables[args.adapter_dtype] for on in fused]  # variants of ours per build
     for system in ["ours"] if args.no_hf else ["ours", "hf"]:
         for b in builds:
-            ours = [(on, t) for t in tables[args.adapter_dtype] for on in fused]
             for on, lora_dtype in ours if system == "ours" else [(True, "float32")]:
                 b["env"] = build_env(b)
                 env = b["env"] if on else b["env"] | {ENV_FUSED_LORA: "0"}
