@@ -154,3 +154,18 @@ def zeros_on_huge_pages(
     if raw is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     return raw.view(dtype).view(shape).zero_()  # zero already: this faults the pages in now
+
+
+def reserved_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat zero tensor whose host memory is taken only where it is first written.
+
+    Why: the LoRA slot table is sized for every slot the adapter budget allows, but a server
+    uses the slots of the adapters that arrive; a fresh anonymous mapping left untouched costs
+    address space, not memory, and each page is faulted in (as a 2 MiB page where the tensor is
+    big enough to be advised) by the first write to it. On CUDA, other OSes, or for a tensor
+    under a few huge pages this is `torch.zeros` (allocated and zeroed now)."""
+    nbytes = dtype.itemsize * numel
+    raw = _fresh_huge(nbytes) if device.type == "cpu" and nbytes >= 4 * HUGE_PAGE else None
+    if raw is None:
+        return torch.zeros(numel, dtype=dtype, device=device)
+    return raw.view(dtype)  # zero already, and untouched

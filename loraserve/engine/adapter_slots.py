@@ -67,7 +67,6 @@ class AdapterSlots:
 
     def _load(self, slot: int, adapter: LoraAdapter) -> None:
         self.table.ensure_rank(adapter.max_rank)
-        self.table.ensure_slots(slot + 1)  # also for an adapter with no module in the table
         self.table.clear_slot(slot)
         for (layer, module), w in adapter.modules.items():
             self.table.write(slot, layer, module, w.a, w.b, w.scale)

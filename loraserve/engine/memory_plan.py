@@ -100,9 +100,9 @@ def kv_cache_blocks(
 def adapter_slots(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Device slots for active adapters at the maximum rank, within the adapter memory budget.
 
-    The table is allocated at a small rank for its first few slots and grows only when adapters
-    need it (a higher rank, more slots in use: layers/lora.py), so the log gives both what is
-    held now and what the slots may grow to."""
+    On CPU the table is reserved as address space and a slot's memory is taken when its adapter
+    loads, at the rank the table then has (layers/lora.py), so the log gives what one slot costs
+    at the start rank and what every slot would cost at the largest."""
     shapes, layers = mc.linear_shapes(), mc.num_hidden_layers
     per_slot = LoraTable.bytes_per_slot(shapes, layers, cfg.max_lora_rank, dtype)
     budget = cfg.adapter_memory_bytes or int(device_memory(device) * 0.1)
@@ -114,16 +114,12 @@ def adapter_slots(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device
             cfg.max_active_adapters,
         )
     start_rank = min(inspect.signature(LoraTable).parameters["rank"].default, cfg.max_lora_rank)
-    first = min(num_slots, LoraTable.first_capacity)
-    at_start = LoraTable.bytes_per_slot(shapes, layers, start_rank, dtype) / 2**20
     log.info(
-        "adapter slots: %d, allocated as adapters arrive (%.1f MiB now for the first %d at rank %d;"
-        " %.1f MiB with all in use, up to %.1f MiB at --max-lora-rank %d)",
+        "adapter slots: %d, %s (%.1f MiB a slot at rank %d, up to %.1f MiB for all at --max-lora-rank %d)",
         num_slots,
-        first * at_start,
-        first,
+        "taken as adapters load" if device.type == "cpu" else "allocated now",
+        LoraTable.bytes_per_slot(shapes, layers, start_rank, dtype) / 2**20,
         start_rank,
-        num_slots * at_start,
         num_slots * per_slot / 2**20,
         cfg.max_lora_rank,
     )

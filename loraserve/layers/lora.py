@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.host_allocator import zeros_on_huge_pages
+from loraserve.host_allocator import HUGE_PAGE, reserved_zeros
 
 # Segments up to this length always share the padded bmm; longer ones may get their own matmuls.
 LONG_SEGMENT = 16
@@ -162,16 +162,25 @@ class LoraTable:
     """Device-resident slot table for every projection of every layer.
 
     The slot count (`num_slots`) is fixed at start-up from the adapter memory budget, and a
-    step never allocates or moves adapter weights: activating an adapter is a copy into
-    allocated memory. What is allocated grows with use, in two rare, one-off reallocations: the
-    rank dimension when an adapter of higher rank than any before it arrives, and the slots
-    themselves (`capacity`, doubling up to `num_slots`) when an adapter needs a slot past them.
-    Why slots grow: the budget is a share of machine memory (memory_plan.adapter_slots), and a
-    table that size held in RAM before any adapter came was a fifth of the footprint of a server
-    that serves few adapters or none (289 MiB of 1.44 GB for SmolLM2-135M).
-    """
+    step never allocates or moves adapter weights: activating an adapter is a copy into its slot.
 
-    first_capacity = 4
+    Layout: one flat buffer, slot-major. Slot `s` owns a block of `slot_stride` elements, sized
+    for --max-lora-rank, that holds all of its tensors at the table's current rank R (every
+    group's A for every layer, then every projection's B); `a[group]` [L, S, in, members * R]
+    and `b[proj]` [L, S, R, out] are strided views of it, and the kernels read a layer's slice
+    slot by slot (each slot's matrix contiguous, slots a block apart: csrc/slot_table.h).
+    Why slot-major: the whole table is reserved at start as address space (`reserved_zeros`:
+    untouched host pages cost no memory), a slot's pages are its own, and they are taken when
+    its adapter is first written, so nothing grows or moves as adapters arrive. The layer-major
+    table this replaced was allocated for the first 4 slots and doubled as more were needed,
+    which copied it on the step thread: 180-540 ms for 8 -> 16 slots on the 135M shape, faulting
+    in the new table, and inter-token p99 during 8 cold loads rose to 2.4-2.7x the warm
+    control's (bench workload (c)). A table of every slot allocated at start instead held memory
+    no adapter used (289 MiB of a 1.44 GB server for SmolLM2-135M).
+    The rank still grows: R is the largest rank loaded so far (the kernels stream R columns of
+    each A row), and an adapter of higher rank re-lays out the loaded slots inside their blocks,
+    once per new rank. On CUDA the reservation is device memory allocated at start (the budget).
+    """
 
     def __init__(
         self,
@@ -198,13 +207,15 @@ class LoraTable:
             for j, m in enumerate(members):
                 self.member_of[m] = (g, j)
         self.rank = 0
-        self.capacity = min(num_slots, self.first_capacity)  # slots allocated (the leading ones)
-        # bumped whenever `a`/`b` are re-allocated, so holders of per-layer views (the native decode
-        # stack, layers/decode_stack.py) know to take the new ones
+        # bumped whenever the `a`/`b` views change (rank growth), so holders of per-layer views
+        # (the native decode stack, layers/decode_stack.py) know to take the new ones
         self.generation = 0
-        # largest rank loaded into each allocated slot: the native kernel reads only that much of
-        # the slot's (zero-padded) A columns and B rows, so mixed ranks don't all pay for the largest
-        self.slot_rank = torch.zeros(self.capacity, dtype=torch.long)
+        # largest rank loaded into each slot: the native kernel reads only that much of the
+        # slot's (zero-padded) A columns and B rows, so mixed ranks don't all pay for the largest
+        self.slot_rank = torch.zeros(num_slots, dtype=torch.long)
+        self.written = [False] * num_slots  # slots whose pages were ever touched
+        self.slot_stride = self._round_block(self._slot_elements(max_rank))
+        self.buf = reserved_zeros(num_slots * self.slot_stride, dtype, device)
         self.a: dict[str, torch.Tensor] = {}  # per group: [L, S, in, members * R]
         self.b: dict[str, torch.Tensor] = {}  # per projection: [L, S, R, out]
         self.ensure_rank(min(rank, max_rank))
@@ -216,58 +227,82 @@ class LoraTable:
         per = sum(fin + fout for fin, fout in shapes.values()) * max_rank * num_layers
         return per * torch.empty((), dtype=dtype).element_size()
 
+    def _offsets(self, rank: int) -> tuple[dict[str, int], int]:
+        """Where each group's A and each projection's B start in a slot's block at `rank` (each
+        on a cache line of its own), and the elements the block then uses."""
+        align = 64 // self.dtype.itemsize
+        off, at = 0, {}
+        for key, n in [
+            *((f"a:{g}", self.shapes[ms[0]][0] * len(ms) * rank) for g, ms in self.groups.items()),
+            *((f"b:{m}", rank * fout) for m, (_fin, fout) in self.shapes.items()),
+        ]:
+            at[key] = off
+            off += -(-self.num_layers * n // align) * align
+        return at, off
+
+    def _slot_elements(self, rank: int) -> int:
+        return self._offsets(rank)[1]
+
+    def _round_block(self, elements: int) -> int:
+        """A block of a huge page or more starts on a huge page (its pages are its own)."""
+        unit = HUGE_PAGE if elements * self.dtype.itemsize >= HUGE_PAGE else 64
+        unit //= self.dtype.itemsize
+        return -(-elements // unit) * unit
+
+    def _make_views(self) -> None:
+        at, _ = self._offsets(self.rank)
+        L, S, R, st = self.num_layers, self.num_slots, self.rank, self.slot_stride
+        for g, members in self.groups.items():
+            fin, w = self.shapes[members[0]][0], len(members) * R
+            self.a[g] = self.buf.as_strided((L, S, fin, w), (fin * w, st, w, 1), at[f"a:{g}"])
+        for m, (_fin, fout) in self.shapes.items():
+            self.b[m] = self.buf.as_strided((L, S, R, fout), (R * fout, st, fout, 1), at[f"b:{m}"])
+        # per-layer views, indexed in Python: the forward pass then issues no select ops for them
+        self.a_layers = {g: list(t.unbind(0)) for g, t in self.a.items()}
+        self.b_layers = {m: list(t.unbind(0)) for m, t in self.b.items()}
+        self.generation += 1
+
     def ensure_rank(self, rank: int) -> None:
         """Widen the table to `rank`, keeping every loaded adapter (zero-padded)."""
         if rank <= self.rank:
             return
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the table's maximum {self.max_rank}")
-        self._allocate(rank, self.capacity)
+        old, kept = self.rank, [s for s in range(self.num_slots) if self.written[s]]
+        saved = {
+            s: (
+                {g: t[:, s].clone() for g, t in self.a.items()},
+                {m: t[:, s].clone() for m, t in self.b.items()},
+            )
+            for s in kept
+        }
+        self.rank = rank
+        self._make_views()
+        for s, (a_old, b_old) in saved.items():
+            self._zero_block(s)
+            for g, members in self.groups.items():
+                for j in range(len(members)):
+                    self.a[g][:, s, :, j * rank : j * rank + old] = a_old[g][..., j * old : (j + 1) * old]
+            for m, b in b_old.items():
+                self.b[m][:, s, :old] = b
 
-    def ensure_slots(self, n: int) -> None:
-        """Allocate at least the first `n` slots (at most `num_slots`), keeping those loaded.
-        Slots are claimed lowest first (engine/adapter_slots.py), so the used ones are leading."""
-        if n <= self.capacity:
-            return
-        if n > self.num_slots:
-            raise ValueError(f"slot {n - 1} is past the table's {self.num_slots} slots")
-        self._allocate(self.rank, min(self.num_slots, max(n, 2 * self.capacity)))
-
-    def _allocate(self, rank: int, capacity: int) -> None:
-        """New `a`/`b` tensors of `rank` x `capacity` slots holding what the old ones held."""
-        L, S, old, kept = self.num_layers, capacity, self.rank, self.capacity  # slots never shrink
-        for g, members in self.groups.items():
-            fin = self.shapes[members[0]][0]
-            a = zeros_on_huge_pages((L, S, fin, len(members) * rank), self.dtype, self.device)
-            for j in range(len(members)) if old else ():
-                a[:, :kept, :, j * rank : j * rank + old] = self.a[g][:, :kept, :, j * old : (j + 1) * old]
-            self.a[g] = a
-        for name, (_fin, fout) in self.shapes.items():
-            b = zeros_on_huge_pages((L, S, rank, fout), self.dtype, self.device)
-            if old:
-                b[:, :kept, :old] = self.b[name][:, :kept]
-            self.b[name] = b
-        if capacity != self.capacity:
-            self.slot_rank = torch.cat([self.slot_rank, self.slot_rank.new_zeros(capacity - kept)])
-        self.rank, self.capacity = rank, capacity
-        # per-layer views, indexed in Python: the forward pass then issues no select ops for them
-        self.a_layers = {g: list(t.unbind(0)) for g, t in self.a.items()}
-        self.b_layers = {m: list(t.unbind(0)) for m, t in self.b.items()}
-        self.generation += 1
+    def _zero_block(self, slot: int) -> None:
+        start = slot * self.slot_stride
+        self.buf[start : start + self._slot_elements(self.rank)].zero_()
 
     def clear_slot(self, slot: int) -> None:
-        if slot >= self.capacity:
-            return  # never allocated, so still zero
         self.slot_rank[slot] = 0
-        for t in (*self.a.values(), *self.b.values()):
-            t[:, slot].zero_()
+        if self.written[slot]:  # never written: its pages are untouched, so still zero
+            self._zero_block(slot)
 
     def write(
         self, slot: int, layer: int, module: str, a: torch.Tensor, b: torch.Tensor, scale: float
     ) -> None:
         """a: [r, in] (PEFT lora_A), b: [out, r] (PEFT lora_B)."""
         r = a.shape[0]
-        self.ensure_slots(slot + 1)
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is past the table's {self.num_slots} slots")
+        self.written[slot] = True
         self.slot_rank[slot] = max(int(self.slot_rank[slot]), r)
         group, j = self.member_of[module]
         self.a[group][layer, slot, :, j * self.rank : j * self.rank + r].copy_(a.t())

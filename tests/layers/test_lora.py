@@ -3,6 +3,8 @@ per-row loop written out by hand."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -156,27 +158,53 @@ def test_group_members_must_share_their_input() -> None:
         )
 
 
-def test_slots_are_allocated_as_they_are_used_and_keep_what_they_hold() -> None:
-    """A table of many slots holds only its first few until adapters need more: growth (slots,
-    then rank, then slots again) keeps every loaded adapter, and a slot past the table refuses."""
+def test_slots_keep_what_they_hold_through_rank_growth_and_nothing_moves_as_slots_fill() -> None:
+    """Slots are blocks of one reserved buffer: writing any slot leaves the views (and the native
+    side's copies of them, `generation`) as they are; rank growth re-lays out every loaded slot,
+    padded with zeros, and a slot past the table refuses."""
     g = torch.Generator().manual_seed(3)
     t = LoraTable(SHAPES, 2, 20, 32, torch.float32, torch.device("cpu"), rank=4)
-    assert t.capacity == LoraTable.first_capacity == 4 and t.a["q_proj"].shape[1] == 4
-    weights = {}
-    for slot, r in ((0, 4), (5, 4), (6, 16), (13, 8)):
-        a, b = torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g)
+    assert t.a["q_proj"].shape[:2] == (2, 20) and t.b["q_proj"].shape[:3] == (2, 20, 4)
+    generation, weights = t.generation, {}
+    for slot, r in ((0, 4), (5, 4), (19, 4)):
+        weights[slot] = (torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g))
+        t.write(slot, 1, "q_proj", *weights[slot], 0.5)
+    assert t.generation == generation  # filling slots moved nothing
+    for slot, r in ((6, 16), (13, 8)):
+        weights[slot] = (torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g))
         t.ensure_rank(r)
-        t.write(slot, 1, "q_proj", a, b, 0.5)
-        weights[slot] = (a, b)
-    assert t.capacity == 16 and t.rank == 16 and t.b["q_proj"].shape[:3] == (2, 16, 16)
+        t.write(slot, 1, "q_proj", *weights[slot], 0.5)
+    assert t.rank == 16 and t.generation == generation + 1 and t.b["q_proj"].shape[:3] == (2, 20, 16)
     x = torch.randn(3, 24, generator=g)
     for slot, (a, b) in weights.items():
         got = (x @ t.a["q_proj"][1, slot]) @ t.b["q_proj"][1, slot]
         torch.testing.assert_close(got, 0.5 * (x @ a.t()) @ b.t(), atol=1e-4, rtol=1e-4)
+        assert not t.a["q_proj"][1, slot, :, a.shape[0] :].any()  # zero-padded past its rank
     assert not t.a["q_proj"][0].any() and not t.a["q_proj"][1, 1:5].any()  # nothing else written
-    t.clear_slot(19)  # never allocated: nothing to clear
-    assert t.capacity == 16
-    t.ensure_slots(20)
-    assert t.capacity == 20 and torch.equal(t.b["q_proj"][1, 13, :8], 0.5 * weights[13][1].t())
+    t.clear_slot(13)
+    assert not t.a["q_proj"][:, 13].any() and not t.b["q_proj"][:, 13].any() and t.slot_rank[13] == 0
+    assert t.a["q_proj"][1, 6].any() and t.a["q_proj"][1, 19].any()  # its neighbours kept theirs
     with pytest.raises(ValueError, match="past the table's 20 slots"):
-        t.ensure_slots(21)
+        t.write(20, 0, "q_proj", *weights[0], 1.0)
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc/self/statm")
+def test_a_slot_takes_memory_when_its_adapter_is_written_not_before() -> None:
+    """The whole budget is reserved at start, but a server pays only for the slots its adapters
+    use: a 64-slot table at rank 64 (128 MiB) holds next to nothing until a slot is written, and
+    then about that slot's block."""
+    shapes = {"q_proj": (1024, 1024)}
+    before = _resident_bytes()
+    t = LoraTable(shapes, 4, 64, 64, torch.float32, torch.device("cpu"), rank=64)
+    assert t.buf.numel() * 4 == 64 * t.slot_stride * 4 == 128 << 20
+    assert _resident_bytes() - before < 8 << 20
+    g = torch.Generator().manual_seed(4)
+    for layer in range(4):
+        t.write(
+            40, layer, "q_proj", torch.randn(64, 1024, generator=g), torch.randn(1024, 64, generator=g), 1.0
+        )
+    assert _resident_bytes() - before < 16 << 20

@@ -26,6 +26,7 @@
 #include "lora_row.h"
 #include "over_rows.h"
 #include "simd.h"
+#include "slot_table.h"
 
 namespace {
 
@@ -402,8 +403,6 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
 #endif
 }
 
-
-
 // Panels [p0, p1) of panel_linear's product for at most kMC rows, each panel computed exactly as
 // panel_linear computes it there (one work item per panel): the decode stack's threads each take a
 // range inside one parallel region (decode_stack_cpu.cpp), and the split cannot change a bit.
@@ -422,7 +421,7 @@ static LoraRows lora_rows_args(const torch::Tensor& x, int64_t n, const torch::T
                                const std::optional<torch::Tensor>& slot_rank) {
   TORCH_CHECK(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, "rows/slots must be int64");
   TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
-  TORCH_CHECK(a.dim() == 3 && a.is_contiguous() && a.scalar_type() == torch::kFloat32, "a must be contiguous [S, in, G*R]");
+  TORCH_CHECK(slot_matrices(a) && a.scalar_type() == torch::kFloat32, "a must be [S, in, G*R], each slot contiguous");
   const int64_t G = static_cast<int64_t>(bs.size()), N = rows.numel(), S = a.size(0), GR = a.size(2);
   TORCH_CHECK(G > 0 && G <= kMaxMembers, "1 to ", kMaxMembers, " B matrices");
   const int64_t R = GR / G;
@@ -437,9 +436,9 @@ static LoraRows lora_rows_args(const torch::Tensor& x, int64_t n, const torch::T
   }
   int64_t off = 0;
   for (int64_t j = 0; j < G; ++j) {
-    TORCH_CHECK(bs[j].dim() == 3 && bs[j].is_contiguous() && bs[j].scalar_type() == torch::kFloat32 &&
-                    bs[j].size(0) == S && bs[j].size(1) == R,
-                "bs[j] must be contiguous [S, R, out]");
+    TORCH_CHECK(slot_matrices(bs[j]) && bs[j].scalar_type() == torch::kFloat32 && bs[j].size(0) == S &&
+                    bs[j].size(1) == R,
+                "bs[j] must be [S, R, out], each slot contiguous");
     L.b[j] = bs[j].data_ptr<float>();
     L.b_slot[j] = bs[j].stride(0);
     L.out[j] = bs[j].size(2);
@@ -473,9 +472,10 @@ static void add_deltas(const LoraRows& L, int64_t N, float* yp) {
 // the SmolLM projections with rank-16 adapters, 2-core Xeon with AMX, AVX-512 build, against the
 // list of the next rows' A and B lines this replaced: 32 rows, 32 distinct adapters 70.5 -> 66.6
 // ms; one adapter for all rows (in cache) 54.7 -> 41.2 ms; 8 rows 34.9 -> 29.0 / 30.9 -> 24.4 ms;
-// 64 rows 111 -> 114 / 86.9 -> 67.7 ms (layers/ops_cpu.py has the AVX2 build's). The adapter lines cost the panel's k-steps (a list built per panel,
-// a prefetch each, hits when the adapter is in cache) and never overlapped the GEMM: at 32
-// distinct adapters the fused pass takes the base GEMM plus the LoRA-only pass either way. Also
+// 64 rows 111 -> 114 / 86.9 -> 67.7 ms (layers/ops_cpu.py has the AVX2 build's). The adapter
+// lines cost the panel's k-steps (a list built per panel, a prefetch each, hits when the adapter
+// is in cache) and never overlapped the GEMM: at 32 distinct adapters the fused pass takes the
+// base GEMM plus the LoRA-only pass either way. Also
 // tried and slower: every 2nd / 4th adapter line or the first lines of each 4 KB page (76-79 ms),
 // demand loads instead of prefetches (73-86 ms), two adapter lines per k-step (72-76 ms).
 torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,

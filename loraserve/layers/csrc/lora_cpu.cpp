@@ -25,6 +25,7 @@
 
 #include "lora_row.h"
 #include "simd.h"
+#include "slot_table.h"
 #include "widen.h"
 
 namespace {
@@ -240,9 +241,9 @@ void run_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Te
     g.slot_rank = sr.data_ptr<int64_t>();
   }
   for (int64_t j = 0; j < G; ++j) {
-    TORCH_CHECK(bs[j].dim() == 3 && bs[j].is_contiguous() && bs[j].scalar_type() == a.scalar_type() &&
-                    bs[j].size(0) == S && bs[j].size(1) == R,
-                "bs[j] must be contiguous [S, R, out], in a's dtype");
+    TORCH_CHECK(slot_matrices(bs[j]) && bs[j].scalar_type() == a.scalar_type() && bs[j].size(0) == S &&
+                    bs[j].size(1) == R,
+                "bs[j] must be [S, R, out], each slot contiguous, in a's dtype");
     check_f32_rows(ys[j], "ys[j]");
     TORCH_CHECK(ys[j].size(1) == bs[j].size(2), "ys[j] width must match bs[j]");
     TORCH_CHECK(ys[j].size(0) == x.size(0), "ys[j] must have x's rows");
@@ -289,7 +290,7 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
   TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
   const auto dt = a.scalar_type();
   TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16, "the LoRA table must be float32 or bfloat16");
-  TORCH_CHECK(a.dim() == 3 && a.is_contiguous(), "a must be contiguous [S, in, G*R]");
+  TORCH_CHECK(slot_matrices(a), "a must be [S, in, G*R], each slot contiguous");
   if (dt == torch::kFloat32) {
     run_rows<float>(x, rows, slots, a, bs, ys, slot_rank);
   } else {
