@@ -68,7 +68,9 @@ HUGE_PAGE = 2 << 20
 
 def _huge_mapping(nbytes: int) -> tuple[mmap.mmap, int] | None:
     """A fresh anonymous mapping for `nbytes` asked to be backed by huge pages, and where in it
-    a 2 MiB boundary starts; None where the OS has no such request (not Linux). `_fresh_huge`:
+    a 2 MiB boundary starts; None where the OS has no private anonymous mappings. Where it has
+    no huge-page request (not Linux), or refuses it (a kernel without transparent huge pages),
+    the mapping is still fresh and untouched, only with the OS's own page size. `_fresh_huge`:
     those bytes as a uint8 tensor (zero, untouched).
 
     Why a private mapping of its own and not `malloc` + `madvise`: glibc hands out blocks under
@@ -77,11 +79,15 @@ def _huge_mapping(nbytes: int) -> tuple[mmap.mmap, int] | None:
     `madvise` does not rebuild pages that exist: the lm_head and the pooled weights got none.
     (Python's `mmap` maps anonymous memory shared unless told otherwise, and shared memory follows
     another THP setting.) The tensor keeps the mapping alive; it is unmapped with the last view."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    if not hasattr(mmap, "MADV_HUGEPAGE") or not flags:
+    private, anonymous = getattr(mmap, "MAP_PRIVATE", 0), getattr(mmap, "MAP_ANONYMOUS", 0)
+    if not (private and anonymous):
         return None
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=flags)
-    m.madvise(mmap.MADV_HUGEPAGE)
+    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=private | anonymous)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # EINVAL: built without transparent huge pages
+            pass
     return m, -torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
 
 
@@ -162,8 +168,9 @@ def reserved_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torc
     Why: the LoRA slot table is sized for every slot the adapter budget allows, but a server
     uses the slots of the adapters that arrive; a fresh anonymous mapping left untouched costs
     address space, not memory, and each page is faulted in (as a 2 MiB page where the tensor is
-    big enough to be advised) by the first write to it. On CUDA, other OSes, or for a tensor
-    under a few huge pages this is `torch.zeros` (allocated and zeroed now)."""
+    big enough to be advised and the OS has them) by the first write to it. On CUDA, on an OS
+    without anonymous mappings, or for a tensor under a few huge pages this is `torch.zeros`
+    (allocated and zeroed now)."""
     nbytes = dtype.itemsize * numel
     raw = _fresh_huge(nbytes) if device.type == "cpu" and nbytes >= 4 * HUGE_PAGE else None
     if raw is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import mmap
+import os
 import sys
 from pathlib import Path
 
@@ -105,3 +107,30 @@ def _vm_flags(address: int, missing_ok: bool = False) -> list[str] | None:
 def test_keep_freed_memory_is_idempotent() -> None:
     first = keep_freed_memory()
     assert keep_freed_memory() is first  # applied once per process
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_reserved_zeros_take_memory_only_where_written(
+    huge_pages: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reservation (the LoRA slot table's) is zero and costs memory only where it is written,
+    with huge pages or, on a platform without the request, with plain pages (not `torch.zeros`,
+    which would touch it all)."""
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("reads Linux's /proc/self/statm")
+    if not huge_pages:  # an OS with private anonymous mappings but no MADV_HUGEPAGE
+        bare = type("Mmap", (), {k: getattr(mmap, k) for k in ("mmap", "MAP_PRIVATE", "MAP_ANONYMOUS")})
+        monkeypatch.setattr(host_allocator, "mmap", bare)
+    before = _resident_bytes()
+    t = host_allocator.reserved_zeros(64 << 20, torch.float32, torch.device("cpu"))  # 256 MiB
+    assert t.numel() == 64 << 20 and t.dtype == torch.float32
+    assert _resident_bytes() - before < 16 << 20
+    t[: 1 << 20].fill_(1.0)
+    assert _resident_bytes() - before < 24 << 20
+    assert t[: 1 << 20].sum().item() == 1 << 20 and not t[1 << 20 :: 4096].any()
+    if huge_pages and sys.platform.startswith("linux") and Path("/proc/self/smaps").exists():
+        assert "hg" in _vm_flags(t.data_ptr())
