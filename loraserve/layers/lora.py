@@ -244,8 +244,10 @@ class LoraTable:
         return self._offsets(rank)[1]
 
     def _round_block(self, elements: int) -> int:
-        """A block of a huge page or more starts on a huge page (its pages are its own)."""
-        unit = HUGE_PAGE if elements * self.dtype.itemsize >= HUGE_PAGE else 64
+        """On CPU a block of a huge page or more starts on a huge page (its pages are its own);
+        elsewhere blocks are only cache-line aligned (device memory is allocated whole)."""
+        big = self.device.type == "cpu" and elements * self.dtype.itemsize >= HUGE_PAGE
+        unit = HUGE_PAGE if big else 64
         unit //= self.dtype.itemsize
         return -(-elements // unit) * unit
 
