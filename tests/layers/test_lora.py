@@ -208,3 +208,14 @@ def test_a_slot_takes_memory_when_its_adapter_is_written_not_before() -> None:
             40, layer, "q_proj", torch.randn(64, 1024, generator=g), torch.randn(1024, 64, generator=g), 1.0
         )
     assert _resident_bytes() - before < 16 << 20
+
+
+def test_slot_blocks_round_to_huge_pages_on_cpu_only() -> None:
+    """On CPU a slot of 2 MiB or more starts on a huge page of its own; on a device, where the
+    table is allocated whole, each slot is only cache-line aligned (no padding paid per slot)."""
+    shapes = {"q_proj": (1000, 1000)}  # 5 layers at rank 64: 2.44 MiB a slot
+    cpu = LoraTable(shapes, 5, 3, 64, torch.float32, torch.device("cpu"), rank=64)
+    dev = LoraTable(shapes, 5, 3, 64, torch.float32, torch.device("meta"), rank=64)
+    used = 5 * (1000 * 64 + 64 * 1000)
+    assert cpu.slot_stride * 4 == 4 << 20 and dev.slot_stride == used
+    assert dev.a["q_proj"].stride(1) == used and dev.buf.numel() == 3 * used
