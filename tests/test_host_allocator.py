@@ -134,3 +134,16 @@ def test_reserved_zeros_take_memory_only_where_written(
     assert t[: 1 << 20].sum().item() == 1 << 20 and not t[1 << 20 :: 4096].any()
     if huge_pages and sys.platform.startswith("linux") and Path("/proc/self/smaps").exists():
         assert "hg" in _vm_flags(t.data_ptr())
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc/self/statm")
+def test_populate_takes_the_pages_and_keeps_what_they_hold() -> None:
+    """What a worker thread does for a slot before its adapter loads: the pages become resident,
+    and a write that raced it (here: one before it) survives."""
+    t = host_allocator.reserved_zeros(32 << 20, torch.float32, torch.device("cpu"))  # 128 MiB
+    t[100:200] = 7.0
+    before = _resident_bytes()
+    if not host_allocator.populate(t[64:], 64 << 20):
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
+    assert _resident_bytes() - before > 60 << 20
+    assert t[100:200].eq(7.0).all() and not t[:100].any() and not t[200:].any()

@@ -9,6 +9,7 @@ slot that is already loaded.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 
@@ -26,6 +27,8 @@ class AdapterSlots:
         self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unreferenced, oldest first
         self.loads = 0
         self.evictions = 0
+        self._prefaulted: set[int] = set()  # never-written slots whose pages a worker took
+        self._prefault_lock = threading.Lock()
 
     @property
     def num_slots(self) -> int:
@@ -33,6 +36,27 @@ class AdapterSlots:
 
     def active_keys(self) -> list[str]:
         return [k for k in self.slot_key if k is not None]
+
+    def prepare(self, adapter: LoraAdapter) -> None:
+        """Off the step thread, before a request on `adapter` is submitted: if it is not resident
+        and will go into a slot never used before, fault that slot's pages in now
+        (`LoraTable.prefault`), so its load on the step thread is only the copy. Slots are claimed
+        lowest free first, so the k-th concurrent preparation takes the k-th such slot; a guess
+        that turns out wrong costs only the memory of a slot taken early."""
+        if adapter.key in self.key_to_slot:
+            return
+        with self._prefault_lock:
+            written = self.table.written
+            fresh = (
+                s
+                for s, key in enumerate(self.slot_key)
+                if key is None and not written[s] and s not in self._prefaulted
+            )
+            slot = next(fresh, None)
+            if slot is None:
+                return
+            self._prefaulted.add(slot)
+        self.table.prefault(slot, adapter.max_rank)
 
     def can_acquire(self, adapter: LoraAdapter) -> bool:
         return adapter.key in self.key_to_slot or None in self.slot_key or bool(self._idle)

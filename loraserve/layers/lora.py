@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.host_allocator import HUGE_PAGE, reserved_zeros
+from loraserve.host_allocator import HUGE_PAGE, populate, reserved_zeros
 
 # Segments up to this length always share the padded bmm; longer ones may get their own matmuls.
 LONG_SEGMENT = 16
@@ -291,6 +291,14 @@ class LoraTable:
     def _zero_block(self, slot: int) -> None:
         start = slot * self.slot_stride
         self.buf[start : start + self._slot_elements(self.rank)].zero_()
+
+    def prefault(self, slot: int, rank: int) -> bool:
+        """Take a never-written slot's pages now, for an adapter of `rank`, without changing its
+        contents: safe from any thread, even while the step thread writes that slot."""
+        if self.written[slot]:
+            return False
+        used = self._slot_elements(min(max(self.rank, rank), self.max_rank))
+        return populate(self.buf[slot * self.slot_stride :], used * self.dtype.itemsize)
 
     def clear_slot(self, slot: int) -> None:
         self.slot_rank[slot] = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from loraserve.engine.engine import Engine, EngineConfig
@@ -85,3 +86,23 @@ def test_adapters_arriving_mid_serving_take_free_slots_without_moving_the_table(
         alone(ref, p, params, a) for p, a in zip(ps, [*ads, None])
     ]
     assert e.runner.lora.generation == generation and sum(e.runner.lora.written) == 6
+
+
+def test_prepare_prefaults_the_slots_cold_adapters_will_take(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before a request is submitted, a worker thread takes the pages of the slot its adapter
+    will load into: the lowest never-used free slot, the next one for a second preparation in
+    flight, none for an adapter already resident or when only used slots are left."""
+    e = Engine.from_pretrained(
+        llama_dir, EngineConfig(max_active_adapters=3, max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20)
+    )
+    slots, calls = e.runner.slots, []
+    monkeypatch.setattr(slots.table, "prefault", lambda slot, rank: calls.append((slot, rank)) or True)
+    ads = [random_adapter(e.model_config, f"pre-{i}", seed=40 + i) for i in range(4)]
+    slots.acquire(ads[0])  # slot 0, written
+    slots.prepare(ads[0])  # resident: nothing
+    slots.prepare(ads[1])
+    slots.prepare(ads[2])
+    slots.prepare(ads[3])  # slots 1 and 2 are being prepared; no fresh slot left
+    assert calls == [(1, ads[1].max_rank), (2, ads[2].max_rank)]
