@@ -27,7 +27,7 @@ class AdapterSlots:
         self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unreferenced, oldest first
         self.loads = 0
         self.evictions = 0
-        self._prefaulted: set[int] = set()  # never-written slots whose pages a worker took
+        self._prefaulted: dict[str, int] = {}  # adapter key -> the fresh slot a worker took for it
         self._prefault_lock = threading.Lock()
 
     @property
@@ -41,21 +41,22 @@ class AdapterSlots:
         """Off the step thread, before a request on `adapter` is submitted: if it is not resident
         and will go into a slot never used before, fault that slot's pages in now
         (`LoraTable.prefault`), so its load on the step thread is only the copy. Slots are claimed
-        lowest free first, so the k-th concurrent preparation takes the k-th such slot; a guess
-        that turns out wrong costs only the memory of a slot taken early."""
+        lowest free first, so the k-th adapter prepared takes the k-th such slot (once, however
+        many of its requests arrive together); a guess that turns out wrong costs only the memory
+        of a slot taken early."""
         if adapter.key in self.key_to_slot:
             return
         with self._prefault_lock:
-            written = self.table.written
+            if adapter.key in self._prefaulted:
+                return
+            written, taken = self.table.written, set(self._prefaulted.values())
             fresh = (
-                s
-                for s, key in enumerate(self.slot_key)
-                if key is None and not written[s] and s not in self._prefaulted
+                s for s, key in enumerate(self.slot_key) if key is None and not written[s] and s not in taken
             )
             slot = next(fresh, None)
             if slot is None:
                 return
-            self._prefaulted.add(slot)
+            self._prefaulted[adapter.key] = slot
         self.table.prefault(slot, adapter.max_rank)
 
     def can_acquire(self, adapter: LoraAdapter) -> bool:

@@ -92,8 +92,8 @@ def test_prepare_prefaults_the_slots_cold_adapters_will_take(
     llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before a request is submitted, a worker thread takes the pages of the slot its adapter
-    will load into: the lowest never-used free slot, the next one for a second preparation in
-    flight, none for an adapter already resident or when only used slots are left."""
+    will load into: the lowest never-used free slot, the next one for a second adapter in
+    flight, none for an adapter already resident or prepared, or when only used slots are left."""
     e = Engine.from_pretrained(
         llama_dir, EngineConfig(max_active_adapters=3, max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20)
     )
@@ -103,6 +103,8 @@ def test_prepare_prefaults_the_slots_cold_adapters_will_take(
     slots.acquire(ads[0])  # slot 0, written
     slots.prepare(ads[0])  # resident: nothing
     slots.prepare(ads[1])
+    slots.prepare(ads[1])  # its second request: the same slot, taken once
+    assert calls == [(1, ads[1].max_rank)]
     slots.prepare(ads[2])
     slots.prepare(ads[3])  # slots 1 and 2 are being prepared; no fresh slot left
     assert calls == [(1, ads[1].max_rank), (2, ads[2].max_rank)]
