@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import mmap
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from loraserve import host_allocator
 from loraserve.host_allocator import HUGE_PAGE, POOL_CHUNK, keep_freed_memory, zeros_on_huge_pages
+from tests.fixtures.memory import needs_proc, rss_bytes
 
 
 def test_zeros_on_huge_pages_is_zeros() -> None:
@@ -109,10 +109,7 @@ def test_keep_freed_memory_is_idempotent() -> None:
     assert keep_freed_memory() is first  # applied once per process
 
 
-def _resident_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
+@needs_proc
 @pytest.mark.parametrize("huge_pages", [True, False])
 def test_reserved_zeros_take_memory_only_where_written(
     huge_pages: bool, monkeypatch: pytest.MonkeyPatch
@@ -120,30 +117,28 @@ def test_reserved_zeros_take_memory_only_where_written(
     """A reservation (the LoRA slot table's) is zero and costs memory only where it is written,
     with huge pages or, on a platform without the request, with plain pages (not `torch.zeros`,
     which would touch it all)."""
-    if not Path("/proc/self/statm").exists():
-        pytest.skip("reads Linux's /proc/self/statm")
     if not huge_pages:  # an OS with private anonymous mappings but no MADV_HUGEPAGE
         bare = type("Mmap", (), {k: getattr(mmap, k) for k in ("mmap", "MAP_PRIVATE", "MAP_ANONYMOUS")})
         monkeypatch.setattr(host_allocator, "mmap", bare)
-    before = _resident_bytes()
+    before = rss_bytes()
     t = host_allocator.reserved_zeros(64 << 20, torch.float32, torch.device("cpu"))  # 256 MiB
     assert t.numel() == 64 << 20 and t.dtype == torch.float32
-    assert _resident_bytes() - before < 16 << 20
+    assert rss_bytes() - before < 16 << 20
     t[: 1 << 20].fill_(1.0)
-    assert _resident_bytes() - before < 24 << 20
+    assert rss_bytes() - before < 24 << 20
     assert t[: 1 << 20].sum().item() == 1 << 20 and not t[1 << 20 :: 4096].any()
     if huge_pages and sys.platform.startswith("linux") and Path("/proc/self/smaps").exists():
         assert "hg" in _vm_flags(t.data_ptr())
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc/self/statm")
+@needs_proc
 def test_populate_takes_the_pages_and_keeps_what_they_hold() -> None:
     """What a worker thread does for a slot before its adapter loads: the pages become resident,
     and a write that raced it (here: one before it) survives."""
     t = host_allocator.reserved_zeros(32 << 20, torch.float32, torch.device("cpu"))  # 128 MiB
     t[100:200] = 7.0
-    before = _resident_bytes()
+    before = rss_bytes()
     if not host_allocator.populate(t[64:], 64 << 20):
         pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
-    assert _resident_bytes() - before > 60 << 20
+    assert rss_bytes() - before > 60 << 20
     assert t[100:200].eq(7.0).all() and not t[:100].any() and not t[200:].any()

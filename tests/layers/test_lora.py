@@ -3,14 +3,13 @@ per-row loop written out by hand."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
 from loraserve.layers.lora import LONG_SEGMENT, LoraTable
+from tests.fixtures.memory import needs_proc, rss_bytes
 from tests.fixtures.native import ops_for
 
 SHAPES = {"q_proj": (24, 40)}
@@ -188,26 +187,22 @@ def test_slots_keep_what_they_hold_through_rank_growth_and_nothing_moves_as_slot
         t.write(20, 0, "q_proj", *weights[0], 1.0)
 
 
-def _resident_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc/self/statm")
+@needs_proc
 def test_a_slot_takes_memory_when_its_adapter_is_written_not_before() -> None:
     """The whole budget is reserved at start, but a server pays only for the slots its adapters
     use: a 64-slot table at rank 64 (128 MiB) holds next to nothing until a slot is written, and
     then about that slot's block."""
     shapes = {"q_proj": (1024, 1024)}
-    before = _resident_bytes()
+    before = rss_bytes()
     t = LoraTable(shapes, 4, 64, 64, torch.float32, torch.device("cpu"), rank=64)
     assert t.buf.numel() * 4 == 64 * t.slot_stride * 4 == 128 << 20
-    assert _resident_bytes() - before < 8 << 20
+    assert rss_bytes() - before < 8 << 20
     g = torch.Generator().manual_seed(4)
     for layer in range(4):
         t.write(
             40, layer, "q_proj", torch.randn(64, 1024, generator=g), torch.randn(1024, 64, generator=g), 1.0
         )
-    assert _resident_bytes() - before < 16 << 20
+    assert rss_bytes() - before < 16 << 20
 
 
 def test_slot_blocks_round_to_huge_pages_on_cpu_only() -> None:

@@ -13,10 +13,10 @@ import os
 import random
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 
+from tests.fixtures.memory import rss_mib
 from tests.reliability.good_traffic import stream_text
 from tests.reliability.metrics import gauges, is_idle, wait_for
 from tests.reliability.stack import PROMPTS, Stack, good_body
@@ -33,13 +33,6 @@ BAD_BODIES = (
     {"inputs": "hi", "parameters": {"adapter_id": "s3://adapters/missing", "adapter_source": "s3"}},
     {"inputs": "hi", "parameters": {"stop": ["x"] * 50}},
 )
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def one(

@@ -22,6 +22,7 @@ import pytest
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine, EngineConfig
 from loraserve.engine.params import SamplingParams
+from tests.fixtures.memory import rss_mib
 from tests.fixtures.peft_factory import PeftAdapterFactory
 from tests.fixtures.server import ServerProcess, make_tiny_served_model, start_server
 
@@ -100,13 +101,6 @@ def metrics(url: str) -> dict[str, float]:
             name, _, value = line.partition(" ")
             values[name] = float(value)
     return values
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def ask_all(url: str, dirs: list[Path], order: list[int]) -> dict[int, list[int] | str]:
