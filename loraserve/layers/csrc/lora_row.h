@@ -11,6 +11,14 @@
 // a bf16 table (313 MB a step) 17.2 -> 15.1 ms with the AVX2 build, 16.1 -> 15.0 ms with the
 // AVX-512 one; an fp32 table (625 MB) unchanged at ~22-25 ms, where the DRAM stream is the limit
 // (~25-29 GB/s for these short per-row streams; prefetching 1-8 KB ahead of them did not help).
+//
+// Why two streams per row: one core following one sequential stream at a time does not reach the
+// memory bandwidth; two at once do. The shrink runs the first and the second half of A's rows side
+// by side (two accumulator sets), the expand rows k and k + rs/2 of B. Same pass, standalone
+// (lora_row.h alone, 2 threads), 2-core Xeon with AMX: fp32 table 24.7 -> 22.4 ms (AVX-512 build),
+// 27.3 -> 22.5 ms (AVX2); bf16 16.4 -> 14.0 / 18.7 -> 15.5 ms. A plain read of the same blocks
+// measured 25.5 GB/s with one stream per thread, 26.9-28.6 with two to four (AVX2 loads: 26.4 ->
+// 30.2); four streams in the expand measured the same as two.
 #pragma once
 
 #include <algorithm>
@@ -24,11 +32,16 @@ namespace lora_row {
 
 using widen::wload;
 
-// h[0:w] = x[0:K] @ A[:, 0:w] (rows ld apart), NV vectors of columns in registers
+// Column vectors a row's shrink splits its k-steps for (two accumulator sets of NV vectors, plus
+// a broadcast each, fit the register file: 16 AVX2 registers, 32 AVX-512 ones)
+constexpr int kSplitMaxNV = simd::W == 16 ? 8 : 6;
+
+// h[0:w] = x[0:K] @ A[:, 0:w] (rows ld apart), NV vectors of columns in registers; the two halves
+// of K run side by side (two streams of A, see the top of this file)
 template <int NV, bool Full, typename T>
 __attribute__((always_inline)) inline void shrink_cols(const T* __restrict__ A, int64_t ld, int64_t K, int64_t w,
                                                        const float* __restrict__ x, float* __restrict__ h) {
-  constexpr int U = NV <= 4 ? 2 : 1;
+  constexpr int U = NV <= kSplitMaxNV ? 2 : 1;
   simd::M m[NV];
   simd::V acc[U][NV];
 #pragma GCC unroll 8
@@ -37,18 +50,21 @@ __attribute__((always_inline)) inline void shrink_cols(const T* __restrict__ A, 
 #pragma GCC unroll 2
     for (int u = 0; u < U; ++u) acc[u][v] = simd::zero();
   }
-  int64_t i = 0;
-  for (; i + U <= K; i += U) {
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) {
-      const simd::V xv = simd::set1(x[i + u]);
-      const T* Ai = A + (i + u) * ld;
+  const int64_t half = U == 2 ? K / 2 : 0;
+  const T* A1 = A + half * ld;
+  const float* x1 = x + half;
+  for (int64_t i = 0; i < half; ++i) {
+    const simd::V xv0 = simd::set1(x[i]);
+    const simd::V xv1 = simd::set1(x1[i]);
+    const T* Ai0 = A + i * ld;
+    const T* Ai1 = A1 + i * ld;
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v)
-        acc[u][v] = simd::fma(xv, Full ? wload(Ai + v * simd::W) : wload(Ai + v * simd::W, m[v]), acc[u][v]);
+    for (int v = 0; v < NV; ++v) {
+      acc[0][v] = simd::fma(xv0, Full ? wload(Ai0 + v * simd::W) : wload(Ai0 + v * simd::W, m[v]), acc[0][v]);
+      acc[U - 1][v] = simd::fma(xv1, Full ? wload(Ai1 + v * simd::W) : wload(Ai1 + v * simd::W, m[v]), acc[U - 1][v]);
     }
   }
-  for (; i < K; ++i) {
+  for (int64_t i = 2 * half; i < K; ++i) {
     const simd::V xv = simd::set1(x[i]);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
@@ -103,9 +119,10 @@ void shrink_members(const T* A, int64_t K, int64_t R, int64_t G, int64_t rs, con
   member_runs(R, G, rs, [&](int64_t c0, int64_t w) { shrink(A + c0, G * R, K, w, x, h + c0); });
 }
 
-// d[0:O] (+)= h[0:rs] @ B[0:rs, 0:O] (Add: onto d's values; else d is overwritten). B is read row
-// after row, one sequential stream (what the hardware prefetcher follows best), d stays in L1; the
-// O / W output vectors of a row are independent, so no chain waits on another.
+// d[0:O] (+)= h[0:rs] @ B[0:rs, 0:O] (Add: onto d's values; else d is overwritten). Rows k and
+// k + half of B are read together, two sequential streams (the top of this file says why), d stays
+// in L1 and is loaded and stored once per pair of rows; the O / W output vectors of a row are
+// independent, so no chain waits on another.
 template <bool Add, typename T>
 void expand(const T* __restrict__ B, int64_t O, int64_t rs, const float* __restrict__ h, float* __restrict__ d) {
   const int64_t full = O / simd::W * simd::W;
@@ -121,7 +138,19 @@ void expand(const T* __restrict__ B, int64_t O, int64_t rs, const float* __restr
     if (full < O) simd::store(d + full, simd::mul(hv, wload(B + full, tail)), tail);
     k = 1;
   }
-  for (; k < rs; ++k) {
+  const int64_t half = (rs - k) / 2;
+  const T* __restrict__ B1 = B + half * O;
+  for (int64_t e = k + half; k < e; ++k) {  // rows k and k + half: two sequential streams
+    const simd::V hv0 = simd::set1(h[k]), hv1 = simd::set1(h[k + half]);
+    const T* __restrict__ Bk0 = B + k * O;
+    const T* __restrict__ Bk1 = B1 + k * O;
+    for (int64_t o = 0; o < full; o += simd::W)
+      simd::store(d + o, simd::fma(hv1, wload(Bk1 + o), simd::fma(hv0, wload(Bk0 + o), simd::load(d + o))));
+    if (full < O) {
+      simd::store(d + full, simd::fma(hv1, wload(Bk1 + full, tail), simd::fma(hv0, wload(Bk0 + full, tail), simd::load(d + full, tail))), tail);
+    }
+  }
+  for (k += half; k < rs; ++k) {
     const simd::V hv = simd::set1(h[k]);
     const T* __restrict__ Bk = B + k * O;
     for (int64_t o = 0; o < full; o += simd::W) simd::store(d + o, simd::fma(hv, wload(Bk + o), simd::load(d + o)));
