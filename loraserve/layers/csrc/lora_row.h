@@ -61,7 +61,8 @@ __attribute__((always_inline)) inline void shrink_cols(const T* __restrict__ A, 
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       acc[0][v] = simd::fma(xv0, Full ? wload(Ai0 + v * simd::W) : wload(Ai0 + v * simd::W, m[v]), acc[0][v]);
-      acc[U - 1][v] = simd::fma(xv1, Full ? wload(Ai1 + v * simd::W) : wload(Ai1 + v * simd::W, m[v]), acc[U - 1][v]);
+      acc[U - 1][v] =
+          simd::fma(xv1, Full ? wload(Ai1 + v * simd::W) : wload(Ai1 + v * simd::W, m[v]), acc[U - 1][v]);
     }
   }
   for (int64_t i = 2 * half; i < K; ++i) {
@@ -147,7 +148,8 @@ void expand(const T* __restrict__ B, int64_t O, int64_t rs, const float* __restr
     for (int64_t o = 0; o < full; o += simd::W)
       simd::store(d + o, simd::fma(hv1, wload(Bk1 + o), simd::fma(hv0, wload(Bk0 + o), simd::load(d + o))));
     if (full < O) {
-      simd::store(d + full, simd::fma(hv1, wload(Bk1 + full, tail), simd::fma(hv0, wload(Bk0 + full, tail), simd::load(d + full, tail))), tail);
+      const simd::V d0 = simd::fma(hv0, wload(Bk0 + full, tail), simd::load(d + full, tail));
+      simd::store(d + full, simd::fma(hv1, wload(Bk1 + full, tail), d0), tail);
     }
   }
   for (k += half; k < rs; ++k) {
