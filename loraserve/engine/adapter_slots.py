@@ -59,6 +59,15 @@ class AdapterSlots:
             self._prefaulted[adapter.key] = slot
         self.table.prefault(slot, adapter.max_rank)
 
+    def unprepare(self, key: str) -> None:
+        """The request `prepare` ran for has ended (its adapter loaded, or it never got that far):
+        its slot is no longer held for it. Without this, a request cancelled before its adapter
+        loaded kept its guessed slot out of every later guess, while loads still took that slot
+        first (lowest free), so each later guess was one slot off and its load faulted on the
+        step thread."""
+        with self._prefault_lock:
+            self._prefaulted.pop(key, None)
+
     def can_acquire(self, adapter: LoraAdapter) -> bool:
         return adapter.key in self.key_to_slot or None in self.slot_key or bool(self._idle)
 

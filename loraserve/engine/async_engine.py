@@ -115,7 +115,8 @@ class AsyncEngine:
         if params.response_format is not None:  # RequestError (bad schema) raised to the caller
             grammar = await asyncio.to_thread(self.engine.grammars.matcher, params.response_format)
         slots = self.engine.runner.slots
-        if adapter is not None and adapter.key not in slots.key_to_slot:  # its slot's pages, here
+        prepared = adapter is not None and adapter.key not in slots.key_to_slot
+        if prepared:  # its slot's pages, here
             await asyncio.to_thread(slots.prepare, adapter)
         self._submit(_Add(rid, list(prompt_ids), params, adapter, sink, asyncio.get_running_loop(), grammar))
         finished = False
@@ -134,6 +135,8 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._submit(_Abort(rid))
+            if prepared:
+                slots.unprepare(adapter.key)
 
     def abort(self, request_id: str) -> None:
         self._submit(_Abort(request_id))

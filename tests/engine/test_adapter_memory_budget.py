@@ -93,7 +93,8 @@ def test_prepare_prefaults_the_slots_cold_adapters_will_take(
 ) -> None:
     """Before a request is submitted, a worker thread takes the pages of the slot its adapter
     will load into: the lowest never-used free slot, the next one for a second adapter in
-    flight, none for an adapter already resident or prepared, or when only used slots are left."""
+    flight, none for an adapter already resident or prepared, or when only used slots are left;
+    a preparation whose request ended no longer holds its slot."""
     e = Engine.from_pretrained(
         llama_dir, EngineConfig(max_active_adapters=3, max_lora_rank=RANK, kv_cache_memory_bytes=16 << 20)
     )
@@ -108,3 +109,6 @@ def test_prepare_prefaults_the_slots_cold_adapters_will_take(
     slots.prepare(ads[2])
     slots.prepare(ads[3])  # slots 1 and 2 are being prepared; no fresh slot left
     assert calls == [(1, ads[1].max_rank), (2, ads[2].max_rank)]
+    slots.unprepare(ads[1].key)  # its request ended before it loaded: slot 1 is free to guess again
+    slots.prepare(ads[3])
+    assert calls[-1] == (1, ads[3].max_rank)

@@ -156,3 +156,32 @@ def test_step_observer_sees_every_forward_pass_and_first_admissions(llama_dir) -
     admitted = [rid for r in records for rid in r.admitted]
     assert sorted(admitted) == sorted(r.request_id for r in results)
     assert records[0].kind == "prefill" and records[-1].kind == "decode"
+
+
+def test_a_cold_adapters_slot_guess_ends_with_its_request(llama_dir: Path) -> None:
+    """A request on a cold adapter has its slot's pages taken beforehand (AdapterSlots.prepare);
+    when the request ends, finished or abandoned before its adapter loaded, that guess is
+    dropped, so it cannot hold a slot out of later guesses."""
+    from tests.engine.test_continuous_batching import random_adapter
+
+    aengine = AsyncEngine(
+        factory=lambda: Engine.from_pretrained(
+            llama_dir, EngineConfig(kv_cache_memory_bytes=1 << 22, max_active_adapters=4)
+        )
+    )
+    try:
+        slots = aengine.engine.runner.slots
+        done, dropped = (random_adapter(aengine.engine.model_config, f"guess-{i}", seed=60 + i) for i in range(2))
+
+        async def run() -> None:
+            async for _ in aengine.generate([5, 6, 7], _params(), done):
+                pass
+            gen = aengine.generate([5, 6, 7], SamplingParams(max_new_tokens=60, ignore_eos_token=True), dropped)
+            await gen.__anext__()  # prepared, submitted, first token out
+            await gen.aclose()  # the client goes away
+
+        asyncio.run(run())
+        assert done.key in slots.key_to_slot
+        assert slots._prefaulted == {}
+    finally:
+        aengine.shutdown()
