@@ -171,12 +171,16 @@ def test_a_cold_adapters_slot_guess_ends_with_its_request(llama_dir: Path) -> No
     )
     try:
         slots = aengine.engine.runner.slots
-        done, dropped = (random_adapter(aengine.engine.model_config, f"guess-{i}", seed=60 + i) for i in range(2))
+        done, dropped = (
+            random_adapter(aengine.engine.model_config, f"guess-{i}", seed=60 + i) for i in range(2)
+        )
 
         async def run() -> None:
             async for _ in aengine.generate([5, 6, 7], _params(), done):
                 pass
-            gen = aengine.generate([5, 6, 7], SamplingParams(max_new_tokens=60, ignore_eos_token=True), dropped)
+            gen = aengine.generate(
+                [5, 6, 7], SamplingParams(max_new_tokens=60, ignore_eos_token=True), dropped
+            )
             await gen.__anext__()  # prepared, submitted, first token out
             await gen.aclose()  # the client goes away
 
