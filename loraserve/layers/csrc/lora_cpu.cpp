@@ -120,14 +120,14 @@ constexpr int kBlock = 8;
 // NV registers of columns from p: all full, or the last one masked (`m`)
 template <int NV, bool Full, typename T>
 LS_INLINE void load_chunk(const T* p, simd::M m, simd::V* v) {
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < NV; ++r) v[r] = (Full || r < NV - 1) ? wload(p + r * kW) : wload(p + r * kW, m);
 }
 
 // NV registers to p, the last one masked
 template <int NV>
 LS_INLINE void store_chunk(float* p, simd::M m, const simd::V* v) {
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < NV - 1; ++r) simd::store(p + r * kW, v[r]);
   simd::store(p + (NV - 1) * kW, v[NV - 1], m);
 }
@@ -139,10 +139,10 @@ LS_INLINE void shrink_chunk(const T* __restrict__ A, int64_t ld, int64_t in, sim
   for (int64_t i = 0; i < in; ++i) {
     simd::V av[NV];
     load_chunk<NV, Full>(A + i * ld, m, av);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int t = 0; t < TB; ++t) {
       const simd::V xv = simd::set1(xr[t][i]);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int r = 0; r < NV; ++r) acc[t][r] = simd::fma(xv, av[r], acc[t][r]);
     }
   }
@@ -155,10 +155,10 @@ LS_INLINE void expand_chunk(const T* __restrict__ B, int64_t ld, int64_t rs, sim
   for (int64_t k = 0; k < rs; ++k) {
     simd::V bv[NV];
     load_chunk<NV, Full>(B + k * ld, m, bv);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int t = 0; t < TB; ++t) {
       const simd::V hv = simd::set1(h[t * h_ld + k]);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int r = 0; r < NV; ++r) acc[t][r] = simd::fma(hv, bv[r], acc[t][r]);
     }
   }
@@ -174,13 +174,13 @@ void shrink_cols(const T* A, int64_t ld, int64_t in, int64_t c0, int64_t width, 
   const int64_t last = width - (NV - 1) * kW;
   const simd::M m = simd::mask(last);
   simd::V acc[TB][NV];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < TB; ++t)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < NV; ++r) acc[t][r] = simd::zero();
   if (last == kW) shrink_chunk<TB, NV, true>(A + c0, ld, in, m, xr, acc);
   else shrink_chunk<TB, NV, false>(A + c0, ld, in, m, xr, acc);
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < TB; ++t) store_chunk<NV>(h + t * h_ld + c0, m, acc[t]);
 }
 
@@ -194,11 +194,11 @@ void expand_cols(const T* B, int64_t ld, int64_t rs, int64_t o0, int64_t width, 
   const int64_t last = width - (NV - 1) * kW;
   const simd::M m = simd::mask(last);
   simd::V acc[TB][NV];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < TB; ++t) load_chunk<NV, false>(y[t] + o0, m, acc[t]);
   if (last == kW) expand_chunk<TB, NV, true>(B + o0, ld, rs, m, h, h_ld, acc);
   else expand_chunk<TB, NV, false>(B + o0, ld, rs, m, h, h_ld, acc);
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < TB; ++t) store_chunk<NV>(y[t] + o0, m, acc[t]);
 }
 
