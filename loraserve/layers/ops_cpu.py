@@ -45,7 +45,8 @@ from loraserve.layers.native_cpu import env_on
 from loraserve.layers.ops import TorchOps
 
 # `panel_lora_linear` (csrc/gemm_cpu.cpp) takes decode-sized inputs: one chunk of rows, whose
-# LoRA rows run between the panels; bigger inputs (prefills) keep panel_linear + lora_rows.
+# LoRA rows run between the panels; bigger inputs (prefills) take `panel_linear_lora_rows`
+# (csrc/lora_cpu.cpp), the GEMM with each work item's deltas added while it is in cache.
 FUSED_LORA_MAX_ROWS = 96
 FUSED_LORA_MAX_MEMBERS = 4
 ENV_FUSED_LORA = "LORASERVE_FUSED_LORA"  # "0": always the two separate passes (for comparisons)
@@ -129,22 +130,27 @@ class CpuNativeOps(TorchOps):
         slot_rank: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """`linear(x, w)` with every row's LoRA delta added (the members' outputs side by side),
-        in one pass that streams the adapters while the panels compute; None where it does not
-        apply (then the caller runs `linear` and `lora`)."""
+        in one call; None where it does not apply (then the caller runs `linear` and `lora`).
+        Decode sizes stream each row's adapter between two base panels (fp32 tables); prefill
+        sizes add each work item's deltas onto its columns while they are in cache (fp32 or
+        bf16 tables; csrc/lora_cpu.cpp `panel_linear_lora_rows` says why)."""
         if (
             not self.fused_lora
             or w.layout != "panel"
             or lb.rows is None
-            or a.dtype != torch.float32  # the fused pass reads fp32 tables only
             or x.dim() != 2
-            or x.shape[0] > FUSED_LORA_MAX_ROWS
             or x.stride(-1) != 1
-            or not 0 < len(bs) <= FUSED_LORA_MAX_MEMBERS
+            or x.dtype != torch.float32
         ):
             return None
-        return self.kernels.panel_lora_linear(
-            x, w.weight, w.out_features, w.bias, lb.rows, lb.row_slots, a, list(bs), slot_rank
-        )
+        args = (x, w.weight, w.out_features, w.bias, lb.rows, lb.row_slots, a, list(bs), slot_rank)
+        if x.shape[0] > FUSED_LORA_MAX_ROWS:
+            if a.dtype not in (torch.float32, torch.bfloat16):
+                return None
+            return self.kernels.panel_linear_lora_rows(*args)
+        if a.dtype != torch.float32 or not 0 < len(bs) <= FUSED_LORA_MAX_MEMBERS:
+            return None  # the decode pass reads fp32 tables, up to 4 members
+        return self.kernels.panel_lora_linear(*args)
 
     def paged_attention(
         self,

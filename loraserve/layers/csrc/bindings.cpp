@@ -43,6 +43,11 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
                                 const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
                                 const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                                 const std::optional<torch::Tensor>& slot_rank);
+torch::Tensor panel_linear_lora_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                     const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
+                                     const torch::Tensor& slots, const torch::Tensor& a,
+                                     const std::vector<torch::Tensor>& bs,
+                                     const std::optional<torch::Tensor>& slot_rank);
 
 // bf16 / int8 weight panels (csrc/gemm_lowp_cpu.cpp)
 std::string lowp_gemm_isa();
@@ -94,6 +99,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("panel_lora_linear", &panel_lora_linear,
         "panel_linear plus every row's LoRA delta, the adapters streamed while the panels compute (decode sizes)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias"), pybind11::arg("rows"),
+        pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("slot_rank") = pybind11::none(),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("panel_linear_lora_rows", &panel_linear_lora_rows,
+        "panel_linear plus every row's LoRA delta, added on each work item while it is in cache (prefill sizes)",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias"), pybind11::arg("rows"),
         pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("slot_rank") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -25,6 +25,7 @@
 
 #include "lora_row.h"
 #include "over_rows.h"
+#include "panel_hook.h"
 #include "simd.h"
 #include "slot_table.h"
 
@@ -319,7 +320,7 @@ void lora_unit(const LoraRows& L, int64_t e, float* h) {
   const float* A = L.a + s * L.a_slot;
   lora_row::shrink_members(A, L.k, L.r, int64_t{L.g}, rs, x, h);
   for (int j = 0; j < L.g; ++j) {
-    lora_row::expand<false>(L.b[j] + s * L.b_slot[j], L.out[j], rs, h + j * L.r, de + L.off[j]);
+    lora_row::expand<false>(L.b[j] + s * L.b_slot[j], L.out[j], L.out[j], rs, h + j * L.r, de + L.off[j]);
   }
 }
 #endif
@@ -362,20 +363,38 @@ static void decode_panel(const float* x, int64_t ldx, int64_t M, int64_t K, cons
 }
 #endif
 
+bool panel_walk_chunk_major(int64_t M, int64_t K, int64_t P) {
+  const int64_t chunks = (M + kMC - 1) / kMC;
+  return chunks == 1 || grid_chunk_major_fp32(M, K, chunks, P * K * kNR * 4);
+}
+
 // x [M, K] (rows contiguous, any row stride), w [P, K, 32] -> [M, n]
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                            const std::optional<torch::Tensor>& bias) {
   check_panel_args(x, w, n, bias);
-  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
-  auto y = torch::empty({M, n}, x.options());
+  auto y = torch::empty({x.size(0), n}, x.options());
+  panel_linear_out(x, w, n, bias, y, nullptr);
+  return y;
+}
+
+// panel_linear into y [M, n] (contiguous), with `after` (if any) run on each work item by the
+// thread that just stored it, on the item's rows and columns while they are still in its cache:
+// the prefill LoRA's expand (lora_cpu.cpp `panel_linear_lora_rows`) adds onto them there.
+void panel_linear_out(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                      const std::optional<torch::Tensor>& bias, const torch::Tensor& y, const PanelItemHook* after) {
+  check_panel_args(x, w, n, bias);
+  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
+                  y.size(1) == n,
+              "y must be a contiguous float32 [M, n] tensor");
 #if LORASERVE_SIMD
-  if (M == 0) return y;
+  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
+  if (M == 0) return;
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0), chunks = (M + kMC - 1) / kMC;
-  const bool major = grid_chunk_major_fp32(M, K, chunks, P * K * kNR * 4);
+  const bool major = panel_walk_chunk_major(M, K, P);
   // decode sizes take panels one by one, which splits 18 or 30 panels evenly over the threads
   const int64_t per = chunks > 1 ? kPanelsPerItem : 1, groups = (P + per - 1) / per;
   // one work item: a chunk of rows x one panel (or, AVX-512 prefill, two adjacent ones)
@@ -387,17 +406,17 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;
       if (chunks == 1) {  // decode sizes: items are panels, the next one this thread's next item
         decode_panel(xp, ldx, M, K, wp, n, bp, p0, it + 1 < hi, yp);
-        continue;
+      } else {
+        Tile tiles[kPanelsPerItem];
+        for (int64_t q = 0; q < np; ++q) {
+          const int64_t p = p0 + q;
+          tiles[q] = Tile{wp + p * K * kNR, K, bp ? bp + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+        }
+        panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n);
       }
-      Tile tiles[kPanelsPerItem];
-      for (int64_t q = 0; q < np; ++q) {
-        const int64_t p = p0 + q;
-        tiles[q] = Tile{wp + p * K * kNR, K, bp ? bp + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
-      }
-      panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n);
+      if (after) (*after)(r0, rows, p0 * kNR, std::min(n, (p0 + np) * kNR));
     }
   });
-  return y;
 #else
   TORCH_CHECK(false, "panel_linear needs an AVX-512 or AVX2+FMA build");
 #endif

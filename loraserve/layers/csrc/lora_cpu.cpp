@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "lora_row.h"
+#include "panel_hook.h"
 #include "simd.h"
 #include "slot_table.h"
 #include "widen.h"
@@ -65,7 +66,8 @@ void row_kernel(const Group<T>& g, const float* xr, int64_t slot, int64_t row, f
 #if LORASERVE_SIMD
   lora_row::shrink_members(A, g.in, R, static_cast<int64_t>(g.b.size()), rs, xr, h);
   for (size_t j = 0; j < g.b.size(); ++j) {
-    lora_row::expand<true>(g.b[j] + slot * g.b_slot[j], g.out[j], rs, h + j * R, g.y[j] + row * g.y_row[j]);
+    lora_row::expand<true>(g.b[j] + slot * g.b_slot[j], g.out[j], g.out[j], rs, h + j * R,
+                           g.y[j] + row * g.y_row[j]);
   }
 #else
   const int64_t GR = g.gr;
@@ -202,25 +204,59 @@ void expand_cols(const T* B, int64_t ld, int64_t rs, int64_t o0, int64_t width, 
   for (int t = 0; t < TB; ++t) store_chunk<NV>(y[t] + o0, m, acc[t]);
 }
 
+// h[t] = x_t @ A[slot] for TB tokens, each member's loaded rank (h rows GR apart)
 template <int TB, typename T>
-void block_kernel(const Group<T>& g, const float* const* xr, int64_t slot, const int64_t* rows, float* __restrict__ h) {
+void block_shrink(const Group<T>& g, const float* const* xr, int64_t slot, float* h) {
   const T* __restrict__ A = g.a + slot * g.a_slot;
-  const int64_t GR = g.gr, rs = g.rank(slot);
-  if (rs == 0) return;
-  const int64_t G = static_cast<int64_t>(g.b.size());
   constexpr int64_t kC = kNV * kW;
-  lora_row::member_runs(g.r, G, rs, [&](int64_t start, int64_t w) {
+  lora_row::member_runs(g.r, static_cast<int64_t>(g.b.size()), g.rank(slot), [&](int64_t start, int64_t w) {
     for (int64_t c0 = start; c0 < start + w; c0 += kC) {
-      shrink_cols<TB, kNV>(A, GR, g.in, c0, std::min(kC, start + w - c0), xr, h, GR);
+      shrink_cols<TB, kNV>(A, g.gr, g.in, c0, std::min(kC, start + w - c0), xr, h, g.gr);
     }
   });
+}
+
+// y[t][o_lo : o_hi) += h_t's member j @ B_j[slot][:, o_lo : o_hi) for TB tokens (h rows GR apart)
+template <int TB, typename T>
+void block_expand(const Group<T>& g, int64_t j, int64_t slot, const float* h, float* const* y, int64_t o_lo,
+                  int64_t o_hi) {
+  const T* __restrict__ B = g.b[j] + slot * g.b_slot[j];
+  constexpr int64_t kC = kNV * kW;
+  for (int64_t o0 = o_lo; o0 < o_hi; o0 += kC)
+    expand_cols<TB, kNV>(B, g.out[j], g.rank(slot), o0, std::min(kC, o_hi - o0), h + j * g.r, g.gr, y);
+}
+
+template <int TB, typename T>
+void block_kernel(const Group<T>& g, const float* const* xr, int64_t slot, const int64_t* rows, float* __restrict__ h) {
+  if (g.rank(slot) == 0) return;
+  block_shrink<TB>(g, xr, slot, h);
   float* y[TB];
-  for (int64_t j = 0; j < G; ++j) {
+  for (size_t j = 0; j < g.b.size(); ++j) {
     for (int t = 0; t < TB; ++t) y[t] = g.y[j] + rows[t] * g.y_row[j];
-    const T* __restrict__ B = g.b[j] + slot * g.b_slot[j];
-    const int64_t O = g.out[j];
-    for (int64_t o0 = 0; o0 < O; o0 += kC) expand_cols<TB, kNV>(B, O, rs, o0, std::min(kC, O - o0), h + j * g.r, GR, y);
+    block_expand<TB>(g, static_cast<int64_t>(j), slot, h, y, 0, g.out[j]);
   }
+}
+
+// A block's shrink alone, by its size: what block_kernel / row_kernel compute into h
+template <int TB, typename T>
+void dispatch_shrink(int tb, const Group<T>& g, const float* const* xr, int64_t slot, float* h) {
+  if constexpr (TB > 1) {
+    if (tb < TB) return dispatch_shrink<TB - 1>(tb, g, xr, slot, h);
+    block_shrink<TB>(g, xr, slot, h);
+  } else {
+    lora_row::shrink_members(g.a + slot * g.a_slot, g.in, g.r, static_cast<int64_t>(g.b.size()), g.rank(slot), xr[0],
+                             h);
+  }
+}
+
+// tb tokens of a block (of at least 2) through block_expand, by their count
+template <int TB, typename T>
+void dispatch_expand(int tb, const Group<T>& g, int64_t j, int64_t slot, const float* h, float* const* y,
+                     int64_t o_lo, int64_t o_hi) {
+  if constexpr (TB > 1) {
+    if (tb < TB) return dispatch_expand<TB - 1>(tb, g, j, slot, h, y, o_lo, o_hi);
+  }
+  block_expand<TB>(g, j, slot, h, y, o_lo, o_hi);
 }
 #else
 template <int TB, typename T>
@@ -239,13 +275,14 @@ void dispatch_block(int tb, const Group<T>& g, const float* const* xr, int64_t s
   }
 }
 
+// The checked adapter side of a call: x [M, K] rows, a [S, K, G*R], each member's B [S, R, out_j]
+// (outputs left for the caller to add)
 template <typename T>
-void run_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& a,
-              const std::vector<torch::Tensor>& bs, const std::vector<torch::Tensor>& ys,
-              const std::optional<torch::Tensor>& slot_rank) {
+Group<T> make_group(const torch::Tensor& x, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                    const std::optional<torch::Tensor>& slot_rank) {
   const int64_t G = static_cast<int64_t>(bs.size());
-  TORCH_CHECK(G > 0 && static_cast<int64_t>(ys.size()) == G, "one output per B matrix");
-  const int64_t N = rows.numel(), K = x.size(1), GR = a.size(2), S = a.size(0), R = GR / G;
+  TORCH_CHECK(G > 0, "at least one B matrix");
+  const int64_t K = x.size(1), GR = a.size(2), S = a.size(0), R = GR / G;
   TORCH_CHECK(a.size(1) == K && R * G == GR, "a's shape does not match x or the group");
   Group<T> g{static_cast<const T*>(a.data_ptr()), a.stride(0), K, GR, R, {}, {}, {}, {}, {}, nullptr};
   if (slot_rank.has_value()) {
@@ -258,28 +295,37 @@ void run_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Te
     TORCH_CHECK(slot_matrices(bs[j]) && bs[j].scalar_type() == a.scalar_type() && bs[j].size(0) == S &&
                     bs[j].size(1) == R,
                 "bs[j] must be [S, R, out], each slot contiguous, in a's dtype");
-    check_f32_rows(ys[j], "ys[j]");
-    TORCH_CHECK(ys[j].size(1) == bs[j].size(2), "ys[j] width must match bs[j]");
-    TORCH_CHECK(ys[j].size(0) == x.size(0), "ys[j] must have x's rows");
     g.b.push_back(static_cast<const T*>(bs[j].data_ptr()));
     g.b_slot.push_back(bs[j].stride(0));
     g.out.push_back(bs[j].size(2));
-    g.y.push_back(ys[j].data_ptr<float>());
-    g.y_row.push_back(ys[j].stride(0));
   }
-  const float* xp = x.data_ptr<float>();
-  const int64_t x_row = x.stride(0);
+  return g;
+}
+
+// rows/slots checked against x's rows and the table's S slots; the blocks: runs of one slot, at
+// most kBlock long (starts, then N)
+std::vector<int64_t> slot_runs(const torch::Tensor& rows, const torch::Tensor& slots, int64_t M, int64_t S) {
+  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, "rows/slots must be int64");
+  TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
+  const int64_t N = rows.numel();
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
-  std::vector<int64_t> starts;  // blocks: runs of one slot, at most kBlock long
+  std::vector<int64_t> starts;
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(rp[n] >= 0 && rp[n] < x.size(0) && sp[n] >= 0 && sp[n] < S, "row or slot out of range");
+    TORCH_CHECK(rp[n] >= 0 && rp[n] < M && sp[n] >= 0 && sp[n] < S, "row or slot out of range");
     if (n == 0 || sp[n] != sp[n - 1] || n - starts.back() == kBlock) starts.push_back(n);
   }
   starts.push_back(N);
+  return starts;
+}
+
+// every block of the entries, shrink and expand (h per thread)
+template <typename T>
+void run_blocks(const Group<T>& g, const float* xp, int64_t x_row, const int64_t* rp, const int64_t* sp,
+                const std::vector<int64_t>& starts) {
   const int64_t nblocks = static_cast<int64_t>(starts.size()) - 1;
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> hbuf(kBlock * GR);
+    std::vector<float> hbuf(kBlock * g.gr);
     const float* xr[kBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = starts[blk];
@@ -289,6 +335,126 @@ void run_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Te
     }
   });
 }
+
+template <typename T>
+void run_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& a,
+              const std::vector<torch::Tensor>& bs, const std::vector<torch::Tensor>& ys,
+              const std::optional<torch::Tensor>& slot_rank) {
+  Group<T> g = make_group<T>(x, a, bs, slot_rank);
+  TORCH_CHECK(ys.size() == bs.size(), "one output per B matrix");
+  for (size_t j = 0; j < bs.size(); ++j) {
+    check_f32_rows(ys[j], "ys[j]");
+    TORCH_CHECK(ys[j].size(1) == bs[j].size(2), "ys[j] width must match bs[j]");
+    TORCH_CHECK(ys[j].size(0) == x.size(0), "ys[j] must have x's rows");
+    g.y.push_back(ys[j].data_ptr<float>());
+    g.y_row.push_back(ys[j].stride(0));
+  }
+  const std::vector<int64_t> starts = slot_runs(rows, slots, x.size(0), a.size(0));
+  run_blocks(g, x.data_ptr<float>(), x.stride(0), rows.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), starts);
+}
+
+#if LORASERVE_SIMD
+// panel_linear_lora_rows for a table of T: see there
+template <typename T>
+void linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& bias,
+                 const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& a,
+                 const std::vector<torch::Tensor>& bs, const std::optional<torch::Tensor>& slot_rank,
+                 const torch::Tensor& y) {
+  Group<T> g = make_group<T>(x, a, bs, slot_rank);
+  float* yp = y.data_ptr<float>();
+  std::vector<int64_t> off;  // each member's first column in y
+  int64_t cols = 0;
+  for (size_t j = 0; j < bs.size(); ++j) {
+    off.push_back(cols);
+    g.y.push_back(yp + cols);
+    g.y_row.push_back(n);
+    cols += g.out[j];
+  }
+  TORCH_CHECK(cols == n, "the B matrices cover ", cols, " of ", n, " output columns");
+  const std::vector<int64_t> starts = slot_runs(rows, slots, x.size(0), a.size(0));
+  const float* xp = x.data_ptr<float>();
+  const int64_t x_row = x.stride(0), N = rows.numel(), GR = g.gr;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  if (!std::is_sorted(rp, rp + N) || std::adjacent_find(rp, rp + N) != rp + N) {
+    // the items find their entries by row: otherwise the two passes one after the other
+    panel_linear_out(x, w, n, bias, y, nullptr);
+    run_blocks(g, xp, x_row, rp, sp, starts);
+    return;
+  }
+  // Each entry's h, blocked as lora_rows blocks it (so each h is lora_rows' bit for bit), held
+  // for blocks [b0, b1): entry e's at (e - starts[b0]) * GR. A walk chunk by chunk computes the
+  // blocks of each chunk's entries at its first item, while its x rows are in L2 from that
+  // item's panels (a block across two chunks is kept for the next one); a walk panel by panel
+  // computes all of them first.
+  struct Held {
+    int64_t r0 = -1, b0 = 0, b1 = 0;
+    std::vector<float> h;
+  };
+  auto shrink_blocks = [&](int64_t b0, int64_t b1, float* h) {
+    const float* xr[kBlock];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = starts[blk];
+      const int tb = static_cast<int>(starts[blk + 1] - n0);
+      if (g.rank(sp[n0]) == 0) continue;
+      for (int t = 0; t < tb; ++t) xr[t] = xp + rp[n0 + t] * x_row;
+      dispatch_shrink<kBlock>(tb, g, xr, sp[n0], h + (n0 - starts[b0]) * GR);
+    }
+  };
+  const int64_t nblocks = static_cast<int64_t>(starts.size()) - 1;
+  const bool by_chunk = panel_walk_chunk_major(x.size(0), x.size(1), w.size(0));
+  std::vector<Held> held(by_chunk ? at::get_num_threads() : 1);
+  if (!by_chunk) {
+    held[0].b1 = nblocks;
+    held[0].h.resize(static_cast<size_t>(N * GR));
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) shrink_blocks(b, b + 1, held[0].h.data() + starts[b] * GR);
+    });
+  }
+  // the blocks of entries [e0, e1) into st (rows from r0 on)
+  auto hold = [&](Held& st, int64_t r0, int64_t e0, int64_t e1) {
+    const int64_t b0 = std::upper_bound(starts.begin(), starts.end(), e0) - starts.begin() - 1;
+    const int64_t b1 = std::lower_bound(starts.begin(), starts.end(), e1) - starts.begin();
+    st.h.resize(static_cast<size_t>(std::max<int64_t>(0, starts[b1] - starts[b0]) * GR));
+    int64_t from = b0;
+    if (st.b1 > st.b0 && b0 == st.b1 - 1) {  // the last block held runs into this chunk
+      std::memmove(st.h.data(), st.h.data() + (starts[b0] - starts[st.b0]) * GR,
+                   (starts[b0 + 1] - starts[b0]) * GR * sizeof(float));
+      from = b0 + 1;
+    }
+    if (from < b1) shrink_blocks(from, b1, st.h.data() + (starts[from] - starts[b0]) * GR);
+    st.r0 = r0, st.b0 = b0, st.b1 = b1;
+  };
+  // then each work item of the GEMM adds its entries' deltas onto its columns, still in cache;
+  // an entry of a one-entry block takes the row kernel's expand, as lora_rows does
+  const PanelItemHook after = [&](int64_t r0, int64_t nrows, int64_t c0, int64_t c1) {
+    const int64_t e0 = std::lower_bound(rp, rp + N, r0) - rp, e1 = std::lower_bound(rp, rp + N, r0 + nrows) - rp;
+    if (e0 == e1) return;
+    Held& st = held[by_chunk ? at::get_thread_num() : 0];
+    if (by_chunk && st.r0 != r0) hold(st, r0, e0, e1);
+    int64_t b = std::upper_bound(starts.begin(), starts.end(), e0) - starts.begin() - 1;
+    for (int64_t e = e0; e < e1; e = std::min(starts[++b], e1)) {
+      const int64_t lo = e, hi = std::min(starts[b + 1], e1), slot = sp[lo], rs = g.rank(slot);
+      if (rs == 0) continue;
+      const bool single = starts[b + 1] - starts[b] == 1;
+      const float* he = st.h.data() + (lo - starts[st.b0]) * GR;
+      for (size_t j = 0; j < g.b.size(); ++j) {
+        const int64_t o_lo = std::max(c0, off[j]) - off[j], o_hi = std::min(c1, off[j] + g.out[j]) - off[j];
+        if (o_lo >= o_hi) continue;
+        float* yr[kBlock];
+        for (int64_t t = lo; t < hi; ++t) yr[t - lo] = g.y[j] + rp[t] * n;
+        if (single) {
+          lora_row::expand<true>(g.b[j] + slot * g.b_slot[j] + o_lo, g.out[j], o_hi - o_lo, rs, he + j * g.r,
+                                 yr[0] + o_lo);
+        } else {
+          dispatch_expand<kBlock>(static_cast<int>(hi - lo), g, static_cast<int64_t>(j), slot, he, yr, o_lo, o_hi);
+        }
+      }
+    }
+  };
+  panel_linear_out(x, w, n, bias, y, &after);
+}
+#endif
 
 }  // namespace
 
@@ -312,3 +478,32 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
   }
 }
 
+
+// y = x @ W.T + b over fp32 weight panels (panel_linear), plus every entry's LoRA delta as
+// lora_rows adds it (members side by side in y), for prefill-sized inputs: the shrink first, then
+// each work item of the GEMM adds its rows' deltas onto its columns right after storing them.
+// Why: run after the GEMM, lora_rows' expand re-reads and re-writes the whole output from memory
+// (a 4,096-token step of the 135M shape: ~170 MB a layer), which cost about as much as its
+// arithmetic; here the item's rows and columns are still in cache. Bit for bit what panel_linear
+// and then lora_rows compute (the same blocks, the same order of sums for every entry).
+torch::Tensor panel_linear_lora_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                     const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
+                                     const torch::Tensor& slots, const torch::Tensor& a,
+                                     const std::vector<torch::Tensor>& bs,
+                                     const std::optional<torch::Tensor>& slot_rank) {
+  check_f32_rows(x, "x");
+  const auto dt = a.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16, "the LoRA table must be float32 or bfloat16");
+  TORCH_CHECK(slot_matrices(a), "a must be [S, in, G*R], each slot contiguous");
+  auto y = torch::empty({x.size(0), n}, x.options());
+#if LORASERVE_SIMD
+  if (dt == torch::kFloat32) {
+    linear_rows<float>(x, w, n, bias, rows, slots, a, bs, slot_rank, y);
+  } else {
+    linear_rows<bf16_t>(x, w, n, bias, rows, slots, a, bs, slot_rank, y);
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "panel_linear_lora_rows needs an AVX-512 or AVX2+FMA build");
+#endif
+}

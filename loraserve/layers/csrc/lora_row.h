@@ -124,8 +124,10 @@ void shrink_members(const T* A, int64_t K, int64_t R, int64_t G, int64_t rs, con
 // k + half of B are read together, two sequential streams (the top of this file says why), d stays
 // in L1 and is loaded and stored once per pair of rows; the O / W output vectors of a row are
 // independent, so no chain waits on another.
+// B's rows are ld apart (ld >= O: a caller may take a range of B's columns).
 template <bool Add, typename T>
-void expand(const T* __restrict__ B, int64_t O, int64_t rs, const float* __restrict__ h, float* __restrict__ d) {
+void expand(const T* __restrict__ B, int64_t ld, int64_t O, int64_t rs, const float* __restrict__ h,
+            float* __restrict__ d) {
   const int64_t full = O / simd::W * simd::W;
   const simd::M tail = simd::mask(O - full);
   int64_t k = 0;
@@ -140,11 +142,11 @@ void expand(const T* __restrict__ B, int64_t O, int64_t rs, const float* __restr
     k = 1;
   }
   const int64_t half = (rs - k) / 2;
-  const T* __restrict__ B1 = B + half * O;
+  const T* __restrict__ B1 = B + half * ld;
   for (int64_t e = k + half; k < e; ++k) {  // rows k and k + half: two sequential streams
     const simd::V hv0 = simd::set1(h[k]), hv1 = simd::set1(h[k + half]);
-    const T* __restrict__ Bk0 = B + k * O;
-    const T* __restrict__ Bk1 = B1 + k * O;
+    const T* __restrict__ Bk0 = B + k * ld;
+    const T* __restrict__ Bk1 = B1 + k * ld;
     for (int64_t o = 0; o < full; o += simd::W)
       simd::store(d + o, simd::fma(hv1, wload(Bk1 + o), simd::fma(hv0, wload(Bk0 + o), simd::load(d + o))));
     if (full < O) {
@@ -154,7 +156,7 @@ void expand(const T* __restrict__ B, int64_t O, int64_t rs, const float* __restr
   }
   for (k += half; k < rs; ++k) {
     const simd::V hv = simd::set1(h[k]);
-    const T* __restrict__ Bk = B + k * O;
+    const T* __restrict__ Bk = B + k * ld;
     for (int64_t o = 0; o < full; o += simd::W) simd::store(d + o, simd::fma(hv, wload(Bk + o), simd::load(d + o)));
     if (full < O) {
       simd::store(d + full, simd::fma(hv, wload(Bk + full, tail), simd::load(d + full, tail)), tail);
