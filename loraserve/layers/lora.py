@@ -22,7 +22,8 @@ Per step, tokens are grouped by slot (SGMV-style):
   shape with 32 adapters, 1.3x faster per decode step and 2x per prefill
   than the `bmm` path below, which stays for CUDA and other dtypes; decode-sized
   steps (up to 96 rows) run base and LoRA as one call instead, each row's LoRA
-  between two base panels (`CpuNativeOps.linear_lora`);
+  between two base panels, and prefill-sized ones too, each GEMM work item's rows
+  getting their deltas while the item is in cache (`CpuNativeOps.linear_lora`);
 - otherwise segments are padded into a ``[slots, max_seg, in]`` buffer and handled by
   two `bmm`s over the contiguous slot range the batch uses — one call per
   projection however many adapters are in the batch; when every slot has the
