@@ -407,15 +407,14 @@ void linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n, cons
   if (!by_chunk) {
     held[0].b1 = nblocks;
     held[0].h.resize(static_cast<size_t>(N * GR));
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) shrink_blocks(b, b + 1, held[0].h.data() + starts[b] * GR);
-    });
+    at::parallel_for(0, nblocks, 1,
+                     [&](int64_t b0, int64_t b1) { shrink_blocks(b0, b1, held[0].h.data() + starts[b0] * GR); });
   }
   // the blocks of entries [e0, e1) into st (rows from r0 on)
   auto hold = [&](Held& st, int64_t r0, int64_t e0, int64_t e1) {
     const int64_t b0 = std::upper_bound(starts.begin(), starts.end(), e0) - starts.begin() - 1;
     const int64_t b1 = std::lower_bound(starts.begin(), starts.end(), e1) - starts.begin();
-    st.h.resize(static_cast<size_t>(std::max<int64_t>(0, starts[b1] - starts[b0]) * GR));
+    st.h.resize(static_cast<size_t>((starts[b1] - starts[b0]) * GR));
     int64_t from = b0;
     if (st.b1 > st.b0 && b0 == st.b1 - 1) {  // the last block held runs into this chunk
       std::memmove(st.h.data(), st.h.data() + (starts[b0] - starts[st.b0]) * GR,
@@ -456,6 +455,20 @@ void linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n, cons
 }
 #endif
 
+// f(T{}) for the slot table's element type T (float or bf16_t), after the checks of the table
+// both entry points share
+template <typename F>
+void by_table_type(const torch::Tensor& a, const F& f) {
+  const auto dt = a.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16, "the LoRA table must be float32 or bfloat16");
+  TORCH_CHECK(slot_matrices(a), "a must be [S, in, G*R], each slot contiguous");
+  if (dt == torch::kFloat32) {
+    f(float{});
+  } else {
+    f(bf16_t{});
+  }
+}
+
 }  // namespace
 
 // For every n: h = x[rows[n]] @ a[slots[n]]  (a: [S, in, G*R], the G members' A side by side)
@@ -466,18 +479,8 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank) {
   check_f32_rows(x, "x");
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, "rows/slots must be int64");
-  TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
-  const auto dt = a.scalar_type();
-  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16, "the LoRA table must be float32 or bfloat16");
-  TORCH_CHECK(slot_matrices(a), "a must be [S, in, G*R], each slot contiguous");
-  if (dt == torch::kFloat32) {
-    run_rows<float>(x, rows, slots, a, bs, ys, slot_rank);
-  } else {
-    run_rows<bf16_t>(x, rows, slots, a, bs, ys, slot_rank);
-  }
+  by_table_type(a, [&](auto t) { run_rows<decltype(t)>(x, rows, slots, a, bs, ys, slot_rank); });
 }
-
 
 // y = x @ W.T + b over fp32 weight panels (panel_linear), plus every entry's LoRA delta as
 // lora_rows adds it (members side by side in y), for prefill-sized inputs: the shrink first, then
@@ -492,16 +495,9 @@ torch::Tensor panel_linear_lora_rows(const torch::Tensor& x, const torch::Tensor
                                      const std::vector<torch::Tensor>& bs,
                                      const std::optional<torch::Tensor>& slot_rank) {
   check_f32_rows(x, "x");
-  const auto dt = a.scalar_type();
-  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16, "the LoRA table must be float32 or bfloat16");
-  TORCH_CHECK(slot_matrices(a), "a must be [S, in, G*R], each slot contiguous");
-  auto y = torch::empty({x.size(0), n}, x.options());
 #if LORASERVE_SIMD
-  if (dt == torch::kFloat32) {
-    linear_rows<float>(x, w, n, bias, rows, slots, a, bs, slot_rank, y);
-  } else {
-    linear_rows<bf16_t>(x, w, n, bias, rows, slots, a, bs, slot_rank, y);
-  }
+  auto y = torch::empty({x.size(0), n}, x.options());
+  by_table_type(a, [&](auto t) { linear_rows<decltype(t)>(x, w, n, bias, rows, slots, a, bs, slot_rank, y); });
   return y;
 #else
   TORCH_CHECK(false, "panel_linear_lora_rows needs an AVX-512 or AVX2+FMA build");
