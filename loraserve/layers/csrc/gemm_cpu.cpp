@@ -36,6 +36,10 @@ constexpr int64_t kMC = 96;      // most rows per work item: they stay in L2 whi
 // fewest rows whose decode-sized products prefetch their next panel (SpanPf); one row streams
 // its panel at the memory's pace with the hardware prefetcher alone
 constexpr int64_t kSpanPfMinRows = 2;
+// fewest rows whose fused decode pass also fetches its adapter rows' A and B (LoraPf): fewer rows
+// leave the FMAs too little time to hide the extra stream (8 and 16 rows measured level, within
+// 1 ms either way on both builds; 24 / 32 / 64 rows 5 / 6 / 9 ms faster, panel_lora_linear)
+constexpr int64_t kLoraPfMinRows = 20;
 
 struct Tile {
   const float* w;  // one panel [K, 32]
@@ -46,11 +50,15 @@ struct Tile {
 
 #if LORASERVE_SIMD
 // What the register kernels prefetch alongside their k-steps: nothing (plain projections and
-// one-row streams), or the next panel of a decode-sized product (SpanPf).
+// one-row streams), the next panel of a decode-sized product (SpanPf), or that plus the adapter
+// rows the fused decode pass runs right after the panel (LoraPf). A kernel copies its PF into a
+// local and steps that, so the cursors live in registers: read through the PF reference, GCC 12
+// at -march=native on a Zen 5 EPYC (znver3 plus AVX-512 to GCC 12) kept them in memory and
+// spilled the accumulators of the blocks inlined around them (the fused pass's panels ran 2.3x
+// slower than panel_linear's). The register kernels are never inlined for the same reason.
 struct NoPf {
   static constexpr bool kOn = false;
-  const char* base = nullptr;
-  int64_t pos = 0, end = 0;
+  void step() {}
 };
 NoPf no_pf;
 
@@ -68,19 +76,50 @@ struct SpanPf {
   static SpanPf panel(const float* next, int64_t K) {
     return SpanPf{reinterpret_cast<const char*>(next), 0, K * kNR * 4 / 64};
   }
+  __attribute__((always_inline)) void step() {
+    if (pos < end) _mm_prefetch(base + 64 * pos++, _MM_HINT_T1);
+  }
 };
 
-// One k-step's share: the next line while any are left. The kernels copy the base and its end
-// into locals and keep the cursor pi in a register: read through the PF reference, GCC 12 at
-// -march=native on a Zen 5 EPYC (znver3 plus AVX-512 to GCC 12) kept them in memory and spilled
-// the accumulators of the blocks inlined around them: the fused pass's panels ran 2.3x slower
-// than panel_linear's. The register kernels are never inlined for the same reason.
-template <class PF>
-__attribute__((always_inline)) inline void prefetch_step(const char* base, int64_t end, int64_t& pi) {
-  if constexpr (PF::kOn) {
-    if (pi < end) _mm_prefetch(base + 64 * pi++, _MM_HINT_T1);
+// A span of memory to fetch, in 64-byte lines
+struct Lines {
+  const char* base;
+  int64_t n;
+};
+constexpr int kLoraPfSpans = 16;  // adapter spans one panel fetches at most (the rest stay on demand)
+
+// SpanPf's next panel, plus the spans the adapter rows that run right after this panel read (each
+// row's A and its members' B, walked in order), at `rate` / 256 lines per k-step (at most two)
+struct LoraPf {
+  static constexpr bool kOn = true;
+  SpanPf panel;
+  const char* base = nullptr;  // the span being fetched
+  int64_t pos = 0, end = 0;
+  const Lines* next = nullptr;  // the spans after it
+  const Lines* last = nullptr;
+  int64_t rate = 0, credit = 0;
+  __attribute__((always_inline)) void one() {
+    if (pos < end) {
+      _mm_prefetch(base + 64 * pos++, _MM_HINT_T1);
+    } else if (next < last) {
+      base = next->base, end = next->n, pos = 0;
+      ++next;
+      _mm_prefetch(base + 64 * pos++, _MM_HINT_T1);
+    }
   }
-}
+  __attribute__((always_inline)) void step() {
+    panel.step();
+    credit += rate;
+    if (credit >= 256) {
+      credit -= 256;
+      one();
+      if (credit >= 256) {
+        credit -= 256;
+        one();
+      }
+    }
+  }
+};
 #endif
 
 #if LORASERVE_SIMD == 512
@@ -107,12 +146,11 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
   __m512 acc[MR][2 * NT];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < 2 * NT; ++c) acc[m][c] = _mm512_setzero_ps();
-  int64_t pi = pf.pos;
-  const char* const pl = pf.base;
-  const int64_t pe = pf.end, K = t[0].k;
+  PF cur = pf;
+  const int64_t K = t[0].k;
 #pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
-    prefetch_step<PF>(pl, pe, pi);
+    cur.step();
     __m512 w[2 * NT];
     for (int j = 0; j < NT; ++j) {
       w[2 * j] = _mm512_loadu_ps(t[j].w + k * kNR);
@@ -123,7 +161,7 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
       for (int c = 0; c < 2 * NT; ++c) acc[m][c] = _mm512_fmadd_ps(xv, w[c], acc[m][c]);
     }
   }
-  if constexpr (PF::kOn) pf.pos = pi;
+  if constexpr (PF::kOn) pf = cur;
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NT; ++j) store_row(y + m * ldy + j * kNR, t[j], acc[m][2 * j], acc[m][2 * j + 1]);
 }
@@ -136,11 +174,10 @@ __attribute__((noinline)) void stream_row(const float* __restrict__ x, const Til
   __m512 a[4], c[4];
   for (int u = 0; u < 4; ++u) a[u] = c[u] = _mm512_setzero_ps();
   const float* __restrict__ w = t.w;
-  int64_t k = 0, pi = pf.pos;
-  const char* const pl = pf.base;
-  const int64_t pe = pf.end;
+  int64_t k = 0;
+  PF cur = pf;
   for (; k + 4 <= t.k; k += 4) {
-    prefetch_step<PF>(pl, pe, pi);
+    cur.step();
     for (int u = 0; u < 4; ++u) {
       const __m512 xv = _mm512_set1_ps(x[k + u]);
       a[u] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + (k + u) * kNR), a[u]);
@@ -152,11 +189,14 @@ __attribute__((noinline)) void stream_row(const float* __restrict__ x, const Til
     a[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + k * kNR), a[0]);
     c[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + k * kNR + 16), c[0]);
   }
-  if constexpr (PF::kOn) pf.pos = pi;
+  if constexpr (PF::kOn) pf = cur;
   store_row(y, t, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
             _mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3])));
 }
 constexpr int kWideMR = 6;
+
+// k-steps a decode-sized panel takes over M rows (one panel, register blocks of at most kMR rows)
+inline int64_t panel_k_steps(int64_t M, int64_t K) { return M == 1 ? K / 4 : K * ((M + kMR - 1) / kMR); }
 
 template <int MR, class PF>
 void rows_block(int mr, const float* x, int64_t ldx, const Tile& t, float* y, int64_t ldy, PF& pf) {
@@ -214,14 +254,13 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_setzero_ps();
   const float* __restrict__ w = t.w + c0;
-  int64_t pi = pf.pos;
-  const char* const pl = pf.base;
-  const int64_t pe = pf.end, K = t.k;
+  PF cur = pf;
+  const int64_t K = t.k;
   // unrolled: the loop's own counter, compare and pointer steps were a fifth of its uops
   // (K x 6 x 16 in-cache micro-benchmark, one thread: 89 -> 97 GFLOP/s)
 #pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
-    prefetch_step<PF>(pl, pe, pi);
+    cur.step();
     __m256 wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = _mm256_loadu_ps(w + k * kNR + 8 * j);
     for (int m = 0; m < MR; ++m) {
@@ -229,7 +268,7 @@ __attribute__((noinline)) void block(const float* __restrict__ x, int64_t ldx, c
       for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
     }
   }
-  if constexpr (PF::kOn) pf.pos = pi;
+  if constexpr (PF::kOn) pf = cur;
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
@@ -244,11 +283,10 @@ __attribute__((noinline)) void stream_row(const float* __restrict__ x, const Til
   for (int u = 0; u < 2; ++u)
     for (int j = 0; j < 4; ++j) a[u][j] = _mm256_setzero_ps();
   const float* __restrict__ w = t.w;
-  int64_t k = 0, pi = pf.pos;
-  const char* const pl = pf.base;
-  const int64_t pe = pf.end;
+  int64_t k = 0;
+  PF cur = pf;
   for (; k + 2 <= t.k; k += 2) {
-    prefetch_step<PF>(pl, pe, pi);
+    cur.step();
     for (int u = 0; u < 2; ++u) {
       const __m256 xv = _mm256_broadcast_ss(x + k + u);
       for (int j = 0; j < 4; ++j) a[u][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + (k + u) * kNR + 8 * j), a[u][j]);
@@ -258,10 +296,16 @@ __attribute__((noinline)) void stream_row(const float* __restrict__ x, const Til
     const __m256 xv = _mm256_broadcast_ss(x + k);
     for (int j = 0; j < 4; ++j) a[0][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k * kNR + 8 * j), a[0][j]);
   }
-  if constexpr (PF::kOn) pf.pos = pi;
+  if constexpr (PF::kOn) pf = cur;
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j)
     store8(y + 8 * j, t.bias ? t.bias + 8 * j : nullptr, t.cols - 8 * j, _mm256_add_ps(a[0][j], a[1][j]));
+}
+
+// k-steps a decode-sized panel takes over M rows (register blocks of at most kMR rows, each over
+// both halves of the panel; two rows take it whole, one row two k-steps at a time)
+inline int64_t panel_k_steps(int64_t M, int64_t K) {
+  return M == 1 ? K / 2 : M == 2 ? K : 2 * K * ((M + kMR - 1) / kMR);
 }
 
 template <int MR, class PF>
@@ -360,6 +404,22 @@ static void decode_panel(const float* x, int64_t ldx, int64_t M, int64_t K, cons
   } else {
     panel_rows(x, ldx, &t, 1, M, y + p * kNR, n);
   }
+}
+
+// decode_panel for the fused pass: also fetches the adapter rows' spans (`lines` lines in all),
+// spread evenly over the panel's k-steps
+static void decode_panel_lora(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
+                              const float* bias, int64_t p, bool next, const Lines* spans, int nspans,
+                              int64_t lines, float* y) {
+  if (M < kLoraPfMinRows || nspans == 0) return decode_panel(x, ldx, M, K, w, n, bias, p, next, y);
+  const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+  LoraPf pf;
+  if (next) pf.panel = SpanPf::panel(w + (p + 1) * K * kNR, K);
+  pf.next = spans;
+  pf.last = spans + nspans;
+  const int64_t steps = panel_k_steps(M, K);
+  pf.rate = std::min<int64_t>(512, (lines * 256 + steps - 1) / steps);
+  panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
 }
 #endif
 
@@ -487,16 +547,16 @@ static void add_deltas(const LoraRows& L, int64_t N, float* yp) {
 // y = x @ W.T + b, plus for every n: y[rows[n]] += (x[rows[n]] @ a[slots[n]]) @ [bs[0] | bs[1] | ...][slots[n]]
 // (the members' outputs side by side, as in lora_rows). Decode sizes only (at most 96 rows): each
 // row's LoRA runs between two panels, into a delta buffer added once every panel is stored.
-// Each panel fetches only the next base panel (SpanPf), not the next rows' A and B. 30 layers of
-// the SmolLM projections with rank-16 adapters, 2-core Xeon with AMX, AVX-512 build, against the
-// list of the next rows' A and B lines this replaced: 32 rows, 32 distinct adapters 70.5 -> 66.6
-// ms; one adapter for all rows (in cache) 54.7 -> 41.2 ms; 8 rows 34.9 -> 29.0 / 30.9 -> 24.4 ms;
-// 64 rows 111 -> 114 / 86.9 -> 67.7 ms (layers/ops_cpu.py has the AVX2 build's). The adapter
-// lines cost the panel's k-steps (a list built per panel, a prefetch each, hits when the adapter
-// is in cache) and never overlapped the GEMM: at 32 distinct adapters the fused pass takes the
-// base GEMM plus the LoRA-only pass either way. Also
-// tried and slower: every 2nd / 4th adapter line or the first lines of each 4 KB page (76-79 ms),
-// demand loads instead of prefetches (73-86 ms), two adapter lines per k-step (72-76 ms).
+// Each panel also fetches, spread evenly over its k-steps (LoraPf), the A and B of the rows that
+// run right after it, so they read L2 instead of DRAM and their stream overlaps the GEMM's FMAs.
+// 30 layers of the SmolLM projections, 32 rows, 32 distinct rank-16 adapters, 2-core Zen 4 EPYC
+// (AVX-512, ~31 GB/s), alternated in one process: 56.2 -> 49.4-51.0 ms (base GEMM alone 36.3);
+// 16 rows 36.4 -> 31.0-33.8 ms. The fetch alone (no rows run) costs the GEMM 8 ms there: the
+// two streams share ~23 GB/s. Earlier, on a 2-core Xeon with AMX (~14 GB/s a core), a list of
+// the next rows' lines, one prefetch per k-step, lost to fetching nothing (70.5 vs 66.6 ms), as
+// did every 2nd / 4th line, the first line of each 4 KB page, demand loads and two lines per
+// k-step (72-86 ms); that list cost a load per line and came in bursts, where this walks a few
+// spans at the rate the rows need.
 torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                                 const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
                                 const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
@@ -521,9 +581,28 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
     const int64_t e_lo = N * lo / P, e_hi = N * hi / P;
     std::vector<float> h(GR);
     int64_t e = e_lo;
+    Lines spans[kLoraPfSpans];
+    int64_t fetched = -1;  // the slot whose spans this thread fetched last
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t target = e_lo + (e_hi - e_lo) * (p - lo + 1) / (hi - lo);
-      decode_panel(xp, ldx, M, K, wp, n, bp, p, p + 1 < hi, yp);
+      // what the entries run after this panel read: each one's A and its members' B
+      int ns = 0;
+      int64_t lines = 0;
+      auto span = [&](const float* b, int64_t floats) {
+        if (ns == kLoraPfSpans || floats <= 0) return;
+        const uintptr_t a0 = reinterpret_cast<uintptr_t>(b) & ~uintptr_t{63};
+        const uintptr_t a1 = reinterpret_cast<uintptr_t>(b + floats);
+        spans[ns++] = Lines{reinterpret_cast<const char*>(a0), static_cast<int64_t>((a1 - a0 + 63) / 64)};
+        lines += spans[ns - 1].n;
+      };
+      for (int64_t u = e; u < target && M >= kLoraPfMinRows; ++u) {
+        const int64_t s = L.slots[u], rs = L.rank(s);
+        if (rs == 0 || s == fetched) continue;  // nothing to read, or this thread just fetched it
+        fetched = s;
+        span(L.a + s * L.a_slot, L.k * L.gr);
+        for (int j = 0; j < L.g; ++j) span(L.b[j] + s * L.b_slot[j], rs * L.out[j]);
+      }
+      decode_panel_lora(xp, ldx, M, K, wp, n, bp, p, p + 1 < hi, spans, ns, lines, yp);
       for (; e < target; ++e) lora_unit(L, e, h.data());
     }
   });
