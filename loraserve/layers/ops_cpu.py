@@ -24,7 +24,11 @@ on 32 adapters 133.9 -> 119.4 ms against 120.4 two-pass). Engine decode step, 32
 adapters: 119.3 -> 111.3 ms (AVX-512 build), 148.5 -> 132.7 ms (AVX2). The list once measured
 faster on another host (one Sapphire Rapids core, 1 thread: 131-136 against 148 ms two-pass; a
 2-core Zen 5 EPYC: 0.70 of base fused against 0.66 two-pass end to end, bench/kernel_builds.py);
-not re-measured there without it.
+not re-measured there without it. Since session 25, from 20 rows, each panel again fetches the
+A and B of the rows that run right after it, but as a few spans walked at the rate those rows
+need, spread over the panel's k-steps (csrc/gemm_cpu.cpp `LoraPf`), not a list of lines in
+bursts: on a 2-core Zen 4 EPYC, 32 rows on 32 adapters 57.7-59.8 -> 53.9-54.8 ms (AVX-512) and
+54.2 -> 49.1 ms (AVX2), one adapter level; the Xeon was not there to measure it on.
 `LORASERVE_FUSED_LORA=0` keeps the two separate passes (for comparisons).
 """
 
