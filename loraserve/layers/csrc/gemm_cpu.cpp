@@ -46,6 +46,11 @@ struct Tile {
   int64_t k;
   const float* bias;  // this panel's 32 entries of the bias, or null
   int64_t cols;       // columns that exist (the last panel may be partial)
+
+  // panel p of w [P, K, 32] (covering n columns) and its share of the bias, if any
+  static Tile of(const float* w, int64_t K, const float* bias, int64_t n, int64_t p) {
+    return Tile{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+  }
 };
 
 #if LORASERVE_SIMD
@@ -397,7 +402,7 @@ static void check_panel_args(const torch::Tensor& x, const torch::Tensor& w, int
 // fetching panel p + 1 meanwhile when the same thread takes it next
 static void decode_panel(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
                          const float* bias, int64_t p, bool next, float* y) {
-  const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+  const Tile t = Tile::of(w, K, bias, n, p);
   if (M >= kSpanPfMinRows && next) {
     SpanPf pf = SpanPf::panel(w + (p + 1) * K * kNR, K);
     panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
@@ -407,12 +412,12 @@ static void decode_panel(const float* x, int64_t ldx, int64_t M, int64_t K, cons
 }
 
 // decode_panel for the fused pass: also fetches the adapter rows' spans (`lines` lines in all),
-// spread evenly over the panel's k-steps
+// spread evenly over the panel's k-steps; the caller gives spans only from kLoraPfMinRows rows
 static void decode_panel_lora(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
                               const float* bias, int64_t p, bool next, const Lines* spans, int nspans,
                               int64_t lines, float* y) {
-  if (M < kLoraPfMinRows || nspans == 0) return decode_panel(x, ldx, M, K, w, n, bias, p, next, y);
-  const Tile t{w + p * K * kNR, K, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+  if (nspans == 0) return decode_panel(x, ldx, M, K, w, n, bias, p, next, y);
+  const Tile t = Tile::of(w, K, bias, n, p);
   LoraPf pf;
   if (next) pf.panel = SpanPf::panel(w + (p + 1) * K * kNR, K);
   pf.next = spans;
@@ -468,10 +473,7 @@ void panel_linear_out(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
         decode_panel(xp, ldx, M, K, wp, n, bp, p0, it + 1 < hi, yp);
       } else {
         Tile tiles[kPanelsPerItem];
-        for (int64_t q = 0; q < np; ++q) {
-          const int64_t p = p0 + q;
-          tiles[q] = Tile{wp + p * K * kNR, K, bp ? bp + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
-        }
+        for (int64_t q = 0; q < np; ++q) tiles[q] = Tile::of(wp, K, bp, n, p0 + q);
         panel_rows(xp + r0 * ldx, ldx, tiles, np, rows, yp + r0 * n + p0 * kNR, n);
       }
       if (after) (*after)(r0, rows, p0 * kNR, std::min(n, (p0 + np) * kNR));
@@ -583,6 +585,7 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
     int64_t e = e_lo;
     Lines spans[kLoraPfSpans];
     int64_t fetched = -1;  // the slot whose spans this thread fetched last
+    const bool fetch = M >= kLoraPfMinRows;
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t target = e_lo + (e_hi - e_lo) * (p - lo + 1) / (hi - lo);
       // what the entries run after this panel read: each one's A and its members' B
@@ -595,7 +598,7 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
         spans[ns++] = Lines{reinterpret_cast<const char*>(a0), static_cast<int64_t>((a1 - a0 + 63) / 64)};
         lines += spans[ns - 1].n;
       };
-      for (int64_t u = e; u < target && M >= kLoraPfMinRows; ++u) {
+      for (int64_t u = e; u < target && fetch; ++u) {
         const int64_t s = L.slots[u], rs = L.rank(s);
         if (rs == 0 || s == fetched) continue;  // nothing to read, or this thread just fetched it
         fetched = s;
