@@ -13,7 +13,7 @@ the way a server selects them, by `LORASERVE_NATIVE_MARCH` in the runner's envir
 
 `--threads` sets the runners' OMP_NUM_THREADS (pin the whole run with `taskset` for quiet figures);
 `--fused-lora both` runs ours twice per build, with the fused base + LoRA decode pass
-(csrc/gemm_cpu.cpp `panel_lora_linear`) and with the two separate passes (`ours-<isa>-2pass`);
+(csrc/gemm_lora_cpu.cpp `panel_lora_linear`) and with the two separate passes (`ours-<isa>-2pass`);
 `--adapter-dtype both` adds ours with bf16 LoRA tables over the same fp32 model
 (`ours-<isa>-bf16lora`, `--adapter-dtype bfloat16` of the server): the workload's targets are
 for fp32 tables, whose bytes bound the distinct-adapter run on hosts with little bandwidth per core,

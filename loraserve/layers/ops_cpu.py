@@ -26,7 +26,7 @@ faster on another host (one Sapphire Rapids core, 1 thread: 131-136 against 148 
 2-core Zen 5 EPYC: 0.70 of base fused against 0.66 two-pass end to end, bench/kernel_builds.py);
 not re-measured there without it. Since session 25, from 20 rows, each panel again fetches the
 A and B of the rows that run right after it, but as a few spans walked at the rate those rows
-need, spread over the panel's k-steps (csrc/gemm_cpu.cpp `LoraPf`), not a list of lines in
+need, spread over the panel's k-steps (csrc/gemm_lora_cpu.cpp `LoraPf`), not a list of lines in
 bursts: on a 2-core Zen 4 EPYC, 32 rows on 32 adapters 57.7-59.8 -> 53.9-54.8 ms (AVX-512) and
 54.2 -> 49.1 ms (AVX2), one adapter level; the Xeon was not there to measure it on.
 `LORASERVE_FUSED_LORA=0` keeps the two separate passes (for comparisons).
@@ -48,7 +48,7 @@ from loraserve.layers.lora import LoraBatch
 from loraserve.layers.native_cpu import env_on
 from loraserve.layers.ops import TorchOps
 
-# `panel_lora_linear` (csrc/gemm_cpu.cpp) takes decode-sized inputs: one chunk of rows, whose
+# `panel_lora_linear` (csrc/gemm_lora_cpu.cpp) takes decode-sized inputs: one chunk of rows, whose
 # LoRA rows run between the panels; bigger inputs (prefills) take `panel_linear_lora_rows`
 # (csrc/lora_cpu.cpp), the GEMM with each work item's deltas added while it is in cache.
 FUSED_LORA_MAX_ROWS = 96

@@ -58,7 +58,7 @@ constexpr int64_t kPrefetch = 4096;
 constexpr _mm_hint kPrefetchHint = _MM_HINT_T1;
 
 // Several rows: the first register block of each panel also fetches the next panel into L2,
-// one line per k-step (two per bf16 k-pair), as gemm_cpu.cpp's SpanPf: without it each panel's
+// one line per k-step (two per bf16 k-pair), as panel_kernels.h's SpanPf: without it each panel's
 // first block waited on DRAM. Same 30 layers, AVX2 build: int8 2 / 4 / 8 rows 13-15 / 13.3 / 20.0
 // -> 6.5 / 10.1 / 17.1 ms; bf16 11.4 / 15.0 / 21.8 -> 10.4 / 13.6 / 20.2 ms; AVX-512 bf16 2 / 4
 // rows 11.5 / 13.4 -> 9.8 / 10.7 ms.
@@ -142,7 +142,7 @@ LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& 
   const char* const nx = t.next;
   const int64_t nb = t.next_bytes;
   int64_t at = 0;
-#pragma GCC unroll 4  // as gemm_cpu.cpp's block: the loop's own uops were a fifth of it
+#pragma GCC unroll 4  // as panel_kernels.h's block: the loop's own uops were a fifth of it
   for (int64_t k = 0; k < K; ++k) {
     prefetch_next(nx, nb, at);
     V wv[NV];
@@ -344,7 +344,7 @@ void dequant_panel(bool bf16, const Panel& t, float* __restrict__ out) {
   }
 }
 
-// MR rows x NV registers of an fp32 panel [K, 32] from column c0 (gemm_cpu.cpp's register block)
+// MR rows x NV registers of an fp32 panel [K, 32] from column c0 (panel_kernels.h's register block)
 template <int MR, int NV>
 void f32_block(const float* __restrict__ x, int64_t ldx, const float* __restrict__ w, const Panel& t, int64_t c0,
                float* __restrict__ y, int64_t ldy) {

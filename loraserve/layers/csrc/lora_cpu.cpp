@@ -98,7 +98,7 @@ void row_kernel(const Group<T>& g, const float* xr, int64_t slot, int64_t row, f
 // TB tokens of one slot (prefill segments, drafts): each chunk of NV registers' columns of A
 // and B is read once for all TB tokens while their TB x NV partial sums stay in registers, so
 // the thin rank-R matmuls run at compute speed instead of one token's memory speed. The block
-// is the panel GEMM's (gemm_cpu.cpp): 12 x 2 registers with AVX-512, 6 x 2 with AVX2 (12
+// is the panel GEMM's (panel_kernels.h): 12 x 2 registers with AVX-512, 6 x 2 with AVX2 (12
 // accumulators, 2 weights, 1 broadcast); it replaced 8 tokens x 1 register, which needed a
 // broadcast per FMA (32 segments of 128 tokens, one layer's four groups in cache, AVX2 build:
 // 82 -> 95-141 GFLOP/s; AVX-512 97 -> 167). A chunk past a member's loaded rank or an output's width is masked. Without

@@ -1,6 +1,6 @@
 // One decode row's LoRA: h = x @ A (shrink), then y (+)= h @ B (expand), for an fp32 or a bf16
 // slot table (bf16 widened in registers, widen.h), shared by `lora_rows` (lora_cpu.cpp) and the
-// fused decode pass `panel_lora_linear` (gemm_cpu.cpp).
+// fused decode pass `panel_lora_linear` (gemm_lora_cpu.cpp).
 //
 // Why register accumulators: a row reads each value of A and B once, so the row should be a
 // plain memory stream. Accumulating the shrink in memory (h[c] += x[i] * A[i, c], i outer), as the
