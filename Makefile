@@ -77,6 +77,7 @@ run-real: install $(VENV)/.installed-smollm2
 bench: $(VENV)/.installed-test
 	$(PY) -m bench.run_all
 	$(PY) -m bench.kernel_builds --repeats 1
+	$(PY) -m bench.adapter_decode
 	$(PY) -m bench.lowp
 	$(PY) -m bench.lowp --shape tinyllama --rounds 1 --requests 8 --new-tokens 32
 	$(PY) -m bench.lowp_quality

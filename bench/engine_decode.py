@@ -7,7 +7,10 @@ llama-bench is), so each reading gets a fresh process with the same thread setti
 memory is gone before the servers are measured again.
 
     python -m bench.engine_decode --model M.gguf [--threads 2] [--dtype bfloat16] [--quantize int8]
-        [--prompt-tokens 128] [--new-tokens 64] [--reps 3] [--seed 0]
+        [--prompt-tokens 128] [--new-tokens 64] [--reps 3] [--seed 0] [--adapter DIR]
+
+`--adapter` decodes under that PEFT LoRA (a request's own adapter, as a server would run it), so
+one request's adapter cost reads against the base run beside it.
 
 Prints one JSON line: {"decode_tok_s": median over reps, "runs": [...], "step_ms": median step,
 "bandwidth_gbs": read bandwidth measured in this process just before and just after the reps (the
@@ -36,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adapter", default=None, help="a PEFT LoRA directory every rep decodes under")
     args = ap.parse_args(argv)
 
     from bench.roofline import measure_bandwidth_gbs
+    from loraserve.adapters.peft_format import parse_peft_adapter
     from loraserve.engine.engine import Engine, EngineConfig
     from loraserve.engine.params import SamplingParams
     from loraserve.models.source import DEFAULT_MODEL_CACHE, resolve_model
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_total_tokens=args.prompt_tokens + args.new_tokens + 64,
     )
     engine = Engine.from_pretrained(path, cfg)
+    adapter = parse_peft_adapter(args.adapter, key=args.adapter) if args.adapter else None
     rng = random.Random(args.seed)
     vocab = engine.runner.mc.vocab_size
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos_token=True)
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.reps + 1):  # the first one warms up
         if rep == 1:
             bandwidth.append(measure_bandwidth_gbs())
-        engine.add_request([rng.randrange(100, vocab) for _ in range(args.prompt_tokens)], params)
+        engine.add_request([rng.randrange(100, vocab) for _ in range(args.prompt_tokens)], params, adapter)
         marks: list[float] = []
         while engine.has_unfinished():
             t0 = time.perf_counter()

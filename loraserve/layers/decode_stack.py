@@ -17,10 +17,15 @@ build): int8 186 vs 169 tok/s, bf16 86 vs 79, fp32 47 vs 45; with an adapter on 
 Steps of up to 4 rows then run in one parallel region (the native `run_region`;
 `LORASERVE_DECODE_REGION=0` keeps the per-kernel path): the threads split each projection's
 panels and attention's items themselves, keep their own copy of the residual stream and its
-norms, and run SwiGLU on their own columns; one thread adds adapter rows' deltas as the
-per-kernel path does. Same model, alternated with the per-kernel path, bit for bit the same
-tokens: the 30 layers' int8 step 2.41 vs 2.91 ms (4.76 vs 5.34 at a 2,000-token context); engine
-batch-1 int8 231 vs 208 tok/s, bf16 165 vs 149, int8 with an adapter 180 vs 172.
+norms, and run SwiGLU on their own columns. Same model, alternated with the per-kernel path, bit
+for bit the same tokens: the 30 layers' int8 step 2.41 vs 2.91 ms (4.76 vs 5.34 at a 2,000-token
+context); engine batch-1 int8 231 vs 208 tok/s, bf16 165 vs 149, int8 with an adapter 180 vs 172.
+Adapter rows' deltas are split over the threads too (csrc/region_lora.h: each thread runs one of
+the two chains of sums a row's shrink already keeps, then the deltas of its own columns), where
+one thread used to add them while the others waited (`LORASERVE_REGION_LORA_SPLIT=0` keeps that):
+batch-1 with the demo's rank-8 adapter, alternated rep by rep (bench/adapter_decode.py, 2-core
+Zen 4, AVX-512 / AVX2 build), int8 165 -> 173 / 172 -> 182 tok/s (base 199 / 208), bf16 115 -> 118
+/ 97 -> 102, fp32 level (70 / 54-56).
 """
 
 from __future__ import annotations

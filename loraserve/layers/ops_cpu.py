@@ -56,6 +56,8 @@ FUSED_LORA_MAX_MEMBERS = 4
 ENV_FUSED_LORA = "LORASERVE_FUSED_LORA"  # "0": always the two separate passes (for comparisons)
 # "0": the decode stack never runs a step in one parallel region (for comparisons)
 ENV_DECODE_REGION = "LORASERVE_DECODE_REGION"
+# "0": the region's threads do not split adapter rows; one adds them (for comparisons)
+ENV_REGION_LORA_SPLIT = "LORASERVE_REGION_LORA_SPLIT"
 
 
 class CpuNativeOps(TorchOps):
@@ -237,6 +239,7 @@ class CpuNativeOps(TorchOps):
         fused_rows = FUSED_LORA_MAX_ROWS if self.fused_lora else 0
         native = self.kernels.DecodeStack(eps, self.bf16_activations, fused_rows, FUSED_LORA_MAX_MEMBERS)
         native.set_region(env_on(ENV_DECODE_REGION))
+        native.set_lora_split(env_on(ENV_REGION_LORA_SPLIT))
         for spec in layers:
             args: list[object] = []
             for p in spec.projections:

@@ -19,7 +19,7 @@ from loraserve.layers.ops_cpu import ENV_DECODE_REGION, ENV_FUSED_LORA
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.engines import cpu_engine
 from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
-from tests.fixtures.tiny_models import make_tiny_model
+from tests.fixtures.tiny_models import make_peft_adapter, make_tiny_model
 
 PROMPTS = [[1, 17, 33, 90, 5, 61, 7], [1, 200, 3, 44], [1, 9, 9, 9, 120, 77, 31, 18, 250, 11, 42, 5, 6]]
 NEW_TOKENS = 10
@@ -129,6 +129,54 @@ def test_adapter_rows_equal_the_python_loop(
             assert model.decode_stack.native.region_runs() == 2 * (NEW_TOKENS - 1)
         runs.append((first, second))
     assert runs[0] == runs[1]  # token ids and logprobs, exactly
+
+
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SPLIT_CASES = {  # engine flags: the fused pass's deltas (added apart), the row kernel's (onto y)
+    "fp32": {},
+    "int8": {"quantize": "int8"},
+}
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_region_threads_split_adapter_rows_bit_for_bit(
+    llama_dir: Path,
+    llama_adapters: list[Path],
+    tmp_path: Path,
+    case: str,
+    build: str,
+    monkeypatch: pytest.MonkeyPatch,
+    two_threads: object,
+) -> None:
+    """The region's threads split each projection's adapter rows (csrc/region_lora.h: one chain
+    of the shrink's sums each, then the deltas of their own columns), with the same tokens and
+    logprobs as the Python loop. A rank-32 adapter on every module gives the AVX2 build's
+    shrink a block of one chain beside blocks of two; two rows on one adapter are a block of the
+    row kernel (int8), which the split leaves to one thread, where the fused pass's rows split."""
+    native_kernel_or_skip(build)
+    if build == AVX2:
+        monkeypatch.setenv(ENV_MARCH, AVX2)
+    wide = parse_peft_adapter(
+        make_peft_adapter(llama_dir, tmp_path / "r32", r=32, target_modules=ALL_MODULES, seed=7)
+    )
+    other = parse_peft_adapter(llama_adapters[3])  # rank 8, every module
+    runs, splits = [], []
+    for stack_on in (True, False):
+        engine = cpu_engine(llama_dir, "native", max_lora_rank=32, **SPLIT_CASES[case])
+        model = engine.runner.model
+        native = model.decode_stack.native
+        if not stack_on:
+            model.decode_stack = None
+        before = native.split_runs()
+        first = greedy(engine, [wide, other, None])
+        split_first = native.split_runs() - before
+        second = greedy(engine, [wide, wide, other])
+        runs.append((first, second))
+        splits.append((split_first, native.split_runs() - before - split_first))
+    assert runs[0] == runs[1]  # token ids and logprobs, exactly
+    every = (NEW_TOKENS - 1) * 4 * len(native)  # each projection of each step
+    assert splits == [(every, every if case == "fp32" else 0), (0, 0)]
 
 
 MANY_PROMPTS = PROMPTS + [[1, 2, 3], [1, 50, 60, 70, 80], [1, 300]]  # 6 rows: past the region's 4

@@ -17,6 +17,8 @@
 #include <torch/extension.h>
 
 #include "decode_job.h"
+#include "region_lora.h"
+#include "region_sync.h"
 
 #include <omp.h>
 
@@ -61,49 +63,6 @@ void rope_decode_prepare(const torch::Tensor& qkv, int64_t hq, int64_t hkv, cons
                          double scale, std::vector<float>& q, const torch::Tensor& out, DecodeJob& job);
 void norm_row(float* xr, const float* dr, const float* wp, int64_t H, float e, float* yr);
 void silu_mul_cols(const float* g, const float* u, float* o, int64_t n);
-
-// Lines of a thread's next weight slice fetched into L2 while the thread has nothing else to do
-struct SlicePrefetch {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  void start(const char* b, int64_t bytes, int64_t budget) {
-    p = b;
-    end = b + std::min(bytes, budget);
-  }
-  void step(int lines) {
-    for (int i = 0; i < lines && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 2);
-  }
-};
-
-// A sense-reversing spin barrier whose waiters prefetch their next slice instead of only spinning
-struct SpinBarrier {
-  std::atomic<int> count{0};
-  std::atomic<int> gen{0};
-  // threads: the team's size as the region got it (OpenMP may grant fewer than asked for)
-  void wait(SlicePrefetch& pf, int threads) {
-    const int g = gen.load(std::memory_order_acquire);
-    if (count.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {
-      count.store(0, std::memory_order_relaxed);
-      gen.store(g + 1, std::memory_order_release);
-      return;
-    }
-    // after ~50 us of spinning, yield the core: with more threads than free cores (another
-    // process, an oversubscribed box) a pure spin would hold the core the last thread needs
-    for (int spins = 0; gen.load(std::memory_order_acquire) == g; ++spins) {
-      pf.step(2);
-      if (spins > 4096) {
-        std::this_thread::yield();
-      } else {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-      }
-    }
-  }
-};
-
-// thread t of T's share [begin, end) of n items: how every piece of the region splits its work
-inline std::pair<int64_t, int64_t> share(int64_t n, int t, int T) { return {n * t / T, n * (t + 1) / T}; }
 
 // a thread's buffers for the panel-range kernels, kept across the layers of a step
 struct RangeScratch {
@@ -283,8 +242,12 @@ class DecodeStack {
 
   // LORASERVE_DECODE_REGION=0 (read by the Python side): every step takes the per-kernel path
   void set_region(bool on) { region_ = on; }
+  // LORASERVE_REGION_LORA_SPLIT=0: the region adds each projection's deltas on one thread
+  void set_lora_split(bool on) { split_ = on; }
   // steps run in one parallel region so far (the tests check which path a step took)
   int64_t region_runs() const { return region_runs_.load(); }
+  // projections whose adapter rows the region's threads split so far (region_lora.h), for the tests
+  int64_t split_runs() const { return split_runs_.load(); }
 
  private:
   // The same step in one parallel region. Each projection's panels split over the threads as the
@@ -293,8 +256,10 @@ class DecodeStack {
   // (the same arithmetic on the same inputs, so the copies agree bit for bit); attention's items
   // (decode_job.h) split over the threads after one of them rotates q/k and stores the new K/V.
   // A barrier wherever a thread reads what others wrote: six a layer, and with adapter rows four
-  // more, around each projection's deltas, which one thread adds as the per-kernel path does
-  // (small at decode sizes, and their arithmetic then stays that path's). Waiting threads
+  // more, after each projection's deltas: the threads split them (region_lora.h: each runs one
+  // chain of the rows' shrink before its base panels, then adds the deltas of the columns those
+  // panels computed, with the per-kernel path's arithmetic), or where that path would sum them
+  // otherwise, one thread adds them as it does. Waiting threads
   // prefetch their share of the next projection's weights, and each thread the KV-cache lines of
   // its attention items while its q|k|v share computes. Why: the per-kernel path runs four
   // parallel regions a layer (120 a token on SmolLM2-135M), each with a start, an end barrier and
@@ -325,6 +290,22 @@ class DecodeStack {
     const int threads = static_cast<int>(at::get_num_threads());
     // how attention's items split: the same plan for every layer (one shape, one context), known
     // before the region so each thread can prefetch the cache lines of its own items
+    // each projection's adapter rows split over the threads where that keeps the per-kernel path's
+    // arithmetic (region_lora.h; else one thread adds them), and the shrink's two chains of sums
+    std::vector<region_lora::Split> splits;
+    int64_t gr_most = 0;
+    for (const DecodeLayer& l : layers_) {
+      for (const NativeLinear* g : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
+        if (!lp) break;
+        splits.push_back(split_ ? region_lora::make_split(lp->rows, lp->slots, lp->slot_rank, g->lora_a, g->lora_bs,
+                                                          g->bounds, M, g->fused(M, fused_rows_, fused_members_))
+                                : region_lora::Split{});
+        gr_most = std::max(gr_most, g->lora_a.size(2));
+      }
+    }
+    split_runs_ += std::count_if(splits.begin(), splits.end(), [](const region_lora::Split& sp) { return sp.on; });
+    const int64_t chain_floats = lp ? lp->rows.numel() * gr_most : 0;
+    std::vector<float> chains(2 * chain_floats);
     DecodeJob plan, job;
     plan.B = M, plan.Hq = layers_[0].hq, plan.Hkv = layers_[0].hkv, plan.D = layers_[0].k_cache.size(3);
     plan.BS = layers_[0].k_cache.size(1), plan.nblk = block_tables.size(1);
@@ -338,6 +319,7 @@ class DecodeStack {
     {
       const int t = omp_get_thread_num(), T = omp_get_num_threads();
       RangeScratch s;
+      region_lora::Scratch ls;
       SlicePrefetch pf;
       std::vector<float> mine;  // this thread's merge of a split attention
       // this thread's residual stream and normed input, at the same offsets from a 64-byte line as
@@ -369,6 +351,25 @@ class DecodeStack {
         }
         bar.wait(pf, T);
       };
+      // layer i's projection k's split, or null: one thread adds its deltas (serial)
+      auto split_of = [&](size_t i, int k) -> const region_lora::Split* {
+        return lp && splits[4 * i + k].on ? &splits[4 * i + k] : nullptr;
+      };
+      // chain c of every adapter row's shrink of x, by thread c % T, before the base panels
+      auto shrink = [&](const region_lora::Split* sp, const float* xin, int64_t ldx) {
+        for (int c = 0; c < 2 && sp; ++c)
+          if (c % T == t) region_lora::shrink_part(*sp, xin, ldx, c, chains.data() + c * chain_floats);
+      };
+      // the deltas onto output columns `r` of y (the ones this thread's panels computed)
+      auto add_cols = [&](const region_lora::Split& sp, const NativeLinear& g, float* yb,
+                          std::initializer_list<std::pair<int64_t, int64_t>> r) {
+        region_lora::add_cols(sp, chains.data(), chains.data() + chain_floats, yb, g.n, r.begin(),
+                              static_cast<int>(r.size()), ls);
+      };
+      auto own = [&](const NativeLinear& g) {
+        const auto [p0, p1] = share(g.w.size(0), t, T);
+        return std::pair<int64_t, int64_t>{32 * p0, std::min(g.n, 32 * p1)};
+      };
       // M rows of `cols` floats at p as a tensor (the adapter kernels take tensors)
       auto rows_of = [&](const float* p, int64_t cols) {
         return torch::from_blob(const_cast<float*>(p), {M, cols}, x.options());
@@ -377,13 +378,19 @@ class DecodeStack {
         const DecodeLayer& l = layers_[i];
         const auto [i0, i1] = share(plan.items, t, T);
         decode_job_prefetch(plan, l.k_cache.data_ptr(), l.v_cache.data_ptr(), i0, i1);
+        const region_lora::Split* sq = split_of(i, 0);
+        shrink(sq, hn, H);
         l.qkv.range(hn, H, M, H, buf[0], t, T, s);
         next_share(l.o);
         bar.wait(pf, T);
+        if (sq) {
+          add_cols(*sq, l.qkv, buf[0], {own(l.qkv)});
+          bar.wait(pf, T);  // rotary reads every column
+        }
         const int64_t width = l.hq * l.k_cache.size(3);
         if (t == 0 && !failed) {  // adapter rows, rotary, the new keys and values into the cache: one thread
           try {
-            if (lp) l.qkv.add_lora(rows_of(hn, H), out(0, l.qkv), *lp, fused_rows_, fused_members_);
+            if (lp && !sq) l.qkv.add_lora(rows_of(hn, H), out(0, l.qkv), *lp, fused_rows_, fused_members_);
             rope_decode_prepare(out(0, l.qkv), l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots, block_tables,
                                 ctx_lens, l.scale, q, attn_buf.narrow(0, 0, M * width).view({M, width}), job);
             decode_job_plan(job, T);
@@ -405,20 +412,33 @@ class DecodeStack {
           decode_job_finish(job, mine.data());
           attn = mine.data();
         }
+        const region_lora::Split* so = split_of(i, 1);
+        shrink(so, attn, width);
         l.o.range(attn, width, M, width, buf[1], t, T, s);
         // gate panels [g0, g1) and the up panels of the same columns (SwiGLU on them, below)
         const int64_t I = l.gate_up.n / 2, G = I / 32;
         const auto [g0, g1] = share(G, t, T);
         next(l.gate_up, {g0, g1});
         bar.wait(pf, T);
-        if (lp) serial([&] { l.o.add_lora(rows_of(attn, width), out(1, l.o), *lp, fused_rows_, fused_members_); });
+        if (so) {
+          add_cols(*so, l.o, buf[1], {own(l.o)});
+          bar.wait(pf, T);
+        } else if (lp) {
+          serial([&] { l.o.add_lora(rows_of(attn, width), out(1, l.o), *lp, fused_rows_, fused_members_); });
+        }
         if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm.data_ptr<float>(), H, e, hn + m * H);
+        const region_lora::Split* sg = split_of(i, 2);
+        shrink(sg, hn, H);
         l.gate_up.panels(hn, H, M, H, buf[2], g0, g1, s);
         l.gate_up.panels(hn, H, M, H, buf[2], G + g0, G + g1, s);
-        if (lp) {  // SwiGLU waits for every column's adapter delta
+        if (lp) {  // SwiGLU waits for its columns' adapter deltas (split: this thread's own)
           bar.wait(pf, T);
-          serial([&] { l.gate_up.add_lora(rows_of(hn, H), out(2, l.gate_up), *lp, fused_rows_, fused_members_); });
+          if (sg) {
+            add_cols(*sg, l.gate_up, buf[2], {{32 * g0, 32 * g1}, {I + 32 * g0, I + 32 * g1}});
+          } else {
+            serial([&] { l.gate_up.add_lora(rows_of(hn, H), out(2, l.gate_up), *lp, fused_rows_, fused_members_); });
+          }
           if (failed) break;
         }
         for (int64_t m = 0; m < M; ++m)
@@ -426,10 +446,17 @@ class DecodeStack {
                         32 * (g1 - g0));
         next_share(l.down);
         bar.wait(pf, T);
+        const region_lora::Split* sd = split_of(i, 3);
+        shrink(sd, buf[0], I);
         l.down.range(buf[0], I, M, I, buf[3], t, T, s);
         if (i + 1 < layers_.size()) next_share(layers_[i + 1].qkv);
         bar.wait(pf, T);
-        if (lp) serial([&] { l.down.add_lora(rows_of(buf[0], I), out(3, l.down), *lp, fused_rows_, fused_members_); });
+        if (sd) {
+          add_cols(*sd, l.down, buf[3], {own(l.down)});
+          bar.wait(pf, T);
+        } else if (lp) {
+          serial([&] { l.down.add_lora(rows_of(buf[0], I), out(3, l.down), *lp, fused_rows_, fused_members_); });
+        }
         if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[3] + m * H, l.next_norm.data_ptr<float>(), H, e, hn + m * H);
       }
@@ -447,8 +474,8 @@ class DecodeStack {
   double eps_;
   bool bf16_act_;
   int64_t fused_rows_, fused_members_;
-  bool region_ = true, region_ok_ = true;
-  mutable std::atomic<int64_t> region_runs_{0};
+  bool region_ = true, region_ok_ = true, split_ = true;
+  mutable std::atomic<int64_t> region_runs_{0}, split_runs_{0};
 };
 
 // module_local: the AVX2 and the host's build load side by side in one process (the tests do), and
@@ -461,7 +488,9 @@ void bind_decode_stack(pybind11::module_& m) {
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_lora", &DecodeStack::set_lora)
       .def("set_region", &DecodeStack::set_region)
+      .def("set_lora_split", &DecodeStack::set_lora_split)
       .def("region_runs", &DecodeStack::region_runs)
+      .def("split_runs", &DecodeStack::split_runs)
       .def("__len__", &DecodeStack::size)
       .def("run", &DecodeStack::run, pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("cos"),
            pybind11::arg("sin"), pybind11::arg("slots"), pybind11::arg("block_tables"), pybind11::arg("ctx_lens"),

@@ -36,12 +36,20 @@ using widen::wload;
 // a broadcast each, fit the register file: 16 AVX2 registers, 32 AVX-512 ones)
 constexpr int kSplitMaxNV = simd::W == 16 ? 8 : 6;
 
+// whether a block of NV column vectors sums its k-steps as two chains (two halves of K)
+template <int NV>
+constexpr bool kTwoChains = NV <= kSplitMaxNV;
+
 // h[0:w] = x[0:K] @ A[:, 0:w] (rows ld apart), NV vectors of columns in registers; the two halves
-// of K run side by side (two streams of A, see the top of this file)
-template <int NV, bool Full, typename T>
+// of K run side by side (two streams of A, see the top of this file), as two chains of sums that
+// are added at the end. Part 0 or 1 stores one chain's sums alone (chain 0: the first half and an
+// odd last row; a block of one chain has all of them in chain 0 and stores nothing as part 1), so
+// two threads can each run one and add_chains() gives the whole shrink's h bit for bit.
+template <int NV, bool Full, int Part, typename T>
 __attribute__((always_inline)) inline void shrink_cols(const T* __restrict__ A, int64_t ld, int64_t K, int64_t w,
                                                        const float* __restrict__ x, float* __restrict__ h) {
-  constexpr int U = NV <= kSplitMaxNV ? 2 : 1;
+  constexpr int U = kTwoChains<NV> ? 2 : 1;
+  if constexpr (Part == 1 && U == 1) return;
   simd::M m[NV];
   simd::V acc[U][NV];
 #pragma GCC unroll 8
@@ -60,12 +68,14 @@ __attribute__((always_inline)) inline void shrink_cols(const T* __restrict__ A, 
     const T* Ai1 = A1 + i * ld;
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      acc[0][v] = simd::fma(xv0, Full ? wload(Ai0 + v * simd::W) : wload(Ai0 + v * simd::W, m[v]), acc[0][v]);
-      acc[U - 1][v] =
-          simd::fma(xv1, Full ? wload(Ai1 + v * simd::W) : wload(Ai1 + v * simd::W, m[v]), acc[U - 1][v]);
+      if constexpr (Part != 1)
+        acc[0][v] = simd::fma(xv0, Full ? wload(Ai0 + v * simd::W) : wload(Ai0 + v * simd::W, m[v]), acc[0][v]);
+      if constexpr (Part != 0)
+        acc[U - 1][v] =
+            simd::fma(xv1, Full ? wload(Ai1 + v * simd::W) : wload(Ai1 + v * simd::W, m[v]), acc[U - 1][v]);
     }
   }
-  for (int64_t i = 2 * half; i < K; ++i) {
+  for (int64_t i = 2 * half; i < K && Part != 1; ++i) {
     const simd::V xv = simd::set1(x[i]);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
@@ -74,8 +84,8 @@ __attribute__((always_inline)) inline void shrink_cols(const T* __restrict__ A, 
   }
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
-    simd::V t = acc[0][v];
-    if constexpr (U == 2) t = simd::add(t, acc[1][v]);
+    simd::V t = acc[Part == 1 ? U - 1 : 0][v];
+    if constexpr (U == 2 && Part < 0) t = simd::add(t, acc[1][v]);
     if (Full) {
       simd::store(h + v * simd::W, t);
     } else {
@@ -84,23 +94,34 @@ __attribute__((always_inline)) inline void shrink_cols(const T* __restrict__ A, 
   }
 }
 
-template <int NV, typename T>
+template <int NV, int Part, typename T>
 void shrink_any(const T* A, int64_t ld, int64_t K, int64_t w, const float* x, float* h) {
   if constexpr (NV > 1) {
-    if (w <= (NV - 1) * simd::W) return shrink_any<NV - 1>(A, ld, K, w, x, h);
+    if (w <= (NV - 1) * simd::W) return shrink_any<NV - 1, Part>(A, ld, K, w, x, h);
   }
   if (w == NV * simd::W) {
-    shrink_cols<NV, true>(A, ld, K, w, x, h);
+    shrink_cols<NV, true, Part>(A, ld, K, w, x, h);
   } else {
-    shrink_cols<NV, false>(A, ld, K, w, x, h);
+    shrink_cols<NV, false, Part>(A, ld, K, w, x, h);
   }
 }
 
-// h[0:w] = x @ A[:, 0:w] for any w, 8 vectors of columns at a time
-template <typename T>
+constexpr int64_t kShrinkCols = 8 * simd::W;  // columns a shrink block holds in registers at most
+
+// h[0:w] = x @ A[:, 0:w] for any w, 8 vectors of columns at a time (Part: shrink_cols)
+template <typename T, int Part = -1>
 void shrink(const T* A, int64_t ld, int64_t K, int64_t w, const float* x, float* h) {
-  constexpr int64_t kG = 8 * simd::W;
-  for (int64_t c0 = 0; c0 < w; c0 += kG) shrink_any<8>(A + c0, ld, K, std::min(kG, w - c0), x, h + c0);
+  for (int64_t c0 = 0; c0 < w; c0 += kShrinkCols)
+    shrink_any<8, Part>(A + c0, ld, K, std::min(kShrinkCols, w - c0), x, h + c0);
+}
+
+// h[0:w] = the whole shrink from its two chains' sums (shrink<T, 0> into h0, shrink<T, 1> into
+// h1), added as shrink_cols adds them: a block of one chain is h0's alone
+inline void add_chains(int64_t w, const float* h0, const float* h1, float* h) {
+  for (int64_t c0 = 0; c0 < w; c0 += kShrinkCols) {
+    const int64_t cw = std::min(kShrinkCols, w - c0), nv = (cw + simd::W - 1) / simd::W;
+    for (int64_t c = c0; c < c0 + cw; ++c) h[c] = nv <= kSplitMaxNV ? h0[c] + h1[c] : h0[c];
+  }
 }
 
 // f(c0, width) for each run of columns of a [K, G*R] block of G members' A that holds a slot's
@@ -114,10 +135,16 @@ void member_runs(int64_t R, int64_t G, int64_t rs, const F& f) {
   }
 }
 
-// h[j*R : j*R + rs] = x @ A[:, j*R : j*R + rs] for each of the G members (member_runs)
-template <typename T>
+// h[j*R : j*R + rs] = x @ A[:, j*R : j*R + rs] for each of the G members (member_runs); Part 0 / 1:
+// one chain's sums (shrink_cols), which add_member_chains adds
+template <typename T, int Part = -1>
 void shrink_members(const T* A, int64_t K, int64_t R, int64_t G, int64_t rs, const float* x, float* h) {
-  member_runs(R, G, rs, [&](int64_t c0, int64_t w) { shrink(A + c0, G * R, K, w, x, h + c0); });
+  member_runs(R, G, rs, [&](int64_t c0, int64_t w) { shrink<T, Part>(A + c0, G * R, K, w, x, h + c0); });
+}
+
+// shrink_members' h from its two parts' sums
+inline void add_member_chains(int64_t R, int64_t G, int64_t rs, const float* h0, const float* h1, float* h) {
+  member_runs(R, G, rs, [&](int64_t c0, int64_t w) { add_chains(w, h0 + c0, h1 + c0, h + c0); });
 }
 
 // d[0:O] (+)= h[0:rs] @ B[0:rs, 0:O] (Add: onto d's values; else d is overwritten). Rows k and
