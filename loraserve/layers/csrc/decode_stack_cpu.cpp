@@ -258,10 +258,10 @@ class DecodeStack {
   // A barrier wherever a thread reads what others wrote: six a layer, and with adapter rows four
   // more, after each projection's deltas: the threads split them (region_lora.h: each runs one
   // chain of the rows' shrink before its base panels, then adds the deltas of the columns those
-  // panels computed, with the per-kernel path's arithmetic), or where that path would sum them
-  // otherwise, one thread adds them as it does. Waiting threads
-  // prefetch their share of the next projection's weights, and each thread the KV-cache lines of
-  // its attention items while its q|k|v share computes. Why: the per-kernel path runs four
+  // panels computed, with the per-kernel path's arithmetic), or, where that path would sum them
+  // otherwise, one thread adds them as it does. Waiting threads prefetch their share of the next
+  // projection's weights, and each thread the KV-cache lines of its attention items while its
+  // q|k|v share computes. Why: the per-kernel path runs four
   // parallel regions a layer (120 a token on SmolLM2-135M), each with a start, an end barrier and
   // a cold start of the weight stream, and its serial norm and SwiGLU read their inputs from the
   // other core's cache with the memory bus idle.
@@ -288,17 +288,18 @@ class DecodeStack {
     std::exception_ptr err;
     bool failed = false;
     const int threads = static_cast<int>(at::get_num_threads());
-    // how attention's items split: the same plan for every layer (one shape, one context), known
-    // before the region so each thread can prefetch the cache lines of its own items
     // each projection's adapter rows split over the threads where that keeps the per-kernel path's
     // arithmetic (region_lora.h; else one thread adds them), and the shrink's two chains of sums
     std::vector<region_lora::Split> splits;
     int64_t gr_most = 0;
     for (const DecodeLayer& l : layers_) {
-      for (const NativeLinear* g : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
-        if (!lp) break;
+      const int64_t ins[4] = {H, l.hq * l.k_cache.size(3), H, l.gate_up.n / 2};  // each projection's inputs
+      const NativeLinear* gs[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
+      for (int k = 0; k < 4 && lp != nullptr; ++k) {
+        const NativeLinear* g = gs[k];
+        const bool deltas = g->fused(M, fused_rows_, fused_members_);
         splits.push_back(split_ ? region_lora::make_split(lp->rows, lp->slots, lp->slot_rank, g->lora_a, g->lora_bs,
-                                                          g->bounds, M, g->fused(M, fused_rows_, fused_members_))
+                                                          g->bounds, M, ins[k], deltas)
                                 : region_lora::Split{});
         gr_most = std::max(gr_most, g->lora_a.size(2));
       }
@@ -306,6 +307,8 @@ class DecodeStack {
     split_runs_ += std::count_if(splits.begin(), splits.end(), [](const region_lora::Split& sp) { return sp.on; });
     const int64_t chain_floats = lp ? lp->rows.numel() * gr_most : 0;
     std::vector<float> chains(2 * chain_floats);
+    // how attention's items split: the same plan for every layer (one shape, one context), known
+    // before the region so each thread can prefetch the cache lines of its own items
     DecodeJob plan, job;
     plan.B = M, plan.Hq = layers_[0].hq, plan.Hkv = layers_[0].hkv, plan.D = layers_[0].k_cache.size(3);
     plan.BS = layers_[0].k_cache.size(1), plan.nblk = block_tables.size(1);

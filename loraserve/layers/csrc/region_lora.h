@@ -56,19 +56,19 @@ struct Scratch {
 
 // The split of a projection, or off where it would not be bit for bit the per-kernel path's:
 // lora_rows runs consecutive rows of one slot as a block (other sums), so those stay on one thread.
-// `a`, `bs`: the group's table views; `bounds`: each member's output columns; `deltas`: whether
-// the per-kernel path takes the fused pass for these rows.
+// `a`, `bs`: the group's table views; `bounds`: each member's output columns; M rows of K inputs;
+// `deltas`: whether the per-kernel path takes the fused pass for these rows.
 inline Split make_split(const torch::Tensor& rows, const torch::Tensor& slots,
                         const std::optional<torch::Tensor>& slot_rank, const torch::Tensor& a,
                         const std::vector<torch::Tensor>& bs, const std::vector<std::pair<int64_t, int64_t>>& bounds,
-                        int64_t M, bool deltas) {
+                        int64_t M, int64_t K, bool deltas) {
   Split s;
   if (!LORASERVE_SIMD) return s;  // the portable build: one thread, lora_rows' scalar loops
   const int64_t G = static_cast<int64_t>(bs.size()), N = rows.numel();
   const bool table = (a.scalar_type() == torch::kFloat32 || a.scalar_type() == torch::kBFloat16) && slot_matrices(a);
-  if (G == 0 || G > kMaxMembers || !table || a.size(2) % G != 0 || rows.scalar_type() != torch::kInt64 ||
-      slots.scalar_type() != torch::kInt64 || !rows.is_contiguous() || !slots.is_contiguous() ||
-      slots.numel() != N || static_cast<int64_t>(bounds.size()) != G)
+  if (G == 0 || G > kMaxMembers || !table || a.size(1) != K || a.size(2) % G != 0 ||
+      rows.scalar_type() != torch::kInt64 || slots.scalar_type() != torch::kInt64 || !rows.is_contiguous() ||
+      !slots.is_contiguous() || slots.numel() != N || static_cast<int64_t>(bounds.size()) != G)
     return s;  // anything unusual: the per-kernel call, which checks and says why
   s.rows = rows.data_ptr<int64_t>(), s.slots = slots.data_ptr<int64_t>(), s.N = N;
   const int64_t S = a.size(0);
