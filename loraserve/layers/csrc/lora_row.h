@@ -36,9 +36,9 @@ using widen::wload;
 // a broadcast each, fit the register file: 16 AVX2 registers, 32 AVX-512 ones)
 constexpr int kSplitMaxNV = simd::W == 16 ? 8 : 6;
 
-// whether a block of NV column vectors sums its k-steps as two chains (two halves of K)
-template <int NV>
-constexpr bool kTwoChains = NV <= kSplitMaxNV;
+// whether a block of nv column vectors sums its k-steps as two chains (two halves of K): the one
+// rule shrink_cols runs by and add_chains adds by
+constexpr bool two_chains(int64_t nv) { return nv <= kSplitMaxNV; }
 
 // h[0:w] = x[0:K] @ A[:, 0:w] (rows ld apart), NV vectors of columns in registers; the two halves
 // of K run side by side (two streams of A, see the top of this file), as two chains of sums that
@@ -48,7 +48,7 @@ constexpr bool kTwoChains = NV <= kSplitMaxNV;
 template <int NV, bool Full, int Part, typename T>
 __attribute__((always_inline)) inline void shrink_cols(const T* __restrict__ A, int64_t ld, int64_t K, int64_t w,
                                                        const float* __restrict__ x, float* __restrict__ h) {
-  constexpr int U = kTwoChains<NV> ? 2 : 1;
+  constexpr int U = two_chains(NV) ? 2 : 1;
   if constexpr (Part == 1 && U == 1) return;
   simd::M m[NV];
   simd::V acc[U][NV];
@@ -120,7 +120,7 @@ void shrink(const T* A, int64_t ld, int64_t K, int64_t w, const float* x, float*
 inline void add_chains(int64_t w, const float* h0, const float* h1, float* h) {
   for (int64_t c0 = 0; c0 < w; c0 += kShrinkCols) {
     const int64_t cw = std::min(kShrinkCols, w - c0), nv = (cw + simd::W - 1) / simd::W;
-    for (int64_t c = c0; c < c0 + cw; ++c) h[c] = nv <= kSplitMaxNV ? h0[c] + h1[c] : h0[c];
+    for (int64_t c = c0; c < c0 + cw; ++c) h[c] = two_chains(nv) ? h0[c] + h1[c] : h0[c];
   }
 }
 
