@@ -108,7 +108,21 @@ def test_kernel_refuses_bad_operands_with_a_clear_error(kernel: ModuleType) -> N
         kernel.lora_rows(x.t(), rows, torch.zeros(4, dtype=torch.long), a, [b], [y])
     with pytest.raises(RuntimeError, match="float32"):
         kernel.lora_rows(x.double(), rows, torch.zeros(4, dtype=torch.long), a, [b], [y])
+    zeros = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="1 to 4 B matrices"):  # the kernels' one table check
+        kernel.lora_rows(x, rows, zeros, torch.randn(2, 8, 5), [torch.randn(2, 1, 6)] * 5, [y] * 5)
+    with pytest.raises(RuntimeError, match="one entry per slot"):
+        kernel.lora_rows(x, rows, zeros, a, [b], [y], torch.tensor([4, 4, 4]))
+    with pytest.raises(RuntimeError, match="rows/slots mismatch"):
+        kernel.lora_rows(x, rows, zeros[:3], a, [b], [y])
     assert torch.equal(y, torch.zeros(4, 6))  # refused before touching the output
+    if not kernel.panel_gemm_available():
+        return
+    w = pack_panels(torch.randn(6, 8))
+    with pytest.raises(RuntimeError, match="out of range"):  # the fused pass checks the same way
+        kernel.panel_lora_linear(x, w, 6, None, rows, torch.tensor([0, 1, 2, 0]), a, [b], None)
+    with pytest.raises(RuntimeError, match="a must be float32"):  # bf16 tables take lora_rows
+        kernel.panel_lora_linear(x, w, 6, None, rows, zeros, a.bfloat16(), [b.bfloat16()], None)
 
 
 @pytest.mark.parametrize("m", [1, 2, 11, 40])

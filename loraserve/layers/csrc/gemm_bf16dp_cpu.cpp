@@ -4,7 +4,7 @@
 // conversion of bf16 weights, which the bf16 panel layout already holds as pairs
 // (layers/quantized_linear.py). The activations are rounded to bf16 first (round to nearest even,
 // as the AMX path, oneDNN and transformers' bf16 matmuls do), so the path takes over from the same
-// row count as AMX does (kAmxMinRows): below it, the FMA kernels in gemm_lowp_cpu.cpp keep fp32
+// row count as AMX does (kAmxMinRows): below it, the FMA kernels (lowp_kernels.h) keep fp32
 // activations. int8 panels come here only when serving bf16 activations (`--dtype bfloat16
 // --quantize int8`): each panel is converted once per chunk of rows into an L2 copy, and a
 // column's scale multiplies its fp32 sum at the end.

@@ -1,7 +1,7 @@
 // int8 weight panels times fp32 activations with integer dot products (AVX512-VNNI `vpdpbusd`,
 // with AVX512-VBMI's byte permute): AMD Zen 4 and later, Intel Ice Lake and later.
 //
-// Why: the in-register path of gemm_lowp_cpu.cpp converts every int8 weight to fp32 before its
+// Why: the in-register path of lowp_kernels.h converts every int8 weight to fp32 before its
 // FMA (`vpmovsxbd` + `vcvtdq2ps` + `vfmadd` per 16 weights), so a 1-row decode GEMV tops out near
 // 94 GB/s of int8 on a Zen 5 core pair with its weights in L3 — barely above DRAM, so in a real
 // step the conversion and the line fills serialise. `vpdpbusd` multiplies 64 int8 weights by 64
@@ -46,7 +46,7 @@ constexpr int kMR = 4;       // rows of a register block: 4 rows x 3 digits x 2 
 constexpr int kDigits = 3;
 // |xi| <= kQMax keeps the top balanced digit within [-128, 127] (the three digits reach 8,355,711)
 constexpr float kQMax = 8323072.f;  // 2^23 - 2^16
-// the 1-row stream prefetches this far ahead into L2, as gemm_lowp_cpu.cpp's int8 row does (and
+// the 1-row stream prefetches this far ahead into L2, as lowp_kernels.h's int8 row does (and
 // says why L2); blocks of several rows fetch the next panel instead, two lines per k-quad:
 // 30 layers of the SmolLM projections from DRAM, 2-core Xeon with AMX: 1 row 6.4 -> 4.8-5.1 ms
 constexpr int64_t kPrefetch = 4096;

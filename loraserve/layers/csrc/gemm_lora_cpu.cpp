@@ -25,10 +25,6 @@ using namespace fp32_panel;
 
 namespace {
 
-// projections fused in one output (q/k/v: 3); outside the SIMD block because panel_lora_linear's
-// argument checks use it in every build (a portable one only refuses the call)
-constexpr int kMaxMembers = 4;
-
 #if LORASERVE_SIMD
 // fewest rows whose fused decode pass also fetches its adapter rows' A and B (LoraPf): fewer rows
 // leave the FMAs too little time to hide the extra stream (8 and 16 rows measured level, within
@@ -75,36 +71,30 @@ struct LoraPf {
   }
 };
 
+// a fused pass's adapter side: the table, its entries, and where each entry's delta goes
 struct LoraRows {
   const float* x;
   int64_t ldx;
-  const int64_t* rows;   // [N] rows of x (and y) with an adapter
-  const int64_t* slots;  // [N] their slots
-  const float* a;        // [S, K, G*R]
-  int64_t a_slot, k, gr, r;
-  int g;
-  const float* b[kMaxMembers];  // [S, R, out_j]
-  int64_t b_slot[kMaxMembers], out[kMaxMembers], off[kMaxMembers];
-  const int64_t* slot_rank;  // [S] or null
-  float* d;                  // [N, n]: each entry's delta, added to y once every panel is stored
+  slot_table::Table t;  // fp32
+  slot_table::Rows e;
+  int64_t off[slot_table::kMaxMembers];  // each member's first column of the n outputs
+  float* d;  // [N, n]: each entry's delta, added to y once every panel is stored
   int64_t n;
-
-  int64_t rank(int64_t s) const { return slot_rank ? std::clamp<int64_t>(slot_rank[s], 0, r) : r; }
 };
 
 // entry e: d[e] = the delta of its row under its slot's adapter, every member side by side
 void lora_unit(const LoraRows& L, int64_t e, float* h) {
-  const int64_t s = L.slots[e], rs = L.rank(s);
+  const slot_table::Table& t = L.t;
+  const int64_t s = L.e.slots[e], rs = t.rank(s);
   float* de = L.d + e * L.n;
   if (rs == 0) {
     std::fill(de, de + L.n, 0.f);
     return;
   }
-  const float* x = L.x + L.rows[e] * L.ldx;
-  const float* A = L.a + s * L.a_slot;
-  lora_row::shrink_members(A, L.k, L.r, int64_t{L.g}, rs, x, h);
-  for (int j = 0; j < L.g; ++j) {
-    lora_row::expand<false>(L.b[j] + s * L.b_slot[j], L.out[j], L.out[j], rs, h + j * L.r, de + L.off[j]);
+  const float* x = L.x + L.e.rows[e] * L.ldx;
+  lora_row::shrink_members(t.a_of<float>(s), t.K, t.R, t.G, rs, x, h);
+  for (int64_t j = 0; j < t.G; ++j) {
+    lora_row::expand<false>(t.b_of<float>(j, s), t.out[j], t.out[j], rs, h + j * t.R, de + L.off[j]);
   }
 }
 
@@ -124,42 +114,22 @@ void decode_panel_lora(const float* x, int64_t ldx, int64_t M, int64_t K, const 
   panel_rows(x, ldx, &t, 1, M, y + p * kNR, n, pf);
 }
 
-// The adapter rows of a fused pass, checked: x [M, K] rows, a [S, K, G*R], each member's B
+// The adapter rows of a fused pass, checked: x [M, K] rows, a [S, K, G*R] fp32, each member's B
 // [S, R, out_j] side by side over n output columns
 LoraRows lora_rows_args(const torch::Tensor& x, int64_t n, const torch::Tensor& rows, const torch::Tensor& slots,
                         const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                         const std::optional<torch::Tensor>& slot_rank) {
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, "rows/slots must be int64");
-  TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
-  TORCH_CHECK(slot_matrices(a) && a.scalar_type() == torch::kFloat32, "a must be [S, in, G*R], each slot contiguous");
-  const int64_t G = static_cast<int64_t>(bs.size()), N = rows.numel(), S = a.size(0), GR = a.size(2);
-  TORCH_CHECK(G > 0 && G <= kMaxMembers, "1 to ", kMaxMembers, " B matrices");
-  const int64_t R = GR / G;
-  TORCH_CHECK(a.size(1) == x.size(1) && R * G == GR, "a's shape does not match x or the group");
-  LoraRows L{x.data_ptr<float>(), x.stride(0), rows.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), a.data_ptr<float>(),
-             a.stride(0), x.size(1), GR, R, static_cast<int>(G), {}, {}, {}, {}, nullptr, nullptr, n};
-  if (slot_rank.has_value()) {
-    const torch::Tensor& sr = *slot_rank;
-    TORCH_CHECK(sr.device().is_cpu() && sr.scalar_type() == torch::kInt64 && sr.is_contiguous() && sr.numel() == S,
-                "slot_rank must be a contiguous CPU int64 tensor with one entry per slot");
-    L.slot_rank = sr.data_ptr<int64_t>();
-  }
+  using slot_table::OnBad;
+  TORCH_CHECK(a.scalar_type() == torch::kFloat32, "a must be float32 (bf16 tables take lora_rows)");
+  const slot_table::Table t = *slot_table::table(a, bs, slot_rank, x.size(1), OnBad::raise);
+  const slot_table::Rows e = *slot_table::rows(rows, slots, x.size(0), t.S, OnBad::raise);
+  LoraRows L{x.data_ptr<float>(), x.stride(0), t, e, {}, nullptr, n};
   int64_t off = 0;
-  for (int64_t j = 0; j < G; ++j) {
-    TORCH_CHECK(slot_matrices(bs[j]) && bs[j].scalar_type() == torch::kFloat32 && bs[j].size(0) == S &&
-                    bs[j].size(1) == R,
-                "bs[j] must be [S, R, out], each slot contiguous");
-    L.b[j] = bs[j].data_ptr<float>();
-    L.b_slot[j] = bs[j].stride(0);
-    L.out[j] = bs[j].size(2);
+  for (int64_t j = 0; j < t.G; ++j) {
     L.off[j] = off;
-    off += bs[j].size(2);
+    off += t.out[j];
   }
   TORCH_CHECK(off == n, "the B matrices cover ", off, " of ", n, " output columns");
-  for (int64_t e = 0; e < N; ++e) {
-    TORCH_CHECK(L.rows[e] >= 0 && L.rows[e] < x.size(0) && L.slots[e] >= 0 && L.slots[e] < S,
-                "row or slot out of range");
-  }
   return L;
 }
 
@@ -167,7 +137,7 @@ LoraRows lora_rows_args(const torch::Tensor& x, int64_t n, const torch::Tensor& 
 void add_deltas(const LoraRows& L, int64_t N, float* yp) {
   const int64_t n = L.n;
   for (int64_t e = 0; e < N; ++e) {
-    float* __restrict__ ye = yp + L.rows[e] * n;
+    float* __restrict__ ye = yp + L.e.rows[e] * n;
     const float* __restrict__ de = L.d + e * n;
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) ye[c] += de[c];
@@ -200,7 +170,7 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
   auto y = torch::empty({M, n}, x.options());
 #if LORASERVE_SIMD
   LoraRows L = lora_rows_args(x, n, rows, slots, a, bs, slot_rank);
-  const int64_t N = rows.numel(), GR = L.gr;
+  const int64_t N = L.e.N, GR = L.t.gr();
   if (M == 0) return y;
   auto d = torch::empty({N, n}, x.options());
   L.d = d.data_ptr<float>();
@@ -230,11 +200,11 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
         lines += spans[ns - 1].n;
       };
       for (int64_t u = e; u < target && fetch; ++u) {
-        const int64_t s = L.slots[u], rs = L.rank(s);
+        const int64_t s = L.e.slots[u], rs = L.t.rank(s);
         if (rs == 0 || s == fetched) continue;  // nothing to read, or this thread just fetched it
         fetched = s;
-        span(L.a + s * L.a_slot, L.k * L.gr);
-        for (int j = 0; j < L.g; ++j) span(L.b[j] + s * L.b_slot[j], rs * L.out[j]);
+        span(L.t.a_of<float>(s), L.t.K * GR);
+        for (int64_t j = 0; j < L.t.G; ++j) span(L.t.b_of<float>(j, s), rs * L.t.out[j]);
       }
       decode_panel_lora(xp, ldx, M, K, wp, n, bp, p, p + 1 < hi, spans, ns, lines, yp);
       for (; e < target; ++e) lora_unit(L, e, h.data());
@@ -259,10 +229,10 @@ void lora_deltas(const torch::Tensor& x, const torch::Tensor& y, const torch::Te
               "y must be a contiguous float32 [M, n] tensor");
 #if LORASERVE_SIMD
   LoraRows L = lora_rows_args(x, y.size(1), rows, slots, a, bs, slot_rank);
-  const int64_t N = rows.numel();
+  const int64_t N = L.e.N;
   auto d = torch::empty({N, y.size(1)}, x.options());
   L.d = d.data_ptr<float>();
-  std::vector<float> h(L.gr);
+  std::vector<float> h(L.t.gr());
   for (int64_t e = 0; e < N; ++e) lora_unit(L, e, h.data());
   add_deltas(L, N, y.data_ptr<float>());
 #else

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "lora_row.h"
@@ -44,47 +45,43 @@ void check_f32_rows(const torch::Tensor& t, const char* name) {
 
 template <typename T>  // the table's element: float or bf16_t
 struct Group {
-  const T* a;  // [S, in, G*R]
-  int64_t a_slot, in, gr, r;
-  std::vector<const T*> b;  // [S, R, out_j]
-  std::vector<int64_t> b_slot, out, y_row;
-  std::vector<float*> y;
-  const int64_t* slot_rank;  // [S] rank loaded per slot, or null: all R
+  slot_table::Table t;
+  std::vector<float*> y;  // member j's outputs, rows y_row[j] floats apart
+  std::vector<int64_t> y_row;
 
-  // Columns of each member's A (and rows of its B) that hold weights in `slot`: a rank-8
-  // adapter in a rank-64 table reads 1/8 of the padded bytes and does 1/8 of the work.
-  int64_t rank(int64_t slot) const { return slot_rank ? std::clamp<int64_t>(slot_rank[slot], 0, r) : r; }
+  const T* A(int64_t slot) const { return t.a_of<T>(slot); }
+  const T* B(int64_t j, int64_t slot) const { return t.b_of<T>(j, slot); }
 };
 
 // One row at a time (decodes): stream A and B sequentially, once, the output row stays in L1.
 // SIMD builds keep the shrink's columns in registers (lora_row.h says why).
 template <typename T>
 void row_kernel(const Group<T>& g, const float* xr, int64_t slot, int64_t row, float* __restrict__ h) {
-  const T* __restrict__ A = g.a + slot * g.a_slot;
-  const int64_t R = g.r, rs = g.rank(slot);
+  const T* __restrict__ A = g.A(slot);
+  const int64_t R = g.t.R, rs = g.t.rank(slot);
   if (rs == 0) return;
 #if LORASERVE_SIMD
-  lora_row::shrink_members(A, g.in, R, static_cast<int64_t>(g.b.size()), rs, xr, h);
-  for (size_t j = 0; j < g.b.size(); ++j) {
-    lora_row::expand<true>(g.b[j] + slot * g.b_slot[j], g.out[j], g.out[j], rs, h + j * R,
+  lora_row::shrink_members(A, g.t.K, R, g.t.G, rs, xr, h);
+  for (int64_t j = 0; j < g.t.G; ++j) {
+    lora_row::expand<true>(g.B(j, slot), g.t.out[j], g.t.out[j], rs, h + j * R,
                            g.y[j] + row * g.y_row[j]);
   }
 #else
-  const int64_t GR = g.gr;
+  const int64_t GR = g.t.gr();
   for (int64_t c = 0; c < GR; ++c) h[c] = 0.f;
-  for (int64_t i = 0; i < g.in; ++i) {  // the first rs columns of each member
+  for (int64_t i = 0; i < g.t.K; ++i) {  // the first rs columns of each member
     const float xv = xr[i];
-    for (size_t j = 0; j < g.b.size(); ++j) {
+    for (int64_t j = 0; j < g.t.G; ++j) {
       const T* __restrict__ Ai = A + i * GR + j * R;
       float* __restrict__ hj = h + j * R;
 #pragma omp simd
       for (int64_t c = 0; c < rs; ++c) hj[c] += xv * to_f(Ai[c]);
     }
   }
-  for (size_t j = 0; j < g.b.size(); ++j) {
-    const T* __restrict__ B = g.b[j] + slot * g.b_slot[j];
+  for (int64_t j = 0; j < g.t.G; ++j) {
+    const T* __restrict__ B = g.B(j, slot);
     float* __restrict__ y = g.y[j] + row * g.y_row[j];
-    const int64_t O = g.out[j];
+    const int64_t O = g.t.out[j];
     for (int64_t k = 0; k < rs; ++k) {
       const float hv = h[j * R + k];
       const T* __restrict__ Bk = B + k * O;
@@ -207,11 +204,11 @@ void expand_cols(const T* B, int64_t ld, int64_t rs, int64_t o0, int64_t width, 
 // h[t] = x_t @ A[slot] for TB tokens, each member's loaded rank (h rows GR apart)
 template <int TB, typename T>
 void block_shrink(const Group<T>& g, const float* const* xr, int64_t slot, float* h) {
-  const T* __restrict__ A = g.a + slot * g.a_slot;
+  const T* __restrict__ A = g.A(slot);
   constexpr int64_t kC = kNV * kW;
-  lora_row::member_runs(g.r, static_cast<int64_t>(g.b.size()), g.rank(slot), [&](int64_t start, int64_t w) {
+  lora_row::member_runs(g.t.R, g.t.G, g.t.rank(slot), [&](int64_t start, int64_t w) {
     for (int64_t c0 = start; c0 < start + w; c0 += kC) {
-      shrink_cols<TB, kNV>(A, g.gr, g.in, c0, std::min(kC, start + w - c0), xr, h, g.gr);
+      shrink_cols<TB, kNV>(A, g.t.gr(), g.t.K, c0, std::min(kC, start + w - c0), xr, h, g.t.gr());
     }
   });
 }
@@ -220,20 +217,20 @@ void block_shrink(const Group<T>& g, const float* const* xr, int64_t slot, float
 template <int TB, typename T>
 void block_expand(const Group<T>& g, int64_t j, int64_t slot, const float* h, float* const* y, int64_t o_lo,
                   int64_t o_hi) {
-  const T* __restrict__ B = g.b[j] + slot * g.b_slot[j];
+  const T* __restrict__ B = g.B(j, slot);
   constexpr int64_t kC = kNV * kW;
   for (int64_t o0 = o_lo; o0 < o_hi; o0 += kC)
-    expand_cols<TB, kNV>(B, g.out[j], g.rank(slot), o0, std::min(kC, o_hi - o0), h + j * g.r, g.gr, y);
+    expand_cols<TB, kNV>(B, g.t.out[j], g.t.rank(slot), o0, std::min(kC, o_hi - o0), h + j * g.t.R, g.t.gr(), y);
 }
 
 template <int TB, typename T>
 void block_kernel(const Group<T>& g, const float* const* xr, int64_t slot, const int64_t* rows, float* __restrict__ h) {
-  if (g.rank(slot) == 0) return;
+  if (g.t.rank(slot) == 0) return;
   block_shrink<TB>(g, xr, slot, h);
   float* y[TB];
-  for (size_t j = 0; j < g.b.size(); ++j) {
+  for (int64_t j = 0; j < g.t.G; ++j) {
     for (int t = 0; t < TB; ++t) y[t] = g.y[j] + rows[t] * g.y_row[j];
-    block_expand<TB>(g, static_cast<int64_t>(j), slot, h, y, 0, g.out[j]);
+    block_expand<TB>(g, static_cast<int64_t>(j), slot, h, y, 0, g.t.out[j]);
   }
 }
 
@@ -244,7 +241,7 @@ void dispatch_shrink(int tb, const Group<T>& g, const float* const* xr, int64_t 
     if (tb < TB) return dispatch_shrink<TB - 1>(tb, g, xr, slot, h);
     block_shrink<TB>(g, xr, slot, h);
   } else {
-    lora_row::shrink_members(g.a + slot * g.a_slot, g.in, g.r, static_cast<int64_t>(g.b.size()), g.rank(slot), xr[0],
+    lora_row::shrink_members(g.A(slot), g.t.K, g.t.R, g.t.G, g.t.rank(slot), xr[0],
                              h);
   }
 }
@@ -275,47 +272,13 @@ void dispatch_block(int tb, const Group<T>& g, const float* const* xr, int64_t s
   }
 }
 
-// The checked adapter side of a call: x [M, K] rows, a [S, K, G*R], each member's B [S, R, out_j]
-// (outputs left for the caller to add)
-template <typename T>
-Group<T> make_group(const torch::Tensor& x, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                    const std::optional<torch::Tensor>& slot_rank) {
-  const int64_t G = static_cast<int64_t>(bs.size());
-  TORCH_CHECK(G > 0, "at least one B matrix");
-  const int64_t K = x.size(1), GR = a.size(2), S = a.size(0), R = GR / G;
-  TORCH_CHECK(a.size(1) == K && R * G == GR, "a's shape does not match x or the group");
-  Group<T> g{static_cast<const T*>(a.data_ptr()), a.stride(0), K, GR, R, {}, {}, {}, {}, {}, nullptr};
-  if (slot_rank.has_value()) {
-    const torch::Tensor& sr = *slot_rank;
-    TORCH_CHECK(sr.device().is_cpu() && sr.scalar_type() == torch::kInt64 && sr.is_contiguous() && sr.numel() == S,
-                "slot_rank must be a contiguous CPU int64 tensor with one entry per slot");
-    g.slot_rank = sr.data_ptr<int64_t>();
-  }
-  for (int64_t j = 0; j < G; ++j) {
-    TORCH_CHECK(slot_matrices(bs[j]) && bs[j].scalar_type() == a.scalar_type() && bs[j].size(0) == S &&
-                    bs[j].size(1) == R,
-                "bs[j] must be [S, R, out], each slot contiguous, in a's dtype");
-    g.b.push_back(static_cast<const T*>(bs[j].data_ptr()));
-    g.b_slot.push_back(bs[j].stride(0));
-    g.out.push_back(bs[j].size(2));
-  }
-  return g;
-}
-
-// rows/slots checked against x's rows and the table's S slots; the blocks: runs of one slot, at
-// most kBlock long (starts, then N)
-std::vector<int64_t> slot_runs(const torch::Tensor& rows, const torch::Tensor& slots, int64_t M, int64_t S) {
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, "rows/slots must be int64");
-  TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots mismatch");
-  const int64_t N = rows.numel();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
+// the entries' blocks: runs of one slot, at most kBlock long (starts, then N)
+std::vector<int64_t> slot_runs(const slot_table::Rows& e) {
   std::vector<int64_t> starts;
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(rp[n] >= 0 && rp[n] < M && sp[n] >= 0 && sp[n] < S, "row or slot out of range");
-    if (n == 0 || sp[n] != sp[n - 1] || n - starts.back() == kBlock) starts.push_back(n);
+  for (int64_t n = 0; n < e.N; ++n) {
+    if (n == 0 || e.slots[n] != e.slots[n - 1] || n - starts.back() == kBlock) starts.push_back(n);
   }
-  starts.push_back(N);
+  starts.push_back(e.N);
   return starts;
 }
 
@@ -325,7 +288,7 @@ void run_blocks(const Group<T>& g, const float* xp, int64_t x_row, const int64_t
                 const std::vector<int64_t>& starts) {
   const int64_t nblocks = static_cast<int64_t>(starts.size()) - 1;
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> hbuf(kBlock * g.gr);
+    std::vector<float> hbuf(kBlock * g.t.gr());
     const float* xr[kBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = starts[blk];
@@ -337,45 +300,41 @@ void run_blocks(const Group<T>& g, const float* xp, int64_t x_row, const int64_t
 }
 
 template <typename T>
-void run_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& a,
-              const std::vector<torch::Tensor>& bs, const std::vector<torch::Tensor>& ys,
-              const std::optional<torch::Tensor>& slot_rank) {
-  Group<T> g = make_group<T>(x, a, bs, slot_rank);
-  TORCH_CHECK(ys.size() == bs.size(), "one output per B matrix");
-  for (size_t j = 0; j < bs.size(); ++j) {
+void run_rows(const torch::Tensor& x, const slot_table::Table& t, const slot_table::Rows& e,
+              const std::vector<torch::Tensor>& ys) {
+  Group<T> g{t, {}, {}};
+  TORCH_CHECK(static_cast<int64_t>(ys.size()) == t.G, "one output per B matrix");
+  for (int64_t j = 0; j < t.G; ++j) {
     check_f32_rows(ys[j], "ys[j]");
-    TORCH_CHECK(ys[j].size(1) == bs[j].size(2), "ys[j] width must match bs[j]");
+    TORCH_CHECK(ys[j].size(1) == t.out[j], "ys[j] width must match bs[j]");
     TORCH_CHECK(ys[j].size(0) == x.size(0), "ys[j] must have x's rows");
     g.y.push_back(ys[j].data_ptr<float>());
     g.y_row.push_back(ys[j].stride(0));
   }
-  const std::vector<int64_t> starts = slot_runs(rows, slots, x.size(0), a.size(0));
-  run_blocks(g, x.data_ptr<float>(), x.stride(0), rows.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), starts);
+  run_blocks(g, x.data_ptr<float>(), x.stride(0), e.rows, e.slots, slot_runs(e));
 }
 
 #if LORASERVE_SIMD
 // panel_linear_lora_rows for a table of T: see there
 template <typename T>
 void linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& bias,
-                 const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& a,
-                 const std::vector<torch::Tensor>& bs, const std::optional<torch::Tensor>& slot_rank,
-                 const torch::Tensor& y) {
-  Group<T> g = make_group<T>(x, a, bs, slot_rank);
+                 const slot_table::Table& t, const slot_table::Rows& e, const torch::Tensor& y) {
+  Group<T> g{t, {}, {}};
   float* yp = y.data_ptr<float>();
   std::vector<int64_t> off;  // each member's first column in y
   int64_t cols = 0;
-  for (size_t j = 0; j < bs.size(); ++j) {
+  for (int64_t j = 0; j < t.G; ++j) {
     off.push_back(cols);
     g.y.push_back(yp + cols);
     g.y_row.push_back(n);
-    cols += g.out[j];
+    cols += g.t.out[j];
   }
   TORCH_CHECK(cols == n, "the B matrices cover ", cols, " of ", n, " output columns");
-  const std::vector<int64_t> starts = slot_runs(rows, slots, x.size(0), a.size(0));
+  const std::vector<int64_t> starts = slot_runs(e);
   const float* xp = x.data_ptr<float>();
-  const int64_t x_row = x.stride(0), N = rows.numel(), GR = g.gr;
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t x_row = x.stride(0), N = e.N, GR = g.t.gr();
+  const int64_t* rp = e.rows;
+  const int64_t* sp = e.slots;
   if (!std::is_sorted(rp, rp + N) || std::adjacent_find(rp, rp + N) != rp + N) {
     // the items find their entries by row: otherwise the two passes one after the other
     panel_linear_out(x, w, n, bias, y, nullptr);
@@ -396,7 +355,7 @@ void linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n, cons
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = starts[blk];
       const int tb = static_cast<int>(starts[blk + 1] - n0);
-      if (g.rank(sp[n0]) == 0) continue;
+      if (g.t.rank(sp[n0]) == 0) continue;
       for (int t = 0; t < tb; ++t) xr[t] = xp + rp[n0 + t] * x_row;
       dispatch_shrink<kBlock>(tb, g, xr, sp[n0], h + (n0 - starts[b0]) * GR);
     }
@@ -433,17 +392,17 @@ void linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n, cons
     if (by_chunk && st.r0 != r0) hold(st, r0, e0, e1);
     int64_t b = std::upper_bound(starts.begin(), starts.end(), e0) - starts.begin() - 1;
     for (int64_t e = e0; e < e1; e = std::min(starts[++b], e1)) {
-      const int64_t lo = e, hi = std::min(starts[b + 1], e1), slot = sp[lo], rs = g.rank(slot);
+      const int64_t lo = e, hi = std::min(starts[b + 1], e1), slot = sp[lo], rs = g.t.rank(slot);
       if (rs == 0) continue;
       const bool single = starts[b + 1] - starts[b] == 1;
       const float* he = st.h.data() + (lo - starts[st.b0]) * GR;
-      for (size_t j = 0; j < g.b.size(); ++j) {
-        const int64_t o_lo = std::max(c0, off[j]) - off[j], o_hi = std::min(c1, off[j] + g.out[j]) - off[j];
+      for (int64_t j = 0; j < g.t.G; ++j) {
+        const int64_t o_lo = std::max(c0, off[j]) - off[j], o_hi = std::min(c1, off[j] + g.t.out[j]) - off[j];
         if (o_lo >= o_hi) continue;
         float* yr[kBlock];
         for (int64_t t = lo; t < hi; ++t) yr[t - lo] = g.y[j] + rp[t] * n;
         if (single) {
-          lora_row::expand<true>(g.b[j] + slot * g.b_slot[j] + o_lo, g.out[j], o_hi - o_lo, rs, he + j * g.r,
+          lora_row::expand<true>(g.B(j, slot) + o_lo, g.t.out[j], o_hi - o_lo, rs, he + j * g.t.R,
                                  yr[0] + o_lo);
         } else {
           dispatch_expand<kBlock>(static_cast<int>(hi - lo), g, static_cast<int64_t>(j), slot, he, yr, o_lo, o_hi);
@@ -455,18 +414,24 @@ void linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n, cons
 }
 #endif
 
-// f(T{}) for the slot table's element type T (float or bf16_t), after the checks of the table
-// both entry points share
+// f(T{}) for the table's element type T (float or bf16_t)
 template <typename F>
-void by_table_type(const torch::Tensor& a, const F& f) {
-  const auto dt = a.scalar_type();
-  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16, "the LoRA table must be float32 or bfloat16");
-  TORCH_CHECK(slot_matrices(a), "a must be [S, in, G*R], each slot contiguous");
-  if (dt == torch::kFloat32) {
-    f(float{});
-  } else {
+void by_table_type(const slot_table::Table& t, const F& f) {
+  if (t.bf16) {
     f(bf16_t{});
+  } else {
+    f(float{});
   }
+}
+
+// the adapter side of a call, checked: the table against x's inputs, the entries against its rows
+std::pair<slot_table::Table, slot_table::Rows> checked(const torch::Tensor& x, const torch::Tensor& rows,
+                                                       const torch::Tensor& slots, const torch::Tensor& a,
+                                                       const std::vector<torch::Tensor>& bs,
+                                                       const std::optional<torch::Tensor>& slot_rank) {
+  using slot_table::OnBad;
+  const slot_table::Table t = *slot_table::table(a, bs, slot_rank, x.size(1), OnBad::raise);
+  return {t, *slot_table::rows(rows, slots, x.size(0), t.S, OnBad::raise)};
 }
 
 }  // namespace
@@ -479,7 +444,10 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
                const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank) {
   check_f32_rows(x, "x");
-  by_table_type(a, [&](auto t) { run_rows<decltype(t)>(x, rows, slots, a, bs, ys, slot_rank); });
+  const auto checked_args = checked(x, rows, slots, a, bs, slot_rank);
+  const slot_table::Table& t = checked_args.first;
+  const slot_table::Rows& e = checked_args.second;
+  by_table_type(t, [&](auto v) { run_rows<decltype(v)>(x, t, e, ys); });
 }
 
 // y = x @ W.T + b over fp32 weight panels (panel_linear), plus every entry's LoRA delta as
@@ -496,8 +464,11 @@ torch::Tensor panel_linear_lora_rows(const torch::Tensor& x, const torch::Tensor
                                      const std::optional<torch::Tensor>& slot_rank) {
   check_f32_rows(x, "x");
 #if LORASERVE_SIMD
+  const auto checked_args = checked(x, rows, slots, a, bs, slot_rank);
+  const slot_table::Table& t = checked_args.first;
+  const slot_table::Rows& e = checked_args.second;
   auto y = torch::empty({x.size(0), n}, x.options());
-  by_table_type(a, [&](auto t) { linear_rows<decltype(t)>(x, w, n, bias, rows, slots, a, bs, slot_rank, y); });
+  by_table_type(t, [&](auto v) { linear_rows<decltype(v)>(x, w, n, bias, t, e, y); });
   return y;
 #else
   TORCH_CHECK(false, "panel_linear_lora_rows needs an AVX-512 or AVX2+FMA build");

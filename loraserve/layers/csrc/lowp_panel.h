@@ -1,7 +1,7 @@
 // What the low-precision panel kernels share: a panel's description and the store of a finished
-// register of sums (scale, bias, partial last panel). gemm_lowp_cpu.cpp (FMA kernels, the dispatch)
-// and gemm_amx_cpu.cpp (AMX tiles) store the same panels the same way, so a projection's output
-// cannot depend on which of them ran beyond the products' own rounding.
+// register of sums (scale, bias, partial last panel). lowp_kernels.h (FMA kernels) and
+// gemm_amx_cpu.cpp (AMX tiles), both run by gemm_lowp_cpu.cpp, store the same panels the same way,
+// so a projection's output cannot depend on which of them ran beyond the products' own rounding.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +23,7 @@ struct Panel {
   const float* bias;   // this panel's 32 bias entries, or null
   int64_t cols;        // columns that exist (the last panel may be partial)
   // the panel this thread computes next, fetched into L2 while this one computes (null: none);
-  // see gemm_lowp_cpu.cpp prefetch_next
+  // see lowp_kernels.h prefetch_next
   const char* next = nullptr;
   int64_t next_bytes = 0;
 };

@@ -28,25 +28,16 @@
 
 namespace region_lora {
 
-constexpr int kMaxMembers = 4;
+using slot_table::kMaxMembers;
 
 // One projection group's adapter side in one layer, for this step's rows: what every thread of
 // the region reads, built once before it
 struct Split {
-  const int64_t* rows = nullptr;   // [N] the rows with an adapter
-  const int64_t* slots = nullptr;  // [N] their slots
-  int64_t N = 0;
-  const int64_t* slot_rank = nullptr;  // [S] or null: all R
-  const void* a = nullptr;             // [S, K, G*R] fp32 or bf16
-  int64_t a_slot = 0, K = 0, R = 0, G = 0;
-  bool bf16 = false;
-  const void* b[kMaxMembers] = {};  // each member's B [S, R, out]
-  int64_t b_slot[kMaxMembers] = {}, out[kMaxMembers] = {}, start[kMaxMembers] = {};
+  slot_table::Table t;
+  slot_table::Rows e;                   // the rows with an adapter, and their slots
+  int64_t start[kMaxMembers] = {};      // each member's first output column
   bool deltas = false;  // each row's delta apart, then added (lora_deltas); else onto y (row kernel)
   bool on = false;      // whether this projection splits at all (else one thread, as before)
-
-  int64_t rank(int64_t s) const { return slot_rank ? std::clamp<int64_t>(slot_rank[s], 0, R) : R; }
-  int64_t gr() const { return G * R; }
 };
 
 // a thread's buffers, kept across the projections of a step: one row's h, one member's deltas
@@ -57,58 +48,44 @@ struct Scratch {
 // The split of a projection, or off where it would not be bit for bit the per-kernel path's:
 // lora_rows runs consecutive rows of one slot as a block (other sums), so those stay on one thread.
 // `a`, `bs`: the group's table views; `bounds`: each member's output columns; M rows of K inputs;
-// `deltas`: whether the per-kernel path takes the fused pass for these rows.
+// `deltas`: whether the per-kernel path takes the fused pass for these rows. Anything the table's
+// checks refuse is off too: the per-kernel call then runs, and raises saying why.
 inline Split make_split(const torch::Tensor& rows, const torch::Tensor& slots,
                         const std::optional<torch::Tensor>& slot_rank, const torch::Tensor& a,
                         const std::vector<torch::Tensor>& bs, const std::vector<std::pair<int64_t, int64_t>>& bounds,
                         int64_t M, int64_t K, bool deltas) {
+  using slot_table::OnBad;
   Split s;
   if (!LORASERVE_SIMD) return s;  // the portable build: one thread, lora_rows' scalar loops
-  const int64_t G = static_cast<int64_t>(bs.size()), N = rows.numel();
-  const bool table = (a.scalar_type() == torch::kFloat32 || a.scalar_type() == torch::kBFloat16) && slot_matrices(a);
-  if (G == 0 || G > kMaxMembers || !table || a.size(1) != K || a.size(2) % G != 0 ||
-      rows.scalar_type() != torch::kInt64 || slots.scalar_type() != torch::kInt64 || !rows.is_contiguous() ||
-      !slots.is_contiguous() || slots.numel() != N || static_cast<int64_t>(bounds.size()) != G)
-    return s;  // anything unusual: the per-kernel call, which checks and says why
-  s.rows = rows.data_ptr<int64_t>(), s.slots = slots.data_ptr<int64_t>(), s.N = N;
-  const int64_t S = a.size(0);
-  for (int64_t e = 0; e < N; ++e) {
-    if (s.rows[e] < 0 || s.rows[e] >= M || s.slots[e] < 0 || s.slots[e] >= S) return Split{};
-    if (!deltas && e > 0 && s.slots[e] == s.slots[e - 1]) return Split{};
+  const std::optional<slot_table::Table> t = slot_table::table(a, bs, slot_rank, K, OnBad::decline);
+  if (!t || static_cast<int64_t>(bounds.size()) != t->G) return s;
+  const std::optional<slot_table::Rows> e = slot_table::rows(rows, slots, M, t->S, OnBad::decline);
+  if (!e) return s;
+  for (int64_t i = 1; i < e->N && !deltas; ++i) {
+    if (e->slots[i] == e->slots[i - 1]) return s;
   }
-  if (slot_rank) {
-    if (slot_rank->scalar_type() != torch::kInt64 || !slot_rank->is_contiguous() || slot_rank->numel() != S)
-      return Split{};
-    s.slot_rank = slot_rank->data_ptr<int64_t>();
+  for (int64_t j = 0; j < t->G; ++j) {
+    if (bounds[j].second - bounds[j].first != t->out[j]) return s;
+    s.start[j] = bounds[j].first;
   }
-  s.a = a.data_ptr(), s.a_slot = a.stride(0), s.K = a.size(1), s.G = G, s.R = a.size(2) / G;
-  s.bf16 = a.scalar_type() == torch::kBFloat16;
-  for (int64_t j = 0; j < G; ++j) {
-    const torch::Tensor& b = bs[j];
-    if (!slot_matrices(b) || b.scalar_type() != a.scalar_type() || b.size(0) != S || b.size(1) != s.R ||
-        bounds[j].second - bounds[j].first != b.size(2))
-      return Split{};
-    s.b[j] = b.data_ptr(), s.b_slot[j] = b.stride(0), s.out[j] = b.size(2), s.start[j] = bounds[j].first;
-  }
-  s.deltas = deltas;
-  s.on = true;
+  s.t = *t, s.e = *e, s.deltas = deltas, s.on = true;
   return s;
 }
 
 #if LORASERVE_SIMD
 template <typename T, int Part>
 void shrink_part_t(const Split& s, const float* x, int64_t ldx, float* hp) {
-  const T* a = static_cast<const T*>(s.a);
-  for (int64_t e = 0; e < s.N; ++e) {
-    const int64_t slot = s.slots[e], rs = s.rank(slot);
+  const slot_table::Table& t = s.t;
+  for (int64_t e = 0; e < s.e.N; ++e) {
+    const int64_t slot = s.e.slots[e], rs = t.rank(slot);
     if (rs > 0)
-      lora_row::shrink_members<T, Part>(a + slot * s.a_slot, s.K, s.R, s.G, rs, x + s.rows[e] * ldx, hp + e * s.gr());
+      lora_row::shrink_members<T, Part>(t.a_of<T>(slot), t.K, t.R, t.G, rs, x + s.e.rows[e] * ldx, hp + e * t.gr());
   }
 }
 
 // Chain `part` (0 or 1) of every row's shrink into hp [N, G*R]: two threads run one each
 inline void shrink_part(const Split& s, const float* x, int64_t ldx, int part, float* hp) {
-  if (s.bf16) {
+  if (s.t.bf16) {
     part == 0 ? shrink_part_t<widen::bf16_t, 0>(s, x, ldx, hp) : shrink_part_t<widen::bf16_t, 1>(s, x, ldx, hp);
   } else {
     part == 0 ? shrink_part_t<float, 0>(s, x, ldx, hp) : shrink_part_t<float, 1>(s, x, ldx, hp);
@@ -118,29 +95,30 @@ inline void shrink_part(const Split& s, const float* x, int64_t ldx, int part, f
 template <typename T>
 void add_cols_t(const Split& s, const float* h0, const float* h1, float* y, int64_t n,
                 const std::pair<int64_t, int64_t>* ranges, int nranges, Scratch& sc) {
-  const int64_t GR = s.gr();
+  const slot_table::Table& t = s.t;
+  const int64_t GR = t.gr();
   std::vector<float>& h = sc.h;
   h.resize(static_cast<size_t>(GR));
-  for (int64_t e = 0; e < s.N; ++e) {
-    const int64_t slot = s.slots[e], rs = s.rank(slot);
+  for (int64_t e = 0; e < s.e.N; ++e) {
+    const int64_t slot = s.e.slots[e], rs = t.rank(slot);
     if (rs == 0) continue;  // a zero delta: nothing changes
-    lora_row::add_member_chains(s.R, s.G, rs, h0 + e * GR, h1 + e * GR, h.data());
-    float* yr = y + s.rows[e] * n;
-    for (int64_t j = 0; j < s.G; ++j) {
-      const T* B = static_cast<const T*>(s.b[j]) + slot * s.b_slot[j];
+    lora_row::add_member_chains(t.R, t.G, rs, h0 + e * GR, h1 + e * GR, h.data());
+    float* yr = y + s.e.rows[e] * n;
+    for (int64_t j = 0; j < t.G; ++j) {
+      const T* B = t.b_of<T>(j, slot);
       for (int q = 0; q < nranges; ++q) {
         const int64_t lo = std::max(ranges[q].first, s.start[j]) - s.start[j];
-        const int64_t hi = std::min(ranges[q].second, s.start[j] + s.out[j]) - s.start[j];
+        const int64_t hi = std::min(ranges[q].second, s.start[j] + t.out[j]) - s.start[j];
         if (lo >= hi) continue;
         float* ye = yr + s.start[j] + lo;
         if (s.deltas) {
           sc.d.resize(static_cast<size_t>(hi - lo));
-          lora_row::expand<false>(B + lo, s.out[j], hi - lo, rs, h.data() + j * s.R, sc.d.data());
+          lora_row::expand<false>(B + lo, t.out[j], hi - lo, rs, h.data() + j * t.R, sc.d.data());
           const float* d = sc.d.data();
 #pragma omp simd
           for (int64_t c = 0; c < hi - lo; ++c) ye[c] += d[c];
         } else {
-          lora_row::expand<true>(B + lo, s.out[j], hi - lo, rs, h.data() + j * s.R, ye);
+          lora_row::expand<true>(B + lo, t.out[j], hi - lo, rs, h.data() + j * t.R, ye);
         }
       }
     }
@@ -151,7 +129,7 @@ void add_cols_t(const Split& s, const float* h0, const float* h1, float* y, int6
 // sums (h0, h1: shrink_part 0 and 1)
 inline void add_cols(const Split& s, const float* h0, const float* h1, float* y, int64_t n,
                      const std::pair<int64_t, int64_t>* ranges, int nranges, Scratch& sc) {
-  if (s.bf16) {
+  if (s.t.bf16) {
     add_cols_t<widen::bf16_t>(s, h0, h1, y, n, ranges, nranges, sc);
   } else {
     add_cols_t<float>(s, h0, h1, y, n, ranges, nranges, sc);
