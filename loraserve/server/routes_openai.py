@@ -2,7 +2,7 @@
 
 They reuse LoRAX's validation and limits (a request is a LoRAX request with an
 OpenAI coat) and add what OpenAI clients expect: choices, usage, stop
-sequences cut off, `[DONE]`-terminated streams.
+sequences cut off, `[DONE]`-terminated streams (openai_streams.py).
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from loraserve import __version__
-from loraserve.server.errors import ApiError, not_supported, validation_error
+from loraserve.server.errors import not_supported, validation_error
 from loraserve.server.generation import Completion
 from loraserve.server.openai_schemas import (
     ChatCompletionRequest,
@@ -31,17 +29,15 @@ from loraserve.server.openai_schemas import (
     openai_response_format,
     usage,
 )
-from loraserve.server.openai_text import StopAwareText, cut_at_stop
+from loraserve.server.openai_streams import SYSTEM_FINGERPRINT, stream_chat, stream_completion
+from loraserve.server.openai_text import cut_at_stop
 from loraserve.server.openai_tools import (
-    ToolPlan,
     chat_message,
     plan_tools,
     render_prompt,
     tool_response_format,
-    tool_stream_events,
 )
 from loraserve.server.schemas import GenerateParameters, GenerateRequest
-from loraserve.server.sse import OPENAI_DONE, SlotStreamingResponse, openai_event
 from loraserve.server.state import ServerState, get_state
 from loraserve.server.validation import (
     ValidatedRequest,
@@ -58,11 +54,6 @@ router = APIRouter(prefix="/v1", tags=["OpenAI"])
 def adapter_for_model(st: ServerState, model: str) -> str | None:
     """`model` names the adapter; the base model's id (or nothing) means no adapter."""
     return None if not model or model == st.config.model_id else model
-
-
-#: `system_fingerprint` of every chat (and completion) response: OpenAI's "backend configuration"
-#: marker, here the server's name and version (a seeded request repeats within one fingerprint).
-SYSTEM_FINGERPRINT = f"loraserve-{__version__}"
 
 
 def _refuse_unsupported(st: ServerState, req: _OpenAIBase) -> None:
@@ -243,7 +234,7 @@ async def completions(
         raise validation_error("you must use sampling when `best_of` is > 1")
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
     if req.stream:
-        return await _stream_completion(st, req, validated[0], cid, created, model)
+        return await stream_completion(st, req, validated[0], cid, created, model)
     sequences = max(req.n, best_of) * len(validated)
     async with st.service.slot(sequences, "`n` (or `best_of`) x the prompts in `prompt`"):
         results = await asyncio.gather(*[_run_choices(st, v, req.n, best_of) for v in validated])
@@ -304,7 +295,7 @@ async def chat_completions(
     v = _validate(st, req, prompt, ids, max_tokens, top_n, authorization, sample_by_default=True)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or st.config.model_id
     if req.stream:
-        return await _stream_chat(st, req, v, cid, created, model, plan)
+        return await stream_chat(st, req, v, cid, created, model, plan)
     async with st.service.slot(req.n, "`n`"):
         comps = await _run_choices(st, v, req.n)
     choices = []
@@ -331,158 +322,6 @@ async def chat_completions(
             "usage": usage(len(v.prompt_ids), sum(c.generated_tokens for c in comps)),
         }
     )
-
-
-async def _open_stream(st: ServerState, v: ValidatedRequest) -> Any:
-    """Take the concurrency slot and resolve the adapter before the 200 goes out."""
-    st.service.limiter.acquire()
-    try:
-        return await st.service.resolve_adapter(v)
-    except BaseException:
-        st.service.limiter.release()
-        raise
-
-
-def _sse(st: ServerState, gen: AsyncIterator[str]) -> StreamingResponse:
-    """The response owns the slot `_open_stream` took, so it is released however the stream ends."""
-    return SlotStreamingResponse(gen, st.service.limiter.release)
-
-
-async def _token_deltas(
-    st: ServerState, v: ValidatedRequest, adapter: Any
-) -> AsyncIterator[tuple[str, list, Any]]:
-    """(visible text delta, tokens, final output or None) per engine step."""
-    text = StopAwareText(v.params.stop)
-    async for out in st.service.steps(v.prompt_ids, v.params, adapter):
-        visible = [t for t in out.tokens if not t.special]
-        delta = text.push("".join(t.text for t in visible))
-        if out.finished:
-            delta += text.finish(out.finish_reason == "stop_sequence")
-        yield delta, visible, out if out.finished else None
-
-
-async def _stream_completion(
-    st: ServerState, req: CompletionRequest, v: ValidatedRequest, cid: str, created: int, model: str
-) -> StreamingResponse:
-    async def events(adapter: Any) -> AsyncIterator[str]:
-        head = {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
-        try:
-            if req.echo:
-                yield openai_event(
-                    {
-                        **head,
-                        "choices": [{"index": 0, "text": v.inputs, "logprobs": None, "finish_reason": None}],
-                    }
-                )
-            async for delta, tokens, final in _token_deltas(st, v, adapter):
-                if not delta and final is None:
-                    continue
-                choice = {
-                    "index": 0,
-                    "text": delta,
-                    "logprobs": completion_logprobs(tokens, 0) if req.logprobs is not None else None,
-                    "finish_reason": openai_finish_reason(final.finish_reason) if final else None,
-                }
-                chunk: dict[str, Any] = {**head, "choices": [choice]}
-                if final is not None:  # LoRAX: the final chunk carries the usage
-                    chunk["usage"] = usage(len(v.prompt_ids), final.generated_tokens)
-                yield openai_event(chunk)
-                if final is not None and req.stream_options and req.stream_options.include_usage:
-                    yield openai_event(
-                        {**head, "choices": [], "usage": usage(len(v.prompt_ids), final.generated_tokens)}
-                    )
-            yield OPENAI_DONE
-        except ApiError as e:
-            yield openai_event({"error": {"message": e.message, "type": e.error_type}})
-
-    return _sse(st, events(await _open_stream(st, v)))
-
-
-async def _stream_chat(
-    st: ServerState,
-    req: ChatCompletionRequest,
-    v: ValidatedRequest,
-    cid: str,
-    created: int,
-    model: str,
-    plan: ToolPlan | None = None,
-) -> StreamingResponse:
-    async def events(adapter: Any) -> AsyncIterator[str]:
-        head = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
-        try:
-            if plan is not None and plan.choice != "none":
-                deltas = _token_deltas(st, v, adapter)
-                used = lambda f: usage(len(v.prompt_ids), f.generated_tokens)  # noqa: E731
-                with_usage = bool(req.stream_options and req.stream_options.include_usage)
-                events = tool_stream_events(head, deltas, plan, openai_finish_reason, used, with_usage)
-                async for event in events:
-                    yield event
-                yield OPENAI_DONE
-                return
-            yield openai_event(
-                {
-                    **head,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
-            async for delta, tokens, final in _token_deltas(st, v, adapter):
-                if delta or (req.logprobs and tokens):
-                    yield openai_event(
-                        {
-                            **head,
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "delta": {"content": delta},
-                                    "logprobs": chat_logprobs(tokens) if req.logprobs else None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
-                if final is not None:  # LoRAX: the final chunk carries the usage
-                    yield openai_event(
-                        {
-                            **head,
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "delta": {},
-                                    "logprobs": None,
-                                    "finish_reason": openai_finish_reason(final.finish_reason),
-                                }
-                            ],
-                            "usage": usage(len(v.prompt_ids), final.generated_tokens),
-                        }
-                    )
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield openai_event(
-                            {**head, "choices": [], "usage": usage(len(v.prompt_ids), final.generated_tokens)}
-                        )
-            yield OPENAI_DONE
-        except ApiError as e:
-            yield openai_event({"error": {"message": e.message, "type": e.error_type}})
-
-    return _sse(st, events(await _open_stream(st, v)))
 
 
 @router.get("/models", summary="The base model, the configured adapters and recently served public ones")
