@@ -76,7 +76,7 @@ run-real: install $(VENV)/.installed-smollm2
 # with a note. About 2 hours on a 2-core box.
 bench: $(VENV)/.installed-test
 	$(PY) -m bench.run_all
-	$(PY) -m bench.kernel_builds --repeats 1
+	$(PY) -m bench.kernel_builds --repeats 3
 	$(PY) -m bench.adapter_decode
 	$(PY) -m bench.lowp
 	$(PY) -m bench.lowp --shape tinyllama --rounds 1 --requests 8 --new-tokens 32

@@ -133,6 +133,30 @@ async def run_one(
     raise ValueError(f"unknown run kind {run.kind!r}")
 
 
+async def run_rounds(
+    aengine: AsyncEngine, runs: list[RunSpec], loader: AdapterLoader, repeats: int
+) -> list[RunResult]:
+    """Batch runs in turns, `repeats` rounds: each run's best, with every round's tok/s kept.
+
+    Why: ratios between runs (distinct adapters / base) are the claims, and one run's repetitions
+    back to back, then the other's, put minutes between the two; host drift over those minutes
+    (other tenants, clocks) reads as a change of the ratio. In turns, each round's pair shares it.
+    """
+    for run in runs:
+        await _warm(aengine, run.requests, loader)
+    rounds: dict[str, list[RunResult]] = {run.name: [] for run in runs}
+    for _ in range(repeats):
+        for run in runs:
+            timings, wall = await _run_requests(aengine, run.requests, loader)
+            rounds[run.name].append(summarize(SYSTEM, run.name, timings, wall))
+    results = []
+    for run in runs:
+        best = max(rounds[run.name], key=lambda r: r.tok_s)
+        best.extra["rounds_tok_s"] = [r.tok_s for r in rounds[run.name]]
+        results.append(best)
+    return results
+
+
 async def _run_cold_loads(aengine: AsyncEngine, run: RunSpec, loader: AdapterLoader) -> RunResult:
     """Background requests decode while later requests arrive on adapters.
 
@@ -195,7 +219,13 @@ async def run_spec_async(spec: BenchSpec, engine: Engine | None = None) -> list[
         results = []
         if spec.batch1_decode:
             results.append(await batch1_decode(aengine, spec, loader))
+        in_turns = lambda run: spec.interleave and run.kind == "batch"  # noqa: E731
+        turns = [run for run in spec.runs if in_turns(run)]
+        if turns:
+            results += await run_rounds(aengine, turns, loader, spec.repeats)
         for run in spec.runs:
+            if in_turns(run):
+                continue
             res = await run_one(aengine, run, loader, spec.repeats)
             assert res is not None
             results.append(res)

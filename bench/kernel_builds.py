@@ -9,7 +9,11 @@ the way a server selects them, by `LORASERVE_NATIVE_MARCH` in the runner's envir
 
     python -m bench.kernel_builds [--marches native,x86-64-v3] [--ns 32] [--repeats 2] [--no-hf]
                                   [--threads 1] [--no-batch1] [--fused-lora both]
-                                  [--adapter-dtype both]
+                                  [--adapter-dtype both] [--back-to-back]
+
+Ours runs base and distinct in turns, one repetition each per round, and reports distinct/base
+as the median of the rounds' ratios (`--back-to-back`: each run's repetitions in a row, the ratio
+of the two bests, as before).
 
 `--threads` sets the runners' OMP_NUM_THREADS (pin the whole run with `taskset` for quiet figures);
 `--fused-lora both` runs ours twice per build, with the fused base + LoRA decode pass
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -88,9 +93,21 @@ def _f(v: float | None, fmt: str = "{:8.1f}") -> str:
     return fmt.format(v) if v is not None else "       -"
 
 
+def round_ratios(distinct: RunResult | None, base: RunResult | None) -> list[float]:
+    """distinct / base of each round where the two ran in turns (ours with --repeats > 1)."""
+    if distinct is None or base is None:
+        return []
+    d, b = distinct.extra.get("rounds_tok_s", []), base.extra.get("rounds_tok_s", [])
+    return [x / y for x, y in zip(d, b, strict=False) if y] if len(d) == len(b) > 1 else []
+
+
 def table(results: list[RunResult], isas: list[str], ns: list[int], roof: float) -> str:
-    """Per build: ours and transformers+peft (held to the same ISA) on the same requests."""
+    """Per build: ours and transformers+peft (held to the same ISA) on the same requests. Where
+    base and distinct ran in turns, distinct/base is the median of the rounds' ratios (each round
+    listed below the table), not a ratio of two bests that may come from different minutes."""
     by = {(r.system, r.run): r.tok_s for r in results}
+    full = {(r.system, r.run): r for r in results}
+    rounds: list[str] = []
     lines = []
     for n in ns:
         base, dist = f"a/N={n}/base", f"a/N={n}/distinct"
@@ -105,12 +122,18 @@ def table(results: list[RunResult], isas: list[str], ns: list[int], roof: float)
                 system = label.split("-")[0]
                 b, d, b1 = by.get((label, base)), by.get((label, dist)), by.get((label, "batch1_decode"))
                 hf = by.get((f"hf-{isa}", dist)) if system != "hf" else None
+                ratios = round_ratios(full.get((label, dist)), full.get((label, base)))
+                ratio = statistics.median(ratios) if ratios else (d / b if b and d else None)
+                if ratios:
+                    rounds.append(
+                        f"{label} N={n} distinct/base by round: " + " ".join(f"{r:.2f}" for r in ratios)
+                    )
                 lines.append(
-                    f"{label:16s} {_f(b)}  {_f(d)}       {_f(d / b if b and d else None, '{:8.2f}')}"
+                    f"{label:16s} {_f(b)}  {_f(d)}       {_f(ratio, '{:8.2f}')}"
                     f"            {_f(d / hf if d and hf else None, '{:8.2f}')}  {_f(b1)}"
                     f"     {_f(b1 / roof if b1 else None, '{:8.2f}')}"
                 )
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + rounds if rounds else []))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,6 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="timed repetitions per run; best kept")
+    ap.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="ours repeats each run in a row instead of base and distinct in turns (the default)",
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers+peft baseline")
     ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 decode run")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every runner")
@@ -152,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         if r.name.endswith(("/base", "/distinct"))
     ]
     batch1 = None if args.no_batch1 else {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
-    spec = bench.spec(runs, batch1=batch1)
+    spec = replace(bench.spec(runs, batch1=batch1), interleave=not args.back_to_back)
     t0 = time.time()
     meta = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -163,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "builds": builds,
         "ns": ns,
         "repeats": args.repeats,
+        "interleave": not args.back_to_back,
         "threads": os.environ.get("OMP_NUM_THREADS"),
         "command": " ".join(["python -m bench.kernel_builds", *(argv if argv is not None else sys.argv[1:])]),
     }

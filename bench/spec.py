@@ -42,6 +42,9 @@ class BenchSpec:
     batch1_decode: dict | None = None  # {"prompt_len": int, "new_tokens": int}
     vocab_size: int = 0
     repeats: int = 1  # timed repetitions per run; the fastest is kept (shared, noisy machine)
+    # batch runs take turns, one repetition each per round (ours only), so that a drift of the host
+    # reaches every run alike; each result keeps its rounds' tok/s (extra["rounds_tok_s"])
+    interleave: bool = False
     kv_cache_gib: int = 2  # same KV-cache budget for our engine and vLLM (whose knob is whole GiB)
 
     def adapters(self) -> list[str]:

@@ -112,6 +112,17 @@ def test_harness_end_to_end_on_tiny_model(tiny: Model) -> None:
     assert "| ours |" in results_table(ours) and "| ratio |" in ratios_table(ratios)
 
 
+def test_interleaved_runs_take_turns_and_keep_every_round(tiny: Model) -> None:
+    """kernel_builds' ratios come from rounds in which base and distinct ran one after the other."""
+    runs = concurrency_runs(tiny, [2], prompt_len=8, new_tokens=3, rank=4)
+    spec = BenchSpec(str(tiny.path), runs, max_lora_rank=8, vocab_size=384, repeats=3, interleave=True)
+    by = {r.run: r for r in run_ours(spec)}
+    assert set(by) == {r.name for r in runs}
+    for r in by.values():
+        rounds = r.extra["rounds_tok_s"]
+        assert len(rounds) == 3 and r.tok_s == max(rounds) and r.output_tokens == 2 * 3
+
+
 def test_a_bench_spec_sets_our_lora_table_dtype_over_the_same_model(tiny: Model) -> None:
     """kernel_builds' `-bf16lora` rows must run bf16 adapter tables on the unchanged fp32 model."""
     for lora_dtype, want in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
@@ -136,6 +147,13 @@ def test_kernel_builds_table_has_a_row_per_variant_of_ours() -> None:
     }
     assert list(rows) == ["ours-avx2", "ours-avx2-bf16lora", "hf-avx2"]
     assert rows["ours-avx2"][2:4] == ["0.75", "3.00"] and rows["ours-avx2-bf16lora"][2:4] == ["0.90", "3.60"]
+    # in turns: the median of the rounds' ratios (0.75, 0.95, 0.70 -> 0.75), not best / best (0.86)
+    results[0].extra["rounds_tok_s"] = [200.0, 180.0, 160.0]
+    results[1].extra["rounds_tok_s"] = [150.0, 171.0, 112.0]
+    results[0].tok_s, results[1].tok_s = 200.0, 171.0
+    text = table(results, ["avx2"], [32], 40.0)
+    assert text.splitlines()[2].split()[3] == "0.75"
+    assert "ours-avx2 N=32 distinct/base by round: 0.75 0.95 0.70" in text
 
 
 @pytest.mark.slow
