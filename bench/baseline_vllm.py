@@ -8,15 +8,17 @@ loads in either environment; vLLM spawns worker processes, hence the `__main__` 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.metrics import RequestTiming, RunResult, TreeRssSampler, summarize, write_results
-from bench.spec import BenchSpec, Request, batch1_request
+from bench.spec import BenchSpec, Request, batch1_request, repetition
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VLLM_VENV = REPO_ROOT / ".venv-vllm"
@@ -102,10 +104,14 @@ def _generate(llm, requests: list[Request], ids: dict[str, int]) -> tuple[list[R
     return timings, wall
 
 
-def _best_of(llm, spec: BenchSpec, name: str, requests: list[Request], ids: dict[str, int]) -> RunResult:
+def _best_of(
+    llm, spec: BenchSpec, name: str, requests: list[Request], ids: dict[str, int], batches: Iterator[int]
+) -> RunResult:
     best: RunResult | None = None
     for _ in range(spec.repeats):  # best of k: the box is shared, slow outliers are others' load
-        timings, wall = _generate(llm, requests, ids)
+        timings, wall = _generate(
+            llm, requests if name == "batch1_decode" else repetition(requests, next(batches)), ids
+        )
         res = summarize(SYSTEM, name, timings, wall)
         if name == "batch1_decode":
             t = timings[0].token_times_s
@@ -144,6 +150,7 @@ def _main(spec_path: str, out_path: str) -> None:
             max_cpu_loras=max(len(adapters), 1),
         )
     results: list[RunResult] = []
+    batches = itertools.count()  # every timed batch gets prompts of its own (bench/spec.py repetition)
     with TreeRssSampler() as rss:  # the engine core is a child process: count the whole tree
         t0 = time.perf_counter()
         llm = LLM(**kwargs)
@@ -151,11 +158,11 @@ def _main(spec_path: str, out_path: str) -> None:
         if spec.batch1_decode:
             req = batch1_request(spec)
             _generate(llm, [Request(req.prompt_ids, 2)], ids)
-            results.append(_best_of(llm, spec, "batch1_decode", [req], ids))
+            results.append(_best_of(llm, spec, "batch1_decode", [req], ids, batches))
         for run in spec.runs:
             # Warm-up on the same adapters with tiny requests: LoRA loads from disk stay out of the timing.
             _generate(llm, [Request(r.prompt_ids[:8], 2, r.adapter) for r in run.requests], ids)
-            results.append(_best_of(llm, spec, run.name, run.requests, ids))
+            results.append(_best_of(llm, spec, run.name, run.requests, ids, batches))
         for r in results:
             r.peak_rss_mb = rss.peak_mb
             r.extra["startup_s"] = startup_s

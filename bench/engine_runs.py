@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.metrics import RequestTiming, RunResult, Stopwatch, percentile, summarize, write_results
-from bench.spec import BenchSpec, Request, RunSpec, batch1_request
+from bench.spec import BenchSpec, Request, RunSpec, batch1_request, repetition
 from loraserve.adapters.lora_weights import LoraAdapter
 from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.cpu_threads import helper_pool
@@ -104,13 +106,18 @@ async def _warm(aengine: AsyncEngine, requests: list[Request], loader: AdapterLo
 
 
 async def run_one(
-    aengine: AsyncEngine, run: RunSpec, loader: AdapterLoader, repeats: int = 1
+    aengine: AsyncEngine,
+    run: RunSpec,
+    loader: AdapterLoader,
+    repeats: int = 1,
+    batches: Iterator[int] | None = None,
 ) -> RunResult | None:
     if run.kind == "batch":
         await _warm(aengine, run.requests, loader)
         best: RunResult | None = None
+        batches = batches if batches is not None else itertools.count()
         for _ in range(repeats):  # best of k: the box is shared, slow outliers are others' load
-            timings, wall = await _run_requests(aengine, run.requests, loader)
+            timings, wall = await _run_requests(aengine, repetition(run.requests, next(batches)), loader)
             res = summarize(SYSTEM, run.name, timings, wall)
             best = res if best is None or res.tok_s > best.tok_s else best
         return best
@@ -134,7 +141,7 @@ async def run_one(
 
 
 async def run_rounds(
-    aengine: AsyncEngine, runs: list[RunSpec], loader: AdapterLoader, repeats: int
+    aengine: AsyncEngine, runs: list[RunSpec], loader: AdapterLoader, repeats: int, batches: Iterator[int]
 ) -> list[RunResult]:
     """Batch runs in turns, `repeats` rounds: each run's best, with every round's tok/s kept.
 
@@ -147,7 +154,7 @@ async def run_rounds(
     rounds: dict[str, list[RunResult]] = {run.name: [] for run in runs}
     for _ in range(repeats):
         for run in runs:
-            timings, wall = await _run_requests(aengine, run.requests, loader)
+            timings, wall = await _run_requests(aengine, repetition(run.requests, next(batches)), loader)
             rounds[run.name].append(summarize(SYSTEM, run.name, timings, wall))
     results = []
     for run in runs:
@@ -219,14 +226,15 @@ async def run_spec_async(spec: BenchSpec, engine: Engine | None = None) -> list[
         results = []
         if spec.batch1_decode:
             results.append(await batch1_decode(aengine, spec, loader))
+        batches = itertools.count()  # every timed batch of this engine gets prompts of its own
         in_turns = lambda run: spec.interleave and run.kind == "batch"  # noqa: E731
         turns = [run for run in spec.runs if in_turns(run)]
         if turns:
-            results += await run_rounds(aengine, turns, loader, spec.repeats)
+            results += await run_rounds(aengine, turns, loader, spec.repeats, batches)
         for run in spec.runs:
             if in_turns(run):
                 continue
-            res = await run_one(aengine, run, loader, spec.repeats)
+            res = await run_one(aengine, run, loader, spec.repeats, batches)
             assert res is not None
             results.append(res)
         return results

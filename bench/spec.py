@@ -6,7 +6,7 @@ Stdlib only: the vLLM runner imports this from its own virtual environment.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
@@ -18,6 +18,25 @@ class Request:
     max_new_tokens: int
     adapter: str | None = None  # PEFT directory; None = base model
     arrival_s: float = 0.0  # offset from the start of the run (arrival workloads only)
+
+
+def repetition(requests: list[Request], k: int) -> list[Request]:
+    """The requests of a process's k-th timed batch (k = 0, 1, ...): every prompt rotated by k tokens.
+
+    Why: the workloads' prompts share no prefix, and workload (a) gives the same prompts to its
+    base, one-adapter and distinct runs; with a prefix cache (ours, vLLM's), a later timed batch
+    would find the KV blocks an earlier one left (the same prompts, or the same prompt under the
+    same adapter) and best-of-k would time a run without its prefill. Rotated, a prompt keeps its
+    length and its tokens but none of its blocks, so every timed batch computes all of them.
+    """
+    if k == 0:
+        return requests
+    return [
+        replace(r, prompt_ids=r.prompt_ids[k % n :] + r.prompt_ids[: k % n])
+        if (n := len(r.prompt_ids))
+        else r
+        for r in requests
+    ]
 
 
 @dataclass
