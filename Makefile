@@ -79,7 +79,7 @@ bench: $(VENV)/.installed-test
 	$(PY) -m bench.kernel_builds --repeats 3
 	$(PY) -m bench.adapter_decode
 	$(PY) -m bench.lowp
-	$(PY) -m bench.lowp --shape tinyllama --rounds 1 --requests 8 --new-tokens 32
+	$(PY) -m bench.lowp --shape tinyllama --rounds 2 --requests 8 --new-tokens 32
 	$(PY) -m bench.lowp_quality
 	$(PY) -m bench.vllm_real
 	$(PY) -m bench.llamacpp

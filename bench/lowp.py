@@ -8,7 +8,9 @@ bytes each precision actually reads per token.
 
 Every round runs each precision once in turn (same process, same prompts), and the best round of
 each is kept: on a shared box slow rounds are other people's load, and interleaving keeps the
-ratios fair when the load changes during the run.
+ratios fair when the load changes during the run. Each round draws prompts of its own, and each
+of its three measures its own ones: the engines cache the KV blocks of the prompts they served
+(prefix caching, on by default), so a prompt seen before would be timed without its prefill.
 """
 
 from __future__ import annotations
@@ -52,15 +54,15 @@ def timed_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) ->
 
 def measure(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     """prefill s (one 128-token prompt + 1 token), batch-1 decode tok/s (the extra tokens of a
-    longer run over its extra time), 32-request output tok/s."""
-    one = [prompts[0]]
-    t1 = timed_generate(engine, one, 1)
-    tn = timed_generate(engine, one, new_tokens + 1)
-    t32 = timed_generate(engine, prompts, new_tokens)
+    longer run over its extra time), 32-request output tok/s; prompts never served before: the
+    first two for the batch-1 runs, the rest for the batch."""
+    t1 = timed_generate(engine, prompts[:1], 1)
+    tn = timed_generate(engine, prompts[1:2], new_tokens + 1)
+    t32 = timed_generate(engine, prompts[2:], new_tokens)
     return {
         "prefill_ms": t1 * 1e3,
         "decode_tok_s": new_tokens / max(tn - t1, 1e-9),
-        "throughput_tok_s": len(prompts) * new_tokens / t32,
+        "throughput_tok_s": (len(prompts) - 2) * new_tokens / t32,
     }
 
 
@@ -178,8 +180,11 @@ def main() -> None:
 
     model_dir = args.model or build_model(args.shape)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    rng = random.Random(0)
-    prompts = [random_prompt(rng, args.prompt_tokens, vocab) for _ in range(args.requests)]
+
+    def fresh(seed: int) -> list[list[int]]:  # a round's prompts: 2 for batch 1, then the batch
+        rng = random.Random(seed)
+        return [random_prompt(rng, args.prompt_tokens, vocab) for _ in range(args.requests + 2)]
+
     names = args.precisions.split(",")
     engines = {}
     for name in names:
@@ -192,9 +197,10 @@ def main() -> None:
             adapter_memory_bytes=64 << 20,
         )
         engines[name] = Engine.from_pretrained(model_dir, cfg)
-        timed_generate(engines[name], prompts[:4], 4)  # warm: page faults, oneDNN kernels
+        timed_generate(engines[name], fresh(999)[:4], 4)  # warm: page faults, oneDNN kernels
     best: dict[str, dict[str, float]] = {}
     for r in range(args.rounds):
+        prompts = fresh(1000 + r)  # (random.Random(-k) is Random(k): no negative seeds)
         for name in names:
             m = measure(engines[name], prompts, args.new_tokens)
             print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in m.items()), flush=True)

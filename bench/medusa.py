@@ -138,6 +138,9 @@ class Server:
             str(threads),
             "--max-batch-total-tokens",
             "16384",
+            # every repetition sends the same prompts: without this, later ones skip their prefill
+            "--prefix-caching",
+            "false",
             "--adapter-memory-fraction",
             "0.01",
             "--adapter-source",

@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     model = build_model(args.shape, args.cache)
-    engine = Engine.from_pretrained(model, EngineConfig(kv_cache_memory_bytes=1 << 30))
+    # no prefix cache: the runs share their prompts, and a run after the first would otherwise
+    # skip their prefill (the constrained runs come after the free one)
+    engine = Engine.from_pretrained(model, EngineConfig(kv_cache_memory_bytes=1 << 30, prefix_caching=False))
     backends = compilers(engine, args.backends.split(","))
     rng = random.Random(0)
     vocab = engine.runner.vocab_size
