@@ -77,7 +77,6 @@ struct LoraRows {
   int64_t ldx;
   slot_table::Table t;  // fp32
   slot_table::Rows e;
-  int64_t off[slot_table::kMaxMembers];  // each member's first column of the n outputs
   float* d;  // [N, n]: each entry's delta, added to y once every panel is stored
   int64_t n;
 };
@@ -94,7 +93,7 @@ void lora_unit(const LoraRows& L, int64_t e, float* h) {
   const float* x = L.x + L.e.rows[e] * L.ldx;
   lora_row::shrink_members(t.a_of<float>(s), t.K, t.R, t.G, rs, x, h);
   for (int64_t j = 0; j < t.G; ++j) {
-    lora_row::expand<false>(t.b_of<float>(j, s), t.out[j], t.out[j], rs, h + j * t.R, de + L.off[j]);
+    lora_row::expand<false>(t.b_of<float>(j, s), t.out[j], t.out[j], rs, h + j * t.R, de + t.off[j]);
   }
 }
 
@@ -123,14 +122,8 @@ LoraRows lora_rows_args(const torch::Tensor& x, int64_t n, const torch::Tensor& 
   TORCH_CHECK(a.scalar_type() == torch::kFloat32, "a must be float32 (bf16 tables take lora_rows)");
   const slot_table::Table t = *slot_table::table(a, bs, slot_rank, x.size(1), OnBad::raise);
   const slot_table::Rows e = *slot_table::rows(rows, slots, x.size(0), t.S, OnBad::raise);
-  LoraRows L{x.data_ptr<float>(), x.stride(0), t, e, {}, nullptr, n};
-  int64_t off = 0;
-  for (int64_t j = 0; j < t.G; ++j) {
-    L.off[j] = off;
-    off += t.out[j];
-  }
-  TORCH_CHECK(off == n, "the B matrices cover ", off, " of ", n, " output columns");
-  return L;
+  slot_table::check_covers(t, n);
+  return LoraRows{x.data_ptr<float>(), x.stride(0), t, e, nullptr, n};
 }
 
 // every panel is stored: add the deltas (in L2 by now)

@@ -37,15 +37,11 @@ struct Table {
   bool bf16 = false;
   const void* b[kMaxMembers] = {};  // member j's B [S, R, out[j]], a's dtype
   int64_t b_slot[kMaxMembers] = {}, out[kMaxMembers] = {};
+  int64_t off[kMaxMembers + 1] = {};  // member j's first column of the outputs side by side; off[G]: all
   const int64_t* slot_rank = nullptr;  // [S] or null: all R
 
   int64_t rank(int64_t s) const { return slot_rank ? std::clamp<int64_t>(slot_rank[s], 0, R) : R; }
   int64_t gr() const { return G * R; }
-  int64_t cols() const {  // every member's outputs side by side
-    int64_t n = 0;
-    for (int64_t j = 0; j < G; ++j) n += out[j];
-    return n;
-  }
   template <typename T>
   const T* a_of(int64_t slot) const {
     return static_cast<const T*>(a) + slot * a_slot;
@@ -98,8 +94,14 @@ inline std::optional<Table> table(const torch::Tensor& a, const std::vector<torc
             on_bad, "bs[j] must be [S, R, out], each slot contiguous, in a's dtype"))
       return std::nullopt;
     t.b[j] = b.data_ptr(), t.b_slot[j] = b.stride(0), t.out[j] = b.size(2);
+    t.off[j + 1] = t.off[j] + t.out[j];
   }
   return t;
+}
+
+// raises unless the members' outputs side by side are the n columns of the call's output
+inline void check_covers(const Table& t, int64_t n) {
+  TORCH_CHECK(t.off[t.G] == n, "the B matrices cover ", t.off[t.G], " of ", n, " output columns");
 }
 
 // rows / slots checked against M input rows and the table's S slots
