@@ -28,21 +28,43 @@ class StepLayout:
     ]  # rows whose logits each sequence needs (last token; all when prefill logprobs)
 
 
-def _paged_group(
-    seqs: list[Sequence], spans: list[tuple[int, int]], block_size: int, group_size: int, device: torch.device
-) -> PagedGroup:
+@dataclass
+class _PagedRow:
+    """A query span that reads the cache: its sequence's block table, how many of its positions
+    precede the span, and the span's tokens in the flattened batch."""
+
+    block_table: list[int]
+    before: int
+    span: tuple[int, int]
+
+
+def _paged_rows(seq: Sequence, span: tuple[int, int], drafts_as_rows: bool) -> list[_PagedRow]:
+    """One row per sequence; or, for a sequence verifying drafts where the backend's decode kernel
+    reads single-token rows in place (`drafts_as_rows`), one row per token, each seeing the cache
+    up to its own position. Both are the same causal attention (a step writes every new token's
+    K/V before any query reads the cache), but the second keeps a speculative step on the
+    decode path (the CPU backend's one-call decode stack) where a multi-token row would take the
+    gathered-context path, several times slower on a small model."""
+    s, e = span
+    if not (drafts_as_rows and seq.drafts and e - s > 1):
+        return [_PagedRow(seq.block_table, seq.num_cached, span)]
+    return [_PagedRow(seq.block_table, seq.num_cached + j, (s + j, s + j + 1)) for j in range(e - s)]
+
+
+def _paged_group(rows: list[_PagedRow], block_size: int, group_size: int, device: torch.device) -> PagedGroup:
     """Every step builds one of these, after the weights of the step before streamed through the
     caches, so each tensor op here runs cold (~10x its hot cost: a batch-1 int8 step's whole
     Python share was ~10 % of it); hence one `torch.tensor` per table and no mask work for
     single-token rows of equal context (batch 1), whose mask is all True."""
-    b = len(seqs)
+    b = len(rows)
+    spans = [r.span for r in rows]
     q_lens = [e - s for s, e in spans]
     max_q = max(q_lens)
-    ctx = [seq.num_cached + q for seq, q in zip(seqs, q_lens)]  # cached tokens + this step's
+    ctx = [r.before + q for r, q in zip(rows, q_lens)]  # cached tokens + this step's
     max_ctx = max(ctx)
     nblk = -(-max_ctx // block_size)
     tables = torch.tensor(
-        [seq.block_table[:nblk] + [0] * (nblk - len(seq.block_table[:nblk])) for seq in seqs],
+        [r.block_table[:nblk] + [0] * (nblk - len(r.block_table[:nblk])) for r in rows],
         dtype=torch.long,
     )
     contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(b - 1))
@@ -93,10 +115,13 @@ def build_forward_batch(
     group_size: int,
     device: torch.device,
     lora_batch: Callable[[list[tuple[int, int, int]]], LoraBatch | None],
+    drafts_as_rows: bool = False,
 ) -> tuple[ForwardBatch, StepLayout]:
     """Decode rows first (one token each, sorted by slot), then prefill rows.
 
-    `lora_batch`: the backend's layout of adapter rows (`Ops.lora_batch`)."""
+    `lora_batch`: the backend's layout of adapter rows (`Ops.lora_batch`); `drafts_as_rows`: lay
+    a verification's tokens out as single-token rows (`_paged_rows`), where the backend's decode
+    attention reads the cache (`Ops.decode_reads`)."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -121,22 +146,18 @@ def build_forward_batch(
     # ids, positions and slots in one tensor (one cold op instead of three); rows are views
     ids_t, pos_t, slots_t = torch.tensor([ids, positions, slots], dtype=torch.long, device=device).unbind(0)
     attn = AttentionMeta(slot_mapping=slots_t)
-    paged_seqs, paged_spans = [], []
+    paged: list[_PagedRow] = []
     for seq, span in zip(seqs, spans):
         if seq.num_cached == 0:
             attn.fresh.append(span)
         else:
-            paged_seqs.append(seq)
-            paged_spans.append(span)
-    if paged_seqs:
-        # decode-only rows and multi-token rows in separate groups so decodes are never padded to a prompt
-        singles = [(s, sp) for s, sp in zip(paged_seqs, paged_spans) if sp[1] - sp[0] == 1]
-        multis = [(s, sp) for s, sp in zip(paged_seqs, paged_spans) if sp[1] - sp[0] > 1]
-        for grp in (singles, multis):
-            if grp:
-                attn.paged.append(
-                    _paged_group([g[0] for g in grp], [g[1] for g in grp], block_size, group_size, device)
-                )
+            paged += _paged_rows(seq, span, drafts_as_rows)
+    # decode-only rows and multi-token rows in separate groups so decodes are never padded to a prompt
+    singles = [r for r in paged if r.span[1] - r.span[0] == 1]
+    multis = [r for r in paged if r.span[1] - r.span[0] > 1]
+    for grp in (singles, multis):
+        if grp:
+            attn.paged.append(_paged_group(grp, block_size, group_size, device))
     token_slots = [(s, e, seq.slot) for seq, (s, e) in zip(seqs, spans) if seq.slot is not None]
     cos, sin = rotary.lookup(pos_t)
     fb = ForwardBatch(

@@ -266,7 +266,7 @@ class Engine:
         stats = self.runner.ops.argmax_logsumexp(res.logits)
         poisoned = self._poisoned_rows(res, stats[2])
         sampled = self._sample_plain_rows(res, poisoned, stats)
-        outputs, draft_rows = self._emit_step(res, poisoned, sampled)
+        outputs, draft_rows = self._emit_step(res, poisoned, sampled, stats)
         if draft_rows:
             self.speculators.propose(
                 res.hidden, draft_rows, self.runner.project_vocab, self.limits.max_total_tokens
@@ -357,9 +357,14 @@ class Engine:
         )
 
     def _emit_step(
-        self, res: StepResult, poisoned: list[bool], sampled: dict[int, Emitted]
+        self,
+        res: StepResult,
+        poisoned: list[bool],
+        sampled: dict[int, Emitted],
+        stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> tuple[list[RequestOutput], list[tuple[Sequence, int]]]:
-        """Outputs of every sequence, and (sequence, hidden row) of those that draft next."""
+        """Outputs of every sequence, and (sequence, hidden row) of those that draft next.
+        `stats`: the step's argmax / logsumexp / finite pass over every logits row."""
         outputs: list[RequestOutput] = []
         draft_rows: list[tuple[Sequence, int]] = []
         for i, seq in enumerate(res.layout.seqs):
@@ -377,7 +382,8 @@ class Engine:
             span_start, span_end = res.layout.spans[i]
             speculated = bool(seq.drafts)
             if speculated:
-                emitted, accepted = self._verify(seq, seq_logits)
+                a, b = res.starts[i], res.starts[i] + n
+                emitted, accepted = self._verify(seq, seq_logits, tuple(t[a:b] for t in stats))
                 last_row = span_start + accepted
             else:
                 emitted = [sampled[i]]
@@ -397,13 +403,22 @@ class Engine:
                 draft_rows.append((seq, last_row))
         return outputs, draft_rows
 
-    def _verify(self, seq: Sequence, logits: torch.Tensor) -> tuple[list[Emitted], int]:
+    def _verify(
+        self, seq: Sequence, logits: torch.Tensor, logits_stats: tuple[torch.Tensor, ...]
+    ) -> tuple[list[Emitted], int]:
         """Accept a prefix of the sequence's drafts (engine/speculative.py); returns the tokens to
-        emit and how many drafts were accepted."""
+        emit and how many drafts were accepted. `logits_stats`: `logits`' rows of the step's stats."""
         masks = None
         if seq.grammar is not None:  # each position's mask, from the matcher advanced through the drafts
             masks = draft_masks(seq.grammar, seq.drafts, self.runner.vocab_size)
-        v = verify_drafts(logits, seq.drafts, seq.params, seq.generator, masks)
+        ops = self.runner.ops
+
+        def row_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # logits no processor changed (a greedy row without a grammar): the step's pass
+            arg, lse, finite = logits_stats
+            return (arg, lse, finite) if scores is logits else ops.argmax_logsumexp(scores)
+
+        v = verify_drafts(logits, seq.drafts, seq.params, seq.generator, masks, row_stats)
         seq.num_cached += 1 + v.accepted_drafts
         seq.spec_steps += 1
         self.spec_steps += 1

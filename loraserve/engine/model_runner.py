@@ -98,6 +98,7 @@ class ModelRunner:
         return_freed_memory()  # and the loader's and packing's temporaries go back to the OS
         self.vocab_size = self.model.vocab_size
         self.group_size = mc.num_attention_heads // mc.num_key_value_heads
+        self.drafts_as_rows = self.ops.decode_reads(prec.kv)
 
     @property
     def capacity_tokens(self) -> int:
@@ -112,6 +113,7 @@ class ModelRunner:
             self.group_size,
             self.device,
             self.ops.lora_batch,
+            self.drafts_as_rows,
         )
 
     def execute(self, decodes: list[Sequence], prefills: list[Sequence]) -> StepResult:

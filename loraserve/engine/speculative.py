@@ -21,7 +21,8 @@ import torch
 from loraserve.engine import logits_pipeline
 from loraserve.engine.logits_pipeline import SamplingRow, is_sampling
 from loraserve.engine.params import SamplingParams
-from loraserve.engine.sampling import draw
+from loraserve.engine.sampling import RowStats, draw
+from loraserve.layers.ops import TorchOps
 
 
 @dataclass
@@ -47,9 +48,12 @@ def verify_drafts(
     params: SamplingParams,
     generator: torch.Generator | None,
     grammar_masks: torch.Tensor | None = None,
+    stats: RowStats | None = None,
 ) -> Verified:
     """logits: [K+1, V] (float32) for [last, d_1..d_K]; returns the tokens to emit this step.
-    `grammar_masks`: a structured-output row's bitmask at each position (grammar.draft_masks)."""
+    `grammar_masks`: a structured-output row's bitmask at each position (grammar.draft_masks);
+    `stats`: as `sampling.sample`'s, the backend's one pass for each row's first argmax and
+    logsumexp (greedy rows' targets and logprobs come from it)."""
     k = len(drafts)
     if grammar_masks is not None:
         rows = [SamplingRow(params, generator, None, grammar=grammar_masks[i]) for i in range(k + 1)]
@@ -57,16 +61,16 @@ def verify_drafts(
         rows = [SamplingRow(params, generator, None)] * (k + 1)
     if not is_sampling(params):
         logits = logits_pipeline.scores(logits, rows)
-        target = logits.argmax(dim=-1).tolist()
+        arg, lse, _ = (stats or TorchOps.argmax_logsumexp)(logits)
+        target = arg.tolist()
         m = 0
         while m < k and drafts[m] == target[m]:
             m += 1
-        toks = target[: m + 1]
         # logprob of the argmax = its logit minus the row's logsumexp (no full log_softmax tensor)
         kept = logits[: m + 1]
-        chosen = kept.gather(1, torch.tensor(toks, device=logits.device).unsqueeze(1)).squeeze(1)
+        chosen = kept.gather(1, arg[: m + 1].long().unsqueeze(1)).squeeze(1) - lse[: m + 1]
         alts = _alternatives(kept, params.top_n_alternatives)
-        return Verified(toks, (chosen - torch.logsumexp(kept, dim=-1)).tolist(), m, alts)
+        return Verified(target[: m + 1], chosen.tolist(), m, alts)
     scaled = logits_pipeline.scores(logits, rows)
     warped = logits_pipeline.truncate(scaled, rows)
     probs = torch.softmax(warped, dim=-1)

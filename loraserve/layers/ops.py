@@ -55,6 +55,12 @@ class TorchOps:
         self.device, self.dtype, self.pack = device, dtype, pack
         self.weights, self.adapter_dtype = weights, adapter_dtype or dtype
 
+    def decode_reads(self, cache_dtype: torch.dtype) -> bool:
+        """Whether this backend's decode attention reads single-token rows straight from a cache
+        of `cache_dtype`. PyTorch's path gathers each row's context first, so a verification's
+        tokens stay one row of several queries here (engine/batch_builder.py `_paged_rows`)."""
+        return False
+
     # ---- dense projections ----------------------------------------------------------------------
     def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         """Wrap `weight` [out, in] (and `bias`) in this backend's fastest layout for it."""

@@ -163,3 +163,43 @@ def test_draft_accepted_tokens_carry_alternatives_and_are_marked_skipped(llama_d
             assert [a[0] for a in tg.alternatives] == [a[0] for a in tw.alternatives]
             for (_, _, lg), (_, _, lw) in zip(tg.alternatives, tw.alternatives):
                 assert abs(lg - lw) < 1e-4
+
+
+def test_verification_runs_as_decode_rows_with_the_same_logprobs(
+    llama_dir: Path, llama_adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the backend's decode attention reads the cache in place, a verification's tokens are
+        laid out as single-token rows, so speculative steps take the one-call decode stack as plain
+        steps do; the tokens and every logprob are those of the gathered-context layout. Base rows and
+    three adapters' rows share the steps."""
+    ps = prompts(12, seed=21)
+    ads = [parse_peft_adapter(p) for p in llama_adapters[:3]]
+    rows = [ads[i % 4] if i % 4 < 3 else None for i in range(12)]
+    params = SamplingParams(max_new_tokens=24, ignore_eos_token=True)
+    unrolled = engine(llama_dir, heads(64, 4, 0.0, seed=1))
+    if not unrolled.runner.drafts_as_rows or unrolled.runner.model.decode_stack is None:
+        pytest.skip("this backend has no in-place decode attention (no native kernels)")
+    stack = unrolled.runner.model.decode_stack
+    seen: list[tuple[int, bool, bool]] = []  # (rows, has a prefill, ran natively) of every step
+    call = type(stack).__call__
+
+    def spy(self, x, h, fb):  # type: ignore[no-untyped-def]
+        out = call(self, x, h, fb)
+        seen.append((x.shape[0], bool(fb.attn.fresh), out is not None))
+        return out
+
+    monkeypatch.setattr(type(stack), "__call__", spy)
+    got = unrolled.generate(ps, params, rows)
+    assert unrolled.spec_tokens > unrolled.spec_steps > 0  # drafts were verified, some accepted
+    assert any(n > len(ps) and ran for n, _, ran in seen)  # more rows than sequences: verifications
+    assert all(ran for _, prefill, ran in seen if not prefill)  # every step without a prompt in it
+
+    gathered = engine(llama_dir, heads(64, 4, 0.0, seed=1))
+    gathered.runner.drafts_as_rows = False
+    want = gathered.generate(ps, params, rows)
+    plain = engine(llama_dir).generate(ps, params, rows)  # and the logprobs of decoding one by one
+    assert ids_of(got) == ids_of(want) == ids_of(plain)
+    for g, w, p in zip(got, want, plain):
+        assert [t.skipped for t in g.tokens] == [t.skipped for t in w.tokens]
+        for other in (w, p):
+            assert max(abs(tg.logprob - to.logprob) for tg, to in zip(g.tokens, other.tokens)) < 1e-4
