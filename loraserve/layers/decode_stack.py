@@ -7,8 +7,9 @@ its layers once (`DecodeLayerSpec`); the backend (`Ops.decode_stack`) turns them
 `DecodeStack` that runs the same kernels in the same order, so its output equals the Python
 loop's bit for bit. Rows with adapters take each projection's LoRA as `LoraLinear` does, from
 per-layer views of the slot table handed to the native side again whenever the table is
-re-allocated (`LoraTable.generation`). Steps it does not cover (prefills, speculative drafts, a
-slot table in PyTorch's layout) get None back and take the model's own forward.
+re-allocated (`LoraTable.generation`). Steps it does not cover (prefills, a slot table in
+PyTorch's layout) get None back and take the model's own forward. A Medusa verification is
+covered: the batch builder lays its tokens out as single-token rows (engine/batch_builder.py).
 
 Batch-1 decode on SmolLM2-135M in-process, alternated with the Python loop (2-core Zen 5, AVX-512
 build): int8 186 vs 169 tok/s, bf16 86 vs 79, fp32 47 vs 45; with an adapter on the request int8
