@@ -31,7 +31,7 @@ from loraserve.engine.memory_plan import Limits, resolve_lengths
 from loraserve.engine.model_runner import ModelRunner, StepResult
 from loraserve.engine.output_processor import Emitted, OutputProcessor
 from loraserve.engine.params import RequestOutput, SamplingParams, TokenInfo
-from loraserve.engine.sampling import SamplingRow, make_generator, sample
+from loraserve.engine.sampling import SamplingRow, Stats, known_stats, make_generator, sample
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import Sequence
 from loraserve.engine.speculative import verify_drafts
@@ -307,9 +307,7 @@ class Engine:
         rows = res.layout.logit_rows
         return [any(bad[res.starts[i] : res.starts[i] + len(rs)]) for i, rs in enumerate(rows)]
 
-    def _sample_plain_rows(
-        self, res: StepResult, poisoned: list[bool], stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    ) -> dict[int, Emitted]:
+    def _sample_plain_rows(self, res: StepResult, poisoned: list[bool], stats: Stats) -> dict[int, Emitted]:
         """One token for every healthy sequence without drafts, all rows in one pass."""
         seqs, rows = res.layout.seqs, res.layout.logit_rows
         plain = [i for i, seq in enumerate(seqs) if rows[i] and not seq.drafts and not poisoned[i]]
@@ -324,12 +322,7 @@ class Engine:
             picked = res.logits.index_select(0, idx)
             arg, lse, finite = stats
             picked_stats = (arg.index_select(0, idx), lse.index_select(0, idx), finite.index_select(0, idx))
-        ops = self.runner.ops
-
-        def row_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            # logits no processor changed: the rows of the pass already made over the step's logits
-            return picked_stats if scores is picked else ops.argmax_logsumexp(scores)
-
+        row_stats = known_stats(picked, picked_stats, self.runner.ops.argmax_logsumexp)
         result = sample(picked, [self._sampling_row(seqs[i]) for i in plain], row_stats)
         out: dict[int, Emitted] = {}
         token_ids, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
@@ -361,7 +354,7 @@ class Engine:
         res: StepResult,
         poisoned: list[bool],
         sampled: dict[int, Emitted],
-        stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        stats: Stats,
     ) -> tuple[list[RequestOutput], list[tuple[Sequence, int]]]:
         """Outputs of every sequence, and (sequence, hidden row) of those that draft next.
         `stats`: the step's argmax / logsumexp / finite pass over every logits row."""
@@ -383,7 +376,9 @@ class Engine:
             speculated = bool(seq.drafts)
             if speculated:
                 a, b = res.starts[i], res.starts[i] + n
-                emitted, accepted = self._verify(seq, seq_logits, tuple(t[a:b] for t in stats))
+                emitted, accepted = self._verify(
+                    seq, seq_logits, (stats[0][a:b], stats[1][a:b], stats[2][a:b])
+                )
                 last_row = span_start + accepted
             else:
                 emitted = [sampled[i]]
@@ -403,21 +398,13 @@ class Engine:
                 draft_rows.append((seq, last_row))
         return outputs, draft_rows
 
-    def _verify(
-        self, seq: Sequence, logits: torch.Tensor, logits_stats: tuple[torch.Tensor, ...]
-    ) -> tuple[list[Emitted], int]:
+    def _verify(self, seq: Sequence, logits: torch.Tensor, logits_stats: Stats) -> tuple[list[Emitted], int]:
         """Accept a prefix of the sequence's drafts (engine/speculative.py); returns the tokens to
         emit and how many drafts were accepted. `logits_stats`: `logits`' rows of the step's stats."""
         masks = None
         if seq.grammar is not None:  # each position's mask, from the matcher advanced through the drafts
             masks = draft_masks(seq.grammar, seq.drafts, self.runner.vocab_size)
-        ops = self.runner.ops
-
-        def row_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            # logits no processor changed (a greedy row without a grammar): the step's pass
-            arg, lse, finite = logits_stats
-            return (arg, lse, finite) if scores is logits else ops.argmax_logsumexp(scores)
-
+        row_stats = known_stats(logits, logits_stats, self.runner.ops.argmax_logsumexp)
         v = verify_drafts(logits, seq.drafts, seq.params, seq.generator, masks, row_stats)
         seq.num_cached += 1 + v.accepted_drafts
         seq.spec_steps += 1

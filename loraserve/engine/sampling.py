@@ -50,7 +50,14 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return g
 
 
-RowStats = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per row: first argmax, logsumexp, all finite
+RowStats = Callable[[torch.Tensor], Stats]
+
+
+def known_stats(logits: torch.Tensor, known: Stats, compute: RowStats) -> RowStats:
+    """`known` (a pass already made over `logits`) for scores no logits processor changed, which
+    are `logits` itself; `compute` (the backend's pass) for any other scores."""
+    return lambda scores: known if scores is logits else compute(scores)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], stats: RowStats | None = None) -> SampleOutput:
