@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled ahead of time for the machine they run on: the multi-LoRA op
 (`csrc/lora_cpu.cpp`), decode attention over the paged KV cache
-(`csrc/attention_cpu.cpp`), causal attention of fresh prompts
+(`csrc/attention_cpu.cpp`; its entry points and the KV writes in
+`csrc/attention_entry_cpu.cpp`), causal attention of fresh prompts
 (`csrc/prefill_attention_cpu.cpp`), RMSNorm fused with the residual add
 (`csrc/norm_cpu.cpp`), SwiGLU's silu*mul and rotary embedding as one pass
 each (`csrc/activation_cpu.cpp`), dense projections over panel-packed
@@ -71,6 +72,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCE_NAMES = (
     "lora_cpu.cpp",
     "attention_cpu.cpp",
+    "attention_entry_cpu.cpp",
     "prefill_attention_cpu.cpp",
     "norm_cpu.cpp",
     "activation_cpu.cpp",

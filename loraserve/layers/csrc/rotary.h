@@ -1,5 +1,5 @@
 // HF's half-split rotary embedding of one head: the one loop that rotary() (activation_cpu.cpp)
-// and rope_decode_attention() (attention_cpu.cpp) both run, so the two give the same values.
+// and rope_decode_attention() (attention_entry_cpu.cpp) both run, so the two give the same values.
 #pragma once
 
 #include <cstdint>
