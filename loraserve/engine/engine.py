@@ -365,7 +365,8 @@ class Engine:
                 seq.num_cached = seq.prefill_end
                 continue
             n = len(res.layout.logit_rows[i])
-            seq_logits = res.logits[res.starts[i] : res.starts[i] + n]
+            a, b = res.starts[i], res.starts[i] + n  # this sequence's logits rows
+            seq_logits = res.logits[a:b]
             prefill = None
             if seq.params.prefill_logprobs and not seq.prefill_reported and not seq.drafts:
                 prefill = self.outputs.prefill_infos(seq, seq_logits)
@@ -375,7 +376,6 @@ class Engine:
             span_start, span_end = res.layout.spans[i]
             speculated = bool(seq.drafts)
             if speculated:
-                a, b = res.starts[i], res.starts[i] + n
                 emitted, accepted = self._verify(
                     seq, seq_logits, (stats[0][a:b], stats[1][a:b], stats[2][a:b])
                 )

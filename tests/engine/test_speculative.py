@@ -169,8 +169,8 @@ def test_verification_runs_as_decode_rows_with_the_same_logprobs(
     llama_dir: Path, llama_adapters: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where the backend's decode attention reads the cache in place, a verification's tokens are
-        laid out as single-token rows, so speculative steps take the one-call decode stack as plain
-        steps do; the tokens and every logprob are those of the gathered-context layout. Base rows and
+    laid out as single-token rows, so speculative steps take the one-call decode stack as plain
+    steps do; the tokens and every logprob are those of the gathered-context layout. Base rows and
     three adapters' rows share the steps."""
     ps = prompts(12, seed=21)
     ads = [parse_peft_adapter(p) for p in llama_adapters[:3]]
