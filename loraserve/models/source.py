@@ -110,6 +110,14 @@ def resolve_model(
                 "Hugging Face layout: config.json, safetensors, tokenizer.json)"
             )
         return local
+    # what can only be a path: say it is missing rather than that it is not a hub repo id
+    if model_id.endswith(".gguf"):
+        raise ModelLoadError(
+            f"--model-id {model_id}: no such GGUF file (for a GGUF file in a hub repo, give the repo "
+            "as --model-id and the file's name as --gguf-file)"
+        )
+    if model_id.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"--model-id {model_id}: no such local directory or file")
     try:
         return resolve_hub(model_id, revision)
     except ModelLoadError as e:

@@ -140,6 +140,10 @@ def test_hub_failures_say_what_was_tried(hub, tiny, monkeypatch: pytest.MonkeyPa
         resolve_model("no//such dir")
     with pytest.raises(ModelLoadError, match="no such directory"):
         resolve_model("org/tiny", source="local")
+    with pytest.raises(ModelLoadError, match=r"/nowhere/m\.gguf: no such GGUF file .*--gguf-file"):
+        resolve_model("/nowhere/m.gguf")
+    with pytest.raises(ModelLoadError, match=r"\./nowhere: no such local directory or file$"):
+        resolve_model("./nowhere")
     # gated: the hub's 403 with X-Error-Code GatedRepo
     handler = hub._server.RequestHandlerClass
 
