@@ -115,6 +115,34 @@ def test_int8_panels_of_a_bf16_model_round_only_the_activations(march: str) -> N
                 assert float((y - full).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("march", BUILDS)
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_one_row_streams_give_the_same_bits_under_every_prefetch_hint(march: str, fmt: str) -> None:
+    """The hint of the one-row weight streams (csrc/row_prefetch.h: T1 on Intel, T0 on AMD, or
+    none) only moves lines between caches: each mode's product is the same to the bit, and the
+    mode a benchmark sets is the one the kernels then run."""
+    ops = backend(f"native:{march}", fmt)
+    kernels = ops.kernels
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 1536, generator=gen) / 40
+    lin = ops.make_linear(w, None)
+    x = torch.randn(1, 1536, generator=gen)
+    chosen = kernels.row_prefetch()
+    try:
+        outs = []
+        for mode in (0, 1, 2):
+            kernels.set_row_prefetch(mode)
+            assert kernels.row_prefetch() == mode
+            outs.append(ops.linear(x, lin))
+    finally:
+        kernels.set_row_prefetch(chosen)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    ref = F.linear(x.double(), dequantize(lin).double()).float()
+    torch.testing.assert_close(outs[0], ref, atol=2e-5 * 1536**0.5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="row prefetch mode"):
+        kernels.set_row_prefetch(3)
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_tied_embedding_rows_read_from_the_lowp_lm_head(kind: str, fmt: str) -> None:

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "row_prefetch.h"
 #include "simd.h"
 
 void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
@@ -93,6 +94,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_logsumexp", &argmax_logsumexp, "per row: first argmax, logsumexp, all finite",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("panel_gemm_available", &panel_gemm_available, "whether panel_linear is compiled in (AVX-512 or AVX2)");
+  m.def("set_row_prefetch", [](int mode) {
+    TORCH_CHECK(mode >= 0 && mode <= 2, "row prefetch mode: 0 off, 1 T0, 2 T1");
+    row_prefetch::g_mode = mode;
+  }, "the one-row weight streams' prefetch hint (row_prefetch.h): 0 off, 1 T0, 2 T1");
+  m.def("row_prefetch", [] { return row_prefetch::g_mode; }, "the one-row weight streams' prefetch hint");
   m.def("simd_bits", [] { return LORASERVE_SIMD; }, "vector width the kernels were compiled for: 512, 256 or 0");
   m.def("panel_linear", &panel_linear, "x @ W.T + b over 32-column weight panels", pybind11::arg("x"),
         pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),

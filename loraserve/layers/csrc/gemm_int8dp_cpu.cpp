@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "over_rows.h"
+#include "row_prefetch.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -46,8 +47,9 @@ constexpr int kMR = 4;       // rows of a register block: 4 rows x 3 digits x 2 
 constexpr int kDigits = 3;
 // |xi| <= kQMax keeps the top balanced digit within [-128, 127] (the three digits reach 8,355,711)
 constexpr float kQMax = 8323072.f;  // 2^23 - 2^16
-// the 1-row stream prefetches this far ahead into L2, as lowp_kernels.h's int8 row does (and
-// says why L2); blocks of several rows fetch the next panel instead, two lines per k-quad:
+// the 1-row stream prefetches this far ahead, as lowp_kernels.h's int8 row does (with the hint
+// row_prefetch.h picks for the CPU); blocks of several rows fetch the next panel instead, two
+// lines per k-quad:
 // 30 layers of the SmolLM projections from DRAM, 2-core Xeon with AMX: 1 row 6.4 -> 4.8-5.1 ms
 constexpr int64_t kPrefetch = 4096;
 
@@ -158,6 +160,7 @@ void dp_block(const RowDigits* rows, int64_t kpad, const int8_t* __restrict__ w,
   };
   const int64_t full = K / 4;
   int64_t ahead = 0;  // bytes of the next panel (K * 32, k-quads of 128) fetched so far
+  const row_prefetch::Hint pf = row_prefetch::hint();
   for (; q + U <= full; q += U) {
     if (MR > 1 && next && ahead < K * kNR) {
 #pragma GCC unroll 2
@@ -171,8 +174,8 @@ void dp_block(const RowDigits* rows, int64_t kpad, const int8_t* __restrict__ w,
 #pragma GCC unroll 2
       for (int u = 0; u < U; ++u) {
         const char* at = reinterpret_cast<const char*>(w + (q + u) * 4 * kNR) + kPrefetch;
-        _mm_prefetch(at, _MM_HINT_T1);
-        _mm_prefetch(at + 64, _MM_HINT_T1);
+        pf.line(at);
+        pf.line(at + 64);
       }
     }
 #pragma GCC unroll 2

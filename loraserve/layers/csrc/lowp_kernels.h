@@ -12,6 +12,7 @@
 
 #include "lowp_panel.h"
 #include "over_rows.h"
+#include "row_prefetch.h"
 #include "simd.h"
 #include "widen.h"
 
@@ -27,13 +28,7 @@ using lowp::Panel;
 // token: int8 14.2 -> 9.3-10.4 ms, bf16 23.7 -> 21.1 ms; 2 KB and 8 KB ahead measured slower).
 constexpr int64_t kPrefetch = 4096;
 #if LORASERVE_SIMD
-// Into L2, not L1: on Intel a prefetch into L1 holds one of the core's ~16 L1 fill buffers until
-// its line arrives, which capped a streaming row at ~7 GB/s a core; L2 prefetches leave the
-// fill buffers to the loads. 30 layers of the SmolLM projections (106 MB int8, 212 MB bf16, from
-// DRAM), one row, 2-core Xeon with AMX: AVX2 build int8 8.0 -> 5.4 ms, bf16 9.6 -> 9.1 ms; AVX-512
-// (int8 dot products) 6.4 -> 4.8-5.1 ms. AMD's cores fill L1 and L2 alike for either hint (the
-// Zen figures above were taken with T0; not re-measured with T1).
-constexpr _mm_hint kPrefetchHint = _MM_HINT_T1;
+// (the hint is the vendor's: row_prefetch.h)
 
 // Several rows: the first register block of each panel also fetches the next panel into L2,
 // one line per k-step (two per bf16 k-pair), as panel_kernels.h's SpanPf: without it each panel's
@@ -207,12 +202,13 @@ inline void bf16_row(const float* __restrict__ x, const Panel& t, float* __restr
     for (int j = 0; j < kJ; ++j) acc[u][j] = simd::zero();
   const uint16_t* __restrict__ w = static_cast<const uint16_t*>(t.w);
   const int64_t full = t.k / 2;
+  const row_prefetch::Hint pf = row_prefetch::hint();
   int64_t kk = 0;
   for (; kk + 2 <= full; kk += 2) {
     if (kPrefetch) {  // two pairs of k-steps: 256 bytes, four lines
 #pragma GCC unroll 4
       for (int l = 0; l < 4; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(w + kk * 2 * kNR) + kPrefetch + 64 * l, kPrefetchHint);
+        pf.line(reinterpret_cast<const char*>(w + kk * 2 * kNR) + kPrefetch + 64 * l);
     }
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
@@ -264,11 +260,12 @@ inline void int8_row(const float* __restrict__ x, const Panel& t, float* __restr
 #pragma GCC unroll 4
     for (int j = 0; j < kJ; ++j) acc[u][j] = simd::zero();
   const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w);
+  const row_prefetch::Hint pf = row_prefetch::hint();
   int64_t k = 0;
   for (; k + 4 <= t.k; k += 4) {
     if (kPrefetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch, kPrefetchHint);
-      _mm_prefetch(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch + 64, kPrefetchHint);
+      pf.line(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch);
+      pf.line(reinterpret_cast<const char*>(w + k * kNR) + kPrefetch + 64);
     }
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) {

@@ -1,0 +1,61 @@
+// The software prefetch of a one-row weight stream (batch-1 decode: lowp_kernels.h's bf16 and
+// int8 rows, gemm_int8dp_cpu.cpp's one-row block), a fixed distance ahead of the loads, with the
+// hint the CPU's vendor wants.
+//
+// Why two hints, chosen when the library loads: on Intel a prefetch into L1 (T0) holds one of the
+// core's ~16 L1 fill buffers until its line arrives, which capped a streaming row at ~7 GB/s a
+// core, so Intel gets L2 prefetches (T1): 30 layers of the SmolLM projections from DRAM, one row,
+// 2-core Xeon with AMX, AVX2 build int8 8.0 -> 5.4 ms, bf16 9.6 -> 9.1 ms; AVX-512 (int8 dot
+// products) 6.4 -> 4.8-5.1 ms. On AMD Zen 4 the same T1 prefetches slowed the stream
+// by half: 269 MB of bf16 panels (the 135M model's weights), one row, 1 thread, best of 15, two
+// runs: no prefetch 8.4 / 9.1 ms, T0 8.9 / 9.6, NTA 8.9 / 9.5, T1 12.2 / 13.1 (2 KB / 8 KB ahead
+// 13.1 / 11.0); on Zen 5 T0 had beaten no prefetch (int8 14.2 -> 9.3-10.4 ms, bf16 23.7 ->
+// 21.1). `LORASERVE_ROW_PREFETCH=t0|t1|off` overrides the choice, and `set_row_prefetch` switches it in
+// a running process (bench/row_prefetch.py alternates them), to compare them on a new host.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include "simd.h"
+
+namespace row_prefetch {
+
+enum Mode : int { kOff = 0, kT0 = 1, kT1 = 2 };
+
+// `LORASERVE_ROW_PREFETCH`, else the vendor's hint
+inline int choose() {
+  if (const char* e = std::getenv("LORASERVE_ROW_PREFETCH")) {
+    if (!std::strcmp(e, "off")) return kOff;
+    if (!std::strcmp(e, "t0")) return kT0;
+    if (!std::strcmp(e, "t1")) return kT1;
+  }
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd") ? kT0 : kT1;
+#else
+  return kT1;
+#endif
+}
+
+// chosen when the library loads; `set_row_prefetch` (bindings.cpp) changes it between steps, so a
+// benchmark can alternate the modes in one process
+inline int g_mode = choose();
+
+#if LORASERVE_SIMD
+// the mode as a kernel call reads it once, before its loop
+struct Hint {
+  int mode;
+  // one 64-byte line at p
+  LS_INLINE void line(const void* p) const {
+    if (mode == kT1) {
+      _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+    } else if (mode == kT0) {
+      _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+    }
+  }
+};
+inline Hint hint() { return Hint{g_mode}; }
+#endif
+
+}  // namespace row_prefetch
