@@ -253,7 +253,9 @@ def test_generate_reads_the_model_from_s3(tiny_assets, tmp_path: Path, monkeypat
             ["--model-id", "org/bin"],
             "hub model org/bin@main has no *.safetensors weights (it has pytorch_model.bin)",
         ),
-        (["--model-id", "./typo dir"], "not a local directory and not a valid hub repo id"),
+        (["--model-id", "./typo dir"], "--model-id ./typo dir: no such local directory or file"),
+        (["--model-id", "no//such dir"], "not a local directory and not a valid hub repo id"),
+        (["--model-id", "/x/m.gguf"], "--model-id /x/m.gguf: no such GGUF file"),
         (["--model-id", "org/tiny", "--source", "s3"], "--model-id must look like s3://bucket/prefix"),
     ],
 )
