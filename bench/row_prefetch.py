@@ -2,7 +2,7 @@
 one process, on SmolLM2-135M in the low-precision serving modes.
 
 Why: the hint a streaming row wants differs by CPU (layers/csrc/row_prefetch.h: L2 on Intel,
-L1 on AMD Zen 4, where the L2 hint halved the stream), and this shared host's bandwidth drifts by
+L1 on AMD Zen 4, where the L2 hint slowed the stream by a third), and this shared host's bandwidth drifts by
 tens of percent within minutes, so modes measured in separate processes measure the drift. The
 library's choice for this CPU is the row marked `*`; the mode is switched on the one engine between
 reps (`set_row_prefetch`, what `LORASERVE_ROW_PREFETCH=off|t0|t1` sets at start-up).
@@ -20,12 +20,9 @@ import argparse
 import random
 import statistics
 
-import torch
-
 from bench.adapter_decode import decode_rate
 from bench.lowp_quality import PRECISIONS, smollm2_gguf
 from loraserve.engine.engine import Engine, EngineConfig
-from loraserve.layers.native_cpu import cpu_kernels
 from loraserve.models.source import DEFAULT_MODEL_CACHE, resolve_model
 
 MODES = {"off": 0, "t0": 1, "t1": 2}
@@ -37,11 +34,9 @@ def run(precision: str, threads: int, reps: int) -> tuple[dict[str, float], str]
         dtype=dtype, quantize=quantize, num_threads=threads, prefix_caching=False, max_batch_total_tokens=512
     )
     engine = Engine.from_pretrained(resolve_model(str(smollm2_gguf()), cache_dir=DEFAULT_MODEL_CACHE), cfg)
-    stack = engine.runner.model.decode_stack
-    if stack is None:
-        raise SystemExit(f"{precision}: no native decode stack here (build the kernels first)")
-    native = cpu_kernels(torch.device("cpu"), torch.float32)  # the module the engine loaded
-    assert native is not None
+    native = getattr(engine.runner.ops, "kernels", None)  # the module the engine loaded
+    if native is None:
+        raise SystemExit(f"{precision}: no native CPU kernels here (build the kernels first)")
     chosen = next(m for m, v in MODES.items() if v == native.row_prefetch())
     rng, vocab = random.Random(0), engine.runner.mc.vocab_size
     decode_rate(engine, rng, None, vocab)  # warm-up
@@ -64,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'precision':10s} {'threads':>7s} " + " ".join(f"{m:>8s}" for m in MODES))
     for precision in args.precisions.split(","):
         for threads in (int(t) for t in args.threads.split(",")):
-            torch.set_num_threads(threads)
             r, chosen = run(precision, threads, args.reps)
             cells = " ".join(f"{r[m]:7.1f}{'*' if m == chosen else ' '}" for m in MODES)
             print(f"{precision:10s} {threads:7d} {cells}")

@@ -6,12 +6,12 @@
 // core's ~16 L1 fill buffers until its line arrives, which capped a streaming row at ~7 GB/s a
 // core, so Intel gets L2 prefetches (T1): 30 layers of the SmolLM projections from DRAM, one row,
 // 2-core Xeon with AMX, AVX2 build int8 8.0 -> 5.4 ms, bf16 9.6 -> 9.1 ms; AVX-512 (int8 dot
-// products) 6.4 -> 4.8-5.1 ms. On AMD Zen 4 the same T1 prefetches slowed the stream
-// by half: 269 MB of bf16 panels (the 135M model's weights), one row, 1 thread, best of 15, two
-// runs: no prefetch 8.4 / 9.1 ms, T0 8.9 / 9.6, NTA 8.9 / 9.5, T1 12.2 / 13.1 (2 KB / 8 KB ahead
-// 13.1 / 11.0); on Zen 5 T0 had beaten no prefetch (int8 14.2 -> 9.3-10.4 ms, bf16 23.7 ->
-// 21.1). `LORASERVE_ROW_PREFETCH=t0|t1|off` overrides the choice, and `set_row_prefetch` switches it in
-// a running process (bench/row_prefetch.py alternates them), to compare them on a new host.
+// products) 6.4 -> 4.8-5.1 ms. On AMD Zen 4 the same T1 prefetches slowed the stream by a third:
+// 269 MB of bf16 panels (the 135M model's weights), one row, 1 thread, best of 15, two runs: no
+// prefetch 8.4 / 9.1 ms, T0 8.9 / 9.6, NTA 8.9 / 9.5, T1 12.2 / 13.1 (2 KB / 8 KB ahead 13.1 /
+// 11.0); on Zen 5 T0 had beaten no prefetch (int8 14.2 -> 9.3-10.4 ms, bf16 23.7 -> 21.1).
+// `LORASERVE_ROW_PREFETCH=t0|t1|off` overrides the choice, and `set_row_prefetch` switches it in a
+// running process (bench/row_prefetch.py alternates them), to compare them on a new host.
 #pragma once
 
 #include <cstdlib>
