@@ -14,11 +14,12 @@
 // - int8: [P, K, 32] plus scale [P * 32] (fp32): a column's sum is scaled once, at the end.
 //
 // Three ways through a panel, by rows (M) and CPU (the first two: lowp_kernels.h):
-// - up to one register block of rows (12 with AVX-512, 3 with AVX2): the panel is converted in
+// - up to one register block of rows (12 with AVX-512; AVX2: bf16 up to 16 rows in blocks of 2,
+//   int8 at any row count in blocks of up to 6 rows over half a panel): the panel is converted in
 //   registers as it streams (decode);
 // - more rows, no AMX: each panel is converted once into an fp32 scratch copy (L1/L2) that an
 //   fp32 register-blocked kernel then reads for every row block, instead of re-converting every
-//   weight once per block of rows (the AVX2 int8 path converted each weight once per 3 rows);
+//   weight once per block of rows;
 // - AMX (compiler targets it, the kernel grants it), bf16 from kAmxMinRows rows and int8 from
 //   kAmxMinRowsInt8: tile multiplies over the same panels (gemm_amx_cpu.cpp says how).
 // The portable build (neither AVX2 nor AVX-512) keeps a scalar loop of the same sums.

@@ -67,11 +67,14 @@ LS_INLINE V int8_cols(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #else
-constexpr int kMR = 3;  // 4 x 3 accumulators + weights + a broadcast fit 16 registers
-// up to this many rows the in-register blocks (3 rows each) beat converting the panel once into
-// the fp32 scratch; 135M gate_up, us, in registers vs scratch: bf16 8 rows 405 vs 523, 16 rows
-// 764 vs ~790; int8 8 rows 410 vs 427, 16 rows 805 vs ~690, 32 rows 1,310 vs 1,217
-constexpr int64_t kInRegRowsBf16 = 16, kInRegRowsInt8 = 8;
+constexpr int kMR = 3;  // 3 x 4 accumulators, one weight register at a time (fma_block), broadcasts from L1
+// up to this many rows the in-register blocks beat converting the panel once into the fp32
+// scratch; 135M gate_up, us, in registers vs scratch: bf16 8 rows 405 vs 523, 16 rows 764 vs
+// ~790. int8 always: its blocks of up to 6 rows over half a panel (int8_parts) beat the scratch
+// at every row count of a work item (576 x 1536 in L2, one Zen 4 thread, GMAC/s: 8 rows 50.5 vs
+// 38.2, 32 rows 55.0 vs 51.1, 96 rows 56.3 vs 55.1), where blocks of 3 rows over the whole panel
+// lost from 16 rows (805 vs ~690 us).
+constexpr int64_t kInRegRowsBf16 = 16, kInRegRowsInt8 = INT64_MAX;
 // bf16 blocks of 2 rows, not 3: 2 x 4 accumulators beside a pair's two weight registers (8 MB of
 // panels in L3, 2 Zen 5 cores: 3 rows 166 us, 2 rows 90 us; 16 rows 977 -> 720 us)
 constexpr int kMRBf16 = 2;
@@ -115,17 +118,34 @@ LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& 
   const char* const nx = t.next;
   const int64_t nb = t.next_bytes;
   int64_t at = 0;
-#pragma GCC unroll 4  // as panel_kernels.h's block: the loop's own uops were a fifth of it
-  for (int64_t k = 0; k < K; ++k) {
-    prefetch_next(nx, nb, at);
-    V wv[NV];
+  if constexpr (MR * NV + NV + 1 > simd::kRegs) {
+    // AVX2's 3 int8 rows: 12 accumulators, 4 weight registers and a broadcast are one register
+    // more than there are, and GCC spilled in the loop. One weight register at a time (each sum
+    // still takes its k-steps in order, so the bits are the same), the rows' broadcasts read from
+    // L1 as FMA operands. 576 x 1536 in L2, one Zen 4 thread: 25 -> 46 GMAC/s at 3 rows.
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < K; ++k) {
+      prefetch_next(nx, nb, at);
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) wv[j] = load(k, j);
+      for (int j = 0; j < NV; ++j) {
+        const V wv = load(k, j);
 #pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      const V xv = simd::set1(x[m * ldx + k]);
+        for (int m = 0; m < MR; ++m) acc[m][j] = simd::fma(simd::set1(x[m * ldx + k]), wv, acc[m][j]);
+      }
+    }
+  } else {
+#pragma GCC unroll 4  // as panel_kernels.h's block: the loop's own uops were a fifth of it
+    for (int64_t k = 0; k < K; ++k) {
+      prefetch_next(nx, nb, at);
+      V wv[NV];
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[m][j] = simd::fma(xv, wv[j], acc[m][j]);
+      for (int j = 0; j < NV; ++j) wv[j] = load(k, j);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const V xv = simd::set1(x[m * ldx + k]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) acc[m][j] = simd::fma(xv, wv[j], acc[m][j]);
+      }
     }
   }
 #pragma GCC unroll 16
@@ -336,12 +356,41 @@ void f32_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& 
   for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) f32_block<MR, kFV>(x, ldx, w, c0 ? rest : t, c0, y, ldy);
 }
 
+// MR rows x the int8 panel's registers from column c0 (kFV of them), converted in registers
+template <int MR>
+void int8_part(const float* __restrict__ x, int64_t ldx, const Panel& t, int64_t c0, float* __restrict__ y,
+               int64_t ldy) {
+  const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w) + c0;
+  fma_block<MR, kFV>(x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return int8_cols(w + k * kNR + j * kL); });
+}
+
+template <int MR>
+void int8_parts(int mr, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return int8_parts<MR - 1>(mr, x, ldx, t, y, ldy);
+  }
+  const Panel rest = without_next(t);
+  for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) int8_part<MR>(x, ldx, c0 ? rest : t, c0, y, ldy);
+}
+
+// AVX2 int8 from this many rows: blocks of up to kFR rows over each half of the panel, not of
+// kMR rows over all of it. Each converted weight register (two instructions) then serves up to 6
+// FMAs instead of 3, and the block fits the 16 registers: 576 x 1536 in L2, one Zen 4 thread,
+// GMAC/s: whole panel 2 / 3 rows 41 / 46, half panels 4 / 6 rows 50 / 57 (2 rows: 30).
+constexpr int64_t kInt8PartsMinRows = kJ > kFV ? 4 : 0;
+
 template <bool BF16>
 void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy,
                 std::vector<float>& scratch) {
   // only the first register block fetches the next panel (t.next; the one-row kernels ignore it
   // and stream their own panel ahead)
   const Panel rest = without_next(t);
+  if (!BF16 && kInt8PartsMinRows && rows >= kInt8PartsMinRows) {
+    over_blocks(rows, kFR, [&](int64_t r, int mr) {
+      int8_parts<kFR>(mr, x + r * ldx, ldx, r == 0 ? t : rest, y + r * ldy, ldy);
+    });
+    return;
+  }
   if (rows <= (BF16 ? kInRegRowsBf16 : kInRegRowsInt8)) {  // converted in registers as the panel streams, once per block of rows
     constexpr int most = BF16 ? kMRBf16 : kMR;
     over_blocks(rows, most, [&](int64_t r, int mr) {

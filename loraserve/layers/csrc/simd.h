@@ -21,6 +21,7 @@
 #define LORASERVE_SIMD 512
 namespace simd {
 constexpr int W = 16;
+constexpr int kRegs = 32;  // vector registers
 using V = __m512;
 using M = __mmask16;  // lanes that exist (a row's tail)
 inline M mask(int64_t n) {
@@ -54,6 +55,7 @@ inline float sum(V v) { return _mm512_reduce_add_ps(v); }
 #define LORASERVE_SIMD 256
 namespace simd {
 constexpr int W = 8;
+constexpr int kRegs = 16;
 using V = __m256;
 using M = __m256i;  // AVX2 has no mask registers: all-ones lanes in a vector
 inline M mask(int64_t n) {
