@@ -67,7 +67,7 @@ LS_INLINE V int8_cols(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #else
-constexpr int kMR = 3;  // 3 x 4 accumulators, one weight register at a time (fma_block), broadcasts from L1
+constexpr int kMR = 3;  // 3 x 4 accumulators, one weight register at a time (fma_block)
 // up to this many rows the in-register blocks beat converting the panel once into the fp32
 // scratch; 135M gate_up, us, in registers vs scratch: bf16 8 rows 405 vs 523, 16 rows 764 vs
 // ~790. int8 always: its blocks of up to 6 rows over half a panel (int8_parts) beat the scratch
@@ -121,8 +121,8 @@ LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& 
   if constexpr (MR * NV + NV + 1 > simd::kRegs) {
     // AVX2's 3 int8 rows: 12 accumulators, 4 weight registers and a broadcast are one register
     // more than there are, and GCC spilled in the loop. One weight register at a time (each sum
-    // still takes its k-steps in order, so the bits are the same), the rows' broadcasts read from
-    // L1 as FMA operands. 576 x 1536 in L2, one Zen 4 thread: 25 -> 46 GMAC/s at 3 rows.
+    // still takes its k-steps in order, so the bits are the same), each row's value broadcast
+    // again from L1 for every register. 576 x 1536 in L2, one Zen 4 thread: 25 -> 46 GMAC/s at 3 rows.
 #pragma GCC unroll 2
     for (int64_t k = 0; k < K; ++k) {
       prefetch_next(nx, nb, at);
