@@ -73,7 +73,7 @@ weight register serves up to 6 FMAs (the 3-row blocks over a whole panel had spi
 in the loop, and served 3). 2-core Zen 4 EPYC, AVX2 build, `python -m bench.lowp --kernels`, us
 per call, int8, before -> after: gate_up 3072x576 4 / 8 / 32 rows 91 / 257 / 580 -> 77 / 150 /
 526, down 576x1536 46 / 130 / 283 -> 39-42 / 75-78 / 263; engine decode of 8 requests (SmolLM2,
-2 threads, in-process, alternated) 278-291 -> 410-441 tok/s, 4 requests 317-373 -> 389-410.
+2 threads, in-process, alternated) 278-305 -> 410-441 tok/s, 4 requests 317-396 -> 389-410.
 """
 
 from __future__ import annotations
