@@ -70,7 +70,7 @@ LS_INLINE V int8_cols(const int8_t* p) {
 constexpr int kMR = 3;  // 3 x 4 accumulators, one weight register at a time (fma_block)
 // up to this many rows the in-register blocks beat converting the panel once into the fp32
 // scratch; 135M gate_up, us, in registers vs scratch: bf16 8 rows 405 vs 523, 16 rows 764 vs
-// ~790. int8 always: its blocks of up to 6 rows over half a panel (int8_parts) beat the scratch
+// ~790. int8 always: its blocks of up to 6 rows over half a panel (part_rows) beat the scratch
 // at every row count of a work item (576 x 1536 in L2, one Zen 4 thread, GMAC/s: 8 rows 50.5 vs
 // 38.2, 32 rows 55.0 vs 51.1, 96 rows 56.3 vs 55.1), where blocks of 3 rows over the whole panel
 // lost from 16 rows (805 vs ~690 us).
@@ -266,11 +266,13 @@ inline void bf16_row(const float* __restrict__ x, const Panel& t, float* __restr
   for (int j = 0; j < kJ; ++j) put_reg(y, t, j * kL, row_sum(acc, j));
 }
 
-// MR rows x one int8 panel, converted in registers; the column scales are applied at the store.
-template <int MR>
-void int8_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float* __restrict__ y, int64_t ldy) {
-  const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w);
-  fma_block<MR, kJ>(x, ldx, t, 0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return int8_cols(w + k * kNR + j * kL); });
+// MR rows x NV registers of an int8 panel from column c0 (all of it by default), converted in
+// registers; the column scales are applied at the store.
+template <int MR, int NV = kJ>
+void int8_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float* __restrict__ y, int64_t ldy,
+                int64_t c0 = 0) {
+  const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w) + c0;
+  fma_block<MR, NV>(x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return int8_cols(w + k * kNR + j * kL); });
 }
 
 inline void int8_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y) {
@@ -347,37 +349,27 @@ void f32_block(const float* __restrict__ x, int64_t ldx, const float* __restrict
   fma_block<MR, NV>(x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return simd::load(w + k * kNR + j * kL); });
 }
 
+// MR rows x the panel in parts of kFV registers, the next panel fetched by the first part only:
+// over the fp32 scratch copy of a panel (w), or (w null) over the int8 panel itself, converted
+// in registers
 template <int MR>
-void f32_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& t, float* y, int64_t ldy) {
+void part_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& t, float* y, int64_t ldy) {
   if constexpr (MR > 1) {
-    if (mr < MR) return f32_rows<MR - 1>(mr, x, ldx, w, t, y, ldy);
+    if (mr < MR) return part_rows<MR - 1>(mr, x, ldx, w, t, y, ldy);
   }
   const Panel rest = without_next(t);
-  for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) f32_block<MR, kFV>(x, ldx, w, c0 ? rest : t, c0, y, ldy);
-}
-
-// MR rows x the int8 panel's registers from column c0 (kFV of them), converted in registers
-template <int MR>
-void int8_part(const float* __restrict__ x, int64_t ldx, const Panel& t, int64_t c0, float* __restrict__ y,
-               int64_t ldy) {
-  const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w) + c0;
-  fma_block<MR, kFV>(x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return int8_cols(w + k * kNR + j * kL); });
-}
-
-template <int MR>
-void int8_parts(int mr, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy) {
-  if constexpr (MR > 1) {
-    if (mr < MR) return int8_parts<MR - 1>(mr, x, ldx, t, y, ldy);
+  for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) {
+    if (w) f32_block<MR, kFV>(x, ldx, w, c0 ? rest : t, c0, y, ldy);
+    else int8_block<MR, kFV>(x, ldx, c0 ? rest : t, y, ldy, c0);
   }
-  const Panel rest = without_next(t);
-  for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) int8_part<MR>(x, ldx, c0 ? rest : t, c0, y, ldy);
 }
 
 // AVX2 int8 from this many rows: blocks of up to kFR rows over each half of the panel, not of
 // kMR rows over all of it. Each converted weight register (two instructions) then serves up to 6
 // FMAs instead of 3, and the block fits the 16 registers: 576 x 1536 in L2, one Zen 4 thread,
 // GMAC/s: whole panel 2 / 3 rows 41 / 46, half panels 4 / 6 rows 50 / 57 (2 rows: 30).
-constexpr int64_t kInt8PartsMinRows = kJ > kFV ? 4 : 0;
+constexpr bool kInt8Parts = kJ > kFV;
+constexpr int64_t kInt8PartsMinRows = 4;
 
 template <bool BF16>
 void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy,
@@ -385,13 +377,13 @@ void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float
   // only the first register block fetches the next panel (t.next; the one-row kernels ignore it
   // and stream their own panel ahead)
   const Panel rest = without_next(t);
-  if (!BF16 && kInt8PartsMinRows && rows >= kInt8PartsMinRows) {
-    over_blocks(rows, kFR, [&](int64_t r, int mr) {
-      int8_parts<kFR>(mr, x + r * ldx, ldx, r == 0 ? t : rest, y + r * ldy, ldy);
-    });
-    return;
-  }
   if (rows <= (BF16 ? kInRegRowsBf16 : kInRegRowsInt8)) {  // converted in registers as the panel streams, once per block of rows
+    if (!BF16 && kInt8Parts && rows >= kInt8PartsMinRows) {
+      over_blocks(rows, kFR, [&](int64_t r, int mr) {
+        part_rows<kFR>(mr, x + r * ldx, ldx, nullptr, r == 0 ? t : rest, y + r * ldy, ldy);
+      });
+      return;
+    }
     constexpr int most = BF16 ? kMRBf16 : kMR;
     over_blocks(rows, most, [&](int64_t r, int mr) {
       rows_block<BF16, most>(mr, x + r * ldx, ldx, r == 0 ? t : rest, y + r * ldy, ldy);
@@ -401,7 +393,7 @@ void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float
   scratch.resize(static_cast<size_t>(t.k * kNR));
   dequant_panel(BF16, t, scratch.data());
   over_blocks(rows, kFR, [&](int64_t r, int mr) {
-    f32_rows<kFR>(mr, x + r * ldx, ldx, scratch.data(), r == 0 ? t : rest, y + r * ldy, ldy);
+    part_rows<kFR>(mr, x + r * ldx, ldx, scratch.data(), r == 0 ? t : rest, y + r * ldy, ldy);
   });
 }
 #else
