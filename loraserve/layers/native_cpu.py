@@ -5,9 +5,9 @@
 (`csrc/prefill_attention_cpu.cpp`), RMSNorm fused with the residual add
 (`csrc/norm_cpu.cpp`), SwiGLU's silu*mul and rotary embedding as one pass
 each (`csrc/activation_cpu.cpp`), dense projections over panel-packed
-weights (`csrc/gemm_cpu.cpp`) and each with its rows' own LoRA at decode sizes
-(`csrc/gemm_lora_cpu.cpp`), and a decode step's layer stack in one call
-(`csrc/decode_stack_cpu.cpp`).
+weights (`csrc/gemm_cpu.cpp`; bf16 / int8 ones in `csrc/gemm_lowp_cpu.cpp`) and each with
+its rows' own LoRA at decode sizes (`csrc/gemm_lora_cpu.cpp`, `csrc/gemm_lowp_lora_cpu.cpp`),
+and a decode step's layer stack in one call (`csrc/decode_stack_cpu.cpp`).
 
 Every kernel has an AVX-512 and an AVX2+FMA path (`csrc/simd.h`: one vector type, 16 or 8
 floats), chosen when the library is compiled by its `-march`: `native` by default (whatever the
@@ -80,6 +80,7 @@ SOURCE_NAMES = (
     "gemm_cpu.cpp",
     "gemm_lora_cpu.cpp",
     "gemm_lowp_cpu.cpp",
+    "gemm_lowp_lora_cpu.cpp",
     "gemm_amx_cpu.cpp",
     "gemm_bf16dp_cpu.cpp",
     "gemm_int8dp_cpu.cpp",

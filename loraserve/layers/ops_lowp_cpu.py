@@ -8,11 +8,14 @@ on AVX512_BF16 CPUs bf16 panels (and int8 ones of a `--dtype bfloat16` model) as
 AMX_MIN_ROWS (quantized_linear.py says what that does to the activations). Outputs stay fp32, so every other
 native kernel (attention, norms, LoRA, rotary) runs unchanged.
 The native LoRA kernel reads an fp32 or a bf16 slot table (bf16 widened to fp32 in registers,
-fp32 sums); the fused base + LoRA decode pass stays fp32-only.
+fp32 sums). Decode steps of many rows run each row's LoRA between the panels
+(`lowp_panel_lora_linear`, csrc/gemm_lowp_lora_cpu.cpp) where the build computes them panel by
+panel (`lowp_lora_fuses`: AVX2 machines, AVX-512 ones without VNNI), as the fp32 panels do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -20,7 +23,7 @@ import torch
 from loraserve.layers.linear import Linear
 from loraserve.layers.lora import LoraBatch
 from loraserve.layers.ops import TorchOps
-from loraserve.layers.ops_cpu import CpuNativeOps
+from loraserve.layers.ops_cpu import FUSED_LORA_MAX_MEMBERS, CpuNativeOps
 from loraserve.layers.quantized_linear import LOWP_PANELS, pack_lowp_panels
 
 
@@ -70,6 +73,48 @@ class LowpCpuOps(CpuNativeOps):
             x2, w.weight, w.out_features, w.scale, w.bias, self.bf16_activations
         )
         return y.view(*lead, w.out_features)
+
+    def linear_lora(
+        self,
+        x: torch.Tensor,
+        w: Linear,
+        a: torch.Tensor,
+        bs: Sequence[torch.Tensor],
+        lb: LoraBatch,
+        slot_rank: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """bf16 / int8 panels: `linear(x, w)` with every row's LoRA delta, each row's adapter
+        fetched and run between two panels, where the kernel says the rows take that pass
+        (`lowp_lora_fuses`, the decode stack asks the same); None elsewhere (the caller then
+        runs `linear` and `lora`)."""
+        if w.layout not in LOWP_PANELS:
+            return super().linear_lora(x, w, a, bs, lb, slot_rank)
+        if (
+            not self.fused_lora
+            or lb.rows is None
+            or x.dim() != 2
+            or x.stride(-1) != 1
+            or x.dtype != torch.float32
+            or a.dtype not in (torch.float32, torch.bfloat16)
+            or not 0 < len(bs) <= FUSED_LORA_MAX_MEMBERS
+            or not self.kernels.lowp_lora_fuses(
+                x.shape[0], x.shape[1], w.weight.dtype == torch.bfloat16, self.bf16_activations
+            )
+        ):
+            return None
+        return self.kernels.lowp_panel_lora_linear(
+            x,
+            w.weight,
+            w.out_features,
+            w.scale,
+            w.bias,
+            self.bf16_activations,
+            lb.rows,
+            lb.row_slots,
+            a,
+            list(bs),
+            slot_rank,
+        )
 
     def embedding(self, ids: torch.Tensor, table: torch.Tensor | Linear) -> torch.Tensor:
         if isinstance(table, Linear) and table.layout in LOWP_PANELS:

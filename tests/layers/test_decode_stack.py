@@ -16,6 +16,7 @@ from loraserve.engine.params import SamplingParams
 from loraserve.layers.decode_stack import DecodeStack
 from loraserve.layers.native_cpu import ENV_MARCH
 from loraserve.layers.ops_cpu import ENV_DECODE_REGION, ENV_FUSED_LORA
+from loraserve.layers.ops_lowp_cpu import LowpCpuOps
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.engines import cpu_engine
 from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
@@ -40,6 +41,16 @@ def two_threads() -> object:
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+def engine_with_stack(model_dir: Path, stack_on: bool, **flags) -> Engine:
+    """A native engine whose model built its decode stack, set aside unless `stack_on` (the
+    model's Python loop then runs every step)."""
+    engine = cpu_engine(model_dir, "native", max_lora_rank=16, **flags)
+    assert engine.runner.model.decode_stack is not None
+    if not stack_on:
+        engine.runner.model.decode_stack = None
+    return engine
 
 
 def greedy(engine: Engine, adapters: list | None = None) -> list[list[tuple[int, float | None]]]:
@@ -109,11 +120,8 @@ def test_adapter_rows_equal_the_python_loop(
     ran = count_taken(monkeypatch, DecodeStack, "__call__")
     runs = []
     for stack_on in (True, False):
-        engine = cpu_engine(llama_dir, "native", max_lora_rank=16, **LORA_CASES[case])
+        engine = engine_with_stack(llama_dir, stack_on, **LORA_CASES[case])
         model = engine.runner.model
-        assert model.decode_stack is not None
-        if not stack_on:
-            model.decode_stack = None
         offered = len(ran)
         first = greedy(engine, [adapters[0], None, adapters[1]])  # rank 8 and 4: the table's 8
         rank_before = engine.runner.lora.rank
@@ -129,6 +137,51 @@ def test_adapter_rows_equal_the_python_loop(
             assert model.decode_stack.native.region_runs() == 2 * (NEW_TOKENS - 1)
         runs.append((first, second))
     assert runs[0] == runs[1]  # token ids and logprobs, exactly
+
+
+# 24 rows: past the region's 4 rows and from the 20 where bf16 / int8 panels run each row's LoRA
+# between two panels (csrc/gemm_lowp_lora_cpu.cpp) in builds that compute them panel by panel
+WIDE_PROMPTS = [[1 + (7 * i + 11 * j) % 380 for j in range(3 + i % 6)] for i in range(24)]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("case", ["int8", "int8-bf16"])
+def test_many_adapter_rows_on_lowp_panels_equal_the_python_loop(
+    llama_dir: Path,
+    llama_adapters: list[Path],
+    case: str,
+    build: str,
+    monkeypatch: pytest.MonkeyPatch,
+    two_threads: object,
+) -> None:
+    """24 rows on three adapters (fp32 and bf16 tables) and none: the stack's per-kernel path
+    gives the Python loop's tokens and logprobs exactly. The AVX2 build runs these steps' int8
+    projections with each row's LoRA between the panels (LowpCpuOps.linear_lora takes them in the
+    loop; the stack asks the kernel the same question)."""
+    native_kernel_or_skip(build)
+    if build == AVX2:
+        monkeypatch.setenv(ENV_MARCH, AVX2)
+    adapters = [parse_peft_adapter(llama_adapters[i]) for i in (3, 0, 2)]
+    rows = [adapters[i % 4] if i % 4 < 3 else None for i in range(len(WIDE_PROMPTS))]
+    taken = count_taken(monkeypatch, LowpCpuOps, "linear_lora")
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
+    runs = []
+    for stack_on in (True, False):
+        engine = engine_with_stack(llama_dir, stack_on, **PRECISIONS[case])
+        model = engine.runner.model
+        before = len(taken)
+        res = engine.generate(WIDE_PROMPTS, params, rows)
+        runs.append([[(t.id, t.logprob) for t in r.tokens] for r in res])
+        fused = taken[before:].count(True)
+        # the loop's decode steps: 4 projection groups a layer (the stack's steps never ask)
+        kernels = model.ops.kernels
+        if stack_on or kernels.simd_bits() != 256:
+            assert fused == 0
+        else:
+            assert fused == (NEW_TOKENS - 1) * 4 * len(model.layers)
+        assert engine.stats()["adapter_slots_in_use"] == 0
+        assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+    assert runs[0] == runs[1]
 
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

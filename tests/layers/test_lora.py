@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from loraserve.layers.lora import LONG_SEGMENT, LoraTable
+from loraserve.layers.lora import LONG_SEGMENT, SLOT_COLOR, LoraTable
 from tests.fixtures.memory import needs_proc, rss_bytes
 from tests.fixtures.native import ops_for
 
@@ -195,7 +195,7 @@ def test_a_slot_takes_memory_when_its_adapter_is_written_not_before() -> None:
     shapes = {"q_proj": (1024, 1024)}
     before = rss_bytes()
     t = LoraTable(shapes, 4, 64, 64, torch.float32, torch.device("cpu"), rank=64)
-    assert t.buf.numel() * 4 == 64 * t.slot_stride * 4 == 128 << 20
+    assert t.buf.numel() * 4 == 64 * t.slot_stride * 4 == 64 * ((2 << 20) + SLOT_COLOR)
     assert rss_bytes() - before < 8 << 20
     g = torch.Generator().manual_seed(4)
     for layer in range(4):
@@ -206,11 +206,15 @@ def test_a_slot_takes_memory_when_its_adapter_is_written_not_before() -> None:
 
 
 def test_slot_blocks_round_to_huge_pages_on_cpu_only() -> None:
-    """On CPU a slot of 2 MiB or more starts on a huge page of its own; on a device, where the
-    table is allocated whole, each slot is only cache-line aligned (no padding paid per slot)."""
+    """On CPU a slot of 2 MiB or more is whole huge pages plus one 4 KiB page, so slot s starts
+    s pages past a huge page (the same element of different slots in different cache sets); on
+    a device, where the table is allocated whole, each slot is only cache-line aligned (no
+    padding paid per slot)."""
     shapes = {"q_proj": (1000, 1000)}  # 5 layers at rank 64: 2.44 MiB a slot
     cpu = LoraTable(shapes, 5, 3, 64, torch.float32, torch.device("cpu"), rank=64)
     dev = LoraTable(shapes, 5, 3, 64, torch.float32, torch.device("meta"), rank=64)
     used = 5 * (1000 * 64 + 64 * 1000)
-    assert cpu.slot_stride * 4 == 4 << 20 and dev.slot_stride == used
+    assert cpu.slot_stride * 4 == (4 << 20) + SLOT_COLOR and dev.slot_stride == used
+    starts = [cpu.a["q_proj"][0, s].data_ptr() - cpu.buf.data_ptr() for s in range(3)]
+    assert [p % (128 << 10) for p in starts] == [0, 4096, 8192]  # three sets of a 1 MiB 8-way L2
     assert dev.a["q_proj"].stride(1) == used and dev.buf.numel() == 3 * used

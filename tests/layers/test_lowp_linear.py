@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loraserve.layers.lora import LoraBatch
 from loraserve.layers.ops import TorchOps
 from loraserve.layers.ops_lowp_cpu import LowpCpuOps
 from loraserve.layers.quantized_linear import AMX_MIN_ROWS, dequantize, quantize_int8
@@ -233,3 +234,60 @@ def test_packing_in_chunks_is_packing_at_once(fmt: str, monkeypatch: pytest.Monk
     if fmt == "int8":
         assert torch.equal(chunked.scale, whole.scale)
     torch.testing.assert_close(dequantize(chunked), dequantize(whole), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("march", BUILDS)
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+@pytest.mark.parametrize("table", [torch.float32, torch.bfloat16])
+def test_fused_lora_pass_over_lowp_panels_adds_each_rows_delta(
+    march: str, fmt: str, table: torch.dtype
+) -> None:
+    """lowp_panel_lora_linear (each row's LoRA between two panels, its A and B fetched by the
+    panel before): the rows without an adapter are lowp_panel_linear's bit for bit, the others
+    that plus their delta on the dequantised matrix (three members of odd widths, a partial last
+    panel, slots of full, partial and zero rank, one slot on several rows). It runs from 20 to 96
+    rows where the build computes the panels one by one (the AVX2 build: always), is refused
+    elsewhere, and LowpCpuOps.linear_lora takes it exactly there."""
+    kernels = (
+        native_fixture.native_kernel_or_skip(march)
+        if march != "native"
+        else native_fixture.native_kernel_or_skip()
+    )
+    ops = LowpCpuOps(CPU, torch.float32, kernels, weights=fmt)
+    g = torch.Generator().manual_seed(7)
+    fin, outs, r, slots = 72, (100, 36, 36), 16, 5
+    ranks = torch.tensor([16, 5, 0, 16, 9])
+    a = (torch.randn(slots, fin, 3 * r, generator=g) / 4).to(table)
+    bs = [(torch.randn(slots, r, o, generator=g) / 4).to(table) for o in outs]
+    n = sum(outs)
+    lin = ops.make_linear(torch.randn(n, fin, generator=g) / fin**0.5, torch.randn(n, generator=g))
+    assert lin.layout == f"{fmt}-panel"
+    fused = []
+    for m in (8, 19, 20, 33, 96, 97):
+        x = torch.randn(m, fin, generator=g)
+        rows = [i for i in range(m) if i % 4 != 2]
+        row_slots = [(3 * i) % slots for i in rows]
+        lb = LoraBatch(rows=torch.tensor(rows), row_slots=torch.tensor(row_slots))
+        args = (lb.rows, lb.row_slots, a, bs, ranks)
+        fuses = kernels.lowp_lora_fuses(m, fin, fmt == "bf16", False)
+        assert not fuses or 20 <= m <= 96
+        if not fuses:
+            assert ops.linear_lora(x, lin, a, bs, lb, ranks) is None  # the caller runs two passes
+            with pytest.raises(RuntimeError, match="lowp_lora_fuses"):
+                kernels.lowp_panel_lora_linear(x, lin.weight, n, lin.scale, lin.bias, False, *args)
+            continue
+        fused.append(m)
+        got = kernels.lowp_panel_lora_linear(x, lin.weight, n, lin.scale, lin.bias, False, *args)
+        assert torch.equal(ops.linear_lora(x, lin, a, bs, lb, ranks), got)
+        base = kernels.lowp_panel_linear(x, lin.weight, n, lin.scale, lin.bias, False)
+        plain = [i for i in range(m) if i % 4 == 2]
+        assert torch.equal(got[plain], base[plain])
+        want = x @ dequantize(lin).t() + lin.bias
+        for i, s in zip(rows, row_slots, strict=True):
+            rs = int(ranks[s])
+            want[i] += torch.cat(
+                [(x[i] @ a[s, :, j * r : j * r + rs].float()) @ bs[j][s, :rs].float() for j in range(3)]
+            )
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    if kernels.simd_bits() == 256:
+        assert fused == [20, 33, 96]  # the AVX2 build computes every one of these panel by panel

@@ -55,6 +55,13 @@ std::string lowp_gemm_isa();
 torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                                 const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
                                 bool bf16_activations);
+// the same with every row's LoRA between the panels (csrc/gemm_lowp_lora_cpu.cpp)
+bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations);
+torch::Tensor lowp_panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                     const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
+                                     bool bf16_activations, const torch::Tensor& rows, const torch::Tensor& slots,
+                                     const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                                     const std::optional<torch::Tensor>& slot_rank);
 
 // a model's decoder layers in one call per decode step (csrc/decode_stack_cpu.cpp)
 void bind_decode_stack(pybind11::module_& m);
@@ -66,6 +73,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("scale") = pybind11::none(),
         pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("bf16_activations") = false, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lowp_lora_fuses", &lowp_lora_fuses,
+        "whether M rows of K on bf16 / int8 panels take lowp_panel_lora_linear in this build on this CPU",
+        pybind11::arg("m"), pybind11::arg("k"), pybind11::arg("bf16"), pybind11::arg("bf16_activations"));
+  m.def("lowp_panel_lora_linear", &lowp_panel_lora_linear,
+        "lowp_panel_linear plus every row's LoRA delta, the adapters streamed while the panels compute",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("scale"), pybind11::arg("bias"),
+        pybind11::arg("bf16_activations"), pybind11::arg("rows"), pybind11::arg("slots"), pybind11::arg("a"),
+        pybind11::arg("bs"), pybind11::arg("slot_rank") = pybind11::none(),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   // the step thread keeps the GIL free while a kernel runs, so the event loop is never stalled
   m.def("lora_rows", &lora_rows, "multi-LoRA shrink + expand into strided outputs", pybind11::arg("x"),
         pybind11::arg("rows"), pybind11::arg("slots"), pybind11::arg("a"), pybind11::arg("bs"), pybind11::arg("ys"),

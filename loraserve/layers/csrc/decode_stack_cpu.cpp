@@ -44,6 +44,12 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
                                 const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
                                 const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                                 const std::optional<torch::Tensor>& slot_rank);
+bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations);
+torch::Tensor lowp_panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                     const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
+                                     bool bf16_activations, const torch::Tensor& rows, const torch::Tensor& slots,
+                                     const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+                                     const std::optional<torch::Tensor>& slot_rank);
 void lora_deltas(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& rows, const torch::Tensor& slots,
                  const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
                  const std::optional<torch::Tensor>& slot_rank);
@@ -120,30 +126,39 @@ struct NativeLinear {
   }
 
   // with every adapter row's delta, as LoraLinear.__call__ computes it: the fused base + LoRA pass
-  // for up to `fused_rows` rows (0: never) of fp32 panels and table with up to `fused_members`
-  // members, as CpuNativeOps.linear_lora decides (its limits, handed over by the Python side)
+  // for up to `fused_rows` rows (0: never) and a table with up to `fused_members` members, as
+  // CpuNativeOps.linear_lora (fp32 panels) and LowpCpuOps.linear_lora decide (their limits,
+  // handed over by the Python side)
   torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations, const LoraRows* lr, int64_t fused_rows,
                            int64_t fused_members) const {
     if (lr == nullptr) return (*this)(x, bf16_activations);
-    if (fused(x.size(0), fused_rows, fused_members))
+    if (fused(x.size(0), x.size(1), bf16_activations, fused_rows, fused_members)) {
+      if (lowp)
+        return lowp_panel_lora_linear(x, w, n, scale, bias, bf16_activations, lr->rows, lr->slots, lora_a, lora_bs,
+                                      lr->slot_rank);
       return panel_lora_linear(x, w, n, bias, lr->rows, lr->slots, lora_a, lora_bs, lr->slot_rank);
+    }
     torch::Tensor y = (*this)(x, bf16_activations);
-    add_lora(x, y, *lr, fused_rows, fused_members);
+    add_lora(x, y, *lr, bf16_activations, fused_rows, fused_members);
     return y;
   }
 
-  // whether M rows take the fused base + LoRA pass
-  bool fused(int64_t M, int64_t fused_rows, int64_t fused_members) const {
+  // whether M rows of K take the fused base + LoRA pass: fp32 panels with an fp32 table; bf16 /
+  // int8 panels with an fp32 or bf16 table where the build runs them panel by panel
+  // (lowp_lora_fuses)
+  bool fused(int64_t M, int64_t K, bool bf16_activations, int64_t fused_rows, int64_t fused_members) const {
     const int64_t members = static_cast<int64_t>(lora_bs.size());
-    return !lowp && lora_a.scalar_type() == torch::kFloat32 && M <= fused_rows && members > 0 &&
-           members <= fused_members;
+    if (M > fused_rows || members == 0 || members > fused_members) return false;
+    if (!lowp) return lora_a.scalar_type() == torch::kFloat32;
+    return lowp_lora_fuses(M, K, w.scalar_type() == torch::kBFloat16, bf16_activations);
   }
 
-  // the adapter rows' deltas onto y, this projection's base output for x: as the fused pass adds
-  // them (each row's delta apart, then added) where it applies, else as the row kernel does
-  void add_lora(const torch::Tensor& x, const torch::Tensor& y, const LoraRows& lr, int64_t fused_rows,
-                int64_t fused_members) const {
-    if (fused(x.size(0), fused_rows, fused_members)) {
+  // the adapter rows' deltas onto y, this projection's base output for x: as the fp32 fused pass
+  // adds them (each row's delta apart, then added) where it applies, else as the row kernel does.
+  // (The one-region step calls this for up to 4 rows; bf16 / int8 panels fuse from 20.)
+  void add_lora(const torch::Tensor& x, const torch::Tensor& y, const LoraRows& lr, bool bf16_activations,
+                int64_t fused_rows, int64_t fused_members) const {
+    if (fused(x.size(0), x.size(1), bf16_activations, fused_rows, fused_members)) {
       lora_deltas(x, y, lr.rows, lr.slots, lora_a, lora_bs, lr.slot_rank);
       return;
     }
@@ -297,7 +312,7 @@ class DecodeStack {
       const NativeLinear* gs[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
       for (int k = 0; k < 4 && lp != nullptr; ++k) {
         const NativeLinear* g = gs[k];
-        const bool deltas = g->fused(M, fused_rows_, fused_members_);
+        const bool deltas = g->fused(M, ins[k], bf16_act_, fused_rows_, fused_members_);
         splits.push_back(split_ ? region_lora::make_split(lp->rows, lp->slots, lp->slot_rank, g->lora_a, g->lora_bs,
                                                           g->bounds, M, ins[k], deltas)
                                 : region_lora::Split{});
@@ -393,7 +408,7 @@ class DecodeStack {
         const int64_t width = l.hq * l.k_cache.size(3);
         if (t == 0 && !failed) {  // adapter rows, rotary, the new keys and values into the cache: one thread
           try {
-            if (lp && !sq) l.qkv.add_lora(rows_of(hn, H), out(0, l.qkv), *lp, fused_rows_, fused_members_);
+            if (lp && !sq) l.qkv.add_lora(rows_of(hn, H), out(0, l.qkv), *lp, bf16_act_, fused_rows_, fused_members_);
             rope_decode_prepare(out(0, l.qkv), l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots, block_tables,
                                 ctx_lens, l.scale, q, attn_buf.narrow(0, 0, M * width).view({M, width}), job);
             decode_job_plan(job, T);
@@ -427,7 +442,7 @@ class DecodeStack {
           add_cols(*so, l.o, buf[1], {own(l.o)});
           bar.wait(pf, T);
         } else if (lp) {
-          serial([&] { l.o.add_lora(rows_of(attn, width), out(1, l.o), *lp, fused_rows_, fused_members_); });
+          serial([&] { l.o.add_lora(rows_of(attn, width), out(1, l.o), *lp, bf16_act_, fused_rows_, fused_members_); });
         }
         if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm.data_ptr<float>(), H, e, hn + m * H);
@@ -440,7 +455,7 @@ class DecodeStack {
           if (sg) {
             add_cols(*sg, l.gate_up, buf[2], {{32 * g0, 32 * g1}, {I + 32 * g0, I + 32 * g1}});
           } else {
-            serial([&] { l.gate_up.add_lora(rows_of(hn, H), out(2, l.gate_up), *lp, fused_rows_, fused_members_); });
+            serial([&] { l.gate_up.add_lora(rows_of(hn, H), out(2, l.gate_up), *lp, bf16_act_, fused_rows_, fused_members_); });
           }
           if (failed) break;
         }
@@ -458,7 +473,7 @@ class DecodeStack {
           add_cols(*sd, l.down, buf[3], {own(l.down)});
           bar.wait(pf, T);
         } else if (lp) {
-          serial([&] { l.down.add_lora(rows_of(buf[0], I), out(3, l.down), *lp, fused_rows_, fused_members_); });
+          serial([&] { l.down.add_lora(rows_of(buf[0], I), out(3, l.down), *lp, bf16_act_, fused_rows_, fused_members_); });
         }
         if (failed) break;
         for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[3] + m * H, l.next_norm.data_ptr<float>(), H, e, hn + m * H);

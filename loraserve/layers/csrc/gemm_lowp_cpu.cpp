@@ -41,6 +41,7 @@
 namespace {
 
 using lowp::kNR;
+using lowp::LowpPath;
 using lowp::Panel;
 using lowp_fma::panel_rows;
 constexpr int64_t kMC = 96;  // most rows per work item of the FMA paths: they stay in L2
@@ -115,17 +116,27 @@ void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const c
   }
 }
 
-// x [M, K] fp32 (contiguous rows, any row stride); w: bf16 [P, ceil(K/2), 32, 2] or int8 [P, K, 32]
-// with scale [P * 32]; bias [n] -> y [M, n] fp32. bf16 panels multiply bf16-rounded activations
-// from kBf16DpMinRows / kAmxMinRows rows where the CPU has bf16 dot products or AMX; int8 panels
-// do so only with `bf16_activations` (serving `--dtype bfloat16`), else keep fp32 activations.
-torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& scale,
-                                const std::optional<torch::Tensor>& bias, bool bf16_activations) {
+// Which kernel lowp_panel_linear runs for M rows of K: one rule for every path that multiplies
+// bf16: activations are rounded to bf16 from kBf16DpMinRows rows (bf16 panels, or int8 panels of
+// a bf16 model), never below; int8 tiles from 6 rows take them as two bf16 parts (fp32) until then
+LowpPath lowp_path(int64_t M, int64_t K, bool bf16, bool bf16_activations) {
+  const bool round_act = (bf16 || bf16_activations) && M >= kBf16DpMinRows;
+#if defined(LORASERVE_AMX)
+  if (M >= (bf16 ? kAmxMinRows : kAmxMinRowsInt8) && lowp::amx_enabled()) return LowpPath::amx;
+#endif
+  if (round_act && bf16dp_available()) return LowpPath::bf16dp;
+  if (!bf16 && K <= int8dp_max_k()) return LowpPath::int8dp;  // fp32 activations as 24-bit integers
+  return LowpPath::panels;
+}
+
+// x [M, K] fp32 with contiguous rows, w low-precision panels covering n columns, their scale and
+// bias: what lowp_panel_linear and the fused decode pass (gemm_lowp_lora_cpu.cpp) take
+void check_lowp_args(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& scale,
+                     const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU float32 [M, K] tensor with contiguous rows");
   const bool bf16 = w.scalar_type() == torch::kBFloat16;
-  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
+  const int64_t K = x.size(1), P = w.size(0);
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   if (bf16) {
     TORCH_CHECK(w.dim() == 4 && w.size(1) == (K + 1) / 2 && w.size(2) == kNR && w.size(3) == 2,
@@ -143,6 +154,18 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n,
                 "bias must be a contiguous float32 [n] tensor");
   }
+}
+
+// x [M, K] fp32 (contiguous rows, any row stride); w: bf16 [P, ceil(K/2), 32, 2] or int8 [P, K, 32]
+// with scale [P * 32]; bias [n] -> y [M, n] fp32. bf16 panels multiply bf16-rounded activations
+// from kBf16DpMinRows / kAmxMinRows rows where the CPU has bf16 dot products or AMX; int8 panels
+// do so only with `bf16_activations` (serving `--dtype bfloat16`), else keep fp32 activations.
+torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                                const std::optional<torch::Tensor>& scale,
+                                const std::optional<torch::Tensor>& bias, bool bf16_activations) {
+  check_lowp_args(x, w, n, scale, bias);
+  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
   auto y = torch::empty({M, n}, x.options());
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
@@ -152,23 +175,21 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0);
-  // one rule for every path that multiplies bf16: activations are rounded to bf16 from
-  // kBf16DpMinRows rows (bf16 panels, or int8 panels of a bf16 model), never below; int8 tiles
-  // from 6 rows take them as two bf16 parts (fp32) until then
-  const bool round_act = (bf16 || bf16_activations) && M >= kBf16DpMinRows;
+  switch (lowp_path(M, K, bf16, bf16_activations)) {
 #if defined(LORASERVE_AMX)
-  if (M >= (bf16 ? kAmxMinRows : kAmxMinRowsInt8) && lowp::amx_enabled()) {
-    lowp::amx_linear(bf16, round_act, xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
-    return y;
-  }
+    case LowpPath::amx:
+      lowp::amx_linear(bf16, (bf16 || bf16_activations) && M >= kBf16DpMinRows, xp, ldx, M, K, wp, panel_bytes, P,
+                       n, sp, bp, yp);
+      return y;
 #endif
-  if (round_act && bf16dp_available()) {
-    bf16dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
-    return y;
-  }
-  if (!bf16 && K <= int8dp_max_k()) {  // fp32 activations as 24-bit integers
-    int8dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
-    return y;
+    case LowpPath::bf16dp:
+      bf16dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
+      return y;
+    case LowpPath::int8dp:
+      int8dp_linear(xp, ldx, M, K, wp, panel_bytes, P, n, sp, bp, yp);
+      return y;
+    default:
+      break;
   }
   const int64_t chunks = (M + kMC - 1) / kMC;
   const bool major = grid_chunk_major(P * panel_bytes);

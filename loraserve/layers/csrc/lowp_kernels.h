@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fetch_policy.h"
 #include "lowp_panel.h"
 #include "over_rows.h"
 #include "row_prefetch.h"
@@ -20,6 +21,8 @@
 
 namespace lowp_fma {
 
+using fetch_policy::no_pf;
+using fetch_policy::NoPf;
 using lowp::kNR;
 using lowp::Panel;
 
@@ -103,12 +106,18 @@ LS_INLINE V row_sum(const V (&acc)[kRowSets][kJ], int j) {
 
 using lowp::put_reg;
 
+// k-steps per step of a block's PF: an AVX2 int8 k-step of 6 rows is ~24 uops, and the fused
+// decode pass's span walk (~4 uops) on every one slowed the panels by a tenth (30 layers, 32 rows,
+// 2-core Zen 4: 33.4 -> 36.5 ms with the fetches but no adapter rows run)
+constexpr int64_t kPfEvery = 4;
+
 // MR rows x NV registers of a panel from column c0, its weights as `load(k, j)` gives them (fp32
 // values: int8 converted in registers, or fp32 scratch): the register block int8 and the scratch
-// path share. Loops fully unrolled so the accumulators stay in registers.
-template <int MR, int NV, typename Load>
+// path share. Loops fully unrolled so the accumulators stay in registers. Every kPfEvery k-steps
+// also step pf (fetch_policy.h: the fused decode pass's adapter rows), from a local copy.
+template <int MR, int NV, typename Load, class PF>
 LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& t, int64_t c0, float* __restrict__ y,
-                         int64_t ldy, const Load& load) {
+                         int64_t ldy, const Load& load, PF& pf) {
   V acc[MR][NV];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
@@ -118,6 +127,7 @@ LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& 
   const char* const nx = t.next;
   const int64_t nb = t.next_bytes;
   int64_t at = 0;
+  PF cur = pf;
   if constexpr (MR * NV + NV + 1 > simd::kRegs) {
     // AVX2's 3 int8 rows: 12 accumulators, 4 weight registers and a broadcast are one register
     // more than there are, and GCC spilled in the loop. One weight register at a time (each sum
@@ -126,6 +136,9 @@ LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& 
 #pragma GCC unroll 2
     for (int64_t k = 0; k < K; ++k) {
       prefetch_next(nx, nb, at);
+      if constexpr (PF::kOn) {
+        if (k % kPfEvery == 0) cur.step();
+      }
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) {
         const V wv = load(k, j);
@@ -137,6 +150,9 @@ LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& 
 #pragma GCC unroll 4  // as panel_kernels.h's block: the loop's own uops were a fifth of it
     for (int64_t k = 0; k < K; ++k) {
       prefetch_next(nx, nb, at);
+      if constexpr (PF::kOn) {
+        if (k % kPfEvery == 0) cur.step();
+      }
       V wv[NV];
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) wv[j] = load(k, j);
@@ -148,6 +164,7 @@ LS_INLINE void fma_block(const float* __restrict__ x, int64_t ldx, const Panel& 
       }
     }
   }
+  if constexpr (PF::kOn) pf = cur;
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
@@ -268,11 +285,12 @@ inline void bf16_row(const float* __restrict__ x, const Panel& t, float* __restr
 
 // MR rows x NV registers of an int8 panel from column c0 (all of it by default), converted in
 // registers; the column scales are applied at the store.
-template <int MR, int NV = kJ>
+template <int MR, int NV = kJ, class PF = NoPf>
 void int8_block(const float* __restrict__ x, int64_t ldx, const Panel& t, float* __restrict__ y, int64_t ldy,
-                int64_t c0 = 0) {
+                int64_t c0 = 0, PF& pf = no_pf) {
   const int8_t* __restrict__ w = static_cast<const int8_t*>(t.w) + c0;
-  fma_block<MR, NV>(x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return int8_cols(w + k * kNR + j * kL); });
+  fma_block<MR, NV>(
+      x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return int8_cols(w + k * kNR + j * kL); }, pf);
 }
 
 inline void int8_row(const float* __restrict__ x, const Panel& t, float* __restrict__ y) {
@@ -342,25 +360,26 @@ inline void dequant_panel(bool bf16, const Panel& t, float* __restrict__ out) {
 }
 
 // MR rows x NV registers of an fp32 panel [K, 32] from column c0 (panel_kernels.h's register block)
-template <int MR, int NV>
+template <int MR, int NV, class PF>
 void f32_block(const float* __restrict__ x, int64_t ldx, const float* __restrict__ w, const Panel& t, int64_t c0,
-               float* __restrict__ y, int64_t ldy) {
+               float* __restrict__ y, int64_t ldy, PF& pf) {
   w += c0;
-  fma_block<MR, NV>(x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return simd::load(w + k * kNR + j * kL); });
+  fma_block<MR, NV>(
+      x, ldx, t, c0, y, ldy, [w](int64_t k, int j) LS_LAMBDA_INLINE { return simd::load(w + k * kNR + j * kL); }, pf);
 }
 
 // MR rows x the panel in parts of kFV registers, the next panel fetched by the first part only:
 // over the fp32 scratch copy of a panel (w), or (w null) over the int8 panel itself, converted
-// in registers
-template <int MR>
-void part_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& t, float* y, int64_t ldy) {
+// in registers; every part steps pf
+template <int MR, class PF>
+void part_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel& t, float* y, int64_t ldy, PF& pf) {
   if constexpr (MR > 1) {
-    if (mr < MR) return part_rows<MR - 1>(mr, x, ldx, w, t, y, ldy);
+    if (mr < MR) return part_rows<MR - 1>(mr, x, ldx, w, t, y, ldy, pf);
   }
   const Panel rest = without_next(t);
   for (int64_t c0 = 0; c0 < kNR && c0 < t.cols; c0 += kFV * kL) {
-    if (w) f32_block<MR, kFV>(x, ldx, w, c0 ? rest : t, c0, y, ldy);
-    else int8_block<MR, kFV>(x, ldx, c0 ? rest : t, y, ldy, c0);
+    if (w) f32_block<MR, kFV>(x, ldx, w, c0 ? rest : t, c0, y, ldy, pf);
+    else int8_block<MR, kFV>(x, ldx, c0 ? rest : t, y, ldy, c0, pf);
   }
 }
 
@@ -371,16 +390,30 @@ void part_rows(int mr, const float* x, int64_t ldx, const float* w, const Panel&
 constexpr bool kInt8Parts = kJ > kFV;
 constexpr int64_t kInt8PartsMinRows = 4;
 
+// Whether panel_rows takes `rows` rows through part_rows (blocks of kFR rows over parts of the
+// panel: AVX2 int8 in registers, or the fp32 scratch), the blocks that step a PF
 template <bool BF16>
+constexpr bool by_parts(int64_t rows) {
+  if (rows > (BF16 ? kInRegRowsBf16 : kInRegRowsInt8)) return true;
+  return !BF16 && kInt8Parts && rows >= kInt8PartsMinRows;
+}
+
+// the PF steps panel_rows' part blocks take over a panel of K for `rows` rows (by_parts)
+inline int64_t part_pf_steps(int64_t rows, int64_t K) {
+  return (rows + kFR - 1) / kFR * (kNR / (kFV * kL)) * ((K + kPfEvery - 1) / kPfEvery);
+}
+
+// rows x one panel; the part blocks (by_parts) step pf, the others fetch only the next panel
+template <bool BF16, class PF = NoPf>
 void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float* y, int64_t ldy,
-                std::vector<float>& scratch) {
+                std::vector<float>& scratch, PF& pf = no_pf) {
   // only the first register block fetches the next panel (t.next; the one-row kernels ignore it
   // and stream their own panel ahead)
   const Panel rest = without_next(t);
   if (rows <= (BF16 ? kInRegRowsBf16 : kInRegRowsInt8)) {  // converted in registers as the panel streams, once per block of rows
     if (!BF16 && kInt8Parts && rows >= kInt8PartsMinRows) {
       over_blocks(rows, kFR, [&](int64_t r, int mr) {
-        part_rows<kFR>(mr, x + r * ldx, ldx, nullptr, r == 0 ? t : rest, y + r * ldy, ldy);
+        part_rows<kFR>(mr, x + r * ldx, ldx, nullptr, r == 0 ? t : rest, y + r * ldy, ldy, pf);
       });
       return;
     }
@@ -393,7 +426,7 @@ void panel_rows(int64_t rows, const float* x, int64_t ldx, const Panel& t, float
   scratch.resize(static_cast<size_t>(t.k * kNR));
   dequant_panel(BF16, t, scratch.data());
   over_blocks(rows, kFR, [&](int64_t r, int mr) {
-    part_rows<kFR>(mr, x + r * ldx, ldx, scratch.data(), r == 0 ? t : rest, y + r * ldy, ldy);
+    part_rows<kFR>(mr, x + r * ldx, ldx, scratch.data(), r == 0 ? t : rest, y + r * ldy, ldy, pf);
   });
 }
 #else

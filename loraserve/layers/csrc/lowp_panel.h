@@ -16,6 +16,10 @@ namespace lowp {
 
 constexpr int64_t kNR = 32;  // columns per panel (as the fp32 panels of gemm_cpu.cpp)
 
+// the kernel lowp_panel_linear runs for a product (gemm_lowp_cpu.cpp lowp_path): AMX tiles, bf16
+// or int8 dot products over all panels at once, or the FMA kernels panel by panel (lowp_kernels.h)
+enum class LowpPath { amx, bf16dp, int8dp, panels };
+
 struct Panel {
   const void* w;       // this panel
   int64_t k;           // K

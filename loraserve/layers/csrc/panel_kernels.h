@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "fetch_policy.h"
 #include "over_rows.h"
 #include "simd.h"
 
@@ -43,21 +44,15 @@ struct Tile {
   }
 };
 
-#if LORASERVE_SIMD
-// What the register kernels prefetch alongside their k-steps: nothing (plain projections and
-// one-row streams), the next panel of a decode-sized product (SpanPf), or that plus the adapter
-// rows the fused decode pass runs right after the panel (LoraPf, gemm_lora_cpu.cpp). A kernel
-// copies its PF into a local and steps that, so the cursors live in registers: read through the
-// PF reference, GCC 12 at -march=native on a Zen 5 EPYC (znver3 plus AVX-512 to GCC 12) kept
-// them in memory and spilled the accumulators of the blocks inlined around them (the fused
-// pass's panels ran 2.3x slower than panel_linear's). The register kernels are never inlined
-// for the same reason.
-struct NoPf {
-  static constexpr bool kOn = false;
-  void step() {}
-};
-inline NoPf no_pf;
+// What the register kernels prefetch alongside their k-steps (fetch_policy.h says how): nothing
+// (plain projections and one-row streams), the next panel of a decode-sized product (SpanPf), or
+// that plus the adapter rows the fused decode pass runs right after the panel (LoraPf,
+// gemm_lora_cpu.cpp). The register kernels are never inlined, so the cursors of the blocks
+// around them cannot spill their accumulators.
+using fetch_policy::no_pf;
+using fetch_policy::NoPf;
 
+#if LORASERVE_SIMD
 // The next panel of a decode-sized product, one line per k-step from its start: a panel's first
 // register block otherwise waits on DRAM (the hardware prefetcher runs a few lines ahead of a
 // stream that wants ~35 GB/s per core) and its other blocks leave memory idle. 30 layers of the
