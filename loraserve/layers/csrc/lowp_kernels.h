@@ -107,8 +107,9 @@ LS_INLINE V row_sum(const V (&acc)[kRowSets][kJ], int j) {
 using lowp::put_reg;
 
 // k-steps per step of a block's PF: an AVX2 int8 k-step of 6 rows is ~24 uops, and the fused
-// decode pass's span walk (~4 uops) on every one slowed the panels by a tenth (30 layers, 32 rows,
-// 2-core Zen 4: 33.4 -> 36.5 ms with the fetches but no adapter rows run)
+// decode pass's span walk on every one cost the panels 5-10 % (30 layers, 32 rows, AVX2 int8,
+// 2-core Zen 4, fetches but no adapter rows run: 33.9 -> 35.5 ms with the tables in L3, 36.5 ->
+// 40.4 from DRAM; 11 % of the block's samples sat on the prefetch instruction)
 constexpr int64_t kPfEvery = 4;
 
 // MR rows x NV registers of a panel from column c0, its weights as `load(k, j)` gives them (fp32
