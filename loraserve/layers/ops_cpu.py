@@ -126,6 +126,17 @@ class CpuNativeOps(TorchOps):
             return super().lora(ys, x, a, bs, lb, slot_rank)
         self.kernels.lora_rows(x, lb.rows, lb.row_slots, a, list(bs), list(ys), slot_rank)
 
+    def fuses_rows(self, x: torch.Tensor, lb: LoraBatch) -> bool:
+        """Whether x and the batch's layout suit a fused base + LoRA pass at all (each backend's
+        `linear_lora` then asks what its panels and table need)."""
+        return (
+            self.fused_lora
+            and lb.rows is not None
+            and x.dim() == 2
+            and x.stride(-1) == 1
+            and x.dtype == torch.float32
+        )
+
     def linear_lora(
         self,
         x: torch.Tensor,
@@ -140,14 +151,7 @@ class CpuNativeOps(TorchOps):
         Decode sizes stream each row's adapter between two base panels (fp32 tables); prefill
         sizes add each work item's deltas onto its columns while they are in cache (fp32 or
         bf16 tables; csrc/lora_cpu.cpp `panel_linear_lora_rows` says why)."""
-        if (
-            not self.fused_lora
-            or w.layout != "panel"
-            or lb.rows is None
-            or x.dim() != 2
-            or x.stride(-1) != 1
-            or x.dtype != torch.float32
-        ):
+        if w.layout != "panel" or not self.fuses_rows(x, lb):
             return None
         args = (x, w.weight, w.out_features, w.bias, lb.rows, lb.row_slots, a, list(bs), slot_rank)
         if x.shape[0] > FUSED_LORA_MAX_ROWS:

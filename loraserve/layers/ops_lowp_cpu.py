@@ -90,11 +90,7 @@ class LowpCpuOps(CpuNativeOps):
         if w.layout not in LOWP_PANELS:
             return super().linear_lora(x, w, a, bs, lb, slot_rank)
         if (
-            not self.fused_lora
-            or lb.rows is None
-            or x.dim() != 2
-            or x.stride(-1) != 1
-            or x.dtype != torch.float32
+            not self.fuses_rows(x, lb)
             or a.dtype not in (torch.float32, torch.bfloat16)
             or not 0 < len(bs) <= FUSED_LORA_MAX_MEMBERS
             or not self.kernels.lowp_lora_fuses(
