@@ -79,6 +79,8 @@ bench: $(VENV)/.installed-test
 	$(PY) -m bench.kernel_builds --repeats 3
 	$(PY) -m bench.adapter_decode
 	$(PY) -m bench.lowp_lora --isa avx2
+	$(PY) -m bench.decode_attention
+	$(PY) -m bench.decode_attention --isa avx2
 	$(PY) -m bench.row_prefetch
 	$(PY) -m bench.lowp
 	$(PY) -m bench.lowp --shape tinyllama --rounds 2 --requests 8 --new-tokens 32

@@ -9,6 +9,9 @@ the subprocesses that run the engine; the variables must be there before they im
 
 from __future__ import annotations
 
+import os
+import sys
+
 from loraserve.layers.native_cpu import ENV_MARCH
 
 AVX2_MARCH = "x86-64-v3"
@@ -22,3 +25,12 @@ AVX2_TORCH_ENV = {
 def avx2_env() -> dict[str, str]:
     """Our AVX2 build and torch held to AVX2."""
     return {ENV_MARCH: AVX2_MARCH, **AVX2_TORCH_ENV}
+
+
+def reexec_as(isa: str, module: str) -> None:
+    """With `isa` "avx2", run `python -m module` with this process's arguments again in the AVX2
+    environment (torch reads it only at import, so the script starts over); returns where the
+    environment is already the wanted one, or for the host's own ISA."""
+    env = avx2_env()
+    if isa == "avx2" and any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, **env})

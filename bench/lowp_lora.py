@@ -21,10 +21,9 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import time
 
-from bench.isa_env import avx2_env
+from bench.isa_env import reexec_as
 from bench.llamacpp_setup import hf_base_dir, random_adapters
 from bench.lowp_quality import PRECISIONS, smollm2_gguf
 from loraserve.adapters.peft_format import parse_peft_adapter
@@ -84,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--isa", choices=("host", "avx2"), default="host")
     args = ap.parse_args(argv)
-    env = avx2_env()
-    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in env.items()):
-        os.execve(
-            sys.executable, [sys.executable, "-m", "bench.lowp_lora", *sys.argv[1:]], {**os.environ, **env}
-        )
+    reexec_as(args.isa, "bench.lowp_lora")
     gguf = smollm2_gguf()
     adapters = [parse_peft_adapter(p, key=str(p)) for p in random_adapters(hf_base_dir(gguf), 32)]
     print(f"32 decode rows on 32 distinct rank-16 adapters, SmolLM2-135M, {args.isa}: median decode step, ms")

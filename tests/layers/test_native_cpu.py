@@ -208,7 +208,16 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
 @pytest.mark.parametrize(
     ("batch", "hq", "hkv", "d"),
     # batch-1 split, GQA, MHA, odd D; register paths: 8 rows per KV head (blocks + a tail), D = 128
-    [(1, 9, 3, 64), (5, 9, 3, 64), (3, 4, 4, 32), (4, 6, 2, 40), (5, 8, 1, 64), (4, 4, 2, 128)],
+    # (AVX2: 16 vectors a row, V passes in chunks) with 2 and 3 rows per KV head
+    [
+        (1, 9, 3, 64),
+        (5, 9, 3, 64),
+        (3, 4, 4, 32),
+        (4, 6, 2, 40),
+        (5, 8, 1, 64),
+        (4, 4, 2, 128),
+        (3, 6, 2, 128),
+    ],
 )
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_attention_matches_sdpa_on_gathered_context(

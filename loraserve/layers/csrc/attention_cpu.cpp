@@ -84,6 +84,52 @@ inline void score_rows(const float* q, float* s, int64_t s_stride, int64_t t0, i
   }
 }
 
+// One query row's scaled scores into softmax weights, in place; a split part (ml not null) keeps
+// the row's score max and sum of exponentials in ml[0], ml[1] instead of normalising.
+inline void softmax_scores(float* sr, int64_t len, float* ml) {
+  const float m = max_of(sr, len), sum = exp_shifted(sr, len, m);
+  if (ml) {
+    ml[0] = m;
+    ml[1] = sum;
+    return;
+  }
+  const float inv = 1.f / sum;
+  for (int64_t t = 0; t < len; ++t) sr[t] *= inv;
+}
+
+// Weighted sums of VB query rows that share one KV head over positions t0..n-1 (their softmax
+// weights in s), for head sizes whose VB rows of accumulators do not fit the registers whole
+// (D = 64 with AVX2: 8 vectors a row; D = 128 with AVX2 and 256 with AVX-512, 16): D in chunks of
+// NC vectors, VB * NC accumulators, so one load and widening of a V row serves VB query rows. Each accumulator takes the same FMAs in the
+// same order as head_rows' V pass, so the sums are its bits. Why: with one V pass per query row,
+// the G = 3 rows of SmolLM2's KV heads loaded and widened every V row three times; at 32 decode
+// rows attention was ~15 % of an AVX2 int8 step, at ~65 cycles per position and KV head with the
+// cache in L3 (the loads and widenings, not DRAM, set its pace).
+template <int NV, int VB, typename T>
+inline void weigh_rows(float* out, const float* s, int64_t s_stride, int64_t t0, int64_t n, const T* vp,
+                       const int64_t* tb, int64_t BS, int64_t row, int64_t pf) {
+  constexpr int NC = VB == 1 ? (NV < 8 ? NV : 8) : 12 / VB < NV ? 12 / VB : NV;
+  static_assert(NV % NC == 0, "chunks must tile the head");
+  constexpr int64_t D = NV * simd::W;
+  for (int c = 0; c < NV; c += NC) {
+    simd::V o[VB][NC];
+    for (int r = 0; r < VB; ++r)
+      for (int j = 0; j < NC; ++j) o[r][j] = simd::zero();
+    for (int64_t t = t0; t < n; ++t) {
+      const T* v = vp + (tb[t / BS] * BS + t % BS) * row + c * simd::W;
+      if (pf && c == 0 && t + kPrefetchTokens < n) prefetch_rows(vp, tb, BS, row, t + kPrefetchTokens, pf);
+      simd::V w[VB];
+      for (int r = 0; r < VB; ++r) w[r] = simd::set1(s[r * s_stride + t - t0]);
+      for (int j = 0; j < NC; ++j) {
+        const simd::V vv = widen::wload(v + j * simd::W);
+        for (int r = 0; r < VB; ++r) o[r][j] = simd::fma(w[r], vv, o[r][j]);
+      }
+    }
+    for (int r = 0; r < VB; ++r)
+      for (int j = 0; j < NC; ++j) simd::store(out + r * D + (c + j) * simd::W, o[r][j]);
+  }
+}
+
 // Scores and weighted sum of RB query rows that share one KV head, for head sizes of NV
 // vectors, over positions t0..n-1: the rows' queries and output accumulators stay in registers
 // for the whole pass, so each cached K and V row is loaded once per block of rows and no partial
@@ -91,53 +137,27 @@ inline void score_rows(const float* q, float* s, int64_t s_stride, int64_t t0, i
 // token; at 32 decode rows that made attention cost as much as all the projections of an int8
 // step). ml null: out is the attention output; else the part of a split context (decode_split):
 // out unnormalised, each row's score max and sum of exponentials in ml[2r], ml[2r + 1].
-// Scored: the K pass was done already (score_rows), s holds the rows' scaled scores.
-template <int NV, int RB, typename T, bool Scored = false>
+template <int NV, int RB, typename T>
 inline void head_rows(const float* q, float* out, float* s, int64_t s_stride, int64_t t0, int64_t n, const T* kp,
                       const T* vp, const int64_t* tb, int64_t BS, int64_t row, float sc, int64_t pf, float* ml) {
   constexpr int64_t D = NV * simd::W;
-  if constexpr (!Scored) {  // scores: one pass over K
-    simd::V qv[RB][NV];
-    for (int r = 0; r < RB; ++r)
-      for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
-    for (int64_t t = t0; t < n; ++t) {
-      const T* k = kp + (tb[t / BS] * BS + t % BS) * row;
-      if (pf && t + kPrefetchTokens < n) prefetch_rows(kp, tb, BS, row, t + kPrefetchTokens, pf);
-      simd::V acc[RB];
-      for (int r = 0; r < RB; ++r) acc[r] = simd::zero();
-      for (int j = 0; j < NV; ++j) {
-        const simd::V kv = widen::wload(k + j * simd::W);
-        for (int r = 0; r < RB; ++r) acc[r] = simd::fma(qv[r][j], kv, acc[r]);
-      }
-      for (int r = 0; r < RB; ++r) s[r * s_stride + t - t0] = simd::sum(acc[r]) * sc;
-    }
-  }
-  for (int r = 0; r < RB; ++r) {  // softmax per query row (a split part keeps its max and sum instead)
-    float* sr = s + r * s_stride;
-    const float m = max_of(sr, n - t0), sum = exp_shifted(sr, n - t0, m);
-    if (ml) {
-      ml[2 * r] = m;
-      ml[2 * r + 1] = sum;
-      continue;
-    }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < n - t0; ++t) sr[t] *= inv;
-  }
-  simd::V o[RB][NV];
+  simd::V qv[RB][NV];
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NV; ++j) o[r][j] = simd::zero();
-  for (int64_t t = t0; t < n; ++t) {  // weighted sum: one pass over V
-    const T* v = vp + (tb[t / BS] * BS + t % BS) * row;
-    if (pf && t + kPrefetchTokens < n) prefetch_rows(vp, tb, BS, row, t + kPrefetchTokens, pf);
-    simd::V w[RB];
-    for (int r = 0; r < RB; ++r) w[r] = simd::set1(s[r * s_stride + t - t0]);
+    for (int j = 0; j < NV; ++j) qv[r][j] = simd::load(q + r * D + j * simd::W);
+  for (int64_t t = t0; t < n; ++t) {  // scores: one pass over K
+    const T* k = kp + (tb[t / BS] * BS + t % BS) * row;
+    if (pf && t + kPrefetchTokens < n) prefetch_rows(kp, tb, BS, row, t + kPrefetchTokens, pf);
+    simd::V acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = simd::zero();
     for (int j = 0; j < NV; ++j) {
-      const simd::V vv = widen::wload(v + j * simd::W);
-      for (int r = 0; r < RB; ++r) o[r][j] = simd::fma(w[r], vv, o[r][j]);
+      const simd::V kv = widen::wload(k + j * simd::W);
+      for (int r = 0; r < RB; ++r) acc[r] = simd::fma(qv[r][j], kv, acc[r]);
     }
+    for (int r = 0; r < RB; ++r) s[r * s_stride + t - t0] = simd::sum(acc[r]) * sc;
   }
-  for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NV; ++j) simd::store(out + r * D + j * simd::W, o[r][j]);
+  for (int r = 0; r < RB; ++r) softmax_scores(s + r * s_stride, n - t0, ml ? ml + 2 * r : nullptr);
+  static_assert(RB * NV <= 12, "weigh_rows keeps the rows' whole accumulators in registers here");
+  weigh_rows<NV, RB, T>(out, s, s_stride, t0, n, vp, tb, BS, row, pf);  // weighted sum: one pass over V
 }
 
 // The G rows of one KV head, in blocks of as many rows as the registers hold.
@@ -148,21 +168,22 @@ void head_all_rows(const float* q, float* out, float* s, int64_t s_stride, int64
   constexpr int RB = NV <= 2 ? 4 : NV <= 4 ? 3 : 1;  // RB * NV accumulators + NV loads fit the registers
   constexpr int64_t D = NV * simd::W;
   int64_t r = 0;
-  if constexpr (RB == 1) {  // scores of up to 3 rows per pass over K, then one V pass per row
+  if constexpr (RB == 1) {  // scores of up to 3 rows per pass over K, then their V passes 3 rows at a time
     for (; r + 3 <= G; r += 3)
       score_rows<NV, 3, T>(q + r * D, s + r * s_stride, s_stride, t0, n, kp, tb, BS, row, sc, r ? 0 : pf);
     for (; r < G; ++r) score_rows<NV, 1, T>(q + r * D, s + r * s_stride, s_stride, t0, n, kp, tb, BS, row, sc, r ? 0 : pf);
-    for (r = 0; r < G; ++r)
-      head_rows<NV, 1, T, true>(q + r * D, out + r * D, s + r * s_stride, s_stride, t0, n, kp, vp, tb, BS, row, sc,
-                                r ? 0 : pf, ml ? ml + 2 * r : nullptr);
-    return;
+    for (r = 0; r < G; ++r) softmax_scores(s + r * s_stride, n - t0, ml ? ml + 2 * r : nullptr);
+    for (r = 0; r + 3 <= G; r += 3)
+      weigh_rows<NV, 3, T>(out + r * D, s + r * s_stride, s_stride, t0, n, vp, tb, BS, row, r ? 0 : pf);
+    for (; r < G; ++r) weigh_rows<NV, 1, T>(out + r * D, s + r * s_stride, s_stride, t0, n, vp, tb, BS, row, r ? 0 : pf);
+  } else {
+    for (; r + RB <= G; r += RB)
+      head_rows<NV, RB, T>(q + r * D, out + r * D, s + r * s_stride, s_stride, t0, n, kp, vp, tb, BS, row, sc,
+                           r ? 0 : pf, ml ? ml + 2 * r : nullptr);
+    for (; r < G; ++r)
+      head_rows<NV, 1, T>(q + r * D, out + r * D, s + r * s_stride, s_stride, t0, n, kp, vp, tb, BS, row, sc,
+                          r ? 0 : pf, ml ? ml + 2 * r : nullptr);
   }
-  for (; r + RB <= G; r += RB)
-    head_rows<NV, RB, T>(q + r * D, out + r * D, s + r * s_stride, s_stride, t0, n, kp, vp, tb, BS, row, sc,
-                         r ? 0 : pf, ml ? ml + 2 * r : nullptr);
-  for (; r < G; ++r)
-    head_rows<NV, 1, T>(q + r * D, out + r * D, s + r * s_stride, s_stride, t0, n, kp, vp, tb, BS, row, sc,
-                        r ? 0 : pf, ml ? ml + 2 * r : nullptr);
 }
 
 // false when the head size has no register path (the generic loop runs instead)
@@ -174,6 +195,7 @@ inline bool head_fast(int64_t D, const float* q, float* out, float* s, int64_t s
     case 2 * simd::W: head_all_rows<2>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml); return true;
     case 4 * simd::W: head_all_rows<4>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml); return true;
     case 8 * simd::W: head_all_rows<8>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml); return true;
+    case 16 * simd::W: head_all_rows<16>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml); return true;
     default: return false;
   }
 }
@@ -278,7 +300,7 @@ void job_items(const DecodeJob& j, int64_t begin, int64_t end) {
 void decode_job_plan(DecodeJob& j, int64_t threads) {
   j.S = 1;
 #if LORASERVE_SIMD
-  if (j.B < threads && (j.D == 2 * simd::W || j.D == 4 * simd::W || j.D == 8 * simd::W))
+  if (j.B < threads && (j.D == 2 * simd::W || j.D == 4 * simd::W || j.D == 8 * simd::W || j.D == 16 * simd::W))
     j.S = std::max<int64_t>(1, std::min((threads + j.B - 1) / j.B, j.max_ctx / kMinSplitPositions));
 #endif
   j.per = j.B >= threads ? j.Hkv : 1;

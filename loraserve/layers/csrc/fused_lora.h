@@ -40,22 +40,21 @@ constexpr int64_t kLoraPfMinRows = 20;
 constexpr int kLoraPfSpans = 16;  // adapter spans one panel fetches at most (the rest stay on demand)
 constexpr int64_t kPanelCols = 32;  // output columns of a panel (fp32 and low-precision panels alike)
 
-// a fused pass's adapter side: the table, its entries, and where each entry's delta goes
+// a fused pass's adapter side: the rows of x, the table, its entries, and y's width
 struct LoraRows {
   const float* x;
   int64_t ldx;
   slot_table::Table t;
   slot_table::Rows e;
-  float* d;  // [N, n]: each entry's delta, added to y once every panel is stored
   int64_t n;
 };
 
-// entry e of an fp32 table: d[e] = the delta of its row under its slot's adapter, every member
-// side by side
-inline void lora_unit(const LoraRows& L, int64_t e, float* h) {
+// entry e of an fp32 table into d [N, n] (the entries' deltas, added to y once every panel is
+// stored): d[e] = the delta of its row under its slot's adapter, every member side by side
+inline void lora_unit(const LoraRows& L, float* d, int64_t e, float* h) {
   const slot_table::Table& t = L.t;
   const int64_t s = L.e.slots[e], rs = t.rank(s);
-  float* de = L.d + e * L.n;
+  float* de = d + e * L.n;
   if (rs == 0) {
     std::fill(de, de + L.n, 0.f);
     return;
@@ -84,30 +83,30 @@ inline LoraRows rows_args(const torch::Tensor& x, int64_t n, const torch::Tensor
   const slot_table::Table t = *slot_table::table(a, bs, slot_rank, x.size(1), OnBad::raise);
   const slot_table::Rows e = *slot_table::rows(rows, slots, x.size(0), t.S, OnBad::raise);
   slot_table::check_covers(t, n);
-  return LoraRows{x.data_ptr<float>(), x.stride(0), t, e, nullptr, n};
+  return LoraRows{x.data_ptr<float>(), x.stride(0), t, e, n};
 }
 
 // every panel is stored: add the deltas (in L2 by now; each thread adding those of its own
 // panels' columns measured the same: 30 layers, 32 rows, AVX2 int8)
-inline void add_deltas(const LoraRows& L, float* yp) {
+inline void add_deltas(const LoraRows& L, const float* d, float* yp) {
   const int64_t n = L.n;
   for (int64_t e = 0; e < L.e.N; ++e) {
     float* __restrict__ ye = yp + L.e.rows[e] * n;
-    const float* __restrict__ de = L.d + e * n;
+    const float* __restrict__ de = d + e * n;
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) ye[c] += de[c];
   }
 }
 
-// The fused pass over P panels of M rows into y [M, L.n] (an fp32 table); L.d must hold
-// [L.e.N, L.n] floats.
+// The fused pass over P panels of M rows into y [M, L.n] (an fp32 table), each entry's delta
+// into d ([L.e.N, L.n] floats) and added at the end.
 // Each thread takes its panels in order and, after each, its share of the entries (in proportion
 // to its panels, spread evenly between them). `panel(p, next, spans, ns, lines)` computes panel p
 // (next: this thread takes p + 1 after it), fetching meanwhile the ns spans (`lines` lines in
 // all) that the entries run right after it read: each one's A and its members' B, from
 // kLoraPfMinRows rows (none below).
 template <typename PanelFn>
-void run(const LoraRows& L, int64_t M, int64_t P, float* y, const PanelFn& panel) {
+void run(const LoraRows& L, float* d, int64_t M, int64_t P, float* y, const PanelFn& panel) {
   const int64_t N = L.e.N, GR = L.t.gr();
   at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
     const int64_t e_lo = N * lo / P, e_hi = N * hi / P;
@@ -133,10 +132,10 @@ void run(const LoraRows& L, int64_t M, int64_t P, float* y, const PanelFn& panel
         for (int64_t j = 0; j < L.t.G; ++j) span(L.t.b_of<float>(j, s), rs * L.t.out[j]);
       }
       panel(p, p + 1 < hi, spans, ns, lines);
-      for (; e < target; ++e) lora_unit(L, e, h.data());
+      for (; e < target; ++e) lora_unit(L, d, e, h.data());
     }
   });
-  add_deltas(L, y);
+  add_deltas(L, d, y);
 }
 
 // The fused pass with each row's delta added straight onto y's columns, panel by panel, instead
@@ -149,27 +148,20 @@ void run(const LoraRows& L, int64_t M, int64_t P, float* y, const PanelFn& panel
 // bf16 adapters, int8 panels, AVX2, 2-core Zen 4, tables in L3: 42.9 ms, 38.7 without the add.
 // Each row's delta is the row kernel's arithmetic (lora_rows on one row: shrink_members, then
 // expand onto y), column for column.
-template <typename PanelFn>
-void run_by_columns(const LoraRows& L, int64_t M, int64_t P, float* y, const PanelFn& panel) {
+// (the body for tables of E: float or widen::bf16_t)
+template <typename E, typename PanelFn>
+void run_by_columns_as(const LoraRows& L, int64_t M, int64_t P, float* y, const PanelFn& panel) {
   const slot_table::Table& t = L.t;
   const int64_t N = L.e.N, GR = t.gr(), n = L.n;
-  const int64_t esize = t.bf16 ? 2 : 4;
+  constexpr int64_t esize = sizeof(E);
   std::vector<float> hs(static_cast<size_t>(std::max<int64_t>(N * GR, 1)));
   const bool fetch = M >= kLoraPfMinRows;
-  auto a_bytes = [&](int64_t s) {
-    return t.bf16 ? static_cast<const void*>(t.a_of<widen::bf16_t>(s)) : static_cast<const void*>(t.a_of<float>(s));
-  };
-  auto b_bytes = [&](int64_t j, int64_t s) {
-    return t.bf16 ? static_cast<const void*>(t.b_of<widen::bf16_t>(j, s))
-                  : static_cast<const void*>(t.b_of<float>(j, s));
-  };
   // entry e's h = x[row] @ A (all members), the row kernel's shrink
   auto shrink = [&](int64_t e) {
     const int64_t s = L.e.slots[e], rs = t.rank(s);
     if (rs == 0) return;
     const float* x = L.x + L.e.rows[e] * L.ldx;
-    if (t.bf16) lora_row::shrink_members(t.a_of<widen::bf16_t>(s), t.K, t.R, t.G, rs, x, hs.data() + e * GR);
-    else lora_row::shrink_members(t.a_of<float>(s), t.K, t.R, t.G, rs, x, hs.data() + e * GR);
+    lora_row::shrink_members(t.a_of<E>(s), t.K, t.R, t.G, rs, x, hs.data() + e * GR);
   };
   // the members' column ranges [lo, hi) of their own outputs that panel q's columns cover
   auto each_member = [&](int64_t q, const auto& f) {
@@ -187,8 +179,7 @@ void run_by_columns(const LoraRows& L, int64_t M, int64_t P, float* y, const Pan
       const float* h = hs.data() + e * GR;
       each_member(q, [&](int64_t j, int64_t lo, int64_t hi) {
         float* ye = yr + t.off[j] + lo;
-        if (t.bf16) lora_row::expand<true>(t.b_of<widen::bf16_t>(j, s) + lo, t.out[j], hi - lo, rs, h + j * t.R, ye);
-        else lora_row::expand<true>(t.b_of<float>(j, s) + lo, t.out[j], hi - lo, rs, h + j * t.R, ye);
+        lora_row::expand<true>(t.b_of<E>(j, s) + lo, t.out[j], hi - lo, rs, h + j * t.R, ye);
       });
     }
   };
@@ -208,7 +199,7 @@ void run_by_columns(const LoraRows& L, int64_t M, int64_t P, float* y, const Pan
       for (int64_t u = e; u < target && fetch; ++u) {
         const int64_t s = L.e.slots[u];
         if (t.rank(s) == 0) continue;
-        spans.push_back(lines_of(a_bytes(s), t.K * GR * esize));
+        spans.push_back(lines_of(t.a_of<E>(s), t.K * GR * esize));
         lines += spans.back().lines();
       }
       panel(p, p + 1 < hi, spans.data(), static_cast<int>(spans.size()), lines);
@@ -229,7 +220,7 @@ void run_by_columns(const LoraRows& L, int64_t M, int64_t P, float* y, const Pan
           const int64_t s = L.e.slots[f], rs = t.rank(s);
           if (rs == 0) continue;
           each_member(u, [&](int64_t j, int64_t clo, int64_t chi) {
-            const char* b = static_cast<const char*>(b_bytes(j, s)) + clo * esize;
+            const char* b = reinterpret_cast<const char*>(t.b_of<E>(j, s) + clo);
             spans.push_back(lines_of(b, (chi - clo) * esize, rs, t.out[j] * esize));
             lines += spans.back().lines();
           });
@@ -240,6 +231,12 @@ void run_by_columns(const LoraRows& L, int64_t M, int64_t P, float* y, const Pan
     }
     for (; q < hi; ++q) expand_panel(q);  // one panel: no second half
   }
+}
+
+template <typename PanelFn>
+void run_by_columns(const LoraRows& L, int64_t M, int64_t P, float* y, const PanelFn& panel) {
+  if (L.t.bf16) run_by_columns_as<widen::bf16_t>(L, M, P, y, panel);
+  else run_by_columns_as<float>(L, M, P, y, panel);
 }
 #endif
 

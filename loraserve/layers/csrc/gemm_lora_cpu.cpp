@@ -72,16 +72,15 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
   TORCH_CHECK(M <= kMC, "panel_lora_linear takes at most ", kMC, " rows, got ", M);
   auto y = torch::empty({M, n}, x.options());
 #if LORASERVE_SIMD
-  LoraRows L = fused_lora::rows_args(x, n, rows, slots, a, bs, slot_rank, false);
+  const LoraRows L = fused_lora::rows_args(x, n, rows, slots, a, bs, slot_rank, false);
   if (M == 0) return y;
   auto d = torch::empty({L.e.N, n}, x.options());
-  L.d = d.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0);
-  fused_lora::run(L, M, P, yp, [&](int64_t p, bool next, const Lines* spans, int ns, int64_t lines) {
+  fused_lora::run(L, d.data_ptr<float>(), M, P, yp, [&](int64_t p, bool next, const Lines* spans, int ns, int64_t lines) {
     decode_panel_lora(xp, ldx, M, K, wp, n, bp, p, next, spans, ns, lines, yp);
   });
   return y;
@@ -101,12 +100,11 @@ void lora_deltas(const torch::Tensor& x, const torch::Tensor& y, const torch::Te
   TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
               "y must be a contiguous float32 [M, n] tensor");
 #if LORASERVE_SIMD
-  LoraRows L = fused_lora::rows_args(x, y.size(1), rows, slots, a, bs, slot_rank, false);
+  const LoraRows L = fused_lora::rows_args(x, y.size(1), rows, slots, a, bs, slot_rank, false);
   auto d = torch::empty({L.e.N, y.size(1)}, x.options());
-  L.d = d.data_ptr<float>();
   std::vector<float> h(L.t.gr());
-  for (int64_t e = 0; e < L.e.N; ++e) fused_lora::lora_unit(L, e, h.data());
-  fused_lora::add_deltas(L, y.data_ptr<float>());
+  for (int64_t e = 0; e < L.e.N; ++e) fused_lora::lora_unit(L, d.data_ptr<float>(), e, h.data());
+  fused_lora::add_deltas(L, d.data_ptr<float>(), y.data_ptr<float>());
 #else
   TORCH_CHECK(false, "lora_deltas needs an AVX-512 or AVX2+FMA build");
 #endif

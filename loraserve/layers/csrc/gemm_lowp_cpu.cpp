@@ -91,7 +91,7 @@ static_assert(kRangeRows < kBf16DpMinRows, "lowp_panel_range assumes the per-pan
 using lowp::kAmxMinRows;
 using lowp::kAmxMinRowsInt8;
 static_assert(kRangeRows < kAmxMinRowsInt8 && kRangeRows < kAmxMinRows, "lowp_panel_range assumes no AMX");
-// bf16 panels reach AMX only with rounded activations (lowp_panel_linear's round_act)
+// bf16 panels reach AMX only with rounded activations (rounds_activations)
 static_assert(kAmxMinRows == kBf16DpMinRows, "AMX and vdpbf16ps round activations from the same row count");
 #endif
 int64_t lowp_range_rows() { return kRangeRows; }
@@ -119,8 +119,12 @@ void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const c
 // Which kernel lowp_panel_linear runs for M rows of K: one rule for every path that multiplies
 // bf16: activations are rounded to bf16 from kBf16DpMinRows rows (bf16 panels, or int8 panels of
 // a bf16 model), never below; int8 tiles from 6 rows take them as two bf16 parts (fp32) until then
+static bool rounds_activations(int64_t M, bool bf16, bool bf16_activations) {
+  return (bf16 || bf16_activations) && M >= kBf16DpMinRows;
+}
+
 LowpPath lowp_path(int64_t M, int64_t K, bool bf16, bool bf16_activations) {
-  const bool round_act = (bf16 || bf16_activations) && M >= kBf16DpMinRows;
+  const bool round_act = rounds_activations(M, bf16, bf16_activations);
 #if defined(LORASERVE_AMX)
   if (M >= (bf16 ? kAmxMinRows : kAmxMinRowsInt8) && lowp::amx_enabled()) return LowpPath::amx;
 #endif
@@ -178,8 +182,8 @@ torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, 
   switch (lowp_path(M, K, bf16, bf16_activations)) {
 #if defined(LORASERVE_AMX)
     case LowpPath::amx:
-      lowp::amx_linear(bf16, (bf16 || bf16_activations) && M >= kBf16DpMinRows, xp, ldx, M, K, wp, panel_bytes, P,
-                       n, sp, bp, yp);
+      lowp::amx_linear(bf16, rounds_activations(M, bf16, bf16_activations), xp, ldx, M, K, wp, panel_bytes, P, n, sp,
+                       bp, yp);
       return y;
 #endif
     case LowpPath::bf16dp:
