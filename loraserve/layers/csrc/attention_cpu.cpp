@@ -46,6 +46,19 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
+// One query row's scaled scores into softmax weights, in place; a split part (ml not null) keeps
+// the row's score max and sum of exponentials in ml[0], ml[1] instead of normalising.
+inline void softmax_scores(float* sr, int64_t len, float* ml) {
+  const float m = max_of(sr, len), sum = exp_shifted(sr, len, m);
+  if (ml) {
+    ml[0] = m;
+    ml[1] = sum;
+    return;
+  }
+  const float inv = 1.f / sum;
+  for (int64_t t = 0; t < len; ++t) sr[t] *= inv;
+}
+
 #if LORASERVE_SIMD
 // The cache is cold at every layer (a whole step's weights streamed through since it was last
 // read), and one head's slice of a position is a few lines out of each cache row, a stride the
@@ -84,27 +97,15 @@ inline void score_rows(const float* q, float* s, int64_t s_stride, int64_t t0, i
   }
 }
 
-// One query row's scaled scores into softmax weights, in place; a split part (ml not null) keeps
-// the row's score max and sum of exponentials in ml[0], ml[1] instead of normalising.
-inline void softmax_scores(float* sr, int64_t len, float* ml) {
-  const float m = max_of(sr, len), sum = exp_shifted(sr, len, m);
-  if (ml) {
-    ml[0] = m;
-    ml[1] = sum;
-    return;
-  }
-  const float inv = 1.f / sum;
-  for (int64_t t = 0; t < len; ++t) sr[t] *= inv;
-}
-
 // Weighted sums of VB query rows that share one KV head over positions t0..n-1 (their softmax
 // weights in s), for head sizes whose VB rows of accumulators do not fit the registers whole
-// (D = 64 with AVX2: 8 vectors a row; D = 128 with AVX2 and 256 with AVX-512, 16): D in chunks of
-// NC vectors, VB * NC accumulators, so one load and widening of a V row serves VB query rows. Each accumulator takes the same FMAs in the
-// same order as head_rows' V pass, so the sums are its bits. Why: with one V pass per query row,
-// the G = 3 rows of SmolLM2's KV heads loaded and widened every V row three times; at 32 decode
-// rows attention was ~15 % of an AVX2 int8 step, at ~65 cycles per position and KV head with the
-// cache in L3 (the loads and widenings, not DRAM, set its pace).
+// (D = 64 with AVX2 is 8 vectors a row; D = 128 with AVX2 and 256 with AVX-512 are 16): D in
+// chunks of NC vectors, VB * NC accumulators, so one load and widening of a V row serves VB query
+// rows. Each accumulator takes the same FMAs in the same order as head_rows' V pass, so the sums
+// are its bits. Why: with one V pass per query row, the G = 3 rows of SmolLM2's KV heads loaded
+// and widened every V row three times; at 32 decode rows attention was ~15 % of an AVX2 int8
+// step. With the cache in L3 those loads set its pace (~65 cycles per position and KV head; 32
+// rows x 160 keys, 2 threads: 203 -> 162 us a layer); from DRAM its latency does (412 -> 387).
 template <int NV, int VB, typename T>
 inline void weigh_rows(float* out, const float* s, int64_t s_stride, int64_t t0, int64_t n, const T* vp,
                        const int64_t* tb, int64_t BS, int64_t row, int64_t pf) {
@@ -255,11 +256,7 @@ void head_item(const DecodeJob& j, int64_t it, std::vector<float>& scores, std::
     const T* k = kp + (tb[t / j.BS] * j.BS + t % j.BS) * row + h0 * D;
     for (int64_t r = 0; r < rows; ++r) s[r * max_ctx + t] = dot(qh + r * D, k + (r / G) * D, D) * sc;
   }
-  for (int64_t r = 0; r < rows; ++r) {  // softmax per query head
-    float* sr = s + r * max_ctx;
-    const float inv = 1.f / exp_shifted(sr, n, max_of(sr, n));
-    for (int64_t t = 0; t < n; ++t) sr[t] *= inv;
-  }
+  for (int64_t r = 0; r < rows; ++r) softmax_scores(s + r * max_ctx, n, nullptr);  // per query head
   std::fill(acc.begin(), acc.end(), 0.f);
   for (int64_t t = 0; t < n; ++t) {  // weighted sum: one pass over V
     const T* v = vp + (tb[t / j.BS] * j.BS + t % j.BS) * row + h0 * D;
