@@ -4,7 +4,8 @@ At the same bits per weight (our fp32 ↔ llama.cpp F32, our `--dtype bfloat16` 
 `--quantize int8` ↔ Q8_0; ours "not available" where our server refuses the flag), in
 interleaved rounds (ours, then llama.cpp, in every round; medians over rounds):
 
-* batch-1 decode: one streamed request (128-token prompt, 64 new tokens) to each server, and
+* batch-1 decode: one streamed request (128-token prompt, 64 new tokens) to each server, twice a
+  round in mirrored order (ours, llama-server, llama-server, ours; the mean of the two), and
   engine to engine: ours in a fresh process with no server (bench/engine_decode.py) against
   llama-bench's tg64 at depth 128 (`-d`: the same context as ours after its prompt, so both
   attentions read the same cache; its usual empty-context tg64 is reported beside it);
@@ -246,16 +247,24 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
     for r in range(args.rounds):
         row: dict = {}
         p_decode, p_prompt = prompt(), prompt()  # the same for every system, new every round
-        for tag, s in (("ours", ours), ("llama_server", lserver), ("ours_t1", ours1)):
-            if s is None:
-                continue
+        systems = [
+            (tag, s)
+            for tag, s in (("ours", ours), ("llama_server", lserver), ("ours_t1", ours1))
+            if s is not None
+        ]
+        decodes: dict[str, list[float]] = {tag: [] for tag, _ in systems}
+        # batch-1 decode twice, the second pass in the mirrored order (A B C C B A): the host's
+        # bandwidth drifts by tens of percent over minutes, and a drift through the round then
+        # weighs on every system alike instead of on whichever ran last
+        for tag, s in systems:
             st = asyncio.run(sy.single(s, p_decode, args.new_tokens))
             pp = asyncio.run(sy.single(s, p_prompt, 1))
-            row[tag] = {
-                "decode_tok_s": st.decode_tok_s,
-                "pp_tok_s": len(p_prompt) / pp.ttft,
-                "tokens": st.tokens,
-            }
+            decodes[tag].append(st.decode_tok_s)
+            row[tag] = {"pp_tok_s": len(p_prompt) / pp.ttft, "tokens": st.tokens}
+        for tag, s in reversed(systems):
+            decodes[tag].append(asyncio.run(sy.single(s, p_decode, args.new_tokens)).decode_tok_s)
+        for tag, runs in decodes.items():
+            row[tag].update(decode_tok_s=statistics.fmean(runs), decode_runs=runs)
         if ours is not None:
             row["ours_engine"] = sy.engine_decode(
                 ctx["models"][prec.gguf],
@@ -303,6 +312,8 @@ def _short(row: dict) -> dict:
     """Round figures to one decimal for the progress line."""
     if isinstance(row, dict):
         return {k: _short(v) for k, v in row.items() if k not in ("tokens", "wall_s")}
+    if isinstance(row, list):
+        return [_short(v) for v in row]
     return round(row, 1) if isinstance(row, float) else row
 
 
