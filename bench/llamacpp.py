@@ -11,8 +11,9 @@ interleaved rounds (ours, then llama.cpp, in every round; medians over rounds):
   attentions read the same cache; its usual empty-context tg64 is reported beside it);
 * prompt processing: time to the first token of one 128-token prompt, and llama-bench's pp128;
 * 32 concurrent requests (128-token prompts, 64 new tokens, EOS ignored), each with its own
-  rank-16 adapter — llama-server with per-request LoRA (`-np 32 -cb`, every adapter loaded at
-  scale 0) — and the same 32 on the base model;
+  rank-16 adapter (twice a round in mirrored order, the mean of the two) — llama-server with
+  per-request LoRA (`-np 32 -cb`, every adapter loaded at scale 0) — and the same 32 on the
+  base model;
 * the same batch-1 figures with one thread each (llama.cpp's `-t 2` collapses when another
   process takes one of two cores: the 1-thread reading is the fair one on a shared box);
 * % of the memory-bandwidth roofline of the weights read per token, and both servers' RSS.
@@ -293,14 +294,14 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
     res["concurrent_rounds"] = []
     for r in range(args.concurrent_rounds):
         row = {}
-        for tag, s in (("ours", ours), ("llama_server", lserver)):
-            if s is None:
-                continue
-            row[tag] = {"mixed": asyncio.run(sy.concurrent(s, batch, args.new_tokens, mixed))}
-            print(
-                f"  {prec.name} {tag} {len(batch)} adapters: {row[tag]['mixed']['tok_s']:.1f} tok/s",
-                flush=True,
-            )
+        pair = [(tag, s) for tag, s in (("ours", ours), ("llama_server", lserver)) if s is not None]
+        # mixed adapters (the row with a target) in mirrored order too, the mean of the two
+        for tag, s in [*pair, *reversed(pair)]:
+            got = asyncio.run(sy.concurrent(s, batch, args.new_tokens, mixed))
+            row.setdefault(tag, {}).setdefault("mixed_runs", []).append(got["tok_s"])
+            print(f"  {prec.name} {tag} {len(batch)} adapters: {got['tok_s']:.1f} tok/s", flush=True)
+        for tag, s in pair:
+            row[tag]["mixed"] = {"tok_s": statistics.fmean(row[tag]["mixed_runs"])}
             row[tag]["base"] = asyncio.run(sy.concurrent(s, batch, args.new_tokens, [None] * len(batch)))
             print(f"  {prec.name} {tag} {len(batch)} base: {row[tag]['base']['tok_s']:.1f} tok/s", flush=True)
         res["concurrent_rounds"].append(row)
