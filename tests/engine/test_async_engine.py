@@ -206,4 +206,3 @@ def test_throughput_is_the_tokens_after_the_windows_first_step_over_its_span() -
     assert t.tokens_per_s == pytest.approx((2 * 8 + 10 * 4) / (106.0 - 101.0))
     t.record(200.0, 3)  # a long pause: the old window is gone
     assert t.tokens_per_s == 0.0
-

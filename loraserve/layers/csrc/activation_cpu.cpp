@@ -3,7 +3,7 @@
 // (two slices, four muls, a sub, an add and a cat). At one row per step each op costs
 // more to dispatch than to compute, so each becomes one call, one pass over the data. SiLU is
 // written with simd.h (AVX-512 or AVX2 by the build); rotary's loop vectorises as it stands.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -12,8 +12,6 @@
 // The cache may be bf16 (`--kv-cache-dtype bfloat16`, the default when serving bf16): each value
 // is widened to fp32 in registers as it streams (widen.h), so the pass reads half the bytes and the
 // scores, softmax and sums stay fp32.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>

@@ -4,7 +4,7 @@
 // (decode_stack_cpu.cpp) calls rope_decode_prepare and runs the items in its own region. The
 // kernels those items run are in attention_cpu.cpp: kept apart so each file reads as one thing
 // (what is checked and written here, how a context is read there).
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

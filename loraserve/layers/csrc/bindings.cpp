@@ -1,5 +1,6 @@
 // Python bindings of the native CPU kernels (built by loraserve/layers/native_cpu.py).
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/types.h>
 
 #include <optional>
 #include <string>

@@ -14,7 +14,9 @@
 // projection's LoRA as `LoraLinear` does (the fused base + LoRA pass where it applies, else the
 // base and then the row kernel into the members' column slices), from per-layer views of the slot
 // table that the Python side hands over again whenever the table is re-allocated.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/types.h>
+#include <ATen/Parallel.h>
 
 #include "decode_job.h"
 #include "region_lora.h"

@@ -7,7 +7,7 @@
 // before streamed the weights; a plain loop whose lines are prefetched a few k-steps ahead
 // keeps many misses in flight and returns the same values (exact widening; int8 q * scale in
 // fp32, one rounding, as `panel_rows_lowp` does).
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <cstdint>
 #include <optional>

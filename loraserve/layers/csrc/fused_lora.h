@@ -13,7 +13,7 @@
 // following them.
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 

@@ -10,7 +10,7 @@
 // The register kernels, their tile and the panel layout are in panel_kernels.h, shared with the
 // fused decode LoRA pass (gemm_lora_cpu.cpp); this file holds the entry points of plain
 // projections and the walk of their work items over the threads.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

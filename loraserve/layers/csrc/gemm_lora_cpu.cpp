@@ -2,7 +2,7 @@
 // (panel_lora_linear; fused_lora.h says why and runs the adapter side), and the same deltas
 // alone for the decode stack's one-region step (lora_deltas). The base product is panel_linear's
 // bit for bit: the same register kernels (panel_kernels.h) over the same panels.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -23,7 +23,7 @@
 // - AMX (compiler targets it, the kernel grants it), bf16 from kAmxMinRows rows and int8 from
 //   kAmxMinRowsInt8: tile multiplies over the same panels (gemm_amx_cpu.cpp says how).
 // The portable build (neither AVX2 nor AVX-512) keeps a scalar loop of the same sums.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include "lowp_kernels.h"

@@ -11,7 +11,7 @@
 // the fp32 kernels, every kPfEvery k-steps). The base product is lowp_panel_linear's bit for bit
 // (the same kernels over the same panels; the fetches change no arithmetic); each row's delta is
 // the row kernel's (shrink_members, then expand onto y), column for column.
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>

@@ -11,7 +11,7 @@
 // NaN entries never win the max; a row with any NaN or infinity reports finite = false, and its
 // lse is then meaningless (the caller masks such rows: -inf from a grammar mask is the one
 // non-finite value a processed row may hold, and it contributes exp(-87) ~ 1e-38, i.e. nothing).
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <cmath>
 #include <cstdint>

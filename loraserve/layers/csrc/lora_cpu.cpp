@@ -15,7 +15,7 @@
 // bf16): bf16 values are widened to fp32 in registers as they stream (a shift), so a bf16 table
 // costs half the bytes of an fp32 one and the sums stay fp32; PyTorch's bf16 bmm path, which it
 // replaces, ran at ~1/3 of the fp32 kernel's speed on a CPU without AMX.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

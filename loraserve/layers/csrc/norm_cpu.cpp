@@ -5,7 +5,7 @@
 // made it ~7% of a batch-1 decode step. Fusing the residual add (`x += delta`, then
 // normalise) also saves one pass over the hidden states per norm. Math as HF Llama:
 // y = x / sqrt(mean(x^2) + eps) * w, accumulated in float32.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

@@ -3,7 +3,7 @@
 // columns of the output are still in the cache of the thread that wrote them.
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <cstdint>
 #include <functional>

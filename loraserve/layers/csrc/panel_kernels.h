@@ -14,7 +14,7 @@
 // build with neither has no panel GEMM: projections stay on oneDNN (layers/ops_cpu.py decides).
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>

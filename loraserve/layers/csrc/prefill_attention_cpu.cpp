@@ -10,7 +10,7 @@
 // same pass. Scores and sums stay fp32 and each row's softmax is exact (max, then exp and sum over
 // the whole row, not online): a work item keeps its rows' score rows, and long prompts get fewer
 // positions per item so that stays within kScratchFloats.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -13,7 +13,7 @@
 // onto the output (lora_rows' row kernel).
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>

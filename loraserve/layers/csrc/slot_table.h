@@ -13,7 +13,7 @@
 // leaves the per-kernel call to raise. `OnBad` is that one difference.
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>
