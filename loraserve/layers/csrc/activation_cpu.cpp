@@ -3,7 +3,7 @@
 // (two slices, four muls, a sub, an add and a cat). At one row per step each op costs
 // more to dispatch than to compute, so each becomes one call, one pass over the data. SiLU is
 // written with simd.h (AVX-512 or AVX2 by the build); rotary's loop vectorises as it stands.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -34,12 +34,12 @@ __attribute__((noinline)) void silu_mul_cols(const float* g, const float* u, flo
 }
 
 // gu: [T, 2*I] (gate | up, rows contiguous) -> [T, I] = silu(gate) * up
-torch::Tensor silu_mul(const torch::Tensor& gu) {
-  TORCH_CHECK(gu.device().is_cpu() && gu.scalar_type() == torch::kFloat32 && gu.dim() == 2 && gu.stride(1) == 1 &&
+at::Tensor silu_mul(const at::Tensor& gu) {
+  TORCH_CHECK(gu.device().is_cpu() && gu.scalar_type() == at::kFloat && gu.dim() == 2 && gu.stride(1) == 1 &&
                   gu.size(1) % 2 == 0,
               "gu must be a CPU float32 [T, 2*I] tensor with contiguous rows");
   const int64_t T = gu.size(0), I = gu.size(1) / 2, ld = gu.stride(0);
-  auto out = torch::empty({T, I}, gu.options());
+  auto out = at::empty({T, I}, gu.options());
   const float* gp = gu.data_ptr<float>();
   float* op = out.data_ptr<float>();
   over_rows(T, I, 4096, [&](int64_t begin, int64_t end) {
@@ -52,15 +52,15 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 
 // x: [T, H, D] (heads contiguous, rows may be strided), cos/sin: [T, D/2]; HF's half-split
 // layout: out[..., :D/2] = x1*cos - x2*sin, out[..., D/2:] = x2*cos + x1*sin
-torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1 &&
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1 &&
                   x.stride(1) == x.size(2) && x.size(2) % 2 == 0,
               "x must be a CPU float32 [T, H, D] tensor with contiguous heads");
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.numel() == T * half && sin.numel() == T * half,
               "cos/sin must be contiguous float32 [T, D/2]");
-  auto out = torch::empty({T, H, D}, x.options());
+  auto out = at::empty({T, H, D}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();

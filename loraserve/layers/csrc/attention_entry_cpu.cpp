@@ -4,7 +4,7 @@
 // (decode_stack_cpu.cpp) calls rope_decode_prepare and runs the items in its own region. The
 // kernels those items run are in attention_cpu.cpp: kept apart so each file reads as one thing
 // (what is checked and written here, how a context is read there).
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -19,9 +19,9 @@
 using widen::bf16_t;
 
 // The checks both entry points make of a layer's cache pair; true for a bf16 cache, false for fp32.
-static bool cache_is_bf16(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
-  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK((bf16 || k_cache.scalar_type() == torch::kFloat32) && k_cache.dim() == 4 && k_cache.is_contiguous() &&
+static bool cache_is_bf16(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || k_cache.scalar_type() == at::kFloat) && k_cache.dim() == 4 && k_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
               "k_cache/v_cache must be contiguous [NB, BS, Hkv, D], both float32 or both bfloat16");
@@ -31,13 +31,13 @@ static bool cache_is_bf16(const torch::Tensor& k_cache, const torch::Tensor& v_c
 // The checked core of both entry points: q rows `q_row` floats apart, each [Hq, D] contiguous;
 // out [B, Hq, D] contiguous. Checks the tables against the cache before anything is read.
 static void decode_job_make(const float* qp, int64_t q_row, int64_t B, int64_t Hq, int64_t D,
-                            const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                            const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale, float* op,
+                            const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale, float* op,
                             DecodeJob& j) {
   const bool bf16 = cache_is_bf16(k_cache, v_cache);
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.dim() == 2 && block_tables.is_contiguous(),
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [B, nblk]");
-  TORCH_CHECK(ctx_lens.scalar_type() == torch::kInt64 && ctx_lens.is_contiguous(), "ctx_lens must be int64");
+  TORCH_CHECK(ctx_lens.scalar_type() == at::kLong && ctx_lens.is_contiguous(), "ctx_lens must be int64");
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t nblk = block_tables.size(1);
   TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "head shapes do not match");
@@ -66,14 +66,14 @@ static void decode_job_run(DecodeJob& j) {
 
 // q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
 // ctx_lens: [B] int64 (positions 0..ctx-1 are attended). Returns [B, Hq, D].
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& ctx_lens, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 &&
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                     const at::Tensor& ctx_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1 &&
                   q.stride(1) == q.size(2),
               "q must be a CPU float32 [B, Hq, D] tensor with contiguous heads");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  auto out = torch::empty({B, Hq, D}, q.options());
+  auto out = at::empty({B, Hq, D}, q.options());
   DecodeJob j;
   decode_job_make(q.data_ptr<float>(), q.stride(0), B, Hq, D, k_cache, v_cache, block_tables, ctx_lens, scale,
                   out.data_ptr<float>(), j);
@@ -82,7 +82,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 }
 
 // One position's keys and values (`row` floats each) into cache slot `slot`, rounded to the cache's dtype.
-static void store_slot(const torch::Tensor& k_cache, const torch::Tensor& v_cache, bool bf16, int64_t slot,
+static void store_slot(const at::Tensor& k_cache, const at::Tensor& v_cache, bool bf16, int64_t slot,
                        int64_t row, const float* ks, const float* vs) {
   if (bf16) {
     bf16_t* kd = static_cast<bf16_t*>(k_cache.data_ptr()) + slot * row;
@@ -99,17 +99,17 @@ static void store_slot(const torch::Tensor& k_cache, const torch::Tensor& v_cach
 // (rows any stride, heads D apart: views into the fused q|k|v output) into k_cache, v_cache
 // [NB, BS, Hkv, D] (fp32 or bf16) at flat slots [T]. One call per layer instead of PyTorch's two
 // conversions and two index_copy_ (~14 us a layer at one decode row, 0.4 ms of a 30-layer step).
-void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k,
-              const torch::Tensor& v, const torch::Tensor& slots) {
+void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& slots) {
   const bool bf16 = cache_is_bf16(k_cache, v_cache);
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), H = k_cache.size(2), D = k_cache.size(3);
-  for (const torch::Tensor* x : {&k, &v}) {
-    TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == torch::kFloat32 && x->dim() == 3 && x->size(1) == H &&
+  for (const at::Tensor* x : {&k, &v}) {
+    TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == at::kFloat && x->dim() == 3 && x->size(1) == H &&
                     x->size(2) == D && x->stride(2) == 1 && x->stride(1) == D,
                 "k and v must be CPU float32 [T, Hkv, D] with contiguous heads matching the cache");
   }
   const int64_t T = k.size(0);
-  TORCH_CHECK(v.size(0) == T && slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == T,
+  TORCH_CHECK(v.size(0) == T && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
               "slots must be a contiguous int64 [T]");
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < NB * BS, "cache slot out of range");
@@ -122,20 +122,20 @@ void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const 
 
 // rope_decode_attention up to its work items: the checks, rotary, the new keys and values into
 // the cache; `job` made (not planned) with the rotated queries in `q` and the output in `out`
-void rope_decode_prepare(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
-                         const torch::Tensor& sin, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                         const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& ctx_lens,
-                         double scale, std::vector<float>& q, const torch::Tensor& out, DecodeJob& job) {
+void rope_decode_prepare(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
+                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
+                         double scale, std::vector<float>& q, const at::Tensor& out, DecodeJob& job) {
   const bool bf16 = cache_is_bf16(k_cache, v_cache);
   const int64_t B = qkv.size(0), NB = k_cache.size(0), BS = k_cache.size(1), D = k_cache.size(3), half = D / 2;
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 2 &&
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 2 &&
                   qkv.size(1) == (hq + 2 * hkv) * D && qkv.stride(1) == 1 && D % 2 == 0,
               "qkv must be CPU float32 [B, (Hq + 2 * Hkv) * D] with contiguous rows");
   TORCH_CHECK(k_cache.size(2) == hkv, "the cache holds ", k_cache.size(2), " KV heads, qkv ", hkv);
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.numel() == B * half && sin.numel() == B * half,
               "cos/sin must be contiguous float32 [B, D/2]");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == B,
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
               "slots must be a contiguous int64 [B]");
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sp[b] >= 0 && sp[b] < NB * BS, "cache slot out of range");
@@ -143,7 +143,7 @@ void rope_decode_prepare(const torch::Tensor& qkv, int64_t hq, int64_t hkv, cons
   const float* cp = cos.data_ptr<float>();
   const float* snp = sin.data_ptr<float>();
   const int64_t ld = qkv.stride(0), row = hkv * D;
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() == B * hq * D,
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == B * hq * D,
               "out must be a contiguous float32 [B, Hq * D] tensor");
   q.resize(static_cast<size_t>(B * hq * D));
   std::vector<float> kr(row);
@@ -165,12 +165,12 @@ void rope_decode_prepare(const torch::Tensor& qkv, int64_t hq, int64_t hkv, cons
 // 30-layer int8 step of the 135M model is ~5 ms); inside, it touches raw pointers only (rotated q in
 // a local buffer, rotated k and v written straight into their slots), because each ATen op (narrow,
 // view, empty) costs ~1 us cold after a step's weight stream, as much as rotating a row.
-torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
-                                    const torch::Tensor& sin, const torch::Tensor& k_cache,
-                                    const torch::Tensor& v_cache, const torch::Tensor& slots,
-                                    const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale) {
+at::Tensor rope_decode_attention(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
+                                    const at::Tensor& sin, const at::Tensor& k_cache,
+                                    const at::Tensor& v_cache, const at::Tensor& slots,
+                                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale) {
   cache_is_bf16(k_cache, v_cache);  // its checks first: the output's size reads the cache's head size
-  auto out = torch::empty({qkv.size(0), hq * k_cache.size(3)}, qkv.options());
+  auto out = at::empty({qkv.size(0), hq * k_cache.size(3)}, qkv.options());
   std::vector<float> q;
   DecodeJob job;
   rope_decode_prepare(qkv, hq, hkv, cos, sin, k_cache, v_cache, slots, block_tables, ctx_lens, scale, q, out, job);

@@ -1,6 +1,7 @@
 // Python bindings of the native CPU kernels (built by loraserve/layers/native_cpu.py).
 #include <torch/csrc/utils/pybind.h>
-#include <torch/types.h>
+
+#include "aten_min.h"
 
 #include <optional>
 #include <string>
@@ -9,60 +10,60 @@
 #include "row_prefetch.h"
 #include "simd.h"
 
-void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
-               const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-               const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
-void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k,
-              const torch::Tensor& v, const torch::Tensor& slots);
+void lora_rows(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& slots,
+               const at::Tensor& a, const std::vector<at::Tensor>& bs,
+               const std::vector<at::Tensor>& ys, const std::optional<at::Tensor>& slot_rank);
+void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& slots);
 
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& ctx_lens, double scale);
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                     const at::Tensor& ctx_lens, double scale);
 
-torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
-                                    const torch::Tensor& sin, const torch::Tensor& k_cache,
-                                    const torch::Tensor& v_cache, const torch::Tensor& slots,
-                                    const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale);
+at::Tensor rope_decode_attention(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
+                                    const at::Tensor& sin, const at::Tensor& k_cache,
+                                    const at::Tensor& v_cache, const at::Tensor& slots,
+                                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale);
 
-void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                       const std::vector<std::pair<int64_t, int64_t>>& spans, double scale, const torch::Tensor& out);
+void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::vector<std::pair<int64_t, int64_t>>& spans, double scale, const at::Tensor& out);
 
-torch::Tensor panel_embedding(const torch::Tensor& w, const torch::Tensor& ids, int64_t k,
-                              const std::optional<torch::Tensor>& scale);
+at::Tensor panel_embedding(const at::Tensor& w, const at::Tensor& ids, int64_t k,
+                              const std::optional<at::Tensor>& scale);
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
-torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps);
 
-torch::Tensor silu_mul(const torch::Tensor& gu);
-torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& gu);
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> argmax_logsumexp(const torch::Tensor& x);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x);
 
 bool panel_gemm_available();
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                           const std::optional<torch::Tensor>& bias);
-torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
-                                const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                                const std::optional<torch::Tensor>& slot_rank);
-torch::Tensor panel_linear_lora_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                     const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
-                                     const torch::Tensor& slots, const torch::Tensor& a,
-                                     const std::vector<torch::Tensor>& bs,
-                                     const std::optional<torch::Tensor>& slot_rank);
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                           const std::optional<at::Tensor>& bias);
+at::Tensor panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                const std::optional<at::Tensor>& slot_rank);
+at::Tensor panel_linear_lora_rows(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                     const at::Tensor& slots, const at::Tensor& a,
+                                     const std::vector<at::Tensor>& bs,
+                                     const std::optional<at::Tensor>& slot_rank);
 
 // bf16 / int8 weight panels (csrc/gemm_lowp_cpu.cpp)
 std::string lowp_gemm_isa();
-torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
+at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                                 bool bf16_activations);
 // the same with every row's LoRA between the panels (csrc/gemm_lowp_lora_cpu.cpp)
 bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations);
-torch::Tensor lowp_panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                     const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
-                                     bool bf16_activations, const torch::Tensor& rows, const torch::Tensor& slots,
-                                     const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                                     const std::optional<torch::Tensor>& slot_rank);
+at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                                     bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
+                                     const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                     const std::optional<at::Tensor>& slot_rank);
 
 // a model's decoder layers in one call per decode step (csrc/decode_stack_cpu.cpp)
 void bind_decode_stack(pybind11::module_& m);

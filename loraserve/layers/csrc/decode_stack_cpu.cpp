@@ -15,7 +15,8 @@
 // base and then the row kernel into the members' column slices), from per-layer views of the slot
 // table that the Python side hands over again whenever the table is re-allocated.
 #include <torch/csrc/utils/pybind.h>
-#include <torch/types.h>
+
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include "decode_job.h"
@@ -31,33 +32,33 @@
 #include <thread>
 #include <vector>
 
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                           const std::optional<torch::Tensor>& bias);
-torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                           const std::optional<at::Tensor>& bias);
+at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                                 bool bf16_activations);
-torch::Tensor rope_decode_attention(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
-                                    const torch::Tensor& sin, const torch::Tensor& k_cache,
-                                    const torch::Tensor& v_cache, const torch::Tensor& slots,
-                                    const torch::Tensor& block_tables, const torch::Tensor& ctx_lens, double scale);
-torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps);
-torch::Tensor silu_mul(const torch::Tensor& gu);
-torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
-                                const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                                const std::optional<torch::Tensor>& slot_rank);
+at::Tensor rope_decode_attention(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
+                                    const at::Tensor& sin, const at::Tensor& k_cache,
+                                    const at::Tensor& v_cache, const at::Tensor& slots,
+                                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale);
+at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& gu);
+at::Tensor panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                const std::optional<at::Tensor>& slot_rank);
 bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations);
-torch::Tensor lowp_panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                     const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
-                                     bool bf16_activations, const torch::Tensor& rows, const torch::Tensor& slots,
-                                     const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                                     const std::optional<torch::Tensor>& slot_rank);
-void lora_deltas(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& rows, const torch::Tensor& slots,
-                 const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                 const std::optional<torch::Tensor>& slot_rank);
-void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
-               const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-               const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank);
+at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                                     bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
+                                     const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                     const std::optional<at::Tensor>& slot_rank);
+void lora_deltas(const at::Tensor& x, const at::Tensor& y, const at::Tensor& rows, const at::Tensor& slots,
+                 const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                 const std::optional<at::Tensor>& slot_rank);
+void lora_rows(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& slots,
+               const at::Tensor& a, const std::vector<at::Tensor>& bs,
+               const std::vector<at::Tensor>& ys, const std::optional<at::Tensor>& slot_rank);
 
 void panel_linear_range(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
                         const float* bias, int64_t p0, int64_t p1, float* y);
@@ -65,10 +66,10 @@ void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const c
                       const float* scale, const float* bias, int64_t p0, int64_t p1, float* y,
                       std::vector<int8_t>& digits, std::vector<float>& scratch);
 int64_t lowp_range_rows();
-void rope_decode_prepare(const torch::Tensor& qkv, int64_t hq, int64_t hkv, const torch::Tensor& cos,
-                         const torch::Tensor& sin, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                         const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& ctx_lens,
-                         double scale, std::vector<float>& q, const torch::Tensor& out, DecodeJob& job);
+void rope_decode_prepare(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
+                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
+                         double scale, std::vector<float>& q, const at::Tensor& out, DecodeJob& job);
 void norm_row(float* xr, const float* dr, const float* wp, int64_t H, float e, float* yr);
 void silu_mul_cols(const float* g, const float* u, float* o, int64_t n);
 
@@ -80,21 +81,21 @@ struct RangeScratch {
 
 // This step's adapter rows (LoraBatch.rows / row_slots) and the table's per-slot ranks
 struct LoraRows {
-  torch::Tensor rows, slots;
-  std::optional<torch::Tensor> slot_rank;
+  at::Tensor rows, slots;
+  std::optional<at::Tensor> slot_rank;
 };
 
 // One packed projection: fp32 panels (gemm_cpu.cpp) or bf16 / int8 panels (gemm_lowp_cpu.cpp).
 struct NativeLinear {
-  torch::Tensor w;
+  at::Tensor w;
   int64_t n;
-  std::optional<torch::Tensor> scale, bias;
+  std::optional<at::Tensor> scale, bias;
   bool lowp;
 
   // adapters of this projection group in one layer: A [S, in, members * R] and each member's B
   // [S, R, out] (views of the slot table), and each member's output columns [start, end)
-  torch::Tensor lora_a;
-  std::vector<torch::Tensor> lora_bs;
+  at::Tensor lora_a;
+  std::vector<at::Tensor> lora_bs;
   std::vector<std::pair<int64_t, int64_t>> bounds;
 
   // panels [p0, p1) for M rows of x (K columns, rows ldx apart) into y [M, n]: what operator()
@@ -103,7 +104,7 @@ struct NativeLinear {
               RangeScratch& s) const {
     const float* bp = bias ? bias->data_ptr<float>() : nullptr;
     if (lowp) {
-      lowp_panel_range(x, ldx, M, K, static_cast<const char*>(w.data_ptr()), w.scalar_type() == torch::kBFloat16, n,
+      lowp_panel_range(x, ldx, M, K, static_cast<const char*>(w.data_ptr()), w.scalar_type() == at::kBFloat16, n,
                        scale ? scale->data_ptr<float>() : nullptr, bp, p0, p1, y, s.digits, s.f32);
     } else {
       panel_linear_range(x, ldx, M, K, w.data_ptr<float>(), n, bp, p0, p1, y);
@@ -122,7 +123,7 @@ struct NativeLinear {
     return {static_cast<const char*>(w.data_ptr()) + p0 * pb, (p1 - p0) * pb};
   }
 
-  torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations) const {
+  at::Tensor operator()(const at::Tensor& x, bool bf16_activations) const {
     if (lowp) return lowp_panel_linear(x, w, n, scale, bias, bf16_activations);
     return panel_linear(x, w, n, bias);
   }
@@ -131,7 +132,7 @@ struct NativeLinear {
   // for up to `fused_rows` rows (0: never) and a table with up to `fused_members` members, as
   // CpuNativeOps.linear_lora (fp32 panels) and LowpCpuOps.linear_lora decide (their limits,
   // handed over by the Python side)
-  torch::Tensor operator()(const torch::Tensor& x, bool bf16_activations, const LoraRows* lr, int64_t fused_rows,
+  at::Tensor operator()(const at::Tensor& x, bool bf16_activations, const LoraRows* lr, int64_t fused_rows,
                            int64_t fused_members) const {
     if (lr == nullptr) return (*this)(x, bf16_activations);
     if (fused(x.size(0), x.size(1), bf16_activations, fused_rows, fused_members)) {
@@ -140,7 +141,7 @@ struct NativeLinear {
                                       lr->slot_rank);
       return panel_lora_linear(x, w, n, bias, lr->rows, lr->slots, lora_a, lora_bs, lr->slot_rank);
     }
-    torch::Tensor y = (*this)(x, bf16_activations);
+    at::Tensor y = (*this)(x, bf16_activations);
     add_lora(x, y, *lr, bf16_activations, fused_rows, fused_members);
     return y;
   }
@@ -151,20 +152,20 @@ struct NativeLinear {
   bool fused(int64_t M, int64_t K, bool bf16_activations, int64_t fused_rows, int64_t fused_members) const {
     const int64_t members = static_cast<int64_t>(lora_bs.size());
     if (M > fused_rows || members == 0 || members > fused_members) return false;
-    if (!lowp) return lora_a.scalar_type() == torch::kFloat32;
-    return lowp_lora_fuses(M, K, w.scalar_type() == torch::kBFloat16, bf16_activations);
+    if (!lowp) return lora_a.scalar_type() == at::kFloat;
+    return lowp_lora_fuses(M, K, w.scalar_type() == at::kBFloat16, bf16_activations);
   }
 
   // the adapter rows' deltas onto y, this projection's base output for x: as the fp32 fused pass
   // adds them (each row's delta apart, then added) where it applies, else as the row kernel does.
   // (The one-region step calls this for up to 4 rows; bf16 / int8 panels fuse from 20.)
-  void add_lora(const torch::Tensor& x, const torch::Tensor& y, const LoraRows& lr, bool bf16_activations,
+  void add_lora(const at::Tensor& x, const at::Tensor& y, const LoraRows& lr, bool bf16_activations,
                 int64_t fused_rows, int64_t fused_members) const {
     if (fused(x.size(0), x.size(1), bf16_activations, fused_rows, fused_members)) {
       lora_deltas(x, y, lr.rows, lr.slots, lora_a, lora_bs, lr.slot_rank);
       return;
     }
-    std::vector<torch::Tensor> ys;
+    std::vector<at::Tensor> ys;
     for (const auto& [s, e] : bounds) ys.push_back(s == 0 && e == y.size(1) ? y : y.narrow(1, s, e - s));
     lora_rows(x, lr.rows, lr.slots, lora_a, lora_bs, ys, lr.slot_rank);
   }
@@ -172,8 +173,8 @@ struct NativeLinear {
 
 struct DecodeLayer {
   NativeLinear qkv, o, gate_up, down;
-  torch::Tensor post_norm, next_norm;  // next_norm: the next layer's input norm, or the final one
-  torch::Tensor k_cache, v_cache;
+  at::Tensor post_norm, next_norm;  // next_norm: the next layer's input norm, or the final one
+  at::Tensor k_cache, v_cache;
   int64_t hq, hkv;
   double scale;
 };
@@ -186,17 +187,17 @@ class DecodeStack {
   DecodeStack(double eps, bool bf16_activations, int64_t fused_lora_rows, int64_t fused_lora_members)
       : eps_(eps), bf16_act_(bf16_activations), fused_rows_(fused_lora_rows), fused_members_(fused_lora_members) {}
 
-  void add_layer(const torch::Tensor& qkv_w, int64_t qkv_n, const std::optional<torch::Tensor>& qkv_scale,
-                 const std::optional<torch::Tensor>& qkv_bias, const torch::Tensor& o_w, int64_t o_n,
-                 const std::optional<torch::Tensor>& o_scale, const std::optional<torch::Tensor>& o_bias,
-                 const torch::Tensor& gu_w, int64_t gu_n, const std::optional<torch::Tensor>& gu_scale,
-                 const std::optional<torch::Tensor>& gu_bias, const torch::Tensor& down_w, int64_t down_n,
-                 const std::optional<torch::Tensor>& down_scale, const std::optional<torch::Tensor>& down_bias,
-                 const torch::Tensor& post_norm, const torch::Tensor& next_norm, const torch::Tensor& k_cache,
-                 const torch::Tensor& v_cache, int64_t hq, int64_t hkv, double scale) {
-    auto lin = [](const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& s,
-                  const std::optional<torch::Tensor>& b) {
-      return NativeLinear{w, n, s, b, w.scalar_type() != torch::kFloat32};
+  void add_layer(const at::Tensor& qkv_w, int64_t qkv_n, const std::optional<at::Tensor>& qkv_scale,
+                 const std::optional<at::Tensor>& qkv_bias, const at::Tensor& o_w, int64_t o_n,
+                 const std::optional<at::Tensor>& o_scale, const std::optional<at::Tensor>& o_bias,
+                 const at::Tensor& gu_w, int64_t gu_n, const std::optional<at::Tensor>& gu_scale,
+                 const std::optional<at::Tensor>& gu_bias, const at::Tensor& down_w, int64_t down_n,
+                 const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& down_bias,
+                 const at::Tensor& post_norm, const at::Tensor& next_norm, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, int64_t hq, int64_t hkv, double scale) {
+    auto lin = [](const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& s,
+                  const std::optional<at::Tensor>& b) {
+      return NativeLinear{w, n, s, b, w.scalar_type() != at::kFloat};
     };
     // the region splits gate|up at a panel boundary and keeps the residual stream [M, o's width]
     region_ok_ = region_ok_ && gu_n % 64 == 0 && o_n == down_n;
@@ -209,7 +210,7 @@ class DecodeStack {
 
   // projection group g (0 q|k|v, 1 o, 2 gate|up, 3 down) of `layer`: its members' output widths
   // (once) and its slot-table views (again after every re-allocation of the table)
-  void set_lora(int64_t layer, int64_t group, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
+  void set_lora(int64_t layer, int64_t group, const at::Tensor& a, const std::vector<at::Tensor>& bs,
                 const std::vector<int64_t>& widths) {
     TORCH_CHECK(layer >= 0 && layer < size() && group >= 0 && group < 4, "no projection group ", group,
                 " in layer ", layer);
@@ -230,10 +231,10 @@ class DecodeStack {
   // x: the residual stream [B, hidden] (updated in place); h: the first layer's normed input.
   // Returns the final norm of the residual stream, as the model's forward does.
   // lora_rows / lora_slots: this step's adapter rows and their slots (none: no row has an adapter)
-  torch::Tensor run(const torch::Tensor& x, torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
-                    const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& ctx_lens,
-                    const std::optional<torch::Tensor>& lora_rows, const std::optional<torch::Tensor>& lora_slots,
-                    const std::optional<torch::Tensor>& slot_rank) const {
+  at::Tensor run(const at::Tensor& x, at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
+                    const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
+                    const std::optional<at::Tensor>& lora_rows, const std::optional<at::Tensor>& lora_slots,
+                    const std::optional<at::Tensor>& slot_rank) const {
     TORCH_CHECK(lora_rows.has_value() == lora_slots.has_value(), "adapter rows need their slots");
     std::optional<LoraRows> lr;
     if (lora_rows) {
@@ -247,11 +248,11 @@ class DecodeStack {
         x.size(1) == layers_[0].o.n)
       return run_region(x, h, cos, sin, slots, block_tables, ctx_lens, lp);
     for (const DecodeLayer& l : layers_) {
-      const torch::Tensor qkv = l.qkv(h, bf16_act_, lp, fused_rows_, fused_members_);
-      const torch::Tensor attn = rope_decode_attention(qkv, l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
+      const at::Tensor qkv = l.qkv(h, bf16_act_, lp, fused_rows_, fused_members_);
+      const at::Tensor attn = rope_decode_attention(qkv, l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
                                                        block_tables, ctx_lens, l.scale);
       h = add_rms_norm_(x, l.o(attn, bf16_act_, lp, fused_rows_, fused_members_), l.post_norm, eps_);
-      const torch::Tensor act = silu_mul(l.gate_up(h, bf16_act_, lp, fused_rows_, fused_members_));
+      const at::Tensor act = silu_mul(l.gate_up(h, bf16_act_, lp, fused_rows_, fused_members_));
       h = add_rms_norm_(x, l.down(act, bf16_act_, lp, fused_rows_, fused_members_), l.next_norm, eps_);
     }
     return h;
@@ -282,25 +283,25 @@ class DecodeStack {
   // parallel regions a layer (120 a token on SmolLM2-135M), each with a start, an end barrier and
   // a cold start of the weight stream, and its serial norm and SwiGLU read their inputs from the
   // other core's cache with the memory bus idle.
-  torch::Tensor run_region(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& cos,
-                           const torch::Tensor& sin, const torch::Tensor& slots, const torch::Tensor& block_tables,
-                           const torch::Tensor& ctx_lens, const LoraRows* lp) const {
+  at::Tensor run_region(const at::Tensor& x, const at::Tensor& h, const at::Tensor& cos,
+                           const at::Tensor& sin, const at::Tensor& slots, const at::Tensor& block_tables,
+                           const at::Tensor& ctx_lens, const LoraRows* lp) const {
     const int64_t M = x.size(0), H = x.size(1);
     ++region_runs_;
     int64_t most = 0;
     for (const DecodeLayer& l : layers_)
       for (const NativeLinear* g : {&l.qkv, &l.o, &l.gate_up, &l.down}) most = std::max(most, g->n);
     // one output buffer per projection kind, reused layer after layer: [M, n] at the front of it
-    const torch::Tensor bufs = torch::empty({4, M * most}, x.options());
+    const at::Tensor bufs = at::empty({4, M * most}, x.options());
     auto out = [&](int64_t i, const NativeLinear& g) { return bufs[i].narrow(0, 0, M * g.n).view({M, g.n}); };
     float* buf[4];
     for (int64_t i = 0; i < 4; ++i) buf[i] = bufs.data_ptr<float>() + i * M * most;
-    const torch::Tensor hx = x.contiguous(), hh = h.contiguous();
-    torch::Tensor y = torch::empty_like(hh);
+    const at::Tensor hx = x.contiguous(), hh = h.contiguous();
+    at::Tensor y = at::empty_like(hh);
     // attention's output [M, Hq * D] (the unsplit items write it) and the rotated queries
     int64_t attn_most = 0;
     for (const DecodeLayer& l : layers_) attn_most = std::max(attn_most, l.hq * l.k_cache.size(3));
-    const torch::Tensor attn_buf = torch::empty({M * attn_most}, x.options());
+    const at::Tensor attn_buf = at::empty({M * attn_most}, x.options());
     std::vector<float> q;
     std::exception_ptr err;
     bool failed = false;
@@ -329,7 +330,7 @@ class DecodeStack {
     DecodeJob plan, job;
     plan.B = M, plan.Hq = layers_[0].hq, plan.Hkv = layers_[0].hkv, plan.D = layers_[0].k_cache.size(3);
     plan.BS = layers_[0].k_cache.size(1), plan.nblk = block_tables.size(1);
-    plan.bf16 = layers_[0].k_cache.scalar_type() == torch::kBFloat16;
+    plan.bf16 = layers_[0].k_cache.scalar_type() == at::kBFloat16;
     plan.tables = block_tables.data_ptr<int64_t>(), plan.lens = ctx_lens.data_ptr<int64_t>();
     for (int64_t b = 0; b < M; ++b) plan.max_ctx = std::max(plan.max_ctx, plan.lens[b]);
     decode_job_plan(plan, threads);
@@ -392,7 +393,7 @@ class DecodeStack {
       };
       // M rows of `cols` floats at p as a tensor (the adapter kernels take tensors)
       auto rows_of = [&](const float* p, int64_t cols) {
-        return torch::from_blob(const_cast<float*>(p), {M, cols}, x.options());
+        return at::from_blob(const_cast<float*>(p), {M, cols}, x.options());
       };
       for (size_t i = 0; i < layers_.size(); ++i) {
         const DecodeLayer& l = layers_[i];

@@ -7,7 +7,7 @@
 // before streamed the weights; a plain loop whose lines are prefetched a few k-steps ahead
 // keeps many misses in flight and returns the same values (exact widening; int8 q * scale in
 // fp32, one rounding, as `panel_rows_lowp` does).
-#include <torch/types.h>
+#include "aten_min.h"
 
 #include <cstdint>
 #include <optional>
@@ -38,13 +38,13 @@ void gather_row_int8(const int8_t* panel, int64_t K, int64_t c, float scale, flo
 
 // w: fp32 or int8 [P, K, 32] or bf16 [P, ceil(K/2), 32, 2]; ids [T] int64 in [0, P * 32);
 // scale [P * 32] for int8 (none otherwise); k: K (bf16 panels pad odd K). Returns [T, K] fp32.
-torch::Tensor panel_embedding(const torch::Tensor& w, const torch::Tensor& ids, int64_t k,
-                              const std::optional<torch::Tensor>& scale) {
+at::Tensor panel_embedding(const at::Tensor& w, const at::Tensor& ids, int64_t k,
+                              const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU panel tensor");
-  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(), "ids must be int64 [T]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "ids must be int64 [T]");
   const auto dt = w.scalar_type();
-  const bool bf16 = dt == torch::kBFloat16, int8 = dt == torch::kInt8;
-  TORCH_CHECK(dt == torch::kFloat32 || bf16 || int8, "w must be float32, bfloat16 or int8 panels");
+  const bool bf16 = dt == at::kBFloat16, int8 = dt == at::kChar;
+  TORCH_CHECK(dt == at::kFloat || bf16 || int8, "w must be float32, bfloat16 or int8 panels");
   const int64_t P = w.size(0);
   if (bf16) {
     TORCH_CHECK(w.dim() == 4 && w.size(1) == (k + 1) / 2 && w.size(2) == kNR && w.size(3) == 2,
@@ -54,13 +54,13 @@ torch::Tensor panel_embedding(const torch::Tensor& w, const torch::Tensor& ids, 
   }
   TORCH_CHECK(int8 == scale.has_value(), "int8 panels take their scale, other panels none");
   if (int8) {
-    TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() && scale->numel() == P * kNR,
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == P * kNR,
                 "scale must be a contiguous float32 [P * 32]");
   }
   const int64_t T = ids.size(0);
   const int64_t* ip = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(ip[t] >= 0 && ip[t] < P * kNR, "token id out of range");
-  auto out = torch::empty({T, k}, w.options().dtype(torch::kFloat32));
+  auto out = at::empty({T, k}, w.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   const int64_t panel = bf16 ? (k + 1) / 2 * kNR * 2 : k * kNR;  // elements per panel
   over_rows(T, k, 1 << 14, [&](int64_t r0, int64_t r1) {

@@ -13,7 +13,7 @@
 // following them.
 #pragma once
 
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 #include <omp.h>
 
@@ -75,11 +75,11 @@ inline Lines lines_of(const void* p, int64_t bytes, int64_t rows = 1, int64_t st
 
 // The adapter rows of a fused pass, checked: x [M, K] rows, a [S, K, G*R] (fp32, or bf16 where
 // `bf16_ok`), each member's B [S, R, out_j] side by side over n output columns
-inline LoraRows rows_args(const torch::Tensor& x, int64_t n, const torch::Tensor& rows, const torch::Tensor& slots,
-                          const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                          const std::optional<torch::Tensor>& slot_rank, bool bf16_ok) {
+inline LoraRows rows_args(const at::Tensor& x, int64_t n, const at::Tensor& rows, const at::Tensor& slots,
+                          const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                          const std::optional<at::Tensor>& slot_rank, bool bf16_ok) {
   using slot_table::OnBad;
-  TORCH_CHECK(a.scalar_type() == torch::kFloat32 || bf16_ok, "a must be float32 (bf16 tables take lora_rows)");
+  TORCH_CHECK(a.scalar_type() == at::kFloat || bf16_ok, "a must be float32 (bf16 tables take lora_rows)");
   const slot_table::Table t = *slot_table::table(a, bs, slot_rank, x.size(1), OnBad::raise);
   const slot_table::Rows e = *slot_table::rows(rows, slots, x.size(0), t.S, OnBad::raise);
   slot_table::check_covers(t, n);

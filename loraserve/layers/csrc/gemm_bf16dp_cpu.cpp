@@ -12,7 +12,7 @@
 // Why: on a 2-core Zen 5 EPYC the fp32-scratch path (each panel converted to fp32 once per chunk of
 // rows, then FMAs) was compute-bound: 32 decode rows of the 135M model took 77 ms of projections
 // per step, against 60 ms for int8 and ~38 ms for the FMA peak.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -10,7 +10,7 @@
 // The register kernels, their tile and the panel layout are in panel_kernels.h, shared with the
 // fused decode LoRA pass (gemm_lora_cpu.cpp); this file holds the entry points of plain
 // projections and the walk of their work items over the threads.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -28,17 +28,17 @@ bool panel_gemm_available() {
   return LORASERVE_SIMD != 0;  // a build without AVX2+FMA keeps oneDNN (layers/ops_cpu.py decides)
 }
 
-void fp32_panel::check_panel_args(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                  const std::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+void fp32_panel::check_panel_args(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU float32 [M, K] tensor with contiguous rows");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 3 && w.is_contiguous() && w.size(2) == kNR,
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && w.is_contiguous() && w.size(2) == kNR,
               "w must be a contiguous float32 [P, K, 32] panel tensor");
   const int64_t K = x.size(1), P = w.size(0);
   TORCH_CHECK(w.size(1) == K, "x has ", K, " columns, the weight ", w.size(1));
   TORCH_CHECK(n > (P - 1) * kNR && n <= P * kNR, "n = ", n, " does not match ", P, " panels");
   if (bias) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n,
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
                 "bias must be a contiguous float32 [n] tensor");
   }
 }
@@ -49,10 +49,10 @@ bool panel_walk_chunk_major(int64_t M, int64_t K, int64_t P) {
 }
 
 // x [M, K] (rows contiguous, any row stride), w [P, K, 32] -> [M, n]
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                           const std::optional<torch::Tensor>& bias) {
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                           const std::optional<at::Tensor>& bias) {
   check_panel_args(x, w, n, bias);
-  auto y = torch::empty({x.size(0), n}, x.options());
+  auto y = at::empty({x.size(0), n}, x.options());
   panel_linear_out(x, w, n, bias, y, nullptr);
   return y;
 }
@@ -60,10 +60,10 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64
 // panel_linear into y [M, n] (contiguous), with `after` (if any) run on each work item by the
 // thread that just stored it, on the item's rows and columns while they are still in its cache:
 // the prefill LoRA's expand (lora_cpu.cpp `panel_linear_lora_rows`) adds onto them there.
-void panel_linear_out(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                      const std::optional<torch::Tensor>& bias, const torch::Tensor& y, const PanelItemHook* after) {
+void panel_linear_out(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& y, const PanelItemHook* after) {
   check_panel_args(x, w, n, bias);
-  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
                   y.size(1) == n,
               "y must be a contiguous float32 [M, n] tensor");
 #if LORASERVE_SIMD

@@ -19,7 +19,7 @@
 // `vpermt2b` per 64 weights turns four k-steps of 16 columns into the 4-byte groups vpdpbusd
 // multiplies (column c's k, k+1, k+2, k+3 in lane c), so every other path (AMX, the AVX2 build,
 // the tied embedding's row gather) keeps reading one layout.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>

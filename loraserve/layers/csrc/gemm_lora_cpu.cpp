@@ -2,7 +2,7 @@
 // (panel_lora_linear; fused_lora.h says why and runs the adapter side), and the same deltas
 // alone for the decode stack's one-region step (lora_deltas). The base product is panel_linear's
 // bit for bit: the same register kernels (panel_kernels.h) over the same panels.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -63,18 +63,18 @@ void decode_panel_lora(const float* x, int64_t ldx, int64_t M, int64_t K, const 
 // did every 2nd / 4th line, the first line of each 4 KB page, demand loads and two lines per
 // k-step (72-86 ms); that list cost a load per line and came in bursts, where this walks a few
 // spans at the rate the rows need.
-torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
-                                const torch::Tensor& slots, const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                                const std::optional<torch::Tensor>& slot_rank) {
+at::Tensor panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                const std::optional<at::Tensor>& slot_rank) {
   check_panel_args(x, w, n, bias);
   const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
   TORCH_CHECK(M <= kMC, "panel_lora_linear takes at most ", kMC, " rows, got ", M);
-  auto y = torch::empty({M, n}, x.options());
+  auto y = at::empty({M, n}, x.options());
 #if LORASERVE_SIMD
   const LoraRows L = fused_lora::rows_args(x, n, rows, slots, a, bs, slot_rank, false);
   if (M == 0) return y;
-  auto d = torch::empty({L.e.N, n}, x.options());
+  auto d = at::empty({L.e.N, n}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
@@ -92,16 +92,16 @@ torch::Tensor panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, 
 // y [M, n] (contiguous) += what panel_lora_linear adds to its base product: each adapter row's
 // delta computed apart, then added. The decode stack's one-region step (decode_stack_cpu.cpp)
 // computes the base by panel ranges and then this, so its result is the fused pass's bit for bit.
-void lora_deltas(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& rows, const torch::Tensor& slots,
-                 const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                 const std::optional<torch::Tensor>& slot_rank) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+void lora_deltas(const at::Tensor& x, const at::Tensor& y, const at::Tensor& rows, const at::Tensor& slots,
+                 const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                 const std::optional<at::Tensor>& slot_rank) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU float32 [M, K] tensor with contiguous rows");
-  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
               "y must be a contiguous float32 [M, n] tensor");
 #if LORASERVE_SIMD
   const LoraRows L = fused_lora::rows_args(x, y.size(1), rows, slots, a, bs, slot_rank, false);
-  auto d = torch::empty({L.e.N, y.size(1)}, x.options());
+  auto d = at::empty({L.e.N, y.size(1)}, x.options());
   std::vector<float> h(L.t.gr());
   for (int64_t e = 0; e < L.e.N; ++e) fused_lora::lora_unit(L, d.data_ptr<float>(), e, h.data());
   fused_lora::add_deltas(L, d.data_ptr<float>(), y.data_ptr<float>());

@@ -23,7 +23,7 @@
 // - AMX (compiler targets it, the kernel grants it), bf16 from kAmxMinRows rows and int8 from
 //   kAmxMinRowsInt8: tile multiplies over the same panels (gemm_amx_cpu.cpp says how).
 // The portable build (neither AVX2 nor AVX-512) keeps a scalar loop of the same sums.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include "lowp_kernels.h"
@@ -135,11 +135,11 @@ LowpPath lowp_path(int64_t M, int64_t K, bool bf16, bool bf16_activations) {
 
 // x [M, K] fp32 with contiguous rows, w low-precision panels covering n columns, their scale and
 // bias: what lowp_panel_linear and the fused decode pass (gemm_lowp_lora_cpu.cpp) take
-void check_lowp_args(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& scale,
-                     const std::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+void check_lowp_args(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& scale,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU float32 [M, K] tensor with contiguous rows");
-  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
   const int64_t K = x.size(1), P = w.size(0);
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   if (bf16) {
@@ -147,15 +147,15 @@ void check_lowp_args(const torch::Tensor& x, const torch::Tensor& w, int64_t n, 
                 "a bf16 weight must be [P, ceil(K/2), 32, 2] panels for K = ", K);
     TORCH_CHECK(!scale, "bf16 panels take no scale");
   } else {
-    TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 3 && w.size(1) == K && w.size(2) == kNR,
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 3 && w.size(1) == K && w.size(2) == kNR,
                 "an int8 weight must be [P, K, 32] panels for K = ", K);
-    TORCH_CHECK(scale && scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
+    TORCH_CHECK(scale && scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
                     scale->numel() == P * kNR,
                 "int8 panels need a contiguous float32 scale of P * 32 entries");
   }
   TORCH_CHECK(n > (P - 1) * kNR && n <= P * kNR, "n = ", n, " does not match ", P, " panels");
   if (bias) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == n,
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
                 "bias must be a contiguous float32 [n] tensor");
   }
 }
@@ -164,13 +164,13 @@ void check_lowp_args(const torch::Tensor& x, const torch::Tensor& w, int64_t n, 
 // with scale [P * 32]; bias [n] -> y [M, n] fp32. bf16 panels multiply bf16-rounded activations
 // from kBf16DpMinRows / kAmxMinRows rows where the CPU has bf16 dot products or AMX; int8 panels
 // do so only with `bf16_activations` (serving `--dtype bfloat16`), else keep fp32 activations.
-torch::Tensor lowp_panel_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                const std::optional<torch::Tensor>& scale,
-                                const std::optional<torch::Tensor>& bias, bool bf16_activations) {
+at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& bias, bool bf16_activations) {
   check_lowp_args(x, w, n, scale, bias);
-  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
   const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
-  auto y = torch::empty({M, n}, x.options());
+  auto y = at::empty({M, n}, x.options());
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   const char* wp = static_cast<const char*>(w.data_ptr());

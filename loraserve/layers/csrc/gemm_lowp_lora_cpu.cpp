@@ -11,7 +11,7 @@
 // the fp32 kernels, every kPfEvery k-steps). The base product is lowp_panel_linear's bit for bit
 // (the same kernels over the same panels; the fetches change no arithmetic); each row's delta is
 // the row kernel's (shrink_members, then expand onto y), column for column.
-#include <torch/types.h>
+#include "aten_min.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -24,8 +24,8 @@
 #include "simd.h"
 
 lowp::LowpPath lowp_path(int64_t M, int64_t K, bool bf16, bool bf16_activations);
-void check_lowp_args(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& scale,
-                     const std::optional<torch::Tensor>& bias);
+void check_lowp_args(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& scale,
+                     const std::optional<at::Tensor>& bias);
 
 #if LORASERVE_SIMD
 static_assert(lowp::kNR == fused_lora::kPanelCols, "the expands follow the panels' columns");
@@ -56,19 +56,19 @@ bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations) {
 // y[rows[e]] += (x[rows[e]] @ a[slots[e]]) @ [bs[0] | bs[1] | ...][slots[e]] (members side by
 // side, fp32 or bf16 tables), each row's delta computed apart and added once every panel is
 // stored. Only where lowp_lora_fuses(M, K, ...) holds (else the caller runs the two passes).
-torch::Tensor lowp_panel_lora_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                     const std::optional<torch::Tensor>& scale, const std::optional<torch::Tensor>& bias,
-                                     bool bf16_activations, const torch::Tensor& rows, const torch::Tensor& slots,
-                                     const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                                     const std::optional<torch::Tensor>& slot_rank) {
+at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                                     bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
+                                     const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                     const std::optional<at::Tensor>& slot_rank) {
   check_lowp_args(x, w, n, scale, bias);
-  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
   const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
   TORCH_CHECK(lowp_lora_fuses(M, K, bf16, bf16_activations), "lowp_panel_lora_linear does not take ", M,
               " rows of these panels here (lowp_lora_fuses): run lowp_panel_linear and lora_rows");
 #if LORASERVE_SIMD
   const fused_lora::LoraRows L = fused_lora::rows_args(x, n, rows, slots, a, bs, slot_rank, true);
-  auto y = torch::empty({M, n}, x.options());
+  auto y = at::empty({M, n}, x.options());
   const float* xp = x.data_ptr<float>();
   const char* wp = static_cast<const char*>(w.data_ptr());
   const int64_t panel_bytes = bf16 ? (K + 1) / 2 * 2 * lowp::kNR * 2 : K * lowp::kNR;

@@ -11,7 +11,7 @@
 // NaN entries never win the max; a row with any NaN or infinity reports finite = false, and its
 // lse is then meaningless (the caller masks such rows: -inf from a grammar mask is the one
 // non-finite value a processed row may hold, and it contributes exp(-87) ~ 1e-38, i.e. nothing).
-#include <torch/types.h>
+#include "aten_min.h"
 
 #include <cmath>
 #include <cstdint>
@@ -98,14 +98,14 @@ RowStats row_stats(const float* x, int64_t n) {
 }  // namespace
 
 // x [B, V] fp32, contiguous rows -> (argmax int64 [B], logsumexp fp32 [B], finite bool [B])
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> argmax_logsumexp(const torch::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU float32 [B, V] tensor with contiguous rows");
   TORCH_CHECK(x.size(1) > 0, "x must have at least one column");
   const int64_t B = x.size(0), V = x.size(1), ld = x.stride(0);
-  auto arg = torch::empty({B}, x.options().dtype(torch::kInt64));
-  auto lse = torch::empty({B}, x.options());
-  auto finite = torch::empty({B}, x.options().dtype(torch::kBool));
+  auto arg = at::empty({B}, x.options().dtype(at::kLong));
+  auto lse = at::empty({B}, x.options());
+  auto finite = at::empty({B}, x.options().dtype(at::kBool));
   const float* xp = x.data_ptr<float>();
   int64_t* ap = arg.data_ptr<int64_t>();
   float* lp = lse.data_ptr<float>();

@@ -15,7 +15,7 @@
 // bf16): bf16 values are widened to fp32 in registers as they stream (a shift), so a bf16 table
 // costs half the bytes of an fp32 one and the sums stay fp32; PyTorch's bf16 bmm path, which it
 // replaces, ran at ~1/3 of the fp32 kernel's speed on a CPU without AMX.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -38,8 +38,8 @@ using widen::to_f;
 using widen::wload;
 #endif
 
-void check_f32_rows(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a CPU float32 tensor");
+void check_f32_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a CPU float32 tensor");
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
 }
 
@@ -300,8 +300,8 @@ void run_blocks(const Group<T>& g, const float* xp, int64_t x_row, const int64_t
 }
 
 template <typename T>
-void run_rows(const torch::Tensor& x, const slot_table::Table& t, const slot_table::Rows& e,
-              const std::vector<torch::Tensor>& ys) {
+void run_rows(const at::Tensor& x, const slot_table::Table& t, const slot_table::Rows& e,
+              const std::vector<at::Tensor>& ys) {
   Group<T> g{t, {}, {}};
   TORCH_CHECK(static_cast<int64_t>(ys.size()) == t.G, "one output per B matrix");
   for (int64_t j = 0; j < t.G; ++j) {
@@ -317,8 +317,8 @@ void run_rows(const torch::Tensor& x, const slot_table::Table& t, const slot_tab
 #if LORASERVE_SIMD
 // panel_linear_lora_rows for a table of T: see there
 template <typename T>
-void linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& bias,
-                 const slot_table::Table& t, const slot_table::Rows& e, const torch::Tensor& y) {
+void linear_rows(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias,
+                 const slot_table::Table& t, const slot_table::Rows& e, const at::Tensor& y) {
   Group<T> g{t, {}, {}};
   slot_table::check_covers(t, n);
   float* yp = y.data_ptr<float>();
@@ -422,10 +422,10 @@ void by_table_type(const slot_table::Table& t, const F& f) {
 }
 
 // the adapter side of a call, checked: the table against x's inputs, the entries against its rows
-std::pair<slot_table::Table, slot_table::Rows> checked(const torch::Tensor& x, const torch::Tensor& rows,
-                                                       const torch::Tensor& slots, const torch::Tensor& a,
-                                                       const std::vector<torch::Tensor>& bs,
-                                                       const std::optional<torch::Tensor>& slot_rank) {
+std::pair<slot_table::Table, slot_table::Rows> checked(const at::Tensor& x, const at::Tensor& rows,
+                                                       const at::Tensor& slots, const at::Tensor& a,
+                                                       const std::vector<at::Tensor>& bs,
+                                                       const std::optional<at::Tensor>& slot_rank) {
   using slot_table::OnBad;
   const slot_table::Table t = *slot_table::table(a, bs, slot_rank, x.size(1), OnBad::raise);
   return {t, *slot_table::rows(rows, slots, x.size(0), t.S, OnBad::raise)};
@@ -437,9 +437,9 @@ std::pair<slot_table::Table, slot_table::Rows> checked(const torch::Tensor& x, c
 //              ys[j][rows[n]] += h[j*R:(j+1)*R] @ bs[j][slots[n]]  (bs[j]: [S, R, out_j])
 // Runs of up to kBlock consecutive entries with the same slot are computed together. a and bs are
 // fp32 or bf16 (all the same); x and ys are fp32.
-void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
-               const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-               const std::vector<torch::Tensor>& ys, const std::optional<torch::Tensor>& slot_rank) {
+void lora_rows(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& slots,
+               const at::Tensor& a, const std::vector<at::Tensor>& bs,
+               const std::vector<at::Tensor>& ys, const std::optional<at::Tensor>& slot_rank) {
   check_f32_rows(x, "x");
   const auto checked_args = checked(x, rows, slots, a, bs, slot_rank);
   const slot_table::Table& t = checked_args.first;
@@ -454,17 +454,17 @@ void lora_rows(const torch::Tensor& x, const torch::Tensor& rows, const torch::T
 // (a 4,096-token step of the 135M shape: ~170 MB a layer), which cost about as much as its
 // arithmetic; here the item's rows and columns are still in cache. Bit for bit what panel_linear
 // and then lora_rows compute (the same blocks, the same order of sums for every entry).
-torch::Tensor panel_linear_lora_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                                     const std::optional<torch::Tensor>& bias, const torch::Tensor& rows,
-                                     const torch::Tensor& slots, const torch::Tensor& a,
-                                     const std::vector<torch::Tensor>& bs,
-                                     const std::optional<torch::Tensor>& slot_rank) {
+at::Tensor panel_linear_lora_rows(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                     const at::Tensor& slots, const at::Tensor& a,
+                                     const std::vector<at::Tensor>& bs,
+                                     const std::optional<at::Tensor>& slot_rank) {
   check_f32_rows(x, "x");
 #if LORASERVE_SIMD
   const auto checked_args = checked(x, rows, slots, a, bs, slot_rank);
   const slot_table::Table& t = checked_args.first;
   const slot_table::Rows& e = checked_args.second;
-  auto y = torch::empty({x.size(0), n}, x.options());
+  auto y = at::empty({x.size(0), n}, x.options());
   by_table_type(t, [&](auto v) { linear_rows<decltype(v)>(x, w, n, bias, t, e, y); });
   return y;
 #else

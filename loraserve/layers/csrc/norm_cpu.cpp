@@ -5,7 +5,7 @@
 // made it ~7% of a batch-1 decode step. Fusing the residual add (`x += delta`, then
 // normalise) also saves one pass over the hidden states per norm. Math as HF Llama:
 // y = x / sqrt(mean(x^2) + eps) * w, accumulated in float32.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -34,20 +34,20 @@ __attribute__((noinline)) void norm_row(float* xr, const float* dr, const float*
 
 namespace {
 
-void check_rows(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == 2 && t.is_contiguous(),
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous(),
               name, " must be a contiguous CPU float32 [T, H] tensor");
 }
 
-torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps, const torch::Tensor* delta) {
+at::Tensor norm_rows(const at::Tensor& x, const at::Tensor& w, double eps, const at::Tensor* delta) {
   check_rows(x, "x");
   const int64_t T = x.size(0), H = x.size(1);
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == H, "weight must be [H] float32");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == H, "weight must be [H] float32");
   if (delta) {
     check_rows(*delta, "delta");
     TORCH_CHECK(delta->size(0) == T && delta->size(1) == H, "delta must match x");
   }
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   float* xp = x.data_ptr<float>();
   const float* dp = delta ? delta->data_ptr<float>() : nullptr;
   const float* wp = w.data_ptr<float>();
@@ -63,11 +63,11 @@ torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, double e
 }  // namespace
 
 // y = rms_norm(x) * w
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return norm_rows(x, w, eps, nullptr);
 }
 
 // x += delta (in place, the residual stream), then y = rms_norm(x) * w
-torch::Tensor add_rms_norm_(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps) {
+at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps) {
   return norm_rows(x, w, eps, &delta);
 }

@@ -3,7 +3,7 @@
 // columns of the output are still in the cache of the thread that wrote them.
 #pragma once
 
-#include <torch/types.h>
+#include "aten_min.h"
 
 #include <cstdint>
 #include <functional>
@@ -13,8 +13,8 @@
 using PanelItemHook = std::function<void(int64_t r0, int64_t rows, int64_t c0, int64_t c1)>;
 
 // x @ W.T + b over 32-column panels into y [M, n] (contiguous), `after` (if any) on each work item
-void panel_linear_out(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                      const std::optional<torch::Tensor>& bias, const torch::Tensor& y, const PanelItemHook* after);
+void panel_linear_out(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& y, const PanelItemHook* after);
 
 // Whether panel_linear_out's walk of M rows x P panels of K takes each thread's items chunk by
 // chunk (every panel of a chunk of rows, then the next chunk), so a thread's items rarely change

@@ -14,7 +14,7 @@
 // build with neither has no panel GEMM: projections stay on oneDNN (layers/ops_cpu.py decides).
 #pragma once
 
-#include <torch/types.h>
+#include "aten_min.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -296,7 +296,7 @@ inline void decode_panel(const float* x, int64_t ldx, int64_t M, int64_t K, cons
 
 // The arguments every panel entry point checks: x [M, K] with contiguous rows, w [P, K, 32]
 // panels covering n columns, an optional bias [n] (gemm_cpu.cpp)
-void check_panel_args(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
-                      const std::optional<torch::Tensor>& bias);
+void check_panel_args(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                      const std::optional<at::Tensor>& bias);
 
 }  // namespace fp32_panel

@@ -10,7 +10,7 @@
 // same pass. Scores and sums stay fp32 and each row's softmax is exact (max, then exp and sum over
 // the whole row, not online): a work item keeps its rows' score rows, and long prompts get fewer
 // positions per item so that stays within kScratchFloats.
-#include <torch/types.h>
+#include "aten_min.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -201,10 +201,10 @@ void run_item(const Geometry& g, const Span& sp, const Item& it, const float* kt
 // q [T, Hq, D], k and v [T, Hkv, D]: CPU float32, rows any stride, heads contiguous (views into a
 // fused q|k|v output), already rotated; spans: (first row, end row) of each fresh prefill. Writes
 // each span's rows of out [T, Hq, D] (contiguous float32); other rows are left as they are.
-void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                       const std::vector<std::pair<int64_t, int64_t>>& spans, double scale, const torch::Tensor& out) {
-  for (const torch::Tensor* x : {&q, &k, &v}) {
-    TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == torch::kFloat32 && x->dim() == 3 && x->stride(2) == 1 &&
+void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::vector<std::pair<int64_t, int64_t>>& spans, double scale, const at::Tensor& out) {
+  for (const at::Tensor* x : {&q, &k, &v}) {
+    TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == at::kFloat && x->dim() == 3 && x->stride(2) == 1 &&
                     x->stride(1) == x->size(2),
                 "q, k and v must be CPU float32 [T, H, D] with contiguous heads");
   }
@@ -212,7 +212,7 @@ void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const tor
   TORCH_CHECK(k.size(0) == T && v.size(0) == T && k.size(2) == D && v.sizes() == k.sizes(),
               "k and v must be [T, Hkv, D] like q's rows and head size");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
                   out.sizes() == q.sizes(),
               "out must be a contiguous CPU float32 tensor shaped like q");
   std::vector<Span> sp;

@@ -13,7 +13,7 @@
 // onto the output (lora_rows' row kernel).
 #pragma once
 
-#include <torch/types.h>
+#include "aten_min.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -50,9 +50,9 @@ struct Scratch {
 // `a`, `bs`: the group's table views; `bounds`: each member's output columns; M rows of K inputs;
 // `deltas`: whether the per-kernel path takes the fused pass for these rows. Anything the table's
 // checks refuse is off too: the per-kernel call then runs, and raises saying why.
-inline Split make_split(const torch::Tensor& rows, const torch::Tensor& slots,
-                        const std::optional<torch::Tensor>& slot_rank, const torch::Tensor& a,
-                        const std::vector<torch::Tensor>& bs, const std::vector<std::pair<int64_t, int64_t>>& bounds,
+inline Split make_split(const at::Tensor& rows, const at::Tensor& slots,
+                        const std::optional<at::Tensor>& slot_rank, const at::Tensor& a,
+                        const std::vector<at::Tensor>& bs, const std::vector<std::pair<int64_t, int64_t>>& bounds,
                         int64_t M, int64_t K, bool deltas) {
   using slot_table::OnBad;
   Split s;

@@ -13,14 +13,14 @@
 // leaves the per-kernel call to raise. `OnBad` is that one difference.
 #pragma once
 
-#include <torch/types.h>
+#include "aten_min.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
 
-inline bool slot_matrices(const torch::Tensor& t) {
+inline bool slot_matrices(const at::Tensor& t) {
   return t.dim() == 3 && t.stride(2) == 1 && t.stride(1) == t.size(2) && t.stride(0) >= t.size(1) * t.size(2);
 }
 
@@ -68,28 +68,28 @@ inline bool bad(bool ok, OnBad on_bad, const char* what) {
 }  // namespace detail
 
 // a and bs checked against K inputs a row: the table, or nullopt (OnBad::decline) / an error
-inline std::optional<Table> table(const torch::Tensor& a, const std::vector<torch::Tensor>& bs,
-                                  const std::optional<torch::Tensor>& slot_rank, int64_t K, OnBad on_bad) {
+inline std::optional<Table> table(const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                  const std::optional<at::Tensor>& slot_rank, int64_t K, OnBad on_bad) {
   using detail::bad;
   const auto dt = a.scalar_type();
-  if (bad(dt == torch::kFloat32 || dt == torch::kBFloat16, on_bad, "the LoRA table must be float32 or bfloat16") ||
+  if (bad(dt == at::kFloat || dt == at::kBFloat16, on_bad, "the LoRA table must be float32 or bfloat16") ||
       bad(a.device().is_cpu() && slot_matrices(a), on_bad, "a must be [S, in, G*R] on the CPU, each slot contiguous"))
     return std::nullopt;
   const int64_t G = static_cast<int64_t>(bs.size());
   if (bad(G > 0 && G <= kMaxMembers, on_bad, "1 to 4 B matrices")) return std::nullopt;
   Table t;
   t.a = a.data_ptr(), t.a_slot = a.stride(0), t.S = a.size(0), t.K = a.size(1), t.G = G, t.R = a.size(2) / G;
-  t.bf16 = dt == torch::kBFloat16;
+  t.bf16 = dt == at::kBFloat16;
   if (bad(t.K == K && t.R * G == a.size(2), on_bad, "a's shape does not match x or the group")) return std::nullopt;
   if (slot_rank.has_value()) {
-    const torch::Tensor& sr = *slot_rank;
-    if (bad(sr.device().is_cpu() && sr.scalar_type() == torch::kInt64 && sr.is_contiguous() && sr.numel() == t.S,
+    const at::Tensor& sr = *slot_rank;
+    if (bad(sr.device().is_cpu() && sr.scalar_type() == at::kLong && sr.is_contiguous() && sr.numel() == t.S,
             on_bad, "slot_rank must be a contiguous CPU int64 tensor with one entry per slot"))
       return std::nullopt;
     t.slot_rank = sr.data_ptr<int64_t>();
   }
   for (int64_t j = 0; j < G; ++j) {
-    const torch::Tensor& b = bs[j];
+    const at::Tensor& b = bs[j];
     if (bad(slot_matrices(b) && b.scalar_type() == dt && b.device().is_cpu() && b.size(0) == t.S && b.size(1) == t.R,
             on_bad, "bs[j] must be [S, R, out], each slot contiguous, in a's dtype"))
       return std::nullopt;
@@ -105,10 +105,10 @@ inline void check_covers(const Table& t, int64_t n) {
 }
 
 // rows / slots checked against M input rows and the table's S slots
-inline std::optional<Rows> rows(const torch::Tensor& rows, const torch::Tensor& slots, int64_t M, int64_t S,
+inline std::optional<Rows> rows(const at::Tensor& rows, const at::Tensor& slots, int64_t M, int64_t S,
                                 OnBad on_bad) {
   using detail::bad;
-  if (bad(rows.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64, on_bad,
+  if (bad(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, on_bad,
           "rows/slots must be int64") ||
       bad(rows.device().is_cpu() && slots.device().is_cpu() && rows.is_contiguous() && slots.is_contiguous() &&
               rows.numel() == slots.numel(),
