@@ -73,14 +73,20 @@ class _Throughput:
         while now - w[0][0] > self.horizon:
             self._total -= w.popleft()[1]
 
-    @property
-    def tokens_per_s(self) -> float:
-        """Tokens after the window's first step over the time since it."""
+    def rate(self, now: float) -> float:
+        """Tokens after the window's first step over the time from it to the last; 0 once the
+        last step is older than the horizon (an idle server generates nothing)."""
         try:
             (t0, n0), (t1, _) = self._window[0], self._window[-1]
         except IndexError:
             return 0.0
-        return max(self._total - n0, 0) / (t1 - t0) if t1 > t0 else 0.0
+        if now - t1 > self.horizon or t1 <= t0:
+            return 0.0
+        return max(self._total - n0, 0) / (t1 - t0)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.rate(time.monotonic())
 
 
 def _put_all(batch: list[tuple[str, asyncio.Queue, object]]) -> None:

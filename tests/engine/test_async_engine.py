@@ -193,16 +193,21 @@ def test_a_cold_adapters_slot_guess_ends_with_its_request(llama_dir: Path) -> No
 
 def test_throughput_is_the_tokens_after_the_windows_first_step_over_its_span() -> None:
     t = _Throughput(horizon=5.0)
-    assert t.tokens_per_s == 0.0
+    assert t.rate(100.0) == 0.0 and t.tokens_per_s == 0.0
     t.record(100.0, 7)
-    assert t.tokens_per_s == 0.0  # one step: no span yet
+    assert t.rate(100.0) == 0.0  # one step: no span yet
     for i in range(1, 11):  # 2 tokens every 0.5 s
         t.record(100.0 + 0.5 * i, 2)
-    assert t.tokens_per_s == pytest.approx(20 / 5.0)
+    assert t.rate(105.0) == pytest.approx(20 / 5.0)
     # steps older than the horizon leave the window: the first step's 7 tokens never count, and
     # after a burst the rate is the window's, not the whole history's
     for i in range(1, 5):
         t.record(105.0 + 0.25 * i, 10)
-    assert t.tokens_per_s == pytest.approx((2 * 8 + 10 * 4) / (106.0 - 101.0))
+    assert t.rate(106.0) == pytest.approx((2 * 8 + 10 * 4) / (106.0 - 101.0))
+    assert t.rate(111.5) == 0.0  # idle past the horizon: nothing is being generated
     t.record(200.0, 3)  # a long pause: the old window is gone
-    assert t.tokens_per_s == 0.0
+    assert t.rate(200.0) == 0.0
+    now = time.monotonic()  # what `tokens_per_s` reads the window against
+    t.record(now - 1.0, 4)
+    t.record(now, 6)
+    assert t.tokens_per_s == pytest.approx(6.0)
