@@ -67,8 +67,8 @@ static void decode_job_run(DecodeJob& j) {
 // q: [B, Hq, D] (rows may be strided); k_cache, v_cache: [NB, BS, Hkv, D]; block_tables: [B, nblk] int64;
 // ctx_lens: [B] int64 (positions 0..ctx-1 are attended). Returns [B, Hq, D].
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                     const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                     const at::Tensor& ctx_lens, double scale) {
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& ctx_lens, double scale) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1 &&
                   q.stride(1) == q.size(2),
               "q must be a CPU float32 [B, Hq, D] tensor with contiguous heads");
@@ -166,9 +166,9 @@ void rope_decode_prepare(const at::Tensor& qkv, int64_t hq, int64_t hkv, const a
 // a local buffer, rotated k and v written straight into their slots), because each ATen op (narrow,
 // view, empty) costs ~1 us cold after a step's weight stream, as much as rotating a row.
 at::Tensor rope_decode_attention(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
-                                    const at::Tensor& sin, const at::Tensor& k_cache,
-                                    const at::Tensor& v_cache, const at::Tensor& slots,
-                                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale) {
+                                 const at::Tensor& sin, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& slots,
+                                 const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale) {
   cache_is_bf16(k_cache, v_cache);  // its checks first: the output's size reads the cache's head size
   auto out = at::empty({qkv.size(0), hq * k_cache.size(3)}, qkv.options());
   std::vector<float> q;

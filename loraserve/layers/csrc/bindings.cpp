@@ -17,19 +17,19 @@ void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
               const at::Tensor& v, const at::Tensor& slots);
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                     const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                     const at::Tensor& ctx_lens, double scale);
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& ctx_lens, double scale);
 
 at::Tensor rope_decode_attention(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
-                                    const at::Tensor& sin, const at::Tensor& k_cache,
-                                    const at::Tensor& v_cache, const at::Tensor& slots,
-                                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale);
+                                 const at::Tensor& sin, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& slots,
+                                 const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale);
 
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::vector<std::pair<int64_t, int64_t>>& spans, double scale, const at::Tensor& out);
 
 at::Tensor panel_embedding(const at::Tensor& w, const at::Tensor& ids, int64_t k,
-                              const std::optional<at::Tensor>& scale);
+                           const std::optional<at::Tensor>& scale);
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps);
@@ -41,29 +41,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor
 
 bool panel_gemm_available();
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                           const std::optional<at::Tensor>& bias);
+                        const std::optional<at::Tensor>& bias);
 at::Tensor panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& rows,
-                                const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                const std::optional<at::Tensor>& slot_rank);
+                             const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                             const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                             const std::optional<at::Tensor>& slot_rank);
 at::Tensor panel_linear_lora_rows(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                     const std::optional<at::Tensor>& bias, const at::Tensor& rows,
-                                     const at::Tensor& slots, const at::Tensor& a,
-                                     const std::vector<at::Tensor>& bs,
-                                     const std::optional<at::Tensor>& slot_rank);
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                  const at::Tensor& slots, const at::Tensor& a,
+                                  const std::vector<at::Tensor>& bs,
+                                  const std::optional<at::Tensor>& slot_rank);
 
 // bf16 / int8 weight panels (csrc/gemm_lowp_cpu.cpp)
 std::string lowp_gemm_isa();
 at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                                bool bf16_activations);
+                             const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                             bool bf16_activations);
 // the same with every row's LoRA between the panels (csrc/gemm_lowp_lora_cpu.cpp)
 bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations);
 at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                                     bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
-                                     const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                     const std::optional<at::Tensor>& slot_rank);
+                                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                                  bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
+                                  const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                  const std::optional<at::Tensor>& slot_rank);
 
 // a model's decoder layers in one call per decode step (csrc/decode_stack_cpu.cpp)
 void bind_decode_stack(pybind11::module_& m);

@@ -33,26 +33,26 @@
 #include <vector>
 
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                           const std::optional<at::Tensor>& bias);
+                        const std::optional<at::Tensor>& bias);
 at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                                bool bf16_activations);
+                             const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                             bool bf16_activations);
 at::Tensor rope_decode_attention(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
-                                    const at::Tensor& sin, const at::Tensor& k_cache,
-                                    const at::Tensor& v_cache, const at::Tensor& slots,
-                                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale);
+                                 const at::Tensor& sin, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& slots,
+                                 const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale);
 at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& gu);
 at::Tensor panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& rows,
-                                const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                const std::optional<at::Tensor>& slot_rank);
+                             const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                             const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                             const std::optional<at::Tensor>& slot_rank);
 bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations);
 at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                                     bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
-                                     const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                     const std::optional<at::Tensor>& slot_rank);
+                                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                                  bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
+                                  const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                  const std::optional<at::Tensor>& slot_rank);
 void lora_deltas(const at::Tensor& x, const at::Tensor& y, const at::Tensor& rows, const at::Tensor& slots,
                  const at::Tensor& a, const std::vector<at::Tensor>& bs,
                  const std::optional<at::Tensor>& slot_rank);
@@ -133,7 +133,7 @@ struct NativeLinear {
   // CpuNativeOps.linear_lora (fp32 panels) and LowpCpuOps.linear_lora decide (their limits,
   // handed over by the Python side)
   at::Tensor operator()(const at::Tensor& x, bool bf16_activations, const LoraRows* lr, int64_t fused_rows,
-                           int64_t fused_members) const {
+                        int64_t fused_members) const {
     if (lr == nullptr) return (*this)(x, bf16_activations);
     if (fused(x.size(0), x.size(1), bf16_activations, fused_rows, fused_members)) {
       if (lowp)
@@ -232,9 +232,9 @@ class DecodeStack {
   // Returns the final norm of the residual stream, as the model's forward does.
   // lora_rows / lora_slots: this step's adapter rows and their slots (none: no row has an adapter)
   at::Tensor run(const at::Tensor& x, at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
-                    const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
-                    const std::optional<at::Tensor>& lora_rows, const std::optional<at::Tensor>& lora_slots,
-                    const std::optional<at::Tensor>& slot_rank) const {
+                 const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
+                 const std::optional<at::Tensor>& lora_rows, const std::optional<at::Tensor>& lora_slots,
+                 const std::optional<at::Tensor>& slot_rank) const {
     TORCH_CHECK(lora_rows.has_value() == lora_slots.has_value(), "adapter rows need their slots");
     std::optional<LoraRows> lr;
     if (lora_rows) {
@@ -250,7 +250,7 @@ class DecodeStack {
     for (const DecodeLayer& l : layers_) {
       const at::Tensor qkv = l.qkv(h, bf16_act_, lp, fused_rows_, fused_members_);
       const at::Tensor attn = rope_decode_attention(qkv, l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots,
-                                                       block_tables, ctx_lens, l.scale);
+                                                    block_tables, ctx_lens, l.scale);
       h = add_rms_norm_(x, l.o(attn, bf16_act_, lp, fused_rows_, fused_members_), l.post_norm, eps_);
       const at::Tensor act = silu_mul(l.gate_up(h, bf16_act_, lp, fused_rows_, fused_members_));
       h = add_rms_norm_(x, l.down(act, bf16_act_, lp, fused_rows_, fused_members_), l.next_norm, eps_);
@@ -284,8 +284,8 @@ class DecodeStack {
   // a cold start of the weight stream, and its serial norm and SwiGLU read their inputs from the
   // other core's cache with the memory bus idle.
   at::Tensor run_region(const at::Tensor& x, const at::Tensor& h, const at::Tensor& cos,
-                           const at::Tensor& sin, const at::Tensor& slots, const at::Tensor& block_tables,
-                           const at::Tensor& ctx_lens, const LoraRows* lp) const {
+                        const at::Tensor& sin, const at::Tensor& slots, const at::Tensor& block_tables,
+                        const at::Tensor& ctx_lens, const LoraRows* lp) const {
     const int64_t M = x.size(0), H = x.size(1);
     ++region_runs_;
     int64_t most = 0;

@@ -39,7 +39,7 @@ void gather_row_int8(const int8_t* panel, int64_t K, int64_t c, float scale, flo
 // w: fp32 or int8 [P, K, 32] or bf16 [P, ceil(K/2), 32, 2]; ids [T] int64 in [0, P * 32);
 // scale [P * 32] for int8 (none otherwise); k: K (bf16 panels pad odd K). Returns [T, K] fp32.
 at::Tensor panel_embedding(const at::Tensor& w, const at::Tensor& ids, int64_t k,
-                              const std::optional<at::Tensor>& scale) {
+                           const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU panel tensor");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "ids must be int64 [T]");
   const auto dt = w.scalar_type();

@@ -50,7 +50,7 @@ bool panel_walk_chunk_major(int64_t M, int64_t K, int64_t P) {
 
 // x [M, K] (rows contiguous, any row stride), w [P, K, 32] -> [M, n]
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                           const std::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& bias) {
   check_panel_args(x, w, n, bias);
   auto y = at::empty({x.size(0), n}, x.options());
   panel_linear_out(x, w, n, bias, y, nullptr);

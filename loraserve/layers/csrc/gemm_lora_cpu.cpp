@@ -64,9 +64,9 @@ void decode_panel_lora(const float* x, int64_t ldx, int64_t M, int64_t K, const 
 // k-step (72-86 ms); that list cost a load per line and came in bursts, where this walks a few
 // spans at the rate the rows need.
 at::Tensor panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& rows,
-                                const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                const std::optional<at::Tensor>& slot_rank) {
+                             const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                             const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                             const std::optional<at::Tensor>& slot_rank) {
   check_panel_args(x, w, n, bias);
   const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
   TORCH_CHECK(M <= kMC, "panel_lora_linear takes at most ", kMC, " rows, got ", M);

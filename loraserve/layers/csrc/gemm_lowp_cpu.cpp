@@ -165,8 +165,8 @@ void check_lowp_args(const at::Tensor& x, const at::Tensor& w, int64_t n, const 
 // from kBf16DpMinRows / kAmxMinRows rows where the CPU has bf16 dot products or AMX; int8 panels
 // do so only with `bf16_activations` (serving `--dtype bfloat16`), else keep fp32 activations.
 at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                const std::optional<at::Tensor>& scale,
-                                const std::optional<at::Tensor>& bias, bool bf16_activations) {
+                             const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& bias, bool bf16_activations) {
   check_lowp_args(x, w, n, scale, bias);
   const bool bf16 = w.scalar_type() == at::kBFloat16;
   const int64_t M = x.size(0), K = x.size(1), P = w.size(0);

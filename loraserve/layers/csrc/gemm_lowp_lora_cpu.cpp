@@ -57,10 +57,10 @@ bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations) {
 // side, fp32 or bf16 tables), each row's delta computed apart and added once every panel is
 // stored. Only where lowp_lora_fuses(M, K, ...) holds (else the caller runs the two passes).
 at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                                     bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
-                                     const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                     const std::optional<at::Tensor>& slot_rank) {
+                                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                                  bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
+                                  const at::Tensor& a, const std::vector<at::Tensor>& bs,
+                                  const std::optional<at::Tensor>& slot_rank) {
   check_lowp_args(x, w, n, scale, bias);
   const bool bf16 = w.scalar_type() == at::kBFloat16;
   const int64_t M = x.size(0), K = x.size(1), P = w.size(0);

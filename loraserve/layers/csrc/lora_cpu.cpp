@@ -455,10 +455,10 @@ void lora_rows(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& sl
 // arithmetic; here the item's rows and columns are still in cache. Bit for bit what panel_linear
 // and then lora_rows compute (the same blocks, the same order of sums for every entry).
 at::Tensor panel_linear_lora_rows(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                     const std::optional<at::Tensor>& bias, const at::Tensor& rows,
-                                     const at::Tensor& slots, const at::Tensor& a,
-                                     const std::vector<at::Tensor>& bs,
-                                     const std::optional<at::Tensor>& slot_rank) {
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& rows,
+                                  const at::Tensor& slots, const at::Tensor& a,
+                                  const std::vector<at::Tensor>& bs,
+                                  const std::optional<at::Tensor>& slot_rank) {
   check_f32_rows(x, "x");
 #if LORASERVE_SIMD
   const auto checked_args = checked(x, rows, slots, a, bs, slot_rank);
