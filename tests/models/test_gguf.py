@@ -1,6 +1,8 @@
 """GGUF checkpoints: a tiny Llama written with the `gguf` library the way llama.cpp's converter writes
 it (q/k permuted for its rope, tokenizer in the metadata), served by us and by `transformers`' own
-GGUF loader; the logits agree for every tensor type we read."""
+GGUF loader; the logits agree for every tensor type we read. K-quants (llama.cpp's Q4_K_M / Q5_K_M
+mixes) have no quantiser in `gguf`, so their tensors are random blocks with sane scales: both
+loaders dequantise the same bytes."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ gguf = pytest.importorskip("gguf")
 
 IDS = [1, 5, 9, 17, 33, 2, 8, 100, 250]
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# K-quant blocks: where their fp16 super-block scales sit (d, and dmin where there is one) and a
+# value for each that keeps the weights in the tiny model's range (|w| < 0.2)
+KQUANT_SCALES = {"Q4_K": {0: 2e-4, 2: 1e-3}, "Q5_K": {0: 1e-4, 2: 1e-3}, "Q6_K": {208: 2e-5}}
 _LAYER = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -101,6 +106,7 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2", tokenize
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     kind = gguf.GGMLQuantizationType[qtype]
+    rng = np.random.default_rng(0)
     for name, t in load_file(str(hf_dir / "model.safetensors")).items():
         if name.startswith("model.layers."):
             idx, rest = name[len("model.layers.") :].split(".", 1)
@@ -115,6 +121,8 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2", tokenize
             t = _permute(t, kv)
         if t.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, t)
+        elif qtype in KQUANT_SCALES:
+            w.add_tensor(gname, _random_kquant(t.shape, qtype, rng), raw_dtype=kind)
         elif kind == gguf.GGMLQuantizationType.F16:
             w.add_tensor(gname, t.astype(np.float16))
         else:
@@ -124,6 +132,17 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, pre: str = "gpt-2", tokenize
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def _random_kquant(shape: tuple[int, ...], qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Random `qtype` blocks for a [rows, cols] tensor (cols a multiple of 256), as raw bytes."""
+    kind = gguf.GGMLQuantizationType[qtype]
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, size=(rows, cols // per_block, block_bytes), dtype=np.uint8)
+    for offset, value in KQUANT_SCALES[qtype].items():
+        blocks[..., offset : offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    return blocks.reshape(rows, -1)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +175,25 @@ def test_gguf_logits_match_transformers_gguf_loading(tiny, tmp_path: Path, qtype
     if qtype == "F32":  # nothing lost: the safetensors checkpoint's logits
         dense = Engine.from_pretrained(tiny, EngineConfig(kv_cache_memory_bytes=16 << 20)).prompt_logits(IDS)
         torch.testing.assert_close(ours, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", sorted(KQUANT_SCALES))
+def test_kquant_gguf_logits_match_transformers_gguf_loading(tmp_path: Path, qtype: str) -> None:
+    """Q4_K / Q5_K / Q6_K: what most GGUFs on the hub hold (Q4_K_M, Q5_K_M); rows of 256."""
+    hf = make_tiny_model(
+        tmp_path / "tiny256",
+        "llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        rope_scaling=None,
+    )
+    path = write_gguf(hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    reader = gguf.GGUFReader(str(path))
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight")} == {qtype}
+    ours = _ours(path, tmp_path / "cache")
+    torch.testing.assert_close(ours, _transformers(path), rtol=1e-4, atol=1e-4)
+    assert ours.std() > 0.01  # logits that differ from token to token, not a flat row
 
 
 def test_qwen2_gguf_with_biases_and_tied_embeddings(tmp_path: Path) -> None:
