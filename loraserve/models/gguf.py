@@ -4,10 +4,11 @@
 `config.json` and `generation_config.json` from the GGUF metadata, `tokenizer.json` +
 `tokenizer_config.json` rebuilt from its `tokenizer.ggml.*` vocabulary, and `gguf_checkpoint.json`
 naming the GGUF file. No weights are copied: `models/weights.py` reads that pointer and gets the
-tensors from `iter_gguf_weights`, one at a time, dequantised (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-the K-quants Q4_K / Q5_K / Q6_K of llama.cpp's Q4_K_M and Q5_K_M mixes, ...: whatever
-`gguf.quants.dequantize` knows; a llama-quantize Q4_K_M of SmolLM2-135M-Instruct loads in ~6 s) and renamed to Hugging Face names, with the q/k
-projections un-permuted from llama.cpp's rotary layout; the loader then casts to the serving dtype.
+tensors from `iter_gguf_weights`, one at a time, dequantised (F32, F16, BF16, Q8_0, Q5_0, Q5_1,
+Q4_0, Q4_1, the K-quants Q4_K / Q5_K / Q6_K of llama.cpp's Q4_K_M and Q5_K_M mixes, ...:
+whatever `gguf.quants.dequantize` knows; a llama-quantize Q4_K_M of SmolLM2-135M-Instruct loads
+in ~6 s) and renamed to Hugging Face names, with the q/k projections un-permuted from
+llama.cpp's rotary layout; the loader then casts to the serving dtype.
 
 Supported: `general.architecture` llama (Llama, Mistral) and qwen2, with the tokenizers
 `models/gguf_tokenizer.py` rebuilds (byte-level BPE and SentencePiece). Anything else is a

@@ -21,7 +21,7 @@ from tests.fixtures.tiny_models import make_tiny_model
 gguf = pytest.importorskip("gguf")
 
 IDS = [1, 5, 9, 17, 33, 2, 8, 100, 250]
-QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 # K-quant blocks: where their fp16 super-block scales sit (d, and dmin where there is one) and a
 # value for each that keeps the weights in the tiny model's range (|w| < 0.2)
 KQUANT_SCALES = {"Q4_K": {0: 2e-4, 2: 1e-3}, "Q5_K": {0: 1e-4, 2: 1e-3}, "Q6_K": {208: 2e-5}}
