@@ -350,6 +350,18 @@ def summarise(block: dict, roofline_bw: float, params: int, threads: int) -> dic
         "ours_base32": cmed("ours", "base"),
         "llama_base32": cmed("llama_server", "base"),
     }
+    # each round's own ratio: how far the host's drift moved the medians' ratio
+    tg = f"tg64_t{threads}"
+    s["servers_by_round"] = [
+        r["ours"]["decode_tok_s"] / r["llama_server"]["decode_tok_s"]
+        for r in rounds
+        if "ours" in r and "llama_server" in r
+    ]
+    s["engines_by_round"] = [
+        r["ours_engine"]["decode_tok_s"] / r["llama_bench"][tg]
+        for r in rounds
+        if "ours_engine" in r and r.get("llama_bench", {}).get(tg)
+    ]
     prec = PRECISIONS[block["precision"]]
     s["roofline_ours"] = roofline_bw * 1e9 / (params * prec.bytes_per_weight)
     s["roofline_llama"] = roofline_bw * 1e9 / (params * prec.llama_bytes_per_weight)

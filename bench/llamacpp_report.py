@@ -176,6 +176,16 @@ def _mem(m: dict | None) -> str:
     return "—" if not m else f"{m['rss_mb']:.0f} / {m['peak_rss_mb']:.0f}"
 
 
+def _by_round(s: dict) -> list[str]:
+    """Each round's batch-1 ratios, so a reader sees how far the host moved them."""
+    parts = [
+        f"{name} {' / '.join(f'{x:.2f}' for x in s.get(key) or [])} ×"
+        for name, key in (("engines", "engines_by_round"), ("servers", "servers_by_round"))
+        if s.get(key)
+    ]
+    return ["", "By round, batch-1 decode, ours ÷ llama.cpp: " + "; ".join(parts) + "."] if parts else []
+
+
 def _greedy_lines(rows: list[dict], n: int) -> list[str]:
     out = [
         "",
@@ -236,6 +246,7 @@ def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> st
             lines.append(f"ours: not available ({b['ours_unavailable']})")
             lines.append("")
         lines += _table(b, args.threads)
+        lines += _by_round(b["summary"])
         if b.get("greedy"):
             lines += _greedy_lines(b["greedy"], getattr(args, "greedy_tokens", 32))
     return "\n".join(lines)

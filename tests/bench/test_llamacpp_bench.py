@@ -133,6 +133,11 @@ def test_summary_takes_medians_and_report_prints_ratios() -> None:
     )
     assert "| 32 requests, each its own rank-16 adapter, tok/s, -t 2 | 150.0 | 30.0 | 5.00× | ≥ 3× |" in text
     assert "| server RSS MB, now / peak | 900 / 1000 | 400 / 500 | 2.00× | |" in text
+    # rounds: ours 19 / 20 / 25 against 30; engines 29 / 30 / 35 against tg64 39 / 40 / 45
+    assert (
+        "By round, batch-1 decode, ours ÷ llama.cpp: engines 0.74 / 0.75 / 0.78 ×; servers 0.63 / 0.67 / 0.83 ×."
+        in text
+    )
     assert "ours: not available (--quantize int8 is not supported)" in text
     assert "ISA: AVX2 only" not in text
     avx2 = argparse.Namespace(
