@@ -179,7 +179,7 @@ def _mem(m: dict | None) -> str:
 def _by_round(s: dict) -> list[str]:
     """Each round's batch-1 ratios, so a reader sees how far the host moved them."""
     parts = [
-        f"{name} {' / '.join(f'{x:.2f}' for x in s.get(key) or [])} ×"
+        f"{name} {' / '.join(f'{x:.2f}' for x in s[key])} ×"
         for name, key in (("engines", "engines_by_round"), ("servers", "servers_by_round"))
         if s.get(key)
     ]

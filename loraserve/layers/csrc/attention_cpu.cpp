@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "decode_job.h"
@@ -107,7 +108,7 @@ inline void score_rows(const float* q, float* s, int64_t s_stride, int64_t t0, i
 template <int NV, int VB, typename T>
 inline void weigh_rows(float* out, const float* s, int64_t s_stride, int64_t t0, int64_t n, const T* vp,
                        const int64_t* tb, int64_t BS, int64_t row, int64_t pf) {
-  constexpr int NC = VB == 1 ? (NV < 8 ? NV : 8) : 12 / VB < NV ? 12 / VB : NV;
+  constexpr int NC = std::min(NV, VB == 1 ? 8 : 12 / VB);
   static_assert(NV % NC == 0, "chunks must tile the head");
   constexpr int64_t D = NV * simd::W;
   for (int c = 0; c < NV; c += NC) {
@@ -185,18 +186,28 @@ void head_all_rows(const float* q, float* out, float* s, int64_t s_stride, int64
   }
 }
 
+// The head sizes with a register path, the one list of them: f(std::integral_constant<int, NV>)
+// for a head of D = NV vectors; false (f not called) for any other size, which the generic loop
+// runs (and decode_job_plan does not split).
+template <typename F>
+inline bool with_register_head(int64_t D, F&& f) {
+  switch (D) {
+    case 2 * simd::W: f(std::integral_constant<int, 2>{}); return true;
+    case 4 * simd::W: f(std::integral_constant<int, 4>{}); return true;
+    case 8 * simd::W: f(std::integral_constant<int, 8>{}); return true;
+    case 16 * simd::W: f(std::integral_constant<int, 16>{}); return true;
+    default: return false;
+  }
+}
+
 // false when the head size has no register path (the generic loop runs instead)
 template <typename T>
 inline bool head_fast(int64_t D, const float* q, float* out, float* s, int64_t s_stride, int64_t G, int64_t t0,
                       int64_t n, const T* kp, const T* vp, const int64_t* tb, int64_t BS, int64_t row, float sc,
                       int64_t pf, float* ml = nullptr) {
-  switch (D) {
-    case 2 * simd::W: head_all_rows<2>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml); return true;
-    case 4 * simd::W: head_all_rows<4>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml); return true;
-    case 8 * simd::W: head_all_rows<8>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml); return true;
-    case 16 * simd::W: head_all_rows<16>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml); return true;
-    default: return false;
-  }
+  return with_register_head(D, [&](auto nv) {
+    head_all_rows<decltype(nv)::value>(q, out, s, s_stride, G, t0, n, kp, vp, tb, BS, row, sc, pf, ml);
+  });
 }
 
 // Fewer sequences than threads (batch 1): each sequence's positions split into S contiguous
@@ -295,7 +306,7 @@ void job_items(const DecodeJob& j, int64_t begin, int64_t end) {
 void decode_job_plan(DecodeJob& j, int64_t threads) {
   j.S = 1;
 #if LORASERVE_SIMD
-  if (j.B < threads && (j.D == 2 * simd::W || j.D == 4 * simd::W || j.D == 8 * simd::W || j.D == 16 * simd::W))
+  if (j.B < threads && with_register_head(j.D, [](auto) {}))
     j.S = std::max<int64_t>(1, std::min((threads + j.B - 1) / j.B, j.max_ctx / kMinSplitPositions));
 #endif
   j.per = j.B >= threads ? j.Hkv : 1;
