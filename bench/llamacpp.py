@@ -6,9 +6,10 @@ interleaved rounds (ours, then llama.cpp, in every round; medians over rounds):
 
 * batch-1 decode: one streamed request (128-token prompt, 64 new tokens) to each server, twice a
   round in mirrored order (ours, llama-server, llama-server, ours; the mean of the two), and
-  engine to engine: ours in a fresh process with no server (bench/engine_decode.py) against
-  llama-bench's tg64 at depth 128 (`-d`: the same context as ours after its prompt, so both
-  attentions read the same cache; its usual empty-context tg64 is reported beside it);
+  engine to engine: ours in a fresh process with no server (bench/engine_decode.py), before and
+  after llama-bench (the mean of the two), against llama-bench's tg64 at depth 128 (`-d`: the
+  same context as ours after its prompt, so both attentions read the same cache; its usual
+  empty-context tg64 is reported beside it);
 * prompt processing: time to the first token of one 128-token prompt, and llama-bench's pp128;
 * 32 concurrent requests (128-token prompts, 64 new tokens, EOS ignored), each with its own
   rank-16 adapter (twice a round in mirrored order, the mean of the two) — llama-server with
@@ -266,29 +267,23 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
             decodes[tag].append(asyncio.run(sy.single(s, p_decode, args.new_tokens)).decode_tok_s)
         for tag, runs in decodes.items():
             row[tag].update(decode_tok_s=statistics.fmean(runs), decode_runs=runs)
-        if ours is not None:
-            row["ours_engine"] = sy.engine_decode(
-                ctx["models"][prec.gguf],
-                args.threads,
-                prec.flags,
-                args.new_tokens,
-                seed=r,
-                prompt_tokens=args.prompt_tokens,
-            )
-            if ours1 is not None:
-                row["ours_engine_t1"] = sy.engine_decode(
-                    ctx["models"][prec.gguf],
-                    1,
-                    prec.flags,
-                    args.new_tokens,
-                    seed=r,
-                    prompt_tokens=args.prompt_tokens,
-                )
         print(f"  {prec.name} round {r + 1} servers: {json.dumps(_short(row))}", flush=True)
+        # the engines the same way: ours before and after llama-bench (its readings at -t N and
+        # -t 1 in mirrored order), the mean of the two
+        engines = [("ours_engine", args.threads)] + ([("ours_engine_t1", 1)] if ours1 is not None else [])
+        engines = engines if ours is not None else []
+
+        def engine(threads: int, seed: int = r) -> dict:
+            model = ctx["models"][prec.gguf]
+            return sy.engine_decode(model, threads, prec.flags, args.new_tokens, seed, args.prompt_tokens)
+
+        first = {tag: engine(t) for tag, t in engines}
         bw_before = measure_bandwidth_gbs()
         bench_rows = sy.llama_bench(ctx["llama"], ctx["models"][prec.gguf], threads, depth=args.prompt_tokens)
         row["llama_bench"] = {f"{k[0]}_t{k[1]}": v for k, v in bench_rows.items()}
         row["llama_bench_bw"] = max(bw_before, measure_bandwidth_gbs())
+        for tag, t in reversed(engines):
+            row[tag] = mirrored_engine(first[tag], engine(t))
         res["rounds"].append(row)
         print(f"  {prec.name} round {r + 1}: {json.dumps(_short(row))}", flush=True)
     res["concurrent_rounds"] = []
@@ -307,6 +302,17 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
         res["concurrent_rounds"].append(row)
         print(f"  {prec.name} concurrent round {r + 1}: {json.dumps(_short(row))}", flush=True)
     return res
+
+
+def mirrored_engine(a: dict, b: dict) -> dict:
+    """Our engine's two readings of a round, taken around llama-bench: the mean decode rate, and
+    the higher of their bandwidth probes (as llama-bench's share takes the higher of those around
+    it)."""
+    rates = [a["decode_tok_s"], b["decode_tok_s"]]
+    out = {"decode_tok_s": statistics.fmean(rates), "decode_runs": rates}
+    out["step_ms"] = statistics.fmean([a["step_ms"], b["step_ms"]])
+    out["bandwidth_gbs"] = max(a["bandwidth_gbs"], b["bandwidth_gbs"])
+    return out
 
 
 def _short(row: dict) -> dict:

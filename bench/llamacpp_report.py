@@ -212,7 +212,8 @@ def format_report(env: dict, blocks: list[dict], args: argparse.Namespace) -> st
         f"{env['params'] / 1e6:.1f} M weights read per token",
         f"rounds {args.rounds} (batch-1, prompt), {args.concurrent_rounds} (concurrent), interleaved; medians. "
         "Servers' batch-1 decode and 32 requests on distinct adapters: twice a round in mirrored order "
-        "(ours, llama-server, llama-server, ours), the mean of the two. "
+        "(ours, llama-server, llama-server, ours), the mean of the two; our engine's batch-1 decode before and "
+        "after llama-bench, the mean of the two. "
         f"Prompts {args.prompt_tokens} random token ids, {args.new_tokens} new tokens, greedy, EOS ignored.",
         f"llama-bench tg64 runs at depth {args.prompt_tokens} (-d), the context our engine and both servers "
         "decode at after the prompt; its usual empty-context tg64 is the reference row.",

@@ -187,6 +187,16 @@ def test_roofline_shares_use_the_bandwidth_read_beside_each_round() -> None:
     assert any("tok/s): engine (our server)" in x for x in llamacpp_report_lines(_block(20.0, 40.0), old))
 
 
+def test_engine_readings_around_llama_bench_count_their_mean() -> None:
+    """Our engine runs before and after llama-bench in a round: a host whose bandwidth halves in
+    between weighs on both engines alike, and the share divides by the higher probe, as
+    llama-bench's does."""
+    before = {"decode_tok_s": 30.0, "runs": [29.0, 31.0], "step_ms": 33.0, "bandwidth_gbs": 50.0}
+    after = {"decode_tok_s": 15.0, "runs": [15.0], "step_ms": 66.0, "bandwidth_gbs": 25.0}
+    got = llamacpp.mirrored_engine(before, after)
+    assert got == {"decode_tok_s": 22.5, "decode_runs": [30.0, 15.0], "step_ms": 49.5, "bandwidth_gbs": 50.0}
+
+
 def llamacpp_report_lines(block: dict, summary: dict) -> list[str]:
     from bench import llamacpp_report
 
