@@ -193,10 +193,13 @@ SPLIT_CASES = {  # engine flags: the fused pass's deltas (added apart), the row 
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("case", list(SPLIT_CASES))
+@pytest.mark.parametrize("heads", ["16", "64"])
 def test_region_threads_split_adapter_rows_bit_for_bit(
     llama_dir: Path,
+    head64_dir: Path,
     llama_adapters: list[Path],
     tmp_path: Path,
+    heads: str,
     case: str,
     build: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -206,17 +209,24 @@ def test_region_threads_split_adapter_rows_bit_for_bit(
     of the shrink's sums each, then the deltas of their own columns), with the same tokens and
     logprobs as the Python loop. A rank-32 adapter on every module gives the AVX2 build's
     shrink a block of one chain beside blocks of two; two rows on one adapter are a block of the
-    row kernel (int8), which the split leaves to one thread, where the fused pass's rows split."""
+    row kernel (int8), which the split leaves to one thread, where the fused pass's rows split.
+    Heads of 64 are two whole panels: q|k|v splits by heads and each thread adds the deltas of its
+    heads' columns, then rotates them (heads of 16 share a panel: one thread rotates them all)."""
     native_kernel_or_skip(build)
     if build == AVX2:
         monkeypatch.setenv(ENV_MARCH, AVX2)
+    model_dir = head64_dir if heads == "64" else llama_dir
     wide = parse_peft_adapter(
-        make_peft_adapter(llama_dir, tmp_path / "r32", r=32, target_modules=ALL_MODULES, seed=7)
+        make_peft_adapter(model_dir, tmp_path / "r32", r=32, target_modules=ALL_MODULES, seed=7)
     )
-    other = parse_peft_adapter(llama_adapters[3])  # rank 8, every module
+    other = parse_peft_adapter(  # rank 8, every module
+        llama_adapters[3]
+        if heads == "16"
+        else make_peft_adapter(model_dir, tmp_path / "r8", r=8, target_modules=ALL_MODULES, seed=3)
+    )
     runs, splits = [], []
     for stack_on in (True, False):
-        engine = cpu_engine(llama_dir, "native", max_lora_rank=32, **SPLIT_CASES[case])
+        engine = cpu_engine(model_dir, "native", max_lora_rank=32, **SPLIT_CASES[case])
         model = engine.runner.model
         native = model.decode_stack.native
         if not stack_on:
@@ -286,13 +296,18 @@ def test_one_region_equals_the_per_kernel_stack(
     assert regions == [steps, steps, steps, 0, 0, 0, 0, 0]
 
 
-def test_an_error_inside_the_region_reaches_the_caller(llama_dir: Path, two_threads: object) -> None:
-    """A kernel that refuses its input inside the region (here attention, a cache slot out of
-    range) raises in the caller, with every thread out of the region: the next step runs."""
+def test_an_error_inside_the_region_reaches_the_caller(
+    llama_dir: Path, llama_adapters: list[Path], two_threads: object
+) -> None:
+    """A kernel that refuses its input inside the region (here the adapter rows' kernel, a slot
+    out of range, where one thread adds each projection's deltas) raises in the caller, with every
+    thread out of the region: the next step runs. What the region checks once before it starts
+    (attention's cache slots, for every layer) raises the same way."""
     engine = cpu_engine(llama_dir, "native")
     stack = engine.runner.model.decode_stack
     calls: list[tuple] = []
     real = stack.native
+    real.set_lora_split(False)  # one thread adds the deltas, inside the region (this engine's stack only)
 
     class Recorder:
         def __getattr__(self, name: str) -> object:
@@ -304,16 +319,18 @@ def test_an_error_inside_the_region_reaches_the_caller(llama_dir: Path, two_thre
 
     stack.native = Recorder()
     try:
-        engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3, ignore_eos_token=True))
+        params = SamplingParams(max_new_tokens=3, ignore_eos_token=True)
+        engine.generate(PROMPTS[:1], params, [parse_peft_adapter(llama_adapters[3])])
     finally:
         stack.native = real
-    args, kwargs = calls[0]
-    x, h, cos, sin, slots = (a.clone() for a in args[:5])
+    x, h, cos, sin, slots, tables, lens, rows, row_slots, rank = calls[0][0]
     before = real.region_runs()
+    with pytest.raises(RuntimeError, match="row or slot out of range"):
+        real.run(x.clone(), h, cos, sin, slots, tables, lens, rows, torch.full_like(row_slots, 10**6), rank)
     with pytest.raises(RuntimeError, match="cache slot out of range"):
-        real.run(x, h, cos, sin, torch.full_like(slots, -1), *args[5:], **kwargs)
-    assert real.region_runs() == before + 1
-    y = real.run(x.clone(), h, cos, sin, slots, *args[5:], **kwargs)
+        real.run(x.clone(), h, cos, sin, torch.full_like(slots, -1), tables, lens, rows, row_slots, rank)
+    assert real.region_runs() == before + 2
+    y = real.run(x.clone(), h, cos, sin, slots, tables, lens, rows, row_slots, rank)
     assert torch.isfinite(y).all()
 
 

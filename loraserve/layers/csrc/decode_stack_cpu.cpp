@@ -66,10 +66,14 @@ void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const c
                       const float* scale, const float* bias, int64_t p0, int64_t p1, float* y,
                       std::vector<int8_t>& digits, std::vector<float>& scratch);
 int64_t lowp_range_rows();
-void rope_decode_prepare(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
-                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
-                         double scale, std::vector<float>& q, const at::Tensor& out, DecodeJob& job);
+void rope_rows_check(int64_t B, int64_t D, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                     int64_t cache_slots);
+void rope_store_heads(const float* qkv, int64_t ld, int64_t B, int64_t hq, int64_t hkv, int64_t D, int64_t h0,
+                      int64_t h1, const float* cos, const float* sin, const int64_t* slots, void* k_cache,
+                      void* v_cache, bool bf16, float* q, float* kr);
+void decode_job_make(const float* qp, int64_t q_row, int64_t B, int64_t Hq, int64_t D, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
+                     double scale, float* op, DecodeJob& j);
 void norm_row(float* xr, const float* dr, const float* wp, int64_t H, float e, float* yr);
 void silu_mul_cols(const float* g, const float* u, float* o, int64_t n);
 
@@ -199,8 +203,15 @@ class DecodeStack {
                   const std::optional<at::Tensor>& b) {
       return NativeLinear{w, n, s, b, w.scalar_type() != at::kFloat};
     };
-    // the region splits gate|up at a panel boundary and keeps the residual stream [M, o's width]
-    region_ok_ = region_ok_ && gu_n % 64 == 0 && o_n == down_n;
+    // the region splits gate|up at a panel boundary and keeps the residual stream [M, o's width];
+    // it checks the first layer's attention once a step and runs every layer's with those checks
+    const DecodeLayer* first = layers_.empty() ? nullptr : &layers_[0];
+    const bool same_attention =
+        qkv_n == (hq + 2 * hkv) * k_cache.size(3) &&
+        (!first || (hq == first->hq && hkv == first->hkv && k_cache.sizes() == first->k_cache.sizes() &&
+                    v_cache.sizes() == first->v_cache.sizes() && k_cache.dtype() == first->k_cache.dtype() &&
+                    v_cache.dtype() == first->v_cache.dtype() && k_cache.is_contiguous() && v_cache.is_contiguous()));
+    region_ok_ = region_ok_ && gu_n % 64 == 0 && o_n == down_n && same_attention;
     layers_.push_back(DecodeLayer{lin(qkv_w, qkv_n, qkv_scale, qkv_bias), lin(o_w, o_n, o_scale, o_bias),
                                   lin(gu_w, gu_n, gu_scale, gu_bias), lin(down_w, down_n, down_scale, down_bias),
                                   post_norm, next_norm, k_cache, v_cache, hq, hkv, scale});
@@ -269,12 +280,13 @@ class DecodeStack {
 
  private:
   // The same step in one parallel region. Each projection's panels split over the threads as the
-  // kernels split them; SwiGLU runs on the columns a thread computed (its gate panels and the
-  // matching up panels); every thread keeps its own copy of the residual stream and its norms
-  // (the same arithmetic on the same inputs, so the copies agree bit for bit); attention's items
-  // (decode_job.h) split over the threads after one of them rotates q/k and stores the new K/V.
-  // A barrier wherever a thread reads what others wrote: six a layer, and with adapter rows four
-  // more, after each projection's deltas: the threads split them (region_lora.h: each runs one
+  // kernels split them (q|k|v's at head boundaries, where a head is whole panels); SwiGLU runs on
+  // the columns a thread computed (its gate panels and the matching up panels); every thread keeps
+  // its own copy of the residual stream and its norms (the same arithmetic on the same inputs, so
+  // the copies agree bit for bit); each rotates the q/k heads it computed and stores their new
+  // K/V, then attention's items (decode_job.h) split over the threads. A barrier wherever a thread
+  // reads what others wrote: five a layer, and with adapter rows up to four more, after each
+  // projection's deltas: the threads split them (region_lora.h: each runs one
   // chain of the rows' shrink before its base panels, then adds the deltas of the columns those
   // panels computed, with the per-kernel path's arithmetic), or, where that path would sum them
   // otherwise, one thread adds them as it does. Waiting threads prefetch their share of the next
@@ -298,11 +310,27 @@ class DecodeStack {
     for (int64_t i = 0; i < 4; ++i) buf[i] = bufs.data_ptr<float>() + i * M * most;
     const at::Tensor hx = x.contiguous(), hh = h.contiguous();
     at::Tensor y = at::empty_like(hh);
-    // attention's output [M, Hq * D] (the unsplit items write it) and the rotated queries
-    int64_t attn_most = 0;
-    for (const DecodeLayer& l : layers_) attn_most = std::max(attn_most, l.hq * l.k_cache.size(3));
-    const at::Tensor attn_buf = at::empty({M * attn_most}, x.options());
-    std::vector<float> q;
+    // attention's checks and its job, once for the step (every layer's attention has the first
+    // one's shapes: add_layer); a layer then only rotates, stores its new keys and values, and
+    // points a thread's copy of the job at its cache
+    const DecodeLayer& l0 = layers_[0];
+    const int64_t hq = l0.hq, hkv = l0.hkv, D = l0.k_cache.size(3), width = hq * D, heads = hq + 2 * hkv;
+    const at::Tensor attn_buf = at::empty({M * width}, x.options());  // the unsplit items write it
+    rope_rows_check(M, D, cos, sin, slots, l0.k_cache.size(0) * l0.k_cache.size(1));
+    std::vector<float> q(static_cast<size_t>(M * width));  // the rotated queries
+    DecodeJob job;
+    decode_job_make(q.data(), width, M, hq, D, l0.k_cache, l0.v_cache, block_tables, ctx_lens, l0.scale,
+                    attn_buf.data_ptr<float>(), job);
+    const float* cos_p = cos.data_ptr<float>();
+    const float* sin_p = sin.data_ptr<float>();
+    const int64_t* slot_p = slots.data_ptr<int64_t>();
+    // where a head is whole panels, q|k|v's panels split at head boundaries and each thread rotates
+    // and stores the heads it computed: no serial step, no barrier of their own. From the end of a
+    // thread's q|k|v panels to the start of attention, per batch-1 step of the 135M model (AVX2
+    // int8, 2-core Zen 4, rdtsc, three runs each): 194-242 / 149-370 us (thread 0 / 1) when one
+    // thread rotated every head between two barriers, with each layer's checks and views; 37-142
+    // / 30-51 us now (thread 0 has the extra head: 8 of 15)
+    const int64_t head_panels = D % 32 == 0 ? D / 32 : 0;
     std::exception_ptr err;
     bool failed = false;
     const int threads = static_cast<int>(at::get_num_threads());
@@ -325,15 +353,10 @@ class DecodeStack {
     split_runs_ += std::count_if(splits.begin(), splits.end(), [](const region_lora::Split& sp) { return sp.on; });
     const int64_t chain_floats = lp ? lp->rows.numel() * gr_most : 0;
     std::vector<float> chains(2 * chain_floats);
-    // how attention's items split: the same plan for every layer (one shape, one context), known
-    // before the region so each thread can prefetch the cache lines of its own items
-    DecodeJob plan, job;
-    plan.B = M, plan.Hq = layers_[0].hq, plan.Hkv = layers_[0].hkv, plan.D = layers_[0].k_cache.size(3);
-    plan.BS = layers_[0].k_cache.size(1), plan.nblk = block_tables.size(1);
-    plan.bf16 = layers_[0].k_cache.scalar_type() == at::kBFloat16;
-    plan.tables = block_tables.data_ptr<int64_t>(), plan.lens = ctx_lens.data_ptr<int64_t>();
-    for (int64_t b = 0; b < M; ++b) plan.max_ctx = std::max(plan.max_ctx, plan.lens[b]);
-    decode_job_plan(plan, threads);
+    // how attention's items split, as the per-kernel path splits them: the same plan for every
+    // layer (one shape, one context), known before the region so each thread can prefetch the
+    // cache lines of its own items
+    decode_job_plan(job, threads);
     SpinBarrier bar;
     const float e = static_cast<float>(eps_);
 #pragma omp parallel num_threads(threads)
@@ -343,6 +366,9 @@ class DecodeStack {
       region_lora::Scratch ls;
       SlicePrefetch pf;
       std::vector<float> mine;  // this thread's merge of a split attention
+      DecodeJob my = job;       // pointed at each layer's cache; its parts stay in the step job's scratch
+      my.scratch = {};
+      std::vector<float> kr(static_cast<size_t>(D));  // a rotated key head
       // this thread's residual stream and normed input, at the same offsets from a 64-byte line as
       // x's and h's (norm_row's vector loop is the loop path's only where the alignment is too)
       std::vector<float> mem(2 * (M * H + 16));
@@ -397,40 +423,55 @@ class DecodeStack {
       };
       for (size_t i = 0; i < layers_.size(); ++i) {
         const DecodeLayer& l = layers_[i];
-        const auto [i0, i1] = share(plan.items, t, T);
-        decode_job_prefetch(plan, l.k_cache.data_ptr(), l.v_cache.data_ptr(), i0, i1);
+        const auto [i0, i1] = share(job.items, t, T);
+        decode_job_prefetch(job, l.k_cache.data_ptr(), l.v_cache.data_ptr(), i0, i1);
+        my.k = l.k_cache.data_ptr(), my.v = l.v_cache.data_ptr(), my.sc = static_cast<float>(l.scale);
+        void* const kc = const_cast<void*>(my.k);
+        void* const vc = const_cast<void*>(my.v);
         const region_lora::Split* sq = split_of(i, 0);
         shrink(sq, hn, H);
-        l.qkv.range(hn, H, M, H, buf[0], t, T, s);
+        // this thread's heads [h0, h1) where q|k|v splits by heads (adapter rows: when the threads
+        // split their deltas too; else one thread adds them, and then rotates every head)
+        const bool by_heads = head_panels > 0 && (lp == nullptr || sq != nullptr);
+        const auto [h0, h1] = share(heads, t, T);
+        const auto [q0, q1] = by_heads ? std::pair{h0 * head_panels, h1 * head_panels} : share(l.qkv.w.size(0), t, T);
+        l.qkv.panels(hn, H, M, H, buf[0], q0, q1, s);
         next_share(l.o);
-        bar.wait(pf, T);
-        if (sq) {
-          add_cols(*sq, l.qkv, buf[0], {own(l.qkv)});
-          bar.wait(pf, T);  // rotary reads every column
-        }
-        const int64_t width = l.hq * l.k_cache.size(3);
-        if (t == 0 && !failed) {  // adapter rows, rotary, the new keys and values into the cache: one thread
-          try {
-            if (lp && !sq) l.qkv.add_lora(rows_of(hn, H), out(0, l.qkv), *lp, bf16_act_, fused_rows_, fused_members_);
-            rope_decode_prepare(out(0, l.qkv), l.hq, l.hkv, cos, sin, l.k_cache, l.v_cache, slots, block_tables,
-                                ctx_lens, l.scale, q, attn_buf.narrow(0, 0, M * width).view({M, width}), job);
-            decode_job_plan(job, T);
-          } catch (...) {
-            err = std::current_exception();
-            failed = true;
+        if (by_heads) {
+          if (sq) {
+            bar.wait(pf, T);  // the deltas read both threads' chains of the shrink
+            add_cols(*sq, l.qkv, buf[0], {{32 * q0, std::min(l.qkv.n, 32 * q1)}});
+          }
+          rope_store_heads(buf[0], l.qkv.n, M, hq, hkv, D, h0, h1, cos_p, sin_p, slot_p, kc, vc, my.bf16, q.data(),
+                           kr.data());
+        } else {
+          bar.wait(pf, T);
+          if (sq) {
+            add_cols(*sq, l.qkv, buf[0], {own(l.qkv)});
+            bar.wait(pf, T);  // rotary reads every column
+          }
+          if (t == 0 && !failed) {  // adapter rows, rotary, the new keys and values into the cache: one thread
+            try {
+              if (lp && !sq) l.qkv.add_lora(rows_of(hn, H), out(0, l.qkv), *lp, bf16_act_, fused_rows_, fused_members_);
+              rope_store_heads(buf[0], l.qkv.n, M, hq, hkv, D, 0, heads, cos_p, sin_p, slot_p, kc, vc, my.bf16,
+                               q.data(), kr.data());
+            } catch (...) {
+              err = std::current_exception();
+              failed = true;
+            }
           }
         }
         bar.wait(pf, T);
         if (failed) break;
-        const auto [j0, j1] = share(job.items, t, T);
-        decode_job_items(job, j0, j1);
+        const auto [j0, j1] = share(my.items, t, T);
+        decode_job_items(my, j0, j1);
         bar.wait(pf, T);
         // a split context: every thread merges the parts into its own copy (no barrier, no
         // reads from the other core's cache); else the items wrote the shared buffer
-        const float* attn = job.out;
-        if (job.S > 1) {
+        const float* attn = my.out;
+        if (my.S > 1) {
           mine.resize(static_cast<size_t>(M * width));
-          decode_job_finish(job, mine.data());
+          decode_job_finish(my, mine.data());
           attn = mine.data();
         }
         const region_lora::Split* so = split_of(i, 1);
