@@ -1,7 +1,8 @@
 // The torch entry points of decode attention and of the KV writes around it: the checks of every
 // tensor they are handed, then raw pointers. paged_decode_attention and rope_decode_attention make
 // a DecodeJob (decode_job.h) and run its items on torch's threads; the decode stack
-// (decode_stack_cpu.cpp) calls rope_decode_prepare and runs the items in its own region. The
+// (decode_stack_cpu.cpp) checks and makes its job once a step (rope_rows_check, decode_job_make),
+// then runs rope_store_heads and the items of every layer in its own region. The
 // kernels those items run are in attention_cpu.cpp: kept apart so each file reads as one thing
 // (what is checked and written here, how a context is read there).
 #include "aten_min.h"
@@ -31,10 +32,9 @@ static bool cache_is_bf16(const at::Tensor& k_cache, const at::Tensor& v_cache) 
 // The checked core of both entry points: q rows `q_row` floats apart, each [Hq, D] contiguous;
 // out [B, Hq, D] contiguous. Checks the tables against the cache before anything is read. (The
 // decode stack makes one a step, for layers whose caches share one shape.)
-void decode_job_make(const float* qp, int64_t q_row, int64_t B, int64_t Hq, int64_t D,
-                            const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale, float* op,
-                            DecodeJob& j) {
+void decode_job_make(const float* qp, int64_t q_row, int64_t B, int64_t Hq, int64_t D, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
+                     double scale, float* op, DecodeJob& j) {
   const bool bf16 = cache_is_bf16(k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [B, nblk]");
@@ -119,8 +119,8 @@ void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   }
 }
 
-// The checks rope_decode_prepare makes of a step's rotary tables and cache slots, for B rows of
-// heads of D into a cache of `cache_slots` positions
+// The checks of a step's rotary tables and cache slots, for B rows of heads of D into a cache of
+// `cache_slots` positions (rope_decode_attention's, and the decode stack's once a step)
 void rope_rows_check(int64_t B, int64_t D, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                      int64_t cache_slots) {
   const int64_t half = D / 2;
@@ -163,10 +163,11 @@ void rope_store_heads(const float* qkv, int64_t ld, int64_t B, int64_t hq, int64
 
 // rope_decode_attention up to its work items: the checks, rotary, the new keys and values into
 // the cache; `job` made (not planned) with the rotated queries in `q` and the output in `out`
-void rope_decode_prepare(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
-                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
-                         double scale, std::vector<float>& q, const at::Tensor& out, DecodeJob& job) {
+static void rope_decode_prepare(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& slots, const at::Tensor& block_tables,
+                                const at::Tensor& ctx_lens, double scale, std::vector<float>& q,
+                                const at::Tensor& out, DecodeJob& job) {
   const bool bf16 = cache_is_bf16(k_cache, v_cache);
   const int64_t B = qkv.size(0), D = k_cache.size(3);
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 2 &&
