@@ -92,6 +92,15 @@ static void store_head(void* cache, bool bf16, int64_t at, int64_t n, const floa
   }
 }
 
+// One cache slot for each of `n` rows, every one below `cache_slots`: the slots' pointer
+static const int64_t* checked_slots(const at::Tensor& slots, int64_t n, int64_t cache_slots) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == n,
+              "slots must be a contiguous int64 tensor of ", n, " (one per row)");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < cache_slots, "cache slot out of range");
+  return sp;
+}
+
 // New keys and values into their cache slots, rounded to the cache's dtype: k, v [T, Hkv, D] fp32
 // (rows any stride, heads D apart: views into the fused q|k|v output) into k_cache, v_cache
 // [NB, BS, Hkv, D] (fp32 or bf16) at flat slots [T]. One call per layer instead of PyTorch's two
@@ -106,10 +115,8 @@ void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
                 "k and v must be CPU float32 [T, Hkv, D] with contiguous heads matching the cache");
   }
   const int64_t T = k.size(0);
-  TORCH_CHECK(v.size(0) == T && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
-              "slots must be a contiguous int64 [T]");
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < NB * BS, "cache slot out of range");
+  TORCH_CHECK(v.size(0) == T, "k and v must have the same rows");
+  const int64_t* sp = checked_slots(slots, T, NB * BS);
   const int64_t row = H * D;
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -127,10 +134,7 @@ void rope_rows_check(int64_t B, int64_t D, const at::Tensor& cos, const at::Tens
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.numel() == B * half && sin.numel() == B * half,
               "cos/sin must be contiguous float32 [B, D/2]");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
-              "slots must be a contiguous int64 [B]");
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_slots, "cache slot out of range");
+  checked_slots(slots, B, cache_slots);
 }
 
 // Heads [h0, h1) of q|k|v (hq + 2 hkv heads of D) of every row: rotary on the q and k heads, and

@@ -413,34 +413,35 @@ class DecodeStack {
         region_lora::add_cols(sp, chains.data(), chains.data() + chain_floats, yb, g.n, r.begin(),
                               static_cast<int>(r.size()), ls);
       };
-      auto own = [&](const NativeLinear& g) {
-        const auto [p0, p1] = share(g.w.size(0), t, T);
-        return std::pair<int64_t, int64_t>{32 * p0, std::min(g.n, 32 * p1)};
+      // the output columns of g's panels [p0, p1), and of this thread's share of them
+      auto cols = [&](const NativeLinear& g, std::pair<int64_t, int64_t> panels) {
+        return std::pair<int64_t, int64_t>{32 * panels.first, std::min(g.n, 32 * panels.second)};
       };
+      auto own = [&](const NativeLinear& g) { return cols(g, share(g.w.size(0), t, T)); };
       // M rows of `cols` floats at p as a tensor (the adapter kernels take tensors)
       auto rows_of = [&](const float* p, int64_t cols) {
         return at::from_blob(const_cast<float*>(p), {M, cols}, x.options());
       };
+      const auto [i0, i1] = share(job.items, t, T);  // this thread's attention items, every layer
+      const auto [h0, h1] = share(heads, t, T);        // its heads, where q|k|v splits by heads
       for (size_t i = 0; i < layers_.size(); ++i) {
         const DecodeLayer& l = layers_[i];
-        const auto [i0, i1] = share(job.items, t, T);
-        decode_job_prefetch(job, l.k_cache.data_ptr(), l.v_cache.data_ptr(), i0, i1);
-        my.k = l.k_cache.data_ptr(), my.v = l.v_cache.data_ptr(), my.sc = static_cast<float>(l.scale);
-        void* const kc = const_cast<void*>(my.k);
-        void* const vc = const_cast<void*>(my.v);
+        void* const kc = l.k_cache.data_ptr();
+        void* const vc = l.v_cache.data_ptr();
+        decode_job_prefetch(job, kc, vc, i0, i1);
+        my.k = kc, my.v = vc, my.sc = static_cast<float>(l.scale);
         const region_lora::Split* sq = split_of(i, 0);
         shrink(sq, hn, H);
-        // this thread's heads [h0, h1) where q|k|v splits by heads (adapter rows: when the threads
-        // split their deltas too; else one thread adds them, and then rotates every head)
+        // q|k|v splits by heads (adapter rows: when the threads split their deltas too; else one
+        // thread adds them, and then rotates every head)
         const bool by_heads = head_panels > 0 && (lp == nullptr || sq != nullptr);
-        const auto [h0, h1] = share(heads, t, T);
-        const auto [q0, q1] = by_heads ? std::pair{h0 * head_panels, h1 * head_panels} : share(l.qkv.w.size(0), t, T);
-        l.qkv.panels(hn, H, M, H, buf[0], q0, q1, s);
+        const auto qkv_panels = by_heads ? std::pair{h0 * head_panels, h1 * head_panels} : share(l.qkv.w.size(0), t, T);
+        l.qkv.panels(hn, H, M, H, buf[0], qkv_panels.first, qkv_panels.second, s);
         next_share(l.o);
         if (by_heads) {
           if (sq) {
             bar.wait(pf, T);  // the deltas read both threads' chains of the shrink
-            add_cols(*sq, l.qkv, buf[0], {{32 * q0, std::min(l.qkv.n, 32 * q1)}});
+            add_cols(*sq, l.qkv, buf[0], {cols(l.qkv, qkv_panels)});
           }
           rope_store_heads(buf[0], l.qkv.n, M, hq, hkv, D, h0, h1, cos_p, sin_p, slot_p, kc, vc, my.bf16, q.data(),
                            kr.data());
