@@ -36,11 +36,12 @@ MODES = ("split", "one thread", "base")
 def decode_rate(engine: Engine, rng: random.Random, adapter: LoraAdapter | None, vocab: int) -> float:
     params = SamplingParams(max_new_tokens=64, ignore_eos_token=True)
     engine.add_request([rng.randrange(100, vocab) for _ in range(128)], params, adapter)
-    marks: list[float] = []
+    marks: list[tuple[float, int]] = []  # (when, tokens): a decode burst emits several at once
     while engine.has_unfinished():
-        if any(o.tokens for o in engine.step()):
-            marks.append(time.perf_counter())
-    return (len(marks) - 1) / (marks[-1] - marks[0])
+        n = sum(len(o.tokens) for o in engine.step())
+        if n:
+            marks.append((time.perf_counter(), n))
+    return sum(n for _, n in marks[1:]) / (marks[-1][0] - marks[0][0])
 
 
 def run(precision: str, adapter: LoraAdapter, reps: int) -> dict[str, float]:

@@ -12,7 +12,8 @@ memory is gone before the servers are measured again.
 `--adapter` decodes under that PEFT LoRA (a request's own adapter, as a server would run it), so
 one request's adapter cost reads against the base run beside it.
 
-Prints one JSON line: {"decode_tok_s": median over reps, "runs": [...], "step_ms": median step,
+Prints one JSON line: {"decode_tok_s": median over reps, "runs": [...], "step_ms": median time a
+token (a decode burst's time over its tokens),
 "bandwidth_gbs": read bandwidth measured in this process just before and just after the reps (the
 higher of the two)}. The host's bandwidth drifts by tens of percent within minutes, so a roofline
 share is only meaningful against a reading taken beside the tokens it divides.
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--decode-steps", type=int, default=None, help="greedy steps a call (default: the engine's)"
+    )
     ap.add_argument("--adapter", default=None, help="a PEFT LoRA directory every rep decodes under")
     args = ap.parse_args(argv)
 
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         num_threads=args.threads,
         prefix_caching=False,
         max_batch_total_tokens=args.prompt_tokens + args.new_tokens + 64,
+        **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}),
     )
     engine = Engine.from_pretrained(path, cfg)
     adapter = parse_peft_adapter(args.adapter, key=args.adapter) if args.adapter else None
@@ -69,15 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             bandwidth.append(measure_bandwidth_gbs())
         engine.add_request([rng.randrange(100, vocab) for _ in range(args.prompt_tokens)], params, adapter)
         marks: list[float] = []
+        tokens: list[int] = []  # emitted at each mark: a decode burst emits several at once
         while engine.has_unfinished():
             t0 = time.perf_counter()
             out = engine.step()
-            if any(o.tokens for o in out):
+            n = sum(len(o.tokens) for o in out)
+            if n:
                 marks.append(time.perf_counter())
+                tokens.append(n)
                 if len(marks) > 1:
-                    steps.append(marks[-1] - t0)
+                    steps.append((marks[-1] - t0) / n)
         if rep > 0 and len(marks) > 1:
-            runs.append((len(marks) - 1) / (marks[-1] - marks[0]))
+            runs.append(sum(tokens[1:]) / (marks[-1] - marks[0]))
     bandwidth.append(measure_bandwidth_gbs())
     print(
         json.dumps(

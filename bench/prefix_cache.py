@@ -157,6 +157,9 @@ def make_engine(model: Path, sizes: Sizes, caching: bool, chunk: int | None = No
         prefix_caching=caching,
         chunked_prefill=chunk is not None,
         prefill_chunk_tokens=chunk,
+        # one step at a time: the pairs time each token's step (inter-token latency), and a decode
+        # burst (engine/decode_bursts.py) streams its tokens together
+        decode_steps=kw.pop("decode_steps", 1),
         **kw,
     )
     return Engine.from_pretrained(model, cfg)

@@ -99,6 +99,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         prefix_caching=args.prefix_caching,
         chunked_prefill=args.chunked_prefill,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        decode_steps=args.decode_steps,
         grammar_backend=getattr(args, "grammar_backend", "llguidance"),
     )
 

@@ -16,7 +16,6 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 
 from loraserve.adapters.lora_weights import LoraAdapter, MedusaHeads
 from loraserve.engine.config import EngineConfig
+from loraserve.engine.decode_bursts import DecodeBursts
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.errors import RequestError
 from loraserve.engine.grammar import cut_drafts, draft_masks, grammar_compiler
@@ -36,6 +36,7 @@ from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import Sequence
 from loraserve.engine.speculative import verify_drafts
 from loraserve.engine.speculators import Speculators
+from loraserve.engine.step_observer import ForwardRecord, observed
 from loraserve.engine.stop import StopChecker
 from loraserve.engine.tokenizer import Tokenizer
 from loraserve.host_allocator import keep_freed_memory
@@ -43,18 +44,6 @@ from loraserve.layers.precision import DTYPES
 from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ForwardRecord:
-    """One forward pass as an observer sees it."""
-
-    kind: str  # "prefill" when the step admitted or recomputed prompts, else "decode"
-    started: float  # time.perf_counter() at its start
-    admitted: list[str]  # request ids whose first forward pass this is
-    max_tokens: int  # prompt + max_new_tokens summed over the batch
-    ok: bool = False
-    seconds: float = 0.0
 
 
 NON_FINITE = (
@@ -117,6 +106,7 @@ class Engine:
         self.spec_tokens = 0
         self.steps = 0
         self.last_batch_size = 0
+        self.bursts = DecodeBursts(cfg.decode_steps)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig | None = None) -> Engine:
@@ -260,7 +250,21 @@ class Engine:
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
-        res = self._execute(sched.decodes, sched.prefills)
+        start = time.perf_counter()
+        if not sched.prefills:
+            steps = self.bursts.length(
+                sched.decodes, bool(self.scheduler.waiting), self.limits.max_total_tokens, self.runner.blocks
+            )
+            burst = self._burst(sched.decodes, steps) if steps > 1 else None
+            if burst is not None:
+                self.bursts.took(time.perf_counter() - start, steps)
+                return burst
+        res = observed(
+            self.step_observer,
+            sched.decodes,
+            sched.prefills,
+            lambda: self.runner.execute(sched.decodes, sched.prefills),
+        )
         # per logits row: first argmax, logsumexp, all finite; one pass that the NaN check and
         # (for rows no logits processor changes) sampling share
         stats = self.runner.ops.argmax_logsumexp(res.logits)
@@ -276,29 +280,32 @@ class Engine:
                     seq.drafts = cut_drafts(seq.grammar, seq.drafts)
         self.steps += 1
         self.last_batch_size = len(res.layout.seqs)
+        if not sched.prefills:
+            self.bursts.took(time.perf_counter() - start, 1)
         return outputs
 
-    def _execute(self, decodes: list[Sequence], prefills: list[Sequence]) -> StepResult:
-        """The forward pass, reported to `step_observer` (the server's metrics) when one is set."""
-        observer = self.step_observer
-        if observer is None:
-            return self.runner.execute(decodes, prefills)
-        start = time.perf_counter()
-        record = ForwardRecord(
-            kind="prefill" if prefills else "decode",
-            started=start,
-            # first forward of a new request: not a recompute, not a later chunk of its prompt
-            admitted=[seq.request_id for seq in prefills if seq.admitted_now and not seq.output_ids],
-            max_tokens=sum(len(s.prompt_ids) + s.params.max_new_tokens for s in (*decodes, *prefills)),
-        )
-        try:
-            res = self.runner.execute(decodes, prefills)
-        except BaseException:
-            observer(record)  # ok=False: the step failed
-            raise
-        record.ok, record.seconds = True, time.perf_counter() - start
-        observer(record)
-        return res
+    def _burst(self, seqs: list[Sequence], steps: int) -> list[RequestOutput] | None:
+        """`steps` greedy steps of a decode batch in one call (engine/decode_bursts.py), each
+        sequence's tokens emitted together; None (and no more bursts) where the model cannot."""
+        rows = observed(self.step_observer, seqs, [], lambda: self.runner.greedy_burst(seqs, steps), steps)
+        if rows is None:
+            self.bursts.on = False
+            return None
+        outputs: list[RequestOutput] = []
+        for seq, picks in zip(seqs, rows):
+            if not all(finite for _, _, finite in picks):  # fails alone, as a poisoned step does
+                outputs.append(self._fail(seq, NON_FINITE))
+                continue
+            out = self.outputs.emit(seq, [(tok, lp, None, False) for tok, lp, _ in picks], None)
+            seq.num_cached = seq.num_tokens - 1  # the tokens it fed; any dropped by a stop are not its
+            outputs.append(out)
+            if out.finished:
+                self._finish(seq)
+            else:
+                self.runner.blocks.shrink(seq.block_table, seq.num_tokens)
+        self.steps += steps
+        self.last_batch_size = len(seqs)
+        return outputs
 
     def _poisoned_rows(self, res: StepResult, finite: torch.Tensor) -> list[bool]:
         """Per sequence: did any of its logits come out NaN/inf (`finite`: per logits row)? A

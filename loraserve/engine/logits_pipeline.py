@@ -186,3 +186,17 @@ def truncate(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """`scores` with every truncating processor applied (masked tokens at -inf): what tokens are
     drawn from."""
     return _run(scores, rows, truncating=True)
+
+
+_PROBE_IDS = torch.zeros(1, dtype=torch.long)
+
+
+def plain_greedy(params: SamplingParams, grammar: Any = None) -> bool:
+    """Whether every token of a request is the argmax of its raw logits: greedy, with no processor
+    that could act on any of its rows (a probe row with a history, an output and a previous
+    token asks each one) and no alternatives to report. Only such rows may decode several steps
+    in one native call (engine/decode_bursts.py), with no Python between the steps."""
+    if is_sampling(params) or params.top_n_alternatives > 0:
+        return False
+    probe = SamplingRow(params, None, _PROBE_IDS, prev_token=0, output=_PROBE_IDS, grammar=grammar)
+    return not any(proc.active(probe) for proc in PROCESSORS)

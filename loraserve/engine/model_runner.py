@@ -23,7 +23,7 @@ from loraserve.engine.config import EngineConfig
 from loraserve.engine.memory_plan import adapter_slots, kv_cache_blocks
 from loraserve.engine.sequence import Sequence
 from loraserve.host_allocator import return_freed_memory, zeros_on_huge_pages
-from loraserve.layers.forward_batch import ForwardBatch
+from loraserve.layers.forward_batch import BurstBatch, ForwardBatch
 from loraserve.layers.lora import LoraTable
 from loraserve.layers.ops import select_ops
 from loraserve.layers.precision import resolve_precision
@@ -133,6 +133,29 @@ class ModelRunner:
             starts.append(offset)
             offset += len(rs)
         return StepResult(hidden=hidden, logits=logits, starts=starts, layout=layout)
+
+    def greedy_burst(self, seqs: list[Sequence], steps: int) -> list[list[tuple[int, float, bool]]] | None:
+        """`steps` greedy decode steps of `seqs` (each one token behind: its last token not yet
+        in the cache) in one call to the model (engine/decode_bursts.py): per sequence, per step,
+        (token, logprob, logits all finite). Every block table must already reach the last
+        step's position. None where the model or backend has no such call."""
+        bs = self.block_size
+        need = max(-(-(seq.num_cached + steps) // bs) for seq in seqs)
+        tables = torch.tensor(
+            [seq.block_table[:need] + [0] * (need - len(seq.block_table[:need])) for seq in seqs]
+        )
+        ids_pos = torch.tensor(
+            [[seq.all_ids[seq.num_cached] for seq in seqs], [seq.num_cached for seq in seqs]]
+        )
+        lora = self.ops.lora_batch(
+            [(i, i + 1, seq.slot) for i, seq in enumerate(seqs) if seq.slot is not None]
+        )
+        ids, positions = ids_pos.to(self.device).unbind(0)
+        out = self.model.greedy_steps(BurstBatch(ids, positions, steps, tables.to(self.device), bs, lora))
+        if out is None:
+            return None
+        tokens, logprobs, finite = (t.t().tolist() for t in out)  # [seqs][steps]
+        return [list(zip(tokens[i], logprobs[i], finite[i])) for i in range(len(seqs))]
 
     def all_logits(self, seq: Sequence) -> torch.Tensor:
         """Logits at every new position of one prefill ([L, vocab]), for scoring."""

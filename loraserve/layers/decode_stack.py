@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loraserve.layers.attention import all_single_decodes
-from loraserve.layers.forward_batch import ForwardBatch
+from loraserve.layers.forward_batch import BurstBatch, ForwardBatch
+from loraserve.layers.linear import Linear
+from loraserve.layers.rotary import RotaryTable
 
 if TYPE_CHECKING:  # lora_linear imports the Ops backends, which build stacks
     from loraserve.layers.lora_linear import LoraLinear
@@ -72,11 +74,25 @@ def single_decode_rows(fb: ForwardBatch, num_tokens: int) -> bool:
     return not meta.fresh and len(meta.paged) == 1 and all_single_decodes(meta.paged[0], num_tokens)
 
 
-class DecodeStack:
-    """The native stack (`kernels.DecodeStack`) with the step checks in front of it."""
+@dataclass
+class DecodeTop:
+    """What a step runs around the layers, as the model's forward and `logits` run it: the token
+    embedding (a plain table, or the tied lm_head that holds it), the first layer's input norm,
+    the rotary table and the lm_head. With it, a backend's stack can run several greedy steps
+    in one call (`DecodeStack.greedy`)."""
 
-    def __init__(self, native: Any, layers: Sequence[DecodeLayerSpec]) -> None:
-        self.native, self.layers = native, list(layers)
+    embed: torch.Tensor | Linear
+    in_norm: torch.Tensor
+    rotary: RotaryTable
+    lm_head: Linear
+
+
+class DecodeStack:
+    """The native stack (`kernels.DecodeStack`) with the step checks in front of it; `head`: the
+    native `DecodeHead` built from the model's `DecodeTop`, or None (no greedy bursts)."""
+
+    def __init__(self, native: Any, layers: Sequence[DecodeLayerSpec], head: Any = None) -> None:
+        self.native, self.layers, self.head = native, list(layers), head
         self.table = self.layers[0].qkv.table  # None: the model serves no adapters
         self.generation = -1  # of the table whose views the native side holds
 
@@ -104,6 +120,25 @@ class DecodeStack:
             lb.row_slots,
             self.table.slot_rank,
         )
+
+    def greedy(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`burst.steps` decode steps of its single-token rows, each step fed the argmax of the one
+        before: ([steps, M] tokens, their logprobs, whether each step's logits were all finite).
+        None where this stack cannot (no head; adapter rows laid out for PyTorch's bmm): the
+        caller then steps one at a time."""
+        if self.head is None:
+            return None
+        b, lb = burst, burst.lora
+        args = (self.head, b.ids, b.positions, b.steps, b.block_tables, b.block_size)
+        if lb is None:
+            out = self.native.run_greedy(*args)
+        elif self.table is None or lb.rows is None:
+            return None
+        else:
+            if self.table.generation != self.generation:
+                self._hand_over_table()
+            out = self.native.run_greedy(*args, lb.rows, lb.row_slots, self.table.slot_rank)
+        return out[0], out[1], out[2]
 
     def _hand_over_table(self) -> None:
         t = self.table

@@ -22,3 +22,17 @@ class ForwardBatch:
     sin: torch.Tensor  # [T, D/2]
     attn: AttentionMeta
     lora: LoraBatch | None  # None when no row uses an adapter
+
+
+@dataclass
+class BurstBatch:
+    """What a decode burst (engine/decode_bursts.py: several greedy steps in one call) gives the
+    model: single-token rows, built once a burst; the steps after the first derive their
+    positions, cache slots and inputs from it."""
+
+    ids: torch.Tensor  # [M] each row's last token, not yet in the cache
+    positions: torch.Tensor  # [M] its position
+    steps: int
+    block_tables: torch.Tensor  # [M, blocks], reaching position + steps - 1 of every row
+    block_size: int
+    lora: LoraBatch | None  # None when no row uses an adapter

@@ -89,6 +89,7 @@ SOURCE_NAMES = (
     "gemm_int8dp_cpu.cpp",
     "embedding_cpu.cpp",
     "decode_stack_cpu.cpp",
+    "decode_steps_cpu.cpp",
     "bindings.cpp",
 )
 SOURCES = [CSRC / f for f in SOURCE_NAMES]

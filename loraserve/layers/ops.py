@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from loraserve.layers import activation, attention, lora, norm, rotary
 from loraserve.layers.attention import AttentionMeta
-from loraserve.layers.decode_stack import DecodeLayerSpec, DecodeStack
+from loraserve.layers.decode_stack import DecodeLayerSpec, DecodeStack, DecodeTop
 from loraserve.layers.linear import Linear, onednn_linear, pack_onednn, packing_supported
 from loraserve.layers.lora import LoraBatch
 from loraserve.layers.precision import Precision
@@ -154,9 +154,12 @@ class TorchOps:
         return rotary.apply_rotary(x, cos, sin)
 
     # ---- whole decode steps ---------------------------------------------------------------------
-    def decode_stack(self, layers: Sequence[DecodeLayerSpec], eps: float) -> DecodeStack | None:
+    def decode_stack(
+        self, layers: Sequence[DecodeLayerSpec], eps: float, top: DecodeTop | None = None
+    ) -> DecodeStack | None:
         """The layers in one call per decode step (layers/decode_stack.py), or None where this
-        backend has no such call or cannot run one of the layers' weights in it."""
+        backend has no such call or cannot run one of the layers' weights in it; with `top`
+        (what runs around the layers), also greedy bursts of steps where it can."""
         return None
 
     # ---- logits ---------------------------------------------------------------------------------

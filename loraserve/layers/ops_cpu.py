@@ -41,7 +41,7 @@ import torch
 
 from loraserve.layers import attention
 from loraserve.layers.attention import AttentionMeta
-from loraserve.layers.decode_stack import DecodeLayerSpec, DecodeStack, single_decode_rows
+from loraserve.layers.decode_stack import DecodeLayerSpec, DecodeStack, DecodeTop, single_decode_rows
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear, pack_panels
 from loraserve.layers.lora import LoraBatch
@@ -231,7 +231,9 @@ class CpuNativeOps(TorchOps):
     stack_layouts: tuple[str, ...] = ("panel",)
     bf16_activations = False
 
-    def decode_stack(self, layers: Sequence[DecodeLayerSpec], eps: float) -> DecodeStack | None:
+    def decode_stack(
+        self, layers: Sequence[DecodeLayerSpec], eps: float, top: DecodeTop | None = None
+    ) -> DecodeStack | None:
         if self.dtype != torch.float32 or not layers:
             return None
         for spec in layers:
@@ -257,7 +259,33 @@ class CpuNativeOps(TorchOps):
                 spec.n_kv_heads,
                 spec.scale,
             )
-        return DecodeStack(native, layers)
+        return DecodeStack(native, layers, None if top is None else self._decode_head(top, eps))
+
+    def _decode_head(self, top: DecodeTop, eps: float) -> object | None:
+        """The native `DecodeHead` (csrc/decode_steps.h) with the embedding and lm_head calls that
+        `embedding` and `linear` make for these layouts; None where the lm_head is not one the
+        stack reads, or a packed embedding is not the lm_head's own panels."""
+        lm, embed = top.lm_head, top.embed
+        if lm.layout not in self.stack_layouts or (isinstance(embed, Linear) and embed is not lm):
+            return None
+        packed = isinstance(embed, Linear)
+        return self.kernels.DecodeHead(
+            lm.weight if packed else embed,
+            lm.scale if packed else None,
+            packed,
+            lm.in_features,
+            self.dtype,
+            top.in_norm,
+            eps,
+            top.rotary.cos,
+            top.rotary.sin,
+            lm.weight,
+            lm.out_features,
+            lm.scale,
+            lm.bias,
+            lm.layout != "panel",  # bf16 / int8 panels: lowp_panel_linear
+            self.bf16_activations,
+        )
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.kernels.rms_norm(x, weight, eps)

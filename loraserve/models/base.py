@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from loraserve.layers.forward_batch import BurstBatch
 from loraserve.layers.linear import Linear
 from loraserve.layers.lora import LoraTable
 from loraserve.layers.lora_linear import LoraLinear
@@ -82,6 +83,11 @@ class DecoderModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(hidden, self.lm_head).float()
+
+    def greedy_steps(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Several greedy decode steps in one call ([steps, M] tokens, logprobs, finite), where a
+        family and its backend have one (models/llama.py); None: step one at a time."""
+        return None
 
     def own_tensors(self, layers: list[object]) -> None:
         """Copy out the tensors still used as loaded (norms, biases, an untied embedding) once

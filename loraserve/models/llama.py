@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
-from loraserve.layers.decode_stack import DecodeLayerSpec
-from loraserve.layers.forward_batch import ForwardBatch
+from loraserve.layers.decode_stack import DecodeLayerSpec, DecodeTop
+from loraserve.layers.forward_batch import BurstBatch, ForwardBatch
 from loraserve.layers.lora import LoraBatch, LoraTable
 from loraserve.layers.ops import TorchOps
 from loraserve.models.base import DecoderModel, KVCaches, build_projections
@@ -126,9 +126,25 @@ class LlamaModel(DecoderModel):
         # decode steps' layers in one native call where the backend has one (layers/decode_stack.py)
         norms = [layer.in_norm for layer in self.layers[1:]] + [self.norm]
         specs = [layer.stack_spec(nxt) for layer, nxt in zip(self.layers, norms)]
-        self.decode_stack = (
-            None if any(s is None for s in specs) else ops.decode_stack(specs, cfg.rms_norm_eps)
+        # and, with what runs around the layers, greedy bursts of steps (engine/decode_bursts.py)
+        top = DecodeTop(
+            self.lm_head if self.embed is None else self.embed,
+            self.layers[0].in_norm,
+            self.rotary,
+            self.lm_head,
         )
+        self.decode_stack = (
+            None
+            if any(s is None for s in specs)
+            else ops.decode_stack(specs, cfg.rms_norm_eps, top if self.embed_scale is None else None)
+        )
+
+    def greedy_steps(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`steps` greedy decode steps in one call (layers/decode_stack.py `DecodeStack.greedy`),
+        or None where the backend's stack cannot run them."""
+        if self.decode_stack is None:
+            return None
+        return self.decode_stack.greedy(burst)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, hidden] for every new token."""

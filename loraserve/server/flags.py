@@ -264,6 +264,14 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         default=False,
     ),
     Flag(
+        "--decode-steps",
+        "Greedy decode steps run back to back in one native call while no request waits and no "
+        "request needs Python between its steps (sampling, logits processors, Medusa, grammars): "
+        "each burst's tokens stream together (default: 4; 1: one step at a time).",
+        type=int,
+        default=4,
+    ),
+    Flag(
         "--prefill-chunk-tokens",
         "Prompt tokens per step with --chunked-prefill (default: --max-batch-prefill-tokens).",
         type=int,

@@ -391,7 +391,8 @@ class ServerMetrics:
             trace.admitted = admitted
         if not n:
             return
-        self.lorax.request_skipped_tokens.observe(float(n - 1))
+        # drafts only: a decode burst (engine/decode_bursts.py) emits several tokens too
+        self.lorax.request_skipped_tokens.observe(float(sum(t.skipped for t in out.tokens)))
         if trace is None:
             return
         previous = trace.last_token_at.get(out.request_id)

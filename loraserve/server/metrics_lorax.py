@@ -234,7 +234,7 @@ class LoraxMetrics:
         self.request_max_new_tokens = h("lorax_request_max_new_tokens", "max_new_tokens per request", ())
         self.request_skipped_tokens = LoraxSummary(
             "lorax_request_skipped_tokens",
-            "Tokens per engine step and request beyond the first (accepted speculative drafts)",
+            "Tokens per engine output of a request that came from accepted speculative drafts",
         )
         self.batch_inference_count = c(
             "lorax_batch_inference_count", "Forward passes started (prefill: admits a request)", ("method",)

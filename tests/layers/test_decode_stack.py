@@ -1,7 +1,8 @@
 """The one-call decode stack (layers/decode_stack.py, csrc/decode_stack_cpu.cpp) against the
 model's own Python loop over the same kernels: bit for bit, in every precision and build, and
 only on the steps it covers. (The engine oracles against transformers run it too: their decode
-steps without adapters go through it.)"""
+steps without adapters go through it.) The engines here step one at a time (`decode_steps=1`):
+a decode burst runs the same stack from native code (tests/engine/test_decode_bursts.py)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def two_threads() -> object:
 def engine_with_stack(model_dir: Path, stack_on: bool, **flags) -> Engine:
     """A native engine whose model built its decode stack, set aside unless `stack_on` (the
     model's Python loop then runs every step)."""
-    engine = cpu_engine(model_dir, "native", max_lora_rank=16, **flags)
+    engine = cpu_engine(model_dir, "native", max_lora_rank=16, **flags, decode_steps=1)
     assert engine.runner.model.decode_stack is not None
     if not stack_on:
         engine.runner.model.decode_stack = None
@@ -73,7 +74,7 @@ def test_stack_equals_the_python_loop(
     native_kernel_or_skip(build)
     if build == AVX2:
         monkeypatch.setenv(ENV_MARCH, AVX2)
-    engine = cpu_engine(tiny_model_dirs[arch], "native", **PRECISIONS[precision])
+    engine = cpu_engine(tiny_model_dirs[arch], "native", **PRECISIONS[precision], decode_steps=1)
     model = engine.runner.model
     assert model.decode_stack is not None
     ran = count_taken(monkeypatch, DecodeStack, "__call__")
@@ -226,7 +227,7 @@ def test_region_threads_split_adapter_rows_bit_for_bit(
     )
     runs, splits = [], []
     for stack_on in (True, False):
-        engine = cpu_engine(model_dir, "native", max_lora_rank=32, **SPLIT_CASES[case])
+        engine = cpu_engine(model_dir, "native", max_lora_rank=32, **SPLIT_CASES[case], decode_steps=1)
         model = engine.runner.model
         native = model.decode_stack.native
         if not stack_on:
@@ -281,7 +282,9 @@ def test_one_region_equals_the_per_kernel_stack(
     runs, regions = [], []
     for region in ("1", "0"):
         monkeypatch.setenv(ENV_DECODE_REGION, region)
-        engine = cpu_engine(head64_dir if heads == "64" else llama_dir, "native", **PRECISIONS[precision])
+        engine = cpu_engine(
+            head64_dir if heads == "64" else llama_dir, "native", **PRECISIONS[precision], decode_steps=1
+        )
         native = engine.runner.model.decode_stack.native
         out = []
         for prompts in (PROMPTS[:1], PROMPTS, LONG_PROMPT, MANY_PROMPTS):
@@ -303,7 +306,7 @@ def test_an_error_inside_the_region_reaches_the_caller(
     out of range, where one thread adds each projection's deltas) raises in the caller, with every
     thread out of the region: the next step runs. What the region checks once before it starts
     (attention's cache slots, for every layer) raises the same way."""
-    engine = cpu_engine(llama_dir, "native")
+    engine = cpu_engine(llama_dir, "native", decode_steps=1)
     stack = engine.runner.model.decode_stack
     calls: list[tuple] = []
     real = stack.native
@@ -337,9 +340,9 @@ def test_an_error_inside_the_region_reaches_the_caller(
 def test_layers_the_stack_cannot_run_keep_the_python_loop(tiny_model_dirs: dict[str, Path]) -> None:
     """A sliding-window layer (Mistral's, when the context could exceed it) is not the stack's:
     the model keeps its own loop for every step instead of running part of the stack."""
-    engine = cpu_engine(tiny_model_dirs["llama"], "torch")
+    engine = cpu_engine(tiny_model_dirs["llama"], "torch", decode_steps=1)
     assert engine.runner.model.decode_stack is None  # the PyTorch backend has no stack
-    native = cpu_engine(tiny_model_dirs["llama"], "native")
+    native = cpu_engine(tiny_model_dirs["llama"], "native", decode_steps=1)
     layer = native.runner.model.layers[0]
     layer.window = 16
     assert layer.stack_spec(layer.post_norm) is None

@@ -67,9 +67,11 @@ at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int6
 
 // a model's decoder layers in one call per decode step (csrc/decode_stack_cpu.cpp)
 void bind_decode_stack(pybind11::module_& m);
+void bind_decode_head(pybind11::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_decode_stack(m);
+  bind_decode_head(m);
   m.def("lowp_gemm_isa", &lowp_gemm_isa, "vector code of the low-precision GEMM: avx512, avx2 or scalar");
   m.def("lowp_panel_linear", &lowp_panel_linear, "x @ W.T (* scale) + b over bf16 or int8 weight panels",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("scale") = pybind11::none(),

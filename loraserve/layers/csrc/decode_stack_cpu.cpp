@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include "decode_job.h"
+#include "decode_steps.h"
 #include "region_lora.h"
 #include "region_sync.h"
 
@@ -267,6 +268,20 @@ class DecodeStack {
       h = add_rms_norm_(x, l.down(act, bf16_act_, lp, fused_rows_, fused_members_), l.next_norm, eps_);
     }
     return h;
+  }
+
+  // `steps` greedy steps, each fed the one before's argmax (decode_steps_cpu.cpp), the layers of
+  // each as `run` computes them
+  std::vector<at::Tensor> run_greedy(const DecodeHead& head, const at::Tensor& ids, const at::Tensor& positions,
+                                     int64_t steps, const at::Tensor& block_tables, int64_t block_size,
+                                     const std::optional<at::Tensor>& lora_rows,
+                                     const std::optional<at::Tensor>& lora_slots,
+                                     const std::optional<at::Tensor>& slot_rank) const {
+    return greedy_steps(head, ids, positions, steps, block_tables, block_size,
+                        [&](const at::Tensor& x, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
+                            const at::Tensor& slots, const at::Tensor& ctx) {
+                          return run(x, h, cos, sin, slots, block_tables, ctx, lora_rows, lora_slots, slot_rank);
+                        });
   }
 
   // LORASERVE_DECODE_REGION=0 (read by the Python side): every step takes the per-kernel path
@@ -558,5 +573,10 @@ void bind_decode_stack(pybind11::module_& m) {
       .def("run", &DecodeStack::run, pybind11::arg("x"), pybind11::arg("h"), pybind11::arg("cos"),
            pybind11::arg("sin"), pybind11::arg("slots"), pybind11::arg("block_tables"), pybind11::arg("ctx_lens"),
            pybind11::arg("lora_rows") = pybind11::none(), pybind11::arg("lora_slots") = pybind11::none(),
-           pybind11::arg("slot_rank") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::arg("slot_rank") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("run_greedy", &DecodeStack::run_greedy, pybind11::arg("head"), pybind11::arg("ids"),
+           pybind11::arg("positions"), pybind11::arg("steps"), pybind11::arg("block_tables"),
+           pybind11::arg("block_size"), pybind11::arg("lora_rows") = pybind11::none(),
+           pybind11::arg("lora_slots") = pybind11::none(), pybind11::arg("slot_rank") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
 }
