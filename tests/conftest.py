@@ -27,6 +27,16 @@ def _test_thread_keeps_its_threads() -> Iterator[None]:
         torch.set_num_threads(THREADS)
 
 
+@pytest.fixture
+def two_threads() -> object:
+    """Two OpenMP threads on this thread, whatever earlier tests left (`use_one_omp_thread` sets
+    one for the thread that calls it): the one-region path runs only with more than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

@@ -16,8 +16,10 @@ from loraserve.engine.engine import Engine
 from loraserve.engine.logits_pipeline import plain_greedy
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.params import RequestOutput, SamplingParams
+from loraserve.layers.native_cpu import ENV_MARCH
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.engines import cpu_engine
+from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
 
 PROMPTS = [
     [1, 17, 33, 90, 5, 61, 7],
@@ -42,24 +44,39 @@ def all_blocks_free(engine: Engine) -> bool:
     return stats["free_blocks"] == stats["total_blocks"]
 
 
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied, and tied (the embedding read from the lm_head)
 def test_bursts_equal_single_steps_bit_for_bit(
-    tiny_model_dirs: dict[str, Path], arch: str, precision: str, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dirs: dict[str, Path],
+    arch: str,
+    precision: str,
+    build: str,
+    monkeypatch: pytest.MonkeyPatch,
+    two_threads: object,
 ) -> None:
+    native_kernel_or_skip(build)
+    if build == AVX2:
+        monkeypatch.setenv(ENV_MARCH, AVX2)
     taken = count_taken(monkeypatch, ModelRunner, "greedy_burst")
     one = cpu_engine(tiny_model_dirs[arch], "native", decode_steps=1, **PRECISIONS[precision])
     expected = outcome(one.generate(PROMPTS, GREEDY))
     assert taken == []
     engine = cpu_engine(tiny_model_dirs[arch], "native", **PRECISIONS[precision])
     assert outcome(engine.generate(PROMPTS, GREEDY)) == expected
-    # 13 tokens after the prefill's: bursts of 4, 4, 4, then a last step alone
+    # 13 tokens after the prefill's: a first step alone (to time it), then bursts of 4, 4, 4,
+    # whose steps ran the stack's one parallel region
     assert taken == [True] * 3 and all_blocks_free(engine)
+    assert engine.runner.model.decode_stack.native.region_runs() >= 3 * 4
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_bursts_with_adapter_rows_equal_single_steps(
-    llama_dir: Path, llama_adapters: list[Path], precision: str, monkeypatch: pytest.MonkeyPatch
+    llama_dir: Path,
+    llama_adapters: list[Path],
+    precision: str,
+    monkeypatch: pytest.MonkeyPatch,
+    two_threads: object,
 ) -> None:
     taken = count_taken(monkeypatch, ModelRunner, "greedy_burst")
     adapters = [parse_peft_adapter(p) for p in llama_adapters[:2]]

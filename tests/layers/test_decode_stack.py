@@ -34,16 +34,6 @@ PRECISIONS = {  # engine flags
 }
 
 
-@pytest.fixture
-def two_threads() -> object:
-    """Two OpenMP threads on this thread, whatever earlier tests left (`use_one_omp_thread` sets
-    one for the thread that calls it): the one-region path runs only with more than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def engine_with_stack(model_dir: Path, stack_on: bool, **flags) -> Engine:
     """A native engine whose model built its decode stack, set aside unless `stack_on` (the
     model's Python loop then runs every step)."""
