@@ -27,6 +27,10 @@ one thread used to add them while the others waited (`LORASERVE_REGION_LORA_SPLI
 batch-1 with the demo's rank-8 adapter, alternated rep by rep (bench/adapter_decode.py, 2-core
 Zen 4, AVX-512 / AVX2 build), int8 165 -> 173 / 172 -> 182 tok/s (base 199 / 208), bf16 115 -> 118
 / 97 -> 102, fp32 level (70 / 54-56).
+
+Given what the model runs around its layers (`DecodeTop`: embedding, first norm, rotary table,
+lm_head), the stack also runs a decode burst (`greedy`, csrc/decode_steps_cpu.cpp): several
+greedy steps in one call, each fed the argmax of the one before (engine/decode_bursts.py).
 """
 
 from __future__ import annotations
