@@ -78,6 +78,7 @@ bench: $(VENV)/.installed-test
 	$(PY) -m bench.run_all
 	$(PY) -m bench.kernel_builds --repeats 3
 	$(PY) -m bench.adapter_decode
+	$(PY) -m bench.decode_bursts
 	$(PY) -m bench.lowp_lora --isa avx2
 	$(PY) -m bench.decode_attention
 	$(PY) -m bench.decode_attention --isa avx2

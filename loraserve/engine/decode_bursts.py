@@ -2,8 +2,8 @@
 
 Why: between two decode steps the engine's Python (scheduling, the step's small tensors,
 sampling, emitting) runs cold after the weights streamed through every cache: ~1 ms a step at
-batch 1 on SmolLM2-135M int8 (2-core Zen 4), ~10 % of the step at 22-28 GB/s and more where
-memory is faster. Where nothing but the argmax links two steps, the backend's decode stack
+batch 1 on SmolLM2-135M int8 (2-core AMD EPYC Zen 3, AVX2 only), ~10 % of the step at 20-25
+GB/s and more where memory is faster. Where nothing but the argmax links two steps, the backend's decode stack
 runs a burst of them back to back (csrc/decode_steps_cpu.cpp) and Python pays once a burst,
 as vLLM's multi-step scheduling does for its GPU steps. The tokens and logprobs are the one-step
 path's, bit for bit (tests/engine/test_decode_bursts.py).

@@ -142,13 +142,15 @@ def test_helper_threads_run_tensor_work_single_threaded() -> None:
     assert torch.get_num_threads() == before  # per thread: the caller keeps its own setting
 
 
-def test_step_observer_sees_every_forward_pass_and_first_admissions(llama_dir) -> None:
+def test_step_observer_sees_every_forward_pass_and_first_admissions(llama_dir, monkeypatch) -> None:
     """The server's metrics observe forward passes through `Engine.step_observer`, not by
     wrapping engine internals: one record per forward call (a decode burst's counts its steps),
     each request admitted exactly once."""
+    from loraserve.engine import decode_bursts
     from loraserve.engine.engine import Engine, EngineConfig
     from loraserve.engine.params import SamplingParams
 
+    monkeypatch.setattr(decode_bursts, "BURST_SECONDS", 1e9)  # a burst however slow the steps
     engine = Engine.from_pretrained(llama_dir, EngineConfig(kv_cache_memory_bytes=16 << 20))
     records = []
     engine.step_observer = records.append

@@ -1,9 +1,9 @@
 // Several greedy decode steps in one call from Python: each step's argmax is the next step's input.
 //
 // Why: between two batch-1 steps the engine's Python (scheduling, the step's small tensors,
-// sampling, emitting the token) cost ~1 ms on SmolLM2-135M int8 (2-core Zen 4, 22-28 GB/s: ~10 %
-// of a step), because the interpreter's and the dispatcher's paths run cold after the weights
-// streamed through every cache. Where no logits processor acts on a row and its token is the
+// sampling, emitting the token) cost ~0.9 ms on SmolLM2-135M int8 (2-core AMD EPYC Zen 3, AVX2,
+// 20-25 GB/s: ~10 % of a step), because the interpreter's and the dispatcher's paths run cold
+// after the weights streamed through every cache. Where no logits processor acts on a row and its token is the
 // argmax (engine/logits_pipeline.py `plain_greedy`), nothing but that argmax links two steps, so a
 // burst of them runs here back to back and Python pays once a burst, as vLLM's multi-step
 // scheduling does for its GPU steps. Each step calls what the one-step path calls (the embedding,
