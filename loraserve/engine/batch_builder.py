@@ -55,6 +55,13 @@ def _paged_rows(seq: Sequence, span: tuple[int, int], drafts_as_rows: bool) -> l
     return [_PagedRow(seq.block_table, seq.num_cached + j, (s + j, s + j + 1)) for j in range(e - s)]
 
 
+def block_tables_tensor(tables: list[list[int]], num_tokens: int, block_size: int) -> torch.Tensor:
+    """[rows, blocks] int64 on the host: each table's first blocks covering `num_tokens`
+    positions, padded with block 0 where a table is shorter (its row never reads that far)."""
+    nblk = -(-num_tokens // block_size)
+    return torch.tensor([t[:nblk] + [0] * (nblk - len(t[:nblk])) for t in tables], dtype=torch.long)
+
+
 def _paged_group(rows: list[_PagedRow], block_size: int, group_size: int, device: torch.device) -> PagedGroup:
     """Every step builds one of these, after the weights of the step before streamed through the
     caches, so each tensor op here runs cold (~10x its hot cost: a batch-1 int8 step's whole
@@ -66,11 +73,7 @@ def _paged_group(rows: list[_PagedRow], block_size: int, group_size: int, device
     max_q = max(q_lens)
     ctx = [r.before + q for r, q in zip(rows, q_lens)]  # cached tokens + this step's
     max_ctx = max(ctx)
-    nblk = -(-max_ctx // block_size)
-    tables = torch.tensor(
-        [r.block_table[:nblk] + [0] * (nblk - len(r.block_table[:nblk])) for r in rows],
-        dtype=torch.long,
-    )
+    tables = block_tables_tensor([r.block_table for r in rows], max_ctx, block_size)
     contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(b - 1))
     dense = contiguous and all(q == max_q for q in q_lens)
     q_rows = pad_rows = None

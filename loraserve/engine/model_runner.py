@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from loraserve.engine.adapter_slots import AdapterSlots
-from loraserve.engine.batch_builder import StepLayout, build_forward_batch
+from loraserve.engine.batch_builder import StepLayout, block_tables_tensor, build_forward_batch
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.memory_plan import adapter_slots, kv_cache_blocks
@@ -140,10 +140,8 @@ class ModelRunner:
         (token, logprob, logits all finite). Every block table must already reach the last
         step's position. None where the model or backend has no such call."""
         bs = self.block_size
-        need = max(-(-(seq.num_cached + steps) // bs) for seq in seqs)
-        tables = torch.tensor(
-            [seq.block_table[:need] + [0] * (need - len(seq.block_table[:need])) for seq in seqs]
-        )
+        reach = max(seq.num_cached + steps for seq in seqs)  # positions the last step reads
+        tables = block_tables_tensor([seq.block_table for seq in seqs], reach, bs)
         ids_pos = torch.tensor(
             [[seq.all_ids[seq.num_cached] for seq in seqs], [seq.num_cached for seq in seqs]]
         )

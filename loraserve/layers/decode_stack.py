@@ -44,6 +44,7 @@ import torch
 from loraserve.layers.attention import all_single_decodes
 from loraserve.layers.forward_batch import BurstBatch, ForwardBatch
 from loraserve.layers.linear import Linear
+from loraserve.layers.lora import LoraBatch
 from loraserve.layers.rotary import RotaryTable
 
 if TYPE_CHECKING:  # lora_linear imports the Ops backends, which build stacks
@@ -105,24 +106,11 @@ class DecodeStack:
         `h`, the first layer's normed input; None where the step is not the stack's to run."""
         if not single_decode_rows(fb, x.shape[0]):
             return None
-        grp, lb = fb.attn.paged[0], fb.lora
-        if lb is None:
-            return self.native.run(x, h, fb.cos, fb.sin, fb.attn.slot_mapping, grp.block_tables, grp.ctx_lens)
-        if self.table is None or lb.rows is None:  # no table, or rows laid out for PyTorch's bmm
+        grp, lora = fb.attn.paged[0], self._adapter_rows(fb.lora)
+        if lora is None:
             return None
-        if self.table.generation != self.generation:
-            self._hand_over_table()
         return self.native.run(
-            x,
-            h,
-            fb.cos,
-            fb.sin,
-            fb.attn.slot_mapping,
-            grp.block_tables,
-            grp.ctx_lens,
-            lb.rows,
-            lb.row_slots,
-            self.table.slot_rank,
+            x, h, fb.cos, fb.sin, fb.attn.slot_mapping, grp.block_tables, grp.ctx_lens, *lora
         )
 
     def greedy(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -132,17 +120,25 @@ class DecodeStack:
         caller then steps one at a time."""
         if self.head is None:
             return None
-        b, lb = burst, burst.lora
-        args = (self.head, b.ids, b.positions, b.steps, b.block_tables, b.block_size)
-        if lb is None:
-            out = self.native.run_greedy(*args)
-        elif self.table is None or lb.rows is None:
+        b, lora = burst, self._adapter_rows(burst.lora)
+        if lora is None:
             return None
-        else:
-            if self.table.generation != self.generation:
-                self._hand_over_table()
-            out = self.native.run_greedy(*args, lb.rows, lb.row_slots, self.table.slot_rank)
+        out = self.native.run_greedy(
+            self.head, b.ids, b.positions, b.steps, b.block_tables, b.block_size, *lora
+        )
         return out[0], out[1], out[2]
+
+    def _adapter_rows(self, lb: LoraBatch | None) -> tuple[torch.Tensor, ...] | None:
+        """The native call's adapter arguments (rows, their slots, the table's ranks; none for a
+        step without adapter rows), the table's views handed over first if it was re-allocated;
+        None where the rows are laid out for PyTorch's bmm or there is no table."""
+        if lb is None:
+            return ()
+        if self.table is None or lb.rows is None:
+            return None
+        if self.table.generation != self.generation:
+            self._hand_over_table()
+        return lb.rows, lb.row_slots, self.table.slot_rank
 
     def _hand_over_table(self) -> None:
         t = self.table

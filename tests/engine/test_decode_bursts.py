@@ -17,10 +17,9 @@ from loraserve.engine.engine import Engine
 from loraserve.engine.logits_pipeline import plain_greedy
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.params import RequestOutput, SamplingParams
-from loraserve.layers.native_cpu import ENV_MARCH
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.engines import cpu_engine
-from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
+from tests.fixtures.native import BUILDS, use_build
 
 PROMPTS = [
     [1, 17, 33, 90, 5, 61, 7],
@@ -63,9 +62,7 @@ def test_bursts_equal_single_steps_bit_for_bit(
     monkeypatch: pytest.MonkeyPatch,
     two_threads: object,
 ) -> None:
-    native_kernel_or_skip(build)
-    if build == AVX2:
-        monkeypatch.setenv(ENV_MARCH, AVX2)
+    use_build(build, monkeypatch)
     taken = count_taken(monkeypatch, ModelRunner, "greedy_burst")
     one = cpu_engine(tiny_model_dirs[arch], "native", decode_steps=1, **PRECISIONS[precision])
     expected = outcome(one.generate(PROMPTS, GREEDY))

@@ -15,12 +15,11 @@ from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine.engine import Engine
 from loraserve.engine.params import SamplingParams
 from loraserve.layers.decode_stack import DecodeStack
-from loraserve.layers.native_cpu import ENV_MARCH
 from loraserve.layers.ops_cpu import ENV_DECODE_REGION, ENV_FUSED_LORA
 from loraserve.layers.ops_lowp_cpu import LowpCpuOps
 from tests.fixtures.call_counter import count_taken
 from tests.fixtures.engines import cpu_engine
-from tests.fixtures.native import AVX2, BUILDS, native_kernel_or_skip
+from tests.fixtures.native import BUILDS, use_build
 from tests.fixtures.tiny_models import make_peft_adapter, make_tiny_model
 
 PROMPTS = [[1, 17, 33, 90, 5, 61, 7], [1, 200, 3, 44], [1, 9, 9, 9, 120, 77, 31, 18, 250, 11, 42, 5, 6]]
@@ -61,9 +60,7 @@ def test_stack_equals_the_python_loop(
     monkeypatch: pytest.MonkeyPatch,
     two_threads: object,
 ) -> None:
-    native_kernel_or_skip(build)
-    if build == AVX2:
-        monkeypatch.setenv(ENV_MARCH, AVX2)
+    use_build(build, monkeypatch)
     engine = cpu_engine(tiny_model_dirs[arch], "native", **PRECISIONS[precision], decode_steps=1)
     model = engine.runner.model
     assert model.decode_stack is not None
@@ -102,9 +99,7 @@ def test_adapter_rows_equal_the_python_loop(
     """Rows on adapters of ranks 8 (every module, rsLoRA) and 4 beside a base row, then a rank-16
     one: the slot table is re-allocated between the two, so the stack must take its new views.
     Three rows: every decode step runs in one parallel region, adapter deltas and all."""
-    native_kernel_or_skip(build)
-    if build == AVX2:
-        monkeypatch.setenv(ENV_MARCH, AVX2)
+    use_build(build, monkeypatch)
     if case == "fp32-two-pass":
         monkeypatch.setenv(ENV_FUSED_LORA, "0")
     adapters = [parse_peft_adapter(llama_adapters[i]) for i in (3, 0, 2)]  # ranks 8, 4, 16
@@ -149,9 +144,7 @@ def test_many_adapter_rows_on_lowp_panels_equal_the_python_loop(
     gives the Python loop's tokens and logprobs exactly. The AVX2 build runs these steps' int8
     projections with each row's LoRA between the panels (LowpCpuOps.linear_lora takes them in the
     loop; the stack asks the kernel the same question)."""
-    native_kernel_or_skip(build)
-    if build == AVX2:
-        monkeypatch.setenv(ENV_MARCH, AVX2)
+    use_build(build, monkeypatch)
     adapters = [parse_peft_adapter(llama_adapters[i]) for i in (3, 0, 2)]
     rows = [adapters[i % 4] if i % 4 < 3 else None for i in range(len(WIDE_PROMPTS))]
     taken = count_taken(monkeypatch, LowpCpuOps, "linear_lora")
@@ -203,9 +196,7 @@ def test_region_threads_split_adapter_rows_bit_for_bit(
     row kernel (int8), which the split leaves to one thread, where the fused pass's rows split.
     Heads of 64 are two whole panels: q|k|v splits by heads and each thread adds the deltas of its
     heads' columns, then rotates them (heads of 16 share a panel: one thread rotates them all)."""
-    native_kernel_or_skip(build)
-    if build == AVX2:
-        monkeypatch.setenv(ENV_MARCH, AVX2)
+    use_build(build, monkeypatch)
     model_dir = head64_dir if heads == "64" else llama_dir
     wide = parse_peft_adapter(
         make_peft_adapter(model_dir, tmp_path / "r32", r=32, target_modules=ALL_MODULES, seed=7)
@@ -265,9 +256,7 @@ def test_one_region_equals_the_per_kernel_stack(
     `run_region`): the same tokens and logprobs, bit for bit, as the stack's per-kernel path
     (`LORASERVE_DECODE_REGION=0`), at 1 and 3 rows and with a context long enough to split
     attention (head size 64); at 6 rows the region declines."""
-    native_kernel_or_skip(build)
-    if build == AVX2:
-        monkeypatch.setenv(ENV_MARCH, AVX2)
+    use_build(build, monkeypatch)
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
     runs, regions = [], []
     for region in ("1", "0"):
