@@ -1,20 +1,29 @@
-"""Decode bursts: several greedy steps of the running batch in one native call.
+"""Decode bursts: several steps of the running batch in one native call.
 
 Why: between two decode steps the engine's Python (scheduling, the step's small tensors,
 sampling, emitting) runs cold after the weights streamed through every cache: ~1 ms a step at
 batch 1 on SmolLM2-135M int8 (2-core AMD EPYC Zen 3, AVX2 only), ~10 % of the step at 20-25
-GB/s and more where memory is faster. Where nothing but the argmax links two steps, the backend's decode stack
-runs a burst of them back to back (csrc/decode_steps_cpu.cpp) and Python pays once a burst,
-as vLLM's multi-step scheduling does for its GPU steps. The tokens and logprobs are the one-step
-path's, bit for bit (tests/engine/test_decode_bursts.py).
+GB/s and more where memory is faster. Where nothing but the chosen token links two steps, the
+backend's decode stack runs a burst of them back to back (csrc/decode_steps_cpu.cpp) and Python
+pays once a burst, as vLLM's multi-step scheduling does for its GPU steps. The tokens and
+logprobs are the one-step path's, bit for bit (tests/engine/test_decode_bursts.py).
+
+Which rows: greedy ones (the argmax), and rows sampled at a temperature with no truncation
+(top-k, top-p, typical-p) and no other processor (engine/logits_pipeline.py `plain_rows`): the
+OpenAI API's default request. A sampled row's uniforms are drawn before the burst from its
+generator, step by step and row by row as the steps one at a time draw them
+(model_runner.burst_draws), and the burst divides by the temperature and draws with the native
+`draw_rows`, which the CPU backend's one-step sampling uses too (`Ops.draw`): a seeded request's
+text does not depend on bursts.
 
 When: a decode-only step (no prompt to admit or continue, and no request waiting, whose first
-token a burst would delay), every sequence plain greedy (engine/logits_pipeline.py
-`plain_greedy`: no logits processor, no alternatives, no grammar), none drafting (Medusa verifies
-every step) nor owing prompt logprobs, and every block table able to grow for the burst without
-preempting anyone. A burst stops at the nearest `max_new_tokens` or context limit; a sequence
-that ends inside one (EOS, a stop sequence) drops the rest of it: at most `steps - 1` steps spent
-for nothing, at the end of a request.
+token a burst would delay), every sequence's rows plain (no alternatives, no grammar), none
+drafting (Medusa verifies every step) nor owing prompt logprobs, and every block table able to
+grow for the burst without preempting anyone. A burst stops at the nearest `max_new_tokens` or
+context limit; a sequence that ends inside one (EOS, a stop sequence) drops the rest of it: at
+most `steps - 1` steps spent for nothing, at the end of a request. Until the burst ends it stays
+in the batch, so the others keep their batch's size: were one row left, the one-step path would
+run the one-row kernels, whose sums round differently in the last bit from a block's.
 
 How long: up to `--decode-steps` (default 4: ~0.74 ms of the ~0.88 ms a token spent outside the
 model's native calls is gone, 8 takes ~0.07 ms more), and no longer than `BURST_SECONDS`, since a
@@ -25,7 +34,7 @@ burst's tokens stream out together: on a model whose step takes 50 ms, bursts wo
 from __future__ import annotations
 
 from loraserve.engine.block_manager import BlockManager
-from loraserve.engine.logits_pipeline import plain_greedy
+from loraserve.engine.logits_pipeline import plain_rows
 from loraserve.engine.sequence import Sequence
 
 BURST_SECONDS = 0.05  # the longest a burst may take, at the pace of the steps before it
@@ -59,7 +68,7 @@ def burst_length(
     if steps <= 1 or waiting or not seqs:
         return 1
     for seq in seqs:
-        if seq.drafts or seq.speculator is not None or not plain_greedy(seq.params, seq.grammar):
+        if seq.drafts or seq.speculator is not None or not plain_rows(seq.params, seq.grammar):
             return 1
         if seq.params.prefill_logprobs and not seq.prefill_reported:
             return 1

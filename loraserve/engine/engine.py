@@ -287,7 +287,7 @@ class Engine:
     def _burst(self, seqs: list[Sequence], steps: int) -> list[RequestOutput] | None:
         """`steps` greedy steps of a decode batch in one call (engine/decode_bursts.py), each
         sequence's tokens emitted together; None (and no more bursts) where the model cannot."""
-        rows = observed(self.step_observer, seqs, [], lambda: self.runner.greedy_burst(seqs, steps), steps)
+        rows = observed(self.step_observer, seqs, [], lambda: self.runner.run_burst(seqs, steps), steps)
         if rows is None:
             self.bursts.on = False
             return None
@@ -330,7 +330,7 @@ class Engine:
             arg, lse, finite = stats
             picked_stats = (arg.index_select(0, idx), lse.index_select(0, idx), finite.index_select(0, idx))
         row_stats = known_stats(picked, picked_stats, self.runner.ops.argmax_logsumexp)
-        result = sample(picked, [self._sampling_row(seqs[i]) for i in plain], row_stats)
+        result = sample(picked, [self._sampling_row(seqs[i]) for i in plain], row_stats, self.runner.ops.draw)
         out: dict[int, Emitted] = {}
         token_ids, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
         for j, i in enumerate(plain):

@@ -20,6 +20,7 @@ from loraserve.engine.adapter_slots import AdapterSlots
 from loraserve.engine.batch_builder import StepLayout, block_tables_tensor, build_forward_batch
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import EngineConfig
+from loraserve.engine.logits_pipeline import is_sampling
 from loraserve.engine.memory_plan import adapter_slots, kv_cache_blocks
 from loraserve.engine.sequence import Sequence
 from loraserve.host_allocator import return_freed_memory, zeros_on_huge_pages
@@ -134,11 +135,12 @@ class ModelRunner:
             offset += len(rs)
         return StepResult(hidden=hidden, logits=logits, starts=starts, layout=layout)
 
-    def greedy_burst(self, seqs: list[Sequence], steps: int) -> list[list[tuple[int, float, bool]]] | None:
-        """`steps` greedy decode steps of `seqs` (each one token behind: its last token not yet
-        in the cache) in one call to the model (engine/decode_bursts.py): per sequence, per step,
-        (token, logprob, logits all finite). Every block table must already reach the last
-        step's position. None where the model or backend has no such call."""
+    def run_burst(self, seqs: list[Sequence], steps: int) -> list[list[tuple[int, float, bool]]] | None:
+        """`steps` decode steps of `seqs` (each one token behind: its last token not yet in the
+        cache; each greedy or sampled at its temperature alone, logits_pipeline.plain_rows) in one
+        call to the model (engine/decode_bursts.py): per sequence, per step, (token, logprob,
+        logits all finite). Every block table must already reach the last step's position. None
+        where the model or backend has no such call (the generators then as they were)."""
         bs = self.block_size
         reach = max(seq.num_cached + steps for seq in seqs)  # positions the last step reads
         tables = block_tables_tensor([seq.block_table for seq in seqs], reach, bs)
@@ -149,8 +151,17 @@ class ModelRunner:
             [(i, i + 1, seq.slot) for i, seq in enumerate(seqs) if seq.slot is not None]
         )
         ids, positions = ids_pos.to(self.device).unbind(0)
-        out = self.model.greedy_steps(BurstBatch(ids, positions, steps, tables.to(self.device), bs, lora))
+        burst = BurstBatch(ids, positions, steps, tables.to(self.device), bs, lora)
+        sampled = [i for i, seq in enumerate(seqs) if is_sampling(seq.params)]
+        states = []
+        if sampled:
+            gens = [seqs[i].generator or default_generator(self.device) for i in sampled]
+            states = [(g, g.get_state()) for g in gens]
+            burst.temperatures, burst.uniforms = burst_draws(seqs, sampled, steps, self.device)
+        out = self.model.burst_steps(burst)
         if out is None:
+            for g, state in states:
+                g.set_state(state)
             return None
         tokens, logprobs, finite = (t.t().tolist() for t in out)  # [seqs][steps]
         return [list(zip(tokens[i], logprobs[i], finite[i])) for i in range(len(seqs))]
@@ -174,3 +185,31 @@ class ModelRunner:
         for k, v in self.kv_caches:
             k[idx] = 0
             v[idx] = 0
+
+
+def burst_draws(
+    seqs: list[Sequence], sampled: list[int], steps: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A burst's sampled rows: every row's temperature (0: greedy) and the uniforms their
+    generators give for `steps` steps, drawn as the steps one at a time would draw them (step by
+    step, row by row, one each: sampling.py's `draw`), so a seeded request's text does not depend
+    on whether its steps ran in bursts. A row that ends inside the burst leaves its later draws
+    unused; its generator is not read again (rows without a seed share torch's default generator,
+    whose draws no request can reproduce anyway)."""
+    temps = torch.zeros(len(seqs), dtype=torch.float32)
+    for i in sampled:
+        temps[i] = seqs[i].params.temperature
+    u = torch.zeros(steps, len(seqs), dtype=torch.float32)
+    for s in range(steps):
+        for i in sampled:
+            u[s, i] = torch.rand((), generator=seqs[i].generator, device=device)
+    return temps.to(device), u.to(device)
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator `torch.rand(..., generator=None, device=device)` draws from."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ]
+    return torch.default_generator

@@ -60,12 +60,19 @@ def known_stats(logits: torch.Tensor, known: Stats, compute: RowStats) -> RowSta
     return lambda scores: known if scores is logits else compute(scores)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], stats: RowStats | None = None) -> SampleOutput:
+Pick = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scores [B, V], uniforms [B]) -> tokens [B]
+
+
+def sample(
+    logits: torch.Tensor, rows: list[SamplingRow], stats: RowStats | None = None, pick: Pick | None = None
+) -> SampleOutput:
     """Choose one token per row of `logits` [B, V]; computed in float32 whatever the input dtype.
 
     `stats` is the backend's `Ops.argmax_logsumexp` (per row: first argmax, logsumexp): a greedy
     token and every logprob come from it, log p(t) = score(t) - lse, with no [B, V] log_softmax
-    (on CPU its native kernel is one pass where torch's argmax alone cost more than attention)."""
+    (on CPU its native kernel is one pass where torch's argmax alone cost more than attention).
+    `pick` is the backend's `Ops.draw` (the token at each row's uniform): the CPU backend's native
+    one is what its decode bursts draw with, so a sampled row's tokens are the same either way."""
     b, _ = logits.shape
     if b != len(rows):
         raise ValueError(f"{b} logit rows but {len(rows)} sampling rows")
@@ -73,7 +80,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], stats: RowStats | None
     samplers = [i for i, r in enumerate(rows) if is_sampling(r.params)]
     tokens, lse, _ = (stats or TorchOps.argmax_logsumexp)(scaled)
     if samplers:
-        tokens = _sample_rows(scaled, rows, samplers, tokens)
+        tokens = _sample_rows(scaled, rows, samplers, tokens, pick)
 
     chosen = scaled.gather(1, tokens[:, None]).squeeze(1) - lse
     n_alt = [max(r.params.top_n_alternatives, 0) for r in rows]
@@ -99,13 +106,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], stats: RowStats | None
 
 
 def _sample_rows(
-    scaled: torch.Tensor, rows: list[SamplingRow], samplers: list[int], tokens: torch.Tensor
+    scaled: torch.Tensor,
+    rows: list[SamplingRow],
+    samplers: list[int],
+    tokens: torch.Tensor,
+    pick: Pick | None,
 ) -> torch.Tensor:
     b = scaled.shape[0]
     idx = torch.tensor(samplers, device=scaled.device) if len(samplers) < b else None
     sub = scaled if idx is None else scaled[idx]
     sub = logits_pipeline.truncate(sub, [rows[i] for i in samplers])
-    drawn = draw(sub, [rows[i].generator for i in samplers])
+    drawn = draw(sub, [rows[i].generator for i in samplers], pick)
     if idx is None:
         return drawn
     tokens = tokens.clone()
@@ -113,18 +124,10 @@ def _sample_rows(
     return tokens
 
 
-def draw(scores: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Inverse-CDF sampling with one uniform per row from that row's generator.
-
-    Masked (-inf) tokens have zero mass, so the CDF is flat across them and the
-    search can never land on one.
-    """
-    device = scores.device
-    probs = torch.softmax(scores, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    u = torch.stack([torch.rand((), generator=g, device=device) for g in generators])
-    total = cdf[:, -1]
-    # u < 1, but u * total may round up to total; stay strictly below it.
-    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    picked = torch.searchsorted(cdf, x[:, None], right=True).squeeze(1)
-    return picked.clamp_(max=scores.shape[-1] - 1)
+def draw(
+    scores: torch.Tensor, generators: list[torch.Generator | None], pick: Pick | None = None
+) -> torch.Tensor:
+    """Inverse-CDF sampling with one uniform per row from that row's generator, the token picked
+    by `pick` (a backend's `Ops.draw`; by default PyTorch's)."""
+    u = torch.stack([torch.rand((), generator=g, device=scores.device) for g in generators])
+    return (pick or TorchOps.draw)(scores, u)

@@ -29,8 +29,9 @@ Zen 4, AVX-512 / AVX2 build), int8 165 -> 173 / 172 -> 182 tok/s (base 199 / 208
 / 97 -> 102, fp32 level (70 / 54-56).
 
 Given what the model runs around its layers (`DecodeTop`: embedding, first norm, rotary table,
-lm_head), the stack also runs a decode burst (`greedy`, csrc/decode_steps_cpu.cpp): several
-greedy steps in one call, each fed the argmax of the one before (engine/decode_bursts.py).
+lm_head), the stack also runs a decode burst (`burst`, csrc/decode_steps_cpu.cpp): several
+steps in one call, each fed the token the one before picked, its argmax or, for a row sampled at
+a temperature, its draw at a uniform the row's generator gave beforehand (engine/decode_bursts.py).
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def single_decode_rows(fb: ForwardBatch, num_tokens: int) -> bool:
 class DecodeTop:
     """What a step runs around the layers, as the model's forward and `logits` run it: the token
     embedding (a plain table, or the tied lm_head that holds it), the first layer's input norm,
-    the rotary table and the lm_head. With it, a backend's stack can run several greedy steps
-    in one call (`DecodeStack.greedy`)."""
+    the rotary table and the lm_head. With it, a backend's stack can run several decode steps
+    in one call (`DecodeStack.burst`)."""
 
     embed: torch.Tensor | Linear
     in_norm: torch.Tensor
@@ -94,7 +95,7 @@ class DecodeTop:
 
 class DecodeStack:
     """The native stack (`kernels.DecodeStack`) with the step checks in front of it; `head`: the
-    native `DecodeHead` built from the model's `DecodeTop`, or None (no greedy bursts)."""
+    native `DecodeHead` built from the model's `DecodeTop`, or None (no bursts)."""
 
     def __init__(self, native: Any, layers: Sequence[DecodeLayerSpec], head: Any = None) -> None:
         self.native, self.layers, self.head = native, list(layers), head
@@ -113,9 +114,10 @@ class DecodeStack:
             x, h, fb.cos, fb.sin, fb.attn.slot_mapping, grp.block_tables, grp.ctx_lens, *lora
         )
 
-    def greedy(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """`burst.steps` decode steps of its single-token rows, each step fed the argmax of the one
-        before: ([steps, M] tokens, their logprobs, whether each step's logits were all finite).
+    def burst(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`burst.steps` decode steps of its single-token rows, each step fed the token the one
+        before picked (its argmax, or a sampled row's draw): ([steps, M] tokens, their logprobs,
+        whether each step's logits were all finite).
         None where this stack cannot (no head; adapter rows laid out for PyTorch's bmm): the
         caller then steps one at a time."""
         if self.head is None:
@@ -123,8 +125,16 @@ class DecodeStack:
         b, lora = burst, self._adapter_rows(burst.lora)
         if lora is None:
             return None
-        out = self.native.run_greedy(
-            self.head, b.ids, b.positions, b.steps, b.block_tables, b.block_size, *lora
+        out = self.native.run_burst(
+            self.head,
+            b.ids,
+            b.positions,
+            b.steps,
+            b.block_tables,
+            b.block_size,
+            *lora,
+            temperature=b.temperatures,
+            uniforms=b.uniforms,
         )
         return out[0], out[1], out[2]
 

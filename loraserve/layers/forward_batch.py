@@ -36,3 +36,7 @@ class BurstBatch:
     block_tables: torch.Tensor  # [M, blocks], reaching position + steps - 1 of every row
     block_size: int
     lora: LoraBatch | None  # None when no row uses an adapter
+    # sampled rows: [M] each row's temperature (0: a greedy row) and [steps, M] the uniform its
+    # generator gave it for each step; None: every row greedy
+    temperatures: torch.Tensor | None = None
+    uniforms: torch.Tensor | None = None

@@ -159,10 +159,24 @@ class TorchOps:
     ) -> DecodeStack | None:
         """The layers in one call per decode step (layers/decode_stack.py), or None where this
         backend has no such call or cannot run one of the layers' weights in it; with `top`
-        (what runs around the layers), also greedy bursts of steps where it can."""
+        (what runs around the layers), also bursts of steps where it can."""
         return None
 
     # ---- logits ---------------------------------------------------------------------------------
+    @staticmethod
+    def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Per row of float32 `scores` [B, V] (masked tokens -inf), the first token whose cumulative
+        probability exceeds its uniform `u` [B] times the total (engine/sampling.py `draw`).
+        Masked tokens have zero mass, so the CDF is flat across them and the search can never
+        land on one."""
+        probs = torch.softmax(scores, dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1]
+        # u < 1, but u * total may round up to total; stay strictly below it.
+        x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        picked = torch.searchsorted(cdf, x[:, None], right=True).squeeze(1)
+        return picked.clamp_(max=scores.shape[-1] - 1)
+
     @staticmethod
     def argmax_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row of float32 `scores` [B, V]: (first index of the max, logsumexp, every entry

@@ -312,6 +312,19 @@ class CpuNativeOps(TorchOps):
             return super().argmax_logsumexp(scores)
         return self.kernels.argmax_logsumexp(scores)
 
+    def draw(self, scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The native draw (csrc/logits_cpu.cpp `draw_rows`): the one a decode burst draws with,
+        without torch's [B, V] softmax, cumsum and search (sums in double, masked tokens at zero
+        mass, the same first-index-past-the-target rule)."""
+        if (
+            scores.dtype != torch.float32
+            or scores.dim() != 2
+            or scores.stride(-1) != 1
+            or scores.shape[1] == 0
+        ):
+            return super().draw(scores, u)
+        return self.kernels.draw_rows(scores, u.float())
+
 
 def _kernel_layout(*xs: torch.Tensor) -> bool:
     """fp32 [T, H, D] with contiguous heads (rows any stride): what the native attention kernels read."""

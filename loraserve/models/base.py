@@ -84,7 +84,7 @@ class DecoderModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(hidden, self.lm_head).float()
 
-    def greedy_steps(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def burst_steps(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Several greedy decode steps in one call ([steps, M] tokens, logprobs, finite), where a
         family and its backend have one (models/llama.py); None: step one at a time."""
         return None

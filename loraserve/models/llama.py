@@ -139,12 +139,12 @@ class LlamaModel(DecoderModel):
             else ops.decode_stack(specs, cfg.rms_norm_eps, top if self.embed_scale is None else None)
         )
 
-    def greedy_steps(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """`steps` greedy decode steps in one call (layers/decode_stack.py `DecodeStack.greedy`),
+    def burst_steps(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`steps` greedy decode steps in one call (layers/decode_stack.py `DecodeStack.burst`),
         or None where the backend's stack cannot run them."""
         if self.decode_stack is None:
             return None
-        return self.decode_stack.greedy(burst)
+        return self.decode_stack.burst(burst)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, hidden] for every new token."""

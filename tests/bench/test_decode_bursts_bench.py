@@ -14,8 +14,13 @@ def test_bench_alternates_the_modes_and_reports_each(capsys: pytest.CaptureFixtu
     native_kernel_or_skip()
     assert decode_bursts.main(["--precisions", "int8", "--steps", "1,2", "--reps", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [r[:2] for r in rows] == [["int8", "1"], ["int8", "2"]]
-    assert float(rows[0][3]) == 1.0
+    assert [r[:2] + r[5:] for r in rows] == [
+        ["int8", "1", "greedy"],
+        ["int8", "2", "greedy"],
+        ["int8", "1", "sampled"],
+        ["int8", "2", "sampled"],
+    ]
+    assert float(rows[0][3]) == 1.0 and float(rows[2][3]) == 1.0
     # outside the native calls: the engine's Python alone, well under half of each token's time
     # (the whole of it where the clock missed the stack, the lm_head or the burst's call)
     assert all(0 < float(r[4]) < 0.5 * 1e3 / float(r[2]) for r in rows)

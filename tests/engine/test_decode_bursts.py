@@ -1,11 +1,12 @@
-"""Decode bursts (engine/decode_bursts.py): several greedy steps in one native call give the
-one-step path's tokens and logprobs bit for bit, on every weight precision, tied and untied
-embeddings, with adapter rows; they run only where nothing needs Python between two steps, end
-each request exactly where single steps end it (EOS, stop sequences, max_new_tokens), and leave
-no block behind."""
+"""Decode bursts (engine/decode_bursts.py): several steps in one native call, greedy or sampled at a
+temperature, give the one-step path's tokens and logprobs bit for bit, on every weight precision,
+tied and untied embeddings, with adapter rows; they run only where nothing needs Python between
+two steps, end each request exactly where single steps end it (EOS, stop sequences,
+max_new_tokens), and leave no block behind."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine import decode_bursts
 from loraserve.engine.decode_bursts import DecodeBursts, burst_length
 from loraserve.engine.engine import Engine
-from loraserve.engine.logits_pipeline import plain_greedy
+from loraserve.engine.logits_pipeline import plain_greedy, plain_rows
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.params import RequestOutput, SamplingParams
 from tests.fixtures.call_counter import count_taken
@@ -63,7 +64,7 @@ def test_bursts_equal_single_steps_bit_for_bit(
     two_threads: object,
 ) -> None:
     use_build(build, monkeypatch)
-    taken = count_taken(monkeypatch, ModelRunner, "greedy_burst")
+    taken = count_taken(monkeypatch, ModelRunner, "run_burst")
     one = cpu_engine(tiny_model_dirs[arch], "native", decode_steps=1, **PRECISIONS[precision])
     expected = outcome(one.generate(PROMPTS, GREEDY))
     assert taken == []
@@ -83,7 +84,7 @@ def test_bursts_with_adapter_rows_equal_single_steps(
     monkeypatch: pytest.MonkeyPatch,
     two_threads: object,
 ) -> None:
-    taken = count_taken(monkeypatch, ModelRunner, "greedy_burst")
+    taken = count_taken(monkeypatch, ModelRunner, "run_burst")
     adapters = [parse_peft_adapter(p) for p in llama_adapters[:2]]
     chosen = [adapters[0], adapters[1], None, adapters[0]]
     one = cpu_engine(llama_dir, "native", decode_steps=1, **PRECISIONS[precision])
@@ -99,7 +100,7 @@ def test_requests_end_inside_a_burst_where_single_steps_end_them(
 ) -> None:
     """EOS and a stop sequence in the middle of a burst, and a max_new_tokens that is no multiple
     of the burst: the same tokens, text and finish reason as one step at a time."""
-    taken = count_taken(monkeypatch, ModelRunner, "greedy_burst")
+    taken = count_taken(monkeypatch, ModelRunner, "run_burst")
     one = cpu_engine(llama_dir, "native", decode_steps=1)
     free_run = one.generate(PROMPTS, GREEDY)
     eos = free_run[0].tokens[6].id  # the 7th token of the first prompt: inside the second burst
@@ -126,23 +127,83 @@ def test_requests_end_inside_a_burst_where_single_steps_end_them(
 @pytest.mark.parametrize(
     "other",
     [
-        SamplingParams(max_new_tokens=10, do_sample=True, seed=7),
+        SamplingParams(max_new_tokens=10, do_sample=True, seed=7, top_k=5),
+        SamplingParams(max_new_tokens=10, do_sample=True, seed=7, top_p=0.9),
+        SamplingParams(max_new_tokens=10, do_sample=True, seed=7, typical_p=0.9),
         SamplingParams(max_new_tokens=10, repetition_penalty=1.3),
         SamplingParams(max_new_tokens=10, frequency_penalty=0.5),
         SamplingParams(max_new_tokens=10, watermark=True),
         SamplingParams(max_new_tokens=10, top_n_alternatives=2),
     ],
-    ids=["sampling", "repetition", "frequency", "watermark", "alternatives"],
+    ids=["top-k", "top-p", "typical-p", "repetition", "frequency", "watermark", "alternatives"],
 )
 def test_no_burst_while_a_row_needs_python_between_steps(
     llama_dir: Path, other: SamplingParams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    taken = count_taken(monkeypatch, ModelRunner, "greedy_burst")
+    taken = count_taken(monkeypatch, ModelRunner, "run_burst")
     engine = cpu_engine(llama_dir, "native")
     engine.generate(PROMPTS[:2], [SamplingParams(max_new_tokens=10, ignore_eos_token=True), other])
     assert taken == []
-    assert not plain_greedy(other)
+    assert not plain_greedy(other) and not plain_rows(other)
     assert plain_greedy(GREEDY) and not plain_greedy(GREEDY, grammar=object())
+    hot = SamplingParams(do_sample=True, temperature=0.7)
+    assert plain_rows(GREEDY) and plain_rows(hot) and not plain_greedy(hot)
+    assert not plain_rows(hot, grammar=object())
+    assert not plain_rows(SamplingParams(do_sample=True, temperature=0.7, repetition_penalty=1.2))
+
+
+SAMPLED = [
+    SamplingParams(max_new_tokens=14, ignore_eos_token=True, do_sample=True, seed=11),  # temperature 1
+    SamplingParams(max_new_tokens=14, ignore_eos_token=True, do_sample=True, temperature=0.6, seed=12),
+    GREEDY,  # a greedy row beside them
+    SamplingParams(max_new_tokens=14, ignore_eos_token=True, do_sample=True, temperature=1.7, seed=13),
+]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_sampled_rows_burst_as_single_steps_draw_them(
+    tiny_model_dirs: dict[str, Path],
+    precision: str,
+    build: str,
+    monkeypatch: pytest.MonkeyPatch,
+    two_threads: object,
+) -> None:
+    """Seeded rows at temperatures 1, 0.6 and 1.7 beside a greedy one: each burst divides by the
+    temperature and draws at the uniforms the row's generator gave for its steps, as the steps one
+    at a time do, so the text of a seeded request does not depend on bursts; a different seed
+    gives different text (the draws are live)."""
+    use_build(build, monkeypatch)
+    taken = count_taken(monkeypatch, ModelRunner, "run_burst")
+    one = cpu_engine(tiny_model_dirs["llama"], "native", decode_steps=1, **PRECISIONS[precision])
+    expected = outcome(one.generate(PROMPTS, SAMPLED))
+    engine = cpu_engine(tiny_model_dirs["llama"], "native", **PRECISIONS[precision])
+    assert outcome(engine.generate(PROMPTS, SAMPLED)) == expected
+    assert taken == [True] * 3 and all_blocks_free(engine)
+    reseeded = [replace(p, seed=p.seed + 100) if p.seed else p for p in SAMPLED]
+    other = outcome(engine.generate(PROMPTS, reseeded))
+    assert [o[0] for o in other] != [e[0] for e in expected] and other[2] == expected[2]
+
+
+def test_a_sampled_row_ending_inside_a_burst_leaves_the_others_draws_alone(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sampled row that stops inside a burst (a stop sequence) drew uniforms it never used; the
+    other rows' own generators are untouched by that, so their tokens are the single steps'.
+    (Three rows: the burst computes the stopped row to its end, and a batch that one step at a
+    time has left a single row runs the one-row kernel, whose sums round differently from a
+    block's in the last bit.)"""
+    one = cpu_engine(llama_dir, "native", decode_steps=1)
+    free_run = one.generate(PROMPTS[:3], SAMPLED[:3])
+    stop = free_run[0].generated_text[5:8]
+    assert stop
+    params = [replace(SAMPLED[0], stop=[stop]), *SAMPLED[1:3]]
+    results = {}
+    for steps in (1, 4):
+        engine = cpu_engine(llama_dir, "native", decode_steps=steps)
+        results[steps] = outcome(engine.generate(PROMPTS[:3], params))
+        assert all_blocks_free(engine)
+    assert results[4] == results[1] and results[4][0][3] == "stop_sequence"
 
 
 def test_burst_length_waits_for_nobody_and_grows_every_table_or_none(llama_dir: Path) -> None:
@@ -177,7 +238,7 @@ def test_a_burst_row_with_non_finite_logits_fails_alone(
 ) -> None:
     one = cpu_engine(llama_dir, "native", decode_steps=1)
     expected = outcome(one.generate(PROMPTS, GREEDY))
-    real = ModelRunner.greedy_burst
+    real = ModelRunner.run_burst
 
     def poisoned(self: ModelRunner, seqs: list, steps: int) -> list | None:
         rows = real(self, seqs, steps)
@@ -190,7 +251,7 @@ def test_a_burst_row_with_non_finite_logits_fails_alone(
 
     calls: list[int] = []
 
-    monkeypatch.setattr(ModelRunner, "greedy_burst", poisoned)
+    monkeypatch.setattr(ModelRunner, "run_burst", poisoned)
     engine = cpu_engine(llama_dir, "native")
     results = engine.generate(PROMPTS, GREEDY)
     assert results[1].finish_reason == "error" and "non-finite" in (results[1].error or "")

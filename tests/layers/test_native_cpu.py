@@ -341,6 +341,35 @@ def test_argmax_logsumexp_kernel_matches_torch_first_max_and_flags_non_finite_ro
     assert ops_for(kernel).argmax_logsumexp(torch.zeros(0, 5))[0].shape == (0,)
 
 
+@pytest.mark.parametrize("vocab", [1, 37, 49152])
+def test_draw_kernel_picks_the_first_token_past_each_rows_uniform(kernel: ModuleType, vocab: int) -> None:
+    """The native draw is PyTorch's (softmax, cumsum, searchsorted right) up to the sums' rounding:
+    the same token wherever the uniform is not within rounding of a CDF step, never a masked
+    (-inf) token, the first token with mass at u = 0 and the last at u -> 1."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(64, vocab, generator=g) * 3
+    x[::3, : vocab // 2] = float("-inf")  # truncated rows (top-k / top-p masks)
+    u = torch.rand(64, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2**-24
+    got = ops_for(kernel).draw(x, u)
+    assert got.dtype == torch.int64 and got.shape == (64,)
+    want = TorchOps.draw(x, u)
+    assert (got == want).float().mean() >= 0.95 and (got == want)[:2].all()
+    assert torch.isfinite(x.gather(1, got[:, None])).all()
+    # where they differ, the uniform sits on a step of the CDF, to rounding
+    cdf = torch.softmax(x.double(), dim=-1).cumsum(-1)
+    for r in (got != want).nonzero().flatten().tolist():
+        assert abs(float(cdf[r, min(int(got[r]), int(want[r]))]) - float(u[r])) < 1e-5
+    # one token with all the mass: always it
+    lone = torch.full((3, vocab), float("-inf"))
+    lone[:, vocab // 2] = 0.5
+    assert ops_for(kernel).draw(lone, torch.tensor([0.0, 0.5, 0.999])).tolist() == [vocab // 2] * 3
+    # a wider buffer's rows, as the engine's logits views are
+    wide = torch.full((64, vocab + 5), 7.0)
+    wide[:, :vocab] = x
+    assert torch.equal(ops_for(kernel).draw(wide[:, :vocab], u), got)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_kernel_writes_what_pytorch_writes(kernel: ModuleType, dtype: torch.dtype) -> None:
     """Views into a fused q|k|v output (strided rows), bf16 rounded to nearest even as `.to` does,

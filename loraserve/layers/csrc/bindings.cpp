@@ -38,6 +38,7 @@ at::Tensor silu_mul(const at::Tensor& gu);
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x);
+at::Tensor draw_rows(const at::Tensor& x, const at::Tensor& u);
 
 bool panel_gemm_available();
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
@@ -112,6 +113,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "new keys and values into their cache slots (fp32 or bf16 cache)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("argmax_logsumexp", &argmax_logsumexp, "per row: first argmax, logsumexp, all finite",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("draw_rows", &draw_rows, "per row: the token at its uniform by the inverse CDF of softmax(x)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("panel_gemm_available", &panel_gemm_available, "whether panel_linear is compiled in (AVX-512 or AVX2)");
   m.def("set_row_prefetch", [](int mode) {

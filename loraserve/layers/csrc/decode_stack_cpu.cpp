@@ -270,18 +270,22 @@ class DecodeStack {
     return h;
   }
 
-  // `steps` greedy steps, each fed the one before's argmax (decode_steps_cpu.cpp), the layers of
-  // each as `run` computes them
-  std::vector<at::Tensor> run_greedy(const DecodeHead& head, const at::Tensor& ids, const at::Tensor& positions,
-                                     int64_t steps, const at::Tensor& block_tables, int64_t block_size,
-                                     const std::optional<at::Tensor>& lora_rows,
-                                     const std::optional<at::Tensor>& lora_slots,
-                                     const std::optional<at::Tensor>& slot_rank) const {
-    return greedy_steps(head, ids, positions, steps, block_tables, block_size,
-                        [&](const at::Tensor& x, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                            const at::Tensor& slots, const at::Tensor& ctx) {
-                          return run(x, h, cos, sin, slots, block_tables, ctx, lora_rows, lora_slots, slot_rank);
-                        });
+  // `steps` steps, each fed the token the one before picked (decode_steps_cpu.cpp: greedy, or
+  // sampled at `temperature` with `uniforms`), the layers of each as `run` computes them
+  std::vector<at::Tensor> run_burst(const DecodeHead& head, const at::Tensor& ids, const at::Tensor& positions,
+                                    int64_t steps, const at::Tensor& block_tables, int64_t block_size,
+                                    const std::optional<at::Tensor>& lora_rows,
+                                    const std::optional<at::Tensor>& lora_slots,
+                                    const std::optional<at::Tensor>& slot_rank,
+                                    const std::optional<at::Tensor>& temperature,
+                                    const std::optional<at::Tensor>& uniforms) const {
+    return burst_steps(
+        head, ids, positions, steps, block_tables, block_size,
+        [&](const at::Tensor& x, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
+            const at::Tensor& slots, const at::Tensor& ctx) {
+          return run(x, h, cos, sin, slots, block_tables, ctx, lora_rows, lora_slots, slot_rank);
+        },
+        temperature, uniforms);
   }
 
   // LORASERVE_DECODE_REGION=0 (read by the Python side): every step takes the per-kernel path
@@ -574,9 +578,10 @@ void bind_decode_stack(pybind11::module_& m) {
            pybind11::arg("sin"), pybind11::arg("slots"), pybind11::arg("block_tables"), pybind11::arg("ctx_lens"),
            pybind11::arg("lora_rows") = pybind11::none(), pybind11::arg("lora_slots") = pybind11::none(),
            pybind11::arg("slot_rank") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("run_greedy", &DecodeStack::run_greedy, pybind11::arg("head"), pybind11::arg("ids"),
+      .def("run_burst", &DecodeStack::run_burst, pybind11::arg("head"), pybind11::arg("ids"),
            pybind11::arg("positions"), pybind11::arg("steps"), pybind11::arg("block_tables"),
            pybind11::arg("block_size"), pybind11::arg("lora_rows") = pybind11::none(),
            pybind11::arg("lora_slots") = pybind11::none(), pybind11::arg("slot_rank") = pybind11::none(),
+           pybind11::arg("temperature") = pybind11::none(), pybind11::arg("uniforms") = pybind11::none(),
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

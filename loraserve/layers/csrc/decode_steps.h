@@ -1,4 +1,5 @@
-// Several greedy decode steps in one native call (decode_steps_cpu.cpp); the decode stack
+// Several decode steps (greedy or sampled at a temperature) in one native call
+// (decode_steps_cpu.cpp); the decode stack
 // (decode_stack_cpu.cpp) runs each step's layers.
 #pragma once
 
@@ -32,7 +33,10 @@ using StackStep = std::function<at::Tensor(const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
 
 // `steps` steps from each row's last token `ids` [M] at `positions` [M]; returns [steps, M] each:
-// the tokens, their logprobs and whether each step's logits were all finite
-std::vector<at::Tensor> greedy_steps(const DecodeHead& head, const at::Tensor& ids, const at::Tensor& positions,
+// the tokens, their logprobs and whether each step's logits were all finite. temperature [M]
+// (0: a greedy row) and uniforms [steps, M] (a sampled row's draw at each step), or neither: every
+// row greedy.
+std::vector<at::Tensor> burst_steps(const DecodeHead& head, const at::Tensor& ids, const at::Tensor& positions,
                                      int64_t steps, const at::Tensor& block_tables, int64_t block_size,
-                                     const StackStep& layers);
+                                     const StackStep& layers, const std::optional<at::Tensor>& temperature,
+                                     const std::optional<at::Tensor>& uniforms);

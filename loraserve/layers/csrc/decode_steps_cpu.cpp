@@ -1,15 +1,18 @@
-// Several greedy decode steps in one call from Python: each step's argmax is the next step's input.
+// Several decode steps in one call from Python: each step's token (its argmax, or its draw for a
+// row sampled at a temperature) is the next step's input.
 //
 // Why: between two batch-1 steps the engine's Python (scheduling, the step's small tensors,
 // sampling, emitting the token) cost ~0.9 ms on SmolLM2-135M int8 (2-core AMD EPYC Zen 3, AVX2,
 // 20-25 GB/s: ~10 % of a step), because the interpreter's and the dispatcher's paths run cold
 // after the weights streamed through every cache. Where no logits processor acts on a row and its token is the
-// argmax (engine/logits_pipeline.py `plain_greedy`), nothing but that argmax links two steps, so a
-// burst of them runs here back to back and Python pays once a burst, as vLLM's multi-step
-// scheduling does for its GPU steps. Each step calls what the one-step path calls (the embedding,
-// the first norm, the layer stack, the lm_head, argmax_logsumexp, the chosen token's logprob as
-// sampling.py takes it), with the same arguments, so the tokens and logprobs are bitwise the
-// one-step path's (tests/engine/test_decode_bursts.py).
+// argmax, or a draw at the row's temperature with no truncation (engine/logits_pipeline.py
+// `plain_rows`), nothing but that token links two steps, so a burst of them runs here back to back
+// and Python pays once a burst, as vLLM's multi-step scheduling does for its GPU steps. Each step
+// calls what the one-step path calls (the embedding, the first norm, the layer stack, the lm_head,
+// argmax_logsumexp; a sampled row's scores / temperature, their argmax_logsumexp and draw_rows at
+// the uniform its generator gave for that step; the chosen token's logprob as sampling.py takes
+// it), with the same arguments, so the tokens and logprobs are bitwise the one-step path's
+// (tests/engine/test_decode_bursts.py).
 #include <torch/csrc/utils/pybind.h>
 
 #include "decode_steps.h"
@@ -24,10 +27,12 @@ at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n
                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                              bool bf16_activations);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x);
+at::Tensor draw_rows(const at::Tensor& x, const at::Tensor& u);
 
-std::vector<at::Tensor> greedy_steps(const DecodeHead& head, const at::Tensor& ids, const at::Tensor& positions,
+std::vector<at::Tensor> burst_steps(const DecodeHead& head, const at::Tensor& ids, const at::Tensor& positions,
                                      int64_t steps, const at::Tensor& block_tables, int64_t block_size,
-                                     const StackStep& layers) {
+                                     const StackStep& layers, const std::optional<at::Tensor>& temperature,
+                                     const std::optional<at::Tensor>& uniforms) {
   TORCH_CHECK(steps >= 1, "steps must be at least 1");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && positions.sizes() == ids.sizes() &&
                   positions.scalar_type() == at::kLong,
@@ -44,6 +49,19 @@ std::vector<at::Tensor> greedy_steps(const DecodeHead& head, const at::Tensor& i
     TORCH_CHECK(p0[m] >= 0 && last < head.cos.size(0), "position ", last, " is beyond the rotary table");
     TORCH_CHECK(last / block_size < nblk, "block tables hold ", nblk * block_size, " positions, the steps reach ",
                 last + 1);
+  }
+  TORCH_CHECK(temperature.has_value() == uniforms.has_value(), "sampled rows need their uniforms");
+  const float* temp = nullptr;
+  const float* unif = nullptr;
+  at::Tensor temp_c, unif_c;
+  if (temperature) {
+    TORCH_CHECK(temperature->scalar_type() == at::kFloat && temperature->dim() == 1 && temperature->size(0) == M,
+                "temperature must be float32 [M]");
+    TORCH_CHECK(uniforms->scalar_type() == at::kFloat && uniforms->dim() == 2 && uniforms->size(0) == steps &&
+                    uniforms->size(1) == M,
+                "uniforms must be float32 [steps, M]");
+    temp_c = temperature->contiguous(), unif_c = uniforms->contiguous();
+    temp = temp_c.data_ptr<float>(), unif = unif_c.data_ptr<float>();
   }
   auto tokens = at::empty({steps, M}, ids.options());
   auto logprobs = at::empty({steps, M}, ids.options().dtype(at::kFloat));
@@ -72,10 +90,38 @@ std::vector<at::Tensor> greedy_steps(const DecodeHead& head, const at::Tensor& i
                                   .to(at::kFloat);
     // then Engine.step's stats and sampling.py's greedy pick: gather(argmax) - logsumexp
     const auto [arg, lse, fin] = argmax_logsumexp(logits);
-    tokens[s].copy_(arg);
-    logprobs[s].copy_(logits.gather(1, arg.unsqueeze(1)).squeeze(1).sub(lse));
+    if (temp == nullptr) {
+      tokens[s].copy_(arg);
+      logprobs[s].copy_(logits.gather(1, arg.unsqueeze(1)).squeeze(1).sub(lse));
+      finite[s].copy_(fin);
+      cur = arg;
+      continue;
+    }
+    // greedy rows as above; a sampled row as sampling.py's `sample`: scores = logits / T (T = 1
+    // leaves them as they are), the token drawn from them, its logprob against their logsumexp
     finite[s].copy_(fin);
-    cur = arg;
+    cur = arg.clone();
+    int64_t* tok = cur.data_ptr<int64_t>();
+    float* lp = logprobs[s].data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const at::Tensor row = logits[m].unsqueeze(0);
+      if (temp[m] <= 0.f) {
+        lp[m] = row.data_ptr<float>()[tok[m]] - lse.data_ptr<float>()[m];
+        continue;
+      }
+      at::Tensor scores = row;
+      if (temp[m] != 1.f) {  // logits_processors.apply_temperature: scores / a [rows, 1] tensor
+        at::Tensor t = at::empty({1, 1}, row.options());
+        t.data_ptr<float>()[0] = temp[m];
+        scores = row.div(t);
+      }
+      at::Tensor u = at::empty({1}, row.options());
+      u.data_ptr<float>()[0] = unif[s * M + m];
+      const float row_lse = std::get<1>(argmax_logsumexp(scores)).data_ptr<float>()[0];
+      tok[m] = draw_rows(scores, u).data_ptr<int64_t>()[0];
+      lp[m] = scores.data_ptr<float>()[tok[m]] - row_lse;
+    }
+    tokens[s].copy_(cur);
   }
   return {tokens, logprobs, finite};
 }

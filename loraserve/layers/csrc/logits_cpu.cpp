@@ -1,6 +1,7 @@
 // Per row of a logits matrix, in two passes over the row: the first index of its maximum, its
 // log-sum-exp and whether every entry is finite. That is all a greedy step needs (the token, its
-// logprob = x[token] - lse) and what a sampled one needs besides the draw.
+// logprob = x[token] - lse) and what a sampled one needs besides the draw (`draw_rows`, below:
+// the inverse CDF at the row's uniform, without torch's [B, V] softmax, cumsum and search).
 //
 // Why our own: PyTorch's CPU argmax over a 49,152-token vocabulary runs ~25 times slower than its
 // amax (an index-tracking reduction that does not vectorise), and its log_softmax writes a whole
@@ -13,14 +14,17 @@
 // non-finite value a processed row may hold, and it contributes exp(-87) ~ 1e-38, i.e. nothing).
 #include "aten_min.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "fast_exp.h"
 #include "over_rows.h"
 #include "simd.h"
+#include "softmax_row.h"
 
 namespace {
 
@@ -95,7 +99,93 @@ RowStats row_stats(const float* x, int64_t n) {
 }
 #endif
 
+// A draw's exponentials come in chunks of this many entries, each chunk's sum kept, so the search
+// skips whole chunks and walks one entry by entry
+constexpr int64_t kDrawChunk = 256;
+
+// e[t] = exp(x[t] - m), exactly 0 where x[t] is -inf (a masked token has no mass; the fast exp
+// would give it 1e-38); returns their sum
+inline float chunk_exp(const float* x, float* e, int64_t n, float m) {
+  float sum = 0.f;
+  int64_t t = 0;
+#if LORASERVE_SIMD
+  simd::V acc = simd::zero();
+  const simd::V mv = simd::set1(m), big = simd::set1(std::numeric_limits<float>::max());
+  for (; t + simd::W <= n; t += simd::W) {
+    const simd::V v = simd::load(x + t);
+    // x + FLT_MAX is negative only for -inf
+    const simd::V ex = simd::select_nonneg(simd::add(v, big), simd::exp_nonpositive(simd::sub(v, mv)), simd::zero());
+    simd::store(e + t, ex);
+    acc = simd::add(acc, ex);
+  }
+  sum = simd::sum(acc);
+#endif
+  for (; t < n; ++t) {
+    e[t] = x[t] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpositive(x[t] - m);
+    sum += e[t];
+  }
+  return sum;
+}
+
+// The first index whose cumulative mass exceeds u times the row's total, as sampling.py's torch
+// draw (softmax, cumsum, searchsorted right) defines it; sums in double. A row with no mass
+// (never handed here: truncation keeps a token) gives 0.
+int64_t draw_row(const float* x, int64_t n, float u, std::vector<float>& e, std::vector<double>& sums) {
+  const float m = max_of(x, n);
+  if (!(m > -std::numeric_limits<float>::infinity())) return 0;
+  const int64_t chunks = (n + kDrawChunk - 1) / kDrawChunk;
+  e.resize(static_cast<size_t>(n));
+  sums.resize(static_cast<size_t>(chunks));
+  double total = 0.;
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t c0 = k * kDrawChunk;
+    sums[k] = chunk_exp(x + c0, e.data() + c0, std::min(kDrawChunk, n - c0), m);
+    total += sums[k];
+  }
+  // u < 1, but u * total may round up to total: stay strictly below it
+  double target = static_cast<double>(u) * total;
+  if (!(target < total)) target = std::nextafter(total, 0.);
+  double c = 0.;
+  int64_t k = 0;
+  while (k < chunks && c + sums[k] <= target) c += sums[k++];
+  int64_t last = -1;
+  for (int64_t i = k * kDrawChunk; i < n; ++i) {
+    if (e[i] > 0.f) {
+      last = i;
+      c += e[i];
+      if (c > target) return i;
+    }
+  }
+  // the sums' rounding left the target past every entry: the last one with mass
+  for (int64_t i = std::min(n, k * kDrawChunk) - 1; last < 0 && i >= 0; --i)
+    if (e[i] > 0.f) last = i;
+  return std::max<int64_t>(last, 0);
+}
+
 }  // namespace
+
+// x [B, V] fp32 scores (masked entries -inf), u [B] fp32 uniforms in [0, 1) -> int64 [B]: each
+// row's token at its uniform (draw_row). The CPU backend's draw for every sampled row, one step
+// at a time (Ops.draw) or in a burst (decode_steps_cpu.cpp), so both pick the same token.
+at::Tensor draw_rows(const at::Tensor& x, const at::Tensor& u) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "x must be a CPU float32 [B, V] tensor with contiguous rows");
+  TORCH_CHECK(x.size(1) > 0, "x must have at least one column");
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.dim() == 1 && u.size(0) == x.size(0),
+              "u must be a CPU float32 [B] tensor");
+  const int64_t B = x.size(0), V = x.size(1), ld = x.stride(0);
+  auto out = at::empty({B}, x.options().dtype(at::kLong));
+  const at::Tensor uc = u.contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* up = uc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  over_rows(B, V, 2 * 16384, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e;
+    std::vector<double> sums;
+    for (int64_t r = r0; r < r1; ++r) op[r] = draw_row(xp + r * ld, V, up[r], e, sums);
+  });
+  return out;
+}
 
 // x [B, V] fp32, contiguous rows -> (argmax int64 [B], logsumexp fp32 [B], finite bool [B])
 std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x) {
