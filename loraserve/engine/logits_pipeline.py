@@ -192,13 +192,12 @@ _PROBE_IDS = torch.zeros(1, dtype=torch.long)
 
 
 def plain_rows(params: SamplingParams, grammar: Any = None) -> bool:
-    """Whether every token of a request is the argmax of its raw logits (`plain_greedy`) or a
-    draw from them at its temperature, with no processor but the temperature acting on any of its
-    rows and no alternatives to report. Only such rows may decode several steps in one native call
-    (engine/decode_bursts.py), with no Python between the steps: the call divides by the
-    temperature and draws at the uniforms the row's generator gave it beforehand."""
-    if not is_sampling(params):
-        return plain_greedy(params, grammar)
+    """Whether every token of a request is the argmax of its raw logits or a draw from them at its
+    temperature: no processor but the temperature could act on any of its rows (a probe row with
+    a history, an output and a previous token asks each one) and no alternatives to report. Only
+    such rows may decode several steps in one native call (engine/decode_bursts.py), with no
+    Python between the steps: the call divides by the temperature and draws at the uniforms the
+    row's generator gave it beforehand."""
     if params.top_n_alternatives > 0:
         return False
     probe = SamplingRow(params, None, _PROBE_IDS, prev_token=0, output=_PROBE_IDS, grammar=grammar)
@@ -206,11 +205,6 @@ def plain_rows(params: SamplingParams, grammar: Any = None) -> bool:
 
 
 def plain_greedy(params: SamplingParams, grammar: Any = None) -> bool:
-    """Whether every token of a request is the argmax of its raw logits: greedy, with no processor
-    that could act on any of its rows (a probe row with a history, an output and a previous
-    token asks each one) and no alternatives to report. Only such rows may decode several steps
-    in one native call (engine/decode_bursts.py), with no Python between the steps."""
-    if is_sampling(params) or params.top_n_alternatives > 0:
-        return False
-    probe = SamplingRow(params, None, _PROBE_IDS, prev_token=0, output=_PROBE_IDS, grammar=grammar)
-    return not any(proc.active(probe) for proc in PROCESSORS)
+    """Whether every token of a request is the argmax of its raw logits: a greedy `plain_rows`
+    request (the temperature acts on sampled rows only)."""
+    return not is_sampling(params) and plain_rows(params, grammar)
