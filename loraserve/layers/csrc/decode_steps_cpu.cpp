@@ -88,40 +88,34 @@ std::vector<at::Tensor> burst_steps(const DecodeHead& head, const at::Tensor& id
                                                              head.head_bias, head.bf16_activations)
                                          : panel_linear(out, head.head_w, head.head_n, head.head_bias))
                                   .to(at::kFloat);
-    // then Engine.step's stats and sampling.py's greedy pick: gather(argmax) - logsumexp
+    // then Engine.step's stats and sampling.py's pick: a greedy row's argmax; a sampled row's
+    // scores = logits / T (T = 1 leaves them, and their stats, as they are) and the token drawn
+    // from them; each token's logprob against its scores' logsumexp
     const auto [arg, lse, fin] = argmax_logsumexp(logits);
-    if (temp == nullptr) {
-      tokens[s].copy_(arg);
-      logprobs[s].copy_(logits.gather(1, arg.unsqueeze(1)).squeeze(1).sub(lse));
-      finite[s].copy_(fin);
-      cur = arg;
-      continue;
-    }
-    // greedy rows as above; a sampled row as sampling.py's `sample`: scores = logits / T (T = 1
-    // leaves them as they are), the token drawn from them, its logprob against their logsumexp
     finite[s].copy_(fin);
-    cur = arg.clone();
-    int64_t* tok = cur.data_ptr<int64_t>();
+    int64_t* tok = arg.data_ptr<int64_t>();
     float* lp = logprobs[s].data_ptr<float>();
+    const float* lsep = lse.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) {
-      const at::Tensor row = logits[m].unsqueeze(0);
-      if (temp[m] <= 0.f) {
-        lp[m] = row.data_ptr<float>()[tok[m]] - lse.data_ptr<float>()[m];
-        continue;
+      const float* scores = logits.data_ptr<float>() + m * logits.stride(0);
+      float row_lse = lsep[m];
+      if (temp != nullptr && temp[m] > 0.f) {
+        at::Tensor row = logits[m].unsqueeze(0);
+        if (temp[m] != 1.f) {  // logits_processors.apply_temperature: scores / a [rows, 1] tensor
+          at::Tensor t = at::empty({1, 1}, row.options());
+          t.data_ptr<float>()[0] = temp[m];
+          row = row.div(t);
+          scores = row.data_ptr<float>();
+          row_lse = std::get<1>(argmax_logsumexp(row)).data_ptr<float>()[0];
+        }
+        at::Tensor u = at::empty({1}, row.options());
+        u.data_ptr<float>()[0] = unif[s * M + m];
+        tok[m] = draw_rows(row, u).data_ptr<int64_t>()[0];
       }
-      at::Tensor scores = row;
-      if (temp[m] != 1.f) {  // logits_processors.apply_temperature: scores / a [rows, 1] tensor
-        at::Tensor t = at::empty({1, 1}, row.options());
-        t.data_ptr<float>()[0] = temp[m];
-        scores = row.div(t);
-      }
-      at::Tensor u = at::empty({1}, row.options());
-      u.data_ptr<float>()[0] = unif[s * M + m];
-      const float row_lse = std::get<1>(argmax_logsumexp(scores)).data_ptr<float>()[0];
-      tok[m] = draw_rows(scores, u).data_ptr<int64_t>()[0];
-      lp[m] = scores.data_ptr<float>()[tok[m]] - row_lse;
+      lp[m] = scores[tok[m]] - row_lse;
     }
-    tokens[s].copy_(cur);
+    tokens[s].copy_(arg);
+    cur = arg;
   }
   return {tokens, logprobs, finite};
 }
