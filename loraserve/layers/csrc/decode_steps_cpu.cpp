@@ -99,8 +99,9 @@ std::vector<at::Tensor> burst_steps(const DecodeHead& head, const at::Tensor& id
     for (int64_t m = 0; m < M; ++m) {
       const float* scores = logits.data_ptr<float>() + m * logits.stride(0);
       float row_lse = lsep[m];
+      at::Tensor row;  // a sampled row's scores; alive while `scores` points into them
       if (temp != nullptr && temp[m] > 0.f) {
-        at::Tensor row = logits[m].unsqueeze(0);
+        row = logits[m].unsqueeze(0);
         if (temp[m] != 1.f) {  // logits_processors.apply_temperature: scores / a [rows, 1] tensor
           at::Tensor t = at::empty({1, 1}, row.options());
           t.data_ptr<float>()[0] = temp[m];
