@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import struct
 import time
 from pathlib import Path
 
 import torch
 
+from loraserve.host_allocator import zeros_on_huge_pages
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
 def measure_bandwidth_gbs(mib: int = 256, repeats: int = 7, device: str = "cpu") -> float:
-    """Best-of-N read bandwidth in GB/s (10^9 bytes) of `sum` over a `mib`-MiB fp32 tensor."""
-    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
-    x.sum()  # fault pages in, warm the kernel
+    """Best-of-N read bandwidth in GB/s (10^9 bytes) of `sum` over a `mib`-MiB fp32 tensor.
+
+    The tensor sits on 2 MiB pages where the OS gives them (loraserve/host_allocator.py), as the
+    served weights do: a roofline is the most the machine reads, and 4 KiB pages read less (the
+    TLB misses, the hardware prefetchers stopping at every page). Before session 37 the probe was
+    a plain tensor, which a host whose transparent huge pages are `madvise` (the common default)
+    backs with 4 KiB pages: on the 2-core Zen 3 those read 1.09-1.19 x less than 2 MiB pages (e.g.
+    33.0 vs 37.5 GB/s, medians of 12 alternated best-of-7 probes; `python -m bench.roofline
+    --page-sizes`, four runs), so shares of the roofline read 9-19 % high there.
+    """
+    n = mib * 2**20 // 4
+    return _best_sum_gbs(zeros_on_huge_pages((n,), torch.float32, torch.device(device)).fill_(1.0), repeats)
+
+
+def _best_sum_gbs(x: torch.Tensor, repeats: int) -> float:
+    x.sum()  # warm the kernel
     best = float("inf")
     for _ in range(repeats):
         if x.device.type == "cuda":
@@ -69,13 +85,37 @@ def roofline(model_dir: str | Path, dtype: str = "float32", device: str = "cpu")
     return {"bandwidth_gbs": bw, "weight_bytes_per_token": nbytes, "roofline_tok_s": bw * 1e9 / nbytes}
 
 
+def page_sizes(mib: int = 256, rounds: int = 12) -> dict[str, float]:
+    """The probe over a plain tensor (4 KiB pages where transparent huge pages are `madvise`) and
+    over 2 MiB pages, alternated round by round in one process: medians of best-of-7 GB/s, and of
+    the rounds' ratios."""
+    n = mib * 2**20 // 4
+    plain = torch.ones(n, dtype=torch.float32)
+    huge = zeros_on_huge_pages((n,), torch.float32, torch.device("cpu")).fill_(1.0)
+    got: dict[str, list[float]] = {"plain": [], "huge": []}
+    for r in range(rounds):
+        for name in ("plain", "huge") if r % 2 == 0 else ("huge", "plain"):
+            got[name].append(_best_sum_gbs(plain if name == "plain" else huge, 7))
+    out = {k: statistics.median(v) for k, v in got.items()}
+    out["huge/plain"] = statistics.median(h / p for h, p in zip(got["huge"], got["plain"], strict=True))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="batch-1 decode roofline of a checkpoint on this machine")
-    ap.add_argument("model_dir")
+    ap.add_argument("model_dir", nargs="?")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--page-sizes", action="store_true", help="compare the probe on 4 KiB and 2 MiB pages instead"
+    )
     args = ap.parse_args()
-    print(json.dumps(roofline(args.model_dir, args.dtype, args.device), indent=1))
+    if args.page_sizes:
+        print(json.dumps(page_sizes(), indent=1))
+    elif args.model_dir is None:
+        ap.error("model_dir is required (or --page-sizes)")
+    else:
+        print(json.dumps(roofline(args.model_dir, args.dtype, args.device), indent=1))
 
 
 if __name__ == "__main__":
