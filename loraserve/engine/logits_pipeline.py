@@ -202,9 +202,3 @@ def plain_rows(params: SamplingParams, grammar: Any = None) -> bool:
         return False
     probe = SamplingRow(params, None, _PROBE_IDS, prev_token=0, output=_PROBE_IDS, grammar=grammar)
     return not any(proc.active(probe) for proc in PROCESSORS if not isinstance(proc, Temperature))
-
-
-def plain_greedy(params: SamplingParams, grammar: Any = None) -> bool:
-    """Whether every token of a request is the argmax of its raw logits: a greedy `plain_rows`
-    request (the temperature acts on sampled rows only)."""
-    return not is_sampling(params) and plain_rows(params, grammar)

@@ -15,7 +15,7 @@ from loraserve.adapters.peft_format import parse_peft_adapter
 from loraserve.engine import decode_bursts
 from loraserve.engine.decode_bursts import DecodeBursts, burst_length
 from loraserve.engine.engine import Engine
-from loraserve.engine.logits_pipeline import plain_greedy, plain_rows
+from loraserve.engine.logits_pipeline import plain_rows
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.params import RequestOutput, SamplingParams
 from tests.fixtures.call_counter import count_taken
@@ -144,10 +144,10 @@ def test_no_burst_while_a_row_needs_python_between_steps(
     engine = cpu_engine(llama_dir, "native")
     engine.generate(PROMPTS[:2], [SamplingParams(max_new_tokens=10, ignore_eos_token=True), other])
     assert taken == []
-    assert not plain_greedy(other) and not plain_rows(other)
-    assert plain_greedy(GREEDY) and not plain_greedy(GREEDY, grammar=object())
+    assert not plain_rows(other)
+    assert plain_rows(GREEDY) and not plain_rows(GREEDY, grammar=object())
     hot = SamplingParams(do_sample=True, temperature=0.7)
-    assert plain_rows(GREEDY) and plain_rows(hot) and not plain_greedy(hot)
+    assert plain_rows(hot)
     assert not plain_rows(hot, grammar=object())
     assert not plain_rows(SamplingParams(do_sample=True, temperature=0.7, repetition_penalty=1.2))
 

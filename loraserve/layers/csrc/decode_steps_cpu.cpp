@@ -9,7 +9,7 @@
 // `plain_rows`), nothing but that token links two steps, so a burst of them runs here back to back
 // and Python pays once a burst, as vLLM's multi-step scheduling does for its GPU steps. Each step
 // calls what the one-step path calls (the embedding, the first norm, the layer stack, the lm_head,
-// argmax_logsumexp; a sampled row's scores / temperature, their argmax_logsumexp and draw_rows at
+// argmax_logsumexp; a sampled row's scores / temperature, their argmax_logsumexp and draw_rows' per-row pick at
 // the uniform its generator gave for that step; the chosen token's logprob as sampling.py takes
 // it), with the same arguments, so the tokens and logprobs are bitwise the one-step path's
 // (tests/engine/test_decode_bursts.py).
@@ -19,6 +19,7 @@
 
 #include <memory>
 #include <tuple>
+#include <vector>
 
 at::Tensor panel_embedding(const at::Tensor& w, const at::Tensor& ids, int64_t k, const std::optional<at::Tensor>& scale);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
@@ -27,7 +28,7 @@ at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n
                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                              bool bf16_activations);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x);
-at::Tensor draw_rows(const at::Tensor& x, const at::Tensor& u);
+int64_t draw_row(const float* x, int64_t n, float u, std::vector<float>& e, std::vector<double>& sums);
 
 std::vector<at::Tensor> burst_steps(const DecodeHead& head, const at::Tensor& ids, const at::Tensor& positions,
                                      int64_t steps, const at::Tensor& block_tables, int64_t block_size,
@@ -63,6 +64,8 @@ std::vector<at::Tensor> burst_steps(const DecodeHead& head, const at::Tensor& id
     temp_c = temperature->contiguous(), unif_c = uniforms->contiguous();
     temp = temp_c.data_ptr<float>(), unif = unif_c.data_ptr<float>();
   }
+  std::vector<float> draw_e;  // a sampled row's draw buffers, reused row after row and step after step
+  std::vector<double> draw_sums;
   auto tokens = at::empty({steps, M}, ids.options());
   auto logprobs = at::empty({steps, M}, ids.options().dtype(at::kFloat));
   auto finite = at::empty({steps, M}, ids.options().dtype(at::kBool));
@@ -99,19 +102,16 @@ std::vector<at::Tensor> burst_steps(const DecodeHead& head, const at::Tensor& id
     for (int64_t m = 0; m < M; ++m) {
       const float* scores = logits.data_ptr<float>() + m * logits.stride(0);
       float row_lse = lsep[m];
-      at::Tensor row;  // a sampled row's scores; alive while `scores` points into them
+      at::Tensor scaled;  // a sampled row's scores / T; alive while `scores` points into them
       if (temp != nullptr && temp[m] > 0.f) {
-        row = logits[m].unsqueeze(0);
         if (temp[m] != 1.f) {  // logits_processors.apply_temperature: scores / a [rows, 1] tensor
-          at::Tensor t = at::empty({1, 1}, row.options());
+          at::Tensor t = at::empty({1, 1}, logits.options());
           t.data_ptr<float>()[0] = temp[m];
-          row = row.div(t);
-          scores = row.data_ptr<float>();
-          row_lse = std::get<1>(argmax_logsumexp(row)).data_ptr<float>()[0];
+          scaled = logits[m].unsqueeze(0).div(t);
+          scores = scaled.data_ptr<float>();
+          row_lse = std::get<1>(argmax_logsumexp(scaled)).data_ptr<float>()[0];
         }
-        at::Tensor u = at::empty({1}, row.options());
-        u.data_ptr<float>()[0] = unif[s * M + m];
-        tok[m] = draw_rows(row, u).data_ptr<int64_t>()[0];
+        tok[m] = draw_row(scores, logits.size(1), unif[s * M + m], draw_e, draw_sums);
       }
       lp[m] = scores[tok[m]] - row_lse;
     }

@@ -127,9 +127,12 @@ inline float chunk_exp(const float* x, float* e, int64_t n, float m) {
   return sum;
 }
 
+}  // namespace
+
 // The first index whose cumulative mass exceeds u times the row's total, as sampling.py's torch
 // draw (softmax, cumsum, searchsorted right) defines it; sums in double. A row with no mass
-// (never handed here: truncation keeps a token) gives 0.
+// (never handed here: truncation keeps a token) gives 0. e and sums: the caller's buffers, reused
+// across rows (draw_rows; a burst's sampled rows, decode_steps_cpu.cpp).
 int64_t draw_row(const float* x, int64_t n, float u, std::vector<float>& e, std::vector<double>& sums) {
   const float m = max_of(x, n);
   if (!(m > -std::numeric_limits<float>::infinity())) return 0;
@@ -161,8 +164,6 @@ int64_t draw_row(const float* x, int64_t n, float u, std::vector<float>& e, std:
     if (e[i] > 0.f) last = i;
   return std::max<int64_t>(last, 0);
 }
-
-}  // namespace
 
 // x [B, V] fp32 scores (masked entries -inf), u [B] fp32 uniforms in [0, 1) -> int64 [B]: each
 // row's token at its uniform (draw_row). The CPU backend's draw for every sampled row, one step
