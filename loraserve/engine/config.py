@@ -35,8 +35,8 @@ class EngineConfig:
     chunked_prefill: bool = False  # feed long prompts over several steps beside the decodes
     # prompt tokens per step when chunking (default: max_batch_prefill_tokens)
     prefill_chunk_tokens: int | None = None
-    # greedy decode steps run back to back in one native call where nothing else needs the step
-    # (engine/decode_bursts.py); 1: one step at a time
+    # decode steps (greedy, or sampled at a temperature alone) run back to back in one native call
+    # where nothing else needs the step (engine/decode_bursts.py); 1: one step at a time
     decode_steps: int = 4
     grammar_backend: str = "llguidance"  # structured output: llguidance | xgrammar (engine/grammar.py)
 

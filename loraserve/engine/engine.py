@@ -285,7 +285,7 @@ class Engine:
         return outputs
 
     def _burst(self, seqs: list[Sequence], steps: int) -> list[RequestOutput] | None:
-        """`steps` greedy steps of a decode batch in one call (engine/decode_bursts.py), each
+        """`steps` steps of a decode batch in one call (engine/decode_bursts.py), each
         sequence's tokens emitted together; None (and no more bursts) where the model cannot."""
         rows = observed(self.step_observer, seqs, [], lambda: self.runner.run_burst(seqs, steps), steps)
         if rows is None:

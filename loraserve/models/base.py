@@ -85,7 +85,7 @@ class DecoderModel:
         return self.ops.linear(hidden, self.lm_head).float()
 
     def burst_steps(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Several greedy decode steps in one call ([steps, M] tokens, logprobs, finite), where a
+        """Several decode steps in one call ([steps, M] tokens, logprobs, finite), where a
         family and its backend have one (models/llama.py); None: step one at a time."""
         return None
 

@@ -140,7 +140,7 @@ class LlamaModel(DecoderModel):
         )
 
     def burst_steps(self, burst: BurstBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """`steps` greedy decode steps in one call (layers/decode_stack.py `DecodeStack.burst`),
+        """`steps` decode steps in one call (layers/decode_stack.py `DecodeStack.burst`),
         or None where the backend's stack cannot run them."""
         if self.decode_stack is None:
             return None

@@ -265,9 +265,10 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     ),
     Flag(
         "--decode-steps",
-        "Greedy decode steps run back to back in one native call while no request waits and no "
-        "request needs Python between its steps (sampling, logits processors, Medusa, grammars): "
-        "each burst's tokens stream together (default: 4; 1: one step at a time).",
+        "Decode steps run back to back in one native call while no request waits and no request "
+        "needs Python between its steps (top-k / top-p / typical-p, other logits processors, "
+        "alternatives, Medusa, grammars; greedy rows and rows sampled at a temperature alone "
+        "burst): each burst's tokens stream together (default: 4; 1: one step at a time).",
         type=int,
         default=4,
     ),
