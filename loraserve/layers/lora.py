@@ -253,8 +253,8 @@ class LoraTable:
         apart from the first, and the same matrix element of different slots no longer falls
         in the same cache sets. A decode step reads one layer's matrices of every slot in the
         batch at the same offsets; 2 MiB apart, every slot's copy of a line mapped to one set of
-        a 1 MiB 8-way L2 (128 KiB of sets), and the fused low-precision pass, which fetches the
-        same columns of every row's B together (csrc/fused_lora.h run_by_columns), thrashed it.
+        a 1 MiB 8-way L2 (128 KiB of sets), and the fused low-precision pass, which then fetched
+        the same columns of every row's B together (csrc/fused_lora.h run_by_columns), thrashed it.
         SmolLM2-135M int8-bf16, 32 rows on 32 distinct rank-16 adapters, AVX2, 2-core Zen 4: a
         decode step, fused ÷ two passes, alternated step by step, 1.06 -> 0.96. Elsewhere blocks
         are only cache-line aligned (device memory is allocated whole)."""

@@ -1,15 +1,16 @@
-// The adapter side of the fused decode passes: each row's own LoRA run between two panels of the
-// base GEMM, its A and B fetched by the panel before (fetch_policy.h Spans). Two drivers, each
+// The adapter side of the fused decode passes: each row's own LoRA run between the panels of the
+// base GEMM, what it reads fetched by the panel before (fetch_policy.h Spans). Two drivers, each
 // handed the kernel that computes one panel while stepping the spans: `run` (fp32 panels,
-// gemm_lora_cpu.cpp panel_lora_linear) computes each row's delta into a buffer added once every
-// panel is stored, the arithmetic the decode stack's one-region step shares (lora_deltas);
-// `run_by_columns` (bf16 / int8 panels, gemm_lowp_lora_cpu.cpp) adds the deltas onto each
-// panel's columns as they are stored.
+// gemm_lora_cpu.cpp panel_lora_linear) runs each row's whole LoRA between two panels, its A and B
+// fetched ahead, into a buffer added once every panel is stored, the arithmetic the decode stack's
+// one-region step shares (lora_deltas); `run_by_columns` (bf16 / int8 panels,
+// gemm_lowp_lora_cpu.cpp) runs the shrinks between the panels, their A fetched ahead, and adds
+// the deltas onto y's columns after them (run_by_columns_as says why).
 //
 // Why: at decode sizes (up to 96 rows) the base GEMM is bound by its FMAs while each row's LoRA
 // is a stream of its adapter's A and B (313 MB a step in bf16, 625 MB in fp32, with 32 distinct
 // rank-16 adapters on the 135M shape: more than the int8 base weights); run between the panels,
-// with the panels fetching the rows' A and B ahead, that stream overlaps the FMAs instead of
+// with the panels fetching what the rows read ahead, that stream overlaps the FMAs instead of
 // following them.
 #pragma once
 
@@ -138,14 +139,21 @@ void run(const LoraRows& L, float* d, int64_t M, int64_t P, float* y, const Pane
   add_deltas(L, d, y);
 }
 
-// The fused pass with each row's delta added straight onto y's columns, panel by panel, instead
-// of into a buffer added at the end: the shrinks (x @ A, all rows' h) run between the first half
-// of each thread's panels, their A fetched by the panel before; after a barrier, the expands of
-// every row onto a panel's 32 columns (h @ B[:, those columns], added onto y while the panel's
-// outputs are in cache) run between the second half, two panels' worth after each, their B
-// columns fetched by the panel before. Why: the buffer's add was a second pass over every row's
-// outputs, on one thread, from the other core's cache: 30 layers, 32 rows on 32 distinct rank-16
-// bf16 adapters, int8 panels, AVX2, 2-core Zen 4, tables in L3: 42.9 ms, 38.7 without the add.
+// The fused pass with each row's delta added straight onto y's columns instead of into a buffer
+// added at the end: the shrinks (x @ A, all rows' h) run between the first half of each thread's
+// panels, their A fetched by the panel before; after a barrier (every h is then computed) each
+// thread computes the second half of its panels and then adds every row's delta onto its own
+// columns, entry by entry (h @ B[:, those columns], each B row read as one run of the thread's
+// columns). Why the buffer went: its add was a second pass over every row's outputs, on one
+// thread, from the other core's cache (30 layers, 32 rows on 32 distinct rank-16 bf16 adapters,
+// int8 panels, AVX2, 2-core Zen 4, tables in L3: 42.9 ms, 38.7 without the add).
+// Why the expands follow the panels rather than run between them: between them they went panel by
+// panel, 128 bytes of each of a row's 16 B rows at a time, fetched by the panel before; with the
+// tables in DRAM (as they are when serving: 625 MB a step in fp32) those scattered 128-byte reads
+// cost more than the overlap won, and the fetches slowed the panels' FMAs. SmolLM2-135M, 32 rows
+// on 32 distinct adapters, AVX2, 2-core Zen 3, modes alternated on one engine, a decode step:
+// int8 (fp32 table) 154 -> 131 ms and 165 -> 138 ms, int8-bf16 (bf16 table) 144 -> 123 ms
+// (base model 92 ms); the shrinks' fetches between the panels measured level with none there.
 // Each row's delta is the row kernel's arithmetic (lora_rows on one row: shrink_members, then
 // expand onto y), column for column.
 // (the body for tables of E: float or widen::bf16_t)
@@ -163,24 +171,17 @@ void run_by_columns_as(const LoraRows& L, int64_t M, int64_t P, float* y, const 
     const float* x = L.x + L.e.rows[e] * L.ldx;
     lora_row::shrink_members(t.a_of<E>(s), t.K, t.R, t.G, rs, x, hs.data() + e * GR);
   };
-  // the members' column ranges [lo, hi) of their own outputs that panel q's columns cover
-  auto each_member = [&](int64_t q, const auto& f) {
-    const int64_t c0 = q * kPanelCols, c1 = std::min(n, c0 + kPanelCols);
+  // entry e's delta onto y's columns of panels [q0, q1): each member's part of them, its B rows
+  // read as runs of those columns
+  auto expand_cols = [&](int64_t e, int64_t q0, int64_t q1) {
+    const int64_t s = L.e.slots[e], rs = t.rank(s);
+    if (rs == 0 || q0 >= q1) return;
+    float* yr = y + L.e.rows[e] * n;
+    const float* h = hs.data() + e * GR;
+    const int64_t c0 = q0 * kPanelCols, c1 = std::min(n, q1 * kPanelCols);
     for (int64_t j = 0; j < t.G; ++j) {
       const int64_t lo = std::max(c0, t.off[j]) - t.off[j], hi = std::min(c1, t.off[j + 1]) - t.off[j];
-      if (lo < hi) f(j, lo, hi);
-    }
-  };
-  auto expand_panel = [&](int64_t q) {
-    for (int64_t e = 0; e < N; ++e) {
-      const int64_t s = L.e.slots[e], rs = t.rank(s);
-      if (rs == 0) continue;
-      float* yr = y + L.e.rows[e] * n;
-      const float* h = hs.data() + e * GR;
-      each_member(q, [&](int64_t j, int64_t lo, int64_t hi) {
-        float* ye = yr + t.off[j] + lo;
-        lora_row::expand<true>(t.b_of<E>(j, s) + lo, t.out[j], hi - lo, rs, h + j * t.R, ye);
-      });
+      if (lo < hi) lora_row::expand<true>(t.b_of<E>(j, s) + lo, t.out[j], hi - lo, rs, h + j * t.R, yr + t.off[j] + lo);
     }
   };
   const int threads = static_cast<int>(at::get_num_threads());
@@ -207,29 +208,9 @@ void run_by_columns_as(const LoraRows& L, int64_t M, int64_t P, float* y, const 
     }
     for (; e < e_hi; ++e) shrink(e);  // a thread without panels still shrinks its rows
 #pragma omp barrier
-    // the second half: after each panel, the expands of the next panels in [lo, hi) order (those
-    // of the first half, then each new one), evenly: every one computed by then
-    int64_t q = lo;
-    const int64_t n2 = hi - mid;
-    for (int64_t p = mid; p < hi; ++p) {
-      const int64_t target = lo + (hi - lo) * (p - mid + 1) / n2;
-      spans.clear();
-      int64_t lines = 0;
-      for (int64_t u = q; u < target && fetch; ++u) {
-        for (int64_t f = 0; f < N; ++f) {
-          const int64_t s = L.e.slots[f], rs = t.rank(s);
-          if (rs == 0) continue;
-          each_member(u, [&](int64_t j, int64_t clo, int64_t chi) {
-            const char* b = reinterpret_cast<const char*>(t.b_of<E>(j, s) + clo);
-            spans.push_back(lines_of(b, (chi - clo) * esize, rs, t.out[j] * esize));
-            lines += spans.back().lines();
-          });
-        }
-      }
-      panel(p, p + 1 < hi, spans.data(), static_cast<int>(spans.size()), lines);
-      for (; q < target; ++q) expand_panel(q);
-    }
-    for (; q < hi; ++q) expand_panel(q);  // one panel: no second half
+    // the second half of this thread's panels, then every row's delta onto its columns
+    for (int64_t p = mid; p < hi; ++p) panel(p, p + 1 < hi, nullptr, 0, 0);
+    for (int64_t f = 0; f < N; ++f) expand_cols(f, lo, hi);
   }
 }
 

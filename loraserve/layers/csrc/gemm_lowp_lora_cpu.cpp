@@ -6,9 +6,10 @@
 // at the same FMAs, so the adapters' stream after it (313 MB a step with 32 distinct rank-16 bf16
 // adapters on the 135M shape, 625 MB in fp32) weighs more than ever: AVX2 build, 2-core Zen 4,
 // int8-bf16, a 75 ms step spent 12.7 ms on it after 39 ms of projections that leave the memory
-// bus idle. fused_lora.h's run_by_columns runs it between the panels, each panel's part blocks
-// fetching what the rows run right after it read (lowp_kernels.h steps the same fetch policy as
-// the fp32 kernels, every kPfEvery k-steps). The base product is lowp_panel_linear's bit for bit
+// bus idle. fused_lora.h's run_by_columns runs the shrinks between the panels, each panel's part
+// blocks fetching the A the rows run right after it read (lowp_kernels.h steps the same fetch
+// policy as the fp32 kernels, every kPfEvery k-steps), and the expands after the panels (it says
+// why). The base product is lowp_panel_linear's bit for bit
 // (the same kernels over the same panels; the fetches change no arithmetic); each row's delta is
 // the row kernel's (shrink_members, then expand onto y), column for column.
 #include "aten_min.h"
