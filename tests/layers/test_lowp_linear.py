@@ -243,8 +243,9 @@ def test_fused_lora_pass_over_lowp_panels_adds_each_rows_delta(
     march: str, fmt: str, table: torch.dtype
 ) -> None:
     """lowp_panel_lora_linear (each row's shrink between two panels, its A fetched by the panel
-    before; each delta added onto its thread's columns after them): the rows without an adapter are lowp_panel_linear's bit for bit, the others
-    that plus their delta on the dequantised matrix (three members of odd widths, a partial last
+    before; each delta added onto its thread's columns after them): the rows without an adapter
+    are lowp_panel_linear's bit for bit, the others that plus their delta on the dequantised
+    matrix (three members of odd widths, the first split between two threads' columns, a partial last
     panel, slots of full, partial and zero rank, one slot on several rows). It runs from 20 to 96
     rows where the build computes the panels one by one (the AVX2 build: always), is refused
     elsewhere, and LowpCpuOps.linear_lora takes it exactly there."""
