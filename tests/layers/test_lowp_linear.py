@@ -144,6 +144,34 @@ def test_one_row_streams_give_the_same_bits_under_every_prefetch_hint(march: str
         kernels.set_row_prefetch(3)
 
 
+@pytest.mark.parametrize("march", BUILDS)
+def test_one_int8_row_gives_each_panel_its_lone_bits_however_the_threads_pair_them(march: str) -> None:
+    """One row of int8 panels streams two panels at once, one from each half of a thread's range
+    (csrc/lowp_kernels.h int8_row_range), so which panels pair depends on the thread count: every
+    panel's sums must be the ones it gets alone, for any split, odd ranges and a partial last panel
+    included."""
+    ops = backend(f"native:{march}", "int8")
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(13 * 32 - 5, 576, generator=gen) / 24
+    b = torch.randn(w.shape[0], generator=gen)
+    lin = ops.make_linear(w, b)
+    x = torch.randn(1, 576, generator=gen)
+    # each panel alone: a weight of its own 32 rows (one panel, nothing to pair it with)
+    alone = torch.cat(
+        [ops.linear(x, ops.make_linear(w[r : r + 32], b[r : r + 32])) for r in range(0, w.shape[0], 32)],
+        dim=1,
+    )
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            assert torch.equal(ops.linear(x, lin), alone), f"{threads} threads"
+    finally:
+        torch.set_num_threads(old)
+    ref = F.linear(x.double(), dequantize(lin).double(), b.double()).float()
+    torch.testing.assert_close(alone, ref, atol=2e-5 * 576**0.5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_tied_embedding_rows_read_from_the_lowp_lm_head(kind: str, fmt: str) -> None:

@@ -16,7 +16,8 @@
 // Three ways through a panel, by rows (M) and CPU (the first two: lowp_kernels.h):
 // - up to one register block of rows (12 with AVX-512; AVX2: bf16 up to 16 rows in blocks of 2,
 //   int8 at any row count in blocks of up to 6 rows over half a panel): the panel is converted in
-//   registers as it streams (decode);
+//   registers as it streams (decode); one row of int8 panels streams two panels at once
+//   (lowp_kernels.h int8_row_range says why);
 // - more rows, no AMX: each panel is converted once into an fp32 scratch copy (L1/L2) that an
 //   fp32 register-blocked kernel then reads for every row block, instead of re-converting every
 //   weight once per block of rows;
@@ -45,6 +46,12 @@ using lowp::LowpPath;
 using lowp::Panel;
 using lowp_fma::panel_rows;
 constexpr int64_t kMC = 96;  // most rows per work item of the FMA paths: they stay in L2
+
+// panel p of an int8 weight for the one-row kernels (which stream their own panel ahead: no next)
+inline Panel one_row_panel(const char* w, int64_t panel_bytes, int64_t K, const float* scale, const float* bias,
+                           int64_t n, int64_t p) {
+  return Panel{w + p * panel_bytes, K, scale + p * kNR, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
+}
 
 }  // namespace
 
@@ -107,6 +114,12 @@ void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const c
     int8dp_range(x, ldx, M, K, w, panel_bytes, p0, p1, n, scale, bias, y, digits);
     return;
   }
+#if LORASERVE_SIMD
+  if (M == 1 && !bf16) {  // one row: two runs of int8 panels at once
+    lowp_fma::int8_row_range(x, p0, p1, [&](int64_t p) { return one_row_panel(w, panel_bytes, K, scale, bias, n, p); }, y);
+    return;
+  }
+#endif
   for (int64_t p = p0; p < p1; ++p) {
     const bool last = p + 1 == p1;
     const Panel t{w + p * panel_bytes, K, scale ? scale + p * kNR : nullptr, bias ? bias + p * kNR : nullptr,
@@ -199,6 +212,12 @@ at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n
   const bool major = grid_chunk_major(P * panel_bytes);
   // one work item: a chunk of rows x one panel (over_rows.h: which order)
   at::parallel_for(0, P * chunks, 1, [&](int64_t lo, int64_t hi) {
+#if LORASERVE_SIMD
+    if (M == 1 && !bf16) {  // one row (items are panels): two runs of int8 panels at once
+      lowp_fma::int8_row_range(xp, lo, hi, [&](int64_t p) { return one_row_panel(wp, panel_bytes, K, sp, bp, n, p); }, yp);
+      return;
+    }
+#endif
     std::vector<float> scratch;
     for (int64_t it = lo; it < hi; ++it) {
       const auto [p, c] = grid_item(it, P, chunks, major);
