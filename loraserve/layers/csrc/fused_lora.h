@@ -180,7 +180,7 @@ void run_by_columns_as(const LoraRows& L, int64_t M, int64_t P, float* y, const 
     const float* h = hs.data() + e * GR;
     const int64_t c0 = q0 * kPanelCols, c1 = std::min(n, q1 * kPanelCols);
     for (int64_t j = 0; j < t.G; ++j) {
-      const int64_t lo = std::max(c0, t.off[j]) - t.off[j], hi = std::min(c1, t.off[j + 1]) - t.off[j];
+      const auto [lo, hi] = t.member_cols(j, c0, c1);
       if (lo < hi) lora_row::expand<true>(t.b_of<E>(j, s) + lo, t.out[j], hi - lo, rs, h + j * t.R, yr + t.off[j] + lo);
     }
   };

@@ -47,12 +47,6 @@ using lowp::Panel;
 using lowp_fma::panel_rows;
 constexpr int64_t kMC = 96;  // most rows per work item of the FMA paths: they stay in L2
 
-// panel p of an int8 weight for the one-row kernels (which stream their own panel ahead: no next)
-inline Panel one_row_panel(const char* w, int64_t panel_bytes, int64_t K, const float* scale, const float* bias,
-                           int64_t n, int64_t p) {
-  return Panel{w + p * panel_bytes, K, scale + p * kNR, bias ? bias + p * kNR : nullptr, std::min(kNR, n - p * kNR)};
-}
-
 }  // namespace
 
 // bf16 panels x many rows with vdpbf16ps (csrc/gemm_bf16dp_cpu.cpp), where the build has AVX512_BF16
@@ -103,9 +97,11 @@ static_assert(kAmxMinRows == kBf16DpMinRows, "AMX and vdpbf16ps round activation
 #endif
 int64_t lowp_range_rows() { return kRangeRows; }
 
-// Panels [p0, p1) of lowp_panel_linear's product for at most kRangeRows rows, each panel as
-// lowp_panel_linear computes it: the decode stack's threads each take a range inside one parallel
-// region (decode_stack_cpu.cpp), and the split cannot change a bit.
+// Panels [p0, p1) of lowp_panel_linear's product, each panel as lowp_panel_linear computes it:
+// the decode stack's threads each take a range inside one parallel region (decode_stack_cpu.cpp,
+// at most kRangeRows rows, so no other path applies), and the split cannot change a bit. At decode
+// sizes lowp_panel_linear's own threads run their panels through here too, once it has chosen
+// the panels.
 void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, bool bf16, int64_t n,
                       const float* scale, const float* bias, int64_t p0, int64_t p1, float* y,
                       std::vector<int8_t>& digits, std::vector<float>& scratch) {
@@ -114,16 +110,19 @@ void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const c
     int8dp_range(x, ldx, M, K, w, panel_bytes, p0, p1, n, scale, bias, y, digits);
     return;
   }
+  auto panel = [&](int64_t p) {
+    return Panel{w + p * panel_bytes, K, scale ? scale + p * kNR : nullptr, bias ? bias + p * kNR : nullptr,
+                 std::min(kNR, n - p * kNR)};
+  };
 #if LORASERVE_SIMD
-  if (M == 1 && !bf16) {  // one row: two runs of int8 panels at once
-    lowp_fma::int8_row_range(x, p0, p1, [&](int64_t p) { return one_row_panel(w, panel_bytes, K, scale, bias, n, p); }, y);
+  if (M == 1 && !bf16) {  // one row: two runs of int8 panels at once (the one-row kernels fetch ahead themselves)
+    lowp_fma::int8_row_range(x, p0, p1, panel, y);
     return;
   }
 #endif
   for (int64_t p = p0; p < p1; ++p) {
-    const bool last = p + 1 == p1;
-    const Panel t{w + p * panel_bytes, K, scale ? scale + p * kNR : nullptr, bias ? bias + p * kNR : nullptr,
-                  std::min(kNR, n - p * kNR), last ? nullptr : w + (p + 1) * panel_bytes, last ? 0 : panel_bytes};
+    Panel t = panel(p);
+    if (p + 1 < p1) t.next = w + (p + 1) * panel_bytes, t.next_bytes = panel_bytes;  // fetched meanwhile
     if (bf16) panel_rows<true>(M, x, ldx, t, y + p * kNR, n, scratch);
     else panel_rows<false>(M, x, ldx, t, y + p * kNR, n, scratch);
   }
@@ -212,20 +211,17 @@ at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n
   const bool major = grid_chunk_major(P * panel_bytes);
   // one work item: a chunk of rows x one panel (over_rows.h: which order)
   at::parallel_for(0, P * chunks, 1, [&](int64_t lo, int64_t hi) {
-#if LORASERVE_SIMD
-    if (M == 1 && !bf16) {  // one row (items are panels): two runs of int8 panels at once
-      lowp_fma::int8_row_range(xp, lo, hi, [&](int64_t p) { return one_row_panel(wp, panel_bytes, K, sp, bp, n, p); }, yp);
+    std::vector<float> scratch;
+    if (chunks == 1) {  // decode sizes: items are panels, a thread's run of them as the decode stack's
+      std::vector<int8_t> digits;  // int8dp's (not this path)
+      lowp_panel_range(xp, ldx, M, K, wp, bf16, n, sp, bp, lo, hi, yp, digits, scratch);
       return;
     }
-#endif
-    std::vector<float> scratch;
     for (int64_t it = lo; it < hi; ++it) {
       const auto [p, c] = grid_item(it, P, chunks, major);
       const int64_t r0 = M * c / chunks, rows = M * (c + 1) / chunks - r0;
-      // decode sizes (one chunk: items are panels) fetch this thread's next panel meanwhile
-      const bool ahead = chunks == 1 && it + 1 < hi;
       const Panel t{wp + p * panel_bytes, K, sp ? sp + p * kNR : nullptr, bp ? bp + p * kNR : nullptr,
-                    std::min(kNR, n - p * kNR), ahead ? wp + (p + 1) * panel_bytes : nullptr, ahead ? panel_bytes : 0};
+                    std::min(kNR, n - p * kNR)};
       if (bf16) panel_rows<true>(rows, xp + r0 * ldx, ldx, t, yp + r0 * n + p * kNR, n, scratch);
       else panel_rows<false>(rows, xp + r0 * ldx, ldx, t, yp + r0 * n + p * kNR, n, scratch);
     }

@@ -394,7 +394,7 @@ void linear_rows(const at::Tensor& x, const at::Tensor& w, int64_t n, const std:
       const bool single = starts[b + 1] - starts[b] == 1;
       const float* he = st.h.data() + (lo - starts[st.b0]) * GR;
       for (int64_t j = 0; j < g.t.G; ++j) {
-        const int64_t o_lo = std::max(c0, off[j]) - off[j], o_hi = std::min(c1, off[j] + g.t.out[j]) - off[j];
+        const auto [o_lo, o_hi] = g.t.member_cols(j, c0, c1);
         if (o_lo >= o_hi) continue;
         float* yr[kBlock];
         for (int64_t t = lo; t < hi; ++t) yr[t - lo] = g.y[j] + rp[t] * n;

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 inline bool slot_matrices(const at::Tensor& t) {
@@ -42,6 +43,10 @@ struct Table {
 
   int64_t rank(int64_t s) const { return slot_rank ? std::clamp<int64_t>(slot_rank[s], 0, R) : R; }
   int64_t gr() const { return G * R; }
+  // member j's own columns [lo, hi) that the outputs' columns [c0, c1) cover (lo >= hi: none)
+  std::pair<int64_t, int64_t> member_cols(int64_t j, int64_t c0, int64_t c1) const {
+    return {std::max(c0, off[j]) - off[j], std::min(c1, off[j + 1]) - off[j]};
+  }
   template <typename T>
   const T* a_of(int64_t slot) const {
     return static_cast<const T*>(a) + slot * a_slot;
