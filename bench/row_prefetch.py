@@ -2,7 +2,8 @@
 one process, on SmolLM2-135M in the low-precision serving modes.
 
 Why: the hint a streaming row wants differs by CPU (layers/csrc/row_prefetch.h: L2 on Intel,
-L1 on AMD Zen 4, where the L2 hint slowed the stream by a third), and this shared host's bandwidth drifts by
+L1 on AMD Zen 3 and Zen 5, none in Zen 4's AVX-512 build, where the L2 hint slowed the stream by
+a third and the L1 hint by a sixth at ~60 GB/s), and this shared host's bandwidth drifts by
 tens of percent within minutes, so modes measured in separate processes measure the drift. The
 library's choice for this CPU is the row marked `*`; the mode is switched on the one engine between
 reps (`set_row_prefetch`, what `LORASERVE_ROW_PREFETCH=off|t0|t1` sets at start-up).

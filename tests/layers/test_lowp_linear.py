@@ -119,8 +119,8 @@ def test_int8_panels_of_a_bf16_model_round_only_the_activations(march: str) -> N
 @pytest.mark.parametrize("march", BUILDS)
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_one_row_streams_give_the_same_bits_under_every_prefetch_hint(march: str, fmt: str) -> None:
-    """The hint of the one-row weight streams (csrc/row_prefetch.h: T1 on Intel, T0 on AMD, or
-    none) only moves lines between caches: each mode's product is the same to the bit, and the
+    """The hint of the one-row weight streams (csrc/row_prefetch.h: T1 on Intel, T0 on AMD, none
+    in Zen 4's AVX-512 build) only moves lines between caches: each mode's product is the same to the bit, and the
     mode a benchmark sets is the one the kernels then run."""
     ops = backend(f"native:{march}", fmt)
     kernels = ops.kernels
