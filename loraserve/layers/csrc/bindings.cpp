@@ -7,12 +7,10 @@
 #include <string>
 #include <vector>
 
+#include "panel_entries.h"
 #include "row_prefetch.h"
 #include "simd.h"
 
-void lora_rows(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& slots,
-               const at::Tensor& a, const std::vector<at::Tensor>& bs,
-               const std::vector<at::Tensor>& ys, const std::optional<at::Tensor>& slot_rank);
 void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& slots);
 
@@ -41,12 +39,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor
 at::Tensor draw_rows(const at::Tensor& x, const at::Tensor& u);
 
 bool panel_gemm_available();
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                        const std::optional<at::Tensor>& bias);
-at::Tensor panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& rows,
-                             const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                             const std::optional<at::Tensor>& slot_rank);
 at::Tensor panel_linear_lora_rows(const at::Tensor& x, const at::Tensor& w, int64_t n,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& rows,
                                   const at::Tensor& slots, const at::Tensor& a,
@@ -55,16 +47,6 @@ at::Tensor panel_linear_lora_rows(const at::Tensor& x, const at::Tensor& w, int6
 
 // bf16 / int8 weight panels (csrc/gemm_lowp_cpu.cpp)
 std::string lowp_gemm_isa();
-at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                             const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                             bool bf16_activations);
-// the same with every row's LoRA between the panels (csrc/gemm_lowp_lora_cpu.cpp)
-bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations);
-at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                                  bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
-                                  const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                  const std::optional<at::Tensor>& slot_rank);
 
 // a model's decoder layers in one call per decode step (csrc/decode_stack_cpu.cpp)
 void bind_decode_stack(pybind11::module_& m);

@@ -21,6 +21,7 @@
 
 #include "decode_job.h"
 #include "decode_steps.h"
+#include "native_linear.h"
 #include "region_lora.h"
 #include "region_sync.h"
 
@@ -33,39 +34,12 @@
 #include <thread>
 #include <vector>
 
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                        const std::optional<at::Tensor>& bias);
-at::Tensor lowp_panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                             const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                             bool bf16_activations);
 at::Tensor rope_decode_attention(const at::Tensor& qkv, int64_t hq, int64_t hkv, const at::Tensor& cos,
                                  const at::Tensor& sin, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& slots,
                                  const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale);
 at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& gu);
-at::Tensor panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& rows,
-                             const at::Tensor& slots, const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                             const std::optional<at::Tensor>& slot_rank);
-bool lowp_lora_fuses(int64_t M, int64_t K, bool bf16, bool bf16_activations);
-at::Tensor lowp_panel_lora_linear(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                                  bool bf16_activations, const at::Tensor& rows, const at::Tensor& slots,
-                                  const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                  const std::optional<at::Tensor>& slot_rank);
-void lora_deltas(const at::Tensor& x, const at::Tensor& y, const at::Tensor& rows, const at::Tensor& slots,
-                 const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                 const std::optional<at::Tensor>& slot_rank);
-void lora_rows(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& slots,
-               const at::Tensor& a, const std::vector<at::Tensor>& bs,
-               const std::vector<at::Tensor>& ys, const std::optional<at::Tensor>& slot_rank);
-
-void panel_linear_range(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t n,
-                        const float* bias, int64_t p0, int64_t p1, float* y);
-void lowp_panel_range(const float* x, int64_t ldx, int64_t M, int64_t K, const char* w, bool bf16, int64_t n,
-                      const float* scale, const float* bias, int64_t p0, int64_t p1, float* y,
-                      std::vector<int8_t>& digits, std::vector<float>& scratch);
 int64_t lowp_range_rows();
 void rope_rows_check(int64_t B, int64_t D, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                      int64_t cache_slots);
@@ -78,110 +52,17 @@ void decode_job_make(const float* qp, int64_t q_row, int64_t B, int64_t Hq, int6
 void norm_row(float* xr, const float* dr, const float* wp, int64_t H, float e, float* yr);
 void silu_mul_cols(const float* g, const float* u, float* o, int64_t n);
 
-// a thread's buffers for the panel-range kernels, kept across the layers of a step
-struct RangeScratch {
-  std::vector<int8_t> digits;
-  std::vector<float> f32;
-};
-
-// This step's adapter rows (LoraBatch.rows / row_slots) and the table's per-slot ranks
-struct LoraRows {
-  at::Tensor rows, slots;
-  std::optional<at::Tensor> slot_rank;
-};
-
-// One packed projection: fp32 panels (gemm_cpu.cpp) or bf16 / int8 panels (gemm_lowp_cpu.cpp).
-struct NativeLinear {
-  at::Tensor w;
-  int64_t n;
-  std::optional<at::Tensor> scale, bias;
-  bool lowp;
-
-  // adapters of this projection group in one layer: A [S, in, members * R] and each member's B
-  // [S, R, out] (views of the slot table), and each member's output columns [start, end)
-  at::Tensor lora_a;
-  std::vector<at::Tensor> lora_bs;
-  std::vector<std::pair<int64_t, int64_t>> bounds;
-
-  // panels [p0, p1) for M rows of x (K columns, rows ldx apart) into y [M, n]: what operator()
-  // computes for those columns, bit for bit
-  void panels(const float* x, int64_t ldx, int64_t M, int64_t K, float* y, int64_t p0, int64_t p1,
-              RangeScratch& s) const {
-    const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-    if (lowp) {
-      lowp_panel_range(x, ldx, M, K, static_cast<const char*>(w.data_ptr()), w.scalar_type() == at::kBFloat16, n,
-                       scale ? scale->data_ptr<float>() : nullptr, bp, p0, p1, y, s.digits, s.f32);
-    } else {
-      panel_linear_range(x, ldx, M, K, w.data_ptr<float>(), n, bp, p0, p1, y);
-    }
-  }
-
-  // thread t of T's share of the panels
-  void range(const float* x, int64_t ldx, int64_t M, int64_t K, float* y, int t, int T, RangeScratch& s) const {
-    const auto [p0, p1] = share(w.size(0), t, T);
-    panels(x, ldx, M, K, y, p0, p1, s);
-  }
-
-  // where panels [p0, p1) start, and their bytes
-  std::pair<const char*, int64_t> panel_bytes(int64_t p0, int64_t p1) const {
-    const int64_t pb = w.numel() * w.element_size() / w.size(0);
-    return {static_cast<const char*>(w.data_ptr()) + p0 * pb, (p1 - p0) * pb};
-  }
-
-  at::Tensor operator()(const at::Tensor& x, bool bf16_activations) const {
-    if (lowp) return lowp_panel_linear(x, w, n, scale, bias, bf16_activations);
-    return panel_linear(x, w, n, bias);
-  }
-
-  // with every adapter row's delta, as LoraLinear.__call__ computes it: the fused base + LoRA pass
-  // for up to `fused_rows` rows (0: never) and a table with up to `fused_members` members, as
-  // CpuNativeOps.linear_lora (fp32 panels) and LowpCpuOps.linear_lora decide (their limits,
-  // handed over by the Python side)
-  at::Tensor operator()(const at::Tensor& x, bool bf16_activations, const LoraRows* lr, int64_t fused_rows,
-                        int64_t fused_members) const {
-    if (lr == nullptr) return (*this)(x, bf16_activations);
-    if (fused(x.size(0), x.size(1), bf16_activations, fused_rows, fused_members)) {
-      if (lowp)
-        return lowp_panel_lora_linear(x, w, n, scale, bias, bf16_activations, lr->rows, lr->slots, lora_a, lora_bs,
-                                      lr->slot_rank);
-      return panel_lora_linear(x, w, n, bias, lr->rows, lr->slots, lora_a, lora_bs, lr->slot_rank);
-    }
-    at::Tensor y = (*this)(x, bf16_activations);
-    add_lora(x, y, *lr, bf16_activations, fused_rows, fused_members);
-    return y;
-  }
-
-  // whether M rows of K take the fused base + LoRA pass: fp32 panels with an fp32 table; bf16 /
-  // int8 panels with an fp32 or bf16 table where the build runs them panel by panel
-  // (lowp_lora_fuses)
-  bool fused(int64_t M, int64_t K, bool bf16_activations, int64_t fused_rows, int64_t fused_members) const {
-    const int64_t members = static_cast<int64_t>(lora_bs.size());
-    if (M > fused_rows || members == 0 || members > fused_members) return false;
-    if (!lowp) return lora_a.scalar_type() == at::kFloat;
-    return lowp_lora_fuses(M, K, w.scalar_type() == at::kBFloat16, bf16_activations);
-  }
-
-  // the adapter rows' deltas onto y, this projection's base output for x: as the fp32 fused pass
-  // adds them (each row's delta apart, then added) where it applies, else as the row kernel does.
-  // (The one-region step calls this for up to 4 rows; bf16 / int8 panels fuse from 20.)
-  void add_lora(const at::Tensor& x, const at::Tensor& y, const LoraRows& lr, bool bf16_activations,
-                int64_t fused_rows, int64_t fused_members) const {
-    if (fused(x.size(0), x.size(1), bf16_activations, fused_rows, fused_members)) {
-      lora_deltas(x, y, lr.rows, lr.slots, lora_a, lora_bs, lr.slot_rank);
-      return;
-    }
-    std::vector<at::Tensor> ys;
-    for (const auto& [s, e] : bounds) ys.push_back(s == 0 && e == y.size(1) ? y : y.narrow(1, s, e - s));
-    lora_rows(x, lr.rows, lr.slots, lora_a, lora_bs, ys, lr.slot_rank);
-  }
-};
-
 struct DecodeLayer {
   NativeLinear qkv, o, gate_up, down;
   at::Tensor post_norm, next_norm;  // next_norm: the next layer's input norm, or the final one
   at::Tensor k_cache, v_cache;
   int64_t hq, hkv;
   double scale;
+  // the norms' weights and the caches as raw pointers, taken once (NativeLinear's raw fields: why)
+  const float* post_norm_p = nullptr;
+  const float* next_norm_p = nullptr;
+  void* kc = nullptr;
+  void* vc = nullptr;
 };
 
 // the most of its next projection's weights a waiting thread prefetches into L2
@@ -202,7 +83,7 @@ class DecodeStack {
                  const at::Tensor& v_cache, int64_t hq, int64_t hkv, double scale) {
     auto lin = [](const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& s,
                   const std::optional<at::Tensor>& b) {
-      return NativeLinear{w, n, s, b, w.scalar_type() != at::kFloat};
+      return NativeLinear{w, n, s, b, w.scalar_type() != at::kFloat}.with_raw();
     };
     // the region splits gate|up at a panel boundary and keeps the residual stream [M, o's width];
     // it checks the first layer's attention once a step and runs every layer's with those checks
@@ -216,6 +97,11 @@ class DecodeStack {
     layers_.push_back(DecodeLayer{lin(qkv_w, qkv_n, qkv_scale, qkv_bias), lin(o_w, o_n, o_scale, o_bias),
                                   lin(gu_w, gu_n, gu_scale, gu_bias), lin(down_w, down_n, down_scale, down_bias),
                                   post_norm, next_norm, k_cache, v_cache, hq, hkv, scale});
+    DecodeLayer& l = layers_.back();
+    l.post_norm_p = post_norm.data_ptr<float>();
+    l.next_norm_p = next_norm.data_ptr<float>();
+    l.kc = k_cache.data_ptr();
+    l.vc = v_cache.data_ptr();
   }
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
@@ -358,7 +244,7 @@ class DecodeStack {
     std::vector<region_lora::Split> splits;
     int64_t gr_most = 0;
     for (const DecodeLayer& l : layers_) {
-      const int64_t ins[4] = {H, l.hq * l.k_cache.size(3), H, l.gate_up.n / 2};  // each projection's inputs
+      const int64_t ins[4] = {H, l.hq * D, H, l.gate_up.n / 2};  // each projection's inputs
       const NativeLinear* gs[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
       for (int k = 0; k < 4 && lp != nullptr; ++k) {
         const NativeLinear* g = gs[k];
@@ -404,7 +290,7 @@ class DecodeStack {
         const auto [b, n] = g.panel_bytes(range.first, range.second);
         pf.start(b, n, kSlicePrefetch);
       };
-      auto next_share = [&](const NativeLinear& g) { next(g, share(g.w.size(0), t, T)); };
+      auto next_share = [&](const NativeLinear& g) { next(g, share(g.P, t, T)); };
       // thread 0's piece of serial work, then a barrier; an exception stops every thread there
       auto serial = [&](const auto& f) {
         if (t == 0 && !failed) {
@@ -436,7 +322,7 @@ class DecodeStack {
       auto cols = [&](const NativeLinear& g, std::pair<int64_t, int64_t> panels) {
         return std::pair<int64_t, int64_t>{32 * panels.first, std::min(g.n, 32 * panels.second)};
       };
-      auto own = [&](const NativeLinear& g) { return cols(g, share(g.w.size(0), t, T)); };
+      auto own = [&](const NativeLinear& g) { return cols(g, share(g.P, t, T)); };
       // M rows of `cols` floats at p as a tensor (the adapter kernels take tensors)
       auto rows_of = [&](const float* p, int64_t cols) {
         return at::from_blob(const_cast<float*>(p), {M, cols}, x.options());
@@ -445,8 +331,8 @@ class DecodeStack {
       const auto [h0, h1] = share(heads, t, T);        // its heads, where q|k|v splits by heads
       for (size_t i = 0; i < layers_.size(); ++i) {
         const DecodeLayer& l = layers_[i];
-        void* const kc = l.k_cache.data_ptr();
-        void* const vc = l.v_cache.data_ptr();
+        void* const kc = l.kc;
+        void* const vc = l.vc;
         decode_job_prefetch(job, kc, vc, i0, i1);
         my.k = kc, my.v = vc, my.sc = static_cast<float>(l.scale);
         const region_lora::Split* sq = split_of(i, 0);
@@ -454,7 +340,7 @@ class DecodeStack {
         // q|k|v splits by heads (adapter rows: when the threads split their deltas too; else one
         // thread adds them, and then rotates every head)
         const bool by_heads = head_panels > 0 && (lp == nullptr || sq != nullptr);
-        const auto qkv_panels = by_heads ? std::pair{h0 * head_panels, h1 * head_panels} : share(l.qkv.w.size(0), t, T);
+        const auto qkv_panels = by_heads ? std::pair{h0 * head_panels, h1 * head_panels} : share(l.qkv.P, t, T);
         l.qkv.panels(hn, H, M, H, buf[0], qkv_panels.first, qkv_panels.second, s);
         next_share(l.o);
         if (by_heads) {
@@ -509,7 +395,7 @@ class DecodeStack {
           serial([&] { l.o.add_lora(rows_of(attn, width), out(1, l.o), *lp, bf16_act_, fused_rows_, fused_members_); });
         }
         if (failed) break;
-        for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm.data_ptr<float>(), H, e, hn + m * H);
+        for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[1] + m * H, l.post_norm_p, H, e, hn + m * H);
         const region_lora::Split* sg = split_of(i, 2);
         shrink(sg, hn, H);
         l.gate_up.panels(hn, H, M, H, buf[2], g0, g1, s);
@@ -540,7 +426,7 @@ class DecodeStack {
           serial([&] { l.down.add_lora(rows_of(buf[0], I), out(3, l.down), *lp, bf16_act_, fused_rows_, fused_members_); });
         }
         if (failed) break;
-        for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[3] + m * H, l.next_norm.data_ptr<float>(), H, e, hn + m * H);
+        for (int64_t m = 0; m < M; ++m) norm_row(res + m * H, buf[3] + m * H, l.next_norm_p, H, e, hn + m * H);
       }
       if (t == 0 && !failed) {
         std::copy_n(res, M * H, hx.data_ptr<float>());
