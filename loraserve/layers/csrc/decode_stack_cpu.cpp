@@ -59,10 +59,29 @@ struct DecodeLayer {
   int64_t hq, hkv;
   double scale;
   // the norms' weights and the caches as raw pointers, taken once (NativeLinear's raw fields: why)
-  const float* post_norm_p = nullptr;
-  const float* next_norm_p = nullptr;
-  void* kc = nullptr;
-  void* vc = nullptr;
+  const float* post_norm_p;
+  const float* next_norm_p;
+  void* kc;
+  void* vc;
+
+  DecodeLayer(NativeLinear qkv_, NativeLinear o_, NativeLinear gate_up_, NativeLinear down_, at::Tensor post_norm_,
+              at::Tensor next_norm_, at::Tensor k_cache_, at::Tensor v_cache_, int64_t hq_, int64_t hkv_,
+              double scale_)
+      : qkv(std::move(qkv_)),
+        o(std::move(o_)),
+        gate_up(std::move(gate_up_)),
+        down(std::move(down_)),
+        post_norm(std::move(post_norm_)),
+        next_norm(std::move(next_norm_)),
+        k_cache(std::move(k_cache_)),
+        v_cache(std::move(v_cache_)),
+        hq(hq_),
+        hkv(hkv_),
+        scale(scale_),
+        post_norm_p(post_norm.data_ptr<float>()),
+        next_norm_p(next_norm.data_ptr<float>()),
+        kc(k_cache.data_ptr()),
+        vc(v_cache.data_ptr()) {}
 };
 
 // the most of its next projection's weights a waiting thread prefetches into L2
@@ -81,10 +100,6 @@ class DecodeStack {
                  const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& down_bias,
                  const at::Tensor& post_norm, const at::Tensor& next_norm, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, int64_t hq, int64_t hkv, double scale) {
-    auto lin = [](const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& s,
-                  const std::optional<at::Tensor>& b) {
-      return NativeLinear{w, n, s, b, w.scalar_type() != at::kFloat}.with_raw();
-    };
     // the region splits gate|up at a panel boundary and keeps the residual stream [M, o's width];
     // it checks the first layer's attention once a step and runs every layer's with those checks
     const DecodeLayer* first = layers_.empty() ? nullptr : &layers_[0];
@@ -94,14 +109,10 @@ class DecodeStack {
                     v_cache.sizes() == first->v_cache.sizes() && k_cache.dtype() == first->k_cache.dtype() &&
                     v_cache.dtype() == first->v_cache.dtype() && k_cache.is_contiguous() && v_cache.is_contiguous()));
     region_ok_ = region_ok_ && gu_n % 64 == 0 && o_n == down_n && same_attention;
-    layers_.push_back(DecodeLayer{lin(qkv_w, qkv_n, qkv_scale, qkv_bias), lin(o_w, o_n, o_scale, o_bias),
-                                  lin(gu_w, gu_n, gu_scale, gu_bias), lin(down_w, down_n, down_scale, down_bias),
-                                  post_norm, next_norm, k_cache, v_cache, hq, hkv, scale});
-    DecodeLayer& l = layers_.back();
-    l.post_norm_p = post_norm.data_ptr<float>();
-    l.next_norm_p = next_norm.data_ptr<float>();
-    l.kc = k_cache.data_ptr();
-    l.vc = v_cache.data_ptr();
+    layers_.emplace_back(NativeLinear(qkv_w, qkv_n, qkv_scale, qkv_bias), NativeLinear(o_w, o_n, o_scale, o_bias),
+                         NativeLinear(gu_w, gu_n, gu_scale, gu_bias),
+                         NativeLinear(down_w, down_n, down_scale, down_bias), post_norm, next_norm, k_cache, v_cache,
+                         hq, hkv, scale);
   }
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }

@@ -40,28 +40,31 @@ struct NativeLinear {
   at::Tensor w;
   int64_t n;
   std::optional<at::Tensor> scale, bias;
-  bool lowp;
+  bool lowp;  // bf16 / int8 panels
 
-  // w, scale and bias as raw pointers, and w's panel count and panel bytes, taken once (`with_raw`).
+  // w, scale and bias as raw pointers, and w's panel count and panel bytes, taken once here.
   // Why: the region reads them for every projection of every layer of a step, on every thread,
   // and by then the weight stream has evicted the tensors' headers from the caches: through the
   // tensors (`data_ptr`, `size`: a call and a check each, on a cold line) they took ~4 % of a
-  // batch-1 int8 step in a profile (2-core Zen 4).
-  const char* wp = nullptr;
-  const float* sp = nullptr;
-  const float* bp = nullptr;
-  bool bf16 = false;
-  int64_t P = 0, pb = 0;
+  // batch-1 int8 step in a profile (2-core Zen 4). The weights never move after start-up.
+  const char* wp;
+  const float* sp;
+  const float* bp;
+  bool bf16;
+  int64_t P, pb;
 
-  NativeLinear& with_raw() {
-    wp = static_cast<const char*>(w.data_ptr());
-    sp = scale ? scale->data_ptr<float>() : nullptr;
-    bp = bias ? bias->data_ptr<float>() : nullptr;
-    bf16 = w.scalar_type() == at::kBFloat16;
-    P = w.size(0);
-    pb = P ? w.numel() * w.element_size() / P : 0;
-    return *this;
-  }
+  NativeLinear(at::Tensor w_, int64_t n_, std::optional<at::Tensor> scale_, std::optional<at::Tensor> bias_)
+      : w(std::move(w_)),
+        n(n_),
+        scale(std::move(scale_)),
+        bias(std::move(bias_)),
+        lowp(w.scalar_type() != at::kFloat),
+        wp(static_cast<const char*>(w.data_ptr())),
+        sp(scale ? scale->data_ptr<float>() : nullptr),
+        bp(bias ? bias->data_ptr<float>() : nullptr),
+        bf16(w.scalar_type() == at::kBFloat16),
+        P(w.size(0)),
+        pb(P ? w.numel() * w.element_size() / P : 0) {}
 
   // adapters of this projection group in one layer: A [S, in, members * R] and each member's B
   // [S, R, out] (views of the slot table), and each member's output columns [start, end)
@@ -119,7 +122,7 @@ struct NativeLinear {
     const int64_t members = static_cast<int64_t>(lora_bs.size());
     if (M > fused_rows || members == 0 || members > fused_members) return false;
     if (!lowp) return lora_a.scalar_type() == at::kFloat;
-    return lowp_lora_fuses(M, K, w.scalar_type() == at::kBFloat16, bf16_activations);
+    return lowp_lora_fuses(M, K, bf16, bf16_activations);
   }
 
   // the adapter rows' deltas onto y, this projection's base output for x: as the fp32 fused pass
