@@ -19,6 +19,14 @@ higher of the two)}. The host's bandwidth drifts by tens of percent within minut
 share is only meaningful against a reading taken beside the tokens it divides.
 Each rep decodes `new_tokens` greedy tokens after its own random prompt (no prefix cache); the
 rate is (tokens - 1) / time from the first token to the last, as the server bench measures it.
+
+`--paired-slices N` then adds "paired": [[tok_s, GB/s], ...], N decode calls (a burst of tokens
+each) read against the bandwidth right beside them: one 64 MiB read just before and just after
+each call (bench/roofline.py `PairedProbe`), kept where the two reads agree within
+`--paired-agree` (their mean is the slice's bandwidth). Each measured call follows an unmeasured
+one, so it never starts on a prompt's first token. The rates run a little low (each call starts
+with the caches the probe evicted); the shares they give are the fair ones on a host whose free
+bandwidth moves within a second, where "bandwidth_gbs" often reads a level the reps never saw.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-steps", type=int, default=None, help="greedy steps a call (default: the engine's)"
     )
     ap.add_argument("--adapter", default=None, help="a PEFT LoRA directory every rep decodes under")
+    ap.add_argument("--paired-slices", type=int, default=0, help="bursts read against a paired probe")
+    ap.add_argument("--paired-agree", type=float, default=0.15, help="most the two reads may differ by")
     args = ap.parse_args(argv)
 
     from bench.roofline import measure_bandwidth_gbs
@@ -87,17 +97,49 @@ def main(argv: list[str] | None = None) -> int:
         if rep > 0 and len(marks) > 1:
             runs.append(sum(tokens[1:]) / (marks[-1] - marks[0]))
     bandwidth.append(measure_bandwidth_gbs())
-    print(
-        json.dumps(
-            {
-                "decode_tok_s": statistics.median(runs),
-                "runs": [round(r, 2) for r in runs],
-                "step_ms": round(statistics.median(steps) * 1e3, 3),
-                "bandwidth_gbs": round(max(bandwidth), 2),
-            }
+    result = {
+        "decode_tok_s": statistics.median(runs),
+        "runs": [round(r, 2) for r in runs],
+        "step_ms": round(statistics.median(steps) * 1e3, 3),
+        "bandwidth_gbs": round(max(bandwidth), 2),
+    }
+    if args.paired_slices > 0:
+        result["paired"] = paired_slices(
+            engine, params, adapter, rng, args.prompt_tokens, args.paired_slices, args.paired_agree
         )
-    )
+    print(json.dumps(result))
     return 0
+
+
+def paired_slices(
+    engine, params, adapter, rng: random.Random, prompt_tokens: int, n: int, agree: float
+) -> list:
+    """[tok_s, GB/s] of up to `n` decode calls, each between two reads of a PairedProbe that agree
+    within `agree` (at most 4 n tries: a host flipping levels every burst yields fewer)."""
+    from bench.roofline import PairedProbe
+
+    probe = PairedProbe()
+    vocab = engine.runner.mc.vocab_size
+    kept: list[list[float]] = []
+    tries = 0
+    while len(kept) < n and tries < 4 * n:
+        engine.add_request([rng.randrange(100, vocab) for _ in range(prompt_tokens)], params, adapter)
+        engine.step()  # the prompt and its first token
+        while engine.has_unfinished() and len(kept) < n and tries < 4 * n:
+            engine.step()  # unmeasured: the measured call never follows the prompt
+            if not engine.has_unfinished():
+                break
+            tries += 1
+            b0 = probe.read_gbs()
+            t0 = time.perf_counter()
+            got = sum(len(o.tokens) for o in engine.step())
+            dt = time.perf_counter() - t0
+            b1 = probe.read_gbs()
+            if got and abs(b0 - b1) <= agree * (b0 + b1) / 2:
+                kept.append([round(got / dt, 2), round((b0 + b1) / 2, 2)])
+        while engine.has_unfinished():  # finish the request unmeasured
+            engine.step()
+    return kept
 
 
 if __name__ == "__main__":

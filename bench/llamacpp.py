@@ -103,6 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--greedy-tokens", type=int, default=32, help="tokens compared in the greedy check")
     ap.add_argument("--no-t1", action="store_true", help="skip the 1-thread batch-1 reading")
     ap.add_argument(
+        "--paired-slices",
+        type=int,
+        default=48,
+        help="decode bursts per engine reading read against a probe paired with each (0: none)",
+    )
+    ap.add_argument(
         "--isa",
         choices=("native", "avx2"),
         default="native",
@@ -275,7 +281,10 @@ def _measure(prec: Precision, ctx: dict, args: argparse.Namespace, ours, ours1, 
 
         def engine(threads: int, seed: int = r) -> dict:
             model = ctx["models"][prec.gguf]
-            return sy.engine_decode(model, threads, prec.flags, args.new_tokens, seed, args.prompt_tokens)
+            paired = args.paired_slices if threads == args.threads else 0
+            return sy.engine_decode(
+                model, threads, prec.flags, args.new_tokens, seed, args.prompt_tokens, paired
+            )
 
         first = {tag: engine(t) for tag, t in engines}
         bw_before = measure_bandwidth_gbs()
@@ -312,6 +321,7 @@ def mirrored_engine(a: dict, b: dict) -> dict:
     out = {"decode_tok_s": statistics.fmean(rates), "decode_runs": rates}
     out["step_ms"] = statistics.fmean([a["step_ms"], b["step_ms"]])
     out["bandwidth_gbs"] = max(a["bandwidth_gbs"], b["bandwidth_gbs"])
+    out["paired"] = a.get("paired", []) + b.get("paired", [])
     return out
 
 
@@ -397,6 +407,26 @@ def summarise(block: dict, roofline_bw: float, params: int, threads: int) -> dic
             if "ours" in r
         ]
     )
+    # the same engine's bursts each read against the bandwidth right beside it (bench/roofline.py
+    # PairedProbe): all of them, and the halves where the host's memory read faster and slower
+    paired = sorted(
+        (p for r in rounds for p in r.get("ours_engine", {}).get("paired", [])), key=lambda p: p[1]
+    )
+    if paired:
+        half = len(paired) // 2
+
+        def shares(ps: list) -> float | None:
+            return _med([share(t, bw, ours_b) for t, bw in ps])
+
+        s["paired"] = {
+            "slices": len(paired),
+            "share": shares(paired),
+            "share_faster": shares(paired[half:]),
+            "share_slower": shares(paired[:half]),
+            "bandwidth_gbs": _med([bw for _, bw in paired]),
+            "bandwidth_faster_gbs": _med([bw for _, bw in paired[half:]]),
+            "bandwidth_slower_gbs": _med([bw for _, bw in paired[:half]]),
+        }
     s["share_llama"] = _med(
         [
             share(r["llama_bench"].get(f"tg64_t{threads}"), r.get("llama_bench_bw"), llama_b)

@@ -265,10 +265,17 @@ def greedy_ids(server: Server, text: str, n: int, adapter: str | None) -> tuple[
 
 
 def engine_decode(
-    model: Path, threads: int, flags: tuple[str, ...], new_tokens: int, seed: int, prompt_tokens: int = 128
+    model: Path,
+    threads: int,
+    flags: tuple[str, ...],
+    new_tokens: int,
+    seed: int,
+    prompt_tokens: int = 128,
+    paired: int = 0,
 ) -> dict:
     """Our engine's batch-1 decode in a fresh process with no server (bench/engine_decode.py):
-    the reading that compares with llama-bench's tg64."""
+    the reading that compares with llama-bench's tg64; `paired` bursts read against a probe
+    paired with each (its --paired-slices)."""
     cmd = [sys.executable, "-m", "bench.engine_decode", "--model", str(model), "--threads", str(threads)]
     cmd += [
         *flags,
@@ -278,6 +285,8 @@ def engine_decode(
         str(prompt_tokens),
         "--seed",
         str(seed),
+        "--paired-slices",
+        str(paired),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout

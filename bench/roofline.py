@@ -37,6 +37,30 @@ def measure_bandwidth_gbs(mib: int = 256, repeats: int = 7, device: str = "cpu")
     return _best_sum_gbs(zeros_on_huge_pages((n,), torch.float32, torch.device(device)).fill_(1.0), repeats)
 
 
+class PairedProbe:
+    """One read of a 64 MiB tensor (~1 ms), to bracket a decode burst of ~10 ms.
+
+    Why: a shared host's free bandwidth flips between levels within 0.1-1 s (2-core Zen 4, one
+    64 MiB read every 0.85 ms for 6 s: runs of ~30-35 and of ~55-65 GB/s, hundreds of reads
+    each), so a best-of-7 probe taken seconds away from the tokens it divides tends to catch the
+    fast level while the tokens ran through both. A read right before and right after each burst
+    sees what the burst saw; pairs whose two reads disagree (a change of level inside the burst)
+    are dropped. 64 MiB is twice the largest L3 here, so the read comes from DRAM, and it evicts
+    the caches the burst would have found warm: the pairing costs the burst its warm start,
+    never the other way round.
+    """
+
+    def __init__(self, mib: int = 64, device: str = "cpu") -> None:
+        n = mib * 2**20 // 4
+        self.x = zeros_on_huge_pages((n,), torch.float32, torch.device(device)).fill_(1.0)
+        self.x.sum()  # warm the kernel
+
+    def read_gbs(self) -> float:
+        t0 = time.perf_counter()
+        self.x.sum().item()
+        return self.x.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+
 def _best_sum_gbs(x: torch.Tensor, repeats: int) -> float:
     x.sum()  # warm the kernel
     best = float("inf")

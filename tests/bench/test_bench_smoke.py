@@ -233,3 +233,22 @@ def test_structured_output_bench_runs_and_reports_its_three_figures(tmp_path) ->
     )
     assert report["throughput_ratio"] > 0 and report["new_schema_added_ttft_ms_median"] is not None
     assert "mask_cost_per_step_ms" in json.loads(out.read_text())
+
+
+def test_engine_decode_pairs_each_burst_with_the_bandwidth_beside_it(
+    tiny: Model, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--paired-slices: each kept slice is one decode call's rate and the mean of the two probe
+    reads around it; a pair whose reads disagree (the host changed level mid-burst) is dropped."""
+    import bench.engine_decode as engine_decode
+    import bench.roofline as roofline
+
+    reads = iter([10.0, 10.0, 10.0, 30.0] * 100)  # every other pair disagrees
+    monkeypatch.setattr(roofline.PairedProbe, "__init__", lambda self, mib=64, device="cpu": None)
+    monkeypatch.setattr(roofline.PairedProbe, "read_gbs", lambda self: next(reads))
+    monkeypatch.setattr(roofline, "measure_bandwidth_gbs", lambda **kw: 1.0)
+    args = ["--model", str(tiny.path), "--threads", "1", "--prompt-tokens", "8", "--new-tokens", "12"]
+    assert engine_decode.main([*args, "--reps", "1", "--paired-slices", "3", "--decode-steps", "1"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(got["paired"]) == 3
+    assert all(bw == 10.0 and tok_s > 0 for tok_s, bw in got["paired"])

@@ -194,7 +194,38 @@ def test_engine_readings_around_llama_bench_count_their_mean() -> None:
     before = {"decode_tok_s": 30.0, "runs": [29.0, 31.0], "step_ms": 33.0, "bandwidth_gbs": 50.0}
     after = {"decode_tok_s": 15.0, "runs": [15.0], "step_ms": 66.0, "bandwidth_gbs": 25.0}
     got = llamacpp.mirrored_engine(before, after)
-    assert got == {"decode_tok_s": 22.5, "decode_runs": [30.0, 15.0], "step_ms": 49.5, "bandwidth_gbs": 50.0}
+    assert got == {
+        "decode_tok_s": 22.5,
+        "decode_runs": [30.0, 15.0],
+        "step_ms": 49.5,
+        "bandwidth_gbs": 50.0,
+        "paired": [],
+    }
+    before["paired"], after["paired"] = [[30.0, 50.0]], [[15.0, 25.0], [16.0, 26.0]]
+    assert llamacpp.mirrored_engine(before, after)["paired"] == [[30.0, 50.0], [15.0, 25.0], [16.0, 26.0]]
+
+
+def test_paired_bursts_give_the_share_with_the_target() -> None:
+    """Bursts each read against the bandwidth beside them: the share is their median, also over
+    the faster and the slower half of the readings, and that row carries the 70 % target (the
+    share against probes seconds away becomes the reference row)."""
+    block = _block(ours_decode=20.0, llama_tg=40.0)
+    for r in block["rounds"]:
+        r["ours_engine"]["bandwidth_gbs"] = 40.0
+        r["llama_bench_bw"] = 40.0
+    # fp32, 100 M weights: 400 MB a token; at 10 GB/s 25 tok/s is the roofline
+    block["rounds"][0]["ours_engine"]["paired"] = [[20.0, 10.0], [40.0, 20.0]]
+    block["rounds"][1]["ours_engine"]["paired"] = [[18.0, 10.0], [45.0, 20.0]]
+    s = llamacpp.summarise(block, roofline_bw=5.0, params=100_000_000, threads=2)
+    pr = s["paired"]
+    assert pr["slices"] == 4
+    assert pr["share_slower"] == pytest.approx((0.72 + 0.8) / 2)
+    assert pr["share_faster"] == pytest.approx((0.8 + 0.9) / 2)
+    assert pr["share"] == pytest.approx(0.8)
+    assert pr["bandwidth_faster_gbs"] == 20.0 and pr["bandwidth_slower_gbs"] == 10.0
+    lines = [x for x in llamacpp_report_lines(block, s) if "roofline" in x]
+    assert lines[0].endswith("| reference |")
+    assert "4 bursts" in lines[1] and "| 80% (85% / 76%) |" in lines[1] and lines[1].endswith("| ≥ 70% |")
 
 
 def llamacpp_report_lines(block: dict, summary: dict) -> list[str]:
