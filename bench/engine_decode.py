@@ -36,6 +36,12 @@ import json
 import random
 import statistics
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and the engine load only once the arguments parse
+    from loraserve.adapters.lora_weights import LoraAdapter
+    from loraserve.engine.engine import Engine
+    from loraserve.engine.params import SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def paired_slices(
-    engine, params, adapter, rng: random.Random, prompt_tokens: int, n: int, agree: float
-) -> list:
+    engine: Engine,
+    params: SamplingParams,
+    adapter: LoraAdapter | None,
+    rng: random.Random,
+    prompt_tokens: int,
+    n: int,
+    agree: float,
+) -> list[list[float]]:
     """[tok_s, GB/s] of up to `n` decode calls, each between two reads of a PairedProbe that agree
     within `agree` (at most 4 n tries: a host flipping levels every burst yields fewer)."""
     from bench.roofline import PairedProbe
