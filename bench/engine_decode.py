@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # torch and the engine load only once the arguments parse
     from loraserve.engine.engine import Engine
     from loraserve.engine.params import SamplingParams
 
+# how far a burst's two probe reads may differ (a fraction of their mean) for the burst to count;
+# the llama.cpp report states it beside the share
+PAIRED_AGREE = 0.15
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -59,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--adapter", default=None, help="a PEFT LoRA directory every rep decodes under")
     ap.add_argument("--paired-slices", type=int, default=0, help="bursts read against a paired probe")
-    ap.add_argument("--paired-agree", type=float, default=0.15, help="most the two reads may differ by")
+    ap.add_argument(
+        "--paired-agree", type=float, default=PAIRED_AGREE, help="most the two reads may differ by"
+    )
     args = ap.parse_args(argv)
 
     from bench.roofline import measure_bandwidth_gbs

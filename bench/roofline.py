@@ -56,21 +56,21 @@ class PairedProbe:
         self.x.sum()  # warm the kernel
 
     def read_gbs(self) -> float:
-        t0 = time.perf_counter()
-        self.x.sum().item()
-        return self.x.numel() * 4 / (time.perf_counter() - t0) / 1e9
+        return self.x.numel() * 4 / _sum_seconds(self.x) / 1e9
+
+
+def _sum_seconds(x: torch.Tensor) -> float:
+    """One timed `sum` over x, with nothing queued before it on a GPU."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    x.sum().item()
+    return time.perf_counter() - t0
 
 
 def _best_sum_gbs(x: torch.Tensor, repeats: int) -> float:
     x.sum()  # warm the kernel
-    best = float("inf")
-    for _ in range(repeats):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        t0 = time.perf_counter()
-        x.sum().item()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * 4 / min(_sum_seconds(x) for _ in range(repeats)) / 1e9
 
 
 def _safetensors_params(model_dir: Path) -> dict[str, int]:
