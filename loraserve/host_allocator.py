@@ -196,3 +196,29 @@ def populate(t: torch.Tensor, nbytes: int) -> bool:
     start = t.data_ptr()
     lo = start - start % mmap.PAGESIZE
     return madvise(ctypes.c_void_p(lo), ctypes.c_size_t(nbytes + start - lo), MADV_POPULATE_WRITE) == 0
+
+
+MADV_DONTNEED = 4  # Linux: a private anonymous page reads as zero again, and is no longer taken
+
+
+def release_pages(t: torch.Tensor) -> bool:
+    """Zero the contiguous tensor `t` and hand the whole pages under it back to the OS; True if
+    the OS took them. Why: a LoRA slot table's slot keeps its pages after its adapter is gone
+    (reserved_zeros), so an adapter budget counting taken memory could never drop an idle slot.
+    The bytes of pages `t` shares with its neighbours are zeroed in place; elsewhere (CUDA,
+    other OSes, or when madvise refuses) the whole tensor is zeroed and stays taken."""
+    madvise = _libc("madvise")
+    n, size = t.numel(), t.element_size()
+    start = t.data_ptr()
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + n * size) // page * page
+    if madvise is None or t.device.type != "cpu" or not t.is_contiguous() or hi <= lo:
+        t.zero_()
+        return False
+    head, tail = (lo - start) // size, (start + n * size - hi) // size
+    t[:head].zero_()
+    t[n - tail :].zero_()
+    if madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) != 0:
+        t[head : n - tail].zero_()
+        return False
+    return True

@@ -142,3 +142,20 @@ def test_populate_takes_the_pages_and_keeps_what_they_hold() -> None:
         pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
     assert rss_bytes() - before > 60 << 20
     assert t[100:200].eq(7.0).all() and not t[:100].any() and not t[200:].any()
+
+
+@needs_proc
+def test_release_pages_hands_back_memory_and_leaves_neighbours_alone() -> None:
+    """What dropping an idle LoRA slot does: the slot reads zero again and its whole pages are no
+    longer resident, while the bytes it shares a page with on either side keep their values."""
+    t = host_allocator.reserved_zeros(32 << 20, torch.float32, torch.device("cpu"))  # 128 MiB
+    t.fill_(3.0)
+    lo, hi = 1001, (24 << 20) + 7  # not on page boundaries: the edges share pages
+    before = rss_bytes()
+    released = host_allocator.release_pages(t[lo:hi])
+    assert not t[lo:hi].any()
+    assert t[:lo].eq(3.0).all() and t[hi:].eq(3.0).all()
+    if sys.platform.startswith("linux"):
+        assert released and before - rss_bytes() > 80 << 20
+    t[lo:hi] = 5.0  # the pages come back on the next write
+    assert t[lo:hi].eq(5.0).all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,10 @@ from loraserve.layers.lora import LoraTable
 from loraserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+# the smallest rank a CPU slot table is sized for: lower-rank adapters fit more slots in the
+# budget, but the table reserves address space for every slot at --max-lora-rank
+RANK_FLOOR = 8
 
 
 @dataclass(frozen=True)
@@ -97,30 +102,64 @@ def kv_cache_blocks(
     return num_blocks
 
 
-def adapter_slots(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """Device slots for active adapters at the maximum rank, within the adapter memory budget.
+def _host_memory_total() -> int:
+    """The host's physical memory (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
-    On CPU the table is reserved as address space and a slot's memory is taken when its adapter
-    loads, at the rank the table then has (layers/lora.py), so the log gives what one slot costs
-    at the start rank and what every slot would cost at the largest."""
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """The adapter slot table's size, and the bytes its adapters may hold at their loaded rank."""
+
+    num_slots: int
+    budget_bytes: int | None  # None: every slot fits the budget even at --max-lora-rank
+
+
+def adapter_slots(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> SlotPlan:
+    """Device slots for active adapters within the adapter memory budget.
+
+    On CUDA the table is allocated at start, so the budget is divided by the slot size at
+    --max-lora-rank. On CPU the table is reserved as address space and a slot's memory is taken
+    when its adapter loads, at the rank the table then has (layers/lora.py), so the budget is
+    held against what loaded adapters take at that rank (engine/adapter_slots.py) and the table
+    gets as many slots as the budget holds at rank RANK_FLOOR, their address space (reserved at
+    --max-lora-rank) capped at half the host's physical memory, which Linux's heuristic
+    overcommit still grants in one mapping. Why: counted at the maximum rank, a
+    24 GB host's default budget (10%) held 30 slots at --max-lora-rank 64 for SmolLM2-135M's
+    rank-16 fp32 adapters (19.5 MB each, 625 MB for 32), so the 32nd of 32 concurrent requests,
+    each on its own adapter, waited for all the others and then decoded alone (64 one-row steps):
+    7% of the whole batch's wall time (bench/llamacpp.py, int8, 2-core Zen 3)."""
     shapes, layers = mc.linear_shapes(), mc.num_hidden_layers
     per_slot = LoraTable.bytes_per_slot(shapes, layers, cfg.max_lora_rank, dtype)
     budget = cfg.adapter_memory_bytes or int(device_memory(device) * 0.1)
-    num_slots = max(1, min(cfg.max_active_adapters, budget // per_slot))
+    at_max = max(1, min(cfg.max_active_adapters, budget // per_slot))
+    start_rank = min(inspect.signature(LoraTable).parameters["rank"].default, cfg.max_lora_rank)
+    if device.type == "cpu":
+        floor = min(RANK_FLOOR, cfg.max_lora_rank)
+        per_floor = LoraTable.bytes_per_slot(shapes, layers, floor, dtype)
+        reservable = _host_memory_total() // 2 or 4 * budget
+        num_slots = max(at_max, min(cfg.max_active_adapters, budget // per_floor, reservable // per_slot))
+    else:
+        num_slots = at_max
     if num_slots < cfg.max_active_adapters:
         log.warning(
-            "adapter memory budget fits %d of %d requested active adapters",
+            "adapter memory budget fits %d of %d requested active adapters%s",
             num_slots,
             cfg.max_active_adapters,
+            f" (at rank {min(RANK_FLOOR, cfg.max_lora_rank)})" if device.type == "cpu" else "",
         )
-    start_rank = min(inspect.signature(LoraTable).parameters["rank"].default, cfg.max_lora_rank)
     log.info(
-        "adapter slots: %d, %s (%.1f MiB a slot at rank %d, up to %.1f MiB for all at --max-lora-rank %d)",
+        "adapter slots: %d, %s (%.1f MiB a slot at rank %d; %d fit the %.1f MiB budget at --max-lora-rank %d)",
         num_slots,
-        "taken as adapters load" if device.type == "cpu" else "allocated now",
+        "memory taken as adapters load, at their rank" if device.type == "cpu" else "allocated now",
         LoraTable.bytes_per_slot(shapes, layers, start_rank, dtype) / 2**20,
         start_rank,
-        num_slots * per_slot / 2**20,
+        at_max,
+        budget / 2**20,
         cfg.max_lora_rank,
     )
-    return num_slots
+    limited = device.type == "cpu" and num_slots > at_max
+    return SlotPlan(num_slots, budget if limited else None)

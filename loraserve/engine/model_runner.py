@@ -84,16 +84,17 @@ class ModelRunner:
         ]
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         projections = cls.projections(mc)
+        plan = adapter_slots(cfg, mc, prec.adapter, device)
         self.lora = LoraTable(
             linear_shapes(projections),
             mc.num_hidden_layers,
-            adapter_slots(cfg, mc, prec.adapter, device),
+            plan.num_slots,
             cfg.max_lora_rank,
             prec.adapter,
             device,
             groups=lora_groups(projections),
         )
-        self.slots = AdapterSlots(self.lora)
+        self.slots = AdapterSlots(self.lora, plan.budget_bytes)
         self.model = cls(mc, weights, self.ops, self.lora, self.kv_caches)
         del weights  # what the model did not keep is released here
         return_freed_memory()  # and the loader's and packing's temporaries go back to the OS

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.host_allocator import HUGE_PAGE, populate, reserved_zeros
+from loraserve.host_allocator import HUGE_PAGE, populate, release_pages, reserved_zeros
 
 # what a CPU slot block adds past its whole huge pages (LoraTable._round_block says why)
 SLOT_COLOR = 4096
@@ -311,6 +311,13 @@ class LoraTable:
             return False
         used = self._slot_elements(min(max(self.rank, rank), self.max_rank))
         return populate(self.buf[slot * self.slot_stride :], used * self.dtype.itemsize)
+
+    def discard(self, slot: int) -> None:
+        """Empty a slot and hand its pages back to the OS (zero again, and untouched until the
+        next write), so an adapter memory budget counts only the slots that hold an adapter."""
+        self.slot_rank[slot] = 0
+        self.written[slot] = False
+        release_pages(self.buf[slot * self.slot_stride : (slot + 1) * self.slot_stride])
 
     def clear_slot(self, slot: int) -> None:
         self.slot_rank[slot] = 0
