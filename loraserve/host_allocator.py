@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import mmap
+import sys
 import threading
 import weakref
 
@@ -206,8 +207,9 @@ def release_pages(t: torch.Tensor) -> bool:
     the OS took them. Why: a LoRA slot table's slot keeps its pages after its adapter is gone
     (reserved_zeros), so an adapter budget counting taken memory could never drop an idle slot.
     The bytes of pages `t` shares with its neighbours are zeroed in place; elsewhere (CUDA,
-    other OSes, or when madvise refuses) the whole tensor is zeroed and stays taken."""
-    madvise = _libc("madvise")
+    other OSes, or when madvise refuses) the whole tensor is zeroed and stays taken. Linux only:
+    elsewhere MADV_DONTNEED may keep a page's old bytes, and a dropped slot must read zero."""
+    madvise = _libc("madvise") if sys.platform.startswith("linux") else None
     n, size = t.numel(), t.element_size()
     start = t.data_ptr()
     page = mmap.PAGESIZE

@@ -24,14 +24,13 @@ from tests.engine.test_continuous_batching import alone, prompts, random_adapter
 RANK = 16
 
 
-def per_slot_bytes(llama_dir: Path) -> int:
-    mc = ModelConfig.from_dir(llama_dir)
-    return LoraTable.bytes_per_slot(mc.linear_shapes(), mc.num_hidden_layers, RANK, torch.float32)
-
-
 def per_slot_at(llama_dir: Path, rank: int) -> int:
     mc = ModelConfig.from_dir(llama_dir)
     return LoraTable.bytes_per_slot(mc.linear_shapes(), mc.num_hidden_layers, rank, torch.float32)
+
+
+def per_slot_bytes(llama_dir: Path) -> int:
+    return per_slot_at(llama_dir, RANK)
 
 
 def test_memory_budget_caps_the_slot_count(llama_dir: Path) -> None:
