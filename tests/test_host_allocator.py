@@ -153,9 +153,10 @@ def test_release_pages_hands_back_memory_and_leaves_neighbours_alone() -> None:
     lo, hi = 1001, (24 << 20) + 7  # not on page boundaries: the edges share pages
     before = rss_bytes()
     released = host_allocator.release_pages(t[lo:hi])
+    after = rss_bytes()  # before the checks below, whose temporaries take heap memory
     assert not t[lo:hi].any()
     assert t[:lo].eq(3.0).all() and t[hi:].eq(3.0).all()
     if sys.platform.startswith("linux"):
-        assert released and before - rss_bytes() > 80 << 20
+        assert released and before - after > 80 << 20  # of the 96 MB released
     t[lo:hi] = 5.0  # the pages come back on the next write
     assert t[lo:hi].eq(5.0).all()
